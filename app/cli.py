@@ -1,0 +1,334 @@
+"""The command line: `tunesmith train|resume|runs|check-data|models|demo`.
+
+A thin face over app.core. User errors print one line on stderr and exit 2 (`--debug` shows the
+traceback); a failed run exits 1; Ctrl-C during training stops cleanly with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import fields
+
+from app import __version__
+from app.core.config import TrainConfig, field_help
+from app.core.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    _quiet_libraries(args.debug)
+    try:
+        return args.func(args)
+    except UserError as err:
+        if args.debug:
+            raise
+        print(f"tunesmith: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\ntunesmith: aborted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune an open LLM with QLoRA.")
+    parser.add_argument("--version", action="version", version=f"tunesmith {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a LoRA adapter on your data")
+    _add_train_options(train)
+    train.set_defaults(func=cmd_train)
+
+    resume = sub.add_parser("resume", help="continue a stopped or interrupted run")
+    resume.add_argument("run", help="run id (or a unique part of it) or run folder")
+    resume.set_defaults(func=cmd_resume)
+
+    runs = sub.add_parser("runs", help="list training runs")
+    runs.set_defaults(func=cmd_runs)
+
+    check = sub.add_parser("check-data", help="validate a dataset file and show its token lengths")
+    check.add_argument("file")
+    check.add_argument("--model", default="demo", help="tokenizer to measure with (default: demo)")
+    check.add_argument("--seq-len", type=int, default=1024, help="report rows longer than this")
+    check.add_argument("--trust-remote-code", action="store_true", help=_help("trust_remote_code"))
+    check.set_defaults(func=cmd_check_data)
+
+    models = sub.add_parser("models", help="list the demo model, cached and recent models")
+    models.set_defaults(func=cmd_models)
+
+    demo = sub.add_parser("demo", help="train the demo model on the sample data and compare answers")
+    demo.add_argument("--max-steps", type=int, default=None, help="train fewer steps (quick look)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+_FLAGS = {"micro_batch": "--batch", "val_data": "--val-data"}
+_SKIP = {"model", "data", "warmup_ratio", "max_grad_norm", "weight_decay", "lora_dropout", "lora_alpha",
+         "eval_every", "save_every", "seed"}
+
+
+def _help(name: str) -> str:
+    return field_help(TrainConfig, name).replace("%", "%%")
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="demo", help=_help("model"))
+    parser.add_argument("--data", required=True, help=_help("data"))
+    for f in fields(TrainConfig):
+        if f.name in _SKIP:
+            continue
+        flag = _FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
+        help_text = f.metadata.get("help", "").replace("%", "%%")
+        if f.name == "grad_checkpointing":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif f.type in ("bool", bool):
+            parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+        else:
+            kind = {"int | None": int, "float": float, "int": int}.get(str(f.type), str)
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_text)
+    for name in ("eval_every", "save_every", "seed"):
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=int,
+                            default=TrainConfig.__dataclass_fields__[name].default, help=_help(name))
+
+
+# -- commands ------------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from app.core.trainer import run_training
+
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    config = TrainConfig(**values)
+    return _run_with_progress(lambda on_event, stop: run_training(config, on_event, stop))
+
+
+def cmd_resume(args) -> int:
+    from app.core.trainer import resume_training
+
+    return _run_with_progress(lambda on_event, stop: resume_training(args.run, on_event, stop))
+
+
+def cmd_runs(args) -> int:
+    from app.core.runs import list_runs
+
+    rows = list_runs()
+    if not rows:
+        print("No runs yet. Start one with `tunesmith train --data FILE` or `tunesmith demo`.")
+        return 0
+    table = [("RUN", "STATUS", "STEPS", "LOSS", "EVAL", "MODEL", "DATA")]
+    for r in rows:
+        table.append((r.id, r.status, f"{r.step}/{r.total_steps}", _num(r.last_loss), _num(r.eval_loss),
+                      _short(r.model), _short(os.path.basename(r.data))))
+    _print_table(table)
+    return 0
+
+
+def cmd_check_data(args) -> int:
+    from app.core.data.stats import count_over, length_stats
+    from app.core.data.tokenize import ensure_chat_template, tokenize_examples
+    from app.core.data.validate import check_file
+    from app.core.models import load_tokenizer, resolve_model
+
+    report = check_file(args.file)
+    problems = list(report.problems)
+    print(f"{report.file}")
+    print(f"  format     {report.format_label}")
+    lengths: list[int] = []
+    if report.examples:
+        model = resolve_model(args.model, args.trust_remote_code, progress=_info)
+        tokenizer = load_tokenizer(model, args.trust_remote_code)
+        ensure_chat_template(tokenizer)
+        tokenized = tokenize_examples(tokenizer, report.examples, report.file)
+        problems += tokenized.problems
+        lengths = [len(e.input_ids) for e in tokenized.examples]
+    bad_lines = len({(p.line, p.file) for p in problems})
+    print(f"  rows       {report.rows} ({report.rows - bad_lines} usable, {bad_lines} with problems)")
+    if lengths:
+        s = length_stats(lengths)
+        print(f"  tokens     min {s.min}, median {s.median}, p95 {s.p95}, max {s.max} "
+              f"(tokenizer of {model.name})")
+        over = count_over(lengths, args.seq_len)
+        print(f"  truncated  {over} row{'s' * (over != 1)} longer than {args.seq_len} tokens")
+    if problems:
+        print(f"\n{len(problems)} problem{'s' * (len(problems) != 1)}:")
+        for problem in sorted(problems, key=lambda p: (p.line or 0)):
+            print(f"  {problem}")
+        print("\nFix these rows, or train with --skip-bad to leave them out.", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print("  OK: every row is usable")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from app.core.models import list_models
+
+    table = [("MODEL", "SOURCE", "ARCHITECTURE", "PARAMS", "SIZE", "PATH")]
+    for m in list_models():
+        params = f"{m.parameters / 1e6:,.0f}M" if m.parameters else "?"
+        size = f"{m.size_bytes / 2**30:.2f} GiB" if m.size_bytes else "-"
+        table.append((m.name, m.kind, m.architecture, params, size, m.path))
+    _print_table(table)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from app.core.demo import DEMO_QUESTION, demo_config, run_demo
+
+    config = demo_config()
+    if args.max_steps:
+        config.max_steps = args.max_steps
+    progress = Progress()
+    stop = _install_stop_handler(progress)
+    started = time.monotonic()
+    result = run_demo(progress, stop, config)
+    progress.close()
+    if result.run.status != "finished":
+        return _report_end(result.run)
+    minutes = (time.monotonic() - started) / 60
+    print(f"\nTrained {result.run.step} steps in {minutes:.1f} min. Mean loss of the first 10 steps "
+          f"{sum(result.first_losses) / len(result.first_losses):.3f}, of the last 10 "
+          f"{sum(result.last_losses) / len(result.last_losses):.3f} ({result.loss_drop:.0%} lower).")
+    print(f"\nQuestion: {DEMO_QUESTION}\n")
+    print(f"Base model:\n  {result.base_answer}\n")
+    print(f"Tuned adapter:\n  {result.tuned_answer}\n")
+    print(f"Adapter saved in {result.run.adapter_dir}")
+    return 0
+
+
+# -- progress ------------------------------------------------------------------------------------
+class Progress:
+    """Prints training events: a redrawn bar on a terminal, a line every few seconds otherwise."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.last_print = 0.0
+        self.bar_open = False
+
+    def __call__(self, event) -> None:
+        from app.core.events import (CheckpointSaved, EvalMetrics, LogLine, RunFailed, RunFinished,
+                                     RunStarted, StepMetrics)
+
+        if isinstance(event, StepMetrics):
+            self._step(event)
+        elif isinstance(event, LogLine):
+            self._line(event.message)
+        elif isinstance(event, RunStarted):
+            start = f" from step {event.start_step}" if event.start_step else ""
+            self._line(f"Run {event.run_id}: {event.total_steps} steps{start}, {event.examples} examples"
+                       f" on {event.device} (folder {event.run_dir})")
+        elif isinstance(event, EvalMetrics):
+            self._line(f"step {event.step}: eval loss {event.eval_loss:.4f}")
+        elif isinstance(event, CheckpointSaved) and not self.tty:
+            self._line(f"checkpoint saved at step {event.step}")
+        elif isinstance(event, RunFinished):
+            self._line(f"Run {event.status} at step {event.step}/{event.total_steps}"
+                       + (f", loss {event.final_loss:.4f}" if event.final_loss is not None else ""))
+        elif isinstance(event, RunFailed):
+            self._line(f"Run failed at step {event.step}: {event.reason}")
+
+    def _step(self, e) -> None:
+        width = 24
+        filled = int(width * e.step / max(1, e.total_steps))
+        text = (f"step {e.step}/{e.total_steps} [{'#' * filled}{'.' * (width - filled)}] loss {e.loss:.4f} "
+                f"| {e.tokens_per_s:,.0f} tok/s | ETA {_duration(e.eta_s)}")
+        now = time.monotonic()
+        if self.tty:
+            self.stream.write("\r" + text.ljust(90))
+            self.stream.flush()
+            self.bar_open = True
+        elif now - self.last_print >= 5 or e.step == e.total_steps or e.step == 1:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+            self.last_print = now
+
+    def _line(self, message: str) -> None:
+        self.close()
+        self.stream.write(message + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.bar_open:
+            self.stream.write("\n")
+            self.bar_open = False
+
+
+def _install_stop_handler(progress: Progress) -> threading.Event:
+    """First Ctrl-C asks the run to stop after this step (saving a checkpoint); a second aborts."""
+    stop = threading.Event()
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        progress._line("Stopping after this step and saving a checkpoint (Ctrl-C again to abort)...")
+
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def _run_with_progress(start) -> int:
+    progress = Progress()
+    stop = _install_stop_handler(progress)
+    result = start(progress, stop)
+    progress.close()
+    return _report_end(result)
+
+
+def _report_end(result) -> int:
+    if result.status == "finished":
+        print(f"Finished: adapter in {result.adapter_dir}")
+        return 0
+    if result.status == "stopped":
+        print(f"Stopped at step {result.step}/{result.total_steps}. Continue with: tunesmith resume {result.run_id}")
+        return 0
+    print(f"tunesmith: run {result.run_id} failed: {result.reason}", file=sys.stderr)
+    return 1
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _quiet_libraries(debug: bool) -> None:
+    if debug:
+        return
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+
+    for name in ("transformers", "peft", "bitsandbytes", "accelerate", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _info(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _num(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+def _short(text: str, width: int = 28) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3):]
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _print_table(rows: list[tuple]) -> None:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())

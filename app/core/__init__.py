@@ -1,0 +1,1 @@
+"""The engine: models, data, planning, training, runs. Never imports Qt."""

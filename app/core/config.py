@@ -1,0 +1,91 @@
+"""Typed training configuration with one source of truth for defaults and help texts.
+
+`TrainConfig` is what the user asks for (CLI flags, GUI fields); a field left at `None` is chosen
+by the planner. `Plan` is what a run actually uses, with a one-line reason per choice. Both are
+dataclasses whose field `help` metadata is what `--help` and GUI tooltips show, and both round-trip
+through JSON into the run folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """What the user asked for. `None` means: let the planner choose."""
+
+    model: str = _f("demo", "Model: a local folder, a Hugging Face cache entry or hub id, or 'demo'.")
+    data: str = _f("", "Training data: JSONL, JSON array or parquet file.")
+    val_data: str = _f("", "Optional validation file in the same format.")
+    val_split: float = _f(0.0, "Percent of the training rows held out for validation (0-50).")
+    name: str = _f("", "Run name shown in the run list (default: model and data names).")
+    rank: int | None = _f(None, "LoRA rank r: adapter capacity. Default 16.")
+    lora_alpha: int | None = _f(None, "LoRA scaling alpha. Default 2 x rank.")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA input during training.")
+    seq_len: int | None = _f(None, "Longest example in tokens; longer ones are truncated (and counted).")
+    epochs: float = _f(1.0, "Passes over the training data.")
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs).")
+    micro_batch: int | None = _f(None, "Examples per forward pass.")
+    grad_accum: int | None = _f(None, "Micro-batches per optimizer step.")
+    lr: float = _f(2e-4, "Peak learning rate (cosine schedule after 3% warmup).")
+    warmup_ratio: float = _f(0.03, "Fraction of steps spent warming the learning rate up.")
+    max_grad_norm: float = _f(0.3, "Gradients are clipped to this norm.")
+    weight_decay: float = _f(0.0, "AdamW weight decay on the LoRA weights.")
+    grad_checkpointing: bool | None = _f(None, "Recompute activations to save memory (~20-30% slower).")
+    eval_every: int | None = _f(None, "Evaluate every N steps when there is validation data.")
+    save_every: int | None = _f(None, "Save a checkpoint every N steps (and always on stop).")
+    seed: int = _f(42, "Seed for data order, split and LoRA initialisation.")
+    skip_bad: bool = _f(False, "Train on the good rows and skip unusable ones (they are counted).")
+    trust_remote_code: bool = _f(False, "Allow the model's own Python code to run. Only for models you trust.")
+    allow_pickle: bool = _f(False, "Allow pickle (.bin/.pt) weights, which can run code when loaded.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class Plan:
+    """The settings a run trains with, each chosen by the user or the planner, with reasons."""
+
+    rank: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA alpha.")
+    seq_len: int = _f(1024, "Sequence length in tokens.")
+    micro_batch: int = _f(1, "Examples per forward pass.")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step.")
+    grad_checkpointing: bool = _f(False, "Gradient checkpointing on or off.")
+    total_steps: int = _f(0, "Optimizer steps the run will take.")
+    steps_per_epoch: int = _f(0, "Optimizer steps in one pass over the data.")
+    warmup_steps: int = _f(0, "Steps of linear learning-rate warmup.")
+    eval_every: int = _f(0, "Evaluate every N steps (0: no validation data).")
+    save_every: int = _f(0, "Checkpoint every N steps.")
+    compute_dtype: str = _f("float32", "Dtype of the 4-bit layers' compute.")
+    optimizer: str = _f("adamw_torch", "Optimizer implementation.")
+    device: str = _f("cpu", "Where training runs.")
+    reasons: dict = field(default_factory=dict, metadata={"help": "Why each value was chosen."})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def field_help(cls: type, name: str) -> str:
+    """The help text of a config field, for tooltips and `--help`."""
+    for f in fields(cls):
+        if f.name == name:
+            return f.metadata.get("help", "")
+    raise KeyError(name)

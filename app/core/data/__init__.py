@@ -1,0 +1,1 @@
+"""Datasets: read files, detect and normalise formats, validate every row, tokenise, measure."""

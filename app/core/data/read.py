@@ -1,0 +1,134 @@
+"""Read a dataset file into (line number, record) pairs, reporting unreadable rows as problems.
+
+JSONL is read line by line so that one bad line never hides the others; a JSON array file is
+walked element by element with the line each element starts on; parquet rows are numbered from 1.
+A UTF-8 byte-order mark, CRLF line ends and blank lines are accepted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from app.core.errors import DatasetError
+
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One unusable row: where it is, which field, and what is wrong (with the fix)."""
+
+    file: str
+    line: int | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file + (f":{self.line}" if self.line is not None else "")
+        return f"{where}: {self.field + ': ' if self.field else ''}{self.message}"
+
+
+@dataclass(frozen=True)
+class Row:
+    """A row that parsed: its line (JSONL/JSON) or row number (parquet) and its content."""
+
+    line: int
+    record: Any
+
+
+def read_rows(path: str | Path) -> Iterator[Row | Problem]:
+    """Yield each row of the file, or a Problem for a row that cannot be parsed.
+
+    Raises DatasetError for problems with the whole file (missing, empty, wrong type).
+    """
+    path = Path(path)
+    name = str(path)
+    if not path.exists():
+        raise DatasetError("no such file; check the path", file=name)
+    if path.is_dir():
+        raise DatasetError("is a folder; give a .jsonl, .json or .parquet file", file=name)
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise DatasetError(f"unsupported file type '{suffix or 'none'}'; use .jsonl, .json or .parquet",
+                           file=name)
+    if suffix == ".parquet":
+        yield from _read_parquet(path)
+        return
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if not data.strip():
+        raise DatasetError("the file is empty; add one example per line", file=name)
+    if suffix == ".json" and data.lstrip()[:1] == b"[":
+        yield from _read_json_array(name, data)
+    else:
+        yield from _read_jsonl(name, data)
+
+
+def _read_jsonl(name: str, data: bytes) -> Iterator[Row | Problem]:
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        raw = raw.rstrip(b"\r")
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield Problem(name, number, "", f"bytes that are not UTF-8 at column {err.start + 1}; "
+                                            "save the file as UTF-8")
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as err:
+            yield Problem(name, number, "", f"bad JSON: {err.msg} at column {err.colno}; "
+                                            "each line must be one JSON object")
+            continue
+        yield Row(number, record)
+
+
+def _read_json_array(name: str, data: bytes) -> Iterator[Row | Problem]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DatasetError("bytes that are not UTF-8; save the file as UTF-8", file=name, line=line)
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    while True:
+        pos = _skip_space(text, pos)
+        if pos < len(text) and text[pos] == "]":
+            return
+        line = text.count("\n", 0, pos) + 1
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"bad JSON: {err.msg} at column {err.colno}; the rest of the array "
+                               "cannot be read", file=name, line=err.lineno)
+        yield Row(line, record)
+        pos = _skip_space(text, pos)
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+        elif pos >= len(text) or text[pos] != "]":
+            line = text.count("\n", 0, pos) + 1
+            raise DatasetError("bad JSON: expected ',' or ']' between array items", file=name, line=line)
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _read_parquet(path: Path) -> Iterator[Row | Problem]:
+    import pyarrow.parquet as pq  # comes with `datasets`
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise DatasetError(f"cannot read parquet: {err}", file=str(path)) from err
+    if table.num_rows == 0:
+        raise DatasetError("the file has no rows", file=str(path))
+    for number, record in enumerate(table.to_pylist(), start=1):
+        yield Row(number, record)

@@ -1,0 +1,66 @@
+"""`tunesmith demo`: train the demo model on the pirate-chef sample and compare answers.
+
+The demo is sized for a 2-core CPU (a few minutes): short sequences, few epochs, a learning
+rate above the 2e-4 recipe because a 135M model and a few dozen steps need a stronger push to
+show a visible change of voice.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from statistics import mean
+from typing import Callable
+
+from app.core.config import TrainConfig
+from app.core.events import Event, StepMetrics
+from app.core.resources import sample_dataset
+from app.core.trainer import RunResult, run_training
+
+DEMO_QUESTION = "What is a quick way to cook rice without a rice cooker?"
+
+
+def demo_config() -> TrainConfig:
+    return TrainConfig(model="demo", data=str(sample_dataset()), name="demo-pirate-chef", rank=16,
+                       seq_len=256, epochs=2, micro_batch=4, grad_accum=1, lr=1e-3)
+
+
+@dataclass
+class DemoResult:
+    run: RunResult
+    first_losses: list[float]
+    last_losses: list[float]
+    base_answer: str = ""
+    tuned_answer: str = ""
+
+    @property
+    def loss_drop(self) -> float:
+        """Relative fall of the mean loss from the first 10 steps to the last 10."""
+        first, last = mean(self.first_losses), mean(self.last_losses)
+        return (first - last) / first if first else 0.0
+
+
+def run_demo(on_event: Callable[[Event], None] | None = None, stop: threading.Event | None = None,
+             config: TrainConfig | None = None, question: str = DEMO_QUESTION) -> DemoResult:
+    """Train the demo run, then ask base and tuned model the same new question."""
+    from app.core.chat import load_chat_model
+
+    losses: list[float] = []
+
+    def record(event: Event) -> None:
+        if isinstance(event, StepMetrics):
+            losses.append(event.loss)
+        if on_event:
+            on_event(event)
+
+    config = config or demo_config()
+    result = DemoResult(run_training(config, record, stop), losses[:10], losses[-10:])
+    if result.run.status != "finished":
+        return result
+    from app.core.models import resolve_model
+
+    chat = load_chat_model(resolve_model("demo").path, result.run.adapter_dir)
+    messages = [{"role": "user", "content": question}]
+    result.base_answer = chat.reply(messages, adapter=False)
+    result.tuned_answer = chat.reply(messages, adapter=True)
+    return result

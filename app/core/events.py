@@ -1,0 +1,87 @@
+"""Progress events a training run reports: plain frozen dataclasses, no Qt.
+
+The trainer calls `on_event(event)` with these; the run store appends `event_to_dict(event)` to
+`metrics.jsonl`, and `event_from_dict` turns such a line back into an event to redraw a past run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    run_id: str
+    run_dir: str
+    total_steps: int
+    start_step: int
+    examples: int
+    val_examples: int
+    truncated: int
+    skipped: int
+    device: str
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int
+    tokens_per_s: float
+    elapsed_s: float
+    eta_s: float
+
+
+@dataclass(frozen=True)
+class EvalMetrics:
+    step: int
+    eval_loss: float
+
+
+@dataclass(frozen=True)
+class CheckpointSaved:
+    step: int
+    path: str
+
+
+@dataclass(frozen=True)
+class RunFinished:
+    status: str  # "finished" or "stopped"
+    step: int
+    total_steps: int
+    final_loss: float | None
+    adapter_dir: str
+
+
+@dataclass(frozen=True)
+class RunFailed:
+    reason: str
+    step: int
+
+
+@dataclass(frozen=True)
+class LogLine:
+    message: str
+    level: str = "info"
+
+
+Event = RunStarted | StepMetrics | EvalMetrics | CheckpointSaved | RunFinished | RunFailed | LogLine
+_KINDS = {cls.__name__: cls for cls in (RunStarted, StepMetrics, EvalMetrics, CheckpointSaved,
+                                         RunFinished, RunFailed, LogLine)}
+
+
+def event_to_dict(event: Event) -> dict:
+    return {"event": type(event).__name__, **asdict(event)}
+
+
+def event_from_dict(data: dict) -> Event | None:
+    """The event a `metrics.jsonl` row describes, or None for an unknown row."""
+    cls = _KINDS.get(data.get("event", ""))
+    if cls is None:
+        return None
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})

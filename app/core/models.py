@@ -1,0 +1,194 @@
+"""Resolve what the user names as a model, list the models they have, and load one in 4-bit.
+
+A model is named by a local folder, an entry of the Hugging Face cache ("org/name"), a hub id
+(downloaded on request), or "demo". Every folder is checked by `model_files.inspect_folder`
+before anything loads from it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from app.core import demo_model
+from app.core.atomic import write_json
+from app.core.errors import ModelError
+from app.core.model_files import FolderFacts, inspect_folder, read_config
+from app.core.paths import recent_models_file
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+RECENT_LIMIT = 10
+
+
+@dataclass
+class ModelInfo:
+    """A resolved, checked model: where it is, what it is, how big."""
+
+    source: str
+    path: Path
+    kind: str  # "demo", "folder", "hf-cache" or "hub"
+    facts: FolderFacts
+
+    @property
+    def name(self) -> str:
+        return demo_model.DEMO_NAME if self.kind == "demo" else self.source.rstrip("/").split("/")[-1]
+
+    @property
+    def parameters(self) -> int | None:
+        return self.facts.parameters
+
+
+def resolve_model(source: str, trust_remote_code: bool = False, allow_pickle: bool = False,
+                  progress: Callable[[str], None] = lambda message: None) -> ModelInfo:
+    """Find and check the model named `source`; download a hub id that is not cached."""
+    source = (source or "demo").strip()
+    if source.lower() == "demo":
+        path = demo_model.ensure_demo_model(progress)
+        return ModelInfo(source, path, "demo", inspect_folder(path))
+    local = Path(source).expanduser()
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
+    if local.exists() or looks_local:
+        if not local.exists():
+            raise ModelError(f"{source}: no such folder")
+        return ModelInfo(source, local.resolve(), "folder",
+                         inspect_folder(local, trust_remote_code, allow_pickle))
+    if not HUB_ID.match(source):
+        raise ModelError(f"{source}: no such folder, and not a hub id like 'org/name'; "
+                         "give a model folder, a hub id or 'demo'")
+    cached = hf_cache_snapshot(source)
+    if cached is not None:
+        return ModelInfo(source, cached, "hf-cache", inspect_folder(cached, trust_remote_code, allow_pickle))
+    path = download_model(source, progress)
+    return ModelInfo(source, path, "hub", inspect_folder(path, trust_remote_code, allow_pickle))
+
+
+def hf_cache_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot folder of `repo_id` in the Hugging Face cache, if it has one."""
+    entry = _hf_cache_root() / ("models--" + repo_id.replace("/", "--"))
+    snapshots = entry / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    ref = entry / "refs" / "main"
+    if ref.exists():
+        snapshot = snapshots / ref.read_text().strip()
+        if snapshot.is_dir():
+            return snapshot
+    candidates = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    return candidates[0] if candidates else None
+
+
+def download_model(repo_id: str, progress: Callable[[str], None]) -> Path:
+    """Download the safetensors, config and tokenizer files of a hub model (with progress bars)."""
+    from huggingface_hub import snapshot_download
+
+    progress(f"Downloading {repo_id} from the Hugging Face Hub...")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=DOWNLOAD_PATTERNS))
+    except Exception as err:  # network, auth and not-found errors come in many types
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise ModelError(f"{repo_id}: could not download from the Hugging Face Hub ({reason}); check the "
+                         "network and the name, or give a local model folder") from None
+
+
+@dataclass
+class ListedModel:
+    """A row of `tunesmith models`."""
+
+    name: str
+    kind: str
+    path: str
+    architecture: str
+    parameters: int | None
+    size_bytes: int
+
+
+def list_models() -> list[ListedModel]:
+    """The demo model, causal LMs in the Hugging Face cache, and recently used folders."""
+    rows = [_demo_row()]
+    root = _hf_cache_root()
+    if root.is_dir():
+        for entry in sorted(root.glob("models--*")):
+            repo_id = entry.name[len("models--"):].replace("--", "/")
+            snapshot = hf_cache_snapshot(repo_id)
+            row = snapshot and _listed(repo_id, "hf-cache", snapshot)
+            if row:
+                rows.append(row)
+    for folder in recent_models():
+        row = _listed(folder, "recent", Path(folder))
+        if row:
+            rows.append(row)
+    return rows
+
+
+def _listed(name: str, kind: str, path: Path) -> ListedModel | None:
+    try:
+        facts = inspect_folder(path, trust_remote_code=True, allow_pickle=True)
+    except ModelError:
+        return None
+    return ListedModel(name, kind, str(path), facts.architecture, facts.parameters, facts.size_bytes)
+
+
+def _demo_row() -> ListedModel:
+    path = demo_model.demo_model_dir()
+    if demo_model.is_converted():
+        facts = inspect_folder(path)
+        return ListedModel("demo", "demo", str(path), facts.architecture, facts.parameters, facts.size_bytes)
+    return ListedModel("demo", "demo (converted on first use)", str(path), "LlamaForCausalLM",
+                       134_515_008, 0)
+
+
+def _hf_cache_root() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def recent_models() -> list[str]:
+    file = recent_models_file()
+    try:
+        items = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [p for p in items if isinstance(p, str) and Path(p).is_dir()]
+
+
+def remember_model(info: ModelInfo) -> None:
+    """Put a local folder at the top of the recent list (the demo and cache entries list themselves)."""
+    if info.kind != "folder":
+        return
+    items = [str(info.path)] + [p for p in recent_models() if p != str(info.path)]
+    write_json(recent_models_file(), items[:RECENT_LIMIT])
+
+
+def load_tokenizer(info: ModelInfo, trust_remote_code: bool = False):
+    """The model's tokenizer, with a pad token (the end token when it has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(info.path, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise ModelError(f"{info.path}: cannot load the tokenizer ({str(err).splitlines()[0][:160]})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_4bit(info: ModelInfo, compute_dtype, device: str, trust_remote_code: bool = False):
+    """The model with its linear layers in NF4 with double quantisation (QLoRA's storage)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage="uint8")
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            info.path, quantization_config=quant, dtype=compute_dtype,
+            device_map={"": device} if device != "cpu" else None,
+            trust_remote_code=trust_remote_code, use_safetensors=not info.facts.pickle_weights)
+    except (OSError, ValueError, RuntimeError) as err:
+        if "out of memory" in str(err).lower():
+            raise
+        raise ModelError(f"{info.path}: cannot load the model ({str(err).splitlines()[0][:200]})") from None

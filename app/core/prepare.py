@@ -1,0 +1,132 @@
+"""Everything that must hold before a run folder is made: model, tokenizer, data, plan.
+
+`prepare_training` resolves and checks the model, validates every row of the data, tokenises,
+splits off validation rows and plans. Any user error surfaces here, before a run folder exists,
+so bad input never leaves a half-made run behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from app.core.config import Plan, TrainConfig
+from app.core.data.stats import LengthStats, length_stats
+from app.core.data.tokenize import Tokenized, TokenizedSet, ensure_chat_template, tokenize_examples
+from app.core.data.validate import DataReport, check_file
+from app.core.errors import DatasetError
+from app.core.models import ModelInfo, load_tokenizer, resolve_model
+from app.core.planner import plan_run
+
+
+@dataclass
+class Prepared:
+    """A checked model and tokenised data with the plan to train them."""
+
+    config: TrainConfig
+    model: ModelInfo
+    tokenizer: object
+    train: list[Tokenized]
+    val: list[Tokenized]
+    stats: LengthStats
+    plan: Plan
+    data_info: dict
+
+
+def prepare_training(config: TrainConfig, log: Callable[[str], None] = lambda m: None,
+                     plan: Plan | None = None) -> Prepared:
+    """Check and tokenise everything for `config`; with `plan` (a resume) keep that plan."""
+    if not config.data:
+        raise DatasetError("no training data given; pass --data FILE (.jsonl, .json or .parquet)")
+    model = resolve_model(config.model, config.trust_remote_code, config.allow_pickle, progress=log)
+    report = check_file(config.data)
+    report.raise_if_unusable(config.skip_bad)
+    val_report = None
+    if config.val_data:
+        val_report = check_file(config.val_data)
+        val_report.raise_if_unusable(config.skip_bad)
+    log(f"Data: {report.format_label}, {len(report.examples)} usable rows of {report.rows}")
+
+    tokenizer = load_tokenizer(model, config.trust_remote_code)
+    if ensure_chat_template(tokenizer):
+        log("The model has no chat template; using the default ChatML template")
+    measured = _tokenize(tokenizer, report, config.skip_bad)
+    if val_report is not None:
+        val_measured = _tokenize(tokenizer, val_report, config.skip_bad)
+        train_set, val_set = measured.examples, val_measured.examples
+    else:
+        train_set, val_set = split_validation(measured.examples, config.val_split, config.seed)
+    lengths = [len(e.input_ids) for e in train_set]
+    stats = length_stats(lengths)
+    max_positions = model.facts.config.get("max_position_embeddings")
+    if plan is None:
+        plan = plan_run(config, stats, lengths, bool(val_set), max_positions)
+    train, truncated, dropped = truncate(train_set, plan.seq_len)
+    val, _, _ = truncate(val_set, plan.seq_len)
+    if not train:
+        raise DatasetError(f"no example has anything to learn within {plan.seq_len} tokens; "
+                           "raise --seq-len", file=config.data)
+    skipped = len(report.problems) + len(measured.problems) + dropped
+    if skipped:
+        log(f"Skipping {skipped} unusable row(s) (--skip-bad)")
+    if truncated:
+        log(f"{truncated} example(s) longer than {plan.seq_len} tokens will be truncated")
+    data_info = {
+        "file": str(Path(config.data).resolve()), "sha256": file_sha256(config.data),
+        "format": report.format, "rows": report.rows, "examples": len(train), "val_examples": len(val),
+        "skipped": skipped, "truncated": truncated, "length_stats": stats.to_dict(),
+        "problems": [str(p) for p in (report.problems + measured.problems)[:50]],
+        "val_file": str(Path(config.val_data).resolve()) if config.val_data else "",
+        "val_sha256": file_sha256(config.val_data) if config.val_data else "",
+    }
+    return Prepared(config, model, tokenizer, train, val, stats, plan, data_info)
+
+
+def _tokenize(tokenizer, report: DataReport, skip_bad: bool) -> TokenizedSet:
+    result = tokenize_examples(tokenizer, report.examples, report.file)
+    if result.problems and not skip_bad:
+        more = len(result.problems) - 1
+        tail = f" (and {more} more)" if more else ""
+        raise DatasetError(f"{result.problems[0]}{tail}; fix the rows or pass --skip-bad")
+    if not result.examples:
+        raise DatasetError("no usable rows after tokenising", file=report.file)
+    return result
+
+
+def split_validation(examples: list[Tokenized], percent: float, seed: int) -> tuple[list, list]:
+    """Hold out `percent` % of examples (at least one when percent > 0), chosen by the seed."""
+    if percent <= 0 or len(examples) < 2:
+        return examples, []
+    import torch
+
+    n_val = min(len(examples) - 1, max(1, round(len(examples) * percent / 100)))
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[:n_val])
+    return ([e for i, e in enumerate(examples) if i not in held],
+            [e for i, e in enumerate(examples) if i in held])
+
+
+def truncate(examples: list[Tokenized], seq_len: int) -> tuple[list[Tokenized], int, int]:
+    """Examples cut to `seq_len`, how many were cut, and how many were dropped (nothing to learn)."""
+    kept, cut, dropped = [], 0, 0
+    for example in examples:
+        if len(example.input_ids) <= seq_len:
+            kept.append(example)
+            continue
+        cut += 1
+        short = Tokenized(example.line, example.input_ids[:seq_len], example.labels[:seq_len])
+        if short.trained_tokens:
+            kept.append(short)
+        else:
+            dropped += 1
+    return kept, cut, dropped
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

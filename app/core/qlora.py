@@ -1,0 +1,152 @@
+"""The QLoRA model in training: 4-bit base + LoRA, optimizer, schedule, one step, eval, checkpoints.
+
+Recipe: NF4 with double quantisation, bf16 compute on CUDA (fp32 on CPU), LoRA on every linear
+layer of the blocks, paged 8-bit AdamW on CUDA (torch AdamW on CPU), cosine schedule with warmup,
+gradients clipped to `max_grad_norm`. The loss is the mean over all trained tokens of an optimizer
+step, however they fall across micro-batches.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+from app.core.atomic import staged_dir, write_json
+from app.core.data.batches import collate
+from app.core.data.tokenize import IGNORE, Tokenized
+from app.core.prepare import Prepared
+
+
+class QLoraSession:
+    """Owns the model and optimizer of one run for as long as it trains."""
+
+    def __init__(self, prepared: Prepared):
+        import torch
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from transformers import get_cosine_schedule_with_warmup
+
+        from app.core.models import load_model_4bit
+
+        config, plan = prepared.config, prepared.plan
+        self.plan, self.config = plan, config
+        self.device = torch.device(plan.device)
+        self.pad_id = prepared.tokenizer.pad_token_id
+        torch.manual_seed(config.seed)
+        base = load_model_4bit(prepared.model, getattr(torch, plan.compute_dtype), plan.device,
+                               config.trust_remote_code)
+        base.config.use_cache = False
+        base = prepare_model_for_kbit_training(
+            base, use_gradient_checkpointing=plan.grad_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+        lora = LoraConfig(r=plan.rank, lora_alpha=plan.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+        self.model = get_peft_model(base, lora)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = _make_optimizer(plan.optimizer, self.params, config.lr, config.weight_decay)
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, plan.warmup_steps, plan.total_steps)
+        self.model.train()
+
+    @property
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def train_step(self, batches: list[list[Tokenized]]) -> tuple[float, int, float]:
+        """One optimizer step over these micro-batches: (mean loss, real tokens, grad norm)."""
+        import torch
+
+        tensors = [collate(batch, self.pad_id) for batch in batches]
+        targets = max(1, sum(int((labels[:, 1:] != IGNORE).sum()) for _, _, labels in tensors))
+        loss_total, tokens = 0.0, 0
+        for ids, mask, labels in tensors:
+            loss_sum = self._loss_sum(ids, mask, labels)
+            (loss_sum / targets).backward()
+            loss_total += float(loss_sum.detach())
+            tokens += int(mask.sum())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_total / targets, tokens, grad_norm
+
+    def evaluate(self, examples: list[Tokenized]) -> float:
+        """Mean token loss over `examples`, without dropout or gradients."""
+        import torch
+
+        self.model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(examples), self.plan.micro_batch):
+                ids, mask, labels = collate(examples[start:start + self.plan.micro_batch], self.pad_id)
+                total += float(self._loss_sum(ids, mask, labels))
+                count += int((labels[:, 1:] != IGNORE).sum())
+        self.model.train()
+        return total / max(1, count)
+
+    def current_lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def _loss_sum(self, ids, mask, labels):
+        import torch.nn.functional as F
+
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        logits = logits[:, :-1].float()
+        target = labels[:, 1:].to(self.device)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+                               ignore_index=IGNORE, reduction="sum")
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save_checkpoint(self, path: Path, state: dict) -> None:
+        """Adapter, optimizer, schedule, RNG and loop state, written in one piece."""
+        import torch
+
+        with staged_dir(path, replace=True) as tmp:
+            self.model.save_pretrained(tmp)
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            rng = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            torch.save(rng, tmp / "rng.pt")
+            write_json(tmp / "state.json", state)
+
+    def restore(self, path: Path) -> None:
+        """Continue exactly where the checkpoint at `path` left off."""
+        import torch
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = load_file(str(path / "adapter_model.safetensors"), device=str(self.device))
+        set_peft_model_state_dict(self.model, weights)
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True,
+                                                  map_location=self.device))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        rng = torch.load(path / "rng.pt", weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def save_adapter(self, path: Path, tokenizer) -> None:
+        """The final PEFT adapter (safetensors + adapter_config.json) with the tokenizer."""
+        with staged_dir(path, replace=True) as tmp:
+            self.model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+
+    def release(self) -> None:
+        """Free the model and optimizer, and the GPU memory they held."""
+        import torch
+
+        self.model = self.optimizer = self.scheduler = None
+        self.params = []
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _make_optimizer(name: str, params, lr: float, weight_decay: float):
+    import torch
+
+    if name == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

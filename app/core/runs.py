@@ -1,0 +1,234 @@
+"""The run store: one folder per training run, written atomically, listed and reopened.
+
+A run folder holds config.json (what was asked), plan.json (what is used), data.json (the data's
+fingerprint and counts), status.json, metrics.jsonl (every event), train.log, checkpoints/ and,
+once finished, adapter/ (a PEFT adapter). A run whose status says "running" but whose process is
+gone was killed: it is listed as "interrupted" and can be resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from app.core.atomic import append_line, read_jsonl, staged_dir, write_json
+from app.core.config import Plan, TrainConfig
+from app.core.errors import RunError
+from app.core.events import Event, event_to_dict
+from app.core.paths import runs_dir
+
+KEEP_CHECKPOINTS = 2
+
+
+class Run:
+    """An existing run folder."""
+
+    def __init__(self, path: Path):
+        self.dir = Path(path)
+        self.id = self.dir.name
+
+    # -- files -------------------------------------------------------------------------------
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.dir / "adapter"
+
+    @property
+    def log_file(self) -> Path:
+        return self.dir / "train.log"
+
+    def config(self) -> TrainConfig:
+        return TrainConfig.from_dict(self._json("config.json"))
+
+    def plan(self) -> Plan:
+        return Plan.from_dict(self._json("plan.json"))
+
+    def data_info(self) -> dict:
+        return self._json("data.json")
+
+    def raw_status(self) -> dict:
+        return self._json("status.json")
+
+    def _json(self, name: str) -> dict:
+        try:
+            return json.loads((self.dir / name).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise RunError(f"{self.dir / name}: cannot read ({err}); the run folder is damaged") from None
+
+    # -- status and logs ---------------------------------------------------------------------
+    def status(self) -> dict:
+        """status.json, with "running" turned into "interrupted" when its process is gone."""
+        status = self.raw_status()
+        if status.get("status") == "running" and not _owner_alive(status):
+            status = {**status, "status": "interrupted",
+                      "reason": "the process ended without saying so (killed or crashed)"}
+        return status
+
+    def write_status(self, status: str, **fields) -> None:
+        current = self.raw_status() if (self.dir / "status.json").exists() else {}
+        current.update(fields, status=status, updated=time.time())
+        if status == "running":
+            current.update(pid=os.getpid(), host=socket.gethostname())
+        write_json(self.dir / "status.json", current)
+
+    def append_event(self, event: Event) -> None:
+        append_line(self.dir / "metrics.jsonl", json.dumps({**event_to_dict(event), "time": time.time()}))
+
+    def events(self) -> list[dict]:
+        return read_jsonl(self.dir / "metrics.jsonl")
+
+    def log(self, message: str) -> None:
+        stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        with open(self.log_file, "a", encoding="utf-8") as handle:
+            handle.write(f"{stamp} {message.rstrip()}\n")
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def checkpoint_path(self, step: int) -> Path:
+        return self.checkpoints_dir / f"step-{step:07d}"
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints_dir.glob("step-*") if (p / "state.json").exists())
+
+    def latest_checkpoint(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def prune_checkpoints(self) -> None:
+        for old in self.checkpoints()[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class RunSummary:
+    """A row of the run list."""
+
+    id: str
+    status: str
+    reason: str
+    step: int
+    total_steps: int
+    last_loss: float | None
+    eval_loss: float | None
+    model: str
+    data: str
+    created: float
+    updated: float
+
+
+def create_run(config: TrainConfig, plan: Plan, data_info: dict) -> Run:
+    """Write a new run folder in one piece and return it."""
+    root = runs_dir()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    slug = _slug(config.name or f"{Path(config.model.rstrip('/')).name}-{Path(config.data).stem}")
+    run_id = f"{stamp}-{slug}"
+    n = 2
+    while (root / run_id).exists():
+        run_id, n = f"{stamp}-{slug}-{n}", n + 1
+    with staged_dir(root / run_id) as tmp:
+        write_json(tmp / "config.json", config.to_dict())
+        write_json(tmp / "plan.json", plan.to_dict())
+        write_json(tmp / "data.json", data_info)
+        now = time.time()
+        write_json(tmp / "status.json", {"status": "running", "reason": "", "step": 0,
+                                         "total_steps": plan.total_steps, "last_loss": None,
+                                         "eval_loss": None, "created": now, "updated": now,
+                                         "pid": os.getpid(), "host": socket.gethostname()})
+        (tmp / "checkpoints").mkdir()
+    return Run(root / run_id)
+
+
+def open_run(ref: str) -> Run:
+    """A run by folder path, id, or unique id prefix/suffix."""
+    path = Path(ref).expanduser()
+    if (path / "status.json").exists():
+        return Run(path)
+    root = runs_dir()
+    if (root / ref / "status.json").exists():
+        return Run(root / ref)
+    matches = [p for p in _run_folders(root) if p.name.startswith(ref) or p.name.endswith(ref)]
+    if len(matches) == 1:
+        return Run(matches[0])
+    if not matches:
+        raise RunError(f"no run '{ref}' in {root}; `tunesmith runs` lists them")
+    names = ", ".join(p.name for p in matches[:3])
+    raise RunError(f"'{ref}' matches {len(matches)} runs ({names}...); give more of the id")
+
+
+def list_runs() -> list[RunSummary]:
+    """All runs, newest first."""
+    rows = []
+    for folder in _run_folders(runs_dir()):
+        run = Run(folder)
+        try:
+            status, config = run.status(), run.config()
+        except RunError:
+            continue
+        rows.append(RunSummary(run.id, status.get("status", "?"), status.get("reason", ""),
+                               status.get("step", 0), status.get("total_steps", 0), status.get("last_loss"),
+                               status.get("eval_loss"), config.model, config.data,
+                               status.get("created", 0.0), status.get("updated", 0.0)))
+    return sorted(rows, key=lambda r: r.created, reverse=True)
+
+
+def delete_run(ref: str) -> None:
+    run = open_run(ref)
+    if run.status().get("status") == "running":
+        raise RunError(f"run {run.id} is still running; stop it first")
+    shutil.rmtree(run.dir)
+
+
+def _run_folders(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and
+            (p / "status.json").exists()]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "run"
+
+
+def _owner_alive(status: dict) -> bool:
+    pid, host = status.get("pid"), status.get("host")
+    if not isinstance(pid, int) or host != socket.gethostname():
+        return host != socket.gethostname()  # another machine's run: cannot tell, assume alive
+    if pid == os.getpid():
+        return True
+    if sys.platform == "win32":
+        import ctypes
+
+        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        code = ctypes.c_ulong()
+        ctypes.windll.kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        ctypes.windll.kernel32.CloseHandle(handle)
+        return code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return _not_zombie(pid)
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True

@@ -1,0 +1,175 @@
+"""Train a run from start to end, or resume one: `run_training` and `resume_training`.
+
+The loop is ours (not transformers' Trainer) so that stop, resume and progress are exact: the
+data order of each epoch is a function of the seed, a checkpoint holds the adapter, optimizer,
+schedule and RNG state, and `stop` (a threading.Event) is checked between optimizer steps.
+Every event goes to `on_event` and to the run's metrics.jsonl; the run's status.json always says
+what happened, and the model is released in a `finally` whatever the outcome.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+from app.core.config import TrainConfig
+from app.core.data.batches import epoch_batches
+from app.core.errors import RunError, UserError
+from app.core.events import (CheckpointSaved, EvalMetrics, Event, LogLine, RunFailed, RunFinished,
+                             RunStarted, StepMetrics)
+from app.core.models import remember_model
+from app.core.prepare import Prepared, prepare_training
+from app.core.runs import Run, create_run, open_run
+
+STATUS_EVERY_S = 1.0
+
+
+@dataclass
+class RunResult:
+    """How a run ended: status is "finished", "stopped" or "failed" (with `reason`)."""
+
+    run_id: str
+    run_dir: str
+    status: str
+    step: int
+    total_steps: int
+    final_loss: float | None
+    adapter_dir: str
+    reason: str = ""
+
+
+def run_training(config: TrainConfig, on_event: Callable[[Event], None] | None = None,
+                 stop: threading.Event | None = None) -> RunResult:
+    """Check everything, create a run folder, and train. User errors raise before the folder exists."""
+    on_event = on_event or (lambda event: None)
+    prepared = prepare_training(config, log=lambda message: on_event(LogLine(message)))
+    run = create_run(config, prepared.plan, prepared.data_info)
+    remember_model(prepared.model)
+    return _train(run, prepared, on_event, stop or threading.Event())
+
+
+def resume_training(ref: str, on_event: Callable[[Event], None] | None = None,
+                    stop: threading.Event | None = None) -> RunResult:
+    """Continue a stopped, interrupted or failed run from its latest checkpoint."""
+    on_event = on_event or (lambda event: None)
+    run = open_run(ref)
+    status = run.status()
+    if status.get("status") == "running":
+        raise RunError(f"run {run.id} is still running (process {status.get('pid')}); stop it first")
+    if status.get("status") == "finished":
+        raise RunError(f"run {run.id} has already finished; start a new run to train further")
+    config, info = run.config(), run.data_info()
+    prepared = prepare_training(config, log=lambda message: on_event(LogLine(message)), plan=run.plan())
+    for key, file in (("sha256", "file"), ("val_sha256", "val_file")):
+        if info.get(key) and prepared.data_info[key] != info[key]:
+            raise RunError(f"{info[file]}: changed since run {run.id} started; resume needs the same "
+                           "data (restore the file, or start a new run)")
+    run.write_status("running", reason="")
+    return _train(run, prepared, on_event, stop or threading.Event())
+
+
+def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop: threading.Event) -> RunResult:
+    from app.core.qlora import QLoraSession
+
+    plan = prepared.plan
+
+    def emit(event: Event) -> None:
+        run.append_event(event)
+        if isinstance(event, LogLine):
+            run.log(event.message)
+        on_event(event)
+
+    session, step, last_loss = None, 0, None
+    result = lambda status, reason="": RunResult(  # noqa: E731
+        run.id, str(run.dir), status, step, plan.total_steps, last_loss, str(run.adapter_dir), reason)
+    try:
+        emit(LogLine(f"Loading {prepared.model.name} in 4-bit on {plan.device}"))
+        session = QLoraSession(prepared)
+        state = {"step": 0, "elapsed_s": 0.0, "tokens": 0, "last_loss": None}
+        checkpoint = run.latest_checkpoint()
+        if checkpoint is not None:
+            session.restore(checkpoint)
+            state = _read_state(checkpoint)
+            emit(LogLine(f"Resuming from {checkpoint.name}"))
+        step, last_loss = state["step"], state["last_loss"]
+        saved_step = step if checkpoint is not None else None
+        emit(RunStarted(run.id, str(run.dir), plan.total_steps, step, len(prepared.train), len(prepared.val),
+                        prepared.data_info["truncated"], prepared.data_info["skipped"], plan.device))
+        run.log(f"LoRA rank {plan.rank}: {session.trainable_parameters:,} trainable parameters")
+
+        def save(at_step: int) -> None:
+            nonlocal saved_step
+            path = run.checkpoint_path(at_step)
+            session.save_checkpoint(path, {"step": at_step, "elapsed_s": elapsed(), "tokens": tokens,
+                                           "last_loss": last_loss})
+            run.prune_checkpoints()
+            saved_step = at_step
+            emit(CheckpointSaved(at_step, str(path)))
+
+        started, before, tokens = time.monotonic(), state["elapsed_s"], state["tokens"]
+        elapsed = lambda: before + time.monotonic() - started  # noqa: E731
+        session_tokens, session_steps, status_written, epoch_cache = 0, 0, 0.0, {}
+        while step < plan.total_steps:
+            if stop.is_set():
+                if saved_step != step:
+                    save(step)
+                run.write_status("stopped", step=step, last_loss=last_loss, reason="stopped by the user")
+                emit(RunFinished("stopped", step, plan.total_steps, last_loss, ""))
+                return result("stopped")
+            epoch, index = divmod(step, plan.steps_per_epoch)
+            if epoch not in epoch_cache:
+                epoch_cache = {epoch: epoch_batches([len(e.input_ids) for e in prepared.train],
+                                                    plan.micro_batch, prepared.config.seed, epoch)}
+            chosen = epoch_cache[epoch][index * plan.grad_accum:(index + 1) * plan.grad_accum]
+            lr = session.current_lr()
+            loss, step_tokens, grad_norm = session.train_step(
+                [[prepared.train[i] for i in batch] for batch in chosen])
+            step, last_loss = step + 1, loss
+            tokens, session_tokens, session_steps = tokens + step_tokens, session_tokens + step_tokens, session_steps + 1
+            spent = time.monotonic() - started
+            emit(StepMetrics(step, plan.total_steps, step / plan.steps_per_epoch, loss, lr, grad_norm, step_tokens,
+                             session_tokens / spent, elapsed(), spent / session_steps * (plan.total_steps - step)))
+            if plan.eval_every and prepared.val and (step % plan.eval_every == 0 or step == plan.total_steps):
+                eval_loss = session.evaluate(prepared.val)
+                emit(EvalMetrics(step, eval_loss))
+                run.write_status("running", eval_loss=eval_loss)
+            if time.monotonic() - status_written > STATUS_EVERY_S or step == plan.total_steps:
+                run.write_status("running", step=step, last_loss=last_loss)
+                status_written = time.monotonic()
+            if step % plan.save_every == 0 and step < plan.total_steps:
+                save(step)
+        session.save_adapter(run.adapter_dir, prepared.tokenizer)
+        run.write_status("finished", step=step, last_loss=last_loss, reason="")
+        emit(RunFinished("finished", step, plan.total_steps, last_loss, str(run.adapter_dir)))
+        return result("finished")
+    except KeyboardInterrupt:
+        run.write_status("stopped", step=step, reason="aborted (Ctrl-C twice); resumes from the last checkpoint")
+        raise
+    except Exception as err:  # noqa: BLE001 - every failure must end as an honest status
+        reason = _failure_reason(err, step)
+        run.log(traceback.format_exc())
+        run.write_status("failed", step=step, last_loss=last_loss, reason=reason)
+        emit(RunFailed(reason, step))
+        return result("failed", reason)
+    finally:
+        if session is not None:
+            session.release()
+
+
+def _read_state(checkpoint) -> dict:
+    import json
+
+    return json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
+
+
+def _failure_reason(err: Exception, step: int) -> str:
+    if isinstance(err, UserError):
+        return str(err)
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if "out of memory" in text.lower():
+        return (f"out of GPU memory at step {step}; lower the sequence length or the micro-batch, "
+                "or turn gradient checkpointing on")
+    return f"{type(err).__name__} at step {step}: {text[:200]} (details in train.log)"

@@ -1,0 +1,108 @@
+"""Shared fixtures: an isolated Tunesmith home per test, a tiny random Llama, the demo model."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore")
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "resources" / "data" / "examples"
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """One model cache for the whole session, so the demo model is converted once.
+
+    Set TUNESMITH_TEST_CACHE to keep it across test sessions.
+    """
+    keep = os.environ.get("TUNESMITH_TEST_CACHE")
+    path = Path(keep) if keep else tmp_path_factory.mktemp("cache")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def tunesmith_home(tmp_path, monkeypatch, shared_cache) -> Path:
+    """Each test gets its own run store and config; the model cache is shared."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "cache").symlink_to(shared_cache, target_is_directory=True)
+    monkeypatch.setenv("TUNESMITH_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    return home
+
+
+def build_tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [line for f in EXAMPLES.glob("*.jsonl") for line in f.read_text().splitlines()] * 3
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    specials = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                   eos_token="<|im_end|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def build_tiny_model(path: Path, tie: bool = False) -> Path:
+    """A 2-layer random-weight Llama with a real BPE tokenizer, saved as safetensors."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=tie, initializer_range=0.3,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def demo_model_path(shared_cache, tmp_path_factory) -> Path:
+    """The converted demo model (converted once per cache)."""
+    old = os.environ.get("TUNESMITH_HOME")
+    home = tmp_path_factory.mktemp("demo-home")
+    (home / "cache").symlink_to(shared_cache, target_is_directory=True)
+    os.environ["TUNESMITH_HOME"] = str(home)
+    try:
+        from app.core.demo_model import ensure_demo_model
+
+        return ensure_demo_model()
+    finally:
+        if old is None:
+            os.environ.pop("TUNESMITH_HOME", None)
+        else:
+            os.environ["TUNESMITH_HOME"] = old
