@@ -8,6 +8,7 @@ before anything loads from it.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +88,7 @@ def download_model(repo_id: str, progress: Callable[[str], None]) -> Path:
 
     progress(f"Downloading {repo_id} from the Hugging Face Hub...")
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=DOWNLOAD_PATTERNS))
+        return Path(snapshot_download(repo_id, allow_patterns=DOWNLOAD_PATTERNS, cache_dir=_hf_cache_root()))
     except Exception as err:  # network, auth and not-found errors come in many types
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise ModelError(f"{repo_id}: could not download from the Hugging Face Hub ({reason}); check the "
@@ -142,9 +143,10 @@ def _demo_row() -> ListedModel:
 
 
 def _hf_cache_root() -> Path:
+    """The Hugging Face hub cache; HF_HUB_CACHE is read now, not when huggingface_hub was imported."""
     from huggingface_hub import constants
 
-    return Path(constants.HF_HUB_CACHE)
+    return Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
 
 
 def recent_models() -> list[str]:

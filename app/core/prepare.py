@@ -18,7 +18,7 @@ from app.core.data.tokenize import Tokenized, TokenizedSet, ensure_chat_template
 from app.core.data.validate import DataReport, check_file
 from app.core.errors import DatasetError
 from app.core.models import ModelInfo, load_tokenizer, resolve_model
-from app.core.planner import plan_run
+from app.core.planner import plan_run, validate_config
 
 
 @dataclass
@@ -40,13 +40,14 @@ def prepare_training(config: TrainConfig, log: Callable[[str], None] = lambda m:
     """Check and tokenise everything for `config`; with `plan` (a resume) keep that plan."""
     if not config.data:
         raise DatasetError("no training data given; pass --data FILE (.jsonl, .json or .parquet)")
-    model = resolve_model(config.model, config.trust_remote_code, config.allow_pickle, progress=log)
+    validate_config(config)  # cheap checks first: settings, then data, then the model
     report = check_file(config.data)
     report.raise_if_unusable(config.skip_bad)
     val_report = None
     if config.val_data:
         val_report = check_file(config.val_data)
         val_report.raise_if_unusable(config.skip_bad)
+    model = resolve_model(config.model, config.trust_remote_code, config.allow_pickle, progress=log)
     log(f"Data: {report.format_label}, {len(report.examples)} usable rows of {report.rows}")
 
     tokenizer = load_tokenizer(model, config.trust_remote_code)

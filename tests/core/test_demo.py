@@ -1,0 +1,53 @@
+"""`tunesmith demo` end to end: the loss falls, and the tuned answer has the sample data's voice."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from app.core.resources import sample_dataset
+from conftest import REPO
+
+PIRATE_WORDS = ("arr", "matey", "ahoy", "hearty", "ye ", "galley", "landlubber", "shiver me timbers")
+
+
+def _pirate_score(text: str) -> int:
+    lower = text.lower()
+    return sum(lower.count(word) for word in PIRATE_WORDS)
+
+
+def test_sample_dataset_is_large_valid_and_in_one_voice():
+    from app.core.data.validate import check_file
+
+    report = check_file(sample_dataset())
+    assert report.ok and report.format == "messages" and len(report.examples) >= 150
+    answers = [m["content"] for e in report.examples for m in e.messages if m["role"] == "assistant"]
+    assert sum(_pirate_score(a) > 0 for a in answers) >= 0.95 * len(answers)
+
+
+def test_demo_question_is_not_in_the_sample_data():
+    from app.core.demo import DEMO_QUESTION
+
+    assert DEMO_QUESTION.lower() not in sample_dataset().read_text().lower()
+
+
+@pytest.mark.slow
+def test_demo_trains_and_changes_the_models_voice(demo_model_path, tunesmith_home):
+    proc = subprocess.run([sys.executable, "-m", "app", "demo"], cwd=REPO, env=os.environ.copy(),
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    drop = int(re.search(r"\((-?\d+)% lower\)", out).group(1))
+    assert drop >= 30, out
+    base = out.split("Base model:", 1)[1].split("Tuned adapter:", 1)[0]
+    tuned = out.split("Tuned adapter:", 1)[1].split("Adapter saved in", 1)[0]
+    assert _pirate_score(tuned) >= 2, tuned
+    assert _pirate_score(base) == 0, base
+    runs = list((tunesmith_home / "data" / "runs").iterdir())
+    status = json.loads((runs[0] / "status.json").read_text())
+    assert status["status"] == "finished" and status["step"] == status["total_steps"]
