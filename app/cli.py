@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the demo model, cached and recent models")
     models.set_defaults(func=cmd_models)
 
+    gpu = sub.add_parser("gpu", help="show NVIDIA GPUs, their memory, and what torch can use")
+    gpu.set_defaults(func=cmd_gpu)
+
     demo = sub.add_parser("demo", help="train the demo model on the sample data and compare answers")
     demo.add_argument("--max-steps", type=int, default=None, help="train fewer steps (quick look)")
     demo.set_defaults(func=cmd_demo)
@@ -178,6 +181,32 @@ def cmd_models(args) -> int:
         size = f"{m.size_bytes / 2**30:.2f} GiB" if m.size_bytes else "-"
         table.append((m.name, m.kind, m.architecture, params, size, m.path))
     _print_table(table)
+    return 0
+
+
+def cmd_gpu(args) -> int:
+    from app.gpu.nvml import detect_gpus, torch_cuda
+
+    report = detect_gpus()
+    if not report.available:
+        print(f"NVML: {report.message}")
+    else:
+        print(f"NVIDIA driver {report.driver}")
+        for g in report.gpus:
+            print(f"GPU {g.index}: {g.name}")
+            print(f"  memory       total {_gib(g.total_bytes)}, free {_gib(g.free_bytes)}, used {_gib(g.used_bytes)}"
+                  + (f", reserved {_gib(g.reserved_bytes)}" if g.reserved_bytes is not None else ""))
+            print(f"  utilisation  {_maybe(g.utilization_pct, '%')}")
+            print(f"  temperature  {_maybe(g.temperature_c, ' C')}")
+            for note in g.notes:
+                print(f"  note         {note}")
+    view = torch_cuda()
+    if view.available:
+        for i, d in enumerate(view.devices):
+            print(f"torch: cuda:{i} {d['name']}, compute capability {d['capability']}, "
+                  f"bf16 {'yes' if d['bf16'] else 'no'} ({view.message})")
+    else:
+        print(f"torch: CUDA not available ({view.message}); training runs on the CPU, slowly")
     return 0
 
 
@@ -307,6 +336,14 @@ def _quiet_libraries(debug: bool) -> None:
 
     for name in ("transformers", "peft", "bitsandbytes", "accelerate", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _gib(value) -> str:
+    return f"{value / 2**30:.2f} GiB" if isinstance(value, int) else "?"
+
+
+def _maybe(value, unit: str) -> str:
+    return f"{value}{unit}" if value is not None else "not reported"
 
 
 def _info(message: str) -> None:

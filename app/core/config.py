@@ -16,8 +16,20 @@ def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+class JsonRoundTrip:
+    """to_dict/from_dict for a dataclass; unknown keys (from a newer version) are ignored."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(JsonRoundTrip):
     """What the user asked for. `None` means: let the planner choose."""
 
     model: str = _f("demo", "Model: a local folder, a Hugging Face cache entry or hub id, or 'demo'.")
@@ -45,17 +57,9 @@ class TrainConfig:
     trust_remote_code: bool = _f(False, "Allow the model's own Python code to run. Only for models you trust.")
     allow_pickle: bool = _f(False, "Allow pickle (.bin/.pt) weights, which can run code when loaded.")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
 
 @dataclass
-class Plan:
+class Plan(JsonRoundTrip):
     """The settings a run trains with, each chosen by the user or the planner, with reasons."""
 
     rank: int = _f(16, "LoRA rank.")
@@ -73,14 +77,6 @@ class Plan:
     optimizer: str = _f("adamw_torch", "Optimizer implementation.")
     device: str = _f("cpu", "Where training runs.")
     reasons: dict = field(default_factory=dict, metadata={"help": "Why each value was chosen."})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Plan":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def field_help(cls: type, name: str) -> str:

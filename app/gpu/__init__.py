@@ -1,0 +1,1 @@
+"""GPU facts and live readings through NVML (no Qt, no torch needed)."""
