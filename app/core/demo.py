@@ -17,7 +17,7 @@ from app.core.events import Event, StepMetrics
 from app.core.resources import sample_dataset
 from app.core.trainer import RunResult, run_training
 
-DEMO_QUESTION = "What is a quick way to cook rice without a rice cooker?"
+DEMO_QUESTION = "How do I make garlic bread?"
 
 
 def demo_config() -> TrainConfig:
