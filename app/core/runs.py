@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from app.core.atomic import append_line, read_jsonl, staged_dir, write_json
+from app.core.atomic import append_line, read_jsonl, staged_dir, write_json, write_text
 from app.core.config import Plan, TrainConfig
 from app.core.errors import RunError
 from app.core.events import Event, event_to_dict
 from app.core.paths import runs_dir
 
 KEEP_CHECKPOINTS = 2
+PROGRESS_EVENTS = ("StepMetrics", "EvalMetrics", "CheckpointSaved")
 
 
 class Run:
@@ -87,6 +88,12 @@ class Run:
 
     def events(self) -> list[dict]:
         return read_jsonl(self.dir / "metrics.jsonl")
+
+    def rewind_metrics(self, step: int) -> None:
+        """Drop logged progress past `step`: a resumed run repeats those steps from its checkpoint."""
+        kept = [e for e in self.events() if not (isinstance(e.get("step"), int) and e["step"] > step
+                                                 and e.get("event") in PROGRESS_EVENTS)]
+        write_text(self.dir / "metrics.jsonl", "".join(json.dumps(e) + "\n" for e in kept))
 
     def log(self, message: str) -> None:
         stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")

@@ -95,6 +95,7 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
             state = _read_state(checkpoint)
             emit(LogLine(f"Resuming from {checkpoint.name}"))
         step, last_loss = state["step"], state["last_loss"]
+        run.rewind_metrics(step)
         saved_step = step if checkpoint is not None else None
         emit(RunStarted(run.id, str(run.dir), plan.total_steps, step, len(prepared.train), len(prepared.val),
                         prepared.data_info["truncated"], prepared.data_info["skipped"], plan.device))

@@ -165,4 +165,4 @@ def test_sigkill_then_resume_finishes_at_the_planned_step(tiny_model, chat_data,
     status = open_run(run_dir.name).status()
     assert (status["status"], status["step"], status["total_steps"]) == ("finished", 300, 300)
     steps = [e["step"] for e in open_run(run_dir.name).events() if e["event"] == "StepMetrics"]
-    assert steps[-1] == 300 and set(range(1, 301)) <= set(steps)
+    assert steps == list(range(1, 301))  # steps redone after the kill are logged once
