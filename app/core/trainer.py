@@ -9,6 +9,7 @@ what happened, and the model is released in a `finally` whatever the outcome.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import traceback
@@ -82,7 +83,7 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
             run.log(event.message)
         on_event(event)
 
-    session, step, last_loss = None, 0, None
+    session, step, last_loss, saved_step = None, 0, None, None
     result = lambda status, reason="": RunResult(  # noqa: E731
         run.id, str(run.dir), status, step, plan.total_steps, last_loss, str(run.adapter_dir), reason)
     try:
@@ -146,8 +147,9 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
         run.write_status("finished", step=step, last_loss=last_loss, reason="")
         emit(RunFinished("finished", step, plan.total_steps, last_loss, str(run.adapter_dir)))
         return result("finished")
-    except KeyboardInterrupt:
-        run.write_status("stopped", step=step, reason="aborted (Ctrl-C twice); resumes from the last checkpoint")
+    except KeyboardInterrupt:  # a second Ctrl-C: no time to save, resume from the last checkpoint
+        run.write_status("stopped", step=saved_step or 0,
+                         reason=f"aborted at step {step} (Ctrl-C twice); resumes from the last checkpoint")
         raise
     except Exception as err:  # noqa: BLE001 - every failure must end as an honest status
         reason = _failure_reason(err, step)
@@ -161,8 +163,6 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
 
 
 def _read_state(checkpoint) -> dict:
-    import json
-
     return json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
 
 
