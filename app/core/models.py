@@ -17,7 +17,7 @@ from typing import Callable
 from app.core import demo_model
 from app.core.atomic import write_json
 from app.core.errors import ModelError
-from app.core.model_files import FolderFacts, inspect_folder, read_config
+from app.core.model_files import FolderFacts, inspect_folder
 from app.core.paths import recent_models_file
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -1,4 +1,4 @@
-"""Find the files Tunesmith ships beside its code: sample data, icons, presets."""
+"""Find the files Tunesmith ships beside its code: sample data, icons, the catalogue, presets."""
 
 from __future__ import annotations
 
@@ -8,12 +8,18 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[2]
 
 
-def resources_dir() -> Path:
-    """`resources/` of a source checkout, else the copy installed under `<prefix>/share/tunesmith`."""
-    for candidate in (_ROOT / "resources", Path(sys.prefix) / "share" / "tunesmith" / "resources"):
+def shipped_dir(name: str) -> Path:
+    """`name/` ("resources", "presets") of a source checkout, else the copy installed under
+    `<prefix>/share/tunesmith`."""
+    for candidate in (_ROOT / name, Path(sys.prefix) / "share" / "tunesmith" / name):
         if candidate.is_dir():
             return candidate
-    return _ROOT / "resources"
+    return _ROOT / name
+
+
+def resources_dir() -> Path:
+    """Icons, sample data and the model catalogue."""
+    return shipped_dir("resources")
 
 
 def sample_dataset() -> Path:

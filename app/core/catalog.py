@@ -1,0 +1,95 @@
+"""The model catalogue: config.json files (no weights) of popular models, so a plan can be made
+before anything is downloaded, and the facts of whatever model the user names, without weights.
+
+`resources/catalog/catalog.toml` lists each model's hub id, display name, config file and the
+parameter count its Hugging Face page publishes (tests hold our counts to it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.core.architecture import ArchFacts, arch_facts
+from app.core.errors import ModelError
+from app.core.resources import resources_dir
+from app.core.toml import load_toml
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One catalogued model."""
+
+    id: str
+    name: str
+    config_path: Path
+    published_params: int
+
+    def config(self) -> dict:
+        return json.loads(self.config_path.read_text(encoding="utf-8"))
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """A model's architecture facts and where they were read from."""
+
+    name: str
+    source: str  # "catalogue", "folder", "hf-cache", "demo"
+    config_path: str
+    facts: ArchFacts
+
+
+def catalog() -> list[CatalogEntry]:
+    folder = resources_dir() / "catalog"
+    table = load_toml(folder / "catalog.toml")
+    return [CatalogEntry(row["id"], row["name"], folder / row["config"], int(row["published_params"]))
+            for row in table.get("model", [])]
+
+
+def find_in_catalog(name: str) -> CatalogEntry | None:
+    """The entry whose hub id, or the part after the '/', equals `name` (any case)."""
+    wanted = name.strip().lower()
+    for entry in catalog():
+        if wanted in (entry.id.lower(), entry.id.split("/")[-1].lower()):
+            return entry
+    return None
+
+
+def model_facts(source: str) -> ModelFacts:
+    """Facts of the model named `source` from its config.json alone: a local folder or HF cache
+    entry when there is one, else the catalogue. Nothing is downloaded and no weights are read."""
+    from app.core import demo_model
+    from app.core.models import HUB_ID, hf_cache_snapshot
+
+    source = (source or "demo").strip()
+    if source.lower() == "demo":
+        if demo_model.is_converted():
+            return _from_folder(demo_model.DEMO_NAME, "demo", demo_model.demo_model_dir())
+        entry = find_in_catalog("HuggingFaceTB/SmolLM2-135M-Instruct")
+        return ModelFacts(demo_model.DEMO_NAME, "demo", str(entry.config_path), arch_facts(entry.config()))
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return _from_folder(source, "folder", local)
+    if HUB_ID.match(source):
+        snapshot = hf_cache_snapshot(source)
+        if snapshot is not None and (snapshot / "config.json").exists():
+            return _from_folder(source, "hf-cache", snapshot)
+    entry = find_in_catalog(source)
+    if entry is not None:
+        return ModelFacts(entry.id, "catalogue", str(entry.config_path), arch_facts(entry.config()))
+    known = ", ".join(e.id.split("/")[-1] for e in catalog())
+    raise ModelError(f"{source}: not a model folder, not in the Hugging Face cache and not in the "
+                     f"catalogue; download it first, or plan with a catalogued model ({known})")
+
+
+def _from_folder(name: str, kind: str, folder: Path) -> ModelFacts:
+    from app.core.model_files import read_config
+
+    config = read_config(folder)
+    try:
+        facts = arch_facts(config)
+    except (KeyError, ValueError, TypeError, ZeroDivisionError) as err:
+        raise ModelError(f"{folder / 'config.json'}: cannot read the architecture ({err!s} missing or "
+                         "invalid); is this a decoder-only causal LM?") from None
+    return ModelFacts(name, kind, str(folder / "config.json"), facts)
