@@ -1,0 +1,166 @@
+"""The memory estimator: predicted peak bytes of a QLoRA training step, by component.
+
+`estimate_memory(facts, setup)` works from config.json facts alone (no weights) and answers with
+a `MemoryEstimate` whose parts add up to the predicted peak. Every constant below says where it
+comes from. "Measured" means `benchmarks/memory_calibration.py`: allocator events of a real
+QLoRA step (bitsandbytes NF4, PEFT LoRA on all linear layers, SDPA attention) recorded by the
+torch profiler on CPU, the same bookkeeping as `torch.cuda.max_memory_allocated`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from app.core.architecture import ArchFacts
+
+GIB = 1024 ** 3
+
+# NF4 storage (QLoRA paper §2): 4 bits per weight, one 8-bit absmax per block of 64 (double
+# quantisation) and one fp32 second-level constant per 256 blocks: 0.5 + 1/64 + 4/16384 B/param.
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+# LoRA weights and their gradients stay fp32 (PEFT's autocast_adapter_dtype).
+LORA_BYTES_PER_PARAM = 4
+# Optimizer state per LoRA parameter: AdamW keeps two fp32 moments (8 B); bitsandbytes' 8-bit
+# AdamW keeps two uint8 moments plus an fp32 absmax per 256-element block for each (2 + 8/256 B).
+OPTIMIZER_BYTES_PER_PARAM = {"adamw_torch": 8.0, "paged_adamw_8bit": 2 + 8 / 256}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+# Activations kept for backward, bytes per token per decoder layer, as coefficients of the
+# hidden size h (q/o projections included, q = h), the k/v width and the MLP width i.
+# Measured (calibration grid, SDPA attention, no s^2 term: flash/efficient kernels keep only the
+# log-sum-exp). LoRA dropout copies each adapted layer's input (+ a 1-byte mask), hence the two rows.
+ACTIVATION_COEFFICIENTS = {
+    # (16-bit compute, dropout>0): h, kv, i ; (16-bit, no dropout); (fp32 compute ...)
+    (2, True): (57.25, 4.0, 14.0),
+    (2, False): (36.25, 4.0, 10.0),
+    (4, True): (61.5, 8.0, 20.0),
+    (4, False): (24.5, 8.0, 16.0),
+}
+# Logits and loss: the lm_head output, its fp32 copy, log-softmax and the gradient coexist at the
+# start of backward. Measured 10.4-11.0 B per token per vocabulary entry on the SmolLM2-135M and
+# Qwen2.5-0.5B architectures (49k and 152k vocabularies), bf16 and fp32 compute, with and
+# without checkpointing; tiny 2-layer models showed up to 16 B, where other tensors overlap.
+LOGITS_BYTES = 10.8
+# With checkpointing the peak is the larger of the loss phase and the recompute of one layer,
+# whose backward briefly holds about half as much again (measured 1.53x).
+RECOMPUTE_FACTOR = 1.53
+# Outside torch's counters on CUDA: the context and cuBLAS workspaces (0.3-0.6 GB; notes), and
+# allocator slack, reserved beyond allocated (fragmentation; 8 % of the varying part, until the
+# GPU calibration grid fits it).
+CUDA_CONTEXT_BYTES = int(0.5 * GIB)
+ALLOCATOR_SLACK = 0.08
+
+
+@dataclass(frozen=True)
+class MemorySetup:
+    """The settings that decide memory, besides the model."""
+
+    rank: int = 16
+    seq_len: int = 1024
+    micro_batch: int = 1
+    grad_checkpointing: bool = False
+    compute_dtype: str = "bfloat16"
+    optimizer: str = "paged_adamw_8bit"
+    device: str = "cuda"
+    lora_dropout: bool = True
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted bytes by component; `peak` is their sum."""
+
+    quantized_weights: int
+    kept_weights: int
+    lora_weights: int
+    lora_gradients: int
+    optimizer_state: int
+    activations: int
+    logits: int
+    transient: int
+    runtime_overhead: int
+    lora_params: int
+
+    @property
+    def peak(self) -> int:
+        return (self.quantized_weights + self.kept_weights + self.lora_weights + self.lora_gradients
+                + self.optimizer_state + self.activations + self.logits + self.transient
+                + self.runtime_overhead)
+
+    def rows(self) -> list[tuple[str, int, str]]:
+        """(component, bytes, what it is) for tables and the GUI's breakdown."""
+        return [(label, getattr(self, name), what.format(lora_params=self.lora_params))
+                for name, label, what in COMPONENTS]
+
+    def to_dict(self) -> dict:
+        """Bytes by component name, the peak, and the LoRA parameter count."""
+        return {name: getattr(self, name) for name, _, _ in COMPONENTS} | {
+            "peak": self.peak, "lora_params": self.lora_params}
+
+
+# (field, label, what it is): the order tables show the breakdown in
+COMPONENTS = [
+    ("quantized_weights", "base weights (4-bit)", "NF4 linear layers with double quantisation"),
+    ("kept_weights", "base weights (16-bit)", "embeddings, lm_head, norms, MoE experts"),
+    ("lora_weights", "LoRA weights", "{lora_params:,} parameters in fp32"),
+    ("lora_gradients", "LoRA gradients", "fp32, one per LoRA weight"),
+    ("optimizer_state", "optimizer state", "AdamW moments of the LoRA weights"),
+    ("activations", "activations", "kept for backward, per layer x tokens"),
+    ("logits", "logits and loss", "vocabulary x tokens, fp32 softmax and gradient"),
+    ("transient", "dequantised weights", "the largest layer unpacked during a matmul"),
+    ("runtime_overhead", "CUDA context, allocator", "outside PyTorch's tensors"),
+]
+
+
+def lora_parameter_count(facts: ArchFacts, rank: int) -> int:
+    """LoRA parameters on every linear layer of the blocks: r x (d_in + d_out) each.
+
+    MoE experts are fused 3-D tensors in transformers 5, not Linear layers, so they get no LoRA."""
+    q, kv, h = facts.heads * facts.head_dim, facts.kv_heads * facts.head_dim, facts.hidden
+    per_layer = (h + q) + 2 * (h + kv) + (q + h)
+    if not facts.experts:
+        per_layer += 3 * (h + facts.intermediate)
+    return rank * per_layer * facts.layers
+
+
+def estimate_memory(facts: ArchFacts, setup: MemorySetup) -> MemoryEstimate:
+    """Predicted peak memory of a training step of `facts`' model with `setup`."""
+    element = DTYPE_BYTES.get(setup.compute_dtype, 2)
+    quantized = facts.linear_params
+    if facts.experts:  # experts stay 16-bit: bitsandbytes quantises Linear layers only
+        quantized -= facts.mlp_params
+    kept = facts.total_params - quantized
+    lora = lora_parameter_count(facts, setup.rank)
+    tokens = setup.seq_len * setup.micro_batch
+
+    per_layer = activation_bytes_per_token_layer(facts, element, setup.lora_dropout)
+    if setup.grad_checkpointing:
+        inputs = facts.layers * 2 * facts.hidden * element  # each block's input, kept
+        loss_phase = LOGITS_BYTES * facts.vocab
+        activations = tokens * (inputs + max(0.0, RECOMPUTE_FACTOR * per_layer - loss_phase))
+        logits = tokens * loss_phase
+    else:
+        activations = tokens * facts.layers * per_layer
+        logits = tokens * LOGITS_BYTES * facts.vocab
+    widest = max(facts.hidden, facts.heads * facts.head_dim) * max(facts.intermediate, facts.hidden)
+    transient = 2 * widest * element  # weight dequantised for the matmul, forward or backward
+    varying = activations + logits + transient
+    overhead = CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK * varying if setup.device == "cuda" else 0
+    return MemoryEstimate(
+        quantized_weights=int(quantized * NF4_BYTES_PER_PARAM), kept_weights=kept * element,
+        lora_weights=lora * LORA_BYTES_PER_PARAM, lora_gradients=lora * LORA_BYTES_PER_PARAM,
+        optimizer_state=int(lora * OPTIMIZER_BYTES_PER_PARAM.get(setup.optimizer, 8.0)),
+        activations=int(activations), logits=int(logits), transient=int(transient),
+        runtime_overhead=int(overhead), lora_params=lora)
+
+
+def activation_bytes_per_token_layer(facts: ArchFacts, element: int, dropout: bool) -> float:
+    """Bytes one token leaves behind in one decoder layer for backward (see the coefficients)."""
+    per_h, per_kv, per_i = ACTIVATION_COEFFICIENTS[(4 if element >= 4 else 2, dropout)]
+    kv = facts.kv_heads * facts.head_dim
+    width = facts.experts_per_token * facts.intermediate if facts.experts else facts.intermediate
+    return per_h * facts.hidden + per_kv * kv + per_i * width
+
+
+def gib(value: float) -> str:
+    """Bytes as GiB with two decimals, the unit every plan is shown in."""
+    return f"{value / GIB:.2f} GiB"

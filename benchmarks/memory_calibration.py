@@ -1,0 +1,252 @@
+"""Check the memory estimator against real QLoRA steps, and record the figures.
+
+For each configuration of a grid (model x sequence length x rank x checkpointing x micro-batch)
+it builds a random-weight model from a catalogue config.json (no download), loads it in NF4 with
+double quantisation exactly as training does, wraps it with LoRA and runs real optimizer steps
+through `QLoraSession`. It then measures:
+
+- the bytes of the 4-bit weights, the 16-bit weights kept, the LoRA weights and optimizer state,
+  counted from the tensors themselves;
+- the peak of one training step: `torch.cuda.max_memory_allocated`/`reserved` and the NVML peak
+  on CUDA; on CPU the torch profiler's allocator events (the same bookkeeping);
+
+and writes them next to `app.core.memory.estimate_memory`'s prediction, with the ratio, as
+`benchmarks/results/memory_calibration-<device>.{json,md}`.
+
+    python benchmarks/memory_calibration.py            # CPU: a small grid (about 5 minutes)
+    python benchmarks/memory_calibration.py --full     # CUDA: the full grid, 7-8B at 2k and 8k
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.core.catalog import find_in_catalog  # noqa: E402
+from app.core.architecture import arch_facts  # noqa: E402
+from app.core.config import Plan, TrainConfig  # noqa: E402
+from app.core.memory import GIB, MemorySetup, estimate_memory  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+# (catalogue id, seq_len, rank, checkpointing, micro_batch)
+CPU_GRID = [
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", 256, 16, False, 1),
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", 512, 16, False, 1),
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", 256, 16, False, 2),
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", 512, 64, False, 1),
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", 512, 16, True, 1),
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", 1024, 16, True, 2),
+    ("Qwen/Qwen2.5-0.5B-Instruct", 256, 16, False, 1),
+    ("Qwen/Qwen2.5-0.5B-Instruct", 512, 16, True, 1),
+]
+GPU_GRID = [
+    (model, seq, rank, ckpt, micro)
+    for model, seqs in [("Qwen/Qwen2.5-0.5B-Instruct", (512, 2048)),
+                        ("meta-llama/Llama-3.2-1B-Instruct", (512, 2048)),
+                        ("meta-llama/Llama-3.2-3B-Instruct", (2048,)),
+                        ("meta-llama/Llama-3.1-8B-Instruct", (2048, 8192)),
+                        ("Qwen/Qwen2.5-7B-Instruct", (2048,))]
+    for seq in seqs
+    for rank, ckpt, micro in [(16, True, 1), (16, False, 1), (64, True, 2)]
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="the GPU grid (needs CUDA)")
+    parser.add_argument("--steps", type=int, default=2, help="optimizer steps before the measured one")
+    parser.add_argument("--only", default="", help="run only models whose id contains this")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                        help="compute dtype (default: bfloat16 on CUDA, float32 on CPU as training uses)")
+    args = parser.parse_args()
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    grid = GPU_GRID if args.full else CPU_GRID
+    rows = []
+    for spec in grid:
+        if args.only and args.only.lower() not in spec[0].lower():
+            continue
+        dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+        row = measure(*spec, device=device, dtype=dtype, warm_steps=args.steps)
+        rows.append(row)
+        print(_line(row), flush=True)
+    write_results(rows, device, args.dtype)
+    return 0
+
+
+def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_batch: int,
+            device: str, dtype: str, warm_steps: int) -> dict:
+    """Build, load, train a few steps and measure one configuration."""
+
+    from app.core.memory_probe import PeakMemory, optimizer_bytes, weight_bytes
+    from app.core.qlora import QLoraSession
+
+    entry = find_in_catalog(model_id)
+    config = entry.config()
+    facts = arch_facts(config)
+    plan = Plan(rank=rank, lora_alpha=2 * rank, seq_len=seq_len, micro_batch=micro_batch, grad_accum=1,
+                grad_checkpointing=checkpointing, total_steps=warm_steps + 1, steps_per_epoch=1,
+                compute_dtype=dtype, device=device,
+                optimizer="paged_adamw_8bit" if device == "cuda" else "adamw_torch")
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_random_model(config, Path(tmp), dtype)
+        session = QLoraSession(_prepared(Path(tmp), config, plan))
+        batch = _batch(facts.vocab, seq_len, micro_batch)
+        for _ in range(warm_steps):
+            session.train_step([batch])
+        nvml = _NvmlPeak(device)
+        with PeakMemory(device) as probe:
+            session.train_step([batch])
+        nvml.stop()
+        weights = weight_bytes(session.model)
+        state = optimizer_bytes(session.optimizer)
+        lora_params = session.trainable_parameters
+        session.release()
+    estimate = estimate_memory(facts, MemorySetup(rank=rank, seq_len=seq_len, micro_batch=micro_batch,
+                                                  grad_checkpointing=checkpointing, compute_dtype=dtype,
+                                                  optimizer=plan.optimizer, device=device))
+    static = weights.quantized + weights.kept + weights.lora + state
+    measured_peak = static + probe.peak
+    predicted_step = (estimate.activations + estimate.logits + estimate.transient + estimate.lora_gradients)
+    predicted_peak = estimate.peak - estimate.runtime_overhead
+    gc.collect()
+    return {
+        "model": model_id, "params": facts.total_params, "seq_len": seq_len, "rank": rank,
+        "checkpointing": checkpointing, "micro_batch": micro_batch, "dtype": dtype,
+        "quantized_bytes": weights.quantized, "quantized_predicted": estimate.quantized_weights,
+        "kept_bytes": weights.kept, "kept_predicted": estimate.kept_weights,
+        "lora_params": lora_params, "lora_params_predicted": estimate.lora_params,
+        "optimizer_bytes": state, "optimizer_predicted": estimate.optimizer_state,
+        "step_bytes": probe.peak, "step_predicted": predicted_step,
+        "peak_allocated": measured_peak, "peak_predicted": predicted_peak,
+        "peak_reserved": probe.reserved, "nvml_peak": nvml.peak,
+        "predicted_with_overhead": estimate.peak,
+    }
+
+
+def _write_random_model(config: dict, folder: Path, dtype: str) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = {k: v for k, v in config.items() if k not in ("architectures", "torch_dtype", "dtype")}
+    model_config = AutoConfig.for_model(values.pop("model_type"), **values)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(model_config, dtype=getattr(torch, dtype))
+    model.save_pretrained(folder)
+    del model
+    gc.collect()
+
+
+def _prepared(folder: Path, config: dict, plan: Plan):
+    from app.core.model_files import FolderFacts
+    from app.core.models import ModelInfo
+    from app.core.prepare import Prepared
+
+    facts = FolderFacts(config, config["model_type"], config["architectures"][0], None, 0,
+                        list(folder.glob("*.safetensors")), False, False)
+    info = ModelInfo(str(folder), folder, "folder", facts)
+    return Prepared(TrainConfig(model=str(folder), data="(random tokens)"), info,
+                    SimpleNamespace(pad_token_id=0), [], [], None, plan, {})
+
+
+def _batch(vocab: int, seq_len: int, micro_batch: int):
+    import torch
+
+    from app.core.data.tokenize import Tokenized
+
+    generator = torch.Generator().manual_seed(1)
+    rows = []
+    for _ in range(micro_batch):
+        ids = torch.randint(1, vocab, (seq_len,), generator=generator).tolist()
+        rows.append(Tokenized(0, ids, ids))
+    return rows
+
+
+class _NvmlPeak:
+    """Highest NVML `used` memory of GPU 0 seen by a 50 ms poller while the step runs."""
+
+    def __init__(self, device: str):
+        self.peak = 0
+        self._stop = None
+        if device != "cuda":
+            return
+        import threading
+
+        from app.gpu.nvml import GpuPoller
+
+        self._stop, poller = threading.Event(), GpuPoller(0)
+
+        def poll():
+            while not self._stop.wait(0.05):
+                sample = poller.poll()
+                self.peak = max(self.peak, (sample and sample.used_bytes) or 0)
+            poller.close()
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join()
+
+
+def write_results(rows: list[dict], device: str, dtype: str | None) -> None:
+    import torch
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": device, "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(),
+            "command": "python benchmarks/memory_calibration.py " + " ".join(sys.argv[1:])}
+    if device == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(0)
+    stem = RESULTS / f"memory_calibration-{device}{'-' + dtype if dtype else ''}"
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    lines = [f"# Memory estimator vs measured ({device})", "",
+             f"{meta['date']}, torch {meta['torch']}, `{meta['command']}`", "",
+             "| model | seq | rank | ckpt | micro | 4-bit weights (meas / pred) | LoRA params (meas / pred) "
+             "| step peak (meas / pred) | peak allocated (meas / pred) | pred / meas |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model'].split('/')[-1]} | {r['seq_len']} | {r['rank']} | {'on' if r['checkpointing'] else 'off'} "
+            f"| {r['micro_batch']} | {_gib(r['quantized_bytes'])} / {_gib(r['quantized_predicted'])} "
+            f"| {r['lora_params']:,} / {r['lora_params_predicted']:,} "
+            f"| {_gib(r['step_bytes'])} / {_gib(r['step_predicted'])} "
+            f"| {_gib(r['peak_allocated'])} / {_gib(r['peak_predicted'])} "
+            f"| {r['peak_predicted'] / r['peak_allocated']:.3f} |")
+    if device == "cuda":
+        lines += ["", "| model | seq | max reserved | NVML peak | predicted with CUDA overhead |", "|---|---|---|---|---|"]
+        lines += [f"| {r['model'].split('/')[-1]} | {r['seq_len']} | {_gib(r['peak_reserved'])} "
+                  f"| {_gib(r['nvml_peak'])} | {_gib(r['predicted_with_overhead'])} |" for r in rows]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {stem}.md")
+
+
+def _gib(value: float) -> str:
+    return f"{value / GIB:.3f} GiB"
+
+
+def _line(r: dict) -> str:
+    return (f"{r['model'].split('/')[-1]:24} seq {r['seq_len']:5} r{r['rank']:<3} ckpt {str(r['checkpointing']):5} "
+            f"mb {r['micro_batch']}  4-bit {r['quantized_bytes'] / r['quantized_predicted']:.4f}x  "
+            f"step {_gib(r['step_bytes'])} pred {_gib(r['step_predicted'])}  "
+            f"peak {_gib(r['peak_allocated'])} pred {_gib(r['peak_predicted'])} "
+            f"({r['peak_predicted'] / r['peak_allocated']:.3f})")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
