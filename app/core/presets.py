@@ -1,0 +1,174 @@
+"""VRAM presets: how much memory a plan may use, read from TOML files.
+
+Tunesmith ships one file per card size in `presets/` (8, 12, 16, 24, 48, 80 GB) and `auto.toml`
+(the detected card's free memory, or the computer's available RAM without a GPU, less a margin).
+Users add their own `NAME.toml` files to `<config dir>/presets/`; theirs win on a name clash.
+A broken file is a `ConfigError` that names the file and the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from app.core.errors import ConfigError
+from app.core.memory import GIB
+from app.core.paths import config_dir
+from app.core.resources import shipped_dir
+from app.core.toml import load_toml
+
+# key: (type, required, lowest allowed value)
+KEYS = {
+    "name": (str, False, None),
+    "description": (str, False, None),
+    "budget_gib": (float, True, 1.0),
+    "safety_margin_gib": (float, True, 0.0),
+    "preferred_rank": (int, False, 1),
+    "context_cap": (int, False, 64),
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A memory budget and the planner's preferences for one kind of card."""
+
+    id: str  # the file name without .toml
+    name: str
+    description: str
+    budget_gib: float | None  # None for "auto": measured when the plan is made
+    safety_margin_gib: float
+    preferred_rank: int = 16
+    context_cap: int = 8192
+    file: str = ""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a plan may use: `usable` bytes on `device`, and where that figure came from."""
+
+    preset: Preset
+    device: str  # "cuda" or "cpu"
+    total_bytes: int
+    usable_bytes: int
+    source: str  # e.g. "NVIDIA GeForce RTX 4090: 22.1 GiB free" or "preset 24gb"
+
+
+def preset_dirs() -> list[Path]:
+    """Where presets are read from: the shipped folder, then the user's (which wins)."""
+    return [shipped_dir("presets"), config_dir() / "presets"]
+
+
+def list_presets() -> list[Preset]:
+    """Every preset, "auto" first, then by budget."""
+    found: dict[str, Path] = {}
+    for folder in preset_dirs():
+        if folder.is_dir():
+            found.update({file.stem: file for file in sorted(folder.glob("*.toml"))})
+    presets = [read_preset(file) for file in found.values()]
+    return sorted(presets, key=lambda p: (p.budget_gib is not None, p.budget_gib or 0, p.id))
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called `name` ("24gb", "auto", a user file's name); ConfigError if none is."""
+    wanted = name.strip().lower().replace(" ", "")
+    presets = list_presets()
+    for preset in presets:
+        if preset.id.lower() in (wanted, wanted + "gb"):
+            return preset
+    names = ", ".join(p.id for p in presets)
+    raise ConfigError(f"no preset called '{name}'; choose one of {names}, or add {name}.toml to "
+                      f"{config_dir() / 'presets'}")
+
+
+def read_preset(file: Path) -> Preset:
+    """Parse and check one preset file."""
+    data = load_toml(file)
+    is_auto = file.stem == "auto"
+    values = {}
+    for key, (kind, required, lowest) in KEYS.items():
+        if key not in data:
+            if required and not (is_auto and key == "budget_gib"):
+                raise ConfigError(f"{file}: missing key '{key}'; add e.g. `{key} = {_example(key)}`")
+            continue
+        value = data[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ConfigError(f"{file}: key '{key}' must be {_kind_name(kind)}, not {value!r}")
+        if lowest is not None and value < lowest:
+            raise ConfigError(f"{file}: key '{key}' must be at least {lowest}, not {value!r}")
+        values[key] = value
+    unknown = sorted(set(data) - set(KEYS))
+    if unknown:
+        raise ConfigError(f"{file}: unknown key '{unknown[0]}'; the keys are {', '.join(KEYS)}")
+    budget = values.get("budget_gib")
+    if budget is not None and values["safety_margin_gib"] >= budget:
+        raise ConfigError(f"{file}: 'safety_margin_gib' ({values['safety_margin_gib']}) must be below "
+                          f"'budget_gib' ({budget})")
+    return Preset(id=file.stem, name=values.get("name", file.stem), description=values.get("description", ""),
+                  budget_gib=budget, safety_margin_gib=values["safety_margin_gib"],
+                  preferred_rank=values.get("preferred_rank", 16), context_cap=values.get("context_cap", 8192),
+                  file=str(file))
+
+
+def resolve_budget(preset: Preset, device: str | None = None) -> Budget:
+    """The bytes `preset` allows. A card preset plans for CUDA; "auto" measures this machine:
+    the first GPU's free memory, or the available RAM when training will run on the CPU."""
+    margin = int(preset.safety_margin_gib * GIB)
+    if preset.budget_gib is not None:
+        total = int(preset.budget_gib * GIB)
+        return Budget(preset, device or "cuda", total, total - margin, f"preset {preset.id}")
+    device = device or _local_device()
+    if device == "cuda":
+        free, total, label = _cuda_free()
+        return Budget(preset, "cuda", total, max(0, free - margin), f"{label}: {free / GIB:.1f} GiB free")
+    available = available_ram()
+    return Budget(preset, "cpu", available, max(0, available - margin),
+                  f"no CUDA GPU: {available / GIB:.1f} GiB of RAM available")
+
+
+def training_budget(name: str) -> Budget:
+    """The budget for training on this machine with preset `name`. Without a CUDA GPU training
+    runs on the CPU, so a card preset gives way to the available RAM (and says so)."""
+    preset = get_preset(name)
+    if _local_device() == "cuda" or preset.budget_gib is None:
+        return resolve_budget(preset)
+    budget = resolve_budget(replace(preset, budget_gib=None), device="cpu")
+    return replace(budget, source=f"{budget.source}; the {preset.id} preset is for GPUs")
+
+
+def available_ram() -> int:
+    """Bytes of RAM the system could give a new program now (MemAvailable on Linux)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * GIB  # an unknown system: assume a modest machine
+
+
+def _local_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cuda_free() -> tuple[int, int, str]:
+    import torch
+
+    free, total = torch.cuda.mem_get_info(0)
+    return int(free), int(total), torch.cuda.get_device_name(0)
+
+
+def _kind_name(kind: type) -> str:
+    return {str: "text in quotes", float: "a number", int: "a whole number"}[kind]
+
+
+def _example(key: str) -> str:
+    return {"budget_gib": "24", "safety_margin_gib": "1.5"}.get(key, "16")
