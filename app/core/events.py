@@ -64,14 +64,24 @@ class RunFailed:
 
 
 @dataclass(frozen=True)
+class PlanAdjusted:
+    """The trainer changed the plan to recover from running out of GPU memory."""
+
+    step: int
+    change: str  # "grad_checkpointing", "micro_batch" or "seq_len"
+    message: str
+
+
+@dataclass(frozen=True)
 class LogLine:
     message: str
     level: str = "info"
 
 
-Event = RunStarted | StepMetrics | EvalMetrics | CheckpointSaved | RunFinished | RunFailed | LogLine
+Event = (RunStarted | StepMetrics | EvalMetrics | CheckpointSaved | RunFinished | RunFailed | PlanAdjusted
+         | LogLine)
 _KINDS = {cls.__name__: cls for cls in (RunStarted, StepMetrics, EvalMetrics, CheckpointSaved,
-                                         RunFinished, RunFailed, LogLine)}
+                                         RunFinished, RunFailed, PlanAdjusted, LogLine)}
 
 
 def event_to_dict(event: Event) -> dict:

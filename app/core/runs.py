@@ -55,6 +55,10 @@ class Run:
     def plan(self) -> Plan:
         return Plan.from_dict(self._json("plan.json"))
 
+    def write_plan(self, plan: Plan) -> None:
+        """Replace plan.json (the OOM back-off records the plan it changed to)."""
+        write_json(self.dir / "plan.json", plan.to_dict())
+
     def data_info(self) -> dict:
         return self._json("data.json")
 

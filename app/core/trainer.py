@@ -16,13 +16,14 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable
 
-from app.core.config import TrainConfig
+from app.core.config import Plan, TrainConfig
 from app.core.data.batches import epoch_batches
 from app.core.errors import RunError, UserError
-from app.core.events import (CheckpointSaved, EvalMetrics, Event, LogLine, RunFailed, RunFinished,
-                             RunStarted, StepMetrics)
+from app.core.events import (CheckpointSaved, EvalMetrics, Event, LogLine, PlanAdjusted, RunFailed,
+                             RunFinished, RunStarted, StepMetrics)
 from app.core.models import remember_model
-from app.core.prepare import Prepared, prepare_training
+from app.core.oom import is_out_of_memory, next_backoff
+from app.core.prepare import Prepared, prepare_training, truncate
 from app.core.runs import Run, create_run, open_run
 
 STATUS_EVERY_S = 1.0
@@ -79,7 +80,7 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
 
     def emit(event: Event) -> None:
         run.append_event(event)
-        if isinstance(event, LogLine):
+        if isinstance(event, (LogLine, PlanAdjusted)):
             run.log(event.message)
         on_event(event)
 
@@ -127,8 +128,21 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
                                                     plan.micro_batch, prepared.config.seed, epoch)}
             chosen = epoch_cache[epoch][index * plan.grad_accum:(index + 1) * plan.grad_accum]
             lr = session.current_lr()
-            loss, step_tokens, grad_norm = session.train_step(
-                [[prepared.train[i] for i in batch] for batch in chosen])
+            backoff = None
+            try:
+                loss, step_tokens, grad_norm = session.train_step(
+                    [[prepared.train[i] for i in batch] for batch in chosen])
+            except Exception as err:  # noqa: BLE001 - only out-of-memory is handled here
+                backoff = next_backoff(plan) if is_out_of_memory(err) else None
+                if backoff is None:
+                    raise
+            if backoff is not None:  # outside `except`, so the failed step's tensors are freed
+                plan, change, message = backoff
+                _apply_backoff(session, prepared, plan, change)
+                epoch_cache = {}
+                run.write_plan(plan)
+                emit(PlanAdjusted(step, change, f"Out of GPU memory at step {step + 1}: {message}; retrying"))
+                continue
             step, last_loss = step + 1, loss
             tokens, session_tokens, session_steps = tokens + step_tokens, session_tokens + step_tokens, session_steps + 1
             spent = time.monotonic() - started
@@ -160,6 +174,17 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
     finally:
         if session is not None:
             session.release()
+
+
+def _apply_backoff(session, prepared: Prepared, plan: Plan, change: str) -> None:
+    """Make the session and data match the backed-off plan."""
+    session.free_step_memory()
+    prepared.plan = session.plan = plan
+    if change == "grad_checkpointing":
+        session.enable_checkpointing()
+    elif change == "seq_len":
+        prepared.train = truncate(prepared.train, plan.seq_len)[0]
+        prepared.val = truncate(prepared.val, plan.seq_len)[0]
 
 
 def _read_state(checkpoint) -> dict:
