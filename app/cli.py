@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 import time
 import warnings
 from dataclasses import fields
 
 from app import __version__
 from app.core.config import TrainConfig, field_help
+from app.cli_progress import Progress, install_stop_handler, report_end, run_with_progress
 from app.core.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -50,6 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a LoRA adapter on your data")
     _add_train_options(train)
     train.set_defaults(func=cmd_train)
+
+    plan = sub.add_parser("plan", help="show the memory plan for a model, data and VRAM preset (no weights load)")
+    plan.add_argument("--model", default="demo", help=_help("model"))
+    plan.add_argument("--data", default="", help="training data to fit the sequence length to (optional)")
+    plan.add_argument("--preset", default="auto", help=_help("preset"))
+    for name, flag, kind in [("rank", "--rank", int), ("seq_len", "--seq-len", int), ("micro_batch", "--batch", int),
+                             ("grad_accum", "--grad-accum", int), ("epochs", "--epochs", float)]:
+        default = TrainConfig.__dataclass_fields__[name].default
+        plan.add_argument(flag, dest=name, type=kind, default=default, help=_help(name))
+    plan.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                      help=_help("grad_checkpointing"))
+    plan.add_argument("--skip-bad", action="store_true", help=_help("skip_bad"))
+    plan.add_argument("--json", action="store_true", help="print the plan and breakdown as JSON")
+    plan.set_defaults(func=cmd_plan)
 
     resume = sub.add_parser("resume", help="continue a stopped or interrupted run")
     resume.add_argument("run", help="run id (or a unique part of it) or run folder")
@@ -112,13 +125,50 @@ def cmd_train(args) -> int:
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     config = TrainConfig(**values)
-    return _run_with_progress(lambda on_event, stop: run_training(config, on_event, stop))
+    return run_with_progress(lambda on_event, stop: run_training(config, on_event, stop))
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from app.core.memory import COMPONENTS, gib
+    from app.core.plan_preview import preview_plan
+
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    preview = preview_plan(TrainConfig(**values))
+    if args.json:
+        print(json.dumps(preview.to_dict(), indent=2))
+        return 0
+    facts, plan, budget = preview.model.facts, preview.plan, preview.budget
+    print(f"Model   {preview.model.name} ({preview.model.source}): {facts.total_params / 1e9:.2f}B parameters, "
+          f"{facts.layers} layers, hidden {facts.hidden}, vocabulary {facts.vocab:,}")
+    print(f"Budget  {budget.preset.id}: {gib(budget.usable_bytes)} usable ({budget.source})")
+    if preview.stats:
+        s = preview.stats
+        print(f"Data    {s.count} examples, tokens median {s.median}, p95 {s.p95}, p99 {s.p99}, max {s.max}")
+    if preview.tokenizer_note:
+        print(f"Note    {preview.tokenizer_note}")
+    print()
+    rows = [("SETTING", "VALUE", "WHY")]
+    for name, value in [("seq_len", plan.seq_len), ("rank", plan.rank), ("grad_checkpointing",
+                        "on" if plan.grad_checkpointing else "off"), ("micro_batch", plan.micro_batch),
+                        ("grad_accum", plan.grad_accum), ("total_steps", plan.total_steps or "-")]:
+        rows.append((name, value, plan.reasons.get(name, "")))
+    _print_table(rows)
+    print()
+    rows = [("MEMORY", "PREDICTED", "WHAT")]
+    for name, label, what in COMPONENTS:
+        rows.append((label, gib(plan.breakdown.get(name, 0)),
+                     what.format(lora_params=plan.breakdown.get("lora_params", 0))))
+    rows.append(("peak", gib(plan.predicted_peak_bytes), f"of {gib(budget.usable_bytes)} usable"))
+    _print_table(rows)
+    return 0
 
 
 def cmd_resume(args) -> int:
     from app.core.trainer import resume_training
 
-    return _run_with_progress(lambda on_event, stop: resume_training(args.run, on_event, stop))
+    return run_with_progress(lambda on_event, stop: resume_training(args.run, on_event, stop))
 
 
 def cmd_runs(args) -> int:
@@ -217,12 +267,12 @@ def cmd_demo(args) -> int:
     if args.max_steps:
         config.max_steps = args.max_steps
     progress = Progress()
-    stop = _install_stop_handler(progress)
+    stop = install_stop_handler(progress)
     started = time.monotonic()
     result = run_demo(progress, stop, config)
     progress.close()
     if result.run.status != "finished":
-        return _report_end(result.run)
+        return report_end(result.run)
     minutes = (time.monotonic() - started) / 60
     print(f"\nTrained {result.run.step} steps in {minutes:.1f} min. Mean loss of the first 10 steps "
           f"{sum(result.first_losses) / len(result.first_losses):.3f}, of the last 10 "
@@ -232,97 +282,6 @@ def cmd_demo(args) -> int:
     print(f"Tuned adapter:\n  {result.tuned_answer}\n")
     print(f"Adapter saved in {result.run.adapter_dir}")
     return 0
-
-
-# -- progress ------------------------------------------------------------------------------------
-class Progress:
-    """Prints training events: a redrawn bar on a terminal, a line every few seconds otherwise."""
-
-    def __init__(self, stream=None):
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.last_print = 0.0
-        self.bar_open = False
-
-    def __call__(self, event) -> None:
-        from app.core.events import (CheckpointSaved, EvalMetrics, LogLine, RunFailed, RunFinished,
-                                     RunStarted, StepMetrics)
-
-        if isinstance(event, StepMetrics):
-            self._step(event)
-        elif isinstance(event, LogLine):
-            self._line(event.message)
-        elif isinstance(event, RunStarted):
-            start = f" from step {event.start_step}" if event.start_step else ""
-            self._line(f"Run {event.run_id}: {event.total_steps} steps{start}, {event.examples} examples"
-                       f" on {event.device} (folder {event.run_dir})")
-        elif isinstance(event, EvalMetrics):
-            self._line(f"step {event.step}: eval loss {event.eval_loss:.4f}")
-        elif isinstance(event, CheckpointSaved) and not self.tty:
-            self._line(f"checkpoint saved at step {event.step}")
-        elif isinstance(event, RunFinished):
-            self._line(f"Run {event.status} at step {event.step}/{event.total_steps}"
-                       + (f", loss {event.final_loss:.4f}" if event.final_loss is not None else ""))
-        elif isinstance(event, RunFailed):
-            self._line(f"Run failed at step {event.step}: {event.reason}")
-
-    def _step(self, e) -> None:
-        width = 24
-        filled = int(width * e.step / max(1, e.total_steps))
-        text = (f"step {e.step}/{e.total_steps} [{'#' * filled}{'.' * (width - filled)}] loss {e.loss:.4f} "
-                f"| {e.tokens_per_s:,.0f} tok/s | ETA {_duration(e.eta_s)}")
-        now = time.monotonic()
-        if self.tty:
-            self.stream.write("\r" + text.ljust(90))
-            self.stream.flush()
-            self.bar_open = True
-        elif now - self.last_print >= 5 or e.step == e.total_steps or e.step == 1:
-            self.stream.write(text + "\n")
-            self.stream.flush()
-            self.last_print = now
-
-    def _line(self, message: str) -> None:
-        self.close()
-        self.stream.write(message + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.bar_open:
-            self.stream.write("\n")
-            self.bar_open = False
-
-
-def _install_stop_handler(progress: Progress) -> threading.Event:
-    """First Ctrl-C asks the run to stop after this step (saving a checkpoint); a second aborts."""
-    stop = threading.Event()
-
-    def handler(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        progress._line("Stopping after this step and saving a checkpoint (Ctrl-C again to abort)...")
-
-    signal.signal(signal.SIGINT, handler)
-    return stop
-
-
-def _run_with_progress(start) -> int:
-    progress = Progress()
-    stop = _install_stop_handler(progress)
-    result = start(progress, stop)
-    progress.close()
-    return _report_end(result)
-
-
-def _report_end(result) -> int:
-    if result.status == "finished":
-        print(f"Finished: adapter in {result.adapter_dir}")
-        return 0
-    if result.status == "stopped":
-        print(f"Stopped at step {result.step}/{result.total_steps}. Continue with: tunesmith resume {result.run_id}")
-        return 0
-    print(f"tunesmith: run {result.run_id} failed: {result.reason}", file=sys.stderr)
-    return 1
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -356,13 +315,6 @@ def _num(value) -> str:
 
 def _short(text: str, width: int = 28) -> str:
     return text if len(text) <= width else "..." + text[-(width - 3):]
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _print_table(rows: list[tuple]) -> None:

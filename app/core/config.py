@@ -37,6 +37,8 @@ class TrainConfig(JsonRoundTrip):
     val_data: str = _f("", "Optional validation file in the same format.")
     val_split: float = _f(0.0, "Percent of the training rows held out for validation (0-50).")
     name: str = _f("", "Run name shown in the run list (default: model and data names).")
+    preset: str = _f("auto", "Memory budget: 'auto' (this machine's free memory) or a VRAM preset "
+                             "such as 8gb, 12gb, 16gb, 24gb, 48gb, 80gb, or one of yours.")
     rank: int | None = _f(None, "LoRA rank r: adapter capacity. Default 16.")
     lora_alpha: int | None = _f(None, "LoRA scaling alpha. Default 2 x rank.")
     lora_dropout: float = _f(0.05, "Dropout on the LoRA input during training.")
@@ -76,6 +78,10 @@ class Plan(JsonRoundTrip):
     compute_dtype: str = _f("float32", "Dtype of the 4-bit layers' compute.")
     optimizer: str = _f("adamw_torch", "Optimizer implementation.")
     device: str = _f("cpu", "Where training runs.")
+    preset: str = _f("", "The memory preset the plan was made for.")
+    budget_bytes: int = _f(0, "Memory the plan may use: the budget less the safety margin.")
+    predicted_peak_bytes: int = _f(0, "The estimator's predicted peak memory of a training step.")
+    breakdown: dict = field(default_factory=dict, metadata={"help": "Predicted bytes by component."})
     reasons: dict = field(default_factory=dict, metadata={"help": "Why each value was chosen."})
 
 

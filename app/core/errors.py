@@ -29,3 +29,7 @@ class RunError(UserError):
 
 class ConfigError(UserError):
     """A training setting out of range or inconsistent with another."""
+
+
+class PlanError(UserError):
+    """No plan fits the memory budget; the message says what would."""

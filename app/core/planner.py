@@ -1,23 +1,45 @@
-"""Choose the settings a run trains with, keeping every value the user fixed.
+"""Choose the settings a run trains with, within a memory budget, keeping every value the user fixed.
 
-This first planner picks from the data alone (sequence length from the length distribution,
-micro-batch and accumulation for a target number of tokens per optimizer step, schedule lengths);
-the memory-aware planner (rank, checkpointing and context within a VRAM budget) builds on it.
-Each choice comes with a one-line reason.
+From the model's architecture facts, the data's token lengths and a budget (a VRAM preset, or the
+free memory of this machine), `plan_run` picks the sequence length (cover p99 of the data, else
+p95, else the longest that fits), the LoRA rank (16; the preset's preferred rank when the data is
+large and memory allows; lower before giving up context), gradient checkpointing (off when the plan
+fits without it, since it costs ~20-30 % speed), micro-batch and accumulation for a target number of
+tokens per optimizer step. Each choice comes with a one-line reason; when nothing fits, a
+`PlanError` says what would.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+from app.core.architecture import ArchFacts
 from app.core.config import Plan, TrainConfig
 from app.core.data.stats import LengthStats, count_over
-from app.core.errors import ConfigError
+from app.core.errors import ConfigError, PlanError
+from app.core.memory import GIB, MemoryEstimate, MemorySetup, estimate_memory, gib
+from app.core.presets import Budget
 
 DEFAULT_RANK = 16
+LOWER_RANKS = (8, 4)
 TARGET_TOKENS_PER_STEP = 4096
-DEFAULT_MICRO_BATCH = 4
-MAX_DEFAULT_SEQ_LEN = 2048
+MICRO_BATCHES = (4, 2, 1)
+MIN_SEQ_LEN = 128
+# Above this many trained tokens a higher LoRA rank has enough data to be worth its memory.
+LARGE_DATA_TOKENS = 1_000_000
+CARD_SIZES_GIB = (8, 12, 16, 24, 48, 80)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One memory-feasible choice and its estimate."""
+
+    seq_len: int
+    rank: int
+    grad_checkpointing: bool
+    micro_batch: int
+    estimate: MemoryEstimate
 
 
 def detect_device() -> tuple[str, str, str]:
@@ -30,42 +52,50 @@ def detect_device() -> tuple[str, str, str]:
     return "cpu", "float32", "adamw_torch"
 
 
+def device_settings(device: str) -> tuple[str, str]:
+    """(compute dtype, optimizer) a plan for `device` trains with. Cards without bf16 (before
+    Ampere) compute in float16, which costs the same bytes; the trainer picks it at load time."""
+    if device == "cuda":
+        return "bfloat16", "paged_adamw_8bit"
+    return "float32", "adamw_torch"
+
+
 def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_validation: bool,
-             max_positions: int | None = None) -> Plan:
-    """A Plan for `config` on data with these token lengths."""
+             facts: ArchFacts | None, budget: Budget | None, lora_dropout: float | None = None) -> Plan:
+    """A Plan for `config` on data with these token lengths, within `budget` (None: no memory check)."""
     validate_config(config)
     reasons: dict[str, str] = {}
-    device, dtype, optimizer = detect_device()
+    device = budget.device if budget else detect_device()[0]
+    dtype, optimizer = device_settings(device)
+    dropout = config.lora_dropout if lora_dropout is None else lora_dropout
+    max_positions = facts.max_positions if facts else None
+    cap = min(budget.preset.context_cap if budget else 2048, max_positions or 1 << 30)
+    wanted_seq = _wanted_seq_len(config, stats, cap, reasons)
 
-    rank = config.rank or DEFAULT_RANK
-    reasons["rank"] = "set by you" if config.rank else f"default rank {DEFAULT_RANK}"
-    alpha = config.lora_alpha or 2 * rank
-    reasons["lora_alpha"] = "set by you" if config.lora_alpha else "2 x rank"
-
-    cap = min(MAX_DEFAULT_SEQ_LEN, max_positions or MAX_DEFAULT_SEQ_LEN)
-    if config.seq_len:
-        seq_len = config.seq_len
-        reasons["seq_len"] = "set by you"
+    if facts is None or budget is None:
+        fit = Fit(wanted_seq, config.rank or DEFAULT_RANK, bool(config.grad_checkpointing),
+                  config.micro_batch or MICRO_BATCHES[0], None)
+        reasons["memory"] = "not planned: the model's architecture could not be read from config.json"
     else:
-        seq_len = max(64, min(cap, 64 * math.ceil(stats.p99 / 64)))
-        reasons["seq_len"] = f"covers 99% of examples (p99 {stats.p99} tokens), capped at {cap}"
-    over = count_over(lengths, seq_len)
+        fit = choose_fit(config, stats, facts, budget, wanted_seq, dtype, optimizer, dropout > 0, reasons)
+        reasons["memory"] = (f"predicted peak {gib(fit.estimate.peak)} of {gib(budget.usable_bytes)} usable "
+                             f"({budget.source}, {budget.preset.safety_margin_gib:g} GiB kept free)")
+    over = count_over(lengths, fit.seq_len)
     if over:
         reasons["seq_len"] += f"; {over} example{'s' * (over != 1)} will be truncated"
 
-    micro = config.micro_batch or DEFAULT_MICRO_BATCH
-    reasons["micro_batch"] = "set by you" if config.micro_batch else f"default {DEFAULT_MICRO_BATCH}"
-    mean_len = max(1, min(seq_len, stats.total // max(1, stats.count)))
+    rank = fit.rank
+    alpha = config.lora_alpha or 2 * rank
+    reasons["lora_alpha"] = "set by you" if config.lora_alpha else "2 x rank"
+    micro = fit.micro_batch
+    mean_len = max(1, min(fit.seq_len, stats.total // max(1, stats.count)))
     if config.grad_accum:
         accum = config.grad_accum
         reasons["grad_accum"] = "set by you"
     else:
         accum = max(1, min(16, round(TARGET_TOKENS_PER_STEP / (micro * mean_len))))
-        reasons["grad_accum"] = f"about {TARGET_TOKENS_PER_STEP} tokens per optimizer step"
-    checkpointing = bool(config.grad_checkpointing)
-    reasons["grad_checkpointing"] = ("set by you" if config.grad_checkpointing is not None
-                                     else "off: faster, and the memory planner has not asked for it")
-
+        reasons["grad_accum"] = (f"about {TARGET_TOKENS_PER_STEP} tokens per optimizer step "
+                                 f"({micro} x {accum} examples of ~{mean_len} tokens)")
     micro_batches = math.ceil(stats.count / micro)
     steps_per_epoch = max(1, math.ceil(micro_batches / accum))
     if config.max_steps:
@@ -77,10 +107,51 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     warmup = math.ceil(config.warmup_ratio * total) if config.warmup_ratio > 0 else 0
     eval_every = (config.eval_every or max(1, total // 10)) if has_validation else 0
     save_every = config.save_every or max(1, min(200, total // 10))
-    return Plan(rank=rank, lora_alpha=alpha, seq_len=seq_len, micro_batch=micro, grad_accum=accum,
-                grad_checkpointing=checkpointing, total_steps=total, steps_per_epoch=steps_per_epoch,
+    estimate = fit.estimate
+    return Plan(rank=rank, lora_alpha=alpha, seq_len=fit.seq_len, micro_batch=micro, grad_accum=accum,
+                grad_checkpointing=fit.grad_checkpointing, total_steps=total, steps_per_epoch=steps_per_epoch,
                 warmup_steps=warmup, eval_every=eval_every, save_every=save_every, compute_dtype=dtype,
-                optimizer=optimizer, device=device, reasons=reasons)
+                optimizer=optimizer, device=device, preset=budget.preset.id if budget else "",
+                budget_bytes=budget.usable_bytes if budget else 0,
+                predicted_peak_bytes=estimate.peak if estimate else 0,
+                breakdown=estimate.to_dict() if estimate else {}, reasons=reasons)
+
+
+def choose_fit(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budget: Budget, wanted_seq: int,
+               dtype: str, optimizer: str, dropout: bool, reasons: dict[str, str]) -> Fit:
+    """The fastest, longest-context settings whose predicted peak fits `budget`."""
+    def estimate(seq: int, rank: int, ckpt: bool, micro: int) -> MemoryEstimate:
+        return estimate_memory(facts, MemorySetup(rank=rank, seq_len=seq, micro_batch=micro, grad_checkpointing=ckpt,
+                                                  compute_dtype=dtype, optimizer=optimizer, device=budget.device,
+                                                  lora_dropout=dropout))
+
+    seqs = [config.seq_len] if config.seq_len else _shorter_seqs(wanted_seq, stats)
+    ranks = [config.rank] if config.rank else [DEFAULT_RANK, *LOWER_RANKS]
+    ckpts = [config.grad_checkpointing] if config.grad_checkpointing is not None else [False, True]
+    fit = None
+    for seq in seqs:
+        micros = [config.micro_batch] if config.micro_batch else \
+            [m for m in MICRO_BATCHES if m * seq <= max(seq, TARGET_TOKENS_PER_STEP)]
+        combos = [(ranks[0], ckpt, micro) for ckpt in ckpts for micro in micros]
+        combos += [(rank, ckpts[-1], micros[-1]) for rank in ranks[1:]]
+        for rank, ckpt, micro in combos:
+            guess = estimate(seq, rank, ckpt, micro)
+            if guess.peak <= budget.usable_bytes:
+                fit = Fit(seq, rank, ckpt, micro, guess)
+                break
+        if fit:
+            break
+    if fit is None:
+        raise PlanError(_nothing_fits(facts, budget, seqs, ranks, ckpts, estimate, config))
+
+    trained_tokens = stats.total
+    preferred = budget.preset.preferred_rank
+    if not config.rank and preferred > fit.rank == DEFAULT_RANK and trained_tokens >= LARGE_DATA_TOKENS:
+        bigger = estimate(fit.seq_len, preferred, fit.grad_checkpointing, fit.micro_batch)
+        if bigger.peak <= budget.usable_bytes:
+            fit = Fit(fit.seq_len, preferred, fit.grad_checkpointing, fit.micro_batch, bigger)
+    _explain(fit, config, budget, wanted_seq, trained_tokens, estimate, reasons)
+    return fit
 
 
 def validate_config(config: TrainConfig) -> None:
@@ -96,7 +167,88 @@ def validate_config(config: TrainConfig) -> None:
         (0 <= config.val_split <= 50, "--val-split is a percentage from 0 to 50"),
         (0 <= config.warmup_ratio < 1, "warmup ratio must be from 0 to below 1"),
         (config.max_grad_norm > 0, "max grad norm must be above 0"),
+        (0 <= config.lora_dropout < 1, "LoRA dropout must be from 0 to below 1"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _round_up(value: int, step: int = 64) -> int:
+    return step * max(1, math.ceil(value / step))
+
+
+def _wanted_seq_len(config: TrainConfig, stats: LengthStats, cap: int, reasons: dict[str, str]) -> int:
+    if config.seq_len:
+        reasons["seq_len"] = "set by you"
+        return config.seq_len
+    wanted = max(64, min(cap, _round_up(stats.p99)))
+    reasons["seq_len"] = f"covers 99% of examples (p99 {stats.p99} tokens)"
+    if wanted < _round_up(stats.p99):
+        reasons["seq_len"] = f"the context cap {cap} (p99 of the data is {stats.p99} tokens)"
+    return wanted
+
+
+def _shorter_seqs(wanted: int, stats: LengthStats) -> list[int]:
+    """`wanted`, then p95, then halvings: the lengths to try, longest first."""
+    seqs = [wanted]
+    p95 = _round_up(stats.p95)
+    if MIN_SEQ_LEN <= p95 < wanted:
+        seqs.append(p95)
+    length = seqs[-1]
+    while length // 2 >= MIN_SEQ_LEN:
+        length = _round_up(length // 2)
+        if length < seqs[-1]:
+            seqs.append(length)
+    return seqs
+
+
+def _explain(fit: Fit, config: TrainConfig, budget: Budget, wanted_seq: int, trained_tokens: int,
+             estimate, reasons: dict[str, str]) -> None:
+    usable = gib(budget.usable_bytes)
+    if not config.seq_len and fit.seq_len < wanted_seq:
+        reasons["seq_len"] = (f"{wanted_seq} tokens would not fit in {usable}; the longest that fits"
+                              if fit.rank == LOWER_RANKS[-1] or fit.grad_checkpointing else
+                              f"shortened from {wanted_seq} to fit in {usable}")
+    if config.rank:
+        reasons["rank"] = "set by you"
+    elif fit.rank > DEFAULT_RANK:
+        reasons["rank"] = (f"{fit.rank}: the preset prefers it and {trained_tokens:,} trained tokens can use it")
+    elif fit.rank < DEFAULT_RANK:
+        reasons["rank"] = f"lowered from {DEFAULT_RANK} to keep the context length within {usable}"
+    else:
+        reasons["rank"] = f"default rank {DEFAULT_RANK}"
+    if config.grad_checkpointing is not None:
+        reasons["grad_checkpointing"] = "set by you"
+    elif fit.grad_checkpointing:
+        without = estimate(fit.seq_len, fit.rank, False, 1).peak
+        reasons["grad_checkpointing"] = (f"on: without it the peak would be {gib(without)}, over {usable} "
+                                         "(costs ~20-30% speed)")
+    else:
+        reasons["grad_checkpointing"] = "off: the plan fits without it, ~20-30% faster"
+    if config.micro_batch:
+        reasons["micro_batch"] = "set by you"
+    elif fit.micro_batch == MICRO_BATCHES[0]:
+        reasons["micro_batch"] = f"{fit.micro_batch} examples per forward pass"
+    else:
+        reasons["micro_batch"] = f"{fit.micro_batch}: the most that fits with {fit.seq_len} tokens"
+
+
+def _nothing_fits(facts: ArchFacts, budget: Budget, seqs, ranks, ckpts, estimate, config: TrainConfig) -> str:
+    smallest = estimate(seqs[-1], ranks[-1], ckpts[-1], config.micro_batch or 1)
+    wanted = estimate(seqs[0], ranks[0], ckpts[-1], config.micro_batch or 1)
+    usable = budget.usable_bytes
+    static = (smallest.quantized_weights + smallest.kept_weights + smallest.lora_weights
+              + smallest.optimizer_state + smallest.runtime_overhead)
+    card = next((size for size in CARD_SIZES_GIB
+                 if wanted.peak + budget.preset.safety_margin_gib * GIB <= size * GIB), None)
+    bigger = f"a {card} GB card" if card else "a card with more memory"
+    if static >= usable:
+        return (f"the model alone needs {gib(static)} and {gib(usable)} is usable ({budget.source}); "
+                f"choose a smaller model or {bigger}")
+    if config.seq_len or config.micro_batch or config.grad_checkpointing is False:
+        return (f"the settings you fixed need at least {gib(smallest.peak)} and {gib(usable)} is usable "
+                f"({budget.source}); try a shorter --seq-len, --batch 1 or --grad-checkpointing, or {bigger}")
+    return (f"even {seqs[-1]} tokens need {gib(smallest.peak)} and {gib(usable)} is usable "
+            f"({budget.source}); choose a smaller model or {bigger}")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from app.core.architecture import ArchFacts, arch_facts
 from app.core.config import Plan, TrainConfig
 from app.core.data.stats import LengthStats, length_stats
 from app.core.data.tokenize import Tokenized, TokenizedSet, ensure_chat_template, tokenize_examples
@@ -19,6 +20,7 @@ from app.core.data.validate import DataReport, check_file
 from app.core.errors import DatasetError
 from app.core.models import ModelInfo, load_tokenizer, resolve_model
 from app.core.planner import plan_run, validate_config
+from app.core.presets import training_budget
 
 
 @dataclass
@@ -41,6 +43,7 @@ def prepare_training(config: TrainConfig, log: Callable[[str], None] = lambda m:
     if not config.data:
         raise DatasetError("no training data given; pass --data FILE (.jsonl, .json or .parquet)")
     validate_config(config)  # cheap checks first: settings, then data, then the model
+    budget = training_budget(config.preset) if plan is None else None  # a bad preset fails early
     report = check_file(config.data)
     report.raise_if_unusable(config.skip_bad)
     val_report = None
@@ -61,9 +64,9 @@ def prepare_training(config: TrainConfig, log: Callable[[str], None] = lambda m:
         train_set, val_set = split_validation(measured.examples, config.val_split, config.seed)
     lengths = [len(e.input_ids) for e in train_set]
     stats = length_stats(lengths)
-    max_positions = model.facts.config.get("max_position_embeddings")
     if plan is None:
-        plan = plan_run(config, stats, lengths, bool(val_set), max_positions)
+        plan = plan_run(config, stats, lengths, bool(val_set), _arch_or_none(model.facts.config),
+                        budget)
     train, truncated, dropped = truncate(train_set, plan.seq_len)
     val, _, _ = truncate(val_set, plan.seq_len)
     if not train:
@@ -83,6 +86,14 @@ def prepare_training(config: TrainConfig, log: Callable[[str], None] = lambda m:
         "val_sha256": file_sha256(config.val_data) if config.val_data else "",
     }
     return Prepared(config, model, tokenizer, train, val, stats, plan, data_info)
+
+
+def _arch_or_none(config: dict) -> ArchFacts | None:
+    """Architecture facts for the planner, or None for a layout the estimator does not know."""
+    try:
+        return arch_facts(config)
+    except (KeyError, ValueError, TypeError, ZeroDivisionError):
+        return None
 
 
 def _tokenize(tokenizer, report: DataReport, skip_bad: bool) -> TokenizedSet:

@@ -1,0 +1,106 @@
+"""Training progress on the terminal: a redrawn bar (or a line every few seconds when the output
+is not a terminal), Ctrl-C that stops cleanly, and the closing line of a run."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+
+
+class Progress:
+    """Prints training events: a redrawn bar on a terminal, a line every few seconds otherwise."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.last_print = 0.0
+        self.bar_open = False
+
+    def __call__(self, event) -> None:
+        from app.core.events import (CheckpointSaved, EvalMetrics, LogLine, PlanAdjusted, RunFailed,
+                                     RunFinished, RunStarted, StepMetrics)
+
+        if isinstance(event, StepMetrics):
+            self._step(event)
+        elif isinstance(event, (LogLine, PlanAdjusted)):
+            self._line(event.message)
+        elif isinstance(event, RunStarted):
+            start = f" from step {event.start_step}" if event.start_step else ""
+            self._line(f"Run {event.run_id}: {event.total_steps} steps{start}, {event.examples} examples"
+                       f" on {event.device} (folder {event.run_dir})")
+        elif isinstance(event, EvalMetrics):
+            self._line(f"step {event.step}: eval loss {event.eval_loss:.4f}")
+        elif isinstance(event, CheckpointSaved) and not self.tty:
+            self._line(f"checkpoint saved at step {event.step}")
+        elif isinstance(event, RunFinished):
+            self._line(f"Run {event.status} at step {event.step}/{event.total_steps}"
+                       + (f", loss {event.final_loss:.4f}" if event.final_loss is not None else ""))
+        elif isinstance(event, RunFailed):
+            self._line(f"Run failed at step {event.step}: {event.reason}")
+
+    def _step(self, e) -> None:
+        width = 24
+        filled = int(width * e.step / max(1, e.total_steps))
+        text = (f"step {e.step}/{e.total_steps} [{'#' * filled}{'.' * (width - filled)}] loss {e.loss:.4f} "
+                f"| {e.tokens_per_s:,.0f} tok/s | ETA {_duration(e.eta_s)}")
+        now = time.monotonic()
+        if self.tty:
+            self.stream.write("\r" + text.ljust(90))
+            self.stream.flush()
+            self.bar_open = True
+        elif now - self.last_print >= 5 or e.step == e.total_steps or e.step == 1:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+            self.last_print = now
+
+    def _line(self, message: str) -> None:
+        self.close()
+        self.stream.write(message + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.bar_open:
+            self.stream.write("\n")
+            self.bar_open = False
+
+
+def install_stop_handler(progress: Progress) -> threading.Event:
+    """First Ctrl-C asks the run to stop after this step (saving a checkpoint); a second aborts."""
+    stop = threading.Event()
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        progress._line("Stopping after this step and saving a checkpoint (Ctrl-C again to abort)...")
+
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def run_with_progress(start) -> int:
+    progress = Progress()
+    stop = install_stop_handler(progress)
+    result = start(progress, stop)
+    progress.close()
+    return report_end(result)
+
+
+def report_end(result) -> int:
+    if result.status == "finished":
+        print(f"Finished: adapter in {result.adapter_dir}")
+        return 0
+    if result.status == "stopped":
+        print(f"Stopped at step {result.step}/{result.total_steps}. Continue with: tunesmith resume {result.run_id}")
+        return 0
+    print(f"tunesmith: run {result.run_id} failed: {result.reason}", file=sys.stderr)
+    return 1
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"

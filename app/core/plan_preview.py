@@ -1,0 +1,89 @@
+"""A plan before anything loads: what `tunesmith plan` prints and the GUI's plan panel shows.
+
+Model facts come from config.json (a folder, the HF cache or the catalogue), token lengths from the
+data file measured with the model's tokenizer (or the demo model's when the model is not
+downloaded), the budget from a preset. No weights are read, nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from app.core.catalog import ModelFacts, model_facts
+from app.core.config import Plan, TrainConfig
+from app.core.data.stats import LengthStats, length_stats
+from app.core.planner import plan_run
+from app.core.presets import Budget, get_preset, resolve_budget
+
+NO_DATA_SEQ_LEN = 2048  # planned for when no data is given: a common chat context
+
+
+@dataclass
+class PlanPreview:
+    """The plan with everything it was made from."""
+
+    model: ModelFacts
+    budget: Budget
+    plan: Plan
+    stats: LengthStats | None
+    tokenizer_note: str
+
+    def to_dict(self) -> dict:
+        facts = self.model.facts
+        return {
+            "model": {"name": self.model.name, "source": self.model.source, "config": self.model.config_path,
+                      "total_params": facts.total_params, **facts.to_dict()},
+            "budget": {"preset": self.budget.preset.id, "device": self.budget.device,
+                       "total_bytes": self.budget.total_bytes, "usable_bytes": self.budget.usable_bytes,
+                       "safety_margin_gib": self.budget.preset.safety_margin_gib, "source": self.budget.source},
+            "data": self.stats.to_dict() if self.stats else None,
+            "tokenizer_note": self.tokenizer_note,
+            "predicted_peak_bytes": self.plan.predicted_peak_bytes,
+            "breakdown": self.plan.breakdown,
+            "plan": self.plan.to_dict(),
+        }
+
+
+def preview_plan(config: TrainConfig) -> PlanPreview:
+    """Plan `config` (model, optional data, preset, any fixed fields) without loading weights."""
+    facts = model_facts(config.model)
+    preset = get_preset(config.preset)
+    budget = resolve_budget(preset)
+    if config.data:
+        lengths, note = measure_lengths(config, facts)
+        stats = length_stats(lengths)
+    else:
+        lengths, note, stats = [], "no data given: planned for full-length examples", None
+        if not config.seq_len:
+            seq = min(NO_DATA_SEQ_LEN, preset.context_cap, facts.facts.max_positions)
+            lengths = [seq]
+    plan = plan_run(config, stats or length_stats(lengths), lengths, config.val_split > 0 or bool(config.val_data),
+                    facts.facts, budget)
+    if not config.data:
+        plan.total_steps = plan.steps_per_epoch = plan.warmup_steps = plan.eval_every = plan.save_every = 0
+        plan.reasons["seq_len"] = ("set by you" if config.seq_len else
+                                   f"no data given: {plan.seq_len} tokens (pass --data to fit your examples)")
+        plan.reasons["total_steps"] = "depends on the data"
+        plan.reasons.pop("grad_accum", None)
+    return PlanPreview(facts, budget, plan, stats, note)
+
+
+def measure_lengths(config: TrainConfig, facts: ModelFacts) -> tuple[list[int], str]:
+    """Token lengths of every usable row of the data, with the model's tokenizer when it is on disk."""
+    from app.core.data.tokenize import ensure_chat_template, tokenize_examples
+    from app.core.data.validate import check_file
+    from app.core.models import load_tokenizer, resolve_model
+
+    report = check_file(config.data)
+    report.raise_if_unusable(config.skip_bad)
+    note = ""
+    if facts.source == "catalogue":
+        model = resolve_model("demo")
+        note = (f"token lengths measured with the demo model's tokenizer ({facts.name} is not downloaded); "
+                "its own may count 10-20% differently")
+    else:
+        model = resolve_model(config.model, config.trust_remote_code, config.allow_pickle)
+    tokenizer = load_tokenizer(model, config.trust_remote_code)
+    ensure_chat_template(tokenizer)
+    tokenized = tokenize_examples(tokenizer, report.examples, report.file)
+    return [len(e.input_ids) for e in tokenized.examples], note
