@@ -8,6 +8,7 @@ downloaded), the budget from a preset. No weights are read, nothing is downloade
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from app.core.catalog import ModelFacts, model_facts
 from app.core.config import Plan, TrainConfig
@@ -69,21 +70,40 @@ def preview_plan(config: TrainConfig) -> PlanPreview:
 
 
 def measure_lengths(config: TrainConfig, facts: ModelFacts) -> tuple[list[int], str]:
-    """Token lengths of every usable row of the data, with the model's tokenizer when it is on disk."""
-    from app.core.data.tokenize import ensure_chat_template, tokenize_examples
+    """Token lengths of every usable row of the data, with the model's tokenizer when it is on disk
+    (the demo model's otherwise). The `tokenizers` fast path answers in well under a second; a
+    folder it cannot read goes through transformers."""
+    from app.core import demo_model
+    from app.core.data.fast_lengths import fast_lengths
     from app.core.data.validate import check_file
-    from app.core.models import load_tokenizer, resolve_model
 
     report = check_file(config.data)
     report.raise_if_unusable(config.skip_bad)
     note = ""
     if facts.source == "catalogue":
-        model = resolve_model("demo")
         note = (f"token lengths measured with the demo model's tokenizer ({facts.name} is not downloaded); "
                 "its own may count 10-20% differently")
+    on_disk = facts.source in ("folder", "hf-cache") or (facts.source in ("demo", "catalogue")
+                                                         and demo_model.is_converted())
+    if on_disk:
+        folder = Path(facts.config_path).parent if facts.source in ("folder", "hf-cache") \
+            else demo_model.demo_model_dir()
+        lengths = fast_lengths(folder, report.examples)
+        if lengths is not None:
+            return lengths, note
+    return slow_lengths(config, facts, report), note
+
+
+def slow_lengths(config: TrainConfig, facts: ModelFacts, report) -> list[int]:
+    """The lengths through transformers' tokenizer, exactly as training tokenises."""
+    from app.core.data.tokenize import ensure_chat_template, tokenize_examples
+    from app.core.models import load_tokenizer, resolve_model
+
+    if facts.source == "catalogue":
+        model = resolve_model("demo")
     else:
         model = resolve_model(config.model, config.trust_remote_code, config.allow_pickle)
     tokenizer = load_tokenizer(model, config.trust_remote_code)
     ensure_chat_template(tokenizer)
     tokenized = tokenize_examples(tokenizer, report.examples, report.file)
-    return [len(e.input_ids) for e in tokenized.examples], note
+    return [len(e.input_ids) for e in tokenized.examples]
