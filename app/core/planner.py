@@ -18,11 +18,11 @@ from app.core.architecture import ArchFacts
 from app.core.config import Plan, TrainConfig
 from app.core.data.stats import LengthStats, count_over
 from app.core.errors import ConfigError, PlanError
-from app.core.memory import GIB, MemoryEstimate, MemorySetup, estimate_memory, gib
+from app.core.memory import CUDA_CONTEXT_BYTES, GIB, MemoryEstimate, MemorySetup, estimate_memory, gib
 from app.core.presets import Budget
 
 DEFAULT_RANK = 16
-LOWER_RANKS = (8, 4)
+LOWER_RANKS = (8,)  # rank 4 would cost much quality for a few hundred MB; context goes first
 TARGET_TOKENS_PER_STEP = 4096
 MICRO_BATCHES = (4, 2, 1)
 MIN_SEQ_LEN = 128
@@ -126,30 +126,32 @@ def choose_fit(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budget
                                                   lora_dropout=dropout))
 
     seqs = [config.seq_len] if config.seq_len else _shorter_seqs(wanted_seq, stats)
-    ranks = [config.rank] if config.rank else [DEFAULT_RANK, *LOWER_RANKS]
+    trained_tokens = stats.total
+    preferred = budget.preset.preferred_rank
+    if config.rank:
+        ranks = [config.rank]
+    elif preferred > DEFAULT_RANK and trained_tokens >= LARGE_DATA_TOKENS:
+        ranks = [preferred, DEFAULT_RANK, *LOWER_RANKS]
+    else:
+        ranks = [DEFAULT_RANK, *LOWER_RANKS]
     ckpts = [config.grad_checkpointing] if config.grad_checkpointing is not None else [False, True]
     fit = None
-    for seq in seqs:
+    covering = 2 if len(seqs) > 1 and seqs[1] == _round_up(stats.p95) else 1  # p99 and p95
+    for seq, rank in _candidates(seqs, ranks, covering):
         micros = [config.micro_batch] if config.micro_batch else \
             [m for m in MICRO_BATCHES if m * seq <= max(seq, TARGET_TOKENS_PER_STEP)]
-        combos = [(ranks[0], ckpt, micro) for ckpt in ckpts for micro in micros]
-        combos += [(rank, ckpts[-1], micros[-1]) for rank in ranks[1:]]
-        for rank, ckpt, micro in combos:
-            guess = estimate(seq, rank, ckpt, micro)
-            if guess.peak <= budget.usable_bytes:
-                fit = Fit(seq, rank, ckpt, micro, guess)
+        for ckpt in ckpts:
+            for micro in micros:
+                guess = estimate(seq, rank, ckpt, micro)
+                if guess.peak <= budget.usable_bytes:
+                    fit = Fit(seq, rank, ckpt, micro, guess)
+                    break
+            if fit:
                 break
         if fit:
             break
     if fit is None:
         raise PlanError(_nothing_fits(facts, budget, seqs, ranks, ckpts, estimate, config))
-
-    trained_tokens = stats.total
-    preferred = budget.preset.preferred_rank
-    if not config.rank and preferred > fit.rank == DEFAULT_RANK and trained_tokens >= LARGE_DATA_TOKENS:
-        bigger = estimate(fit.seq_len, preferred, fit.grad_checkpointing, fit.micro_batch)
-        if bigger.peak <= budget.usable_bytes:
-            fit = Fit(fit.seq_len, preferred, fit.grad_checkpointing, fit.micro_batch, bigger)
     _explain(fit, config, budget, wanted_seq, trained_tokens, estimate, reasons)
     return fit
 
@@ -188,6 +190,27 @@ def _wanted_seq_len(config: TrainConfig, stats: LengthStats, cap: int, reasons: 
     if wanted < _round_up(stats.p99):
         reasons["seq_len"] = f"the context cap {cap} (p99 of the data is {stats.p99} tokens)"
     return wanted
+
+
+def _candidates(seqs: list[int], ranks: list[int], covering: int) -> list[tuple[int, int]]:
+    """(sequence length, rank) pairs in the order the planner tries them, best first.
+
+    The order is a chain along which neither value ever grows, so that a larger budget (which
+    stops earlier on the chain) never gets a shorter context or a lower rank. The first length
+    (p99 of the data) is tried at the ranks down to the default; the last length that still covers
+    the data (p95) at every rank down to the lowest, since rank is given up before context; any
+    shorter length at the lowest rank. With one covering length it takes all ranks."""
+    default_at = ranks.index(DEFAULT_RANK) + 1 if DEFAULT_RANK in ranks else len(ranks)
+    pairs = []
+    for index, seq in enumerate(seqs):
+        if index < covering - 1:
+            pairs += [(seq, rank) for rank in ranks[:default_at]]
+        elif index == covering - 1:
+            first = ranks.index(pairs[-1][1]) if pairs else 0
+            pairs += [(seq, rank) for rank in ranks[first:]]
+        else:
+            pairs.append((seq, ranks[-1]))
+    return pairs
 
 
 def _shorter_seqs(wanted: int, stats: LengthStats) -> list[int]:
@@ -239,8 +262,9 @@ def _nothing_fits(facts: ArchFacts, budget: Budget, seqs, ranks, ckpts, estimate
     smallest = estimate(seqs[-1], ranks[-1], ckpts[-1], config.micro_batch or 1)
     wanted = estimate(seqs[0], ranks[0], ckpts[-1], config.micro_batch or 1)
     usable = budget.usable_bytes
+    context = CUDA_CONTEXT_BYTES if budget.device == "cuda" else 0
     static = (smallest.quantized_weights + smallest.kept_weights + smallest.lora_weights
-              + smallest.optimizer_state + smallest.runtime_overhead)
+              + smallest.lora_gradients + smallest.optimizer_state + context)
     card = next((size for size in CARD_SIZES_GIB
                  if wanted.peak + budget.preset.safety_margin_gib * GIB <= size * GIB), None)
     bigger = f"a {card} GB card" if card else "a card with more memory"

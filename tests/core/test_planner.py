@@ -1,0 +1,140 @@
+"""The planner fits the budget, keeps what the user fixed, and more memory never plans less."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from app.core.catalog import model_facts
+from app.core.config import TrainConfig
+from app.core.data.stats import length_stats
+from app.core.errors import PlanError
+from app.core.memory import GIB, MemorySetup, estimate_memory
+from app.core.planner import DEFAULT_RANK, plan_run
+from app.core.presets import get_preset, resolve_budget
+from conftest import REPO
+
+LLAMA_8B = model_facts("Llama-3.1-8B-Instruct").facts
+
+
+def chat_lengths(count: int = 2000, longest: int = 2000, seed: int = 0) -> list[int]:
+    """Token lengths of a chat dataset whose longest rows are about `longest` tokens."""
+    rng = random.Random(seed)
+    return [rng.randint(longest // 6, longest) for _ in range(count)]
+
+
+def plan_for(lengths, facts=LLAMA_8B, preset="24gb", usable_gib=None, **fixed):
+    budget = resolve_budget(get_preset(preset))
+    if usable_gib is not None:
+        budget = replace(budget, usable_bytes=int(usable_gib * GIB), source=f"test {usable_gib} GiB")
+    config = TrainConfig(model="m", data="d", **fixed)
+    return plan_run(config, length_stats(lengths), lengths, False, facts, budget), budget
+
+
+def peak_of(plan, facts=LLAMA_8B, **change) -> int:
+    setup = MemorySetup(rank=plan.rank, seq_len=plan.seq_len, micro_batch=plan.micro_batch,
+                        grad_checkpointing=plan.grad_checkpointing, compute_dtype=plan.compute_dtype,
+                        optimizer=plan.optimizer, device=plan.device, lora_dropout=True)
+    return estimate_memory(facts, replace(setup, **change)).peak
+
+
+def test_llama_8b_with_2k_chats_on_24gb_keeps_rank_and_context():
+    lengths = chat_lengths()
+    plan, budget = plan_for(lengths, preset="24gb")
+    assert plan.rank >= DEFAULT_RANK
+    assert plan.seq_len >= length_stats(lengths).p99  # the data's p99 fits: nothing but the tail truncated
+    assert plan.predicted_peak_bytes == peak_of(plan) <= budget.usable_bytes
+    # checkpointing is on only because the estimate says it must be
+    if plan.grad_checkpointing:
+        assert peak_of(plan, grad_checkpointing=False, micro_batch=1) > budget.usable_bytes
+        assert "on: without it the peak would be" in plan.reasons["grad_checkpointing"]
+    assert plan.device == "cuda" and plan.compute_dtype == "bfloat16" and plan.optimizer == "paged_adamw_8bit"
+    assert set(plan.breakdown) >= {"quantized_weights", "kept_weights", "activations", "logits", "peak"}
+
+
+def test_llama_8b_on_8gb_still_plans_with_checkpointing_and_a_shorter_context():
+    lengths = chat_lengths()
+    plan, budget = plan_for(lengths, preset="8gb")
+    assert plan.grad_checkpointing and plan.seq_len < length_stats(lengths).p99
+    assert plan.predicted_peak_bytes <= budget.usable_bytes
+    assert "would not fit" in plan.reasons["seq_len"] and "will be truncated" in plan.reasons["seq_len"]
+
+
+def test_without_checkpointing_when_it_fits():
+    plan, budget = plan_for(chat_lengths(longest=500), facts=model_facts("Qwen2.5-0.5B-Instruct").facts,
+                            preset="24gb")
+    assert not plan.grad_checkpointing and plan.reasons["grad_checkpointing"].startswith("off")
+
+
+def test_large_data_gets_the_presets_preferred_rank_when_it_fits():
+    lengths = chat_lengths(count=4000, longest=1000)  # ~2.3M tokens
+    plan, _ = plan_for(lengths, preset="48gb")
+    assert plan.rank == get_preset("48gb").preferred_rank == 64
+    small, _ = plan_for(lengths[:100], preset="48gb")
+    assert small.rank == DEFAULT_RANK  # 100 rows cannot use rank 64
+
+
+@pytest.mark.parametrize("model", ["Llama-3.1-8B-Instruct", "Qwen2.5-0.5B-Instruct", "Llama-3.2-3B-Instruct",
+                                   "gemma-2-9b-it"])
+@pytest.mark.parametrize("longest,count", [(2000, 2000), (8000, 3000), (300, 500)])
+def test_more_memory_never_gives_a_shorter_context_or_a_lower_rank(model, longest, count):
+    facts = model_facts(model).facts
+    lengths = chat_lengths(count=count, longest=longest)
+    previous = None
+    for tenths in range(40, 810, 5):  # 4 to 81 GiB usable in 0.5 GiB steps
+        try:
+            plan, budget = plan_for(lengths, facts=facts, preset="80gb", usable_gib=tenths / 10)
+        except PlanError:
+            assert previous is None, f"{tenths / 10} GiB fails after a smaller budget planned"
+            continue
+        assert plan.predicted_peak_bytes <= budget.usable_bytes
+        if previous is not None:
+            assert plan.seq_len >= previous.seq_len, (tenths / 10, plan.seq_len, previous.seq_len)
+            assert plan.rank >= previous.rank, (tenths / 10, plan.rank, previous.rank)
+        previous = plan
+    assert previous is not None
+
+
+def test_fixed_fields_are_kept_and_the_rest_planned_around_them():
+    lengths = chat_lengths()
+    plan, budget = plan_for(lengths, preset="24gb", rank=8, seq_len=1024, grad_checkpointing=True)
+    assert (plan.rank, plan.seq_len, plan.grad_checkpointing) == (8, 1024, True)
+    assert plan.reasons["rank"] == plan.reasons["seq_len"].split(";")[0] == "set by you"
+    assert plan.micro_batch >= 1 and plan.predicted_peak_bytes <= budget.usable_bytes
+    fixed, _ = plan_for(lengths, preset="24gb", micro_batch=1, grad_accum=7)
+    assert (fixed.micro_batch, fixed.grad_accum) == (1, 7)
+
+
+def test_fixed_fields_that_cannot_fit_say_what_to_change():
+    with pytest.raises(PlanError, match="settings you fixed need at least .*--seq-len"):
+        plan_for(chat_lengths(), preset="8gb", seq_len=8192, grad_checkpointing=False)
+
+
+def test_a_model_too_big_for_the_card_names_a_card_that_fits():
+    with pytest.raises(PlanError, match=r"model alone needs .* smaller model or a (48|80) GB card"):
+        plan_for(chat_lengths(), facts=model_facts("Llama-3.1-70B-Instruct").facts, preset="8gb")
+
+
+def test_the_plan_cli_prints_json_with_total_params_and_peak():
+    done = subprocess.run([sys.executable, "-m", "app", "plan", "--model", "Llama-3.1-8B-Instruct",
+                           "--preset", "24gb", "--json"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["model"]["total_params"] == LLAMA_8B.total_params
+    assert 0 < report["predicted_peak_bytes"] <= report["budget"]["usable_bytes"]
+    assert report["plan"]["rank"] >= 16 and report["breakdown"]["peak"] == report["predicted_peak_bytes"]
+
+
+def test_the_plan_cli_table_fits_the_sample_data_with_the_demo_model(demo_model_path):
+    from app.core.resources import sample_dataset
+
+    done = subprocess.run([sys.executable, "-m", "app", "plan", "--model", "demo", "--data", str(sample_dataset()),
+                           "--preset", "12gb"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    for text in ("SmolLM2-135M-Instruct", "covers 99% of examples", "base weights (4-bit)", "peak"):
+        assert text in done.stdout
