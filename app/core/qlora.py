@@ -46,7 +46,7 @@ class QLoraSession:
 
     def enable_checkpointing(self) -> None:
         """Switch gradient checkpointing on mid-run (the OOM back-off); no reload needed."""
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing_on(self.model)
 
     def free_step_memory(self) -> None:
         """Drop what a failed step left behind: gradients, and the allocator's cached blocks."""
@@ -162,7 +162,17 @@ def freeze_for_lora(model, grad_checkpointing: bool) -> None:
     for param in model.parameters():
         param.requires_grad = False
     if grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing_on(model)
+
+
+def checkpointing_on(model) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant, so LoRA's inputs
+    get gradients without PEFT's input-grad hook). transformers 5 renamed the switch."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _make_optimizer(name: str, params, lr: float, weight_decay: float):
