@@ -21,6 +21,7 @@ from app.core.data.batches import epoch_batches
 from app.core.errors import RunError, UserError
 from app.core.events import (CheckpointSaved, EvalMetrics, Event, LogLine, PlanAdjusted, RunFailed,
                              RunFinished, RunStarted, StepMetrics)
+from app.core.memory import gib
 from app.core.models import remember_model
 from app.core.oom import is_out_of_memory, next_backoff
 from app.core.prepare import Prepared, prepare_training, truncate
@@ -166,7 +167,7 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
                          reason=f"aborted at step {step} (Ctrl-C twice); resumes from the last checkpoint")
         raise
     except Exception as err:  # noqa: BLE001 - every failure must end as an honest status
-        reason = _failure_reason(err, step)
+        reason = _failure_reason(err, step, plan, session)
         run.log(traceback.format_exc())
         run.write_status("failed", step=step, last_loss=last_loss, reason=reason)
         emit(RunFailed(reason, step))
@@ -191,11 +192,19 @@ def _read_state(checkpoint) -> dict:
     return json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
 
 
-def _failure_reason(err: Exception, step: int) -> str:
+def _failure_reason(err: Exception, step: int, plan: Plan, session) -> str:
     if isinstance(err, UserError):
         return str(err)
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    if "out of memory" in text.lower():
+    if is_out_of_memory(err):
+        if session is None:
+            weights = plan.breakdown.get("quantized_weights", 0) + plan.breakdown.get("kept_weights", 0)
+            needs = f" (its weights need {gib(weights)})" if weights else ""
+            return (f"out of GPU memory loading the model{needs}; close other programs using the GPU "
+                    "or choose a smaller model")
+        if next_backoff(plan) is None:
+            return (f"out of GPU memory at step {step} even with checkpointing, micro-batch 1 and "
+                    f"{plan.seq_len} tokens; close other programs using the GPU, or choose a smaller model")
         return (f"out of GPU memory at step {step}; lower the sequence length or the micro-batch, "
                 "or turn gradient checkpointing on")
     return f"{type(err).__name__} at step {step}: {text[:200]} (details in train.log)"

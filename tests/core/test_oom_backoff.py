@@ -1,0 +1,90 @@
+"""Out of GPU memory mid-run: the trainer backs off step by step and the run still finishes.
+
+A CPU has no CUDA allocator to exhaust, so the step is wrapped to raise torch's own
+OutOfMemoryError while the work it is given is larger than a pretend card holds; everything else
+(the real QLoRA step, the run store, the events) is the real code.
+"""
+
+from __future__ import annotations
+
+import torch
+import pytest
+
+from app.core.config import TrainConfig
+from app.core.events import PlanAdjusted, RunFailed
+from app.core.oom import next_backoff
+from app.core.qlora import QLoraSession
+from app.core.runs import open_run
+from app.core.trainer import run_training
+from conftest import EXAMPLES
+
+
+@pytest.fixture
+def long_chats(tmp_path):
+    rows = (EXAMPLES / "messages.jsonl").read_text().splitlines() * 6
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def pretend_card(monkeypatch, tokens_that_fit: int, needs_checkpointing: bool = True) -> list[tuple]:
+    """Make train_step fail like CUDA would while a micro-batch holds more tokens than fit."""
+    real_step, seen = QLoraSession.train_step, []
+
+    def step(self, batches):
+        widest = max(len(batch) * self.plan.seq_len for batch in batches)
+        seen.append((self.plan.grad_checkpointing, self.plan.micro_batch, self.plan.seq_len))
+        if (needs_checkpointing and not self.plan.grad_checkpointing) or widest > tokens_that_fit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self, batches)
+
+    monkeypatch.setattr(QLoraSession, "train_step", step)
+    return seen
+
+
+def test_the_ladder_keeps_the_examples_per_step_until_it_must_shorten():
+    from app.core.config import Plan
+
+    plan = Plan(seq_len=1024, micro_batch=4, grad_accum=2, grad_checkpointing=False)
+    changes = []
+    while (backoff := next_backoff(plan)) is not None:
+        plan, change, _ = backoff
+        changes.append((change, plan.micro_batch * plan.grad_accum, plan.seq_len))
+    assert changes == [("grad_checkpointing", 8, 1024), ("micro_batch", 8, 1024), ("micro_batch", 8, 1024),
+                       ("seq_len", 8, 512), ("seq_len", 8, 256), ("seq_len", 8, 128)]
+
+
+def test_out_of_memory_backs_off_and_the_run_finishes(tiny_model, long_chats, monkeypatch):
+    seen = pretend_card(monkeypatch, tokens_that_fit=128)
+    config = TrainConfig(model=str(tiny_model), data=str(long_chats), seq_len=256, micro_batch=4, grad_accum=1,
+                         grad_checkpointing=False, max_steps=4, lr=5e-3, lora_dropout=0.0)
+    events = []
+    result = run_training(config, events.append)
+    assert result.status == "finished" and result.step == 4
+
+    adjusted = [e for e in events if isinstance(e, PlanAdjusted)]
+    assert [e.change for e in adjusted] == ["grad_checkpointing", "micro_batch", "micro_batch", "seq_len"]
+    assert all(e.step == 0 for e in adjusted)  # all before the first step was taken
+    assert "Out of GPU memory at step 1: turned gradient checkpointing on" in adjusted[0].message
+    assert seen[-1] == (True, 1, 128)
+
+    run = open_run(result.run_id)
+    plan = run.plan()  # the run records the plan it really trained with, so a resume uses it
+    assert (plan.grad_checkpointing, plan.micro_batch, plan.grad_accum, plan.seq_len) == (True, 1, 4, 128)
+    assert [e["change"] for e in run.events() if e["event"] == "PlanAdjusted"] == [e.change for e in adjusted]
+    log = (run.dir / "train.log").read_text()
+    assert "halved the micro-batch to 1 with accumulation 4" in log and "shortened the sequence length to 128" in log
+    assert run.status()["status"] == "finished"
+
+
+def test_out_of_memory_with_nothing_left_to_try_fails_with_a_reason(tiny_model, long_chats, monkeypatch):
+    pretend_card(monkeypatch, tokens_that_fit=16)
+    config = TrainConfig(model=str(tiny_model), data=str(long_chats), seq_len=128, micro_batch=2, grad_accum=1,
+                         max_steps=2, lora_dropout=0.0)
+    events = []
+    result = run_training(config, events.append)
+    assert result.status == "failed"
+    assert "out of GPU memory at step 0 even with checkpointing, micro-batch 1 and 128 tokens" in result.reason
+    assert isinstance(events[-1], RunFailed)
+    status = open_run(result.run_id).status()
+    assert status["status"] == "failed" and status["reason"] == result.reason
