@@ -10,7 +10,7 @@ from app.core.data.fast_lengths import fast_lengths
 from app.core.data.tokenize import tokenize_examples
 from app.core.data.validate import check_file
 from app.core.resources import sample_dataset
-from tests.conftest import EXAMPLES
+from conftest import EXAMPLES
 
 
 def _slow(tokenizer, path) -> list[int]:
