@@ -158,6 +158,8 @@ def cmd_plan(args) -> int:
     print()
     rows = [("MEMORY", "PREDICTED", "WHAT")]
     for name, label, what in COMPONENTS:
+        if name == "runtime_overhead" and budget.device != "cuda":
+            continue  # no CUDA context on the CPU
         rows.append((label, gib(plan.breakdown.get(name, 0)),
                      what.format(lora_params=plan.breakdown.get("lora_params", 0))))
     rows.append(("peak", gib(plan.predicted_peak_bytes), f"of {gib(budget.usable_bytes)} usable"))

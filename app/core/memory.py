@@ -100,7 +100,7 @@ class MemoryEstimate:
 # (field, label, what it is): the order tables show the breakdown in
 COMPONENTS = [
     ("quantized_weights", "base weights (4-bit)", "NF4 linear layers with double quantisation"),
-    ("kept_weights", "base weights (16-bit)", "embeddings, lm_head, norms, MoE experts"),
+    ("kept_weights", "base weights (kept)", "embeddings, lm_head, norms, MoE experts: not quantised"),
     ("lora_weights", "LoRA weights", "{lora_params:,} parameters in fp32"),
     ("lora_gradients", "LoRA gradients", "fp32, one per LoRA weight"),
     ("optimizer_state", "optimizer state", "AdamW moments of the LoRA weights"),

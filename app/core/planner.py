@@ -267,7 +267,7 @@ def _nothing_fits(facts: ArchFacts, budget: Budget, seqs, ranks, ckpts, estimate
               + smallest.lora_gradients + smallest.optimizer_state + context)
     card = next((size for size in CARD_SIZES_GIB
                  if wanted.peak + budget.preset.safety_margin_gib * GIB <= size * GIB), None)
-    bigger = f"a {card} GB card" if card else "a card with more memory"
+    bigger = f"{'an' if card in (8, 80) else 'a'} {card} GB card" if card else "a card with more memory"
     if static >= usable:
         return (f"the model alone needs {gib(static)} and {gib(usable)} is usable ({budget.source}); "
                 f"choose a smaller model or {bigger}")

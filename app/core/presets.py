@@ -154,6 +154,14 @@ def available_ram() -> int:
 
 
 def _local_device() -> str:
+    """Where training would run here. Without an NVIDIA driver that is the CPU, which NVML tells
+    in milliseconds; with one, torch decides (a CPU build of torch cannot use the card)."""
+    import sys
+
+    from app.gpu.nvml import nvidia_gpu_count
+
+    if "torch" not in sys.modules and nvidia_gpu_count() == 0:
+        return "cpu"
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

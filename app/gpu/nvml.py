@@ -59,6 +59,18 @@ def detect_gpus() -> GpuReport:
         _shutdown(nvml)
 
 
+def nvidia_gpu_count() -> int:
+    """How many NVIDIA cards the driver reports: 0 without a driver or NVML. Milliseconds, where
+    asking torch would first cost a second or more of importing it."""
+    nvml = _init()
+    if isinstance(nvml, str):
+        return 0
+    try:
+        return _call(nvml, nvml.nvmlDeviceGetCount) or 0
+    finally:
+        _shutdown(nvml)
+
+
 def torch_cuda() -> TorchCuda:
     """Whether torch can train on CUDA, with each device's compute capability and bf16 support."""
     try:

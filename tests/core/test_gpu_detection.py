@@ -12,7 +12,7 @@ import types
 import pynvml
 import pytest
 
-from app.gpu.nvml import NOT_SUPPORTED, GpuPoller, detect_gpus, torch_cuda
+from app.gpu.nvml import NOT_SUPPORTED, GpuPoller, detect_gpus, nvidia_gpu_count, torch_cuda
 
 GIB = 2**30
 
@@ -79,6 +79,15 @@ def test_no_gpu_at_all(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(count=0))
     report = detect_gpus()
     assert not report.available and "no NVIDIA GPU" in report.message
+
+
+def test_the_quick_count_needs_no_driver(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(count=2))
+    assert nvidia_gpu_count() == 2
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(init_error=pynvml.NVMLError_LibraryNotFound))
+    assert nvidia_gpu_count() == 0
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(unsupported=("count",)))
+    assert nvidia_gpu_count() == 0
 
 
 def test_unsupported_fields_become_notes_as_in_wsl(monkeypatch):
