@@ -69,15 +69,16 @@ def preview_plan(config: TrainConfig) -> PlanPreview:
     return PlanPreview(facts, budget, plan, stats, note)
 
 
-def measure_lengths(config: TrainConfig, facts: ModelFacts) -> tuple[list[int], str]:
-    """Token lengths of every usable row of the data, with the model's tokenizer when it is on disk
-    (the demo model's otherwise). The `tokenizers` fast path answers in well under a second; a
-    folder it cannot read goes through transformers."""
+def measure_lengths(config: TrainConfig, facts: ModelFacts, report=None) -> tuple[list[int], str]:
+    """Token lengths of every usable row of the data (`report`, else checked here), with the
+    model's tokenizer when it is on disk (the demo model's otherwise). The `tokenizers` fast path
+    answers in well under a second; a folder it cannot read goes through transformers."""
     from app.core import demo_model
     from app.core.data.fast_lengths import fast_lengths
     from app.core.data.validate import check_file
 
-    report = check_file(config.data)
+    if report is None:
+        report = check_file(config.data)
     report.raise_if_unusable(config.skip_bad)
     note = ""
     if facts.source == "catalogue":
