@@ -25,8 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
-        parser.print_help()
-        return 0
+        from app.gui.application import run_gui
+
+        return run_gui()
     _quiet_libraries(args.debug)
     try:
         return args.func(args)
@@ -63,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--skip-bad", action="store_true", help=_help("skip_bad"))
     plan.add_argument("--json", action="store_true", help="print the plan and breakdown as JSON")
     plan.set_defaults(func=cmd_plan)
+
+    gui = sub.add_parser("gui", help="open the desktop app (also what plain `tunesmith` does)")
+    gui.add_argument("--smoke", action="store_true",
+                     help="open the window, print the ms from start to shown, and exit")
+    gui.set_defaults(func=cmd_gui)
 
     resume = sub.add_parser("resume", help="continue a stopped or interrupted run")
     resume.add_argument("run", help="run id (or a unique part of it) or run folder")
@@ -165,6 +171,12 @@ def cmd_plan(args) -> int:
     rows.append(("peak", gib(plan.predicted_peak_bytes), f"of {gib(budget.usable_bytes)} usable"))
     _print_table(rows)
     return 0
+
+
+def cmd_gui(args) -> int:
+    from app.gui.application import run_gui
+
+    return run_gui(smoke=args.smoke)
 
 
 def cmd_resume(args) -> int:

@@ -1,0 +1,1 @@
+"""The desktop app: PySide6 widgets over app.core; no training maths here."""

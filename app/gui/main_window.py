@@ -1,0 +1,109 @@
+"""The main window: tabs and menus only; the tabs do the work."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import QSettings, Qt
+from PySide6.QtGui import QAction, QKeySequence, QShortcut
+from PySide6.QtWidgets import QLabel, QMainWindow, QMessageBox, QTabWidget
+
+from app import __version__
+from app.gui.tabs.train_tab import TrainTab
+from app.gui.workers import TaskWorker, Threads
+
+
+class MainWindow(QMainWindow):
+    def __init__(self, settings: QSettings | None = None, load_engine: bool = True):
+        super().__init__()
+        self.setWindowTitle(f"Tunesmith {__version__}")
+        self.settings = settings
+        self.threads = Threads()
+        self.train_tab = TrainTab(self.threads, settings)
+        self.tabs = QTabWidget()
+        self.tabs.addTab(self.train_tab, "Train")
+        self.setCentralWidget(self.tabs)
+        self.engine_label = QLabel("Loading engine…")
+        self.statusBar().addPermanentWidget(self.engine_label)
+        self._close_when_idle = False
+        self.train_tab.running_changed.connect(self._running_changed)
+        self._add_actions()
+        if settings is not None and settings.value("geometry"):
+            self.restoreGeometry(settings.value("geometry"))
+        else:
+            self.resize(1200, 820)
+        if load_engine:
+            self._load_engine()
+
+    def _add_actions(self) -> None:
+        menu = self.menuBar().addMenu("&File")
+        open_data = QAction("Open dataset…", self, shortcut=QKeySequence.Open)
+        open_data.triggered.connect(self.train_tab.drop.browse)
+        menu.addAction(open_data)
+        quit_action = QAction("Quit", self, shortcut=QKeySequence.Quit)
+        quit_action.triggered.connect(self.close)
+        menu.addAction(quit_action)
+        for keys in ("Ctrl+Return", "Ctrl+Enter"):
+            QShortcut(QKeySequence(keys), self, activated=self.train_tab.start_training)
+        QShortcut(QKeySequence(Qt.Key_Escape), self, activated=self.confirm_stop)
+
+    def _load_engine(self) -> None:
+        """Import torch, transformers and PEFT on a worker thread so the window shows at once."""
+        worker = TaskWorker(_import_engine, "engine")
+        worker.done.connect(self._engine_loaded)
+        worker.failed.connect(self._engine_failed)
+        self.threads.start(worker, worker.done, worker.failed)
+
+    def _engine_loaded(self, _tag, device: str) -> None:
+        self.engine_label.setText(f"Engine ready ({device})")
+        self.train_tab.set_engine_ready()
+        self._scan_models()
+
+    def _engine_failed(self, _tag, message: str) -> None:
+        self.engine_label.setText("Engine failed to load")
+        QMessageBox.critical(self, "Tunesmith", f"The training engine could not load: {message}")
+
+    def _scan_models(self) -> None:
+        from app.core.models import list_models
+
+        worker = TaskWorker(list_models, "models")
+        worker.done.connect(lambda _tag, rows: self.train_tab.add_models(rows))
+        self.threads.start(worker, worker.done, worker.failed)
+
+    def confirm_stop(self) -> None:
+        if not self.train_tab.running:
+            return
+        answer = QMessageBox.question(self, "Stop training?",
+                                      "Stop after this step? A checkpoint is saved and Resume continues.")
+        if answer == QMessageBox.Yes:
+            self.train_tab.stop_training()
+
+    def _running_changed(self, running: bool) -> None:
+        if not running and self._close_when_idle:
+            self.close()
+
+    def closeEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        if self.train_tab.running:
+            if not self._close_when_idle:
+                answer = QMessageBox.question(
+                    self, "Training is running",
+                    "Stop training and quit? A checkpoint is saved first, so the run can be resumed.")
+                if answer != QMessageBox.Yes:
+                    event.ignore()
+                    return
+                self._close_when_idle = True
+                self.train_tab.stop_training()
+                self.engine_label.setText("Saving a checkpoint before quitting…")
+            event.ignore()  # closes when the run has stopped
+            return
+        if self.settings is not None:
+            self.settings.setValue("geometry", self.saveGeometry())
+        self.train_tab.close_poller()
+        self.threads.wait_all()
+        event.accept()
+
+
+def _import_engine() -> str:
+    import peft  # noqa: F401
+    import torch
+    import transformers  # noqa: F401
+
+    return "CUDA" if torch.cuda.is_available() else "CPU"

@@ -1,0 +1,440 @@
+"""The Train tab, top to bottom on the left: model, dataset, memory budget, the plan, the buttons
+and a status line; on the right the live graphs. Every slow thing (checking the file, planning,
+training) runs on a worker thread; this tab only reacts to their signals."""
+
+from __future__ import annotations
+
+import html
+import time
+from pathlib import Path
+
+from PySide6.QtCore import QSettings, Qt, QTimer, QUrl, Signal
+from PySide6.QtGui import QDesktopServices
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QGroupBox, QHBoxLayout, QLabel,
+                               QMessageBox, QPushButton, QScrollArea, QSplitter, QVBoxLayout, QWidget)
+
+from app.core.config import TrainConfig, field_help
+from app.gui.widgets.dataset_view import DatasetReport, DropZone
+from app.gui.widgets.plan_view import PlanView
+from app.gui.widgets.plots import LearningRatePlot, LossPlot, MemoryPlot
+from app.gui.workers import TaskWorker, Threads, TrainingWorker
+
+REDRAW_MS = 200
+MEMORY_SAMPLE_MS = 1000
+REPLAN_DELAY_MS = 250
+
+
+class TrainTab(QWidget):
+    """Set up a run, train it, watch it."""
+
+    running_changed = Signal(bool)
+
+    def __init__(self, threads: Threads, settings: QSettings | None = None):
+        super().__init__()
+        self.threads = threads
+        self.settings = settings
+        self.data_path = ""
+        self.summary = None
+        self.worker: TrainingWorker | None = None
+        self.last_run = None  # RunResult of the latest run, for Resume and the error dialog
+        self.error_dialog: QMessageBox | None = None
+        self.engine_ready = False
+        self._plan_request = 0
+        self._data_request = 0
+        self._run_started_at = None
+
+        self.model_box = QComboBox()
+        self.model_box.setEditable(True)
+        self.model_box.setToolTip(field_help(TrainConfig, "model"))
+        self.model_box.addItem("demo")
+        self.model_info = QLabel("")
+        self.model_info.setWordWrap(True)
+        browse_model = QPushButton("Folder…")
+        browse_model.setToolTip("Choose a model folder (with config.json and safetensors weights)")
+        browse_model.clicked.connect(self._browse_model)
+        self.drop = DropZone(self._setting("last_data_folder", ""))
+        self.report = DatasetReport()
+        self.skip_bad = QCheckBox("Skip bad rows")
+        self.skip_bad.setToolTip(field_help(TrainConfig, "skip_bad"))
+        self.skip_bad.hide()
+        self.preset_box = QComboBox()
+        self.preset_box.setToolTip(field_help(TrainConfig, "preset"))
+        self.gpu_label = QLabel("")
+        self.gpu_label.setWordWrap(True)
+        self.plan_view = PlanView()
+        self.train_button = QPushButton("Train")
+        self.train_button.setToolTip("Start training with this plan (Ctrl+Enter)")
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setToolTip("Save a checkpoint and stop after this step (Esc)")
+        self.resume_button = QPushButton("Resume")
+        self.resume_button.setToolTip("Continue the stopped run from its last checkpoint")
+        self.status = QLabel("Choose a dataset to train on.")
+        self.status.setWordWrap(True)
+        self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.loss_plot, self.lr_plot, self.memory_plot = LossPlot(), LearningRatePlot(), MemoryPlot()
+
+        left = QVBoxLayout()
+        model_group = QGroupBox("Model")
+        row = QHBoxLayout()
+        row.addWidget(self.model_box, 1)
+        row.addWidget(browse_model)
+        box = QVBoxLayout(model_group)
+        box.addLayout(row)
+        box.addWidget(self.model_info)
+        data_group = QGroupBox("Dataset")
+        box = QVBoxLayout(data_group)
+        box.addWidget(self.drop)
+        box.addWidget(self.report)
+        box.addWidget(self.skip_bad)
+        budget_group = QGroupBox("Memory budget")
+        box = QVBoxLayout(budget_group)
+        row = QHBoxLayout()
+        row.addWidget(QLabel("Preset"))
+        row.addWidget(self.preset_box, 1)
+        box.addLayout(row)
+        box.addWidget(self.gpu_label)
+        plan_group = QGroupBox("Plan")
+        QVBoxLayout(plan_group).addWidget(self.plan_view)
+        buttons = QHBoxLayout()
+        for button in (self.train_button, self.stop_button, self.resume_button):
+            buttons.addWidget(button)
+        for widget in (model_group, data_group, budget_group, plan_group):
+            left.addWidget(widget)
+        left.addLayout(buttons)
+        left.addWidget(self.status)
+        left.addStretch(1)
+        setup = QWidget()
+        setup.setLayout(left)
+        scroll = QScrollArea()
+        scroll.setWidget(setup)
+        scroll.setWidgetResizable(True)
+        scroll.setMinimumWidth(420)
+        graphs = QSplitter(Qt.Vertical)
+        for plot in (self.loss_plot, self.lr_plot, self.memory_plot):
+            graphs.addWidget(plot)
+        graphs.setSizes([400, 150, 250])
+        splitter = QSplitter(Qt.Horizontal)
+        splitter.addWidget(scroll)
+        splitter.addWidget(graphs)
+        splitter.setSizes([480, 620])
+        QVBoxLayout(self).addWidget(splitter)
+
+        self.model_box.currentTextChanged.connect(self._model_changed)
+        self.drop.file_chosen.connect(self.load_dataset)
+        self.preset_box.currentIndexChanged.connect(self.schedule_replan)
+        self.skip_bad.toggled.connect(self._update_buttons)
+        self.plan_view.changed.connect(self.schedule_replan)
+        self.train_button.clicked.connect(self.start_training)
+        self.stop_button.clicked.connect(self.stop_training)
+        self.resume_button.clicked.connect(self.resume_training)
+        self._replan_timer = QTimer(self, singleShot=True, interval=REPLAN_DELAY_MS, timeout=self.replan)
+        self._redraw = QTimer(self, interval=REDRAW_MS, timeout=self._refresh_plots)
+        self._memory_timer = QTimer(self, interval=MEMORY_SAMPLE_MS, timeout=self._sample_memory)
+        self._redraw.start()
+        self._memory_timer.start()
+        self._poller = None
+        self._fill_presets()
+        self._setup_memory_source()
+        self._model_changed(self.model_box.currentText())
+        self._update_buttons()
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _setting(self, key: str, default):
+        return self.settings.value(key, default) if self.settings is not None else default
+
+    def _remember(self, key: str, value) -> None:
+        if self.settings is not None:
+            self.settings.setValue(key, value)
+
+    def _fill_presets(self) -> None:
+        from app.core.presets import list_presets
+
+        try:
+            presets = list_presets()
+        except Exception as err:  # noqa: BLE001 - a broken user preset is shown, not fatal
+            self.gpu_label.setText(f"<span style='color:#c0392b'>{html.escape(str(err))}</span>")
+            presets = []
+        for preset in presets:
+            self.preset_box.addItem(f"{preset.name}", preset.id)
+            self.preset_box.setItemData(self.preset_box.count() - 1, preset.description, Qt.ToolTipRole)
+        last = self.preset_box.findData(self._setting("last_preset", "auto"))
+        self.preset_box.setCurrentIndex(max(0, last))
+
+    def add_models(self, rows) -> None:
+        """Models found by the background scan (HF cache, recent folders), then the catalogue."""
+        from app.core.catalog import catalog
+
+        known = {self.model_box.itemText(i) for i in range(self.model_box.count())}
+        for name in [row.name if row.kind != "recent" else row.path for row in rows] + [e.id for e in catalog()]:
+            if name not in known:
+                self.model_box.addItem(name)
+                known.add(name)
+
+    def _browse_model(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Choose a model folder")
+        if folder:
+            self.model_box.setCurrentText(folder)
+
+    def _model_changed(self, name: str) -> None:
+        from app.core.catalog import model_facts
+        from app.core.errors import UserError
+
+        try:
+            facts = model_facts(name)
+        except UserError as err:
+            self.model_info.setText(f"<span style='color:#c0392b'>{html.escape(str(err))}</span>")
+            return
+        f = facts.facts
+        where = {"catalogue": "not downloaded: planned from its config, downloaded when you train",
+                 "demo": "built-in demo model", "folder": "local folder", "hf-cache": "Hugging Face cache"}
+        self.model_info.setText(f"{f.total_params / 1e9:.2f}B parameters, {f.layers} layers, {f.model_type}, "
+                                f"vocabulary {f.vocab:,} <small>({where.get(facts.source, facts.source)})</small>")
+        self._remember("last_model", name)
+        if self.data_path:
+            self.load_dataset(self.data_path)  # token lengths depend on the tokenizer
+        else:
+            self.schedule_replan()
+
+    def _setup_memory_source(self) -> None:
+        from app.gpu.nvml import GpuPoller, detect_gpus
+
+        report = detect_gpus()
+        if report.available:
+            card = report.gpus[0]
+            total = (card.total_bytes or 0) / 2**30
+            free = (card.free_bytes or 0) / 2**30
+            self.gpu_label.setText(f"{html.escape(card.name or 'GPU 0')}: {total:.1f} GiB, {free:.1f} GiB free")
+            self._poller = GpuPoller(0)
+            self.memory_plot.set_source(f"GPU memory: {card.name}")
+            self.memory_plot.set_total(total or None)
+        else:
+            self.gpu_label.setText(f"No NVIDIA GPU ({html.escape(report.message)}): training runs on the CPU, "
+                                   "slowly. The graph shows this program's RAM.")
+            self.memory_plot.set_source("RAM of this program (no GPU)")
+        self._memory_started = time.monotonic()
+
+    # -- dataset and plan -------------------------------------------------------------------------
+    def load_dataset(self, path: str) -> None:
+        """Check `path` on a worker thread and show the report."""
+        from app.core.data_summary import summarise_dataset
+
+        self.data_path = path
+        self._remember("last_data_folder", str(Path(path).parent))
+        self.drop.show_file(path)
+        self.report.show_busy(path)
+        self._data_request += 1
+        request, model = self._data_request, self.model_box.currentText()
+        worker = TaskWorker(lambda: summarise_dataset(path, model), request)
+        worker.done.connect(self._dataset_checked)
+        worker.failed.connect(self._dataset_failed)
+        self.threads.start(worker, worker.done, worker.failed)
+        self._update_buttons()
+
+    def _dataset_checked(self, request: int, summary) -> None:
+        if request != self._data_request:
+            return
+        self.summary = summary
+        self.report.show_summary(summary)
+        self.skip_bad.setVisible(bool(summary.report.problems) and summary.usable_rows > 0)
+        self._update_buttons()
+        self.schedule_replan()
+
+    def _dataset_failed(self, request: int, message: str) -> None:
+        if request != self._data_request:
+            return
+        self.summary = None
+        self.report.show_error(message)
+        self._update_buttons()
+
+    def config(self) -> TrainConfig:
+        """The run the window describes now."""
+        return TrainConfig(model=self.model_box.currentText().strip() or "demo", data=self.data_path,
+                           preset=self.preset_box.currentData() or "auto", skip_bad=self.skip_bad.isChecked(),
+                           **self.plan_view.fixed())
+
+    def schedule_replan(self) -> None:
+        self._replan_timer.start()
+
+    def replan(self) -> None:
+        """Make the plan on a worker thread (token lengths, estimator)."""
+        from dataclasses import replace
+
+        from app.core.plan_preview import preview_plan
+
+        if self.preset_box.currentData():
+            self._remember("last_preset", self.preset_box.currentData())
+        try:
+            config = self.config()
+        except Exception as err:  # noqa: BLE001 - e.g. a setting out of range
+            self.plan_view.show_error(str(err))
+            return
+        if self.summary is None:
+            config = replace(config, data="")  # plan for the model alone until the data is checked
+        config = replace(config, skip_bad=True)  # show the plan for the good rows
+        self._plan_request += 1
+        request = self._plan_request
+        worker = TaskWorker(lambda: preview_plan(config), request)
+        worker.done.connect(self._planned)
+        worker.failed.connect(self._plan_failed)
+        self.threads.start(worker, worker.done, worker.failed)
+
+    def _planned(self, request: int, preview) -> None:
+        if request == self._plan_request:
+            self.plan_view.show_plan(preview)
+            self._update_buttons()
+
+    def _plan_failed(self, request: int, message: str) -> None:
+        if request == self._plan_request:
+            self.plan_view.show_error(message)
+            self._update_buttons()
+
+    # -- training ---------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def set_engine_ready(self) -> None:
+        import gc
+
+        # torch and transformers are imported now: keep their millions of objects out of every later
+        # collection. A run calls gc.collect() (which holds the GIL) to free memory; over the whole
+        # heap that froze the window for ~0.3 s.
+        gc.freeze()
+        self.engine_ready = True
+        self._update_buttons()
+
+    def _update_buttons(self) -> None:
+        data_ok = self.summary is not None and self.summary.usable_rows > 0 and (
+            not self.summary.report.problems or self.skip_bad.isChecked())
+        self.train_button.setEnabled(not self.running and self.engine_ready and data_ok
+                                     and self.plan_view.plan is not None)
+        self.stop_button.setEnabled(self.running and not self.worker.stop_requested.is_set())
+        resumable = self.last_run is not None and self.last_run.status in ("stopped", "failed")
+        self.resume_button.setEnabled(not self.running and self.engine_ready and resumable)
+        if self.running or self.last_run is not None:
+            return
+        if self.summary is not None and self.summary.report.problems and not data_ok:
+            self.status.setText("Fix the rows listed above, or tick “Skip bad rows” to train on the others.")
+        elif data_ok and not self.engine_ready:
+            self.status.setText("Loading the training engine…")
+        elif data_ok and self.plan_view.plan is not None:
+            self.status.setText(f"Ready to train on {self.summary.usable_rows} examples: press Train (Ctrl+Enter).")
+
+    def start_training(self) -> None:
+        from app.core.trainer import run_training
+
+        if not self.train_button.isEnabled():
+            return
+        config = self.config()
+        self.loss_plot.clear_points()
+        self.lr_plot.clear_points()
+        self._start_worker(lambda on_event, stop: run_training(config, on_event, stop), "Starting…")
+
+    def resume_training(self) -> None:
+        from app.core.trainer import resume_training
+
+        if self.last_run is None or not self.resume_button.isEnabled():
+            return
+        run_id = self.last_run.run_id
+        self._start_worker(lambda on_event, stop: resume_training(run_id, on_event, stop), "Resuming…")
+
+    def _start_worker(self, start, message: str) -> None:
+        self.worker = TrainingWorker(start)
+        self.worker.event.connect(self._on_event)
+        self.worker.done.connect(self._finished)
+        self.worker.failed.connect(self._could_not_start)
+        self.threads.start(self.worker, self.worker.done, self.worker.failed)
+        self.status.setText(message)
+        self._update_buttons()
+        self.running_changed.emit(True)
+
+    def stop_training(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+            self.status.setText("Stopping after this step and saving a checkpoint…")
+            self._update_buttons()
+
+    def _on_event(self, event) -> None:
+        from app.core import events as ev
+
+        if isinstance(event, ev.StepMetrics):
+            self.loss_plot.add_step(event.step, event.loss)
+            self.lr_plot.add_step(event.step, event.lr)
+            self.status.setText(f"step {event.step}/{event.total_steps} · epoch {event.epoch:.2f} · loss "
+                                f"{event.loss:.4f} · {event.tokens_per_s:,.0f} tokens/s · ETA {_duration(event.eta_s)}")
+        elif isinstance(event, ev.EvalMetrics):
+            self.loss_plot.add_eval(event.step, event.eval_loss)
+        elif isinstance(event, ev.RunStarted):
+            self.loss_plot.rewind(event.start_step)
+            self.lr_plot.rewind(event.start_step)
+            self.status.setText(f"Run {event.run_id}: {event.total_steps} steps on {event.device}")
+            self._show_predicted_peak()
+        elif isinstance(event, (ev.LogLine, ev.PlanAdjusted)):
+            self.status.setText(event.message)
+        elif isinstance(event, ev.RunFailed):
+            self.status.setText(f"Failed at step {event.step}: {event.reason}")
+
+    def _show_predicted_peak(self) -> None:
+        plan = self.plan_view.plan
+        if plan is not None and plan.predicted_peak_bytes and plan.device == "cuda" and self._poller:
+            self.memory_plot.set_predicted(plan.predicted_peak_bytes / 2**30)
+
+    def _finished(self, result) -> None:
+        self.worker = None
+        self.last_run = result
+        if result.status == "finished":
+            self.status.setText(f"Finished {result.step} steps, final loss {result.final_loss:.4f}. "
+                                f"Adapter: {result.adapter_dir}")
+        elif result.status == "stopped":
+            self.status.setText(f"Stopped at step {result.step}/{result.total_steps}; Resume continues from "
+                                "the checkpoint.")
+        else:
+            self.status.setText(f"Failed: {result.reason}")
+            self.show_error(result.reason, Path(result.run_dir) / "train.log")
+        self._update_buttons()
+        self.running_changed.emit(False)
+
+    def _could_not_start(self, message: str) -> None:
+        self.worker = None
+        self.status.setText(message)
+        self.show_error(message, None)
+        self._update_buttons()
+        self.running_changed.emit(False)
+
+    def show_error(self, message: str, log: Path | None) -> None:
+        """A dialog with the one-line reason, and a button that opens the run's log (non-blocking)."""
+        box = QMessageBox(QMessageBox.Warning, "Training did not finish", message, QMessageBox.Close, self)
+        if log is not None:
+            open_log = box.addButton("Open log", QMessageBox.ActionRole)
+            open_log.clicked.connect(lambda: QDesktopServices.openUrl(QUrl.fromLocalFile(str(log))))
+        box.setWindowModality(Qt.WindowModal)
+        self.error_dialog = box
+        box.open()
+
+    # -- graphs -----------------------------------------------------------------------------------
+    def _refresh_plots(self) -> None:
+        for plot in (self.loss_plot, self.lr_plot, self.memory_plot):
+            plot.refresh()
+
+    def _sample_memory(self) -> None:
+        from app.core.memory_probe import process_ram_bytes
+
+        seconds = time.monotonic() - self._memory_started
+        if self._poller is not None:
+            sample = self._poller.poll()
+            if sample and sample.used_bytes is not None:
+                self.memory_plot.add_sample(seconds, sample.used_bytes / 2**30, sample.utilization_pct)
+            return
+        ram = process_ram_bytes()
+        if ram:
+            self.memory_plot.add_sample(seconds, ram / 2**30)
+
+    def close_poller(self) -> None:
+        if self._poller is not None:
+            self._poller.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

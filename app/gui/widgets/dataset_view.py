@@ -1,0 +1,163 @@
+"""The dataset drop zone and the report shown once a file is checked: format, rows, a histogram
+of token lengths, every problem (click one to see its line) and one example with the tokens the
+model learns from highlighted."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (QFileDialog, QFrame, QHBoxLayout, QLabel, QListWidget, QListWidgetItem,
+                               QPushButton, QTextEdit, QVBoxLayout, QWidget)
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+FILE_FILTER = "Datasets (*.jsonl *.json *.parquet);;All files (*)"
+
+
+class DropZone(QFrame):
+    """Accepts a dataset file dragged from the file manager, or chosen with Browse."""
+
+    file_chosen = Signal(str)
+
+    def __init__(self, start_folder: str = ""):
+        super().__init__()
+        self.start_folder = start_folder
+        self.setAcceptDrops(True)
+        self.setFrameShape(QFrame.StyledPanel)
+        self.setObjectName("dropZone")
+        self.label = QLabel("Drop a .jsonl, .json or .parquet file here")
+        self.label.setWordWrap(True)
+        browse = QPushButton("Browse…")
+        browse.setToolTip("Choose a dataset file (Ctrl+O)")
+        browse.clicked.connect(self.browse)
+        row = QHBoxLayout(self)
+        row.addWidget(self.label, 1)
+        row.addWidget(browse)
+
+    def browse(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Choose a dataset", self.start_folder, FILE_FILTER)
+        if path:
+            self.file_chosen.emit(path)
+
+    def dragEnterEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        if _dropped_file(event.mimeData()):
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        path = _dropped_file(event.mimeData())
+        if path:
+            event.acceptProposedAction()
+            self.file_chosen.emit(path)
+
+    def show_file(self, path: str) -> None:
+        self.label.setText(f"<b>{html.escape(Path(path).name)}</b><br><small>{html.escape(str(Path(path).parent))}"
+                           "</small>")
+
+
+def _dropped_file(mime) -> str | None:
+    if not mime.hasUrls():
+        return None
+    for url in mime.urls():
+        if url.isLocalFile():
+            return url.toLocalFile()
+    return None
+
+
+class DatasetReport(QWidget):
+    """Summary line, token-length histogram, problem list and the tokenised preview."""
+
+    def __init__(self):
+        super().__init__()
+        self.summary = QLabel("No dataset yet.")
+        self.summary.setWordWrap(True)
+        self.summary.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.histogram = pg.PlotWidget()
+        self.histogram.setMenuEnabled(False)
+        self.histogram.setMaximumHeight(130)
+        self.histogram.setLabel("bottom", "tokens per example")
+        self.histogram.hide()
+        self.problems = QListWidget()
+        self.problems.setMaximumHeight(130)
+        self.problems.hide()
+        self.problems.currentItemChanged.connect(self._show_problem_line)
+        self.preview = QTextEdit()
+        self.preview.setReadOnly(True)
+        self.preview.setMaximumHeight(150)
+        self.preview.hide()
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        for widget in (self.summary, self.histogram, self.problems, self.preview):
+            layout.addWidget(widget)
+        self._lines: list[str] = []
+
+    def show_busy(self, path: str) -> None:
+        self.summary.setText(f"Checking {html.escape(Path(path).name)}…")
+
+    def show_error(self, message: str) -> None:
+        self.summary.setText(f"<span style='color:#c0392b'>{html.escape(message)}</span>")
+        for widget in (self.histogram, self.problems, self.preview):
+            widget.hide()
+
+    def show_summary(self, summary) -> None:
+        report, stats = summary.report, summary.stats
+        bad = len({p.line for p in report.problems})
+        text = f"<b>{html.escape(report.format_label)}</b>, {report.rows} rows: {summary.usable_rows} usable"
+        if bad:
+            text += f", <span style='color:#c0392b'><b>{bad} with problems</b></span>"
+        if stats:
+            text += (f"<br>tokens: min {stats.min}, median {stats.median}, p95 {stats.p95}, max {stats.max}"
+                     f" <small>(tokenizer of {html.escape(summary.tokenizer_of)})</small>")
+        self.summary.setText(text)
+        self._draw_histogram(summary.lengths)
+        self._lines = _read_lines(report.file) if report.problems else []
+        self.problems.clear()
+        for problem in summary.problems:
+            where = f"line {problem.line}" if problem.line else "file"
+            item = QListWidgetItem(f"{where}: {problem.field + ': ' if problem.field else ''}{problem.message}")
+            item.setData(Qt.UserRole, problem.line)
+            self.problems.addItem(item)
+        self.problems.setVisible(bool(report.problems))
+        self._show_preview(summary.preview, summary.preview_line)
+
+    def _draw_histogram(self, lengths: list[int]) -> None:
+        self.histogram.clear()
+        if not lengths:
+            self.histogram.hide()
+            return
+        counts, edges = np.histogram(lengths, bins=min(30, max(5, len(set(lengths)))))
+        self.histogram.addItem(pg.BarGraphItem(x0=edges[:-1], x1=edges[1:], height=counts,
+                                               brush=(70, 130, 200, 170), pen=None))
+        self.histogram.show()
+
+    def _show_preview(self, pieces: list[tuple[str, bool]], line: int | None) -> None:
+        if not pieces:
+            self.preview.hide()
+            return
+        body = "".join(f"<span style='background:#f6d365;color:#222'>{_escape(text)}</span>" if trained
+                       else f"<span style='color:#888'>{_escape(text)}</span>" for text, trained in pieces)
+        self.preview.setHtml(f"<small>Line {line} as the model sees it; <span style='background:#f6d365;"
+                             f"color:#222'>highlighted</span> tokens are learned:</small><br>"
+                             f"<span style='font-family:monospace'>{body}</span>")
+        self.preview.show()
+
+    def _show_problem_line(self, item) -> None:
+        line = item.data(Qt.UserRole) if item else None
+        if line and 0 < line <= len(self._lines):
+            text = self._lines[line - 1]
+            self.preview.setHtml(f"<small>Line {line}:</small><br><span style='font-family:monospace'>"
+                                 f"{html.escape(text[:2000])}</span>")
+            self.preview.show()
+
+
+def _escape(text: str) -> str:
+    return html.escape(text).replace("\n", "↵<br>")
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []

@@ -1,0 +1,128 @@
+"""The plan panel: each setting the planner chooses, editable (blank = the planner decides), with
+the planned value and its reason beside it, and the predicted peak as a bar against the budget."""
+
+from __future__ import annotations
+
+import html
+
+from PySide6.QtCore import Signal
+from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QGridLayout, QLabel, QProgressBar, QSpinBox,
+                               QVBoxLayout, QWidget)
+
+from app.core.config import TrainConfig, field_help
+
+AUTO = "auto"
+# (config field, label, lowest, highest)
+INT_FIELDS = [("rank", "LoRA rank", 1, 512), ("seq_len", "Sequence length", 16, 131072),
+              ("micro_batch", "Micro-batch", 1, 256), ("grad_accum", "Accumulation", 1, 1024)]
+
+
+class PlanView(QWidget):
+    """Emits `changed` when the user edits a value; `fixed()` gives the values they set."""
+
+    changed = Signal()
+
+    def __init__(self):
+        super().__init__()
+        grid = QGridLayout()
+        grid.setColumnStretch(2, 1)
+        self.inputs: dict[str, QWidget] = {}
+        self.reasons: dict[str, QLabel] = {}
+        row = 0
+        for name, label, low, high in INT_FIELDS:
+            box = QSpinBox()
+            box.setRange(low - 1, high)  # the value below the range shows "auto"
+            box.setSpecialValueText(AUTO)
+            box.setValue(low - 1)
+            box.valueChanged.connect(self.changed)
+            self._add(grid, row, name, label, box)
+            row += 1
+        ckpt = QComboBox()
+        ckpt.addItems([AUTO, "on", "off"])
+        ckpt.currentIndexChanged.connect(self.changed)
+        self._add(grid, row, "grad_checkpointing", "Checkpointing", ckpt)
+        row += 1
+        epochs = QDoubleSpinBox()
+        epochs.setRange(0.1, 100)
+        epochs.setSingleStep(0.5)
+        epochs.setValue(TrainConfig.epochs)
+        epochs.valueChanged.connect(self.changed)
+        self._add(grid, row, "epochs", "Epochs", epochs)
+        row += 1
+        lr = QDoubleSpinBox()
+        lr.setDecimals(6)
+        lr.setRange(0.000001, 0.1)
+        lr.setSingleStep(0.00005)
+        lr.setValue(TrainConfig.lr)
+        lr.valueChanged.connect(self.changed)
+        self._add(grid, row, "lr", "Learning rate", lr)
+        self.peak = QProgressBar()
+        self.peak.setRange(0, 1000)
+        self.peak.setTextVisible(True)
+        self.peak.setFormat("no plan yet")
+        self.memory_reason = QLabel("")
+        self.memory_reason.setWordWrap(True)
+        self.error = QLabel("")
+        self.error.setWordWrap(True)
+        self.error.setStyleSheet("color: #c0392b")
+        self.error.hide()
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(grid)
+        layout.addWidget(self.peak)
+        layout.addWidget(self.memory_reason)
+        layout.addWidget(self.error)
+        self.plan = None
+
+    def _add(self, grid: QGridLayout, row: int, name: str, label: str, widget: QWidget) -> None:
+        widget.setToolTip(field_help(TrainConfig, name))
+        reason = QLabel("")
+        reason.setWordWrap(True)
+        reason.setStyleSheet("color: palette(mid)")
+        grid.addWidget(QLabel(label), row, 0)
+        grid.addWidget(widget, row, 1)
+        grid.addWidget(reason, row, 2)
+        self.inputs[name], self.reasons[name] = widget, reason
+
+    def fixed(self) -> dict:
+        """The values the user set (fields left on "auto" are not included)."""
+        values: dict = {}
+        for name, *_ in INT_FIELDS:
+            box = self.inputs[name]
+            if box.value() >= box.minimum() + 1:
+                values[name] = box.value()
+        choice = self.inputs["grad_checkpointing"].currentText()
+        if choice != AUTO:
+            values["grad_checkpointing"] = choice == "on"
+        values["epochs"] = self.inputs["epochs"].value()
+        values["lr"] = self.inputs["lr"].value()
+        return values
+
+    def show_plan(self, preview) -> None:
+        """Planned values and reasons from a `PlanPreview`."""
+        plan, budget = preview.plan, preview.budget
+        self.plan = plan
+        self.error.hide()
+        shown = {"rank": plan.rank, "seq_len": plan.seq_len, "micro_batch": plan.micro_batch,
+                 "grad_accum": plan.grad_accum, "grad_checkpointing": "on" if plan.grad_checkpointing else "off",
+                 "epochs": f"{plan.total_steps} steps" if plan.total_steps else "", "lr": ""}
+        for name, label in self.reasons.items():
+            reason = plan.reasons.get(name if name != "epochs" else "total_steps", "")
+            value = shown.get(name, "")
+            label.setText(f"<b>{html.escape(str(value))}</b> {html.escape(reason)}" if value != "" else
+                          html.escape(reason))
+        usable = max(1, budget.usable_bytes)
+        fraction = plan.predicted_peak_bytes / usable
+        self.peak.setValue(min(1000, int(1000 * fraction)))
+        self.peak.setFormat(f"predicted peak {plan.predicted_peak_bytes / 2**30:.2f} GiB of "
+                            f"{usable / 2**30:.2f} GiB usable")
+        self.memory_reason.setText(html.escape(plan.reasons.get("memory", "")))
+
+    def show_error(self, message: str) -> None:
+        self.plan = None
+        self.error.setText(message)
+        self.error.show()
+        self.peak.setValue(0)
+        self.peak.setFormat("no plan fits")
+        for label in self.reasons.values():
+            label.setText("")

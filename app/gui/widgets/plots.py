@@ -1,0 +1,178 @@
+"""Live graphs: training loss (raw, smoothed, eval points), learning rate, and memory over time.
+
+Each graph keeps its points in Python lists, appended as events arrive, and redraws on a timer
+(`refresh`, ~5 times a second) with one `setData` per curve; downsampling and clip-to-view keep
+10k+ points smooth.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Qt
+
+SMOOTHING = 0.9  # exponential moving average weight of the smoothed loss
+
+
+def use_palette(dark: bool) -> None:
+    """Graphs follow the window's light or dark palette."""
+    pg.setConfigOptions(background="#1e1e1e" if dark else "w", foreground="#dddddd" if dark else "#333333",
+                        antialias=True)
+
+
+def _curve(plot: pg.PlotWidget, color, width: float = 1.5, style=Qt.SolidLine, name: str = ""):
+    item = plot.plot(pen=pg.mkPen(color, width=width, style=style), name=name or None)
+    item.setDownsampling(auto=True, method="peak")
+    item.setClipToView(True)
+    return item
+
+
+class LossPlot(pg.PlotWidget):
+    """Training loss per step (faint), its moving average (bold) and eval loss (dots)."""
+
+    def __init__(self):
+        super().__init__()
+        self.setTitle("Loss")
+        self.setLabel("bottom", "step")
+        self.showGrid(x=True, y=True, alpha=0.2)
+        self.setMenuEnabled(False)
+        self.setMinimumHeight(180)
+        self.addLegend(offset=(-10, 10))
+        self.raw = _curve(self, (120, 160, 220, 110), 1, name="loss")
+        self.smooth = _curve(self, (40, 110, 220), 2.2, name="smoothed")
+        self.eval = self.plot(pen=None, symbol="o", symbolSize=7, symbolBrush=(230, 120, 30), name="eval loss")
+        self.clear_points()
+
+    def clear_points(self) -> None:
+        self.steps, self.losses, self.smoothed = [], [], []
+        self.eval_steps, self.eval_losses = [], []
+        self._dirty = True
+        self.refresh()
+
+    def add_step(self, step: int, loss: float) -> None:
+        previous = self.smoothed[-1] if self.smoothed else loss
+        self.steps.append(step)
+        self.losses.append(loss)
+        self.smoothed.append(SMOOTHING * previous + (1 - SMOOTHING) * loss)
+        self._dirty = True
+
+    def add_eval(self, step: int, loss: float) -> None:
+        self.eval_steps.append(step)
+        self.eval_losses.append(loss)
+        self._dirty = True
+
+    def rewind(self, step: int) -> None:
+        """Forget points after `step` (a resumed run continues from its checkpoint)."""
+        keep = sum(1 for s in self.steps if s <= step)
+        del self.steps[keep:], self.losses[keep:], self.smoothed[keep:]
+        keep = sum(1 for s in self.eval_steps if s <= step)
+        del self.eval_steps[keep:], self.eval_losses[keep:]
+        self._dirty = True
+
+    def refresh(self) -> None:
+        if not self._dirty:
+            return
+        self._dirty = False
+        steps = np.asarray(self.steps, dtype=float)
+        self.raw.setData(steps, np.asarray(self.losses, dtype=float))
+        self.smooth.setData(steps, np.asarray(self.smoothed, dtype=float))
+        self.eval.setData(np.asarray(self.eval_steps, dtype=float), np.asarray(self.eval_losses, dtype=float))
+
+    @property
+    def point_count(self) -> int:
+        return len(self.steps)
+
+
+class LearningRatePlot(pg.PlotWidget):
+    """The learning rate per step: warmup, then the cosine decay."""
+
+    def __init__(self):
+        super().__init__()
+        self.setTitle("Learning rate")
+        self.setLabel("bottom", "step")
+        self.showGrid(x=True, y=True, alpha=0.2)
+        self.setMenuEnabled(False)
+        self.setMinimumHeight(120)
+        self.curve = _curve(self, (90, 170, 90), 1.8)
+        self.clear_points()
+
+    def clear_points(self) -> None:
+        self.steps, self.rates, self._dirty = [], [], True
+        self.refresh()
+
+    def add_step(self, step: int, lr: float) -> None:
+        self.steps.append(step)
+        self.rates.append(lr)
+        self._dirty = True
+
+    def rewind(self, step: int) -> None:
+        keep = sum(1 for s in self.steps if s <= step)
+        del self.steps[keep:], self.rates[keep:]
+        self._dirty = True
+
+    def refresh(self) -> None:
+        if self._dirty:
+            self._dirty = False
+            self.curve.setData(np.asarray(self.steps, dtype=float), np.asarray(self.rates, dtype=float))
+
+
+class MemoryPlot(pg.PlotWidget):
+    """Memory in use over time (GPU memory from NVML, or this process's RAM without a GPU), with
+    the plan's predicted peak as a dashed line and the card's total as the ceiling."""
+
+    def __init__(self):
+        super().__init__()
+        self.setTitle("Memory")
+        self.setLabel("left", "GiB")
+        self.setLabel("bottom", "seconds")
+        self.showGrid(x=True, y=True, alpha=0.2)
+        self.setMenuEnabled(False)
+        self.setMinimumHeight(160)
+        self.addLegend(offset=(-10, 10))
+        self.used = _curve(self, (200, 80, 160), 2, name="in use")
+        self.utilisation = _curve(self, (150, 150, 150), 1, Qt.DotLine)  # GPU busy, as a share of total
+        self.getAxis("left").enableAutoSIPrefix(False)
+        self.predicted = pg.InfiniteLine(angle=0, pen=pg.mkPen((230, 120, 30), width=1.5, style=Qt.DashLine),
+                                         label="predicted peak", labelOpts={"position": 0.1})
+        self.ceiling = pg.InfiniteLine(angle=0, pen=pg.mkPen((200, 40, 40), width=1.5),
+                                       label="total", labelOpts={"position": 0.1})
+        for line in (self.predicted, self.ceiling):
+            line.setVisible(False)
+            self.addItem(line)
+        self.times, self.values, self.busy = [], [], []
+        self.total_gib = None
+        self._dirty = True
+
+    def set_source(self, title: str) -> None:
+        self.setTitle(title)
+
+    def set_predicted(self, gib: float | None) -> None:
+        self.predicted.setVisible(bool(gib))
+        if gib:
+            self.predicted.setValue(gib)
+
+    def set_total(self, gib: float | None) -> None:
+        self.total_gib = gib
+        self.ceiling.setVisible(bool(gib))
+        if gib:
+            self.ceiling.setValue(gib)
+
+    def add_sample(self, seconds: float, used_gib: float, utilisation_pct: int | None = None) -> None:
+        self.times.append(seconds)
+        self.values.append(used_gib)
+        if utilisation_pct is not None and self.total_gib:
+            self.busy.append(utilisation_pct / 100 * self.total_gib)
+        self._dirty = True
+
+    def refresh(self) -> None:
+        if not self._dirty:
+            return
+        self._dirty = False
+        times = np.asarray(self.times, dtype=float)
+        self.used.setData(times, np.asarray(self.values, dtype=float))
+        if len(self.busy) == len(self.times):
+            self.utilisation.setData(times, np.asarray(self.busy, dtype=float))
+
+    @property
+    def point_count(self) -> int:
+        return len(self.times)

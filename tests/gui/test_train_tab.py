@@ -1,0 +1,163 @@
+"""The Train tab driven through real widgets (offscreen): dataset report, plan, train, stop/resume,
+failure dialog, and an event loop that keeps turning while a real tiny model trains."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from PySide6.QtCore import QMimeData, QPointF, Qt, QTimer, QUrl
+from PySide6.QtGui import QDropEvent
+
+from app.gui.main_window import MainWindow
+from app.gui.widgets.plots import use_palette
+from conftest import EXAMPLES
+
+
+@pytest.fixture
+def window(qtbot):
+    use_palette(False)
+    win = MainWindow(None, load_engine=False)
+    qtbot.addWidget(win)
+    win.show()
+    yield win
+    win.train_tab.stop_training()
+    qtbot.waitUntil(lambda: not win.train_tab.running, timeout=120_000)
+    win.threads.wait_all()
+
+
+@pytest.fixture
+def chat_data(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join((EXAMPLES / "messages.jsonl").read_text().splitlines() * 4) + "\n")
+    return path
+
+
+def drop_file(widget, path) -> None:
+    """A real drop event, as the file manager sends it."""
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(path))])
+    event = QDropEvent(QPointF(10, 10), Qt.CopyAction, mime, Qt.LeftButton, Qt.NoModifier)
+    widget.dropEvent(event)
+
+
+def test_dropping_a_bad_file_lists_every_problem_with_its_line(window, qtbot, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    good = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ahoy"}]}'
+    bad.write_text("\n".join([good, "{not json", good, '{"messages": [{"role": "user", "content": "Hi"}]}']) + "\n")
+    tab = window.train_tab
+    drop_file(tab.drop, bad)
+    qtbot.waitUntil(lambda: tab.report.problems.count() == 2, timeout=60_000)
+    items = [tab.report.problems.item(i).text() for i in range(2)]
+    assert items[0].startswith("line 2:") and items[1].startswith("line 4:") and "assistant" in items[1]
+    assert "2 with problems" in tab.report.summary.text()
+    tab.set_engine_ready()
+    assert not tab.train_button.isEnabled() and tab.skip_bad.isVisibleTo(tab)
+    tab.report.problems.setCurrentRow(0)  # clicking a problem shows its line
+    assert "{not json" in tab.report.preview.toPlainText()
+
+
+def test_changing_the_preset_changes_the_plan(window, qtbot):
+    from app.core.resources import sample_dataset
+
+    tab = window.train_tab
+    tab.model_box.setCurrentText("Llama-3.1-8B-Instruct")
+    tab.load_dataset(str(sample_dataset()))
+    tab.preset_box.setCurrentIndex(tab.preset_box.findData("80gb"))
+    qtbot.waitUntil(lambda: tab.plan_view.plan is not None and tab.plan_view.plan.preset == "80gb", timeout=60_000)
+    big = tab.plan_view.plan
+    tab.preset_box.setCurrentIndex(tab.preset_box.findData("8gb"))
+    qtbot.waitUntil(lambda: tab.plan_view.plan is not None and tab.plan_view.plan.preset == "8gb", timeout=60_000)
+    small = tab.plan_view.plan
+    assert small.budget_bytes < big.budget_bytes and small.predicted_peak_bytes <= small.budget_bytes
+    assert (small.grad_checkpointing, -small.micro_batch) > (big.grad_checkpointing, -big.micro_batch)
+    assert "of 7.25 GiB usable" in tab.plan_view.peak.text()
+
+
+def _set_plan(tab, **values) -> None:
+    for name, value in values.items():
+        widget = tab.plan_view.inputs[name]
+        if name == "grad_checkpointing":
+            widget.setCurrentText(value)
+        else:
+            widget.setValue(value)
+
+
+def _ready(tab, qtbot, model, data) -> None:
+    tab.model_box.setCurrentText(str(model))
+    tab.load_dataset(str(data))
+    _set_plan(tab, rank=8, seq_len=128, micro_batch=4, grad_accum=1)
+    tab.plan_view.inputs["lr"].setValue(0.005)
+    tab.set_engine_ready()
+    qtbot.waitUntil(lambda: tab.train_button.isEnabled(), timeout=60_000)
+
+
+@pytest.mark.slow
+def test_train_runs_to_the_end_with_live_loss_and_a_responsive_window(window, qtbot, tiny_model, chat_data):
+    tab = window.train_tab
+    _ready(tab, qtbot, tiny_model, chat_data)
+    tab.plan_view.inputs["epochs"].setValue(3)
+    qtbot.waitUntil(lambda: tab.plan_view.plan is not None and tab.plan_view.plan.total_steps > 3, timeout=30_000)
+    gaps, last = [], [time.monotonic()]
+
+    def tick():
+        now = time.monotonic()
+        gaps.append(now - last[0])
+        last[0] = now
+
+    timer = QTimer(interval=20, timeout=tick)
+    timer.start()
+    qtbot.mouseClick(tab.train_button, Qt.LeftButton)
+    assert tab.running and tab.stop_button.isEnabled() and not tab.train_button.isEnabled()
+    qtbot.waitUntil(lambda: not tab.running, timeout=300_000)
+    timer.stop()
+    result = tab.last_run
+    assert result.status == "finished", result.reason
+    assert tab.loss_plot.point_count == result.total_steps == result.step
+    assert tab.train_button.isEnabled() and not tab.stop_button.isEnabled()
+    assert "Finished" in tab.status.text()
+    assert max(gaps) < 0.2, f"the event loop stalled {max(gaps) * 1000:.0f} ms"
+
+
+@pytest.mark.slow
+def test_stop_leaves_a_resumable_run_and_resume_continues_the_curve(window, qtbot, tiny_model, chat_data):
+    from app.core.events import StepMetrics
+    from app.core.runs import open_run
+
+    tab = window.train_tab
+    _ready(tab, qtbot, tiny_model, chat_data)
+    tab.plan_view.inputs["epochs"].setValue(6)
+    qtbot.waitUntil(lambda: tab.plan_view.plan is not None and tab.plan_view.plan.total_steps > 6, timeout=30_000)
+    qtbot.mouseClick(tab.train_button, Qt.LeftButton)
+    with qtbot.waitSignal(tab.worker.event, timeout=120_000, check_params_cb=lambda e: isinstance(e, StepMetrics)):
+        pass
+    qtbot.mouseClick(tab.stop_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not tab.running, timeout=120_000)
+    stopped = tab.last_run
+    assert stopped.status == "stopped" and 0 < stopped.step < stopped.total_steps
+    assert open_run(stopped.run_id).status()["status"] == "stopped"
+    assert tab.resume_button.isEnabled() and tab.loss_plot.point_count == stopped.step
+    qtbot.mouseClick(tab.resume_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not tab.running, timeout=300_000)
+    assert tab.last_run.status == "finished" and tab.last_run.run_id == stopped.run_id
+    assert tab.loss_plot.steps == list(range(1, stopped.total_steps + 1))  # one continuous curve
+
+
+def test_a_failing_run_shows_the_reason_with_a_log_button(window, qtbot, tiny_model, chat_data, monkeypatch):
+    from app.core.qlora import QLoraSession
+
+    def broken_step(self, batches):
+        raise RuntimeError("the GPU fell off the bus")
+
+    monkeypatch.setattr(QLoraSession, "train_step", broken_step)
+    tab = window.train_tab
+    _ready(tab, qtbot, tiny_model, chat_data)
+    qtbot.mouseClick(tab.train_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not tab.running, timeout=120_000)
+    assert tab.last_run.status == "failed"
+    dialog = tab.error_dialog
+    assert dialog is not None and dialog.isVisible()
+    assert "the GPU fell off the bus" in dialog.text()
+    assert any(button.text() == "Open log" for button in dialog.buttons())
+    assert tab.train_button.isEnabled() and tab.resume_button.isEnabled()
+    dialog.close()
