@@ -65,8 +65,11 @@ class MainWindow(QMainWindow):
         from app.core.models import list_models
 
         worker = TaskWorker(list_models, "models")
-        worker.done.connect(lambda _tag, rows: self.train_tab.add_models(rows))
+        worker.done.connect(self._models_found)  # a bound slot: Qt calls it on this (the GUI) thread
         self.threads.start(worker, worker.done, worker.failed)
+
+    def _models_found(self, _tag, rows) -> None:
+        self.train_tab.add_models(rows)
 
     def confirm_stop(self) -> None:
         if not self.train_tab.running:

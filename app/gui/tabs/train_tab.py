@@ -119,7 +119,9 @@ class TrainTab(QWidget):
         splitter.setSizes([480, 620])
         QVBoxLayout(self).addWidget(splitter)
 
-        self.model_box.currentTextChanged.connect(self._model_changed)
+        self._model_timer = QTimer(self, singleShot=True, interval=REPLAN_DELAY_MS,
+                                   timeout=lambda: self._model_changed(self.model_box.currentText()))
+        self.model_box.currentTextChanged.connect(lambda _text: self._model_timer.start())  # not per keystroke
         self.drop.file_chosen.connect(self.load_dataset)
         self.preset_box.currentIndexChanged.connect(self.schedule_replan)
         self.skip_bad.toggled.connect(self._update_buttons)
