@@ -45,7 +45,7 @@ def summarise_dataset(path: str, model: str = "demo") -> DatasetSummary:
         return summary
     facts = model_facts(model)
     config = TrainConfig(model=model, data=path, skip_bad=True)
-    summary.lengths, _ = measure_lengths(config, facts, report)
+    summary.lengths = measure_lengths(config, facts, report)
     summary.stats = length_stats(summary.lengths)
     summary.tokenizer_of = "the demo model" if facts.source in ("demo", "catalogue") else facts.name
     summary.preview, summary.preview_line = _preview(report, "demo" if facts.source == "catalogue" else model)

@@ -45,13 +45,17 @@ class PlanPreview:
         }
 
 
-def preview_plan(config: TrainConfig) -> PlanPreview:
-    """Plan `config` (model, optional data, preset, any fixed fields) without loading weights."""
+def preview_plan(config: TrainConfig, lengths: list[int] | None = None) -> PlanPreview:
+    """Plan `config` (model, optional data, preset, any fixed fields) without loading weights.
+    `lengths`: the data's token lengths when the caller has measured them already (the app's
+    dataset check does), so the file is not read and tokenised twice."""
     facts = model_facts(config.model)
     preset = get_preset(config.preset)
     budget = resolve_budget(preset)
     if config.data:
-        lengths, note = measure_lengths(config, facts)
+        if lengths is None:
+            lengths = measure_lengths(config, facts)
+        note = tokenizer_note(facts)
         stats = length_stats(lengths)
     else:
         lengths, note, stats = [], "no data given: planned for full-length examples", None
@@ -69,7 +73,15 @@ def preview_plan(config: TrainConfig) -> PlanPreview:
     return PlanPreview(facts, budget, plan, stats, note)
 
 
-def measure_lengths(config: TrainConfig, facts: ModelFacts, report=None) -> tuple[list[int], str]:
+def tokenizer_note(facts: ModelFacts) -> str:
+    """What the user should know about the tokenizer the lengths were measured with."""
+    if facts.source != "catalogue":
+        return ""
+    return (f"token lengths measured with the demo model's tokenizer ({facts.name} is not downloaded); "
+            "its own may count 10-20% differently")
+
+
+def measure_lengths(config: TrainConfig, facts: ModelFacts, report=None) -> list[int]:
     """Token lengths of every usable row of the data (`report`, else checked here), with the
     model's tokenizer when it is on disk (the demo model's otherwise). The `tokenizers` fast path
     answers in well under a second; a folder it cannot read goes through transformers."""
@@ -80,19 +92,14 @@ def measure_lengths(config: TrainConfig, facts: ModelFacts, report=None) -> tupl
     if report is None:
         report = check_file(config.data)
     report.raise_if_unusable(config.skip_bad)
-    note = ""
-    if facts.source == "catalogue":
-        note = (f"token lengths measured with the demo model's tokenizer ({facts.name} is not downloaded); "
-                "its own may count 10-20% differently")
-    on_disk = facts.source in ("folder", "hf-cache") or (facts.source in ("demo", "catalogue")
-                                                         and demo_model.is_converted())
-    if on_disk:
-        folder = Path(facts.config_path).parent if facts.source in ("folder", "hf-cache") \
-            else demo_model.demo_model_dir()
-        lengths = fast_lengths(folder, report.examples)
-        if lengths is not None:
-            return lengths, note
-    return slow_lengths(config, facts, report), note
+    if facts.source in ("folder", "hf-cache"):
+        folder = Path(facts.config_path).parent
+    elif demo_model.is_converted():  # the demo, or a catalogued model measured with its tokenizer
+        folder = demo_model.demo_model_dir()
+    else:
+        folder = None
+    lengths = fast_lengths(folder, report.examples) if folder is not None else None
+    return lengths if lengths is not None else slow_lengths(config, facts, report)
 
 
 def slow_lengths(config: TrainConfig, facts: ModelFacts, report) -> list[int]:
