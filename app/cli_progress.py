@@ -44,7 +44,7 @@ class Progress:
         width = 24
         filled = int(width * e.step / max(1, e.total_steps))
         text = (f"step {e.step}/{e.total_steps} [{'#' * filled}{'.' * (width - filled)}] loss {e.loss:.4f} "
-                f"| {e.tokens_per_s:,.0f} tok/s | ETA {_duration(e.eta_s)}")
+                f"| {e.tokens_per_s:,.0f} tok/s | ETA {format_duration(e.eta_s)}")
         now = time.monotonic()
         if self.tty:
             self.stream.write("\r" + text.ljust(90))
@@ -99,7 +99,8 @@ def report_end(result) -> int:
     return 1
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """An ETA or elapsed time as the CLI and the app show it: 7m05s, 2h13m."""
     seconds = int(max(0, seconds))
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

@@ -99,7 +99,7 @@ class MainWindow(QMainWindow):
             return
         if self.settings is not None:
             self.settings.setValue("geometry", self.saveGeometry())
-        self.train_tab.close_poller()
+        self.train_tab.graphs.close_poller()
         self.threads.wait_all()
         event.accept()
 

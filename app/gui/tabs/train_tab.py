@@ -5,7 +5,6 @@ training) runs on a worker thread; this tab only reacts to their signals."""
 from __future__ import annotations
 
 import html
-import time
 from pathlib import Path
 
 from PySide6.QtCore import QSettings, Qt, QTimer, QUrl, Signal
@@ -13,14 +12,13 @@ from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QGroupBox, QHBoxLayout, QLabel,
                                QMessageBox, QPushButton, QScrollArea, QSplitter, QVBoxLayout, QWidget)
 
+from app.cli_progress import format_duration
 from app.core.config import TrainConfig, field_help
 from app.gui.widgets.dataset_view import DatasetReport, DropZone
 from app.gui.widgets.plan_view import PlanView
-from app.gui.widgets.plots import LearningRatePlot, LossPlot, MemoryPlot
+from app.gui.widgets.plots import LiveGraphs
 from app.gui.workers import TaskWorker, Threads, TrainingWorker
 
-REDRAW_MS = 200
-MEMORY_SAMPLE_MS = 1000
 REPLAN_DELAY_MS = 250
 
 
@@ -71,7 +69,9 @@ class TrainTab(QWidget):
         self.status = QLabel("Choose a dataset to train on.")
         self.status.setWordWrap(True)
         self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
-        self.loss_plot, self.lr_plot, self.memory_plot = LossPlot(), LearningRatePlot(), MemoryPlot()
+        self.graphs = LiveGraphs()
+        self.gpu_label.setText(self.graphs.source_text)
+        self.loss_plot = self.graphs.loss
 
         left = QVBoxLayout()
         model_group = QGroupBox("Model")
@@ -109,13 +109,9 @@ class TrainTab(QWidget):
         scroll.setWidget(setup)
         scroll.setWidgetResizable(True)
         scroll.setMinimumWidth(420)
-        graphs = QSplitter(Qt.Vertical)
-        for plot in (self.loss_plot, self.lr_plot, self.memory_plot):
-            graphs.addWidget(plot)
-        graphs.setSizes([400, 150, 250])
         splitter = QSplitter(Qt.Horizontal)
         splitter.addWidget(scroll)
-        splitter.addWidget(graphs)
+        splitter.addWidget(self.graphs)
         splitter.setSizes([480, 620])
         QVBoxLayout(self).addWidget(splitter)
 
@@ -130,13 +126,7 @@ class TrainTab(QWidget):
         self.stop_button.clicked.connect(self.stop_training)
         self.resume_button.clicked.connect(self.resume_training)
         self._replan_timer = QTimer(self, singleShot=True, interval=REPLAN_DELAY_MS, timeout=self.replan)
-        self._redraw = QTimer(self, interval=REDRAW_MS, timeout=self._refresh_plots)
-        self._memory_timer = QTimer(self, interval=MEMORY_SAMPLE_MS, timeout=self._sample_memory)
-        self._redraw.start()
-        self._memory_timer.start()
-        self._poller = None
         self._fill_presets()
-        self._setup_memory_source()
         self._model_changed(self.model_box.currentText())
         self._update_buttons()
 
@@ -196,24 +186,6 @@ class TrainTab(QWidget):
             self.load_dataset(self.data_path)  # token lengths depend on the tokenizer
         else:
             self.schedule_replan()
-
-    def _setup_memory_source(self) -> None:
-        from app.gpu.nvml import GpuPoller, detect_gpus
-
-        report = detect_gpus()
-        if report.available:
-            card = report.gpus[0]
-            total = (card.total_bytes or 0) / 2**30
-            free = (card.free_bytes or 0) / 2**30
-            self.gpu_label.setText(f"{html.escape(card.name or 'GPU 0')}: {total:.1f} GiB, {free:.1f} GiB free")
-            self._poller = GpuPoller(0)
-            self.memory_plot.set_source(f"GPU memory: {card.name}")
-            self.memory_plot.set_total(total or None)
-        else:
-            self.gpu_label.setText(f"No NVIDIA GPU ({html.escape(report.message)}): training runs on the CPU, "
-                                   "slowly. The graph shows this program's RAM.")
-            self.memory_plot.set_source("RAM of this program (no GPU)")
-        self._memory_started = time.monotonic()
 
     # -- dataset and plan -------------------------------------------------------------------------
     def load_dataset(self, path: str) -> None:
@@ -330,8 +302,7 @@ class TrainTab(QWidget):
         if not self.train_button.isEnabled():
             return
         config = self.config()
-        self.loss_plot.clear_points()
-        self.lr_plot.clear_points()
+        self.graphs.clear()
         self._start_worker(lambda on_event, stop: run_training(config, on_event, stop), "Starting…")
 
     def resume_training(self) -> None:
@@ -362,26 +333,20 @@ class TrainTab(QWidget):
         from app.core import events as ev
 
         if isinstance(event, ev.StepMetrics):
-            self.loss_plot.add_step(event.step, event.loss)
-            self.lr_plot.add_step(event.step, event.lr)
+            self.graphs.loss.add_step(event.step, event.loss)
+            self.graphs.lr.add_step(event.step, event.lr)
             self.status.setText(f"step {event.step}/{event.total_steps} · epoch {event.epoch:.2f} · loss "
-                                f"{event.loss:.4f} · {event.tokens_per_s:,.0f} tokens/s · ETA {_duration(event.eta_s)}")
+                                f"{event.loss:.4f} · {event.tokens_per_s:,.0f} tokens/s · ETA {format_duration(event.eta_s)}")
         elif isinstance(event, ev.EvalMetrics):
-            self.loss_plot.add_eval(event.step, event.eval_loss)
+            self.graphs.loss.add_eval(event.step, event.eval_loss)
         elif isinstance(event, ev.RunStarted):
-            self.loss_plot.rewind(event.start_step)
-            self.lr_plot.rewind(event.start_step)
+            self.graphs.rewind(event.start_step)
             self.status.setText(f"Run {event.run_id}: {event.total_steps} steps on {event.device}")
-            self._show_predicted_peak()
+            self.graphs.show_predicted_peak(self.plan_view.plan)
         elif isinstance(event, (ev.LogLine, ev.PlanAdjusted)):
             self.status.setText(event.message)
         elif isinstance(event, ev.RunFailed):
             self.status.setText(f"Failed at step {event.step}: {event.reason}")
-
-    def _show_predicted_peak(self) -> None:
-        plan = self.plan_view.plan
-        if plan is not None and plan.predicted_peak_bytes and plan.device == "cuda" and self._poller:
-            self.memory_plot.set_predicted(plan.predicted_peak_bytes / 2**30)
 
     def _finished(self, result) -> None:
         self.worker = None
@@ -414,31 +379,3 @@ class TrainTab(QWidget):
         box.setWindowModality(Qt.WindowModal)
         self.error_dialog = box
         box.open()
-
-    # -- graphs -----------------------------------------------------------------------------------
-    def _refresh_plots(self) -> None:
-        for plot in (self.loss_plot, self.lr_plot, self.memory_plot):
-            plot.refresh()
-
-    def _sample_memory(self) -> None:
-        from app.core.memory_probe import process_ram_bytes
-
-        seconds = time.monotonic() - self._memory_started
-        if self._poller is not None:
-            sample = self._poller.poll()
-            if sample and sample.used_bytes is not None:
-                self.memory_plot.add_sample(seconds, sample.used_bytes / 2**30, sample.utilization_pct)
-            return
-        ram = process_ram_bytes()
-        if ram:
-            self.memory_plot.add_sample(seconds, ram / 2**30)
-
-    def close_poller(self) -> None:
-        if self._poller is not None:
-            self._poller.close()
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

@@ -7,17 +7,32 @@ Each graph keeps its points in Python lists, appended as events arrive, and redr
 
 from __future__ import annotations
 
+import html
+import time
+
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Qt
+from PySide6.QtCore import Qt, QTimer
+from PySide6.QtWidgets import QSplitter
 
 SMOOTHING = 0.9  # exponential moving average weight of the smoothed loss
+REDRAW_MS = 200
+MEMORY_SAMPLE_MS = 1000
 
 
 def use_palette(dark: bool) -> None:
     """Graphs follow the window's light or dark palette."""
     pg.setConfigOptions(background="#1e1e1e" if dark else "w", foreground="#dddddd" if dark else "#333333",
                         antialias=True)
+
+
+def _set_up(plot: pg.PlotWidget, title: str, bottom: str, min_height: int) -> None:
+    """What every graph here shares: title, x label, a faint grid, no context menu."""
+    plot.setTitle(title)
+    plot.setLabel("bottom", bottom)
+    plot.showGrid(x=True, y=True, alpha=0.2)
+    plot.setMenuEnabled(False)
+    plot.setMinimumHeight(min_height)
 
 
 def _curve(plot: pg.PlotWidget, color, width: float = 1.5, style=Qt.SolidLine, name: str = ""):
@@ -32,11 +47,7 @@ class LossPlot(pg.PlotWidget):
 
     def __init__(self):
         super().__init__()
-        self.setTitle("Loss")
-        self.setLabel("bottom", "step")
-        self.showGrid(x=True, y=True, alpha=0.2)
-        self.setMenuEnabled(False)
-        self.setMinimumHeight(180)
+        _set_up(self, "Loss", "step", 180)
         self.addLegend(offset=(-10, 10))
         self.raw = _curve(self, (120, 160, 220, 110), 1, name="loss")
         self.smooth = _curve(self, (40, 110, 220), 2.2, name="smoothed")
@@ -88,11 +99,7 @@ class LearningRatePlot(pg.PlotWidget):
 
     def __init__(self):
         super().__init__()
-        self.setTitle("Learning rate")
-        self.setLabel("bottom", "step")
-        self.showGrid(x=True, y=True, alpha=0.2)
-        self.setMenuEnabled(False)
-        self.setMinimumHeight(120)
+        _set_up(self, "Learning rate", "step", 120)
         self.curve = _curve(self, (90, 170, 90), 1.8)
         self.clear_points()
 
@@ -122,12 +129,8 @@ class MemoryPlot(pg.PlotWidget):
 
     def __init__(self):
         super().__init__()
-        self.setTitle("Memory")
+        _set_up(self, "Memory", "seconds", 160)
         self.setLabel("left", "GiB")
-        self.setLabel("bottom", "seconds")
-        self.showGrid(x=True, y=True, alpha=0.2)
-        self.setMenuEnabled(False)
-        self.setMinimumHeight(160)
         self.addLegend(offset=(-10, 10))
         self.used = _curve(self, (200, 80, 160), 2, name="in use")
         self.utilisation = _curve(self, (150, 150, 150), 1, Qt.DotLine)  # GPU busy, as a share of total
@@ -176,3 +179,73 @@ class MemoryPlot(pg.PlotWidget):
     @property
     def point_count(self) -> int:
         return len(self.times)
+
+
+class LiveGraphs(QSplitter):
+    """The three graphs stacked, redrawn on one timer, with memory sampled once a second from
+    the first GPU (NVML) or, without one, from this process's RAM."""
+
+    def __init__(self):
+        super().__init__(Qt.Vertical)
+        self.loss, self.lr, self.memory = LossPlot(), LearningRatePlot(), MemoryPlot()
+        for plot in (self.loss, self.lr, self.memory):
+            self.addWidget(plot)
+        self.setSizes([400, 150, 250])
+        self._poller = None
+        self.source_text = self._choose_memory_source()
+        self._started = time.monotonic()
+        self._redraw = QTimer(self, interval=REDRAW_MS, timeout=self.refresh)
+        self._sampler = QTimer(self, interval=MEMORY_SAMPLE_MS, timeout=self.sample_memory)
+        self._redraw.start()
+        self._sampler.start()
+
+    def _choose_memory_source(self) -> str:
+        """Set up the memory graph; returns a line (HTML) saying what it shows."""
+        from app.gpu.nvml import GpuPoller, detect_gpus
+
+        report = detect_gpus()
+        if not report.available:
+            self.memory.set_source("RAM of this program (no GPU)")
+            return (f"No NVIDIA GPU ({html.escape(report.message)}): training runs on the CPU, slowly. "
+                    "The graph shows this program's RAM.")
+        card = report.gpus[0]
+        total, free = (card.total_bytes or 0) / 2**30, (card.free_bytes or 0) / 2**30
+        self._poller = GpuPoller(0)
+        self.memory.set_source(f"GPU memory: {card.name}")
+        self.memory.set_total(total or None)
+        return f"{html.escape(card.name or 'GPU 0')}: {total:.1f} GiB, {free:.1f} GiB free"
+
+    def clear(self) -> None:
+        self.loss.clear_points()
+        self.lr.clear_points()
+
+    def rewind(self, step: int) -> None:
+        self.loss.rewind(step)
+        self.lr.rewind(step)
+
+    def show_predicted_peak(self, plan) -> None:
+        """The plan's predicted peak as a line, when the graph shows the GPU the plan is for."""
+        if plan is not None and plan.predicted_peak_bytes and plan.device == "cuda" and self._poller:
+            self.memory.set_predicted(plan.predicted_peak_bytes / 2**30)
+
+    def refresh(self) -> None:
+        for plot in (self.loss, self.lr, self.memory):
+            plot.refresh()
+
+    def sample_memory(self) -> None:
+        from app.core.memory_probe import process_ram_bytes
+
+        seconds = time.monotonic() - self._started
+        if self._poller is not None:
+            sample = self._poller.poll()
+            if sample and sample.used_bytes is not None:
+                self.memory.add_sample(seconds, sample.used_bytes / 2**30, sample.utilization_pct)
+            return
+        ram = process_ram_bytes()
+        if ram:
+            self.memory.add_sample(seconds, ram / 2**30)
+
+    def close_poller(self) -> None:
+        if self._poller is not None:
+            self._poller.close()
+            self._poller = None
