@@ -83,21 +83,24 @@ def _set_plan(tab, **values) -> None:
             widget.setValue(value)
 
 
-def _ready(tab, qtbot, model, data) -> None:
+def _ready(tab, qtbot, model, data, epochs: float | None = None) -> None:
+    """Model, data and a small fixed plan; with `epochs`, wait until the plan has more steps."""
     tab.model_box.setCurrentText(str(model))
     tab.load_dataset(str(data))
     _set_plan(tab, rank=8, seq_len=128, micro_batch=4, grad_accum=1)
     tab.plan_view.inputs["lr"].setValue(0.005)
     tab.set_engine_ready()
     qtbot.waitUntil(lambda: tab.train_button.isEnabled(), timeout=60_000)
+    if epochs is not None:
+        tab.plan_view.inputs["epochs"].setValue(epochs)
+        qtbot.waitUntil(lambda: tab.plan_view.plan is not None and tab.plan_view.plan.total_steps > epochs,
+                        timeout=30_000)
 
 
 @pytest.mark.slow
 def test_train_runs_to_the_end_with_live_loss_and_a_responsive_window(window, qtbot, tiny_model, chat_data):
     tab = window.train_tab
-    _ready(tab, qtbot, tiny_model, chat_data)
-    tab.plan_view.inputs["epochs"].setValue(3)
-    qtbot.waitUntil(lambda: tab.plan_view.plan is not None and tab.plan_view.plan.total_steps > 3, timeout=30_000)
+    _ready(tab, qtbot, tiny_model, chat_data, epochs=3)
     gaps, last = [], [time.monotonic()]
 
     def tick():
@@ -125,9 +128,7 @@ def test_stop_leaves_a_resumable_run_and_resume_continues_the_curve(window, qtbo
     from app.core.runs import open_run
 
     tab = window.train_tab
-    _ready(tab, qtbot, tiny_model, chat_data)
-    tab.plan_view.inputs["epochs"].setValue(6)
-    qtbot.waitUntil(lambda: tab.plan_view.plan is not None and tab.plan_view.plan.total_steps > 6, timeout=30_000)
+    _ready(tab, qtbot, tiny_model, chat_data, epochs=6)
     qtbot.mouseClick(tab.train_button, Qt.LeftButton)
     with qtbot.waitSignal(tab.worker.event, timeout=120_000, check_params_cb=lambda e: isinstance(e, StepMetrics)):
         pass
