@@ -102,8 +102,10 @@ def _quant_state_bytes(state) -> int:
 def process_ram_bytes() -> int | None:
     """Resident memory of this process now (Linux /proc; elsewhere the peak from getrusage)."""
     try:
-        pages = int(open("/proc/self/statm").read().split()[1])
         import os
+        from pathlib import Path
+
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
 
         return pages * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):

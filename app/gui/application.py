@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 _IMPORTED_AT = time.monotonic()
 
@@ -13,8 +14,8 @@ def process_age_ms() -> float:
     """Milliseconds since this process started (Linux: from /proc; elsewhere since this import)."""
     try:
         ticks = os.sysconf("SC_CLK_TCK")
-        start = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19]) / ticks
-        uptime = float(open("/proc/uptime").read().split()[0])
+        start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / ticks
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
         return (uptime - start) * 1000
     except (OSError, ValueError, IndexError, AttributeError):
         return (time.monotonic() - _IMPORTED_AT) * 1000
