@@ -15,7 +15,7 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -138,6 +138,42 @@ class RunSummary:
     data: str
     created: float
     updated: float
+    elapsed_s: float | None  # training time, resumed sessions added up
+
+
+@dataclass
+class RunHistory:
+    """A run's curves as its metrics.jsonl logged them, to draw the run again."""
+
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    eval_losses: list[float] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    tokens: int = 0
+
+
+def read_history(run: Run) -> RunHistory:
+    """Loss, learning rate and eval loss per step; a resumed run's repeated steps were dropped
+    from the log when it resumed, so each step appears once."""
+    history = RunHistory()
+    for row in run.events():
+        try:
+            if row.get("event") == "StepMetrics":
+                step, loss, lr = int(row["step"]), float(row["loss"]), float(row["lr"])
+                history.steps.append(step)
+                history.losses.append(loss)
+                history.lrs.append(lr)
+                history.elapsed_s = float(row.get("elapsed_s") or history.elapsed_s)
+                history.tokens += int(row.get("tokens") or 0)
+            elif row.get("event") == "EvalMetrics":
+                step, loss = int(row["step"]), float(row["eval_loss"])
+                history.eval_steps.append(step)
+                history.eval_losses.append(loss)
+        except (KeyError, TypeError, ValueError):
+            continue  # a row from another version: draw what can be drawn
+    return history
 
 
 def create_run(config: TrainConfig, plan: Plan, data_info: dict) -> Run:
@@ -191,7 +227,7 @@ def list_runs() -> list[RunSummary]:
         rows.append(RunSummary(run.id, status.get("status", "?"), status.get("reason", ""),
                                status.get("step", 0), status.get("total_steps", 0), status.get("last_loss"),
                                status.get("eval_loss"), config.model, config.data,
-                               status.get("created", 0.0), status.get("updated", 0.0)))
+                               status.get("created", 0.0), status.get("updated", 0.0), status.get("elapsed_s")))
     return sorted(rows, key=lambda r: r.created, reverse=True)
 
 

@@ -120,7 +120,8 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
             if stop.is_set():
                 if saved_step != step:
                     save(step)
-                run.write_status("stopped", step=step, last_loss=last_loss, reason="stopped by the user")
+                run.write_status("stopped", step=step, last_loss=last_loss, elapsed_s=elapsed(),
+                                 reason="stopped by the user")
                 emit(RunFinished("stopped", step, plan.total_steps, last_loss, ""))
                 return result("stopped")
             epoch, index = divmod(step, plan.steps_per_epoch)
@@ -154,12 +155,12 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
                 emit(EvalMetrics(step, eval_loss))
                 run.write_status("running", eval_loss=eval_loss)
             if time.monotonic() - status_written > STATUS_EVERY_S or step == plan.total_steps:
-                run.write_status("running", step=step, last_loss=last_loss)
+                run.write_status("running", step=step, last_loss=last_loss, elapsed_s=elapsed())
                 status_written = time.monotonic()
             if step % plan.save_every == 0 and step < plan.total_steps:
                 save(step)
         session.save_adapter(run.adapter_dir, prepared.tokenizer)
-        run.write_status("finished", step=step, last_loss=last_loss, reason="")
+        run.write_status("finished", step=step, last_loss=last_loss, elapsed_s=elapsed(), reason="")
         emit(RunFinished("finished", step, plan.total_steps, last_loss, str(run.adapter_dir)))
         return result("finished")
     except KeyboardInterrupt:  # a second Ctrl-C: no time to save, resume from the last checkpoint
