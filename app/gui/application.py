@@ -26,14 +26,17 @@ def run_gui(smoke: bool = False) -> int:
     from PySide6.QtCore import QSettings, QTimer
     from PySide6.QtWidgets import QApplication
 
+    from app.gui.icons import app_icon
     from app.gui.main_window import MainWindow
-    from app.gui.widgets.plots import use_palette
+    from app.gui.theme import apply_theme
 
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setApplicationName("Tunesmith")
     app.setOrganizationName("Tunesmith")
-    use_palette(app.palette().window().color().lightness() < 128)
+    app.setDesktopFileName("tunesmith")  # Wayland/X11 match the window to tunesmith.desktop and its icon
+    app.setWindowIcon(app_icon())
     settings = None if smoke else QSettings()
+    apply_theme(app, settings.value("theme", "system") if settings is not None else "system")
     window = MainWindow(settings, load_engine=not smoke)
     window.show()
     if smoke:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from PySide6.QtCore import QSettings, Qt
-from PySide6.QtGui import QAction, QKeySequence, QShortcut
-from PySide6.QtWidgets import QLabel, QMainWindow, QMessageBox, QTabWidget
+from PySide6.QtGui import QAction, QActionGroup, QKeySequence, QShortcut
+from PySide6.QtWidgets import QApplication, QLabel, QMainWindow, QMessageBox, QTabWidget
 
 from app import __version__
+from app.gui.icons import icon
+from app.gui.tabs.runs_tab import RunsTab
 from app.gui.tabs.train_tab import TrainTab
 from app.gui.workers import TaskWorker, Threads
 
@@ -18,8 +20,12 @@ class MainWindow(QMainWindow):
         self.settings = settings
         self.threads = Threads()
         self.train_tab = TrainTab(self.threads, settings)
+        self.runs_tab = RunsTab()
         self.tabs = QTabWidget()
-        self.tabs.addTab(self.train_tab, "Train")
+        self.tabs.addTab(self.train_tab, icon("train"), "Train")
+        self.tabs.addTab(self.runs_tab, icon("runs"), "Runs")
+        self.tabs.currentChanged.connect(self._tab_changed)
+        self.runs_tab.resume_requested.connect(self.resume_run)
         self.setCentralWidget(self.tabs)
         self.engine_label = QLabel("Loading engine…")
         self.statusBar().addPermanentWidget(self.engine_label)
@@ -41,9 +47,36 @@ class MainWindow(QMainWindow):
         quit_action = QAction("Quit", self, shortcut=QKeySequence.Quit)
         quit_action.triggered.connect(self.close)
         menu.addAction(quit_action)
+        self._add_theme_menu(self.menuBar().addMenu("&View").addMenu("Theme"))
         for keys in ("Ctrl+Return", "Ctrl+Enter"):
             QShortcut(QKeySequence(keys), self, activated=self.train_tab.start_training)
         QShortcut(QKeySequence(Qt.Key_Escape), self, activated=self.confirm_stop)
+
+    def _add_theme_menu(self, menu) -> None:
+        """System (follows the desktop's light/dark setting, live), Light or Dark; remembered."""
+        from app.gui.theme import THEMES
+
+        chosen = self.settings.value("theme", "system") if self.settings is not None else "system"
+        self.theme_actions = QActionGroup(self)
+        for name in THEMES:
+            action = QAction(name.capitalize(), self, checkable=True, checked=name == chosen)
+            action.setData(name)
+            self.theme_actions.addAction(action)
+            menu.addAction(action)
+        self.theme_actions.triggered.connect(self._theme_chosen)
+        QApplication.instance().styleHints().colorSchemeChanged.connect(self._system_scheme_changed)
+
+    def _theme_chosen(self, action: QAction) -> None:
+        from app.gui.theme import apply_theme
+
+        if self.settings is not None:
+            self.settings.setValue("theme", action.data())
+        apply_theme(QApplication.instance(), action.data())
+
+    def _system_scheme_changed(self, _scheme) -> None:
+        checked = self.theme_actions.checkedAction()
+        if checked is not None and checked.data() == "system":
+            self._theme_chosen(checked)
 
     def _load_engine(self) -> None:
         """Import torch, transformers and PEFT on a worker thread so the window shows at once."""
@@ -79,7 +112,17 @@ class MainWindow(QMainWindow):
         if answer == QMessageBox.Yes:
             self.train_tab.stop_training()
 
+    def _tab_changed(self, index: int) -> None:
+        if self.tabs.widget(index) is self.runs_tab:
+            self.runs_tab.refresh()
+
+    def resume_run(self, run_id: str) -> None:
+        """Resume a run chosen on the Runs tab: training shows on the Train tab."""
+        self.tabs.setCurrentWidget(self.train_tab)
+        self.train_tab.resume_run(run_id)
+
     def _running_changed(self, running: bool) -> None:
+        self.runs_tab.set_training(running)
         if not running and self._close_when_idle:
             self.close()
 
@@ -100,7 +143,7 @@ class MainWindow(QMainWindow):
         if self.settings is not None:
             self.settings.setValue("geometry", self.saveGeometry())
         self.train_tab.graphs.close_poller()
-        self.threads.wait_all()
+        self.threads.close()
         event.accept()
 
 

@@ -87,9 +87,14 @@ class Threads:
 
     def __init__(self):
         self._running: list[tuple[QThread, QObject]] = []
+        self._closed = False
 
-    def start(self, worker: QObject, *ends: Signal) -> QThread:
-        """Move `worker` to a new thread, call its `run` there; the thread quits on any of `ends`."""
+    def start(self, worker: QObject, *ends: Signal) -> QThread | None:
+        """Move `worker` to a new thread, call its `run` there; the thread quits on any of `ends`.
+        Once `close` was called nothing starts (returns None): a timer that fires while the window
+        is being destroyed must not leave a thread running in it."""
+        if self._closed:
+            return None
         self._running = [(t, w) for t, w in self._running if not t.isFinished()]
         thread = QThread()
         worker.moveToThread(thread)
@@ -104,8 +109,23 @@ class Threads:
     def busy(self) -> bool:
         return any(thread.isRunning() for thread, _ in self._running)
 
-    def wait_all(self, timeout_ms: int = 60_000) -> None:
-        """Block until every thread has finished (at window close)."""
+    def wait_all(self, timeout_ms: int | None = 60_000) -> None:
+        """Block until every thread has finished (None: however long that takes)."""
         for thread, _ in self._running:
             thread.quit()
-            thread.wait(timeout_ms)
+            if timeout_ms is None:
+                thread.wait()
+            else:
+                thread.wait(timeout_ms)
+
+    def close(self, timeout_ms: int = 60_000) -> None:
+        """At window close: start nothing more, and wait for what runs."""
+        self._closed = True
+        self.wait_all(timeout_ms)
+
+    def __del__(self):
+        # Qt aborts the process when a running QThread is destroyed; never let that happen
+        try:
+            self.wait_all(None)
+        except RuntimeError:  # the C++ objects are already gone at interpreter exit
+            pass

@@ -14,6 +14,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QGroupBox, QHB
 
 from app.cli_progress import format_duration
 from app.core.config import TrainConfig, field_help
+from app.gui.icons import icon
 from app.gui.widgets.dataset_view import DatasetReport, DropZone
 from app.gui.widgets.plan_view import PlanView
 from app.gui.widgets.plots import LiveGraphs
@@ -47,7 +48,7 @@ class TrainTab(QWidget):
         self.model_box.addItem("demo")
         self.model_info = QLabel("")
         self.model_info.setWordWrap(True)
-        browse_model = QPushButton("Folder…")
+        browse_model = QPushButton(icon("folder"), "Folder…")
         browse_model.setToolTip("Choose a model folder (with config.json and safetensors weights)")
         browse_model.clicked.connect(self._browse_model)
         self.drop = DropZone(self._setting("last_data_folder", ""))
@@ -59,12 +60,14 @@ class TrainTab(QWidget):
         self.preset_box.setToolTip(field_help(TrainConfig, "preset"))
         self.gpu_label = QLabel("")
         self.gpu_label.setWordWrap(True)
+        self.gpu_label.setToolTip("The card the memory graph follows; run `tunesmith gpu` for every card")
         self.plan_view = PlanView()
-        self.train_button = QPushButton("Train")
+        self.train_button = QPushButton(icon("train"), "Train")
         self.train_button.setToolTip("Start training with this plan (Ctrl+Enter)")
-        self.stop_button = QPushButton("Stop")
+        self.train_button.setDefault(True)
+        self.stop_button = QPushButton(icon("stop"), "Stop")
         self.stop_button.setToolTip("Save a checkpoint and stop after this step (Esc)")
-        self.resume_button = QPushButton("Resume")
+        self.resume_button = QPushButton(icon("resume"), "Resume")
         self.resume_button.setToolTip("Continue the stopped run from its last checkpoint")
         self.status = QLabel("Choose a dataset to train on.")
         self.status.setWordWrap(True)
@@ -100,8 +103,6 @@ class TrainTab(QWidget):
             buttons.addWidget(button)
         for widget in (model_group, data_group, budget_group, plan_group):
             left.addWidget(widget)
-        left.addLayout(buttons)
-        left.addWidget(self.status)
         left.addStretch(1)
         setup = QWidget()
         setup.setLayout(left)
@@ -109,8 +110,14 @@ class TrainTab(QWidget):
         scroll.setWidget(setup)
         scroll.setWidgetResizable(True)
         scroll.setMinimumWidth(420)
+        column = QWidget()  # the set-up scrolls; the buttons and the status line stay in view
+        box = QVBoxLayout(column)
+        box.setContentsMargins(0, 0, 0, 0)
+        box.addWidget(scroll, 1)
+        box.addLayout(buttons)
+        box.addWidget(self.status)
         splitter = QSplitter(Qt.Horizontal)
-        splitter.addWidget(scroll)
+        splitter.addWidget(column)
         splitter.addWidget(self.graphs)
         splitter.setSizes([480, 620])
         QVBoxLayout(self).addWidget(splitter)
@@ -313,12 +320,32 @@ class TrainTab(QWidget):
         run_id = self.last_run.run_id
         self._start_worker(lambda on_event, stop: resume_training(run_id, on_event, stop), "Resuming…")
 
+    def resume_run(self, run_id: str) -> None:
+        """Resume a past run (asked from the Runs tab), drawing its curve so far first."""
+        from app.core.errors import UserError
+        from app.core.runs import open_run, read_history
+        from app.core.trainer import resume_training
+
+        if self.running:
+            return
+        if not self.engine_ready:
+            self.status.setText("The training engine is still loading; resume again in a moment.")
+            return
+        try:
+            self.graphs.show_history(read_history(open_run(run_id)))
+        except UserError as err:
+            self.show_error(str(err), None)
+            return
+        self._start_worker(lambda on_event, stop: resume_training(run_id, on_event, stop), f"Resuming {run_id}…")
+
     def _start_worker(self, start, message: str) -> None:
         self.worker = TrainingWorker(start)
         self.worker.event.connect(self._on_event)
         self.worker.done.connect(self._finished)
         self.worker.failed.connect(self._could_not_start)
-        self.threads.start(self.worker, self.worker.done, self.worker.failed)
+        if self.threads.start(self.worker, self.worker.done, self.worker.failed) is None:
+            self.worker = None  # the window is closing
+            return
         self.status.setText(message)
         self._update_buttons()
         self.running_changed.emit(True)
@@ -342,7 +369,7 @@ class TrainTab(QWidget):
         elif isinstance(event, ev.RunStarted):
             self.graphs.rewind(event.start_step)
             self.status.setText(f"Run {event.run_id}: {event.total_steps} steps on {event.device}")
-            self.graphs.show_predicted_peak(self.plan_view.plan)
+            self.graphs.show_predicted_peak(_run_plan(event.run_dir))
         elif isinstance(event, (ev.LogLine, ev.PlanAdjusted)):
             self.status.setText(event.message)
         elif isinstance(event, ev.RunFailed):
@@ -379,3 +406,14 @@ class TrainTab(QWidget):
         box.setWindowModality(Qt.WindowModal)
         self.error_dialog = box
         box.open()
+
+
+def _run_plan(run_dir: str):
+    """The plan a run uses (a resumed run keeps its own, whatever the plan panel shows now)."""
+    from app.core.errors import UserError
+    from app.core.runs import open_run
+
+    try:
+        return open_run(run_dir).plan()
+    except UserError:
+        return None

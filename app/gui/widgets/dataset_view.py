@@ -13,6 +13,8 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QFileDialog, QFrame, QHBoxLayout, QLabel, QListWidget, QListWidgetItem,
                                QPushButton, QTextEdit, QVBoxLayout, QWidget)
 
+from app.gui.icons import icon
+
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 FILE_FILTER = "Datasets (*.jsonl *.json *.parquet);;All files (*)"
 
@@ -28,12 +30,19 @@ class DropZone(QFrame):
         self.setAcceptDrops(True)
         self.setFrameShape(QFrame.StyledPanel)
         self.setObjectName("dropZone")
+        self.setStyleSheet("#dropZone { border: 2px dashed palette(mid); border-radius: 8px; }"
+                           "#dropZone[hover=\"true\"] { border-color: palette(highlight); }")
+        self.setToolTip("Drag a dataset file here from your file manager: chat messages, ShareGPT, "
+                        "Alpaca, prompt/completion or plain text, as JSONL, JSON or Parquet")
+        glyph = QLabel()
+        glyph.setPixmap(icon("dataset").pixmap(32, 32))
         self.label = QLabel("Drop a .jsonl, .json or .parquet file here")
         self.label.setWordWrap(True)
-        browse = QPushButton("Browse…")
+        browse = QPushButton(icon("folder"), "Browse…")
         browse.setToolTip("Choose a dataset file (Ctrl+O)")
         browse.clicked.connect(self.browse)
         row = QHBoxLayout(self)
+        row.addWidget(glyph)
         row.addWidget(self.label, 1)
         row.addWidget(browse)
 
@@ -45,8 +54,18 @@ class DropZone(QFrame):
     def dragEnterEvent(self, event) -> None:  # noqa: N802 - Qt's name
         if _dropped_file(event.mimeData()):
             event.acceptProposedAction()
+            self._highlight(True)
+
+    def dragLeaveEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        self._highlight(False)
+
+    def _highlight(self, on: bool) -> None:
+        self.setProperty("hover", on)
+        self.style().unpolish(self)
+        self.style().polish(self)
 
     def dropEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        self._highlight(False)
         path = _dropped_file(event.mimeData())
         if path:
             event.acceptProposedAction()
@@ -81,6 +100,9 @@ class DatasetReport(QWidget):
         self.histogram.hide()
         self.problems = QListWidget()
         self.problems.setMaximumHeight(130)
+        self.problems.setWordWrap(True)  # a reason says how to fix the line: show all of it
+        self.problems.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        self.problems.setToolTip("Every row with a problem; click one to see the line")
         self.problems.hide()
         self.problems.currentItemChanged.connect(self._show_problem_line)
         self.preview = QTextEdit()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 
 from PySide6.QtCore import Signal
+from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QGridLayout, QLabel, QProgressBar, QSpinBox,
                                QVBoxLayout, QWidget)
 
@@ -60,6 +61,8 @@ class PlanView(QWidget):
         self.peak.setRange(0, 1000)
         self.peak.setTextVisible(True)
         self.peak.setFormat("no plan yet")
+        self.peak.setToolTip("The estimator's predicted peak memory of a training step, against the memory the "
+                             "preset leaves usable after the safety margin")
         self.memory_reason = QLabel("")
         self.memory_reason.setWordWrap(True)
         self.error = QLabel("")
@@ -75,11 +78,14 @@ class PlanView(QWidget):
         self.plan = None
 
     def _add(self, grid: QGridLayout, row: int, name: str, label: str, widget: QWidget) -> None:
-        widget.setToolTip(field_help(TrainConfig, name))
+        help_text = field_help(TrainConfig, name)
+        widget.setToolTip(help_text)
         reason = QLabel("")
         reason.setWordWrap(True)
-        reason.setStyleSheet("color: palette(mid)")
-        grid.addWidget(QLabel(label), row, 0)
+        reason.setForegroundRole(QPalette.PlaceholderText)  # dimmed, in light and dark themes
+        title = QLabel(label)
+        title.setToolTip(help_text)
+        grid.addWidget(title, row, 0)
         grid.addWidget(widget, row, 1)
         grid.addWidget(reason, row, 2)
         self.inputs[name], self.reasons[name] = widget, reason

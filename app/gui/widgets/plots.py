@@ -20,10 +20,15 @@ REDRAW_MS = 200
 MEMORY_SAMPLE_MS = 1000
 
 
+def graph_colors(dark: bool) -> tuple[str, str]:
+    """Background and foreground (axes, text) of the graphs."""
+    return ("#1e1e1e", "#dddddd") if dark else ("#ffffff", "#333333")
+
+
 def use_palette(dark: bool) -> None:
-    """Graphs follow the window's light or dark palette."""
-    pg.setConfigOptions(background="#1e1e1e" if dark else "w", foreground="#dddddd" if dark else "#333333",
-                        antialias=True)
+    """Graphs made from now on follow the window's light or dark palette."""
+    background, foreground = graph_colors(dark)
+    pg.setConfigOptions(background=background, foreground=foreground, antialias=True)
 
 
 def _set_up(plot: pg.PlotWidget, title: str, bottom: str, min_height: int) -> None:
@@ -89,6 +94,15 @@ class LossPlot(pg.PlotWidget):
         self.smooth.setData(steps, np.asarray(self.smoothed, dtype=float))
         self.eval.setData(np.asarray(self.eval_steps, dtype=float), np.asarray(self.eval_losses, dtype=float))
 
+    def show_history(self, history) -> None:
+        """Draw a past run (a `RunHistory`) in place of the current points."""
+        self.clear_points()
+        for step, loss in zip(history.steps, history.losses):
+            self.add_step(step, loss)
+        for step, loss in zip(history.eval_steps, history.eval_losses):
+            self.add_eval(step, loss)
+        self.refresh()
+
     @property
     def point_count(self) -> int:
         return len(self.steps)
@@ -121,6 +135,45 @@ class LearningRatePlot(pg.PlotWidget):
         if self._dirty:
             self._dirty = False
             self.curve.setData(np.asarray(self.steps, dtype=float), np.asarray(self.rates, dtype=float))
+
+    def show_history(self, history) -> None:
+        self.steps, self.rates, self._dirty = list(history.steps), list(history.lrs), True
+        self.refresh()
+
+
+class ComparePlot(pg.PlotWidget):
+    """The smoothed loss of several runs over one another, one colour each, eval loss as dots."""
+
+    COLORS = ((40, 110, 220), (230, 120, 30), (46, 158, 91), (200, 60, 160), (150, 110, 60),
+              (0, 160, 170), (180, 50, 50), (120, 120, 120))
+
+    def __init__(self):
+        super().__init__()
+        _set_up(self, "Loss (smoothed), compared", "step", 180)
+        self.legend = self.addLegend(offset=(-10, 10))
+        self.names: list[str] = []
+
+    def show_runs(self, runs) -> None:
+        """`runs`: (name, RunHistory) pairs."""
+        self.clear()
+        self.legend.clear()
+        self.names = []
+        for i, (name, history) in enumerate(runs):
+            color = self.COLORS[i % len(self.COLORS)]
+            _curve(self, color, 2, name=name).setData(np.asarray(history.steps, dtype=float),
+                                                        np.asarray(smoothed(history.losses), dtype=float))
+            if history.eval_steps:
+                self.plot(np.asarray(history.eval_steps, dtype=float), np.asarray(history.eval_losses, dtype=float),
+                          pen=None, symbol="o", symbolSize=6, symbolBrush=color)
+            self.names.append(name)
+
+
+def smoothed(values) -> list[float]:
+    """The exponential moving average the loss graph draws in bold."""
+    out: list[float] = []
+    for value in values:
+        out.append(SMOOTHING * (out[-1] if out else value) + (1 - SMOOTHING) * value)
+    return out
 
 
 class MemoryPlot(pg.PlotWidget):
@@ -222,6 +275,10 @@ class LiveGraphs(QSplitter):
     def rewind(self, step: int) -> None:
         self.loss.rewind(step)
         self.lr.rewind(step)
+
+    def show_history(self, history) -> None:
+        self.loss.show_history(history)
+        self.lr.show_history(history)
 
     def show_predicted_peak(self, plan) -> None:
         """The plan's predicted peak as a line, when the graph shows the GPU the plan is for."""

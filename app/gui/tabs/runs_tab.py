@@ -1,0 +1,299 @@
+"""The Runs tab: every run in the run store as a sortable list; select one to draw its curves and
+see its plan, select several to compare their loss; resume an interrupted run, open its folder, or
+delete it after a confirmation. The list is read again whenever the tab is shown and when a run ends."""
+
+from __future__ import annotations
+
+import html
+import os
+from datetime import datetime
+
+from PySide6.QtCore import Qt, QUrl, Signal
+from PySide6.QtGui import QDesktopServices, QKeySequence, QShortcut
+from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLabel, QMessageBox, QPushButton,
+                               QSplitter, QStackedWidget, QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget)
+
+from app.cli_progress import format_duration
+from app.gui.icons import icon
+from app.gui.widgets.plots import ComparePlot, LearningRatePlot, LossPlot
+
+COLUMNS = ("Run", "Status", "Model", "Dataset", "Steps", "Loss", "Eval loss", "Duration", "Started")
+RESUMABLE = ("stopped", "failed", "interrupted")
+STATUS_COLORS = {"finished": "#2e9e5b", "running": "#2f7ed8", "stopped": "#c08a1e", "interrupted": "#c08a1e",
+                 "failed": "#d9534f"}
+
+
+class RunItem(QTreeWidgetItem):
+    """A row that sorts numbers as numbers (each cell keeps its sort key in UserRole)."""
+
+    def __lt__(self, other: QTreeWidgetItem) -> bool:
+        column = self.treeWidget().sortColumn() if self.treeWidget() else 0
+        try:
+            return self.data(column, Qt.UserRole) < other.data(column, Qt.UserRole)
+        except TypeError:
+            return self.text(column) < other.text(column)
+
+
+class RunsTab(QWidget):
+    """Past runs: list, curves, compare, resume, open, delete."""
+
+    resume_requested = Signal(str)  # a run id; the window resumes it on the Train tab
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+        self.training = False  # the Train tab is running a run: no resume from here meanwhile
+        self._histories: dict[tuple[str, float], object] = {}
+
+        self.table = QTreeWidget()
+        self.table.setColumnCount(len(COLUMNS))
+        self.table.setHeaderLabels(COLUMNS)
+        self.table.setRootIsDecorated(False)
+        self.table.setAlternatingRowColors(True)
+        self.table.setSortingEnabled(True)
+        self.table.setSelectionMode(QAbstractItemView.ExtendedSelection)
+        self.table.setToolTip("Select a run to draw its curves; Ctrl- or Shift-click several to compare them")
+        self.table.header().setSectionResizeMode(QHeaderView.Interactive)
+        self.table.header().setStretchLastSection(False)
+        self.refresh_button = QPushButton(icon("refresh"), "Refresh")
+        self.refresh_button.setToolTip("Read the run list again (F5)")
+        self.resume_button = QPushButton(icon("resume"), "Resume")
+        self.resume_button.setToolTip("Continue the selected stopped, failed or interrupted run from its last "
+                                      "checkpoint, on the Train tab")
+        self.open_button = QPushButton(icon("folder"), "Open folder")
+        self.open_button.setToolTip("Show the run's folder (config, plan, metrics, log, checkpoints, adapter)")
+        self.delete_button = QPushButton(icon("delete"), "Delete…")
+        self.delete_button.setToolTip("Delete the selected runs with their checkpoints and adapters (asks first)")
+        self.empty = QLabel("No runs yet. Train one on the Train tab; it appears here.")
+        self.details = QLabel("")
+        self.details.setWordWrap(True)
+        self.details.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.details.setAlignment(Qt.AlignTop | Qt.AlignLeft)
+        self.loss = LossPlot()
+        self.lr = LearningRatePlot()
+        self.compare = ComparePlot()
+        single = QSplitter(Qt.Vertical)
+        single.addWidget(self.loss)
+        single.addWidget(self.lr)
+        single.setSizes([400, 160])
+        self.curves = QStackedWidget()
+        self.curves.addWidget(single)
+        self.curves.addWidget(self.compare)
+
+        buttons = QHBoxLayout()
+        for button in (self.refresh_button, self.resume_button, self.open_button, self.delete_button):
+            buttons.addWidget(button)
+        buttons.addStretch(1)
+        left = QWidget()
+        box = QVBoxLayout(left)
+        box.setContentsMargins(0, 0, 0, 0)
+        box.addLayout(buttons)
+        box.addWidget(self.empty)
+        box.addWidget(self.table, 3)
+        box.addWidget(self.details, 1)
+        splitter = QSplitter(Qt.Horizontal)
+        splitter.addWidget(left)
+        splitter.addWidget(self.curves)
+        splitter.setSizes([620, 560])
+        QVBoxLayout(self).addWidget(splitter)
+
+        self.table.itemSelectionChanged.connect(self._selection_changed)
+        self.table.itemDoubleClicked.connect(lambda *_: self.open_folder())
+        self.refresh_button.clicked.connect(self.refresh)
+        self.resume_button.clicked.connect(self.resume)
+        self.open_button.clicked.connect(self.open_folder)
+        self.delete_button.clicked.connect(self.delete_selected)
+        QShortcut(QKeySequence.Refresh, self, activated=self.refresh)
+        QShortcut(QKeySequence.Delete, self.table, activated=self.delete_selected,
+                  context=Qt.WidgetWithChildrenShortcut)
+        self._selection_changed()
+
+    # -- the list ---------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Read the run store again, keeping the selection."""
+        from app.core.runs import list_runs
+
+        chosen = set(self.selected_ids())
+        self.rows = list_runs()
+        self.table.setSortingEnabled(False)
+        self.table.clear()
+        for row in self.rows:
+            item = RunItem([_cell(row, column)[0] for column in COLUMNS])
+            for i, column in enumerate(COLUMNS):
+                item.setData(i, Qt.UserRole, _cell(row, column)[1])
+            item.setData(0, Qt.UserRole + 1, row.id)
+            item.setForeground(1, _color(STATUS_COLORS.get(row.status)))
+            item.setToolTip(0, row.id)
+            item.setToolTip(1, row.reason or row.status)
+            item.setToolTip(2, row.model)
+            item.setToolTip(3, row.data)
+            self.table.addTopLevelItem(item)
+            item.setSelected(row.id in chosen)
+        self.table.setSortingEnabled(True)
+        if not chosen:
+            self.table.sortItems(COLUMNS.index("Started"), Qt.DescendingOrder)
+        for i in range(len(COLUMNS)):
+            self.table.resizeColumnToContents(i)
+        self.empty.setVisible(not self.rows)
+        self._selection_changed()
+
+    def selected_ids(self) -> list[str]:
+        return [item.data(0, Qt.UserRole + 1) for item in self.table.selectedItems()]
+
+    def select(self, *run_ids: str) -> None:
+        """Select these runs (as a click would)."""
+        self.table.clearSelection()
+        for i in range(self.table.topLevelItemCount()):
+            item = self.table.topLevelItem(i)
+            item.setSelected(item.data(0, Qt.UserRole + 1) in run_ids)
+
+    def _selected_rows(self) -> list:
+        ids = set(self.selected_ids())
+        return [row for row in self.rows if row.id in ids]
+
+    def set_training(self, running: bool) -> None:
+        self.training = running
+        if not running:
+            self.refresh()  # a run just ended: its status and losses changed
+        self._update_buttons()
+
+    def _update_buttons(self) -> None:
+        rows = self._selected_rows()
+        self.resume_button.setEnabled(len(rows) == 1 and rows[0].status in RESUMABLE and not self.training)
+        self.open_button.setEnabled(len(rows) == 1)
+        self.delete_button.setEnabled(bool(rows) and all(r.status != "running" for r in rows))
+
+    # -- curves and details -----------------------------------------------------------------------
+    def _selection_changed(self) -> None:
+        rows = self._selected_rows()
+        self._update_buttons()
+        if len(rows) >= 2:
+            self.compare.show_runs([(_legend(r), self._history(r)) for r in rows])
+            self.curves.setCurrentWidget(self.compare)
+            self.details.setText(f"Comparing {len(rows)} runs. Select one run to see its plan.")
+            return
+        self.curves.setCurrentIndex(0)
+        if not rows:
+            from app.core.runs import RunHistory
+
+            self.loss.show_history(RunHistory())
+            self.lr.show_history(RunHistory())
+            self.details.setText("Select a run to draw its curves; select two or more to compare their loss."
+                                 if self.rows else "")
+            return
+        history = self._history(rows[0])
+        self.loss.show_history(history)
+        self.lr.show_history(history)
+        self.details.setText(self._describe(rows[0], history))
+
+    def _history(self, row):
+        """The run's curves, read once per change of the run (metrics.jsonl can hold 10k+ steps)."""
+        from app.core.runs import RunHistory, open_run, read_history
+
+        key = (row.id, row.updated)
+        if key not in self._histories:
+            try:
+                self._histories[key] = read_history(open_run(row.id))
+            except Exception:  # noqa: BLE001 - a damaged run folder draws nothing, the list says why
+                self._histories[key] = RunHistory()
+        return self._histories[key]
+
+    def _describe(self, row, history) -> str:
+        from app.core.errors import RunError
+        from app.core.runs import open_run
+
+        lines = [f"<b>{html.escape(row.id)}</b> — {html.escape(row.status)}"
+                 + (f": {html.escape(row.reason)}" if row.reason else "")]
+        try:
+            run = open_run(row.id)
+            plan, config = run.plan(), run.config()
+        except RunError as err:
+            return "<br>".join(lines + [html.escape(str(err))])
+        lines.append(f"Model {html.escape(row.model)} · data {html.escape(os.path.basename(row.data))}")
+        lines.append(f"LoRA rank {plan.rank} · {plan.seq_len} tokens · micro-batch {plan.micro_batch} × "
+                     f"{plan.grad_accum} · lr {config.lr:g} · checkpointing {'on' if plan.grad_checkpointing else 'off'}"
+                     f" · {plan.device}")
+        if plan.predicted_peak_bytes:
+            lines.append(f"Predicted peak {plan.predicted_peak_bytes / 2**30:.2f} GiB"
+                         + (f" of {plan.budget_bytes / 2**30:.2f} GiB usable" if plan.budget_bytes else ""))
+        if history.tokens:
+            lines.append(f"{history.tokens:,} tokens trained in {format_duration(history.elapsed_s)}")
+        return "<br>".join(lines)
+
+    # -- actions ----------------------------------------------------------------------------------
+    def resume(self) -> None:
+        rows = self._selected_rows()
+        if self.resume_button.isEnabled() and len(rows) == 1:
+            self.resume_requested.emit(rows[0].id)
+
+    def open_folder(self) -> None:
+        from app.core.paths import runs_dir
+
+        for run_id in self.selected_ids()[:1]:
+            QDesktopServices.openUrl(QUrl.fromLocalFile(str(runs_dir() / run_id)))
+
+    def delete_selected(self) -> None:
+        from app.core.errors import UserError
+        from app.core.runs import delete_run
+
+        rows = self._selected_rows()
+        if not rows or not self.delete_button.isEnabled():
+            return
+        names = "\n".join(f"• {r.id} ({r.status}, step {r.step}/{r.total_steps})" for r in rows[:8])
+        more = f"\n…and {len(rows) - 8} more" if len(rows) > 8 else ""
+        title = "Delete this run?" if len(rows) == 1 else f"Delete {len(rows)} runs?"
+        answer = QMessageBox.question(
+            self, title, f"{names}{more}\n\nIts checkpoints, adapter, metrics and log are deleted from disk. "
+            "This cannot be undone.", QMessageBox.Yes | QMessageBox.Cancel, QMessageBox.Cancel)
+        if answer != QMessageBox.Yes:
+            return
+        problems = []
+        for row in rows:
+            try:
+                delete_run(row.id)
+            except (UserError, OSError) as err:
+                problems.append(str(err))
+        self.refresh()
+        if problems:
+            QMessageBox.warning(self, "Some runs were not deleted", "\n".join(problems))
+
+
+def _cell(row, column: str) -> tuple[str, object]:
+    """The text a column shows for a run, and the key it sorts by."""
+    if column == "Run":
+        return _short_id(row.id), row.id
+    if column == "Status":
+        return row.status, row.status
+    if column == "Model":
+        return os.path.basename(row.model.rstrip("/\\")) or row.model, row.model
+    if column == "Dataset":
+        return os.path.basename(row.data), os.path.basename(row.data)
+    if column == "Steps":
+        return f"{row.step}/{row.total_steps}", row.step
+    if column == "Loss":
+        return _num(row.last_loss), row.last_loss if row.last_loss is not None else float("inf")
+    if column == "Eval loss":
+        return _num(row.eval_loss), row.eval_loss if row.eval_loss is not None else float("inf")
+    if column == "Duration":
+        return (format_duration(row.elapsed_s) if row.elapsed_s else "–"), row.elapsed_s or 0.0
+    return datetime.fromtimestamp(row.created).strftime("%Y-%m-%d %H:%M"), row.created
+
+
+def _num(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "–"
+
+
+def _short_id(run_id: str) -> str:
+    """Runs are named `YYYYmmdd-HHMMSS-model-data`; the list shows the name after the date."""
+    parts = run_id.split("-", 2)
+    return parts[2] if len(parts) == 3 and parts[0].isdigit() else run_id
+
+
+def _legend(row) -> str:
+    return f"{_short_id(row.id)} · {datetime.fromtimestamp(row.created).strftime('%m-%d %H:%M')}"
+
+
+def _color(value: str | None):
+    from PySide6.QtGui import QBrush, QColor
+
+    return QBrush(QColor(value)) if value else QBrush()

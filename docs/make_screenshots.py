@@ -1,0 +1,150 @@
+"""Take the README's screenshots: start the app under Xvfb as a new user would, check a broken file,
+load the sample dataset, train the demo model a few steps, and save a PNG of each tab into docs/.
+
+    python docs/make_screenshots.py [--steps 10] [--theme light|dark] [--out docs]
+
+Without a display it runs itself again under `xvfb-run` (Debian: `apt install xvfb`); with none
+available it falls back to Qt's offscreen platform. Runs go to a throwaway TUNESMITH_HOME that
+shares your model cache, so the demo model is converted once. Two short past runs (learning rates
+2e-4 and 5e-4) are trained first so the Runs tab has something to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = (1480, 940)
+BROKEN_LINES = {3: "{not json", 7: '{"messages": [{"role": "user", "content": "Where is the galley?"}]}',
+                12: '{"messages": [{"role": "captain", "content": "Hoist the sails"}, '
+                    '{"role": "assistant", "content": "Aye"}]}'}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=24, help="demo steps to train in the window")
+    parser.add_argument("--past-steps", type=int, default=30, help="steps of each of the two past runs")
+    parser.add_argument("--theme", choices=("light", "dark"), default="light")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    args = parser.parse_args()
+    if not os.environ.get("DISPLAY") and not os.environ.get("QT_QPA_PLATFORM"):
+        if shutil.which("xvfb-run"):
+            command = ["xvfb-run", "-a", "-s", f"-screen 0 {SIZE[0] + 200}x{SIZE[1] + 200}x24",
+                       sys.executable, *sys.argv]
+            return subprocess.call(command)
+        print("no display and no xvfb-run: using Qt's offscreen platform", file=sys.stderr)
+        os.environ["QT_QPA_PLATFORM"] = "offscreen"
+    return take_screenshots(args)
+
+
+def take_screenshots(args) -> int:
+    from app.core.paths import cache_dir
+
+    home = Path(tempfile.mkdtemp(prefix="tunesmith-shots-"))
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    (home / "cache").symlink_to(cache, target_is_directory=True)
+    os.environ["TUNESMITH_HOME"] = str(home)
+    past_runs(args.past_steps)
+
+    from PySide6.QtCore import QSettings
+    from PySide6.QtWidgets import QApplication
+
+    from app.core.demo import demo_config
+    from app.core.resources import sample_dataset
+    from app.gui.icons import app_icon
+    from app.gui.main_window import MainWindow
+    from app.gui.theme import apply_theme
+
+    app = QApplication(sys.argv[:1])
+    app.setApplicationName("Tunesmith")
+    app.setWindowIcon(app_icon())
+    apply_theme(app, args.theme)
+    QSettings.setDefaultFormat(QSettings.IniFormat)
+    QSettings.setPath(QSettings.IniFormat, QSettings.UserScope, str(home / "settings"))
+    window = MainWindow(QSettings(), load_engine=True)
+    window.resize(*SIZE)
+    window.show()
+    tab = window.train_tab
+    wait(lambda: tab.engine_ready, 120, "the engine to load")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    broken = home / "chats-with-mistakes.jsonl"
+    lines = sample_dataset().read_text(encoding="utf-8").splitlines()[:40]
+    for number, text in BROKEN_LINES.items():
+        lines[number - 1] = text
+    broken.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tab.load_dataset(str(broken))
+    wait(lambda: tab.report.problems.count() == len(BROKEN_LINES), 120, "the broken file's report")
+    tab.report.problems.setCurrentRow(0)
+    settle(1.0)
+    save(window, args.out / "train-problems.png")
+
+    tab.load_dataset(str(sample_dataset()))
+    wait(lambda: tab.train_button.isEnabled(), 120, "the sample data's plan")
+    demo = demo_config()  # the demo's small steps (4 chats each), so a CPU shows a curve in a minute
+    for name in ("rank", "seq_len", "micro_batch", "grad_accum", "epochs", "lr"):
+        tab.plan_view.inputs[name].setValue(getattr(demo, name))
+    settle(0.6)
+    wait(lambda: tab.train_button.isEnabled(), 60, "the plan")
+    tab.start_training()
+    wait(lambda: tab.graphs.loss.point_count >= args.steps, 60 * args.steps, f"{args.steps} training steps")
+    settle(1.5)
+    save(window, args.out / "train.png")
+    tab.stop_training()
+    wait(lambda: not tab.running, 300, "the run to stop")
+
+    window.tabs.setCurrentWidget(window.runs_tab)
+    runs = window.runs_tab
+    runs.select(*[row.id for row in runs.rows])
+    settle(1.0)
+    save(window, args.out / "runs.png")
+    window.close()
+    shutil.rmtree(home, ignore_errors=True)
+    return 0
+
+
+def past_runs(steps: int) -> None:
+    """Two short demo runs with different learning rates, as earlier sessions would have left."""
+    from dataclasses import replace
+
+    from app.core.demo import demo_config
+    from app.core.trainer import run_training
+
+    for lr in (2e-4, 5e-4):
+        config = replace(demo_config(), lr=lr, max_steps=steps, name=f"demo-lr-{lr:g}")
+        result = run_training(config)
+        print(f"past run {result.run_id}: {result.status}, loss {result.final_loss}", flush=True)
+
+
+def wait(condition, timeout_s: float, what: str) -> None:
+    from PySide6.QtWidgets import QApplication
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"make_screenshots: timed out waiting for {what}")
+        QApplication.processEvents()
+        time.sleep(0.02)
+
+
+def settle(seconds: float) -> None:
+    """Let timers fire (graph redraws, memory samples) before a picture."""
+    wait(lambda deadline=time.monotonic() + seconds: time.monotonic() > deadline, seconds + 1, "a pause")
+
+
+def save(window, path: Path) -> None:
+    if not window.grab().save(str(path)):
+        raise SystemExit(f"make_screenshots: could not write {path}")
+    print(f"wrote {path}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

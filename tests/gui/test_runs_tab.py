@@ -1,0 +1,111 @@
+"""The Runs tab on real runs of a tiny model: list, redraw, compare, resume, delete with a confirmation."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QMessageBox
+
+from app.core.config import TrainConfig
+from app.core.events import StepMetrics
+from app.core.runs import list_runs, open_run, read_history
+from app.core.trainer import run_training
+from app.gui.main_window import MainWindow
+from app.gui.widgets.plots import use_palette
+from conftest import EXAMPLES
+
+
+@pytest.fixture
+def chat_data(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join((EXAMPLES / "messages.jsonl").read_text().splitlines() * 4) + "\n")
+    return path
+
+
+@pytest.fixture
+def window(qtbot):
+    use_palette(False)
+    win = MainWindow(None, load_engine=False)
+    qtbot.addWidget(win)
+    win.show()
+    yield win
+    win.train_tab.stop_training()
+    qtbot.waitUntil(lambda: not win.train_tab.running, timeout=120_000)
+    win.threads.wait_all()
+
+
+def _train(model, data, steps: int, stop_at: int | None = None, lr: float = 5e-3):
+    """A real run of the tiny model; with `stop_at`, stopped (with a checkpoint) after that step."""
+    stop = threading.Event()
+
+    def on_event(event):
+        if stop_at is not None and isinstance(event, StepMetrics) and event.step >= stop_at:
+            stop.set()
+
+    config = TrainConfig(model=str(model), data=str(data), seq_len=128, micro_batch=4, grad_accum=1, lr=lr,
+                         max_steps=steps, save_every=100, lora_dropout=0.0)
+    return run_training(config, on_event, stop)
+
+
+def _show_runs(window):
+    window.tabs.setCurrentWidget(window.runs_tab)
+    return window.runs_tab
+
+
+def test_the_runs_tab_lists_runs_redraws_one_and_compares_two(window, tiny_model, chat_data):
+    first = _train(tiny_model, chat_data, steps=6)
+    second = _train(tiny_model, chat_data, steps=4, lr=1e-3)
+    tab = _show_runs(window)
+    assert tab.table.topLevelItemCount() == 2
+    assert {tab.table.topLevelItem(i).text(1) for i in range(2)} == {"finished"}
+    tab.select(first.run_id)
+    assert tab.loss.steps == tab.lr.steps == list(range(1, 7))
+    assert tab.loss.losses == read_history(open_run(first.run_id)).losses
+    assert first.run_id in tab.details.text() and "LoRA rank" in tab.details.text()
+    assert tab.curves.currentIndex() == 0 and not tab.resume_button.isEnabled()  # finished: nothing to resume
+    tab.select(first.run_id, second.run_id)
+    assert tab.curves.currentWidget() is tab.compare and len(tab.compare.names) == 2
+    drawn = [item for item in tab.compare.listDataItems() if item.opts["pen"] is not None]
+    assert sorted(len(item.xData) for item in drawn) == [4, 6]
+
+
+@pytest.mark.slow
+def test_resume_from_the_runs_tab_continues_a_stopped_run_on_the_train_tab(window, qtbot, tiny_model, chat_data):
+    stopped = _train(tiny_model, chat_data, steps=8, stop_at=3)
+    assert stopped.status == "stopped" and stopped.step == 3
+    tab = _show_runs(window)
+    window.train_tab.set_engine_ready()
+    tab.select(stopped.run_id)
+    assert tab.resume_button.isEnabled()
+    qtbot.mouseClick(tab.resume_button, Qt.LeftButton)
+    assert window.tabs.currentWidget() is window.train_tab and window.train_tab.running
+    assert not tab.resume_button.isEnabled()  # one run at a time
+    qtbot.waitUntil(lambda: not window.train_tab.running, timeout=300_000)
+    result = window.train_tab.last_run
+    assert result.status == "finished" and result.run_id == stopped.run_id
+    assert window.train_tab.loss_plot.steps == list(range(1, 9))  # the past three steps, then the rest
+    row = next(r for r in list_runs() if r.id == stopped.run_id)
+    assert row.status == "finished" and row.elapsed_s > 0
+
+
+def test_delete_asks_first_and_keeps_the_run_when_cancelled(window, tiny_model, chat_data, monkeypatch):
+    run = _train(tiny_model, chat_data, steps=2)
+    tab = _show_runs(window)
+    tab.select(run.run_id)
+    asked = []
+
+    def answer(reply):
+        def question(parent, title, text, *args):
+            asked.append(text)
+            return reply
+        return question
+
+    monkeypatch.setattr(QMessageBox, "question", answer(QMessageBox.Cancel))
+    tab.delete_selected()
+    assert open_run(run.run_id).dir.exists() and tab.table.topLevelItemCount() == 1
+    assert run.run_id in asked[0] and "cannot be undone" in asked[0]
+    monkeypatch.setattr(QMessageBox, "question", answer(QMessageBox.Yes))
+    tab.delete_selected()
+    assert list_runs() == [] and tab.table.topLevelItemCount() == 0 and tab.empty.isVisibleTo(tab)
