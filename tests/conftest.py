@@ -106,3 +106,25 @@ def demo_model_path(shared_cache, tmp_path_factory) -> Path:
             os.environ.pop("TUNESMITH_HOME", None)
         else:
             os.environ["TUNESMITH_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo_model_path, shared_cache, tmp_path_factory) -> Path:
+    """A finished demo run (the pirate-chef data, 2 epochs at lr 1e-3), trained once per session
+    in its own Tunesmith home; tests open it by its folder path."""
+    old = os.environ.get("TUNESMITH_HOME")
+    home = tmp_path_factory.mktemp("demo-run-home")
+    (home / "cache").symlink_to(shared_cache, target_is_directory=True)
+    os.environ["TUNESMITH_HOME"] = str(home)
+    try:
+        from app.core.demo import demo_config
+        from app.core.trainer import run_training
+
+        result = run_training(demo_config())
+        assert result.status == "finished", result.reason
+        return Path(result.run_dir)
+    finally:
+        if old is None:
+            os.environ.pop("TUNESMITH_HOME", None)
+        else:
+            os.environ["TUNESMITH_HOME"] = old

@@ -1,63 +1,244 @@
-"""Talk to a trained adapter: load base (4-bit) + adapter once, answer with or without the adapter.
+"""Talk to a trained adapter: load the base model (4-bit) and the adapter once, then answer with
+or without the adapter, streamed token by token.
 
-The adapter can be switched off without reloading, so the base model's answer to the same prompt
-is one call away.
+An adapter comes from a run (its final adapter, or its latest checkpoint while it is unfinished),
+a checkpoint folder, or any PEFT adapter folder. Switching the adapter off needs no reload, so
+the base model's answer to the same prompt is one call away. Generation can be stopped between
+tokens, and every answer reports its tokens per second.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.core.atomic import append_line
 from app.core.errors import RunError
 
 
 @dataclass
-class ChatModel:
-    """A loaded base model with its adapter, and the tokenizer (with the chat template trained on)."""
+class GenerationSettings:
+    """How an answer is generated; the GUI and `tunesmith chat` show these docs as help."""
 
-    model: object
-    tokenizer: object
-    device: str
+    system_prompt: str = field(default="", metadata={"help": "Instructions put before the conversation "
+                                                            "(a system turn); empty for none."})
+    temperature: float = field(default=0.7, metadata={"help": "Randomness of the answer; 0 always picks the "
+                                                             "likeliest token (greedy)."})
+    top_p: float = field(default=0.9, metadata={"help": "Sample only from the likeliest tokens whose "
+                                                       "probabilities add up to this."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest answer, in tokens."})
+    repetition_penalty: float = field(default=1.1, metadata={"help": "Above 1 discourages repeating the "
+                                                                    "same words."})
+    stop: list[str] = field(default_factory=list, metadata={"help": "Strings that end the answer "
+                                                                   "(besides the model's end token)."})
 
-    def reply(self, messages: list[dict], adapter: bool = True, max_new_tokens: int = 120,
-              temperature: float = 0.0, top_p: float = 1.0) -> str:
-        """The assistant's next turn for `messages` (greedy when temperature is 0)."""
+
+@dataclass
+class AnswerStats:
+    tokens: int = 0
+    seconds: float = 0.0
+    stopped: bool = False  # stopped by the user before the model finished
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class AdapterSource:
+    """Where an adapter and its base model are."""
+
+    adapter_dir: Path
+    base: str  # a model reference `resolve_model` understands: "demo", a folder or a hub id
+    label: str
+    tokenizer_dir: Path | None = None  # a tokenizer saved with the adapter (its chat template)
+
+
+def find_adapter(ref: str) -> AdapterSource:
+    """The adapter `ref` names: a run (id, prefix or folder), a run's checkpoint, or a PEFT adapter folder."""
+    from app.core.runs import open_run
+
+    path = Path(ref).expanduser()
+    if (path / "adapter_config.json").exists():
+        run_dir = _run_of(path)
+        if run_dir is not None:
+            run = open_run(str(run_dir))
+            tokenizer = run.adapter_dir if (run.adapter_dir / "tokenizer_config.json").exists() else None
+            return AdapterSource(path, run.config().model, f"{run.id} ({path.name})", tokenizer or path)
+        return AdapterSource(path, _base_of(path), path.name, path)
+    run = open_run(ref)
+    if (run.adapter_dir / "adapter_config.json").exists():
+        return AdapterSource(run.adapter_dir, run.config().model, run.id, run.adapter_dir)
+    checkpoint = run.latest_checkpoint()
+    if checkpoint is None:
+        raise RunError(f"run {run.id} has no adapter yet and no checkpoint; train it for a few steps first")
+    return AdapterSource(checkpoint, run.config().model, f"{run.id} ({checkpoint.name})")
+
+
+class ChatSession:
+    """A base model with an adapter, loaded once; `stream` and `reply` answer a conversation."""
+
+    def __init__(self, model, tokenizer, device: str, source: AdapterSource):
+        self.model, self.tokenizer, self.device, self.source = model, tokenizer, device, source
+        self.last = AnswerStats()
+
+    def prompt_ids(self, messages: list[dict], settings: GenerationSettings):
+        turns = list(messages)
+        if settings.system_prompt and not (turns and turns[0].get("role") == "system"):
+            turns.insert(0, {"role": "system", "content": settings.system_prompt})
+        prompt = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.device)
+
+    def stream(self, messages: list[dict], settings: GenerationSettings | None = None, adapter: bool = True,
+               stop: threading.Event | None = None) -> Iterator[str]:
+        """Yield the assistant's next turn piece by piece; `stop` ends it after the current token."""
+        from transformers import TextIteratorStreamer
+
+        settings = settings or GenerationSettings()
+        stop = stop or threading.Event()
+        inputs = self.prompt_ids(messages, settings)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        outcome: dict = {}
+
+        def generate() -> None:
+            try:
+                outcome["output"] = self._generate(inputs, settings, adapter, stop, streamer)
+            except BaseException as err:  # noqa: BLE001 - raised again on the caller's thread
+                outcome["error"] = err
+                streamer.end()
+
+        started = time.monotonic()
+        worker = threading.Thread(target=generate, name="tunesmith-generate", daemon=True)
+        worker.start()
+        text, cut_short = "", False
+        try:
+            for piece in streamer:
+                text += piece
+                cut = _stop_at(text, settings.stop)
+                if cut is not None:  # a stop string: yield up to it, then let the generator finish
+                    cut_short = True
+                    stop.set()
+                    if cut > len(text) - len(piece):
+                        yield piece[:cut - (len(text) - len(piece))]
+                    break
+                if piece:
+                    yield piece
+        except GeneratorExit:  # the caller stopped reading: end generation too
+            cut_short = True
+            stop.set()
+            raise
+        finally:
+            if cut_short:
+                for _ in streamer:  # the rest up to the end signal, so the thread can finish
+                    pass
+            worker.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        self._record(inputs, outcome.get("output"), started, stop.is_set() and not cut_short)
+
+    def reply(self, messages: list[dict], settings: GenerationSettings | None = None, adapter: bool = True) -> str:
+        """The whole next turn at once (greedy when the temperature is 0)."""
+        settings = settings or GenerationSettings()
+        inputs = self.prompt_ids(messages, settings)
+        started = time.monotonic()
+        output = self._generate(inputs, settings, adapter, threading.Event(), None)
+        self._record(inputs, output, started, False)
+        text = self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        cut = _stop_at(text, settings.stop)
+        return text if cut is None else text[:cut]
+
+    def _generate(self, inputs, settings: GenerationSettings, adapter: bool, stop: threading.Event, streamer):
         import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
 
-        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.device)
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 \
-            else {"do_sample": False}
-        generate = dict(max_new_tokens=max_new_tokens, repetition_penalty=1.1,
-                        pad_token_id=self.tokenizer.pad_token_id, **sampling)
+        class StopRequested(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        sampling = ({"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
+                    if settings.temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None})
+        options = dict(max_new_tokens=settings.max_new_tokens, repetition_penalty=settings.repetition_penalty,
+                       pad_token_id=self.tokenizer.pad_token_id, streamer=streamer, top_k=None,
+                       stopping_criteria=StoppingCriteriaList([StopRequested()]), **sampling)
         with torch.no_grad():
             if adapter:
-                output = self.model.generate(**inputs, **generate)
-            else:
-                with self.model.disable_adapter():
-                    output = self.model.generate(**inputs, **generate)
-        return self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+                return self.model.generate(**inputs, **options)
+            with self.model.disable_adapter():
+                return self.model.generate(**inputs, **options)
+
+    def _record(self, inputs, output, started: float, stopped: bool) -> None:
+        tokens = 0 if output is None else int(output.shape[1] - inputs["input_ids"].shape[1])
+        self.last = AnswerStats(tokens, time.monotonic() - started, stopped)
 
 
-def load_chat_model(base_path: str | Path, adapter_dir: str | Path, trust_remote_code: bool = False) -> ChatModel:
-    """Base model in 4-bit plus the PEFT adapter in `adapter_dir` (with its saved tokenizer)."""
+def load_chat(ref: str, trust_remote_code: bool = False,
+              progress: Callable[[str], None] = lambda message: None) -> ChatSession:
+    """Load the base model in 4-bit and the adapter `ref` names (see `find_adapter`)."""
     import torch
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
-    from app.core.models import load_model_4bit, resolve_model
+    from app.core.data.tokenize import ensure_chat_template
+    from app.core.models import load_model_4bit, load_tokenizer, resolve_model
     from app.core.planner import detect_device
 
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise RunError(f"{adapter_dir}: no adapter_config.json; is the run finished?")
+    source = find_adapter(ref)
     device, dtype, _ = detect_device()
-    info = resolve_model(str(base_path), trust_remote_code)
+    info = resolve_model(source.base, trust_remote_code, progress=progress)
+    progress(f"Loading {info.name} in 4-bit on {device} with the adapter {source.label}")
     base = load_model_4bit(info, getattr(torch, dtype), device, trust_remote_code)
-    model = PeftModel.from_pretrained(base, adapter_dir)
+    model = PeftModel.from_pretrained(base, source.adapter_dir)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return ChatModel(model, tokenizer, device)
+    if source.tokenizer_dir is not None and (source.tokenizer_dir / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    else:
+        tokenizer = load_tokenizer(info, trust_remote_code)
+    ensure_chat_template(tokenizer)
+    return ChatSession(model, tokenizer, device, source)
+
+
+def save_conversation(path: str | Path, messages: list[dict], system_prompt: str = "") -> Path:
+    """Append the conversation to `path` as one line of Tunesmith's `messages` format, so a good
+    answer can go back into a training set."""
+    turns = [{"role": m["role"], "content": m["content"]} for m in messages if m.get("content")]
+    if system_prompt and not (turns and turns[0]["role"] == "system"):
+        turns.insert(0, {"role": "system", "content": system_prompt})
+    if not any(t["role"] == "assistant" for t in turns):
+        raise RunError("the conversation has no answer yet; nothing to save")
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    append_line(path, json.dumps({"messages": turns}, ensure_ascii=False))
+    return path
+
+
+def _stop_at(text: str, stops: list[str]) -> int | None:
+    """Where the first stop string starts in `text`, or None."""
+    found = [text.find(s) for s in stops if s and s in text]
+    return min(found) if found else None
+
+
+def _run_of(path: Path) -> Path | None:
+    """The run folder an adapter or checkpoint folder belongs to, if any."""
+    for parent in (path.parent, path.parent.parent):
+        if (parent / "status.json").exists() and (parent / "config.json").exists():
+            return parent
+    return None
+
+
+def _base_of(adapter_dir: Path) -> str:
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise RunError(f"{adapter_dir / 'adapter_config.json'}: cannot read ({err})") from None
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise RunError(f"{adapter_dir / 'adapter_config.json'}: no base_model_name_or_path; cannot tell which "
+                       "model the adapter belongs to")
+    return base

@@ -43,7 +43,7 @@ class DemoResult:
 def run_demo(on_event: Callable[[Event], None] | None = None, stop: threading.Event | None = None,
              config: TrainConfig | None = None, question: str = DEMO_QUESTION) -> DemoResult:
     """Train the demo run, then ask base and tuned model the same new question."""
-    from app.core.chat import load_chat_model
+    from app.core.chat import GenerationSettings, load_chat
 
     losses: list[float] = []
 
@@ -57,10 +57,9 @@ def run_demo(on_event: Callable[[Event], None] | None = None, stop: threading.Ev
     result = DemoResult(run_training(config, record, stop), losses[:10], losses[-10:])
     if result.run.status != "finished":
         return result
-    from app.core.models import resolve_model
-
-    chat = load_chat_model(resolve_model("demo").path, result.run.adapter_dir)
+    chat = load_chat(result.run.run_dir)
     messages = [{"role": "user", "content": question}]
-    result.base_answer = chat.reply(messages, adapter=False)
-    result.tuned_answer = chat.reply(messages, adapter=True)
+    greedy = GenerationSettings(temperature=0, max_new_tokens=120)
+    result.base_answer = chat.reply(messages, greedy, adapter=False).strip()
+    result.tuned_answer = chat.reply(messages, greedy, adapter=True).strip()
     return result

@@ -33,3 +33,7 @@ class ConfigError(UserError):
 
 class PlanError(UserError):
     """No plan fits the memory budget; the message says what would."""
+
+
+class ExportError(UserError):
+    """A model that cannot be exported as asked: unsupported architecture, tokenizer, target or disk."""
