@@ -1,0 +1,373 @@
+"""Write a Hugging Face model folder as one GGUF file that llama.cpp and Ollama load, and check it.
+
+Our own compact take on llama.cpp's `convert_hf_to_gguf.py` for the architectures Tunesmith fine-tunes:
+Llama (SmolLM included) and Mistral, written as llama.cpp's "llama" architecture with q/k weights
+permuted into its rotary layout, and Qwen2 (not permuted, with q/k/v biases). The tokenizer must be a
+GPT-2-style byte-level BPE `tokenizer.json` (Llama 3, Qwen2, SmolLM, Mistral Nemo); SentencePiece
+tokenizers (Llama 2, Mistral 7B) are refused. Tensors stream one at a time from the safetensors files
+into a temporary file beside the target, renamed into place only when complete. `gguf_check.verify_gguf`
+reads a written file back and compares it with the source folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from hashlib import sha256
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+
+from app.core.errors import ExportError
+
+
+SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+QUANTS = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+          "bf16": gguf.GGMLQuantizationType.BF16, "f32": gguf.GGMLQuantizationType.F32}
+FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "f32": gguf.LlamaFileType.ALL_F32}
+
+
+@dataclass
+class GgufSummary:
+    """What `write_gguf` wrote."""
+
+    path: Path
+    bytes: int
+    tensor_count: int
+    arch: str
+    quant: str
+    tensors: list[tuple[str, tuple[int, ...], str]]
+    """(GGUF name, shape in PyTorch order, GGML type name) for every tensor, in file order."""
+    pre_tokenizer: str = "default"
+    warnings: list[str] = field(default_factory=list)
+
+
+def write_gguf(model_dir: Path, out_file: Path, quant: str = "f16",
+               progress: Callable[[str, float], None] | None = None) -> GgufSummary:
+    """Convert `model_dir` (config.json, safetensors, tokenizer.json) into the GGUF file `out_file`.
+
+    `quant` is one of QUANTS; norms and biases stay f32, and with q8_0 a weight whose rows are not a
+    multiple of 32 is stored as f16, as llama.cpp does. `progress(message, fraction)` is called per
+    tensor; an exception it raises cancels the export. Nothing is left behind on any error.
+    """
+    model_dir, out_file = Path(model_dir), Path(out_file)
+    if quant not in QUANTS:
+        raise ExportError(f"GGUF quantization '{quant}' is not available; choose one of {', '.join(QUANTS)} "
+                          "(k-quants such as q4_k_m need llama.cpp's llama-quantize on the f16 file)")
+    config, arch = read_config(model_dir)
+    plan = plan_tensors(model_dir, config, arch)
+    report = progress or (lambda message, fraction: None)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(f".{out_file.name}.{uuid.uuid4().hex[:8]}.tmp")
+    writer = gguf.GGUFWriter(None, arch)
+    try:
+        pre, warnings = _add_metadata(writer, model_dir, config, arch, quant)
+        for item in plan:
+            item.qtype = _tensor_type(item.name, item.shape, quant)
+            nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(item.shape, item.qtype))
+            writer.add_tensor_info(item.name, item.shape, np.dtype(np.float32), nbytes, raw_dtype=item.qtype)
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        total, done = sum(math.prod(item.shape) for item in plan) or 1, 0
+        for item in plan:
+            report(f"Writing {item.name} ({item.qtype.name})", done / total)
+            writer.write_tensor_data(gguf.quants.quantize(load_tensor(item, config, arch), item.qtype))
+            done += math.prod(item.shape)
+        for handle in writer.fout or []:
+            handle.flush()
+            os.fsync(handle.fileno())
+        writer.close()
+        os.replace(tmp, out_file)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    report(f"Wrote {out_file.name}", 1.0)
+    rows = [(item.name, item.shape, item.qtype.name) for item in plan]
+    return GgufSummary(out_file, out_file.stat().st_size, len(rows), arch, quant, rows, pre, warnings)
+
+
+# --- configuration and tensor plan ---------------------------------------------------------------
+
+@dataclass
+class _Planned:
+    name: str  # GGUF name
+    shape: tuple[int, ...]  # PyTorch order
+    source: str  # HF tensor name, or "" for a generated tensor
+    file: Path | None = None
+    qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32
+
+
+_BLOCK_PARTS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                "mlp.down_proj": "ffn_down"}
+_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+_BLOCK_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+
+
+def read_config(model_dir: Path) -> tuple[dict, str]:
+    file = model_dir / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{file}: cannot read the model config ({err}); is this a model folder?") from None
+    by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    declared = (config.get("architectures") or [by_type.get(config.get("model_type"), "")])[0]
+    if declared not in SUPPORTED:
+        shown = declared or config.get("model_type") or "unknown"
+        raise ExportError(f"{model_dir}: GGUF export does not support the architecture {shown}; "
+                          f"supported: {', '.join(SUPPORTED)} (SmolLM is LlamaForCausalLM)")
+    return config, SUPPORTED[declared]
+
+
+def _safetensors_headers(model_dir: Path) -> dict[Path, dict]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted({model_dir / shard for shard in weight_map.values()})
+        except (OSError, ValueError, KeyError, AttributeError) as err:
+            raise ExportError(f"{index}: damaged shard index ({err}); save or download the model again") from None
+    else:
+        files = sorted(f for f in model_dir.glob("*.safetensors") if not f.name.startswith("adapter_"))
+    if not files:
+        raise ExportError(f"{model_dir}: no *.safetensors weights; save the model with safetensors first")
+    headers = {}
+    for file in files:
+        try:
+            with open(file, "rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(length))
+            header.pop("__metadata__", None)
+            end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ExportError(f"{file}: unreadable safetensors file ({err}); save or download it again") from None
+        if 8 + length + end != file.stat().st_size:
+            raise ExportError(f"{file}: truncated safetensors file ({file.stat().st_size} bytes, "
+                              f"{8 + length + end} expected); save or download it again")
+        headers[file] = header
+    return headers
+
+
+def plan_tensors(model_dir: Path, config: dict, arch: str) -> list[_Planned]:
+    tied = bool(config.get("tie_word_embeddings", False))
+    planned: dict[str, _Planned] = {}
+    for file, header in _safetensors_headers(model_dir).items():
+        for hf_name, entry in header.items():
+            if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
+                continue
+            match = _BLOCK_RE.fullmatch(hf_name)
+            name = _GLOBAL.get(hf_name)
+            if match and match.group(2) in _BLOCK_PARTS:
+                name = f"blk.{match.group(1)}.{_BLOCK_PARTS[match.group(2)]}.{match.group(3)}"
+            if name is None or entry["dtype"] not in ("F32", "F16", "BF16", "F64"):
+                raise ExportError(f"{file.name}: tensor {hf_name} ({entry['dtype']}) has no GGUF counterpart; "
+                                  "export a merged full-precision model, not a 4-bit model or an adapter")
+            planned[name] = _Planned(name, tuple(int(d) for d in entry["shape"]), hf_name, file)
+    required = ["token_embd.weight", "output_norm.weight"] + ([] if tied else ["output.weight"])
+    for name in required + [f"blk.{i}.{p}.weight" for i in range(config["num_hidden_layers"])
+                            for p in _BLOCK_PARTS.values()]:
+        if name not in planned:
+            raise ExportError(f"{model_dir}: no weights for {name}; the safetensors files do not match "
+                              "config.json (an unfinished download or save?)")
+    if (freqs := _llama3_rope_factors(config)) is not None and arch == "llama":
+        planned["rope_freqs.weight"] = _Planned("rope_freqs.weight", freqs.shape, "")
+    return sorted(planned.values(), key=_file_order)
+
+
+def _file_order(item: _Planned) -> tuple:
+    """token_embd and rope_freqs first, then the blocks in numeric order, output_norm and output last."""
+    parts = item.name.split(".")
+    group = (1, int(parts[1])) if parts[0] == "blk" else (2 if parts[0].startswith("output") else 0, 0)
+    return group, item.name
+
+
+def _tensor_type(name: str, shape: tuple[int, ...], quant: str) -> gguf.GGMLQuantizationType:
+    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+        return gguf.GGMLQuantizationType.F32
+    qtype = QUANTS[quant]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    return gguf.GGMLQuantizationType.F16 if shape[-1] % block else qtype
+
+
+def load_tensor(item: _Planned, config: dict, arch: str, rows: slice = slice(None)) -> np.ndarray:
+    """One tensor (or some of its rows) as float32 in PyTorch order, permuted for llama.cpp when
+    `arch` is "llama"."""
+    if not item.source:
+        return _llama3_rope_factors(config)[rows]
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(item.file), framework="pt") as handle:
+            data = handle.get_slice(item.source)[rows].float().numpy()
+    except (OSError, SafetensorError) as err:
+        raise ExportError(f"{item.file}: cannot read {item.source} ({err}); save or download it again") from None
+    if arch == "llama" and item.name.startswith("blk.") and item.name.split(".")[2] in ("attn_q", "attn_k"):
+        data = permute(data, attention_heads(config, item.name))
+    return data
+
+
+def attention_heads(config: dict, name: str) -> int:
+    n_head = config["num_attention_heads"]
+    return n_head if ".attn_q." in name else config.get("num_key_value_heads") or n_head
+
+
+def permute(weights: np.ndarray, n_head: int, inverse: bool = False) -> np.ndarray:
+    """llama.cpp's LlamaModel.permute: HF rotary halves -> interleaved pairs per head (or back)."""
+    split = (n_head, weights.shape[0] // n_head // 2, 2) if inverse else (n_head, 2, weights.shape[0] // n_head // 2)
+    return weights.reshape(*split, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def _rope(config: dict) -> dict:
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", config.get("rope_theta"))
+    rope["rope_type"] = rope.get("rope_type", rope.get("type")) or "default"
+    return rope
+
+
+def _llama3_rope_factors(config: dict) -> np.ndarray | None:
+    rope = _rope(config)
+    if rope["rope_type"].lower() != "llama3":
+        return None
+    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    freqs = 1.0 / ((rope["rope_theta"] or 10000.0) ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_ctx = rope.get("original_max_position_embeddings") or config.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    mixed = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, mixed)).astype(np.float32)
+
+
+# --- metadata and tokenizer ------------------------------------------------------------------------
+
+_CHKTXT = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ "
+           "🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+           "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, "
+           "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL")
+# sha256(str(token ids of _CHKTXT)) -> llama.cpp pre-tokenizer, from convert_hf_to_gguf.py's table
+_PRE_BY_HASH = {
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
+    "c136ed14d01c2745d4f60a9596ae66800e2b61fa45643e72436041855ad4089d": "smaug-bpe",
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
+    "b3f499bb4255f8ca19fccd664443283318f2fd2414d5e0b040fbdd0cc195d6c5": "deepseek-r1-qwen",
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",
+    "9d032fcbd5501f4a38150912590928bfb36091efb5df11b8e2124b0390e3fb1e": "falcon3",
+    "049ecf7629871e3041641907f3de7c733e4dbfdc736f57d882ba0b0845599754": "deepseek-llm",
+    "347715f544604f9118bb75ed199f68779f423cabb20db6de6f31b908d04d7821": "deepseek-coder",
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+}
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _add_metadata(writer: gguf.GGUFWriter, model_dir: Path, config: dict, arch: str,
+                  quant: str) -> tuple[str, list[str]]:
+    n_head = config["num_attention_heads"]
+    writer.add_type("model")
+    writer.add_name(model_dir.name)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or n_head)
+    rope = _rope(config)
+    if rope["rope_theta"] is not None:
+        writer.add_rope_freq_base(float(rope["rope_theta"]))
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    if config.get("head_dim"):
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
+    writer.add_file_type(FILE_TYPES[quant])
+    writer.add_vocab_size(config["vocab_size"])
+    if arch == "llama":
+        writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // n_head)
+    kind = rope["rope_type"].lower()
+    if kind in ("linear", "yarn") and rope.get("factor"):
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if kind == "linear" else gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        if kind == "yarn":
+            writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    elif kind not in ("default", "llama3") or (kind == "llama3" and arch != "llama"):
+        raise ExportError(f"{model_dir / 'config.json'}: RoPE scaling '{kind}' cannot be written to GGUF "
+                          "for this model; only linear, yarn and llama3 scaling are supported")
+    pre, warnings = _add_tokenizer(writer, model_dir, config)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    return pre, warnings
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, config: dict) -> tuple[str, list[str]]:
+    file = model_dir / "tokenizer.json"
+    if not file.exists():
+        raise ExportError(f"{model_dir}: no tokenizer.json; GGUF export needs the fast tokenizer file "
+                          "(save the tokenizer with save_pretrained from transformers)")
+    spec = json.loads(file.read_text(encoding="utf-8"))
+    model = spec.get("model") or {}
+    byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or model.get("byte_fallback") or not byte_level:
+        kind = "SentencePiece-style (Llama 2, Mistral 7B)" if model.get("byte_fallback") else model.get("type")
+        raise ExportError(f"{file}: the tokenizer is {kind}, not byte-level BPE, which is all GGUF export writes "
+                          "(Llama 3, Qwen2, SmolLM); use llama.cpp's convert_hf_to_gguf.py for this model")
+    n_vocab = config["vocab_size"]
+    vocab = dict(model["vocab"]) | {a["content"]: a["id"] for a in spec.get("added_tokens", [])}
+    if max(vocab.values()) >= n_vocab:
+        raise ExportError(f"{file}: token id {max(vocab.values())} is beyond vocab_size {n_vocab} in config.json")
+    tokens, types = [f"[PAD{i}]" for i in range(n_vocab)], [gguf.TokenType.UNUSED] * n_vocab
+    for text, token_id in vocab.items():
+        tokens[token_id], types[token_id] = text, gguf.TokenType.NORMAL
+    for added in spec.get("added_tokens", []):
+        text = added["content"]
+        looks_special = text in ("<pad>", "<mask>") or (text.startswith("<|") and text.endswith("|>"))
+        if added.get("special") or looks_special:
+            types[added["id"]] = gguf.TokenType.CONTROL
+        else:
+            tokens[added["id"]], types[added["id"]] = text.replace("\u2581", " "), gguf.TokenType.USER_DEFINED
+    pre, warnings = _pre_tokenizer(file, spec)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
+    if not special.merges:
+        raise ExportError(f"{file}: the BPE tokenizer has no merges; the file is incomplete")
+    special.add_special_token.setdefault("bos", False)  # HF adds no BOS unless its post-processor does
+    special.add_to_gguf(writer, quiet=True)
+    if special.chat_template is None:
+        warnings.append("the tokenizer has no chat template; Ollama will need a TEMPLATE in the Modelfile")
+    return pre, warnings
+
+
+def _pre_tokenizer(file: Path, spec: dict) -> tuple[str, list[str]]:
+    """llama.cpp's pre-tokenizer name: by its token-hash table, else by the tokenizer.json structure."""
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(file)).encode(_CHKTXT).ids
+    name = _PRE_BY_HASH.get(sha256(str(ids).encode()).hexdigest())
+    if name:
+        return name, []
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [step.get("type") for step in steps]
+    pattern = next((s.get("pattern", {}).get("Regex") for s in steps if s.get("type") == "Split"), None)
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2", []
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        return "smollm", []
+    if pattern == _LLAMA3_SPLIT:
+        return "llama-bpe", []
+    if pattern == _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}"):
+        return "qwen2", []
+    return "default", [(f"{file}: pre-tokenizer not recognised; wrote 'default', so llama.cpp may split "
+                        "some text differently from transformers")]

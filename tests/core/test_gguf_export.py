@@ -1,0 +1,297 @@
+"""GGUF export: tiny random models round-trip through gguf's reader; the demo model matches the GGUF
+file llama.cpp's own converter wrote for it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from app.core.errors import ExportError
+from app.core.gguf_check import verify_gguf
+from app.core.gguf_export import permute, write_gguf
+from conftest import build_tiny_model, build_tiny_tokenizer
+
+BLOCK_PARTS = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
+               "ffn_down"]
+
+
+def field(reader: gguf.GGUFReader, key: str):
+    found = reader.get_field(key)
+    return found.contents() if found is not None else None
+
+
+def stored(reader: gguf.GGUFReader, name: str) -> np.ndarray:
+    tensor = next(t for t in reader.tensors if t.name == name)
+    return gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+
+
+def hf_tensor(model_dir: Path, name: str) -> np.ndarray:
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as handle:
+        return handle.get_tensor(name).float().numpy()
+
+
+def build_tiny_qwen2(path: Path) -> Path:
+    """A 2-layer random Qwen2 (q/k/v biases, tied embeddings, rows of 48 that q8_0 cannot block)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, initializer_range=0.3, eos_token_id=tokenizer.eos_token_id)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:  # random biases, so that a lost or misplaced bias shows
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+def test_tiny_llama_f16_reads_back_with_names_shapes_metadata_and_values(tiny_model, tmp_path):
+    summary = write_gguf(tiny_model, tmp_path / "tiny.gguf", "f16")
+    config = json.loads((tiny_model / "config.json").read_text())
+    reader = gguf.GGUFReader(summary.path)
+    names = {t.name for t in reader.tensors}
+    expected = {"token_embd.weight", "output_norm.weight", "output.weight"}
+    expected |= {f"blk.{i}.{part}.weight" for i in range(2) for part in BLOCK_PARTS}
+    assert names == expected and summary.tensor_count == len(expected)
+    shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
+    assert shapes["token_embd.weight"] == (64, 512)  # GGUF lists the fastest dimension first
+    assert shapes["blk.0.attn_k.weight"] == (64, 32)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.attn_norm.weight"] == "F32"
+    assert field(reader, "general.architecture") == "llama"
+    assert field(reader, "llama.block_count") == 2
+    assert field(reader, "llama.attention.head_count_kv") == 2
+    assert field(reader, "llama.rope.freq_base") == pytest.approx(10000.0)
+    assert field(reader, "llama.context_length") == 512
+    assert field(reader, "general.file_type") == gguf.LlamaFileType.MOSTLY_F16
+    assert field(reader, "general.quantization_version") == gguf.GGML_QUANT_VERSION
+    assert field(reader, "tokenizer.ggml.model") == "gpt2"
+    assert field(reader, "tokenizer.ggml.pre") == "gpt-2"
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    assert len(tokens) == config["vocab_size"] and tokens[3] == "<|im_end|>"
+    assert field(reader, "tokenizer.ggml.token_type")[:4] == [3, 3, 3, 3]
+    assert field(reader, "tokenizer.ggml.eos_token_id") == 3
+    assert field(reader, "tokenizer.ggml.add_bos_token") is False
+    assert "<|im_start|>" in field(reader, "tokenizer.chat_template")
+    assert len(field(reader, "tokenizer.ggml.merges")) > 100
+    # values: embeddings as they are, q permuted into llama.cpp's rotary layout
+    embed = hf_tensor(tiny_model, "model.embed_tokens.weight")
+    np.testing.assert_allclose(stored(reader, "token_embd.weight"), embed, rtol=1e-3, atol=1e-3)
+    q = hf_tensor(tiny_model, "model.layers.1.self_attn.q_proj.weight")
+    assert not np.allclose(stored(reader, "blk.1.attn_q.weight"), q, atol=1e-2)
+    np.testing.assert_allclose(permute(stored(reader, "blk.1.attn_q.weight"), 4, inverse=True), q, atol=2e-3)
+    check = verify_gguf(summary.path, tiny_model)
+    assert check.ok, check.problems
+    assert check.tensor_count == check.expected_count == 21 and check.values_checked >= 5
+
+
+def test_tiny_llama_q8_0_dequantizes_close_to_the_weights(tiny_model, tmp_path):
+    summary = write_gguf(tiny_model, tmp_path / "tiny-q8.gguf", "q8_0")
+    reader = gguf.GGUFReader(summary.path)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.ffn_down.weight"] == "Q8_0" and types["output_norm.weight"] == "F32"
+    assert field(reader, "general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
+    down = hf_tensor(tiny_model, "model.layers.0.mlp.down_proj.weight")
+    assert np.abs(stored(reader, "blk.0.ffn_down.weight") - down).max() < 1e-2 * np.abs(down).max()
+    check = verify_gguf(summary.path, tiny_model)
+    assert check.ok, check.problems
+    assert 0 < check.max_abs_diff < 0.05
+    assert summary.bytes < (tmp_path / "tiny-q8.gguf").stat().st_size + 1
+    assert summary.bytes < write_gguf(tiny_model, tmp_path / "tiny-f16.gguf").bytes
+
+
+def test_qwen2_exports_biases_unpermuted_and_f16_where_rows_do_not_fit_q8_blocks(tiny_qwen2, tmp_path):
+    summary = write_gguf(tiny_qwen2, tmp_path / "qwen.gguf", "q8_0")
+    assert summary.arch == "qwen2"
+    reader = gguf.GGUFReader(summary.path)
+    names = {t.name for t in reader.tensors}
+    assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.1.attn_v.bias"} <= names
+    assert "output.weight" not in names  # tied: llama.cpp reuses token_embd
+    assert field(reader, "general.architecture") == "qwen2"
+    assert field(reader, "qwen2.block_count") == 2
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.bias"] == "F32"
+    assert types["blk.0.attn_q.weight"] == "F16"  # rows of 48 are no multiple of 32
+    assert types["blk.0.ffn_down.weight"] == "Q8_0"  # rows of 96 are
+    bias = hf_tensor(tiny_qwen2, "model.layers.0.self_attn.k_proj.bias")
+    np.testing.assert_array_equal(stored(reader, "blk.0.attn_k.bias"), bias)
+    q = hf_tensor(tiny_qwen2, "model.layers.0.self_attn.q_proj.weight")
+    np.testing.assert_allclose(stored(reader, "blk.0.attn_q.weight"), q, atol=2e-3)
+    check = verify_gguf(summary.path, tiny_qwen2)
+    assert check.ok, check.problems
+
+
+def test_tied_llama_has_no_output_and_llama3_rope_writes_rope_freqs(tmp_path):
+    model = build_tiny_model(tmp_path / "tied", tie=True)
+    config = json.loads((model / "config.json").read_text())
+    config["rope_parameters"] = {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0,
+                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 64}
+    (model / "config.json").write_text(json.dumps(config))
+    summary = write_gguf(model, tmp_path / "tied.gguf")
+    reader = gguf.GGUFReader(summary.path)
+    names = [t.name for t in reader.tensors]
+    assert "output.weight" not in names and names[0] == "rope_freqs.weight"
+    factors = stored(reader, "rope_freqs.weight")
+    assert factors.shape == (8,) and factors[0] == 1.0 and factors[-1] == pytest.approx(8.0)
+    assert field(reader, "llama.rope.freq_base") == pytest.approx(500000.0)
+    assert verify_gguf(summary.path, model).ok
+
+
+def test_sharded_checkpoint_exports_the_same_file_as_a_single_one(tiny_model, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    single, sharded = tmp_path / "a" / "tiny", tmp_path / "b" / "tiny"  # same name: same general.name
+    shutil.copytree(tiny_model, single)
+    AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).save_pretrained(sharded, max_shard_size="50KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(tiny_model / name, sharded / name)
+    assert len(list(sharded.glob("*.safetensors"))) > 1 and (sharded / "model.safetensors.index.json").exists()
+    one = write_gguf(single, tmp_path / "one.gguf")
+    many = write_gguf(sharded, tmp_path / "many.gguf")
+    assert many.tensors == one.tensors
+    assert many.path.read_bytes() == one.path.read_bytes()
+
+
+def test_unsupported_architecture_is_refused_by_name(tmp_path):
+    model = tmp_path / "falcon"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["FalconForCausalLM"], "model_type": "falcon"}))
+    with pytest.raises(ExportError, match="FalconForCausalLM.*LlamaForCausalLM"):
+        write_gguf(model, model / "out.gguf")
+    assert list(model.iterdir()) == [model / "config.json"]
+
+
+def test_unknown_quantization_and_sentencepiece_tokenizer_are_refused(tiny_model, tmp_path):
+    with pytest.raises(ExportError, match="q4_k.*f16, q8_0"):
+        write_gguf(tiny_model, tmp_path / "out.gguf", "q4_k")
+    model = tmp_path / "spm"
+    shutil.copytree(tiny_model, model)
+    spec = json.loads((model / "tokenizer.json").read_text())
+    spec["model"]["byte_fallback"] = True
+    (model / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ExportError, match="SentencePiece"):
+        write_gguf(model, tmp_path / "out.gguf")
+    assert not any(p.name.endswith((".gguf", ".tmp")) for p in tmp_path.iterdir())
+
+
+def test_failure_midway_leaves_no_temp_file_and_keeps_the_old_output(tiny_model, tmp_path):
+    out = tmp_path / "out" / "model.gguf"
+    out.parent.mkdir()
+    out.write_text("previous export")
+    seen = []
+
+    def cancel_after_three(message: str, fraction: float) -> None:
+        seen.append(message)
+        if len(seen) > 3:
+            assert any(p.name.endswith(".tmp") for p in out.parent.iterdir())  # really mid-way
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_gguf(tiny_model, out, progress=cancel_after_three)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.gguf"]
+    assert out.read_text() == "previous export"
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(ExportError, match="truncated"):
+        write_gguf(broken, out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.gguf"]
+
+
+ORIGINAL_TOKENIZER_KEYS = ["tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
+                           "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id",
+                           "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id",
+                           "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token",
+                           "tokenizer.chat_template"]
+ORIGINAL_MODEL_KEYS = ["general.architecture", "llama.block_count", "llama.context_length",
+                       "llama.embedding_length", "llama.feed_forward_length", "llama.attention.head_count",
+                       "llama.attention.head_count_kv", "llama.rope.freq_base", "llama.rope.dimension_count",
+                       "llama.attention.layer_norm_rms_epsilon", "llama.vocab_size"]
+
+
+@pytest.fixture(scope="module")
+def demo_gguf(demo_model_path, tmp_path_factory) -> Path:
+    return write_gguf(demo_model_path, tmp_path_factory.mktemp("demo-gguf") / "demo.gguf", "f16").path
+
+
+@pytest.mark.slow
+def test_demo_model_matches_the_gguf_llama_cpp_wrote(demo_gguf, demo_model_path):
+    from app.core.demo_model import find_demo_gguf
+
+    original, mine = gguf.GGUFReader(find_demo_gguf()), gguf.GGUFReader(demo_gguf)
+    for key in ORIGINAL_TOKENIZER_KEYS + ORIGINAL_MODEL_KEYS:
+        assert field(mine, key) == field(original, key), key
+    assert field(mine, "tokenizer.ggml.pre") == "smollm"
+    shapes = {t.name: tuple(t.shape) for t in original.tensors}
+    assert {t.name: tuple(t.shape) for t in mine.tensors} == shapes
+    # llama.cpp permuted q/k when it wrote the original; ours must agree with it, not with HF's layout
+    for name in ("blk.0.attn_q.weight", "blk.29.attn_k.weight"):
+        theirs, ours = stored(original, name), stored(mine, name)
+        assert np.abs(theirs - ours).max() < 0.05 * np.abs(theirs).max(), name
+    check = verify_gguf(demo_gguf, demo_model_path)
+    assert check.ok, check.problems
+
+
+needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                     reason="llama-cpp-python is not installed")
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_llama_cpp_loads_the_demo_gguf_and_answers_coherently(demo_gguf):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(demo_gguf), n_ctx=512, verbose=False, seed=0)
+    try:
+        reply = llm.create_chat_completion(messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                           max_tokens=24, temperature=0.0)
+        assert "Paris" in reply["choices"][0]["message"]["content"]
+        assert llm.tokenize(b"Hello world 12345", add_bos=False) == [19556, 905, 216, 33, 34, 35, 36, 37]
+    finally:
+        llm.close()
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_llama_cpp_logits_match_transformers(arch, tiny_model, tiny_qwen2, tmp_path):
+    import torch
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model if arch == "llama" else tiny_qwen2
+    ids = [5, 17, 99, 200, 33, 250, 7, 120, 64, 300] * 6
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)(torch.tensor([ids])).logits[0]
+    llm = Llama(model_path=str(write_gguf(model, tmp_path / "m.gguf", "f32").path), n_ctx=128,
+                logits_all=True, verbose=False)
+    try:
+        llm.eval(ids)
+        got = np.array(llm.scores[:len(ids)])
+    finally:
+        llm.close()
+    # a wrong q/k permutation gives differences of ~10 and argmax agreement near 0
+    assert np.abs(got - expected.numpy()).max() < 0.1
+    assert (got.argmax(-1) == expected.numpy().argmax(-1)).mean() > 0.95
