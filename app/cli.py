@@ -1,4 +1,5 @@
-"""The command line: `tunesmith train|resume|runs|check-data|models|demo`.
+"""The command line: `tunesmith train|resume|runs|plan|check-data|models|gpu|demo|gui` (and
+`chat`, `export` from cli_chat).
 
 A thin face over app.core. User errors print one line on stderr and exit 2 (`--debug` shows the
 traceback); a failed run exits 1; Ctrl-C during training stops cleanly with a checkpoint.
@@ -13,7 +14,7 @@ import time
 import warnings
 from dataclasses import fields
 
-from app import __version__
+from app import __version__, cli_chat
 from app.core.config import TrainConfig, field_help
 from app.cli_progress import Progress, install_stop_handler, report_end, run_with_progress
 from app.core.errors import UserError
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train the demo model on the sample data and compare answers")
     demo.add_argument("--max-steps", type=int, default=None, help="train fewer steps (quick look)")
     demo.set_defaults(func=cmd_demo)
+    cli_chat.add_commands(sub)
     return parser
 
 

@@ -37,6 +37,7 @@ def test_demo_question_is_not_in_the_sample_data():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~5 min alone on 2 cores; more on a busy machine
 def test_demo_trains_and_changes_the_models_voice(demo_model_path, tunesmith_home):
     proc = subprocess.run([sys.executable, "-m", "app", "demo"], cwd=REPO, env=os.environ.copy(),
                           capture_output=True, text=True, timeout=1200)

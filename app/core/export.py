@@ -1,0 +1,333 @@
+"""Export a trained adapter: the adapter itself, a merged 16-bit model, or a GGUF file with an
+Ollama Modelfile; each with a model card (README.md) saying what it is and how it was checked.
+
+Every export is atomic: it is written into a temporary sibling of `--out` and renamed into place
+only when complete, so a failure or a full disk never leaves half a model behind. An existing
+folder is replaced only with `force`, and free disk space is checked before anything is written.
+The merged model is made from the base model in 16-bit (not the 4-bit weights training used),
+and its logits are compared with base + adapter on a few prompts; a GGUF file is read back and
+compared with the merged model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from app.core.atomic import staged_dir, write_json, write_text
+from app.core.chat import AdapterSource, find_adapter
+from app.core.errors import ExportError
+
+FORMATS = ("adapter", "merged", "gguf")
+DTYPES = ("bf16", "f16", "f32")
+GGUF_BYTES_PER_PARAM = {"f16": 2.0, "bf16": 2.0, "f32": 4.0, "q8_0": 34 / 32}
+CHECK_PROMPTS = ("How do I make garlic bread?", "Tell me about the sea.", "What is 12 + 7?")
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+DISK_MARGIN = 1.1
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    format: str
+    files: list[str]
+    bytes: int
+    checks: dict = field(default_factory=dict)
+
+
+def export_run(ref: str, fmt: str, out: str | Path, dtype: str = "bf16", quant: str = "f16", force: bool = False,
+               progress: Callable[[str], None] = lambda message: None,
+               trust_remote_code: bool = False) -> ExportResult:
+    """Export the adapter `ref` names (a run, a checkpoint or an adapter folder) as `fmt` into `out`."""
+    from app.core.models import resolve_model
+
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format '{fmt}'; use one of {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown --dtype '{dtype}'; use one of {', '.join(DTYPES)}")
+    if fmt == "gguf":
+        from app.core.gguf_export import QUANTS
+
+        if quant not in QUANTS:
+            raise ExportError(f"unknown --quant '{quant}'; use one of {', '.join(QUANTS)}")
+    out = Path(out).expanduser().resolve()
+    replace = _check_target(out, force)
+    source = find_adapter(ref)
+    info = resolve_model(source.base, trust_remote_code, progress=progress)
+    _check_space(out, _needed_bytes(fmt, source, _parameters(info), dtype, quant))
+    with staged_dir(out, replace=replace) as tmp:
+        checks: dict = {}
+        if fmt == "adapter":
+            progress(f"Copying the adapter from {source.adapter_dir}")
+            _write_adapter(source, info, tmp, trust_remote_code)
+        elif fmt == "merged":
+            checks["max_logit_diff"] = merge_adapter(source, info, tmp, dtype, progress, trust_remote_code)
+        else:
+            checks.update(_write_gguf(source, info, tmp, dtype, quant, progress, trust_remote_code))
+        write_text(tmp / "README.md", model_card(source, info, fmt, dtype, quant, checks))
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+    progress(f"Exported {fmt} to {out}")
+    return ExportResult(out, fmt, files, size, checks)
+
+
+def merge_adapter(source: AdapterSource, info, out: Path, dtype: str = "bf16",
+                  progress: Callable[[str], None] = lambda message: None, trust_remote_code: bool = False) -> float:
+    """Load the base in 16-bit, merge the adapter, save sharded safetensors with the tokenizer and
+    generation config into `out`; returns the largest logit difference between the merged model
+    and base + adapter over a few prompts."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[dtype]
+    progress(f"Loading {info.name} in {dtype} (not 4-bit) to merge the adapter")
+    base = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                use_safetensors=not info.facts.pickle_weights)
+    model = PeftModel.from_pretrained(base, source.adapter_dir)
+    model.eval()
+    tokenizer = _tokenizer(source, info, trust_remote_code)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)["input_ids"]
+               for p in CHECK_PROMPTS]
+    with torch.no_grad():
+        before = [model(ids).logits.float() for ids in prompts]
+        progress("Merging the adapter into the weights")
+        merged = model.merge_and_unload()
+        after = [merged(ids).logits.float() for ids in prompts]
+    diff = max(float((a - b).abs().max()) for a, b in zip(before, after))
+    progress(f"Merged: logits differ from base + adapter by at most {diff:.3g}; saving")
+    merged.save_pretrained(out, max_shard_size="2GB", safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return diff
+
+
+def ollama_modelfile(gguf_name: str, tokenizer) -> str:
+    """An Ollama Modelfile whose TEMPLATE renders prompts as the model's chat template does.
+
+    The template is found by rendering the chat template with marker strings and putting Ollama's
+    `{{ .System }}`, `{{ .Prompt }}` and `{{ .Response }}` where the markers land, so it works for
+    any template (ChatML, Llama 3, Mistral, ...) without a table of known formats."""
+    system, user, answer = "\x01SYSTEM\x01", "\x01PROMPT\x01", "\x01RESPONSE\x01"
+
+    def render(messages: list[dict], generation: bool) -> str | None:
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+        except Exception:  # noqa: BLE001 - e.g. a template that refuses a system turn
+            return None
+
+    with_system = render([{"role": "system", "content": system}, {"role": "user", "content": user}], True)
+    without = render([{"role": "user", "content": user}], True)
+    whole = render([{"role": "user", "content": user}, {"role": "assistant", "content": answer}], False)
+    if without is None or whole is None or user not in without or answer not in whole:
+        raise ExportError("the model's chat template cannot be turned into an Ollama TEMPLATE; "
+                          "write the Modelfile's TEMPLATE by hand")
+    ending = whole.split(answer, 1)[1]  # what closes the assistant's turn, e.g. "<|im_end|>\n"
+    if with_system is not None and system in with_system:
+        split = _shared_tail(with_system, without, tokenizer)
+        shared = len(with_system) - split  # the user's turn onwards, the same with or without a system turn
+        head = with_system[:split].replace(system, "{{ .System }}")
+        template = (f"{{{{ if .System }}}}{head}{{{{ else }}}}{without[:len(without) - shared]}{{{{ end }}}}"
+                    + with_system[split:].replace(user, "{{ .Prompt }}"))
+    else:
+        template = without.replace(user, "{{ .Prompt }}")
+    template += "{{ .Response }}" + ending
+    stops = _stop_tokens(tokenizer, ending, without.split(user, 1)[0])
+    if '"""' in template:
+        raise ExportError('the chat template contains """, which a Modelfile cannot quote')
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
+    lines += [f"PARAMETER stop {json.dumps(stop)}" for stop in stops]
+    return "\n".join(lines) + "\n"
+
+
+def model_card(source: AdapterSource, info, fmt: str, dtype: str, quant: str, checks: dict) -> str:
+    """README.md: what was exported, from which base and data, with which plan, and the checks."""
+    run = _run_details(source)
+    library = "peft" if fmt == "adapter" else "transformers" if fmt == "merged" else "gguf"
+    lines = ["---", f"base_model: {info.name}", f"library_name: {library}", "tags:", "- tunesmith", "- qlora",
+             "- lora", "---", "", f"# {run.get('id') or source.label}", "",
+             f"A {_what(fmt, dtype, quant)} fine-tuned with Tunesmith (QLoRA) from **{info.name}** "
+             f"({_size(_parameters(info))} parameters, {info.facts.model_type}).", ""]
+    if run:
+        lines += ["## Training", "", "| | |", "|---|---|"]
+        lines += [f"| {key} | {value} |" for key, value in run["rows"]]
+        lines.append("")
+    if checks:
+        lines += ["## Checks", ""]
+        if "max_logit_diff" in checks:
+            lines.append(f"- Merged model vs base + adapter ({len(CHECK_PROMPTS)} prompts): largest logit "
+                         f"difference {checks['max_logit_diff']:.3g}.")
+        if "gguf_tensors" in checks:
+            lines.append(f"- GGUF read back with gguf's reader: {checks['gguf_tensors']} tensors, names and "
+                         f"shapes as expected; largest value difference from the merged model "
+                         f"{checks['gguf_max_abs_diff']:.3g}.")
+        lines.append("")
+    lines += ["## Use", "", _usage(fmt, info.name), ""]
+    return "\n".join(lines)
+
+
+# -- the formats ------------------------------------------------------------------------------------
+def _write_adapter(source: AdapterSource, info, out: Path, trust_remote_code: bool) -> None:
+    for name in ADAPTER_FILES:
+        if not (source.adapter_dir / name).exists():
+            raise ExportError(f"{source.adapter_dir}: no {name}; the adapter folder is incomplete")
+        shutil.copy2(source.adapter_dir / name, out / name)
+    _tokenizer(source, info, trust_remote_code).save_pretrained(out)
+
+
+def _write_gguf(source: AdapterSource, info, out: Path, dtype: str, quant: str, progress,
+                trust_remote_code: bool) -> dict:
+    from app.core.gguf_check import verify_gguf
+    from app.core.gguf_export import write_gguf
+
+    merged = out / ".merged"
+    merged.mkdir()
+    diff = merge_adapter(source, info, merged, "f32" if quant == "f32" else dtype, progress, trust_remote_code)
+    name = f"{_slug(source.label)}-{quant}.gguf"
+    progress(f"Writing {name}")
+    summary = write_gguf(merged, out / name, quant, lambda message, _fraction=None: progress(message))
+    progress("Reading the GGUF file back to check it against the merged model")
+    check = verify_gguf(out / name, merged)
+    if not check.ok:
+        raise ExportError(f"{name}: the written file does not match the merged model ({'; '.join(check.problems)})")
+    write_text(out / "Modelfile", ollama_modelfile(name, _tokenizer(source, info, trust_remote_code)))
+    shutil.rmtree(merged)
+    write_json(out / "export.json", {"gguf": name, "quant": quant, "tensors": summary.tensor_count,
+                                     "pre_tokenizer": summary.pre_tokenizer, "warnings": summary.warnings})
+    return {"max_logit_diff": diff, "gguf_tensors": check.tensor_count, "gguf_max_abs_diff": check.max_abs_diff}
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def _check_target(out: Path, force: bool) -> bool:
+    """Whether the export replaces `out`; refuses an existing, non-empty one without `force`."""
+    if not out.exists():
+        return False
+    if out.is_file():
+        raise ExportError(f"{out}: is a file; choose a folder for --out")
+    if any(out.iterdir()) and not force:
+        raise ExportError(f"{out}: already exists and is not empty; choose another --out, or pass --force "
+                          "to replace it")
+    return True
+
+
+def _needed_bytes(fmt: str, source: AdapterSource, params: int, dtype: str, quant: str) -> int:
+    if fmt == "adapter":
+        return sum(p.stat().st_size for p in source.adapter_dir.iterdir() if p.is_file()) + 50_000_000
+    merged = params * (4 if dtype == "f32" else 2)
+    if fmt == "merged":
+        return merged
+    return merged + int(params * GGUF_BYTES_PER_PARAM[quant])  # the merged model is temporary
+
+
+def _parameters(info) -> int:
+    """The base model's parameter count (from its weights' headers, else its size in 16-bit)."""
+    return info.facts.parameters or info.facts.size_bytes // 2
+
+
+def _check_space(out: Path, needed: int) -> None:
+    folder = out.parent
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if needed * DISK_MARGIN > free:
+        raise ExportError(f"{folder}: {free / 2**30:.1f} GiB free, but this export needs about "
+                          f"{needed * DISK_MARGIN / 2**30:.1f} GiB; free some space or choose another --out")
+
+
+def _tokenizer(source: AdapterSource, info, trust_remote_code: bool):
+    """The tokenizer trained with (saved beside the adapter), else the base model's."""
+    from app.core.data.tokenize import ensure_chat_template
+    from app.core.models import load_tokenizer
+
+    if source.tokenizer_dir is not None and (source.tokenizer_dir / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir)
+    else:
+        tokenizer = load_tokenizer(info, trust_remote_code)
+    ensure_chat_template(tokenizer)
+    return tokenizer
+
+
+def _shared_tail(with_system: str, without: str, tokenizer) -> int:
+    """Where, in `with_system`, the text it shares with `without` up to the end starts (the user's
+    turn onwards), moved forward to a token boundary so no special token is cut in two."""
+    n = 0
+    while n < min(len(with_system), len(without)) and with_system[-1 - n] == without[-1 - n]:
+        n += 1
+    split = len(with_system) - n
+    for token in sorted(set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {})),
+                        key=len, reverse=True):
+        start = with_system.rfind(token, 0, split)
+        if start != -1 and start < split < start + len(token):
+            return start + len(token)
+    return split
+
+
+def _stop_tokens(tokenizer, ending: str, user_prefix: str) -> list[str]:
+    """The end token, the token that closes a turn and the one that opens the user's turn."""
+    special = sorted(set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {})),
+                     key=len, reverse=True)
+    stops = [tokenizer.eos_token] if tokenizer.eos_token else []
+    for text in (ending, user_prefix):
+        found = [(text.rfind(t) if text is user_prefix else text.find(t), t) for t in special if t and t in text]
+        if found:
+            stops.append(min(found)[1] if text is ending else max(found)[1])
+    return list(dict.fromkeys(stops))
+
+
+def _run_details(source: AdapterSource) -> dict:
+    from app.core.chat import _run_of
+    from app.core.runs import Run, read_history
+
+    run_dir = _run_of(source.adapter_dir) if source.adapter_dir.name != "adapter" else source.adapter_dir.parent
+    if run_dir is None or not (run_dir / "status.json").exists():
+        return {}
+    run = Run(run_dir)
+    try:
+        config, plan, status, data = run.config(), run.plan(), run.status(), run.data_info()
+    except Exception:  # noqa: BLE001 - a card without the training table is still a card
+        return {}
+    history = read_history(run)
+    rows = [("Dataset", f"`{Path(config.data).name}` ({data.get('examples', data.get('rows', '?'))} examples)"),
+            ("Steps", f"{status.get('step', 0)} of {plan.total_steps}"),
+            ("LoRA", f"rank {plan.rank}, alpha {plan.lora_alpha}, all linear layers"),
+            ("Sequence length", plan.seq_len), ("Batch", f"{plan.micro_batch} x {plan.grad_accum} accumulation"),
+            ("Learning rate", f"{config.lr:g}, {plan.warmup_steps} warmup steps, cosine"),
+            ("Quantisation while training", "NF4 with double quantisation")]
+    if history.losses:
+        rows.append(("Final training loss", f"{history.losses[-1]:.4f}"))
+    if history.eval_losses:
+        rows.append(("Final eval loss", f"{history.eval_losses[-1]:.4f}"))
+    return {"id": run.id, "rows": rows}
+
+
+def _size(parameters: int) -> str:
+    return f"{parameters / 1e9:.2f}B" if parameters >= 1e9 else f"{parameters / 1e6:.1f}M"
+
+
+def _what(fmt: str, dtype: str, quant: str) -> str:
+    return {"adapter": "LoRA adapter", "merged": f"merged model ({dtype} safetensors)",
+            "gguf": f"GGUF model ({quant})"}[fmt]
+
+
+def _usage(fmt: str, base: str) -> str:
+    if fmt == "adapter":
+        return ("```python\nfrom peft import AutoPeftModelForCausalLM\n"
+                "model = AutoPeftModelForCausalLM.from_pretrained(\"path/to/this/folder\")\n```\n"
+                f"The base model ({base}) is loaded from its own location.")
+    if fmt == "merged":
+        return ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+                "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")\n"
+                "tokenizer = AutoTokenizer.from_pretrained(\"path/to/this/folder\")\n```")
+    return ("```bash\nollama create my-model -f Modelfile   # then: ollama run my-model\n"
+            "llama-cli -m *.gguf -cnv                 # llama.cpp\n```")
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "model"

@@ -1,0 +1,197 @@
+"""Export a trained run: the adapter, a merged model whose logits match base + adapter, and a GGUF
+file that reads back, with a Modelfile whose template renders prompts like the chat template; an
+existing folder is never touched without --force, and a full disk is refused up front."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from app import cli
+from app.core.config import TrainConfig
+from app.core.errors import ExportError
+from app.core.export import export_run, ollama_modelfile
+from app.core.trainer import run_training
+from conftest import EXAMPLES
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
+    " + m['content'] + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+@pytest.fixture
+def tiny_run(tiny_model, tmp_path):
+    data = tmp_path / "chats.jsonl"
+    data.write_text("\n".join((EXAMPLES / "messages.jsonl").read_text().splitlines() * 4) + "\n")
+    config = TrainConfig(model=str(tiny_model), data=str(data), seq_len=128, micro_batch=4, grad_accum=1, lr=5e-3,
+                         max_steps=4, save_every=100, lora_dropout=0.0)
+    result = run_training(config)
+    assert result.status == "finished"
+    return result
+
+
+def test_the_adapter_export_has_the_adapter_the_tokenizer_and_a_model_card(tiny_run, tmp_path):
+    result = export_run(tiny_run.run_id, "adapter", tmp_path / "adapter")
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json", "README.md"} <= set(
+        result.files)
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "library_name: peft" in card and "chats.jsonl" in card and "rank 16" in card
+    assert "4 of 4" in card and "Final training loss" in card
+
+
+def test_the_merged_model_loads_in_plain_transformers_and_matches_base_plus_adapter(tiny_run, tiny_model, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = export_run(tiny_run.run_id, "merged", tmp_path / "merged", dtype="f32")
+    assert result.checks["max_logit_diff"] < 1e-4
+    assert {"config.json", "generation_config.json", "tokenizer.json", "README.md"} <= set(result.files)
+    assert any(name.endswith(".safetensors") for name in result.files)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, Path(tiny_run.run_dir) / "adapter")
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
+        with adapted.disable_adapter():
+            assert not torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)  # the adapter is in
+    assert "largest logit difference" in (tmp_path / "merged" / "README.md").read_text()
+
+
+def test_the_gguf_export_reads_back_and_comes_with_a_valid_modelfile(tiny_run, tmp_path):
+    from app.core.gguf_check import verify_gguf
+
+    result = export_run(tiny_run.run_id, "gguf", tmp_path / "gguf", quant="q8_0")
+    [name] = [f for f in result.files if f.endswith(".gguf")]
+    assert set(result.files) == {name, "Modelfile", "README.md", "export.json"}  # no merged leftovers
+    assert result.checks["gguf_tensors"] == 21
+    assert verify_gguf(tmp_path / "gguf" / name, _merged_for_check(tiny_run, tmp_path)).ok
+    instructions = parse_modelfile((tmp_path / "gguf" / "Modelfile").read_text())
+    assert instructions[0] == ("FROM", f"./{name}")
+    kinds = [kind for kind, _ in instructions]
+    assert kinds.count("TEMPLATE") == 1 and ("PARAMETER", 'stop "<|im_end|>"') in instructions
+
+
+def _merged_for_check(run, tmp_path) -> Path:
+    export_run(run.run_id, "merged", tmp_path / "merged-check", dtype="bf16")
+    return tmp_path / "merged-check"
+
+
+@pytest.mark.parametrize("template", [None, LLAMA3_TEMPLATE], ids=["chatml", "llama3"])
+def test_the_modelfile_template_renders_prompts_as_the_chat_template_does(tiny_tokenizer, template):
+    tokenizer = _copy(tiny_tokenizer)
+    if template:
+        tokenizer.chat_template = template
+    text = parse_modelfile(ollama_modelfile("m.gguf", tokenizer))
+    go = dict(text)["TEMPLATE"].strip('"')
+    for system in ("Be brief.", ""):
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Ahoy"}]
+        expected = tokenizer.apply_chat_template(messages, tokenize=False)
+        assert render_ollama(go, system, "Hello there", "Ahoy") == expected
+
+
+def test_exporting_into_an_existing_folder_without_force_exits_2_and_leaves_it_untouched(tiny_run, tmp_path, capsys):
+    target = tmp_path / "existing"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    code = cli.main(["export", tiny_run.run_id, "--format", "adapter", "--out", str(target)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already exists" in err and "--force" in err
+    assert [p.name for p in target.iterdir()] == ["keep.txt"] and (target / "keep.txt").read_text() == "mine"
+    assert cli.main(["export", tiny_run.run_id, "--format", "adapter", "--out", str(target), "--force"]) == 0
+    assert not (target / "keep.txt").exists() and (target / "adapter_config.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folders left
+
+
+def test_a_full_disk_is_refused_before_anything_is_written(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(ExportError, match=r"GiB free, but this export needs about"):
+        export_run(tiny_run.run_id, "merged", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_unknown_runs_and_formats_are_one_line_errors(tmp_path, capsys):
+    assert cli.main(["export", "no-such-run", "--format", "merged", "--out", str(tmp_path / "x")]) == 2
+    assert "no run 'no-such-run'" in capsys.readouterr().err
+    with pytest.raises(ExportError, match="unknown export format"):
+        export_run("x", "onnx", tmp_path / "y")
+
+
+def test_chat_answers_one_prompt_from_the_command_line(tiny_run, capsys):
+    code = cli.main(["chat", tiny_run.run_id, "--prompt", "Hi", "--temperature", "0", "--max-new-tokens", "5"])
+    captured = capsys.readouterr()
+    assert code == 0 and captured.out.strip() and "5 tokens" in captured.err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # the first user of the session's demo run trains it
+def test_the_merged_demo_model_answers_in_the_sample_datas_voice(demo_run, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from app.core.gguf_check import verify_gguf
+    from test_demo import _pirate_score
+
+    export_run(str(demo_run), "merged", tmp_path / "merged", dtype="f32")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "How do I make garlic bread?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    output = model.generate(**prompt, max_new_tokens=60, do_sample=False, repetition_penalty=1.1)
+    answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert _pirate_score(answer) >= 1, answer
+    result = export_run(str(demo_run), "gguf", tmp_path / "gguf", dtype="f32", quant="f16")
+    [name] = [f for f in result.files if f.endswith(".gguf")]
+    check = verify_gguf(tmp_path / "gguf" / name, tmp_path / "merged")
+    assert check.ok and check.tensor_count == 272, check.problems
+
+
+# -- Ollama's Modelfile, as its parser reads it --------------------------------------------------------
+def parse_modelfile(text: str) -> list[tuple[str, str]]:
+    """Instructions of a Modelfile by Ollama's rules: `KEYWORD value` per line, a value in triple
+    quotes may span lines, keywords are case-insensitive, # starts a comment."""
+    keywords = {"FROM", "ADAPTER", "TEMPLATE", "SYSTEM", "PARAMETER", "LICENSE", "MESSAGE", "REQUIRES"}
+    instructions, rest = [], text
+    while rest.strip():
+        rest = rest.lstrip()
+        if rest.startswith("#"):
+            rest = rest.split("\n", 1)[1] if "\n" in rest else ""
+            continue
+        match = re.match(r"(\w+)[ \t]+", rest)
+        assert match and match.group(1).upper() in keywords, f"not a Modelfile instruction: {rest[:40]!r}"
+        keyword, rest = match.group(1).upper(), rest[match.end():]
+        if rest.startswith('"""'):
+            end = rest.index('"""', 3)
+            value, rest = rest[:end + 3], rest[end + 3:]
+        else:
+            value, _, rest = rest.partition("\n")
+        if keyword == "PARAMETER":
+            key, _, argument = value.partition(" ")
+            assert key in {"stop", "temperature", "top_p", "num_ctx", "repeat_penalty"}, key
+            json.loads(argument)  # a quoted stop string must be valid
+        instructions.append((keyword, value.strip()))
+    return instructions
+
+
+def render_ollama(template: str, system: str, prompt: str, response: str) -> str:
+    """Ollama's Go template for the constructs our Modelfile uses."""
+    def branch(match):
+        return match.group(1) if system else match.group(2)
+
+    text = re.sub(r"\{\{ if \.System \}\}(.*?)\{\{ else \}\}(.*?)\{\{ end \}\}", branch, template, flags=re.S)
+    return (text.replace("{{ .System }}", system).replace("{{ .Prompt }}", prompt)
+            .replace("{{ .Response }}", response))
+
+
+def _copy(tokenizer):
+    import copy
+
+    return copy.deepcopy(tokenizer)
