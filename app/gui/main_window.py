@@ -8,6 +8,8 @@ from PySide6.QtWidgets import QApplication, QLabel, QMainWindow, QMessageBox, QT
 
 from app import __version__
 from app.gui.icons import icon
+from app.gui.tabs.chat_tab import ChatTab
+from app.gui.tabs.export_tab import ExportTab
 from app.gui.tabs.runs_tab import RunsTab
 from app.gui.tabs.train_tab import TrainTab
 from app.gui.workers import TaskWorker, Threads
@@ -24,8 +26,13 @@ class MainWindow(QMainWindow):
         self.tabs = QTabWidget()
         self.tabs.addTab(self.train_tab, icon("train"), "Train")
         self.tabs.addTab(self.runs_tab, icon("runs"), "Runs")
+        self.chat_tab = ChatTab(self.threads)
+        self.export_tab = ExportTab(self.threads)
+        self.tabs.addTab(self.chat_tab, icon("chat"), "Chat")
+        self.tabs.addTab(self.export_tab, icon("export"), "Export")
         self.tabs.currentChanged.connect(self._tab_changed)
         self.runs_tab.resume_requested.connect(self.resume_run)
+        self.export_tab.finished.connect(self._export_finished)
         self.setCentralWidget(self.tabs)
         self.engine_label = QLabel("Loading engine…")
         self.statusBar().addPermanentWidget(self.engine_label)
@@ -113,13 +120,22 @@ class MainWindow(QMainWindow):
             self.train_tab.stop_training()
 
     def _tab_changed(self, index: int) -> None:
-        if self.tabs.widget(index) is self.runs_tab:
+        widget = self.tabs.widget(index)
+        if widget is self.runs_tab:
             self.runs_tab.refresh()
+        elif widget is self.chat_tab:
+            self.chat_tab.refresh_sources()
+        elif widget is self.export_tab:
+            self.export_tab.refresh_runs()
 
     def resume_run(self, run_id: str) -> None:
         """Resume a run chosen on the Runs tab: training shows on the Train tab."""
         self.tabs.setCurrentWidget(self.train_tab)
         self.train_tab.resume_run(run_id)
+
+    def _export_finished(self) -> None:
+        if self._close_when_idle and not self.train_tab.running:
+            self.close()
 
     def _running_changed(self, running: bool) -> None:
         self.runs_tab.set_training(running)
@@ -127,6 +143,18 @@ class MainWindow(QMainWindow):
             self.close()
 
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        self.chat_tab.stop()  # an answer being written ends after its current token
+        if self.export_tab.exporting:
+            if not self._close_when_idle:
+                answer = QMessageBox.question(self, "An export is running",
+                                              "Quit when the export is complete? (Stopping it now would waste it.)")
+                if answer != QMessageBox.Yes:
+                    event.ignore()
+                    return
+                self._close_when_idle = True
+                self.engine_label.setText("Finishing the export before quitting…")
+            event.ignore()  # closes when the export ends
+            return
         if self.train_tab.running:
             if not self._close_when_idle:
                 answer = QMessageBox.question(

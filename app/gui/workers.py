@@ -1,5 +1,5 @@
 """Work that must not freeze the window, each on its own QThread: a one-off task (check a file,
-make a plan, load the engine) and a training run.
+make a plan, load the engine), a task that streams (chat answers, export progress) and a training run.
 
 Workers are QObjects moved to a QThread; they report only through signals, which Qt queues to
 the GUI thread, so no widget is ever touched from a worker. `Threads` keeps each pair alive
@@ -67,6 +67,28 @@ class TrainingWorker(QObject):
     def stop(self) -> None:
         """Ask the run to save a checkpoint and stop after the current step (any thread)."""
         self.stop_requested.set()
+
+
+class StreamWorker(QObject):
+    """Runs `function(emit)`, which may call `emit(item)` any number of times (streamed text,
+    progress lines); each becomes an `item` signal. Ends with `done(result)` or `failed(message)`."""
+
+    item = Signal(object)
+    done = Signal(object)
+    failed = Signal(str)
+
+    def __init__(self, function: Callable):
+        super().__init__()
+        self._function = function
+
+    @Slot()
+    def run(self) -> None:
+        try:
+            result = self._function(self.item.emit)
+        except Exception as err:  # noqa: BLE001 - shown in the tab, never raised into Qt
+            self.failed.emit(error_message(err))
+        else:
+            self.done.emit(result)
 
 
 def error_message(err: Exception) -> str:

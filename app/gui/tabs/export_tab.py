@@ -1,0 +1,190 @@
+"""The Export tab: write a run out as its adapter, a merged model or a GGUF file for llama.cpp and
+Ollama. The export runs on a worker thread with its progress listed line by line; an existing
+folder is replaced only after a confirmation; the result lists its files and its checks."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from PySide6.QtCore import QUrl, Signal
+from PySide6.QtGui import QDesktopServices
+from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget,
+                               QMessageBox, QProgressBar, QPushButton, QVBoxLayout, QWidget)
+
+from app.gui.icons import icon
+from app.gui.workers import StreamWorker, Threads
+
+FORMATS = {"adapter": "Adapter (PEFT: small, needs the base model)",
+           "merged": "Merged model (16-bit safetensors, for transformers/vLLM)",
+           "gguf": "GGUF + Ollama Modelfile (llama.cpp, Ollama, LM Studio)"}
+
+
+class ExportTab(QWidget):
+    """Choose a run, a format and a folder; export with progress."""
+
+    finished = Signal()  # an export ended (done or failed)
+
+    def __init__(self, threads: Threads):
+        super().__init__()
+        self.threads = threads
+        self.worker: StreamWorker | None = None
+        self.result = None
+
+        self.run_box = QComboBox()
+        self.run_box.setToolTip("The run to export: its final adapter, or its latest checkpoint if unfinished")
+        self.format_box = QComboBox()
+        for key, label in FORMATS.items():
+            self.format_box.addItem(label, key)
+        self.format_box.setToolTip("What to write; every export comes with a model card (README.md)")
+        self.dtype_box = QComboBox()
+        self.dtype_box.addItems(["bf16", "f16", "f32"])
+        self.dtype_box.setToolTip("Precision of the merged weights (the base model is loaded in it, not in 4-bit)")
+        self.quant_box = QComboBox()
+        self.quant_box.addItems(["f16", "q8_0", "bf16", "f32"])
+        self.quant_box.setToolTip("GGUF tensor type: f16 keeps full quality, q8_0 is half the size with "
+                                  "little loss; for 4-bit run llama.cpp's llama-quantize on the f16 file")
+        self.out_edit = QLineEdit()
+        self.out_edit.setToolTip("The folder to create; it is written under a temporary name and renamed "
+                                 "when complete")
+        browse = QPushButton(icon("folder"), "Choose…")
+        browse.setToolTip("Choose where the export goes")
+        browse.clicked.connect(self._browse)
+        self.export_button = QPushButton(icon("export"), "Export")
+        self.export_button.setToolTip("Write the export (asks before replacing an existing folder)")
+        self.export_button.clicked.connect(self.export)
+        self.open_button = QPushButton(icon("folder"), "Open folder")
+        self.open_button.setToolTip("Show the exported files")
+        self.open_button.clicked.connect(self._open)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1)
+        self.progress.setToolTip("Busy while the export runs")
+        self.log = QListWidget()
+        self.log.setToolTip("What the export did, step by step")
+        self.summary = QLabel("")
+        self.summary.setWordWrap(True)
+
+        out_row = QHBoxLayout()
+        out_row.addWidget(self.out_edit, 1)
+        out_row.addWidget(browse)
+        form = QFormLayout()
+        form.addRow("Run", self.run_box)
+        form.addRow("Format", self.format_box)
+        form.addRow("Merged precision", self.dtype_box)
+        form.addRow("GGUF type", self.quant_box)
+        form.addRow("Folder", out_row)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.export_button)
+        buttons.addWidget(self.open_button)
+        buttons.addWidget(self.progress, 1)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.summary)
+        layout.addWidget(self.log, 1)
+        self.format_box.currentIndexChanged.connect(self._suggest_folder)
+        self.run_box.currentIndexChanged.connect(self._suggest_folder)
+        self.format_box.currentIndexChanged.connect(self._update_buttons)
+        self._update_buttons()
+
+    def refresh_runs(self) -> None:
+        from app.core.runs import list_runs, open_run
+
+        current = self.run_box.currentData()
+        self.run_box.blockSignals(True)
+        self.run_box.clear()
+        for row in list_runs():
+            run = open_run(row.id)
+            if (run.adapter_dir / "adapter_config.json").exists() or run.latest_checkpoint() is not None:
+                self.run_box.addItem(f"{row.id} ({row.status}, step {row.step}/{row.total_steps})", row.id)
+        self.run_box.setCurrentIndex(max(0, self.run_box.findData(current)))
+        self.run_box.blockSignals(False)
+        if not self.out_edit.text():
+            self._suggest_folder()
+        self._update_buttons()
+
+    def _suggest_folder(self) -> None:
+        from app.core.paths import data_dir
+
+        run_id, fmt = self.run_box.currentData(), self.format_box.currentData()
+        if run_id and (not self.out_edit.text() or self.out_edit.text().startswith(str(data_dir() / "exports"))):
+            self.out_edit.setText(str(data_dir() / "exports" / f"{run_id}-{fmt}"))
+
+    def _browse(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Export into (a new folder is made inside)")
+        if folder and self.run_box.currentData():
+            self.out_edit.setText(str(Path(folder) / f"{self.run_box.currentData()}-{self.format_box.currentData()}"))
+
+    def export(self) -> None:
+        from app.core.export import export_run
+
+        run_id, fmt, out = self.run_box.currentData(), self.format_box.currentData(), self.out_edit.text().strip()
+        if not run_id or not out or self.worker is not None:
+            return
+        force = False
+        target = Path(out).expanduser()
+        if target.exists() and (target.is_file() or any(target.iterdir())):
+            answer = QMessageBox.question(self, "Replace the folder?",
+                                          f"{target} already exists. Replace it with this export? Its files "
+                                          "are deleted once the new export is complete.",
+                                          QMessageBox.Yes | QMessageBox.Cancel, QMessageBox.Cancel)
+            if answer != QMessageBox.Yes:
+                return
+            force = True
+        dtype, quant = self.dtype_box.currentText(), self.quant_box.currentText()
+        self.worker = StreamWorker(lambda emit: export_run(run_id, fmt, out, dtype=dtype, quant=quant, force=force,
+                                                           progress=emit))
+        self.worker.item.connect(self._progress)
+        self.worker.done.connect(self._done)
+        self.worker.failed.connect(self._failed)
+        self.log.clear()
+        self.summary.setText(f"Exporting {html.escape(run_id)} as {fmt}…")
+        self.progress.setRange(0, 0)  # busy
+        self.threads.start(self.worker, self.worker.done, self.worker.failed)
+        self._update_buttons()
+
+    def _progress(self, message) -> None:
+        if self.log.count() and str(message).startswith("Writing ") and self.log.item(self.log.count() - 1).text(
+                ).startswith("Writing "):
+            self.log.item(self.log.count() - 1).setText(str(message))  # one line for the tensor-by-tensor part
+        else:
+            self.log.addItem(str(message))
+        self.log.scrollToBottom()
+
+    def _done(self, result) -> None:
+        self.worker, self.result = None, result
+        self.progress.setRange(0, 1)
+        self.progress.setValue(1)
+        checks = []
+        if "max_logit_diff" in result.checks:
+            checks.append(f"merged logits vs base + adapter differ by at most {result.checks['max_logit_diff']:.3g}")
+        if "gguf_tensors" in result.checks:
+            checks.append(f"GGUF read back: {result.checks['gguf_tensors']} tensors match")
+        self.summary.setText(f"<b>Exported</b> {len(result.files)} files, {result.bytes / 2**20:,.1f} MiB, to "
+                             f"{html.escape(str(result.out_dir))}" + ("<br>" + "; ".join(checks) if checks else ""))
+        self._update_buttons()
+        self.finished.emit()
+
+    def _failed(self, message: str) -> None:
+        self.worker = None
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.summary.setText(f"<span style='color:#c0392b'>{html.escape(message)}</span>")
+        self._update_buttons()
+        self.finished.emit()
+
+    def _open(self) -> None:
+        if self.result is not None:
+            QDesktopServices.openUrl(QUrl.fromLocalFile(str(self.result.out_dir)))
+
+    def _update_buttons(self) -> None:
+        idle = self.worker is None
+        self.export_button.setEnabled(idle and self.run_box.count() > 0)
+        self.open_button.setEnabled(idle and self.result is not None)
+        fmt = self.format_box.currentData()
+        self.dtype_box.setEnabled(fmt != "adapter")
+        self.quant_box.setEnabled(fmt == "gguf")
+
+    @property
+    def exporting(self) -> bool:
+        return self.worker is not None

@@ -1,0 +1,113 @@
+"""The Chat and Export tabs on a real tiny run: load, stream, compare with base, stop, save; export
+with progress, and a confirmation before an existing folder is replaced."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QMessageBox
+
+from app.core.config import TrainConfig
+from app.core.trainer import run_training
+from app.gui.main_window import MainWindow
+from app.gui.widgets.plots import use_palette
+from conftest import EXAMPLES
+
+
+@pytest.fixture
+def tiny_run(tiny_model, tmp_path):
+    data = tmp_path / "chats.jsonl"
+    data.write_text("\n".join((EXAMPLES / "messages.jsonl").read_text().splitlines() * 4) + "\n")
+    config = TrainConfig(model=str(tiny_model), data=str(data), seq_len=128, micro_batch=4, grad_accum=1, lr=5e-3,
+                         max_steps=3, save_every=100, lora_dropout=0.0)
+    result = run_training(config)
+    assert result.status == "finished"
+    return result
+
+
+@pytest.fixture
+def window(qtbot):
+    use_palette(False)
+    win = MainWindow(None, load_engine=False)
+    qtbot.addWidget(win)
+    win.show()
+    yield win
+    win.chat_tab.stop()
+    qtbot.waitUntil(lambda: not win.chat_tab.answering and not win.export_tab.exporting, timeout=120_000)
+    win.threads.wait_all()
+
+
+def _loaded_chat(window, qtbot, run_id):
+    window.tabs.setCurrentWidget(window.chat_tab)
+    tab = window.chat_tab
+    tab.source_box.setCurrentIndex(tab.source_box.findData(run_id))
+    qtbot.mouseClick(tab.load_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: tab.session is not None, timeout=120_000)
+    return tab
+
+
+def test_chat_streams_an_answer_compares_with_base_and_saves(window, qtbot, tiny_run, tmp_path, monkeypatch):
+    tab = _loaded_chat(window, qtbot, tiny_run.run_id)
+    assert tiny_run.run_id in tab.loaded_label.text() and tab.send_button.isEnabled()
+    tab.temperature.setValue(0)
+    tab.max_tokens.setValue(12)
+    tab.message.setText("How do I keep bread fresh?")
+    qtbot.keyClick(tab.message, Qt.Key_Return)
+    assert tab.answering and tab.stop_button.isEnabled() and not tab.send_button.isEnabled()
+    qtbot.waitUntil(lambda: not tab.answering, timeout=120_000)
+    answer = tab.turns["tuned"][-1]
+    assert answer["role"] == "assistant" and answer["content"]
+    assert "tokens/s" in tab.stats.text()
+    qtbot.waitUntil(lambda: "keep bread fresh" in tab.views["tuned"].toPlainText(), timeout=5_000)
+
+    tab.compare.setChecked(True)
+    assert tab.views["base"].isVisibleTo(tab)
+    tab.message.setText("And cheese?")
+    qtbot.mouseClick(tab.send_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not tab.answering, timeout=120_000)
+    assert tab.turns["base"][-1]["role"] == "assistant" and tab.turns["base"][-1]["content"]
+    assert "base:" in tab.stats.text() and "tuned:" in tab.stats.text()
+
+    target = tmp_path / "keep.jsonl"
+    monkeypatch.setattr("app.gui.tabs.chat_tab.QFileDialog.getSaveFileName", lambda *a, **k: (str(target), ""))
+    qtbot.mouseClick(tab.save_button, Qt.LeftButton)
+    saved = json.loads(target.read_text().splitlines()[0])["messages"]
+    assert [m["role"] for m in saved] == ["user", "assistant", "user", "assistant"]
+
+
+def test_stop_ends_an_answer_early(window, qtbot, tiny_run):
+    tab = _loaded_chat(window, qtbot, tiny_run.run_id)
+    tab.temperature.setValue(0)
+    tab.max_tokens.setValue(400)
+    tab.message.setText("Tell me everything.")
+    tab.send()
+    qtbot.waitUntil(lambda: tab.partial["tuned"] != "", timeout=120_000)
+    qtbot.mouseClick(tab.stop_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not tab.answering, timeout=120_000)
+    assert "(stopped)" in tab.stats.text()
+    assert int(tab.stats.text().split("tuned: ")[1].split(" tokens")[0]) < 400
+
+
+def test_export_shows_progress_and_asks_before_replacing_a_folder(window, qtbot, tiny_run, tmp_path, monkeypatch):
+    window.tabs.setCurrentWidget(window.export_tab)
+    tab = window.export_tab
+    assert tab.run_box.findData(tiny_run.run_id) >= 0
+    tab.format_box.setCurrentIndex(tab.format_box.findData("gguf"))
+    tab.quant_box.setCurrentText("q8_0")
+    target = tmp_path / "out"
+    tab.out_edit.setText(str(target))
+    qtbot.mouseClick(tab.export_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not tab.exporting, timeout=300_000)
+    assert "Exported" in tab.summary.text() and "GGUF read back" in tab.summary.text()
+    assert (target / "Modelfile").exists() and tab.log.count() >= 3 and tab.open_button.isEnabled()
+
+    asked = []
+    monkeypatch.setattr(QMessageBox, "question", lambda *args, **kwargs: asked.append(args[2]) or QMessageBox.Cancel)
+    before = sorted(p.name for p in target.iterdir())
+    tab.format_box.setCurrentIndex(tab.format_box.findData("adapter"))
+    tab.out_edit.setText(str(target))
+    qtbot.mouseClick(tab.export_button, Qt.LeftButton)
+    assert asked and "already exists" in asked[0] and not tab.exporting
+    assert sorted(p.name for p in target.iterdir()) == before
