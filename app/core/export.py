@@ -64,7 +64,7 @@ def export_run(ref: str, fmt: str, out: str | Path, dtype: str = "bf16", quant: 
             progress(f"Copying the adapter from {source.adapter_dir}")
             _write_adapter(source, info, tmp, trust_remote_code)
         elif fmt == "merged":
-            checks["max_logit_diff"] = merge_adapter(source, info, tmp, dtype, progress, trust_remote_code)
+            checks.update(merge_adapter(source, info, tmp, dtype, progress, trust_remote_code))
         else:
             checks.update(_write_gguf(source, info, tmp, dtype, quant, progress, trust_remote_code))
         write_text(tmp / "README.md", model_card(source, info, fmt, dtype, quant, checks))
@@ -75,10 +75,11 @@ def export_run(ref: str, fmt: str, out: str | Path, dtype: str = "bf16", quant: 
 
 
 def merge_adapter(source: AdapterSource, info, out: Path, dtype: str = "bf16",
-                  progress: Callable[[str], None] = lambda message: None, trust_remote_code: bool = False) -> float:
+                  progress: Callable[[str], None] = lambda message: None, trust_remote_code: bool = False) -> dict:
     """Load the base in 16-bit, merge the adapter, save sharded safetensors with the tokenizer and
-    generation config into `out`; returns the largest logit difference between the merged model
-    and base + adapter over a few prompts."""
+    generation config into `out`. Returns the checks against base + adapter over a few prompts:
+    the largest logit difference, and how often both pick the same next token (in 16-bit the
+    merged weights round differently, so logits move a little while the choices agree)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -99,10 +100,13 @@ def merge_adapter(source: AdapterSource, info, out: Path, dtype: str = "bf16",
         merged = model.merge_and_unload()
         after = [merged(ids).logits.float() for ids in prompts]
     diff = max(float((a - b).abs().max()) for a, b in zip(before, after))
-    progress(f"Merged: logits differ from base + adapter by at most {diff:.3g}; saving")
+    same = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(before, after))
+    agreement = same / sum(a.shape[1] for a in before)
+    progress(f"Merged: logits differ from base + adapter by at most {diff:.3g}; the same next token at "
+             f"{agreement:.1%} of positions; saving")
     merged.save_pretrained(out, max_shard_size="2GB", safe_serialization=True)
     tokenizer.save_pretrained(out)
-    return diff
+    return {"max_logit_diff": diff, "top_token_agreement": agreement}
 
 
 def ollama_modelfile(gguf_name: str, tokenizer) -> str:
@@ -159,7 +163,8 @@ def model_card(source: AdapterSource, info, fmt: str, dtype: str, quant: str, ch
         lines += ["## Checks", ""]
         if "max_logit_diff" in checks:
             lines.append(f"- Merged model vs base + adapter ({len(CHECK_PROMPTS)} prompts): largest logit "
-                         f"difference {checks['max_logit_diff']:.3g}.")
+                         f"difference {checks['max_logit_diff']:.3g}; the same next token at "
+                         f"{checks['top_token_agreement']:.1%} of positions.")
         if "gguf_tensors" in checks:
             lines.append(f"- GGUF read back with gguf's reader: {checks['gguf_tensors']} tensors, names and "
                          f"shapes as expected; largest value difference from the merged model "
@@ -185,7 +190,7 @@ def _write_gguf(source: AdapterSource, info, out: Path, dtype: str, quant: str, 
 
     merged = out / ".merged"
     merged.mkdir()
-    diff = merge_adapter(source, info, merged, "f32" if quant == "f32" else dtype, progress, trust_remote_code)
+    checks = merge_adapter(source, info, merged, "f32" if quant == "f32" else dtype, progress, trust_remote_code)
     name = f"{_slug(source.label)}-{quant}.gguf"
     progress(f"Writing {name}")
     summary = write_gguf(merged, out / name, quant, lambda message, _fraction=None: progress(message))
@@ -197,7 +202,7 @@ def _write_gguf(source: AdapterSource, info, out: Path, dtype: str, quant: str, 
     shutil.rmtree(merged)
     write_json(out / "export.json", {"gguf": name, "quant": quant, "tensors": summary.tensor_count,
                                      "pre_tokenizer": summary.pre_tokenizer, "warnings": summary.warnings})
-    return {"max_logit_diff": diff, "gguf_tensors": check.tensor_count, "gguf_max_abs_diff": check.max_abs_diff}
+    return {**checks, "gguf_tensors": check.tensor_count, "gguf_max_abs_diff": check.max_abs_diff}
 
 
 # -- helpers ----------------------------------------------------------------------------------------

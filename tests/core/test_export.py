@@ -50,7 +50,7 @@ def test_the_merged_model_loads_in_plain_transformers_and_matches_base_plus_adap
     from transformers import AutoModelForCausalLM
 
     result = export_run(tiny_run.run_id, "merged", tmp_path / "merged", dtype="f32")
-    assert result.checks["max_logit_diff"] < 1e-4
+    assert result.checks["max_logit_diff"] < 1e-4 and result.checks["top_token_agreement"] == 1.0
     assert {"config.json", "generation_config.json", "tokenizer.json", "README.md"} <= set(result.files)
     assert any(name.endswith(".safetensors") for name in result.files)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)

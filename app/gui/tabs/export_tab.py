@@ -157,7 +157,9 @@ class ExportTab(QWidget):
         self.progress.setValue(1)
         checks = []
         if "max_logit_diff" in result.checks:
-            checks.append(f"merged logits vs base + adapter differ by at most {result.checks['max_logit_diff']:.3g}")
+            checks.append(f"merged model vs base + adapter: the same next token at "
+                          f"{result.checks['top_token_agreement']:.1%} of positions (logits within "
+                          f"{result.checks['max_logit_diff']:.3g})")
         if "gguf_tensors" in result.checks:
             checks.append(f"GGUF read back: {result.checks['gguf_tensors']} tensors match")
         self.summary.setText(f"<b>Exported</b> {len(result.files)} files, {result.bytes / 2**20:,.1f} MiB, to "
