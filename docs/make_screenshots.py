@@ -1,5 +1,6 @@
 """Take the README's screenshots: start the app under Xvfb as a new user would, check a broken file,
-load the sample dataset, train the demo model a few steps, and save a PNG of each tab into docs/.
+load the sample dataset, train the demo model a few steps, chat with a past run and export it as
+GGUF, and save a PNG of each tab into docs/.
 
     python docs/make_screenshots.py [--steps 10] [--theme light|dark] [--out docs]
 
@@ -54,7 +55,7 @@ def take_screenshots(args) -> int:
     os.environ["TUNESMITH_HOME"] = str(home)
     past_runs(args.past_steps)
 
-    from PySide6.QtCore import QSettings
+    from PySide6.QtCore import QSettings, Qt
     from PySide6.QtWidgets import QApplication
 
     from app.core.demo import demo_config
@@ -106,6 +107,31 @@ def take_screenshots(args) -> int:
     runs.select(*[row.id for row in runs.rows])
     settle(1.0)
     save(window, args.out / "runs.png")
+
+    window.tabs.setCurrentWidget(window.chat_tab)
+    chat = window.chat_tab
+    chat.source_box.setCurrentIndex(chat.source_box.findText("demo-lr-0.0005", Qt.MatchContains))
+    chat.load()
+    wait(lambda: chat.session is not None, 300, "the chat model to load")
+    chat.temperature.setValue(0)
+    chat.max_tokens.setValue(70)
+    chat.compare.setChecked(True)
+    chat.message.setText("How do I make garlic bread?")
+    chat.send()
+    wait(lambda: not chat.answering, 600, "the answers")
+    settle(0.5)
+    save(window, args.out / "chat.png")
+
+    window.tabs.setCurrentWidget(window.export_tab)
+    export = window.export_tab
+    export.run_box.setCurrentIndex(export.run_box.findText("demo-lr-0.0005", Qt.MatchContains))
+    export.format_box.setCurrentIndex(export.format_box.findData("gguf"))
+    export.quant_box.setCurrentText("q8_0")
+    export.out_edit.setText(str(home / "exports" / "pirate-chef-gguf"))
+    export.export()
+    wait(lambda: not export.exporting, 900, "the export")
+    settle(0.5)
+    save(window, args.out / "export.png")
     window.close()
     shutil.rmtree(home, ignore_errors=True)
     return 0

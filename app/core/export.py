@@ -57,6 +57,10 @@ def export_run(ref: str, fmt: str, out: str | Path, dtype: str = "bf16", quant: 
     replace = _check_target(out, force)
     source = find_adapter(ref)
     info = resolve_model(source.base, trust_remote_code, progress=progress)
+    if fmt == "gguf":
+        from app.core.gguf_export import read_config
+
+        read_config(Path(info.path))  # an architecture the writer does not know is refused before the merge
     _check_space(out, _needed_bytes(fmt, source, _parameters(info), dtype, quant))
     with staged_dir(out, replace=replace) as tmp:
         checks: dict = {}
@@ -79,7 +83,7 @@ def merge_adapter(source: AdapterSource, info, out: Path, dtype: str = "bf16",
     """Load the base in 16-bit, merge the adapter, save sharded safetensors with the tokenizer and
     generation config into `out`. Returns the checks against base + adapter over a few prompts:
     the largest logit difference, and how often both pick the same next token (in 16-bit the
-    merged weights round differently, so logits move a little while the choices agree)."""
+    merged weights round differently, so logits move a little and near-ties can flip)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
