@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated Tunesmith home per test, a tiny random Llama, the demo model."""
+"""Shared fixtures: an isolated Tunesmith home per test, a tiny random Llama and runs of it, the demo
+model and a demo run, and the main window for GUI tests."""
 
 from __future__ import annotations
 
@@ -128,3 +129,58 @@ def demo_run(demo_model_path, shared_cache, tmp_path_factory) -> Path:
             os.environ.pop("TUNESMITH_HOME", None)
         else:
             os.environ["TUNESMITH_HOME"] = old
+
+
+@pytest.fixture
+def chat_data(tmp_path) -> Path:
+    """16 short chats: the `messages` example file four times."""
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join((EXAMPLES / "messages.jsonl").read_text().splitlines() * 4) + "\n")
+    return path
+
+
+def train_tiny(model, data, steps: int = 6, stop_at: int | None = None, lr: float = 5e-3):
+    """A real run of a tiny model (128 tokens, micro-batch 4); with `stop_at`, stopped after that step
+    with a checkpoint, as the Stop button does."""
+    import threading
+
+    from app.core.config import TrainConfig
+    from app.core.events import StepMetrics
+    from app.core.trainer import run_training
+
+    stop = threading.Event()
+
+    def on_event(event):
+        if stop_at is not None and isinstance(event, StepMetrics) and event.step >= stop_at:
+            stop.set()
+
+    config = TrainConfig(model=str(model), data=str(data), seq_len=128, micro_batch=4, grad_accum=1, lr=lr,
+                         max_steps=steps, save_every=100, lora_dropout=0.0)
+    return run_training(config, on_event, stop)
+
+
+@pytest.fixture
+def tiny_run(tiny_model, chat_data):
+    """A finished four-step run of the tiny model."""
+    result = train_tiny(tiny_model, chat_data, steps=4)
+    assert result.status == "finished", result.reason
+    return result
+
+
+@pytest.fixture
+def window(qtbot):
+    """The main window shown offscreen without loading the engine, left idle (no run, answer or
+    export going) when the test ends."""
+    from app.gui.main_window import MainWindow
+    from app.gui.widgets.plots import use_palette
+
+    use_palette(False)
+    win = MainWindow(None, load_engine=False)
+    qtbot.addWidget(win)
+    win.show()
+    yield win
+    win.train_tab.stop_training()
+    win.chat_tab.stop()
+    qtbot.waitUntil(lambda: not (win.train_tab.running or win.chat_tab.answering or win.export_tab.exporting),
+                    timeout=120_000)
+    win.threads.wait_all()

@@ -5,45 +5,20 @@ from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
 
 import pytest
 
 from app.core.chat import GenerationSettings, find_adapter, load_chat, save_conversation
-from app.core.config import TrainConfig
 from app.core.errors import RunError
-from app.core.events import StepMetrics
-from app.core.trainer import run_training
-from conftest import EXAMPLES
+from conftest import train_tiny
 
 GREEDY = GenerationSettings(temperature=0, max_new_tokens=16)
 QUESTION = [{"role": "user", "content": "How do I keep bread fresh?"}]
 
 
 @pytest.fixture
-def chat_data(tmp_path) -> Path:
-    path = tmp_path / "chats.jsonl"
-    path.write_text("\n".join((EXAMPLES / "messages.jsonl").read_text().splitlines() * 4) + "\n")
-    return path
-
-
-def _train(model, data, steps=6, stop_at=None):
-    stop = threading.Event()
-
-    def on_event(event):
-        if stop_at and isinstance(event, StepMetrics) and event.step >= stop_at:
-            stop.set()
-
-    config = TrainConfig(model=str(model), data=str(data), seq_len=128, micro_batch=4, grad_accum=1, lr=5e-3,
-                         max_steps=steps, save_every=100, lora_dropout=0.0)
-    return run_training(config, on_event, stop)
-
-
-@pytest.fixture
-def tiny_chat(tiny_model, chat_data):
-    run = _train(tiny_model, chat_data)
-    assert run.status == "finished"
-    return load_chat(run.run_id)
+def tiny_chat(tiny_run):
+    return load_chat(tiny_run.run_id)
 
 
 def test_streamed_text_equals_the_greedy_reply(tiny_chat):
@@ -80,7 +55,7 @@ def test_the_system_prompt_goes_first_in_the_prompt(tiny_chat):
 
 
 def test_an_unfinished_run_chats_with_its_latest_checkpoint(tiny_model, chat_data):
-    run = _train(tiny_model, chat_data, steps=8, stop_at=3)
+    run = train_tiny(tiny_model, chat_data, steps=8, stop_at=3)
     assert run.status == "stopped"
     source = find_adapter(run.run_id)
     assert source.adapter_dir.name == "step-0000003" and source.base == str(tiny_model)

@@ -12,27 +12,13 @@ from pathlib import Path
 import pytest
 
 from app import cli
-from app.core.config import TrainConfig
 from app.core.errors import ExportError
 from app.core.export import export_run, ollama_modelfile
-from app.core.trainer import run_training
-from conftest import EXAMPLES
 
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
     " + m['content'] + '<|eot_id|>' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
-
-
-@pytest.fixture
-def tiny_run(tiny_model, tmp_path):
-    data = tmp_path / "chats.jsonl"
-    data.write_text("\n".join((EXAMPLES / "messages.jsonl").read_text().splitlines() * 4) + "\n")
-    config = TrainConfig(model=str(tiny_model), data=str(data), seq_len=128, micro_batch=4, grad_accum=1, lr=5e-3,
-                         max_steps=4, save_every=100, lora_dropout=0.0)
-    result = run_training(config)
-    assert result.status == "finished"
-    return result
 
 
 def test_the_adapter_export_has_the_adapter_the_tokenizer_and_a_model_card(tiny_run, tmp_path):

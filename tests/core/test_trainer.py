@@ -18,15 +18,7 @@ from app.core.config import TrainConfig
 from app.core.events import CheckpointSaved, RunFailed, RunFinished, RunStarted, StepMetrics
 from app.core.runs import list_runs, open_run
 from app.core.trainer import resume_training, run_training
-from conftest import EXAMPLES, REPO
-
-
-@pytest.fixture
-def chat_data(tmp_path) -> Path:
-    rows = (EXAMPLES / "messages.jsonl").read_text().splitlines() * 4
-    path = tmp_path / "chats.jsonl"
-    path.write_text("\n".join(rows) + "\n")
-    return path
+from conftest import REPO
 
 
 def _config(model, data, **overrides) -> TrainConfig:

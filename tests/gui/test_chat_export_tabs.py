@@ -5,38 +5,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QMessageBox
 
-from app.core.config import TrainConfig
-from app.core.trainer import run_training
-from app.gui.main_window import MainWindow
-from app.gui.widgets.plots import use_palette
-from conftest import EXAMPLES
-
-
-@pytest.fixture
-def tiny_run(tiny_model, tmp_path):
-    data = tmp_path / "chats.jsonl"
-    data.write_text("\n".join((EXAMPLES / "messages.jsonl").read_text().splitlines() * 4) + "\n")
-    config = TrainConfig(model=str(tiny_model), data=str(data), seq_len=128, micro_batch=4, grad_accum=1, lr=5e-3,
-                         max_steps=3, save_every=100, lora_dropout=0.0)
-    result = run_training(config)
-    assert result.status == "finished"
-    return result
-
-
-@pytest.fixture
-def window(qtbot):
-    use_palette(False)
-    win = MainWindow(None, load_engine=False)
-    qtbot.addWidget(win)
-    win.show()
-    yield win
-    win.chat_tab.stop()
-    qtbot.waitUntil(lambda: not win.chat_tab.answering and not win.export_tab.exporting, timeout=120_000)
-    win.threads.wait_all()
 
 
 def _loaded_chat(window, qtbot, run_id):

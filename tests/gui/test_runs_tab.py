@@ -2,51 +2,12 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QMessageBox
 
-from app.core.config import TrainConfig
-from app.core.events import StepMetrics
 from app.core.runs import list_runs, open_run, read_history
-from app.core.trainer import run_training
-from app.gui.main_window import MainWindow
-from app.gui.widgets.plots import use_palette
-from conftest import EXAMPLES
-
-
-@pytest.fixture
-def chat_data(tmp_path):
-    path = tmp_path / "chats.jsonl"
-    path.write_text("\n".join((EXAMPLES / "messages.jsonl").read_text().splitlines() * 4) + "\n")
-    return path
-
-
-@pytest.fixture
-def window(qtbot):
-    use_palette(False)
-    win = MainWindow(None, load_engine=False)
-    qtbot.addWidget(win)
-    win.show()
-    yield win
-    win.train_tab.stop_training()
-    qtbot.waitUntil(lambda: not win.train_tab.running, timeout=120_000)
-    win.threads.wait_all()
-
-
-def _train(model, data, steps: int, stop_at: int | None = None, lr: float = 5e-3):
-    """A real run of the tiny model; with `stop_at`, stopped (with a checkpoint) after that step."""
-    stop = threading.Event()
-
-    def on_event(event):
-        if stop_at is not None and isinstance(event, StepMetrics) and event.step >= stop_at:
-            stop.set()
-
-    config = TrainConfig(model=str(model), data=str(data), seq_len=128, micro_batch=4, grad_accum=1, lr=lr,
-                         max_steps=steps, save_every=100, lora_dropout=0.0)
-    return run_training(config, on_event, stop)
+from conftest import train_tiny
 
 
 def _show_runs(window):
@@ -55,8 +16,8 @@ def _show_runs(window):
 
 
 def test_the_runs_tab_lists_runs_redraws_one_and_compares_two(window, tiny_model, chat_data):
-    first = _train(tiny_model, chat_data, steps=6)
-    second = _train(tiny_model, chat_data, steps=4, lr=1e-3)
+    first = train_tiny(tiny_model, chat_data, steps=6)
+    second = train_tiny(tiny_model, chat_data, steps=4, lr=1e-3)
     tab = _show_runs(window)
     assert tab.table.topLevelItemCount() == 2
     assert {tab.table.topLevelItem(i).text(1) for i in range(2)} == {"finished"}
@@ -73,7 +34,7 @@ def test_the_runs_tab_lists_runs_redraws_one_and_compares_two(window, tiny_model
 
 @pytest.mark.slow
 def test_resume_from_the_runs_tab_continues_a_stopped_run_on_the_train_tab(window, qtbot, tiny_model, chat_data):
-    stopped = _train(tiny_model, chat_data, steps=8, stop_at=3)
+    stopped = train_tiny(tiny_model, chat_data, steps=8, stop_at=3)
     assert stopped.status == "stopped" and stopped.step == 3
     tab = _show_runs(window)
     window.train_tab.set_engine_ready()
@@ -91,7 +52,7 @@ def test_resume_from_the_runs_tab_continues_a_stopped_run_on_the_train_tab(windo
 
 
 def test_delete_asks_first_and_keeps_the_run_when_cancelled(window, tiny_model, chat_data, monkeypatch):
-    run = _train(tiny_model, chat_data, steps=2)
+    run = train_tiny(tiny_model, chat_data, steps=2)
     tab = _show_runs(window)
     tab.select(run.run_id)
     asked = []

@@ -9,28 +9,6 @@ import pytest
 from PySide6.QtCore import QMimeData, QPointF, Qt, QTimer, QUrl
 from PySide6.QtGui import QDropEvent
 
-from app.gui.main_window import MainWindow
-from app.gui.widgets.plots import use_palette
-from conftest import EXAMPLES
-
-
-@pytest.fixture
-def window(qtbot):
-    use_palette(False)
-    win = MainWindow(None, load_engine=False)
-    qtbot.addWidget(win)
-    win.show()
-    yield win
-    win.train_tab.stop_training()
-    qtbot.waitUntil(lambda: not win.train_tab.running, timeout=120_000)
-    win.threads.wait_all()
-
-
-@pytest.fixture
-def chat_data(tmp_path):
-    path = tmp_path / "chats.jsonl"
-    path.write_text("\n".join((EXAMPLES / "messages.jsonl").read_text().splitlines() * 4) + "\n")
-    return path
 
 
 def drop_file(widget, path) -> None:
