@@ -56,6 +56,7 @@ class AdapterSource:
     base: str  # a model reference `resolve_model` understands: "demo", a folder or a hub id
     label: str
     tokenizer_dir: Path | None = None  # a tokenizer saved with the adapter (its chat template)
+    run_dir: Path | None = None  # the run the adapter belongs to, if any
 
 
 def find_adapter(ref: str) -> AdapterSource:
@@ -68,15 +69,27 @@ def find_adapter(ref: str) -> AdapterSource:
         if run_dir is not None:
             run = open_run(str(run_dir))
             tokenizer = run.adapter_dir if (run.adapter_dir / "tokenizer_config.json").exists() else None
-            return AdapterSource(path, run.config().model, f"{run.id} ({path.name})", tokenizer or path)
+            return AdapterSource(path, run.config().model, f"{run.id} ({path.name})", tokenizer or path, run.dir)
         return AdapterSource(path, _base_of(path), path.name, path)
     run = open_run(ref)
     if (run.adapter_dir / "adapter_config.json").exists():
-        return AdapterSource(run.adapter_dir, run.config().model, run.id, run.adapter_dir)
+        return AdapterSource(run.adapter_dir, run.config().model, run.id, run.adapter_dir, run.dir)
     checkpoint = run.latest_checkpoint()
     if checkpoint is None:
         raise RunError(f"run {run.id} has no adapter yet and no checkpoint; train it for a few steps first")
-    return AdapterSource(checkpoint, run.config().model, f"{run.id} ({checkpoint.name})")
+    return AdapterSource(checkpoint, run.config().model, f"{run.id} ({checkpoint.name})", run_dir=run.dir)
+
+
+def runs_with_adapter() -> list:
+    """The runs `find_adapter` can use (a final adapter or a checkpoint), newest first, as RunSummary rows."""
+    from app.core.runs import list_runs, open_run
+
+    rows = []
+    for row in list_runs():
+        run = open_run(row.id)
+        if (run.adapter_dir / "adapter_config.json").exists() or run.latest_checkpoint() is not None:
+            rows.append(row)
+    return rows
 
 
 class ChatSession:
@@ -181,8 +194,7 @@ def load_chat(ref: str, trust_remote_code: bool = False,
     import torch
     from peft import PeftModel
 
-    from app.core.data.tokenize import ensure_chat_template
-    from app.core.models import load_model_4bit, load_tokenizer, resolve_model
+    from app.core.models import load_model_4bit, resolve_model
     from app.core.planner import detect_device
 
     source = find_adapter(ref)
@@ -192,6 +204,14 @@ def load_chat(ref: str, trust_remote_code: bool = False,
     base = load_model_4bit(info, getattr(torch, dtype), device, trust_remote_code)
     model = PeftModel.from_pretrained(base, source.adapter_dir)
     model.eval()
+    return ChatSession(model, adapter_tokenizer(source, info, trust_remote_code), device, source)
+
+
+def adapter_tokenizer(source: AdapterSource, info, trust_remote_code: bool = False):
+    """The tokenizer trained with (saved beside the adapter), else the base model's; with a chat template."""
+    from app.core.data.tokenize import ensure_chat_template
+    from app.core.models import load_tokenizer
+
     if source.tokenizer_dir is not None and (source.tokenizer_dir / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
 
@@ -201,7 +221,7 @@ def load_chat(ref: str, trust_remote_code: bool = False,
     else:
         tokenizer = load_tokenizer(info, trust_remote_code)
     ensure_chat_template(tokenizer)
-    return ChatSession(model, tokenizer, device, source)
+    return tokenizer
 
 
 def save_conversation(path: str | Path, messages: list[dict], system_prompt: str = "") -> Path:

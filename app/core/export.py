@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.core.atomic import staged_dir, write_json, write_text
-from app.core.chat import AdapterSource, find_adapter
+from app.core.chat import AdapterSource, adapter_tokenizer, find_adapter
 from app.core.errors import ExportError
 
 FORMATS = ("adapter", "merged", "gguf")
@@ -62,15 +62,16 @@ def export_run(ref: str, fmt: str, out: str | Path, dtype: str = "bf16", quant: 
 
         read_config(Path(info.path))  # an architecture the writer does not know is refused before the merge
     _check_space(out, _needed_bytes(fmt, source, _parameters(info), dtype, quant))
+    tokenizer = adapter_tokenizer(source, info, trust_remote_code)
     with staged_dir(out, replace=replace) as tmp:
         checks: dict = {}
         if fmt == "adapter":
             progress(f"Copying the adapter from {source.adapter_dir}")
-            _write_adapter(source, info, tmp, trust_remote_code)
+            _write_adapter(source, tokenizer, tmp)
         elif fmt == "merged":
-            checks.update(merge_adapter(source, info, tmp, dtype, progress, trust_remote_code))
+            checks.update(merge_adapter(source, info, tokenizer, tmp, dtype, progress, trust_remote_code))
         else:
-            checks.update(_write_gguf(source, info, tmp, dtype, quant, progress, trust_remote_code))
+            checks.update(_write_gguf(source, info, tokenizer, tmp, dtype, quant, progress, trust_remote_code))
         write_text(tmp / "README.md", model_card(source, info, fmt, dtype, quant, checks))
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
@@ -78,7 +79,7 @@ def export_run(ref: str, fmt: str, out: str | Path, dtype: str = "bf16", quant: 
     return ExportResult(out, fmt, files, size, checks)
 
 
-def merge_adapter(source: AdapterSource, info, out: Path, dtype: str = "bf16",
+def merge_adapter(source: AdapterSource, info, tokenizer, out: Path, dtype: str = "bf16",
                   progress: Callable[[str], None] = lambda message: None, trust_remote_code: bool = False) -> dict:
     """Load the base in 16-bit, merge the adapter, save sharded safetensors with the tokenizer and
     generation config into `out`. Returns the checks against base + adapter over a few prompts:
@@ -94,7 +95,6 @@ def merge_adapter(source: AdapterSource, info, out: Path, dtype: str = "bf16",
                                                 use_safetensors=not info.facts.pickle_weights)
     model = PeftModel.from_pretrained(base, source.adapter_dir)
     model.eval()
-    tokenizer = _tokenizer(source, info, trust_remote_code)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                              return_tensors="pt", return_dict=True)["input_ids"]
                for p in CHECK_PROMPTS]
@@ -179,22 +179,23 @@ def model_card(source: AdapterSource, info, fmt: str, dtype: str, quant: str, ch
 
 
 # -- the formats ------------------------------------------------------------------------------------
-def _write_adapter(source: AdapterSource, info, out: Path, trust_remote_code: bool) -> None:
+def _write_adapter(source: AdapterSource, tokenizer, out: Path) -> None:
     for name in ADAPTER_FILES:
         if not (source.adapter_dir / name).exists():
             raise ExportError(f"{source.adapter_dir}: no {name}; the adapter folder is incomplete")
         shutil.copy2(source.adapter_dir / name, out / name)
-    _tokenizer(source, info, trust_remote_code).save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
-def _write_gguf(source: AdapterSource, info, out: Path, dtype: str, quant: str, progress,
+def _write_gguf(source: AdapterSource, info, tokenizer, out: Path, dtype: str, quant: str, progress,
                 trust_remote_code: bool) -> dict:
     from app.core.gguf_check import verify_gguf
     from app.core.gguf_export import write_gguf
 
     merged = out / ".merged"
     merged.mkdir()
-    checks = merge_adapter(source, info, merged, "f32" if quant == "f32" else dtype, progress, trust_remote_code)
+    checks = merge_adapter(source, info, tokenizer, merged, "f32" if quant == "f32" else dtype, progress,
+                           trust_remote_code)
     name = f"{_slug(source.label)}-{quant}.gguf"
     progress(f"Writing {name}")
     summary = write_gguf(merged, out / name, quant, lambda message, _fraction=None: progress(message))
@@ -202,7 +203,7 @@ def _write_gguf(source: AdapterSource, info, out: Path, dtype: str, quant: str, 
     check = verify_gguf(out / name, merged)
     if not check.ok:
         raise ExportError(f"{name}: the written file does not match the merged model ({'; '.join(check.problems)})")
-    write_text(out / "Modelfile", ollama_modelfile(name, _tokenizer(source, info, trust_remote_code)))
+    write_text(out / "Modelfile", ollama_modelfile(name, tokenizer))
     shutil.rmtree(merged)
     write_json(out / "export.json", {"gguf": name, "quant": quant, "tensors": summary.tensor_count,
                                      "pre_tokenizer": summary.pre_tokenizer, "warnings": summary.warnings})
@@ -246,21 +247,6 @@ def _check_space(out: Path, needed: int) -> None:
                           f"{needed * DISK_MARGIN / 2**30:.1f} GiB; free some space or choose another --out")
 
 
-def _tokenizer(source: AdapterSource, info, trust_remote_code: bool):
-    """The tokenizer trained with (saved beside the adapter), else the base model's."""
-    from app.core.data.tokenize import ensure_chat_template
-    from app.core.models import load_tokenizer
-
-    if source.tokenizer_dir is not None and (source.tokenizer_dir / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir)
-    else:
-        tokenizer = load_tokenizer(info, trust_remote_code)
-    ensure_chat_template(tokenizer)
-    return tokenizer
-
-
 def _shared_tail(with_system: str, without: str, tokenizer) -> int:
     """Where, in `with_system`, the text it shares with `without` up to the end starts (the user's
     turn onwards), moved forward to a token boundary so no special token is cut in two."""
@@ -289,13 +275,11 @@ def _stop_tokens(tokenizer, ending: str, user_prefix: str) -> list[str]:
 
 
 def _run_details(source: AdapterSource) -> dict:
-    from app.core.chat import _run_of
     from app.core.runs import Run, read_history
 
-    run_dir = _run_of(source.adapter_dir) if source.adapter_dir.name != "adapter" else source.adapter_dir.parent
-    if run_dir is None or not (run_dir / "status.json").exists():
+    if source.run_dir is None:
         return {}
-    run = Run(run_dir)
+    run = Run(source.run_dir)
     try:
         config, plan, status, data = run.config(), run.plan(), run.status(), run.data_info()
     except Exception:  # noqa: BLE001 - a card without the training table is still a card

@@ -122,15 +122,13 @@ class ChatTab(QWidget):
     # -- choosing and loading ---------------------------------------------------------------------
     def refresh_sources(self) -> None:
         """Runs that have something to chat with: a final adapter or a checkpoint."""
-        from app.core.runs import list_runs, open_run
+        from app.core.chat import runs_with_adapter
 
         current = self.source_box.currentData()
         self.source_box.clear()
-        for row in list_runs():
-            run = open_run(row.id)
-            if (run.adapter_dir / "adapter_config.json").exists() or run.latest_checkpoint() is not None:
-                what = "adapter" if row.status == "finished" else f"step {row.step} checkpoint"
-                self.source_box.addItem(f"{row.id} ({what})", row.id)
+        for row in runs_with_adapter():
+            what = "adapter" if row.status == "finished" else f"step {row.step} checkpoint"
+            self.source_box.addItem(f"{row.id} ({what})", row.id)
         if current:
             index = self.source_box.findData(current)
             if index < 0:

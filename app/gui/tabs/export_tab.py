@@ -88,15 +88,13 @@ class ExportTab(QWidget):
         self._update_buttons()
 
     def refresh_runs(self) -> None:
-        from app.core.runs import list_runs, open_run
+        from app.core.chat import runs_with_adapter
 
         current = self.run_box.currentData()
         self.run_box.blockSignals(True)
         self.run_box.clear()
-        for row in list_runs():
-            run = open_run(row.id)
-            if (run.adapter_dir / "adapter_config.json").exists() or run.latest_checkpoint() is not None:
-                self.run_box.addItem(f"{row.id} ({row.status}, step {row.step}/{row.total_steps})", row.id)
+        for row in runs_with_adapter():
+            self.run_box.addItem(f"{row.id} ({row.status}, step {row.step}/{row.total_steps})", row.id)
         self.run_box.setCurrentIndex(max(0, self.run_box.findData(current)))
         self.run_box.blockSignals(False)
         if not self.out_edit.text():
