@@ -115,7 +115,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
             continue
         flag = _FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
         help_text = f.metadata.get("help", "").replace("%", "%%")
-        if f.name == "grad_checkpointing":
+        if str(f.type) == "bool | None":  # --grad-checkpointing / --no-grad-checkpointing, --packing ...
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.type in ("bool", bool):
             parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
@@ -160,7 +160,8 @@ def cmd_plan(args) -> int:
     rows = [("SETTING", "VALUE", "WHY")]
     for name, value in [("seq_len", plan.seq_len), ("rank", plan.rank), ("grad_checkpointing",
                         "on" if plan.grad_checkpointing else "off"), ("micro_batch", plan.micro_batch),
-                        ("grad_accum", plan.grad_accum), ("total_steps", plan.total_steps or "-")]:
+                        ("grad_accum", plan.grad_accum), ("batching", plan.batching), ("loss", plan.loss),
+                        ("total_steps", plan.total_steps or "-")]:
         rows.append((name, value, plan.reasons.get(name, "")))
     _print_table(rows)
     print()

@@ -40,6 +40,7 @@ class ArchFacts:
     mlp_params: int  # all layers (all experts and routers for MoE)
     norm_params: int
     lm_head_params: int  # 0 when tied to the embeddings
+    sliding_window: int = 0  # attention window in tokens, 0 when attention sees the whole sequence
 
     @property
     def total_params(self) -> int:
@@ -98,4 +99,5 @@ def arch_facts(config: dict) -> ArchFacts:
         max_positions=int(config.get("max_position_embeddings") or 2048), tied_embeddings=tied,
         experts=experts, experts_per_token=per_token,
         embedding_params=vocab * hidden, attention_params=layers * attention, mlp_params=layers * mlp,
-        norm_params=layers * norms_per_layer + hidden, lm_head_params=0 if tied else vocab * hidden)
+        norm_params=layers * norms_per_layer + hidden, lm_head_params=0 if tied else vocab * hidden,
+        sliding_window=int(config.get("sliding_window") or 0) if config.get("use_sliding_window", True) else 0)

@@ -52,6 +52,8 @@ class TrainConfig(JsonRoundTrip):
     max_grad_norm: float = _f(0.3, "Gradients are clipped to this norm.")
     weight_decay: float = _f(0.0, "AdamW weight decay on the LoRA weights.")
     grad_checkpointing: bool | None = _f(None, "Recompute activations to save memory (~20-30% slower).")
+    packing: bool | None = _f(None, "Pack several examples into each padding-free micro-batch. "
+                                    "Default: on where the model's attention supports it.")
     eval_every: int | None = _f(None, "Evaluate every N steps when there is validation data.")
     save_every: int | None = _f(None, "Save a checkpoint every N steps (and always on stop).")
     seed: int = _f(42, "Seed for data order, split and LoRA initialisation.")
@@ -70,6 +72,11 @@ class Plan(JsonRoundTrip):
     micro_batch: int = _f(1, "Examples per forward pass.")
     grad_accum: int = _f(1, "Micro-batches per optimizer step.")
     grad_checkpointing: bool = _f(False, "Gradient checkpointing on or off.")
+    batching: str = _f("grouped", "packed: examples packed into padding-free rows of micro_batch x "
+                                  "seq_len tokens; grouped: padded batches of similar lengths; "
+                                  "random: padded batches in plain shuffled order.")
+    loss: str = _f("plain", "How the loss is computed: plain (full fp32 logits) or fused without "
+                            "full logits: chunked (ours), cce (Cut Cross-Entropy), liger.")
     total_steps: int = _f(0, "Optimizer steps the run will take.")
     steps_per_epoch: int = _f(0, "Optimizer steps in one pass over the data.")
     warmup_steps: int = _f(0, "Steps of linear learning-rate warmup.")

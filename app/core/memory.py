@@ -41,6 +41,12 @@ ACTIVATION_COEFFICIENTS = {
 # Qwen2.5-0.5B architectures (49k and 152k vocabularies), bf16 and fp32 compute, with and
 # without checkpointing; tiny 2-layer models showed up to 16 B, where other tensors overlap.
 LOGITS_BYTES = 10.8
+# The fused loss (app/core/kernels.py) never holds the full logits: one chunk of fp32 logits (and
+# its cast for the gradient matmul) at a time, plus per token the selected hidden state, the
+# gradient it keeps for backward and that gradient scattered back: 3 hidden-size vectors.
+FUSED_LOSS_CHUNK_BYTES = 128 * 2 ** 20 * 1.5
+FUSED_LOSS_HIDDEN_COPIES = 3
+LOSS_KERNELS = ("plain", "chunked", "cce", "liger")
 # With checkpointing the peak is the larger of the loss phase and the recompute of one layer,
 # whose backward briefly holds about half as much again (measured 1.53x).
 RECOMPUTE_FACTOR = 1.53
@@ -63,6 +69,7 @@ class MemorySetup:
     optimizer: str = "paged_adamw_8bit"
     device: str = "cuda"
     lora_dropout: bool = True
+    loss: str = "plain"  # "plain": full fp32 logits; "chunked", "cce", "liger": fused, see kernels.py
 
 
 @dataclass(frozen=True)
@@ -105,7 +112,7 @@ COMPONENTS = [
     ("lora_gradients", "LoRA gradients", "fp32, one per LoRA weight"),
     ("optimizer_state", "optimizer state", "AdamW moments of the LoRA weights"),
     ("activations", "activations", "kept for backward, per layer x tokens"),
-    ("logits", "logits and loss", "vocabulary x tokens, fp32 softmax and gradient"),
+    ("logits", "logits and loss", "fp32 logits, softmax and gradient (one chunk at a time when fused)"),
     ("transient", "dequantised weights", "the largest layer unpacked during a matmul"),
     ("runtime_overhead", "CUDA context, allocator", "outside PyTorch's tensors"),
 ]
@@ -133,14 +140,17 @@ def estimate_memory(facts: ArchFacts, setup: MemorySetup) -> MemoryEstimate:
     tokens = setup.seq_len * setup.micro_batch
 
     per_layer = activation_bytes_per_token_layer(facts, element, setup.lora_dropout)
+    if setup.loss == "plain":
+        loss_fixed, loss_phase = 0.0, LOGITS_BYTES * facts.vocab
+    else:
+        loss_fixed = FUSED_LOSS_CHUNK_BYTES
+        loss_phase = FUSED_LOSS_HIDDEN_COPIES * facts.hidden * element
+    logits = loss_fixed + tokens * loss_phase
     if setup.grad_checkpointing:
         inputs = facts.layers * 2 * facts.hidden * element  # each block's input, kept
-        loss_phase = LOGITS_BYTES * facts.vocab
-        activations = tokens * (inputs + max(0.0, RECOMPUTE_FACTOR * per_layer - loss_phase))
-        logits = tokens * loss_phase
+        activations = tokens * inputs + max(0.0, tokens * RECOMPUTE_FACTOR * per_layer - logits)
     else:
         activations = tokens * facts.layers * per_layer
-        logits = tokens * LOGITS_BYTES * facts.vocab
     widest = max(facts.hidden, facts.heads * facts.head_dim) * max(facts.intermediate, facts.hidden)
     transient = 2 * widest * element  # weight dequantised for the matmul, forward or backward
     varying = activations + logits + transient

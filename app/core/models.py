@@ -179,8 +179,10 @@ def load_tokenizer(info: ModelInfo, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model_4bit(info: ModelInfo, compute_dtype, device: str, trust_remote_code: bool = False):
-    """The model with its linear layers in NF4 with double quantisation (QLoRA's storage)."""
+def load_model_4bit(info: ModelInfo, compute_dtype, device: str, trust_remote_code: bool = False,
+                    attention: str = "sdpa"):
+    """The model with its linear layers in NF4 with double quantisation (QLoRA's storage), its
+    attention computed by `attention` (a transformers attention implementation name)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -189,7 +191,8 @@ def load_model_4bit(info: ModelInfo, compute_dtype, device: str, trust_remote_co
         return AutoModelForCausalLM.from_pretrained(
             info.path, quantization_config=quant, dtype=compute_dtype,
             device_map={"": device} if device != "cpu" else None,
-            trust_remote_code=trust_remote_code, use_safetensors=not info.facts.pickle_weights)
+            trust_remote_code=trust_remote_code, use_safetensors=not info.facts.pickle_weights,
+            attn_implementation=attention)
     except (OSError, ValueError, RuntimeError) as err:
         if "out of memory" in str(err).lower():
             raise

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 
 from app.core.architecture import ArchFacts
 from app.core.config import Plan, TrainConfig
+from app.core.data.batches import micro_batches_per_epoch
 from app.core.data.stats import LengthStats, count_over
 from app.core.errors import ConfigError, PlanError
+from app.core.kernels import fused_loss_support, loss_kernel, packing_support
 from app.core.memory import CUDA_CONTEXT_BYTES, GIB, MemoryEstimate, MemorySetup, estimate_memory, gib
 from app.core.presets import Budget
 
@@ -71,13 +73,14 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     max_positions = facts.max_positions if facts else None
     cap = min(budget.preset.context_cap if budget else 2048, max_positions or 1 << 30)
     wanted_seq = _wanted_seq_len(config, stats, cap, reasons)
+    loss = _choose_loss(facts, device, reasons)
 
     if facts is None or budget is None:
         fit = Fit(wanted_seq, config.rank or DEFAULT_RANK, bool(config.grad_checkpointing),
                   config.micro_batch or MICRO_BATCHES[0], None)
         reasons["memory"] = "not planned: the model's architecture could not be read from config.json"
     else:
-        fit = choose_fit(config, stats, facts, budget, wanted_seq, dtype, optimizer, dropout > 0, reasons)
+        fit = choose_fit(config, stats, facts, budget, wanted_seq, dtype, optimizer, dropout > 0, reasons, loss)
         reasons["memory"] = (f"predicted peak {gib(fit.estimate.peak)} of {gib(budget.usable_bytes)} usable "
                              f"({budget.source}, {budget.preset.safety_margin_gib:g} GiB kept free)")
     over = count_over(lengths, fit.seq_len)
@@ -88,15 +91,25 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     alpha = config.lora_alpha or 2 * rank
     reasons["lora_alpha"] = "set by you" if config.lora_alpha else "2 x rank"
     micro = fit.micro_batch
+    batching = _choose_batching(config, facts, fit.seq_len, reasons)
+    if batching == "packed":
+        why = ("set by you" if config.micro_batch else "the longest row planned" if micro == MICRO_BATCHES[0]
+               or micro * fit.seq_len >= TARGET_TOKENS_PER_STEP else "the longest row that fits")
+        reasons["micro_batch"] = f"packed rows of {micro} x {fit.seq_len} = {micro * fit.seq_len:,} tokens: {why}"
     mean_len = max(1, min(fit.seq_len, stats.total // max(1, stats.count)))
+    shape = Plan(seq_len=fit.seq_len, micro_batch=micro, batching=batching)
+    micro_batches = micro_batches_per_epoch(lengths, shape, config.seed) if lengths else \
+        math.ceil(stats.count / micro)
+    per_micro = (sum(min(n, fit.seq_len) for n in lengths) / max(1, micro_batches) if lengths
+                 else micro * mean_len)
     if config.grad_accum:
         accum = config.grad_accum
         reasons["grad_accum"] = "set by you"
     else:
-        accum = max(1, min(16, round(TARGET_TOKENS_PER_STEP / (micro * mean_len))))
-        reasons["grad_accum"] = (f"about {TARGET_TOKENS_PER_STEP} tokens per optimizer step "
-                                 f"({micro} x {accum} examples of ~{mean_len} tokens)")
-    micro_batches = math.ceil(stats.count / micro)
+        accum = max(1, min(16, round(TARGET_TOKENS_PER_STEP / max(1.0, per_micro))))
+        unit = (f"packed rows of ~{per_micro:.0f} tokens" if batching == "packed" else
+                f"batches of {micro} x ~{mean_len} tokens")
+        reasons["grad_accum"] = f"about {TARGET_TOKENS_PER_STEP} tokens per optimizer step ({accum} {unit})"
     steps_per_epoch = max(1, math.ceil(micro_batches / accum))
     if config.max_steps:
         total = config.max_steps
@@ -109,21 +122,21 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     save_every = config.save_every or max(1, min(200, total // 10))
     estimate = fit.estimate
     return Plan(rank=rank, lora_alpha=alpha, seq_len=fit.seq_len, micro_batch=micro, grad_accum=accum,
-                grad_checkpointing=fit.grad_checkpointing, total_steps=total, steps_per_epoch=steps_per_epoch,
-                warmup_steps=warmup, eval_every=eval_every, save_every=save_every, compute_dtype=dtype,
-                optimizer=optimizer, device=device, preset=budget.preset.id if budget else "",
-                budget_bytes=budget.usable_bytes if budget else 0,
+                grad_checkpointing=fit.grad_checkpointing, batching=batching, loss=loss, total_steps=total,
+                steps_per_epoch=steps_per_epoch, warmup_steps=warmup, eval_every=eval_every,
+                save_every=save_every, compute_dtype=dtype, optimizer=optimizer, device=device,
+                preset=budget.preset.id if budget else "", budget_bytes=budget.usable_bytes if budget else 0,
                 predicted_peak_bytes=estimate.peak if estimate else 0,
                 breakdown=estimate.to_dict() if estimate else {}, reasons=reasons)
 
 
 def choose_fit(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budget: Budget, wanted_seq: int,
-               dtype: str, optimizer: str, dropout: bool, reasons: dict[str, str]) -> Fit:
+               dtype: str, optimizer: str, dropout: bool, reasons: dict[str, str], loss: str = "plain") -> Fit:
     """The fastest, longest-context settings whose predicted peak fits `budget`."""
     def estimate(seq: int, rank: int, ckpt: bool, micro: int) -> MemoryEstimate:
         return estimate_memory(facts, MemorySetup(rank=rank, seq_len=seq, micro_batch=micro, grad_checkpointing=ckpt,
                                                   compute_dtype=dtype, optimizer=optimizer, device=budget.device,
-                                                  lora_dropout=dropout))
+                                                  lora_dropout=dropout, loss=loss))
 
     seqs = [config.seq_len] if config.seq_len else _shorter_seqs(wanted_seq, stats)
     trained_tokens = stats.total
@@ -177,6 +190,32 @@ def validate_config(config: TrainConfig) -> None:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+def _choose_batching(config: TrainConfig, facts: ArchFacts | None, seq_len: int, reasons: dict[str, str]) -> str:
+    why_not = packing_support(facts, seq_len)
+    if config.packing is False:
+        reasons["batching"] = "padded batches of similar lengths: packing turned off by you"
+        return "grouped"
+    if why_not:
+        if config.packing:
+            raise ConfigError(f"--packing is not available for this model: {why_not}; leave it off")
+        reasons["batching"] = f"padded batches of similar lengths: {why_not}"
+        return "grouped"
+    reasons["batching"] = "packed: several examples per row, no padding tokens"
+    return "packed"
+
+
+def _choose_loss(facts: ArchFacts | None, device: str, reasons: dict[str, str]) -> str:
+    why_not = fused_loss_support(facts)
+    if why_not:
+        reasons["loss"] = f"full logits: {why_not}"
+        return "plain"
+    kernel = loss_kernel(device)
+    names = {"chunked": "chunked", "cce": "Cut Cross-Entropy", "liger": "Liger"}
+    reasons["loss"] = (f"fused ({names[kernel]}): lm_head and loss only where there is a target, "
+                       "no full fp32 logits")
+    return kernel
+
+
 def _round_up(value: int, step: int = 64) -> int:
     return step * max(1, math.ceil(value / step))
 

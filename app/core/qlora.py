@@ -3,7 +3,8 @@
 Recipe: NF4 with double quantisation, bf16 compute on CUDA (fp32 on CPU), LoRA on every linear
 layer of the blocks, paged 8-bit AdamW on CUDA (torch AdamW on CPU), cosine schedule with warmup,
 gradients clipped to `max_grad_norm`. The loss is the mean over all trained tokens of an optimizer
-step, however they fall across micro-batches.
+step, however they fall across micro-batches. Micro-batches are packed rows or padded batches
+(`Plan.batching`); the loss is fused or plain (`Plan.loss`, see kernels.py).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import gc
 from pathlib import Path
 
 from app.core.atomic import staged_dir, write_json
-from app.core.data.batches import collate
+from app.core.data.packing import Batch, collate_packed, collate_padded
 from app.core.data.tokenize import IGNORE, Tokenized
+from app.core.kernels import apply_liger_kernels, attention_for, linear_cross_entropy, packed_kwargs
 from app.core.prepare import Prepared
 
 
@@ -32,9 +34,12 @@ class QLoraSession:
         self.device = torch.device(plan.device)
         self.pad_id = prepared.tokenizer.pad_token_id
         torch.manual_seed(config.seed)
+        self.attention = attention_for(plan.batching == "packed", plan.device)
         base = load_model_4bit(prepared.model, getattr(torch, plan.compute_dtype), plan.device,
-                               config.trust_remote_code)
+                               config.trust_remote_code, self.attention)
         base.config.use_cache = False
+        self.notes = [note for note in [f"attention: {self.attention}, loss: {plan.loss}",
+                                        apply_liger_kernels(base, plan.device)] if note]
         freeze_for_lora(base, plan.grad_checkpointing)
         lora = LoraConfig(r=plan.rank, lora_alpha=plan.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules="all-linear", task_type="CAUSAL_LM")
@@ -61,18 +66,23 @@ class QLoraSession:
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.params)
 
+    def collate(self, examples: list[Tokenized]) -> Batch:
+        if self.plan.batching == "packed":
+            return collate_packed(examples)
+        return collate_padded(examples, self.pad_id)
+
     def train_step(self, batches: list[list[Tokenized]]) -> tuple[float, int, float]:
         """One optimizer step over these micro-batches: (mean loss, real tokens, grad norm)."""
         import torch
 
-        tensors = [collate(batch, self.pad_id) for batch in batches]
-        targets = max(1, sum(int((labels[:, 1:] != IGNORE).sum()) for _, _, labels in tensors))
+        tensors = [self.collate(batch) for batch in batches]
+        targets = max(1, sum(batch.trained_tokens for batch in tensors))
         loss_total, tokens = 0.0, 0
-        for ids, mask, labels in tensors:
-            loss_sum = self._loss_sum(ids, mask, labels)
+        for batch in tensors:
+            loss_sum = self.loss_sum(batch)
             (loss_sum / targets).backward()
             loss_total += float(loss_sum.detach())
-            tokens += int(mask.sum())
+            tokens += batch.real_tokens
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
@@ -87,23 +97,18 @@ class QLoraSession:
         total, count = 0.0, 0
         with torch.no_grad():
             for start in range(0, len(examples), self.plan.micro_batch):
-                ids, mask, labels = collate(examples[start:start + self.plan.micro_batch], self.pad_id)
-                total += float(self._loss_sum(ids, mask, labels))
-                count += int((labels[:, 1:] != IGNORE).sum())
+                batch = self.collate(examples[start:start + self.plan.micro_batch])
+                total += float(self.loss_sum(batch))
+                count += batch.trained_tokens
         self.model.train()
         return total / max(1, count)
 
     def current_lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
-    def _loss_sum(self, ids, mask, labels):
-        import torch.nn.functional as F
-
-        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-        logits = logits[:, :-1].float()
-        target = labels[:, 1:].to(self.device)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-                               ignore_index=IGNORE, reduction="sum")
+    def loss_sum(self, batch: Batch):
+        """Summed cross-entropy of `batch`'s targets, computed the way the plan says."""
+        return loss_sum(self.model, batch, self.device, self.plan.loss)
 
     # -- persistence ---------------------------------------------------------------------------
     def save_checkpoint(self, path: Path, state: dict) -> None:
@@ -151,6 +156,32 @@ class QLoraSession:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def loss_sum(model, batch: Batch, device, loss: str = "plain"):
+    """Summed next-token cross-entropy of `batch` under `model` (a PEFT causal LM).
+
+    plain: the model's logits at every position, in fp32. Fused ("chunked", "cce", "liger"): the
+    decoder's hidden states at the positions with a target only, through the lm_head and the loss
+    together (kernels.linear_cross_entropy)."""
+    import torch.nn.functional as F
+
+    inputs = {"input_ids": batch.input_ids.to(device)}
+    if batch.attention_mask is not None:
+        inputs["attention_mask"] = batch.attention_mask.to(device)
+    if batch.position_ids is not None:
+        inputs["position_ids"] = batch.position_ids.to(device)
+    if batch.packed:
+        inputs |= packed_kwargs(batch.segments, device)
+    targets = batch.targets.to(device)
+    if loss == "plain":
+        logits = model(**inputs).logits.float()
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=IGNORE, reduction="sum")
+    causal_lm = model.get_base_model()
+    hidden = causal_lm.get_decoder()(**inputs).last_hidden_state
+    keep = targets != IGNORE
+    return linear_cross_entropy(hidden[keep], causal_lm.get_output_embeddings().weight, targets[keep], loss)
 
 
 def freeze_for_lora(model, grad_checkpointing: bool) -> None:

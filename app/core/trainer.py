@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from app.core.config import Plan, TrainConfig
-from app.core.data.batches import epoch_batches
+from app.core.data.batches import EpochBatches
 from app.core.errors import RunError, UserError
 from app.core.events import (CheckpointSaved, EvalMetrics, Event, LogLine, PlanAdjusted, RunFailed,
                              RunFinished, RunStarted, StepMetrics)
@@ -49,9 +49,15 @@ def run_training(config: TrainConfig, on_event: Callable[[Event], None] | None =
     """Check everything, create a run folder, and train. User errors raise before the folder exists."""
     on_event = on_event or (lambda event: None)
     prepared = prepare_training(config, log=lambda message: on_event(LogLine(message)))
-    run = create_run(config, prepared.plan, prepared.data_info)
+    return train_prepared(prepared, on_event, stop)
+
+
+def train_prepared(prepared: Prepared, on_event: Callable[[Event], None] | None = None,
+                   stop: threading.Event | None = None) -> RunResult:
+    """Create a run folder for checked data and a plan (from `prepare_training`), and train."""
+    run = create_run(prepared.config, prepared.plan, prepared.data_info)
     remember_model(prepared.model)
-    return _train(run, prepared, on_event, stop or threading.Event())
+    return _train(run, prepared, on_event or (lambda event: None), stop or threading.Event())
 
 
 def resume_training(ref: str, on_event: Callable[[Event], None] | None = None,
@@ -102,7 +108,8 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
         saved_step = step if checkpoint is not None else None
         emit(RunStarted(run.id, str(run.dir), plan.total_steps, step, len(prepared.train), len(prepared.val),
                         prepared.data_info["truncated"], prepared.data_info["skipped"], plan.device))
-        run.log(f"LoRA rank {plan.rank}: {session.trainable_parameters:,} trainable parameters")
+        run.log(f"LoRA rank {plan.rank}: {session.trainable_parameters:,} trainable parameters; "
+                + "; ".join(session.notes))
 
         def save(at_step: int) -> None:
             nonlocal saved_step
@@ -115,7 +122,8 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
 
         started, before, tokens = time.monotonic(), state["elapsed_s"], state["tokens"]
         elapsed = lambda: before + time.monotonic() - started  # noqa: E731
-        session_tokens, session_steps, status_written, epoch_cache = 0, 0, 0.0, {}
+        session_tokens, session_steps, status_written = 0, 0, 0.0
+        order = EpochBatches([len(e.input_ids) for e in prepared.train], plan, prepared.config.seed)
         while step < plan.total_steps:
             if stop.is_set():
                 if saved_step != step:
@@ -124,11 +132,7 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
                                  reason="stopped by the user")
                 emit(RunFinished("stopped", step, plan.total_steps, last_loss, ""))
                 return result("stopped")
-            epoch, index = divmod(step, plan.steps_per_epoch)
-            if epoch not in epoch_cache:
-                epoch_cache = {epoch: epoch_batches([len(e.input_ids) for e in prepared.train],
-                                                    plan.micro_batch, prepared.config.seed, epoch)}
-            chosen = epoch_cache[epoch][index * plan.grad_accum:(index + 1) * plan.grad_accum]
+            chosen = order.for_step(step)
             lr = session.current_lr()
             backoff = None
             try:
@@ -141,7 +145,7 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
             if backoff is not None:  # outside `except`, so the failed step's tensors are freed
                 plan, change, message = backoff
                 _apply_backoff(session, prepared, plan, change)
-                epoch_cache = {}
+                order = EpochBatches([len(e.input_ids) for e in prepared.train], plan, prepared.config.seed)
                 run.write_plan(plan)
                 emit(PlanAdjusted(step, change, f"Out of GPU memory at step {step + 1}: {message}; retrying"))
                 continue

@@ -40,8 +40,10 @@ def test_stop_ends_the_answer_after_the_current_token(tiny_chat):
 
 def test_a_stop_string_cuts_the_answer_where_it_starts(tiny_chat):
     whole = tiny_chat.reply(QUESTION, GREEDY)
-    marker = whole[len(whole) // 2:len(whole) // 2 + 3]
-    assert marker
+    # three printable characters from the second half (a random tiny model also emits partial
+    # UTF-8, which a stream and a whole decode may render differently)
+    marker = next(whole[i:i + 3] for i in range(len(whole) // 2, len(whole) - 2)
+                  if whole[i:i + 3].isascii() and whole[i:i + 3].strip() == whole[i:i + 3])
     settings = GenerationSettings(temperature=0, max_new_tokens=16, stop=[marker])
     cut = whole[:whole.index(marker)]
     assert "".join(tiny_chat.stream(QUESTION, settings)) == cut

@@ -32,7 +32,7 @@ def pretend_card(monkeypatch, tokens_that_fit: int, needs_checkpointing: bool = 
     real_step, seen = QLoraSession.train_step, []
 
     def step(self, batches):
-        widest = max(len(batch) * self.plan.seq_len for batch in batches)
+        widest = self.plan.micro_batch * self.plan.seq_len  # what a (packed or padded) micro-batch may hold
         seen.append((self.plan.grad_checkpointing, self.plan.micro_batch, self.plan.seq_len))
         if (needs_checkpointing and not self.plan.grad_checkpointing) or widest > tokens_that_fit:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -39,7 +39,7 @@ def plan_for(lengths, facts=LLAMA_8B, preset="24gb", usable_gib=None, **fixed):
 def peak_of(plan, facts=LLAMA_8B, **change) -> int:
     setup = MemorySetup(rank=plan.rank, seq_len=plan.seq_len, micro_batch=plan.micro_batch,
                         grad_checkpointing=plan.grad_checkpointing, compute_dtype=plan.compute_dtype,
-                        optimizer=plan.optimizer, device=plan.device, lora_dropout=True)
+                        optimizer=plan.optimizer, device=plan.device, lora_dropout=True, loss=plan.loss)
     return estimate_memory(facts, replace(setup, **change)).peak
 
 
@@ -128,6 +128,11 @@ def test_the_plan_cli_prints_json_with_total_params_and_peak():
     assert report["model"]["total_params"] == LLAMA_8B.total_params
     assert 0 < report["predicted_peak_bytes"] <= report["budget"]["usable_bytes"]
     assert report["plan"]["rank"] >= 16 and report["breakdown"]["peak"] == report["predicted_peak_bytes"]
+    assert (report["plan"]["batching"], report["plan"]["loss"]) == ("packed", "chunked")
+    done = subprocess.run([sys.executable, "-m", "app", "plan", "--model", "Llama-3.1-8B-Instruct",
+                           "--preset", "24gb", "--no-packing", "--json"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["plan"]["batching"] == "grouped"
 
 
 def test_the_plan_cli_table_fits_the_sample_data_with_the_demo_model(demo_model_path):
@@ -138,3 +143,38 @@ def test_the_plan_cli_table_fits_the_sample_data_with_the_demo_model(demo_model_
     assert done.returncode == 0, done.stderr
     for text in ("SmolLM2-135M-Instruct", "covers 99% of examples", "base weights (4-bit)", "peak"):
         assert text in done.stdout
+
+
+def test_packed_batches_and_the_fused_loss_where_the_model_supports_them():
+    lengths = chat_lengths(count=500)
+    plan, _ = plan_for(lengths, preset="24gb")
+    assert (plan.batching, plan.loss) == ("packed", "chunked")
+    assert "no padding" in plan.reasons["batching"] and "no full fp32 logits" in plan.reasons["loss"]
+    # packing fills rows of micro_batch x seq_len tokens, so an epoch takes fewer micro-batches
+    padded, _ = plan_for(lengths, preset="24gb", packing=False, grad_accum=1)
+    packed, _ = plan_for(lengths, preset="24gb", grad_accum=1)
+    assert padded.batching == "grouped" and "turned off by you" in padded.reasons["batching"]
+    assert packed.steps_per_epoch < padded.steps_per_epoch * 0.75
+
+
+def test_a_model_with_soft_capped_logits_falls_back_to_padded_batches_and_full_logits():
+    gemma = model_facts("gemma-2-9b-it").facts
+    plan, _ = plan_for(chat_lengths(count=200), facts=gemma, preset="48gb")
+    assert (plan.batching, plan.loss) == ("grouped", "plain")
+    assert "gemma2" in plan.reasons["batching"] and "soft-cap" in plan.reasons["loss"]
+    from app.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--packing is not available for this model"):
+        plan_for(chat_lengths(count=200), facts=gemma, preset="48gb", packing=True)
+
+
+def test_the_fused_loss_lets_a_large_vocabulary_model_skip_checkpointing():
+    """Qwen2.5-0.5B (152k vocabulary): full fp32 logits of 4,096 tokens are ~6 GiB on their own."""
+    qwen = model_facts("Qwen2.5-0.5B-Instruct").facts
+    lengths = chat_lengths(count=300, longest=1000)
+    fused, budget = plan_for(lengths, facts=qwen, usable_gib=9)
+    assert fused.loss == "chunked" and not fused.grad_checkpointing
+    assert peak_of(fused, facts=qwen, loss="plain") > budget.usable_bytes
+    plain = estimate_memory(qwen, MemorySetup(rank=fused.rank, seq_len=fused.seq_len, micro_batch=fused.micro_batch,
+                                              grad_checkpointing=False, loss="plain"))
+    assert fused.breakdown["logits"] < plain.logits / 10

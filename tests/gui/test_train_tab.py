@@ -50,12 +50,17 @@ def test_changing_the_preset_changes_the_plan(window, qtbot):
     assert small.budget_bytes < big.budget_bytes and small.predicted_peak_bytes <= small.budget_bytes
     assert (small.grad_checkpointing, -small.micro_batch) > (big.grad_checkpointing, -big.micro_batch)
     assert "of 7.25 GiB usable" in tab.plan_view.peak.text()
+    assert "<b>on</b> packed: several examples per row" in tab.plan_view.reasons["packing"].text()
+    assert "<b>chunked</b> fused" in tab.plan_view.reasons["loss"].text()
+    _set_plan(tab, packing="off")
+    qtbot.waitUntil(lambda: tab.plan_view.plan is not None and tab.plan_view.plan.batching == "grouped", timeout=60_000)
+    assert "turned off by you" in tab.plan_view.reasons["packing"].text()
 
 
 def _set_plan(tab, **values) -> None:
     for name, value in values.items():
         widget = tab.plan_view.inputs[name]
-        if name == "grad_checkpointing":
+        if name in ("grad_checkpointing", "packing"):
             widget.setCurrentText(value)
         else:
             widget.setValue(value)

@@ -10,7 +10,7 @@ from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QGridLayout, QLabel, QProgressBar, QSpinBox,
                                QVBoxLayout, QWidget)
 
-from app.core.config import TrainConfig, field_help
+from app.core.config import Plan, TrainConfig, field_help
 
 AUTO = "auto"
 # (config field, label, lowest, highest)
@@ -42,6 +42,13 @@ class PlanView(QWidget):
         ckpt.addItems([AUTO, "on", "off"])
         ckpt.currentIndexChanged.connect(self.changed)
         self._add(grid, row, "grad_checkpointing", "Checkpointing", ckpt)
+        row += 1
+        packing = QComboBox()
+        packing.addItems([AUTO, "on", "off"])
+        packing.currentIndexChanged.connect(self.changed)
+        self._add(grid, row, "packing", "Packing", packing)
+        row += 1
+        self._add(grid, row, "loss", "Loss", QLabel(""), field_help(Plan, "loss"))
         row += 1
         epochs = QDoubleSpinBox()
         epochs.setRange(0.1, 100)
@@ -77,8 +84,9 @@ class PlanView(QWidget):
         layout.addWidget(self.error)
         self.plan = None
 
-    def _add(self, grid: QGridLayout, row: int, name: str, label: str, widget: QWidget) -> None:
-        help_text = field_help(TrainConfig, name)
+    def _add(self, grid: QGridLayout, row: int, name: str, label: str, widget: QWidget,
+             help_text: str = "") -> None:
+        help_text = help_text or field_help(TrainConfig, name)
         widget.setToolTip(help_text)
         reason = QLabel("")
         reason.setWordWrap(True)
@@ -97,9 +105,10 @@ class PlanView(QWidget):
             box = self.inputs[name]
             if box.value() >= box.minimum() + 1:
                 values[name] = box.value()
-        choice = self.inputs["grad_checkpointing"].currentText()
-        if choice != AUTO:
-            values["grad_checkpointing"] = choice == "on"
+        for name in ("grad_checkpointing", "packing"):
+            choice = self.inputs[name].currentText()
+            if choice != AUTO:
+                values[name] = choice == "on"
         values["epochs"] = self.inputs["epochs"].value()
         values["lr"] = self.inputs["lr"].value()
         return values
@@ -111,9 +120,11 @@ class PlanView(QWidget):
         self.error.hide()
         shown = {"rank": plan.rank, "seq_len": plan.seq_len, "micro_batch": plan.micro_batch,
                  "grad_accum": plan.grad_accum, "grad_checkpointing": "on" if plan.grad_checkpointing else "off",
+                 "packing": "on" if plan.batching == "packed" else "off", "loss": plan.loss,
                  "epochs": f"{plan.total_steps} steps" if plan.total_steps else "", "lr": ""}
         for name, label in self.reasons.items():
-            reason = plan.reasons.get(name if name != "epochs" else "total_steps", "")
+            key = {"epochs": "total_steps", "packing": "batching"}.get(name, name)
+            reason = plan.reasons.get(key, "")
             value = shown.get(name, "")
             label.setText(f"<b>{html.escape(str(value))}</b> {html.escape(reason)}" if value != "" else
                           html.escape(reason))
