@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                              ("grad_accum", "--grad-accum", int), ("epochs", "--epochs", float)]:
         default = TrainConfig.__dataclass_fields__[name].default
         plan.add_argument(flag, dest=name, type=kind, default=default, help=_help(name))
-    plan.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                      help=_help("grad_checkpointing"))
+    for name in ("grad_checkpointing", "packing"):
+        plan.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=None,
+                          help=_help(name))
     plan.add_argument("--skip-bad", action="store_true", help=_help("skip_bad"))
     plan.add_argument("--json", action="store_true", help="print the plan and breakdown as JSON")
     plan.set_defaults(func=cmd_plan)

@@ -45,7 +45,7 @@ class TrainConfig(JsonRoundTrip):
     seq_len: int | None = _f(None, "Longest example in tokens; longer ones are truncated (and counted).")
     epochs: float = _f(1.0, "Passes over the training data.")
     max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs).")
-    micro_batch: int | None = _f(None, "Examples per forward pass.")
+    micro_batch: int | None = _f(None, "Examples per forward pass (packed: rows of this many x seq_len tokens).")
     grad_accum: int | None = _f(None, "Micro-batches per optimizer step.")
     lr: float = _f(2e-4, "Peak learning rate (cosine schedule after 3% warmup).")
     warmup_ratio: float = _f(0.03, "Fraction of steps spent warming the learning rate up.")
