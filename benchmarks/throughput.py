@@ -142,19 +142,19 @@ def make_plans(model: str, train: Path, tokens: int) -> dict[str, dict]:
     """The baseline's and Tunesmith's plans for `train`, each trained until `tokens` real tokens."""
     from app.core.config import TrainConfig
     from app.core.data.batches import EpochBatches
+    from app.core.memory import estimate_memory, setup_for
     from app.core.planner import plan_run
     from app.core.prepare import _arch_or_none, prepare_training
+    from app.core.presets import training_budget
 
     base = TrainConfig(model=model, data=str(train), rank=16, save_every=100_000, lora_dropout=0.05)
     prepared = prepare_training(base)
     lengths = [len(e.input_ids) for e in prepared.train]
     facts = _arch_or_none(prepared.model.facts.config)
-    from app.core.presets import training_budget
-
     budget = training_budget("auto")
     fixed = replace(base, seq_len=prepared.plan.seq_len, micro_batch=4, grad_checkpointing=True, packing=False)
     baseline = plan_run(fixed, prepared.stats, lengths, True, facts, budget)
-    estimate = _estimate(facts, replace(baseline, loss="plain"))
+    estimate = estimate_memory(facts, setup_for(replace(baseline, loss="plain")))
     baseline = replace(baseline, batching="random", loss="plain", predicted_peak_bytes=estimate.peak,
                        breakdown=estimate.to_dict())
     within = replace(budget, usable_bytes=estimate.peak, source="the baseline's predicted peak")
@@ -169,15 +169,6 @@ def make_plans(model: str, train: Path, tokens: int) -> dict[str, dict]:
         plans[name] = replace(plan, total_steps=steps, warmup_steps=math.ceil(0.03 * steps),
                               eval_every=steps, save_every=steps + 1).to_dict()
     return plans
-
-
-def _estimate(facts, plan):
-    from app.core.memory import MemorySetup, estimate_memory
-
-    setup = MemorySetup(rank=plan.rank, seq_len=plan.seq_len, micro_batch=plan.micro_batch,
-                        grad_checkpointing=plan.grad_checkpointing, compute_dtype=plan.compute_dtype,
-                        optimizer=plan.optimizer, device=plan.device, lora_dropout=True, loss=plan.loss)
-    return estimate_memory(facts, setup)
 
 
 def describe(plan: dict) -> str:

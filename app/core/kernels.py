@@ -16,6 +16,7 @@ families whose attention is plain causal self-attention and whose logits are a p
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 from app.core.architecture import ArchFacts
@@ -128,19 +129,9 @@ def packed_kwargs(segments: tuple[tuple[int, int], ...], device) -> dict:
             "max_length_q": longest, "max_length_k": longest}
 
 
-class _LinearCrossEntropy:
+@functools.cache
+def _linear_cross_entropy_function():
     """Built on first use so that importing this module does not import torch."""
-
-    function = None
-
-    @classmethod
-    def get(cls):
-        if cls.function is None:
-            cls.function = _make_function()
-        return cls.function
-
-
-def _make_function():
     import torch
 
     class LinearCrossEntropy(torch.autograd.Function):
@@ -191,4 +182,4 @@ def linear_cross_entropy(hidden, weight, targets, kernel: str = "chunked"):
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
         return LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, targets)
-    return _LinearCrossEntropy.get().apply(hidden, weight, targets, chunk_rows(weight.shape[0]))
+    return _linear_cross_entropy_function().apply(hidden, weight, targets, chunk_rows(weight.shape[0]))

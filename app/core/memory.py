@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from app.core.architecture import ArchFacts
+from app.core.kernels import CHUNK_BYTES
 
 GIB = 1024 ** 3
 
@@ -44,9 +45,8 @@ LOGITS_BYTES = 10.8
 # The fused loss (app/core/kernels.py) never holds the full logits: one chunk of fp32 logits (and
 # its cast for the gradient matmul) at a time, plus per token the selected hidden state, the
 # gradient it keeps for backward and that gradient scattered back: 3 hidden-size vectors.
-FUSED_LOSS_CHUNK_BYTES = 128 * 2 ** 20 * 1.5
+FUSED_LOSS_CHUNK_BYTES = 1.5 * CHUNK_BYTES
 FUSED_LOSS_HIDDEN_COPIES = 3
-LOSS_KERNELS = ("plain", "chunked", "cce", "liger")
 # With checkpointing the peak is the larger of the loss phase and the recompute of one layer,
 # whose backward briefly holds about half as much again (measured 1.53x).
 RECOMPUTE_FACTOR = 1.53
@@ -116,6 +116,13 @@ COMPONENTS = [
     ("transient", "dequantised weights", "the largest layer unpacked during a matmul"),
     ("runtime_overhead", "CUDA context, allocator", "outside PyTorch's tensors"),
 ]
+
+
+def setup_for(plan, lora_dropout: bool = True) -> MemorySetup:
+    """The MemorySetup of a Plan (which does not record the dropout; the planner assumes it on)."""
+    return MemorySetup(rank=plan.rank, seq_len=plan.seq_len, micro_batch=plan.micro_batch,
+                       grad_checkpointing=plan.grad_checkpointing, compute_dtype=plan.compute_dtype,
+                       optimizer=plan.optimizer, device=plan.device, lora_dropout=lora_dropout, loss=plan.loss)
 
 
 def lora_parameter_count(facts: ArchFacts, rank: int) -> int:

@@ -123,7 +123,7 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
         started, before, tokens = time.monotonic(), state["elapsed_s"], state["tokens"]
         elapsed = lambda: before + time.monotonic() - started  # noqa: E731
         session_tokens, session_steps, status_written = 0, 0, 0.0
-        order = EpochBatches([len(e.input_ids) for e in prepared.train], plan, prepared.config.seed)
+        order = _epoch_batches(prepared)
         while step < plan.total_steps:
             if stop.is_set():
                 if saved_step != step:
@@ -145,7 +145,7 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
             if backoff is not None:  # outside `except`, so the failed step's tensors are freed
                 plan, change, message = backoff
                 _apply_backoff(session, prepared, plan, change)
-                order = EpochBatches([len(e.input_ids) for e in prepared.train], plan, prepared.config.seed)
+                order = _epoch_batches(prepared)
                 run.write_plan(plan)
                 emit(PlanAdjusted(step, change, f"Out of GPU memory at step {step + 1}: {message}; retrying"))
                 continue
@@ -191,6 +191,11 @@ def _apply_backoff(session, prepared: Prepared, plan: Plan, change: str) -> None
     elif change == "seq_len":
         prepared.train = truncate(prepared.train, plan.seq_len)[0]
         prepared.val = truncate(prepared.val, plan.seq_len)[0]
+
+
+def _epoch_batches(prepared: Prepared) -> EpochBatches:
+    """The micro-batches of each epoch for the current plan and data (after any back-off)."""
+    return EpochBatches([len(e.input_ids) for e in prepared.train], prepared.plan, prepared.config.seed)
 
 
 def _read_state(checkpoint) -> dict:

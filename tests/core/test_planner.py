@@ -14,7 +14,7 @@ from app.core.catalog import model_facts
 from app.core.config import TrainConfig
 from app.core.data.stats import length_stats
 from app.core.errors import PlanError
-from app.core.memory import GIB, MemorySetup, estimate_memory
+from app.core.memory import GIB, MemorySetup, estimate_memory, setup_for
 from app.core.planner import DEFAULT_RANK, plan_run
 from app.core.presets import get_preset, resolve_budget
 from conftest import REPO
@@ -37,10 +37,7 @@ def plan_for(lengths, facts=LLAMA_8B, preset="24gb", usable_gib=None, **fixed):
 
 
 def peak_of(plan, facts=LLAMA_8B, **change) -> int:
-    setup = MemorySetup(rank=plan.rank, seq_len=plan.seq_len, micro_batch=plan.micro_batch,
-                        grad_checkpointing=plan.grad_checkpointing, compute_dtype=plan.compute_dtype,
-                        optimizer=plan.optimizer, device=plan.device, lora_dropout=True, loss=plan.loss)
-    return estimate_memory(facts, replace(setup, **change)).peak
+    return estimate_memory(facts, replace(setup_for(plan), **change)).peak
 
 
 def test_llama_8b_with_2k_chats_on_24gb_keeps_rank_and_context():

@@ -17,7 +17,6 @@ from app.core.config import Plan
 from app.core.data.packing import epoch_bins, pack_examples
 
 GROUP_WINDOW = 32  # micro-batches per window whose examples are sorted by length
-BATCHINGS = ("packed", "grouped", "random")
 
 
 def epoch_batches(lengths: list[int], micro_batch: int, seed: int, epoch: int,
