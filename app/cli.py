@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--model", default="demo", help=_help("model"))
     plan.add_argument("--data", default="", help="training data to fit the sequence length to (optional)")
     plan.add_argument("--preset", default="auto", help=_help("preset"))
+    plan.add_argument("--gpu", default="", metavar="NAME", help=_help("gpu"))
+    _add_kernel_options(plan)
     for name, flag, kind in [("rank", "--rank", int), ("seq_len", "--seq-len", int), ("micro_batch", "--batch", int),
                              ("grad_accum", "--grad-accum", int), ("epochs", "--epochs", float)]:
         default = TrainConfig.__dataclass_fields__[name].default
@@ -89,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the demo model, cached and recent models")
     models.set_defaults(func=cmd_models)
 
-    gpu = sub.add_parser("gpu", help="show NVIDIA GPUs, their memory, and what torch can use")
+    gpu = sub.add_parser("gpu", help="show this machine's NVIDIA GPUs and what they can do for training")
+    gpu.add_argument("--list", action="store_true", help="list every card in the catalogue (for plan --gpu)")
     gpu.set_defaults(func=cmd_gpu)
 
     demo = sub.add_parser("demo", help="train the demo model on the sample data and compare answers")
@@ -101,7 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 _FLAGS = {"micro_batch": "--batch", "val_data": "--val-data"}
 _SKIP = {"model", "data", "warmup_ratio", "max_grad_norm", "weight_decay", "lora_dropout", "lora_alpha",
-         "eval_every", "save_every", "seed"}
+         "eval_every", "save_every", "seed", "attention", "loss_kernel"}
+
+
+def _add_kernel_options(parser: argparse.ArgumentParser) -> None:
+    from app.core.kernel_choice import ATTENTION_CHOICES, LOSS_CHOICES
+
+    parser.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto", help=_help("attention"))
+    parser.add_argument("--loss-kernel", dest="loss_kernel", choices=LOSS_CHOICES, default="auto",
+                        help=_help("loss_kernel"))
 
 
 def _help(name: str) -> str:
@@ -126,6 +137,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     for name in ("eval_every", "save_every", "seed"):
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=int,
                             default=TrainConfig.__dataclass_fields__[name].default, help=_help(name))
+    _add_kernel_options(parser)
 
 
 # -- commands ------------------------------------------------------------------------------------
@@ -152,6 +164,10 @@ def cmd_plan(args) -> int:
     print(f"Model   {preview.model.name} ({preview.model.source}): {facts.total_params / 1e9:.2f}B parameters, "
           f"{facts.layers} layers, hidden {facts.hidden}, vocabulary {facts.vocab:,}")
     print(f"Budget  {budget.preset.id}: {gib(budget.usable_bytes)} usable ({budget.source})")
+    if budget.card:
+        card = budget.card
+        print(f"Card    {card.name}: compute capability {card.capability_text}, bf16 {_yes(card.bf16)}, "
+              f"FlashAttention-2 {_yes(card.flash_attention_2)} ({card.source})")
     if preview.stats:
         s = preview.stats
         print(f"Data    {s.count} examples, tokens median {s.median}, p95 {s.p95}, p99 {s.p99}, max {s.max}")
@@ -161,8 +177,9 @@ def cmd_plan(args) -> int:
     rows = [("SETTING", "VALUE", "WHY")]
     for name, value in [("seq_len", plan.seq_len), ("rank", plan.rank), ("grad_checkpointing",
                         "on" if plan.grad_checkpointing else "off"), ("micro_batch", plan.micro_batch),
-                        ("grad_accum", plan.grad_accum), ("batching", plan.batching), ("loss", plan.loss),
-                        ("total_steps", plan.total_steps or "-")]:
+                        ("grad_accum", plan.grad_accum), ("batching", plan.batching),
+                        ("compute_dtype", plan.compute_dtype), ("attention", plan.attention), ("loss", plan.loss),
+                        ("optimizer", plan.optimizer), ("total_steps", plan.total_steps or "-")]:
         rows.append((name, value, plan.reasons.get(name, "")))
     _print_table(rows)
     print()
@@ -253,8 +270,16 @@ def cmd_models(args) -> int:
 
 
 def cmd_gpu(args) -> int:
+    from app.core.cards import card_catalog, detected_card
     from app.gpu.nvml import detect_gpus, torch_cuda
 
+    if args.list:
+        table = [("CARD", "MEMORY", "COMPUTE", "BF16", "FLASH-ATTN 2", "ALSO CALLED")]
+        for card in card_catalog():
+            table.append((card.name, f"{card.memory_gib:.1f} GiB", card.capability_text, _yes(card.bf16),
+                          _yes(card.flash_attention_2), ", ".join(card.aliases)))
+        _print_table(table)
+        return 0
     report = detect_gpus()
     if not report.available:
         print(f"NVML: {report.message}")
@@ -268,6 +293,14 @@ def cmd_gpu(args) -> int:
             print(f"  temperature  {_maybe(g.temperature_c, ' C')}")
             for note in g.notes:
                 print(f"  note         {note}")
+            card = detected_card(g.index)
+            if card is not None:
+                print(f"  training     compute capability {card.capability_text}, bf16 {_yes(card.bf16)}, "
+                      f"FlashAttention-2 {_yes(card.flash_attention_2)}"
+                      + ("" if card.capability >= (7, 0) else " - too old for 4-bit training (needs 7.0+)"))
+    if "torch" not in sys.modules and not report.available:
+        print("torch: not asked (no NVIDIA driver); training runs on the CPU, slowly")
+        return 0
     view = torch_cuda()
     if view.available:
         for i, d in enumerate(view.devices):
@@ -317,6 +350,10 @@ def _quiet_libraries(debug: bool) -> None:
 
 def _gib(value) -> str:
     return f"{value / 2**30:.2f} GiB" if isinstance(value, int) else "?"
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
 
 
 def _maybe(value, unit: str) -> str:

@@ -54,6 +54,12 @@ class TrainConfig(JsonRoundTrip):
     grad_checkpointing: bool | None = _f(None, "Recompute activations to save memory (~20-30% slower).")
     packing: bool | None = _f(None, "Pack several examples into each padding-free micro-batch. "
                                     "Default: on where the model's attention supports it.")
+    attention: str = _f("auto", "Attention kernel: auto (the fastest the card and installed packages "
+                                "run), flash (flash-attn), sdpa (PyTorch's own), varlen (SDPA per "
+                                "packed example).")
+    loss_kernel: str = _f("auto", "Fused loss: auto, cce (Cut Cross-Entropy), liger, or chunked (ours).")
+    gpu: str = _f("", "Plan for this NVIDIA card (e.g. \"RTX 3060\") instead of the one in this machine; "
+                      "on train it caps the memory to that card's.")
     eval_every: int | None = _f(None, "Evaluate every N steps when there is validation data.")
     save_every: int | None = _f(None, "Save a checkpoint every N steps (and always on stop).")
     seed: int = _f(42, "Seed for data order, split and LoRA initialisation.")
@@ -77,6 +83,8 @@ class Plan(JsonRoundTrip):
                                   "random: padded batches in plain shuffled order.")
     loss: str = _f("plain", "How the loss is computed: plain (full fp32 logits) or fused without "
                             "full logits: chunked (ours), cce (Cut Cross-Entropy), liger.")
+    attention: str = _f("", "Attention implementation (see kernel_choice.py); empty in plans of older "
+                            "versions: chosen from the batching.")
     total_steps: int = _f(0, "Optimizer steps the run will take.")
     steps_per_epoch: int = _f(0, "Optimizer steps in one pass over the data.")
     warmup_steps: int = _f(0, "Steps of linear learning-rate warmup.")
@@ -85,6 +93,8 @@ class Plan(JsonRoundTrip):
     compute_dtype: str = _f("float32", "Dtype of the 4-bit layers' compute.")
     optimizer: str = _f("adamw_torch", "Optimizer implementation.")
     device: str = _f("cpu", "Where training runs.")
+    gpu: str = _f("", "The card the plan was made for (detected or named), empty on the CPU.")
+    gpu_capability: str = _f("", "That card's CUDA compute capability, e.g. 8.9.")
     preset: str = _f("", "The memory preset the plan was made for.")
     budget_bytes: int = _f(0, "Memory the plan may use: the budget less the safety margin.")
     predicted_peak_bytes: int = _f(0, "The estimator's predicted peak memory of a training step.")

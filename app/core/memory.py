@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from app.core.architecture import ArchFacts
+from app.core.kernel_choice import PACKED_MASKED
 from app.core.kernels import CHUNK_BYTES
 
 GIB = 1024 ** 3
@@ -70,6 +71,7 @@ class MemorySetup:
     device: str = "cuda"
     lora_dropout: bool = True
     loss: str = "plain"  # "plain": full fp32 logits; "chunked", "cce", "liger": fused, see kernels.py
+    attention: str = ""  # kernel_choice's name; only the block-diagonal mask path costs memory of its own
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,8 @@ def setup_for(plan, lora_dropout: bool = True) -> MemorySetup:
     """The MemorySetup of a Plan (which does not record the dropout; the planner assumes it on)."""
     return MemorySetup(rank=plan.rank, seq_len=plan.seq_len, micro_batch=plan.micro_batch,
                        grad_checkpointing=plan.grad_checkpointing, compute_dtype=plan.compute_dtype,
-                       optimizer=plan.optimizer, device=plan.device, lora_dropout=lora_dropout, loss=plan.loss)
+                       optimizer=plan.optimizer, device=plan.device, lora_dropout=lora_dropout, loss=plan.loss,
+                       attention=plan.attention)
 
 
 def lora_parameter_count(facts: ArchFacts, rank: int) -> int:
@@ -158,6 +161,8 @@ def estimate_memory(facts: ArchFacts, setup: MemorySetup) -> MemoryEstimate:
         activations = tokens * inputs + max(0.0, tokens * RECOMPUTE_FACTOR * per_layer - logits)
     else:
         activations = tokens * facts.layers * per_layer
+    if setup.attention == PACKED_MASKED:  # one additive mask per packed row, shared by every layer
+        activations += tokens * (16 * -(-tokens // 16)) * element
     widest = max(facts.hidden, facts.heads * facts.head_dim) * max(facts.intermediate, facts.hidden)
     transient = 2 * widest * element  # weight dequantised for the matmul, forward or backward
     varying = activations + logits + transient

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.core.cards import find_card
 from app.core.catalog import ModelFacts, model_facts
 from app.core.config import Plan, TrainConfig
 from app.core.data.stats import LengthStats, length_stats
@@ -34,6 +35,7 @@ class PlanPreview:
         return {
             "model": {"name": self.model.name, "source": self.model.source, "config": self.model.config_path,
                       "total_params": facts.total_params, **facts.to_dict()},
+            "gpu": self.budget.card.to_dict() if self.budget.card else None,
             "budget": {"preset": self.budget.preset.id, "device": self.budget.device,
                        "total_bytes": self.budget.total_bytes, "usable_bytes": self.budget.usable_bytes,
                        "safety_margin_gib": self.budget.preset.safety_margin_gib, "source": self.budget.source},
@@ -51,7 +53,7 @@ def preview_plan(config: TrainConfig, lengths: list[int] | None = None) -> PlanP
     dataset check does), so the file is not read and tokenised twice."""
     facts = model_facts(config.model)
     preset = get_preset(config.preset)
-    budget = resolve_budget(preset)
+    budget = resolve_budget(preset, card=find_card(config.gpu) if config.gpu else None)
     if config.data:
         if lengths is None:
             lengths = measure_lengths(config, facts)

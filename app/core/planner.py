@@ -19,7 +19,9 @@ from app.core.config import Plan, TrainConfig
 from app.core.data.batches import micro_batches_per_epoch
 from app.core.data.stats import LengthStats, count_over
 from app.core.errors import ConfigError, PlanError
-from app.core.kernels import fused_loss_support, loss_kernel, packing_support
+from app.core.cards import Card, precision_for
+from app.core.kernel_choice import OPTIMIZER_LABELS, choose_attention, choose_loss
+from app.core.kernels import fused_loss_support, packing_support
 from app.core.memory import CUDA_CONTEXT_BYTES, GIB, MemoryEstimate, MemorySetup, estimate_memory, gib
 from app.core.presets import Budget
 
@@ -45,21 +47,26 @@ class Fit:
 
 
 def detect_device() -> tuple[str, str, str]:
-    """(device, compute dtype, optimizer) for this machine: bf16 + paged 8-bit AdamW on CUDA."""
+    """(device, compute dtype, optimizer) for this machine: bf16 (fp16 before Ampere) + paged
+    8-bit AdamW on CUDA, fp32 + torch AdamW on the CPU."""
     import torch
 
     if torch.cuda.is_available():
-        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        # is_bf16_supported() also says yes for Turing, where bf16 is emulated and slow
+        dtype = "bfloat16" if torch.cuda.get_device_capability(0) >= (8, 0) else "float16"
         return "cuda", dtype, "paged_adamw_8bit"
     return "cpu", "float32", "adamw_torch"
 
 
-def device_settings(device: str) -> tuple[str, str]:
-    """(compute dtype, optimizer) a plan for `device` trains with. Cards without bf16 (before
-    Ampere) compute in float16, which costs the same bytes; the trainer picks it at load time."""
-    if device == "cuda":
-        return "bfloat16", "paged_adamw_8bit"
-    return "float32", "adamw_torch"
+def device_settings(device: str, card: Card | None, reasons: dict[str, str]) -> tuple[str, str]:
+    """(compute dtype, optimizer) a plan for `device` and `card` trains with, with reasons."""
+    if device != "cuda":
+        reasons["compute_dtype"] = "fp32: bitsandbytes' CPU path computes in fp32"
+        reasons["optimizer"] = f"{OPTIMIZER_LABELS['adamw_torch']}: the paged 8-bit optimizer needs CUDA"
+        return "float32", "adamw_torch"
+    dtype, reasons["compute_dtype"] = precision_for(card)
+    reasons["optimizer"] = f"{OPTIMIZER_LABELS['paged_adamw_8bit']}: 2 bytes of state per LoRA weight"
+    return dtype, "paged_adamw_8bit"
 
 
 def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_validation: bool,
@@ -68,19 +75,21 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     validate_config(config)
     reasons: dict[str, str] = {}
     device = budget.device if budget else detect_device()[0]
-    dtype, optimizer = device_settings(device)
+    card = budget.card if budget else None
+    dtype, optimizer = device_settings(device, card, reasons)
     dropout = config.lora_dropout if lora_dropout is None else lora_dropout
     max_positions = facts.max_positions if facts else None
     cap = min(budget.preset.context_cap if budget else 2048, max_positions or 1 << 30)
     wanted_seq = _wanted_seq_len(config, stats, cap, reasons)
-    loss = _choose_loss(facts, device, reasons)
+    loss, reasons["loss"] = choose_loss(device, fused_loss_support(facts), config.loss_kernel)
 
     if facts is None or budget is None:
         fit = Fit(wanted_seq, config.rank or DEFAULT_RANK, bool(config.grad_checkpointing),
                   config.micro_batch or MICRO_BATCHES[0], None)
         reasons["memory"] = "not planned: the model's architecture could not be read from config.json"
     else:
-        fit = choose_fit(config, stats, facts, budget, wanted_seq, dtype, optimizer, dropout > 0, reasons, loss)
+        fit = choose_fit(config, stats, facts, budget, wanted_seq, dtype, optimizer, dropout > 0, reasons, loss,
+                         _packed_attention(config, facts, device, card))
         reasons["memory"] = (f"predicted peak {gib(fit.estimate.peak)} of {gib(budget.usable_bytes)} usable "
                              f"({budget.source}, {budget.preset.safety_margin_gib:g} GiB kept free)")
     over = count_over(lengths, fit.seq_len)
@@ -92,6 +101,8 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     reasons["lora_alpha"] = "set by you" if config.lora_alpha else "2 x rank"
     micro = fit.micro_batch
     batching = _choose_batching(config, facts, fit.seq_len, reasons)
+    attention, reasons["attention"] = choose_attention(batching == "packed", device,
+                                                       card.capability if card else None, config.attention)
     if batching == "packed":
         why = ("set by you" if config.micro_batch else "the longest row planned" if micro == MICRO_BATCHES[0]
                or micro * fit.seq_len >= TARGET_TOKENS_PER_STEP else "the longest row that fits")
@@ -122,21 +133,24 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     save_every = config.save_every or max(1, min(200, total // 10))
     estimate = fit.estimate
     return Plan(rank=rank, lora_alpha=alpha, seq_len=fit.seq_len, micro_batch=micro, grad_accum=accum,
-                grad_checkpointing=fit.grad_checkpointing, batching=batching, loss=loss, total_steps=total,
+                grad_checkpointing=fit.grad_checkpointing, batching=batching, loss=loss, attention=attention,
+                total_steps=total,
                 steps_per_epoch=steps_per_epoch, warmup_steps=warmup, eval_every=eval_every,
                 save_every=save_every, compute_dtype=dtype, optimizer=optimizer, device=device,
+                gpu=card.name if card else "", gpu_capability=card.capability_text if card else "",
                 preset=budget.preset.id if budget else "", budget_bytes=budget.usable_bytes if budget else 0,
                 predicted_peak_bytes=estimate.peak if estimate else 0,
                 breakdown=estimate.to_dict() if estimate else {}, reasons=reasons)
 
 
 def choose_fit(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budget: Budget, wanted_seq: int,
-               dtype: str, optimizer: str, dropout: bool, reasons: dict[str, str], loss: str = "plain") -> Fit:
+               dtype: str, optimizer: str, dropout: bool, reasons: dict[str, str], loss: str = "plain",
+               attention: str = "") -> Fit:
     """The fastest, longest-context settings whose predicted peak fits `budget`."""
     def estimate(seq: int, rank: int, ckpt: bool, micro: int) -> MemoryEstimate:
         return estimate_memory(facts, MemorySetup(rank=rank, seq_len=seq, micro_batch=micro, grad_checkpointing=ckpt,
                                                   compute_dtype=dtype, optimizer=optimizer, device=budget.device,
-                                                  lora_dropout=dropout, loss=loss))
+                                                  lora_dropout=dropout, loss=loss, attention=attention))
 
     seqs = [config.seq_len] if config.seq_len else _shorter_seqs(wanted_seq, stats)
     trained_tokens = stats.total
@@ -190,6 +204,18 @@ def validate_config(config: TrainConfig) -> None:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+def _packed_attention(config: TrainConfig, facts: ArchFacts | None, device: str, card: Card | None) -> str:
+    """The attention packed rows would use, for the estimate (only one path has a cost of its
+    own); "" when rows will not be packed or the choice is refused (refused again, with its
+    reason, once the batching is chosen)."""
+    if config.packing is False or packing_support(facts, 1):
+        return ""
+    try:
+        return choose_attention(True, device, card.capability if card else None, config.attention)[0]
+    except ConfigError:
+        return ""
+
+
 def _choose_batching(config: TrainConfig, facts: ArchFacts | None, seq_len: int, reasons: dict[str, str]) -> str:
     why_not = packing_support(facts, seq_len)
     if config.packing is False:
@@ -202,18 +228,6 @@ def _choose_batching(config: TrainConfig, facts: ArchFacts | None, seq_len: int,
         return "grouped"
     reasons["batching"] = "packed: several examples per row, no padding tokens"
     return "packed"
-
-
-def _choose_loss(facts: ArchFacts | None, device: str, reasons: dict[str, str]) -> str:
-    why_not = fused_loss_support(facts)
-    if why_not:
-        reasons["loss"] = f"full logits: {why_not}"
-        return "plain"
-    kernel = loss_kernel(device)
-    names = {"chunked": "chunked", "cce": "Cut Cross-Entropy", "liger": "Liger"}
-    reasons["loss"] = (f"fused ({names[kernel]}): lm_head and loss only where there is a target, "
-                       "no full fp32 logits")
-    return kernel
 
 
 def _round_up(value: int, step: int = 64) -> int:

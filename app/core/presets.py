@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from app.core.cards import Card, card_from_capability, detected_card, find_card
 from app.core.errors import ConfigError
 from app.core.memory import GIB
 from app.core.paths import config_dir
@@ -50,7 +51,8 @@ class Budget:
     device: str  # "cuda" or "cpu"
     total_bytes: int
     usable_bytes: int
-    source: str  # e.g. "NVIDIA GeForce RTX 4090: 22.1 GiB free" or "preset 24gb"
+    source: str  # e.g. "RTX 4090: 24.0 GiB, 1.3 GiB used by other programs" or "preset 24gb"
+    card: Card | None = None  # the card planned for; None on the CPU or for a preset alone
 
 
 def preset_dirs() -> list[Path]:
@@ -111,30 +113,84 @@ def read_preset(file: Path) -> Preset:
                   file=str(file))
 
 
-def resolve_budget(preset: Preset, device: str | None = None) -> Budget:
-    """The bytes `preset` allows. A card preset plans for CUDA; "auto" measures this machine:
-    the first GPU's free memory, or the available RAM when training will run on the CPU."""
+def resolve_budget(preset: Preset, device: str | None = None, card: Card | None = None) -> Budget:
+    """The bytes `preset` allows, and the card they are on.
+
+    - `card` named (`--gpu NAME`, a card this machine need not have): its memory (or the preset's
+      budget, if smaller) less the margin.
+    - a card preset with no card named, on a machine without a CUDA GPU: the preset's budget, for
+      a card of unknown kind.
+    - this machine's CUDA card: the preset's budget (all of the card for "auto"), but never more
+      than what other programs leave free on it, less the margin.
+    - "auto" without a GPU: the available RAM, for training on the CPU."""
     margin = int(preset.safety_margin_gib * GIB)
-    if preset.budget_gib is not None:
-        total = int(preset.budget_gib * GIB)
-        return Budget(preset, device or "cuda", total, total - margin, f"preset {preset.id}")
-    device = device or _local_device()
-    if device == "cuda":
-        free, total, label = _cuda_free()
-        return Budget(preset, "cuda", total, max(0, free - margin), f"{label}: {free / GIB:.1f} GiB free")
+    fixed = int(preset.budget_gib * GIB) if preset.budget_gib is not None else None
+    if card is not None:
+        total = min(fixed, card.memory_bytes) if fixed else card.memory_bytes
+        return Budget(preset, "cuda", total, max(0, total - margin),
+                      f"{card.name} ({card.source}): {card.memory_gib:.1f} GiB", card)
+    local = _local_device()
+    if local == "cuda" and device in (None, "cuda"):
+        return _local_cuda_budget(preset, fixed, margin)
+    if fixed is not None:
+        return Budget(preset, device or "cuda", fixed, fixed - margin, f"preset {preset.id}")
     available = available_ram()
     return Budget(preset, "cpu", available, max(0, available - margin),
                   f"no CUDA GPU: {available / GIB:.1f} GiB of RAM available")
 
 
-def training_budget(name: str) -> Budget:
-    """The budget for training on this machine with preset `name`. Without a CUDA GPU training
-    runs on the CPU, so a card preset gives way to the available RAM (and says so)."""
+def training_budget(name: str, gpu: str = "") -> Budget:
+    """The budget for training on this machine with preset `name` (and the memory of card `gpu`,
+    when named, as a cap). Without a CUDA GPU training runs on the CPU, so a card preset gives
+    way to the available RAM (and says so)."""
     preset = get_preset(name)
+    if gpu:
+        named = find_card(gpu)
+        gib = named.memory_bytes / GIB
+        preset = replace(preset, budget_gib=min(preset.budget_gib or gib, gib))
     if _local_device() == "cuda" or preset.budget_gib is None:
         return resolve_budget(preset)
     budget = resolve_budget(replace(preset, budget_gib=None), device="cpu")
     return replace(budget, source=f"{budget.source}; the {preset.id} preset is for GPUs")
+
+
+def _local_cuda_budget(preset: Preset, fixed: int | None, margin: int) -> Budget:
+    """This machine's first card: what the preset allows of what other programs leave free."""
+    from app.gpu.nvml import detect_gpus, memory_use
+
+    card = local_card()
+    use = memory_use(0)
+    if use is not None and use.total_bytes:
+        total = use.total_bytes
+        others = use.others_bytes or 0
+        gpus = detect_gpus().gpus
+        driver = (gpus[0].reserved_bytes or 0) if gpus else 0  # NVML v2: outside "used", never ours
+        note = f", {others / GIB:.1f} GiB used by other programs" if others >= 0.05 * GIB else ""
+    else:  # no NVML reading (rare: NVML missing while torch sees the card): torch's free memory
+        free, total = _cuda_free()
+        others, driver = max(0, total - free), 0
+        note = f", {others / GIB:.1f} GiB in use"
+    free_for_us = max(0, total - others - driver)
+    allowed = min(fixed, free_for_us) if fixed is not None else free_for_us
+    name = card.name if card else "GPU 0"
+    source = f"{name}: {total / GIB:.1f} GiB{note}"
+    if fixed is not None:
+        source += f"; preset {preset.id}" + (" (more than is free)" if fixed > free_for_us else "")
+    return Budget(preset, "cuda", allowed, max(0, allowed - margin), source, card)
+
+
+def local_card() -> Card | None:
+    """This machine's first CUDA card: NVML's reading, else torch's (uncatalogued cards)."""
+    card = detected_card(0)
+    if card is not None:
+        return card
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info(0)
+    return card_from_capability(torch.cuda.get_device_name(0), int(total),
+                                tuple(torch.cuda.get_device_capability(0)), "detected")
 
 
 def available_ram() -> int:

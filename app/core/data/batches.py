@@ -40,7 +40,7 @@ def epoch_batches(lengths: list[int], micro_batch: int, seed: int, epoch: int,
 class EpochBatches:
     """The micro-batches of each epoch for one plan; packing is done once and kept."""
 
-    def __init__(self, lengths: list[int], plan: Plan, seed: int):
+    def __init__(self, lengths: list[int], plan: Plan, seed: int | None):
         self.lengths, self.plan, self.seed = [min(n, plan.seq_len) for n in lengths], plan, seed
         self.bins = pack_examples(self.lengths, plan.micro_batch * plan.seq_len, seed) \
             if plan.batching == "packed" else None
@@ -77,5 +77,6 @@ def step_bounds(batches: int, steps: int, index: int) -> tuple[int, int]:
 
 
 def micro_batches_per_epoch(lengths: list[int], plan: Plan, seed: int) -> int:
-    """How many micro-batches one epoch of `lengths` makes under `plan` (packing counts bins)."""
-    return len(EpochBatches(lengths, plan, seed))
+    """How many micro-batches one epoch of `lengths` makes under `plan` (packing counts bins;
+    their number does not depend on the seed, so they are counted without torch)."""
+    return len(EpochBatches(lengths, plan, None))

@@ -46,15 +46,20 @@ class Batch:
         return int((self.targets != IGNORE).sum())
 
 
-def pack_examples(lengths: list[int], budget: int, seed: int) -> list[list[int]]:
+def pack_examples(lengths: list[int], budget: int, seed: int | None) -> list[list[int]]:
     """Indices of the examples in each bin; no bin holds more than `budget` tokens.
 
     Best-fit decreasing: the longest example first, each into the bin whose free space fits it
     most tightly, a new bin when none does. Examples longer than `budget` get a bin of their own
-    (the trainer truncates to the sequence length first, so that does not happen in training)."""
-    import torch
+    (the trainer truncates to the sequence length first, so that does not happen in training).
+    `seed` None keeps ties in index order: the same number and fill of bins (examples of equal
+    length are interchangeable), without importing torch, for counting steps in a plan."""
+    if seed is None:
+        tie = list(range(len(lengths)))
+    else:
+        import torch
 
-    tie = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+        tie = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], tie[i]))
     bins: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (free tokens, bin index), sorted
