@@ -15,6 +15,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: skipped here without it (benchmarks/gpu_check.py runs them)."""
+    gpu_tests = [item for item in items if "gpu" in item.keywords]
+    if not gpu_tests:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in gpu_tests:
+        item.add_marker(skip)
+
+
 EXAMPLES = REPO / "resources" / "data" / "examples"
 CHATML = (
     "{% for message in messages %}"

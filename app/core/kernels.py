@@ -2,9 +2,9 @@
 
 - **Packed attention.** A packed row holds several examples; each must attend only to itself.
   With flash-attn installed on CUDA, transformers' `flash_attention_2` takes the examples'
-  boundaries (`cu_seq_lens_*`) and runs its varlen kernel. Otherwise `varlen_sdpa` (registered
-  with transformers as "tunesmith_varlen") runs PyTorch's causal SDPA once per example: no
-  padding, no s x s mask, no attention between examples.
+  boundaries (`cu_seq_lens_*`) and runs its varlen kernel. Otherwise one of packed_attention.py's
+  functions does (torch's varlen flash kernel, one masked SDPA call, or SDPA per example), as the
+  plan chose (kernel_choice.py) and the start-up self-test confirmed (selftest.py).
 - **Loss.** `linear_cross_entropy` computes the lm_head and the cross-entropy only at positions
   that have a target, a chunk of rows at a time, and works out the gradient of the hidden states
   in the same pass (the lm_head is frozen in QLoRA), so the fp32 logits of the whole micro-batch
@@ -21,7 +21,7 @@ import importlib.util
 
 from app.core.architecture import ArchFacts
 
-VARLEN_ATTENTION = "tunesmith_varlen"
+VARLEN_ATTENTION = "tunesmith_varlen"  # the per-example loop, as plans before 0.2 name it
 # Families whose attention is causal self-attention with rotary positions and whose logits are
 # lm_head(hidden) with no scaling or soft-capping: checked against transformers' modelling code.
 PLAIN_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3"}
@@ -51,23 +51,16 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def loss_kernel(device: str) -> str:
-    """The fused loss a plan on `device` uses: "cce" or "liger" on CUDA when installed, else "chunked"."""
-    if device == "cuda":
-        if installed("cut_cross_entropy"):
-            return "cce"
-        if installed("liger_kernel"):
-            return "liger"
-    return "chunked"
-
-
-def attention_for(packed: bool, device: str) -> str:
-    """The attention implementation a model is loaded with."""
+def attention_for(plan_attention: str, packed: bool, device: str) -> str:
+    """The attention implementation a model is loaded with: the plan's, registered with
+    transformers; plans written before the plan named it get what that version used."""
+    register_attention_functions()
+    if plan_attention:
+        return plan_attention
     if not packed:
         return "sdpa"
     if device == "cuda" and installed("flash_attn"):
         return "flash_attention_2"
-    register_varlen_attention()
     return VARLEN_ATTENTION
 
 
@@ -86,36 +79,16 @@ def apply_liger_kernels(model, device: str) -> str:
     return "Liger kernels: RMSNorm, SwiGLU, RoPE"
 
 
-def register_varlen_attention() -> None:
+def register_attention_functions() -> None:
+    """Register our packed-row attention functions (packed_attention.py) with transformers, and
+    the per-example loop under the name plans of earlier versions recorded."""
     from transformers import AttentionInterface
 
-    if VARLEN_ATTENTION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa)
+    from app.core import packed_attention
 
-
-def varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                segments: tuple[tuple[int, int], ...] = (), **kwargs):
-    """Causal SDPA within each (start, end) of `segments` of a one-row packed batch.
-
-    query: (1, heads, tokens, dim); key/value: (1, kv_heads, tokens, dim). Returns the output as
-    (1, tokens, heads, dim), the layout transformers' attention functions return."""
-    import torch
-    import torch.nn.functional as F
-
-    if not segments:  # not a packed batch (e.g. generation): plain SDPA over the whole row
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    parts = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
-                                            dropout_p=dropout, is_causal=True, scale=scaling)
-             for s, e in segments]
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-    return out.transpose(1, 2).contiguous(), None
+    packed_attention.register_packed_attention()
+    if AttentionInterface._global_mapping.get(VARLEN_ATTENTION) is not packed_attention.packed_loop:
+        AttentionInterface.register(VARLEN_ATTENTION, packed_attention.packed_loop)
 
 
 def packed_kwargs(segments: tuple[tuple[int, int], ...], device) -> dict:

@@ -1,8 +1,10 @@
 """The QLoRA model in training: 4-bit base + LoRA, optimizer, schedule, one step, eval, checkpoints.
 
-Recipe: NF4 with double quantisation, bf16 compute on CUDA (fp32 on CPU), LoRA on every linear
-layer of the blocks, paged 8-bit AdamW on CUDA (torch AdamW on CPU), cosine schedule with warmup,
-gradients clipped to `max_grad_norm`. The loss is the mean over all trained tokens of an optimizer
+Recipe: NF4 with double quantisation, bf16 compute on CUDA cards that have it (fp16 with a
+gradient scaler on Volta and Turing, fp32 on CPU), LoRA on every linear layer of the blocks with
+its weights in fp32, paged 8-bit AdamW on CUDA (torch AdamW on CPU), cosine schedule with warmup,
+gradients clipped to `max_grad_norm`. Before the model loads, the start-up self-test
+(selftest.py) tries the plan's attention, loss kernel and optimizer and replaces any that fail. The loss is the mean over all trained tokens of an optimizer
 step, however they fall across micro-batches. Micro-batches are packed rows or padded batches
 (`Plan.batching`); the loss is fused or plain (`Plan.loss`, see kernels.py).
 """
@@ -17,6 +19,7 @@ from app.core.data.packing import Batch, collate_packed, collate_padded
 from app.core.data.tokenize import IGNORE, Tokenized
 from app.core.kernels import apply_liger_kernels, attention_for, linear_cross_entropy, packed_kwargs
 from app.core.prepare import Prepared
+from app.core.selftest import SelfTestResult, Shapes, run_selftest
 
 
 class QLoraSession:
@@ -29,23 +32,31 @@ class QLoraSession:
 
         from app.core.models import load_model_4bit
 
-        config, plan = prepared.config, prepared.plan
-        self.plan, self.config = plan, config
-        self.device = torch.device(plan.device)
+        config = prepared.config
+        self.config = config
+        self.device = torch.device(prepared.plan.device)
         self.pad_id = prepared.tokenizer.pad_token_id
+        checked = self_test(prepared.plan, prepared.model.facts.config, self.device)
+        self.plan = plan = checked.plan
+        self.selftest_lines, self.fallbacks = checked.lines, checked.fallbacks
         torch.manual_seed(config.seed)
-        self.attention = attention_for(plan.batching == "packed", plan.device)
+        self.attention = attention_for(plan.attention, plan.batching == "packed", plan.device)
         base = load_model_4bit(prepared.model, getattr(torch, plan.compute_dtype), plan.device,
                                config.trust_remote_code, self.attention)
         base.config.use_cache = False
-        self.notes = [note for note in [f"attention: {self.attention}, loss: {plan.loss}",
+        self.notes = [note for note in [f"attention: {self.attention}, loss: {plan.loss}, "
+                                        f"compute: {plan.compute_dtype}, optimizer: {plan.optimizer}",
                                         apply_liger_kernels(base, plan.device)] if note]
         freeze_for_lora(base, plan.grad_checkpointing)
         lora = LoraConfig(r=plan.rank, lora_alpha=plan.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules="all-linear", task_type="CAUSAL_LM")
         self.model = get_peft_model(base, lora)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = _make_optimizer(plan.optimizer, self.params, config.lr, config.weight_decay)
+        for param in self.params:  # fp32 LoRA weights whatever the compute dtype (PEFT's default too)
+            param.data = param.data.float()
+        self.optimizer = make_optimizer(plan.optimizer, self.params, config.lr, config.weight_decay)
+        # fp16 compute overflows without loss scaling; bf16 and fp32 have the range to go without.
+        self.scaler = (torch.amp.GradScaler(self.device.type) if plan.compute_dtype == "float16" else None)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, plan.warmup_steps, plan.total_steps)
         self.model.train()
 
@@ -80,11 +91,18 @@ class QLoraSession:
         loss_total, tokens = 0.0, 0
         for batch in tensors:
             loss_sum = self.loss_sum(batch)
-            (loss_sum / targets).backward()
+            scaled = loss_sum / targets
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_total += float(loss_sum.detach())
             tokens += batch.real_tokens
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
-        self.optimizer.step()
+        if self.scaler:  # skips the step when the scaled gradients overflowed, and adjusts the scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_total / targets, tokens, grad_norm
@@ -119,6 +137,8 @@ class QLoraSession:
             self.model.save_pretrained(tmp)
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            if self.scaler:
+                torch.save(self.scaler.state_dict(), tmp / "scaler.pt")
             rng = {"cpu": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -136,6 +156,8 @@ class QLoraSession:
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True,
                                                   map_location=self.device))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        if self.scaler and (path / "scaler.pt").exists():
+            self.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
         rng = torch.load(path / "rng.pt", weights_only=True)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
@@ -151,8 +173,11 @@ class QLoraSession:
         """Free the model and optimizer, and the GPU memory they held."""
         import torch
 
-        self.model = self.optimizer = self.scheduler = None
+        from app.core.packed_attention import clear_mask_cache
+
+        self.model = self.optimizer = self.scheduler = self.scaler = None
         self.params = []
+        clear_mask_cache()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -206,7 +231,25 @@ def checkpointing_on(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _make_optimizer(name: str, params, lr: float, weight_decay: float):
+def self_test(plan, model_config: dict, device) -> SelfTestResult:
+    """The start-up self-test of the plan's kernels, shaped like the model's layers."""
+    from app.core.architecture import arch_facts
+
+    try:
+        facts = arch_facts(model_config)
+    except (KeyError, ValueError, TypeError, ZeroDivisionError):
+        return SelfTestResult(plan, ["self-test: skipped, the model's layout is not one we know"])
+    capability = None
+    if device.type == "cuda":
+        import torch
+
+        capability = tuple(torch.cuda.get_device_capability(device))
+    shapes = Shapes(facts.heads, facts.kv_heads, facts.head_dim, facts.hidden)
+    return run_selftest(plan, shapes, capability)
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float):
+    """The optimizer called `name` (Plan.optimizer) over `params`."""
     import torch
 
     if name == "paged_adamw_8bit":

@@ -97,6 +97,13 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
     try:
         emit(LogLine(f"Loading {prepared.model.name} in 4-bit on {plan.device}"))
         session = QLoraSession(prepared)
+        for line in session.selftest_lines:
+            run.log(line)
+        if session.fallbacks:
+            prepared.plan = plan = session.plan
+            run.write_plan(plan)
+            for change, message in session.fallbacks:
+                emit(PlanAdjusted(0, change, message))
         state = {"step": 0, "elapsed_s": 0.0, "tokens": 0, "last_loss": None}
         checkpoint = run.latest_checkpoint()
         if checkpoint is not None:
@@ -155,7 +162,9 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
             emit(StepMetrics(step, plan.total_steps, step / plan.steps_per_epoch, loss, lr, grad_norm, step_tokens,
                              session_tokens / spent, elapsed(), spent / session_steps * (plan.total_steps - step)))
             if plan.eval_every and prepared.val and (step % plan.eval_every == 0 or step == plan.total_steps):
-                eval_loss = session.evaluate(prepared.val)
+                eval_loss, evaluated_with = _evaluate(session, prepared, run, emit, step)
+                if evaluated_with is not plan:  # backed off during evaluation: train the same way
+                    plan, order = evaluated_with, _epoch_batches(prepared)
                 emit(EvalMetrics(step, eval_loss))
                 run.write_status("running", eval_loss=eval_loss)
             if time.monotonic() - status_written > STATUS_EVERY_S or step == plan.total_steps:
@@ -180,6 +189,23 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
     finally:
         if session is not None:
             session.release()
+
+
+def _evaluate(session, prepared: Prepared, run: Run, emit, step: int) -> tuple[float, Plan]:
+    """The validation loss, backing off like a training step when evaluation runs out of memory
+    (it holds no gradients, but a long validation example can still be the largest batch)."""
+    while True:
+        backoff = None
+        try:
+            return session.evaluate(prepared.val), prepared.plan
+        except Exception as err:  # noqa: BLE001 - only out-of-memory is handled here
+            backoff = next_backoff(prepared.plan) if is_out_of_memory(err) else None
+            if backoff is None:
+                raise
+        plan, change, message = backoff  # outside `except`, so the failed batch's tensors are freed
+        _apply_backoff(session, prepared, plan, change)
+        run.write_plan(plan)
+        emit(PlanAdjusted(step, change, f"Out of GPU memory evaluating at step {step}: {message}; retrying"))
 
 
 def _apply_backoff(session, prepared: Prepared, plan: Plan, change: str) -> None:
