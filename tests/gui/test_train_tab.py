@@ -145,3 +145,34 @@ def test_a_failing_run_shows_the_reason_with_a_log_button(window, qtbot, tiny_mo
     assert any(button.text() == "Open log" for button in dialog.buttons())
     assert tab.train_button.isEnabled() and tab.resume_button.isEnabled()
     dialog.close()
+
+
+def test_a_kernel_replaced_by_the_self_test_stays_in_view(window, qtbot, tiny_model, chat_data, monkeypatch):
+    from app.core import packed_attention
+    from tests.core.test_selftest import raising_once
+
+    monkeypatch.setattr(packed_attention, "packed_loop", raising_once(packed_attention.packed_loop))
+    tab = window.train_tab
+    _ready(tab, qtbot, tiny_model, chat_data)
+    assert tab.plan_view.plan.attention == "tunesmith_packed_loop"
+    qtbot.mouseClick(tab.train_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not tab.running, timeout=120_000)
+    assert tab.last_run.status == "finished"
+    assert tab.notice.isVisible()  # still shown after the run's last status line
+    assert "SDPA per example failed" in tab.notice.text()
+    assert "using SDPA with a block-diagonal mask" in tab.notice.text()
+
+
+def test_a_named_card_in_the_preset_list_plans_its_precision(window, qtbot):
+    from app.core.resources import sample_dataset
+
+    tab = window.train_tab
+    tab.model_box.setCurrentText("Llama-3.1-8B-Instruct")
+    tab.load_dataset(str(sample_dataset()))
+    tab.preset_box.setCurrentIndex(tab.preset_box.findData("card:RTX 2080 Ti"))
+    qtbot.waitUntil(lambda: tab.plan_view.plan is not None and tab.plan_view.plan.gpu == "RTX 2080 Ti",
+                    timeout=60_000)
+    assert tab.plan_view.plan.compute_dtype == "float16"
+    assert "<b>float16</b> fp16 with a gradient scaler" in tab.plan_view.reasons["compute_dtype"].text()
+    assert "compute capability 8.0+" in tab.plan_view.reasons["attention"].text()
+    assert "of 10.00 GiB usable" in tab.plan_view.peak.text()

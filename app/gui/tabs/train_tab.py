@@ -21,6 +21,7 @@ from app.gui.widgets.plots import LiveGraphs
 from app.gui.workers import TaskWorker, Threads, TrainingWorker
 
 REPLAN_DELAY_MS = 250
+CARD_PREFIX = "card:"  # preset box entries that name a card rather than a preset
 
 
 class TrainTab(QWidget):
@@ -72,6 +73,15 @@ class TrainTab(QWidget):
         self.status = QLabel("Choose a dataset to train on.")
         self.status.setWordWrap(True)
         self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        # What the run changed in its plan (a kernel that failed the self-test, an OOM back-off):
+        # kept in view for the whole run, where the status line moves on at the next step.
+        self.notice = QLabel("")
+        self.notice.setObjectName("planNotice")
+        self.notice.setStyleSheet("color: #d97706;")  # amber: readable on the light and dark themes
+        self.notice.setWordWrap(True)
+        self.notice.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.notice.setToolTip("Changes the run made to its plan; train.log in the run folder has the details")
+        self.notice.hide()
         self.graphs = LiveGraphs()
         self.gpu_label.setText(self.graphs.source_text)
         self.loss_plot = self.graphs.loss
@@ -116,6 +126,7 @@ class TrainTab(QWidget):
         box.addWidget(scroll, 1)
         box.addLayout(buttons)
         box.addWidget(self.status)
+        box.addWidget(self.notice)
         splitter = QSplitter(Qt.Horizontal)
         splitter.addWidget(column)
         splitter.addWidget(self.graphs)
@@ -156,6 +167,17 @@ class TrainTab(QWidget):
         for preset in presets:
             self.preset_box.addItem(f"{preset.name}", preset.id)
             self.preset_box.setItemData(self.preset_box.count() - 1, preset.description, Qt.ToolTipRole)
+        # Named cards, to plan for one this machine does not have ("will it fit a 3060?"); training
+        # here with one chosen keeps within that card's memory.
+        from app.core.cards import card_catalog
+
+        self.preset_box.insertSeparator(self.preset_box.count())
+        for card in card_catalog():
+            self.preset_box.addItem(f"{card.name} ({card.memory_gib:.0f} GB)", CARD_PREFIX + card.name)
+            self.preset_box.setItemData(self.preset_box.count() - 1,
+                                        f"Plan for an {card.name}: {card.memory_gib:.1f} GiB, compute "
+                                        f"{card.capability_text}, bf16 {'yes' if card.bf16 else 'no'}",
+                                        Qt.ToolTipRole)
         last = self.preset_box.findData(self._setting("last_preset", "auto"))
         self.preset_box.setCurrentIndex(max(0, last))
 
@@ -229,8 +251,10 @@ class TrainTab(QWidget):
 
     def config(self) -> TrainConfig:
         """The run the window describes now."""
+        choice = self.preset_box.currentData() or "auto"
+        card = choice[len(CARD_PREFIX):] if choice.startswith(CARD_PREFIX) else ""
         return TrainConfig(model=self.model_box.currentText().strip() or "demo", data=self.data_path,
-                           preset=self.preset_box.currentData() or "auto", skip_bad=self.skip_bad.isChecked(),
+                           preset="auto" if card else choice, gpu=card, skip_bad=self.skip_bad.isChecked(),
                            **self.plan_view.fixed())
 
     def schedule_replan(self) -> None:
@@ -310,6 +334,8 @@ class TrainTab(QWidget):
             return
         config = self.config()
         self.graphs.clear()
+        self.notice.clear()
+        self.notice.hide()
         self._start_worker(lambda on_event, stop: run_training(config, on_event, stop), "Starting…")
 
     def resume_training(self) -> None:
@@ -370,7 +396,12 @@ class TrainTab(QWidget):
             self.graphs.rewind(event.start_step)
             self.status.setText(f"Run {event.run_id}: {event.total_steps} steps on {event.device}")
             self.graphs.show_predicted_peak(_run_plan(event.run_dir))
-        elif isinstance(event, (ev.LogLine, ev.PlanAdjusted)):
+        elif isinstance(event, ev.PlanAdjusted):
+            self.status.setText(event.message)
+            lines = [line for line in self.notice.text().split("\n") if line] + [f"⚠ {event.message}"]
+            self.notice.setText("\n".join(lines[-4:]))
+            self.notice.show()
+        elif isinstance(event, ev.LogLine):
             self.status.setText(event.message)
         elif isinstance(event, ev.RunFailed):
             self.status.setText(f"Failed at step {event.step}: {event.reason}")

@@ -48,8 +48,10 @@ class PlanView(QWidget):
         packing.currentIndexChanged.connect(self.changed)
         self._add(grid, row, "packing", "Packing", packing)
         row += 1
-        self._add(grid, row, "loss", "Loss", QLabel(""), field_help(Plan, "loss"))
-        row += 1
+        for name, label in (("compute_dtype", "Precision"), ("attention", "Attention"), ("loss", "Loss"),
+                            ("optimizer", "Optimizer")):
+            self._add(grid, row, name, label, QLabel(""), field_help(Plan, name))
+            row += 1
         epochs = QDoubleSpinBox()
         epochs.setRange(0.1, 100)
         epochs.setSingleStep(0.5)
@@ -121,6 +123,7 @@ class PlanView(QWidget):
         shown = {"rank": plan.rank, "seq_len": plan.seq_len, "micro_batch": plan.micro_batch,
                  "grad_accum": plan.grad_accum, "grad_checkpointing": "on" if plan.grad_checkpointing else "off",
                  "packing": "on" if plan.batching == "packed" else "off", "loss": plan.loss,
+                 "compute_dtype": plan.compute_dtype, "attention": plan.attention, "optimizer": plan.optimizer,
                  "epochs": f"{plan.total_steps} steps" if plan.total_steps else "", "lr": ""}
         for name, label in self.reasons.items():
             key = {"epochs": "total_steps", "packing": "batching"}.get(name, name)
