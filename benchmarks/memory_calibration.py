@@ -87,23 +87,36 @@ def main() -> int:
     return 0
 
 
+def model_config(model_id: str, layers: int | None = None) -> dict:
+    """The catalogue's config.json of `model_id`, cut to its first `layers` decoder layers (the
+    estimator is per layer, so a shallower model of the same shapes checks the same constants)."""
+    config = find_in_catalog(model_id).config()
+    if layers:
+        config = dict(config, num_hidden_layers=min(layers, config["num_hidden_layers"]))
+        config.pop("layer_types", None)
+    return config
+
+
 def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_batch: int,
-            device: str, dtype: str, warm_steps: int) -> dict:
-    """Build, load, train a few steps and measure one configuration."""
+            device: str, dtype: str, warm_steps: int, loss: str = "plain", layers: int | None = None,
+            folder: Path | None = None) -> dict:
+    """Build, load, train a few steps and measure one configuration. `folder`: the random model
+    already written by `write_random_model` for the same `model_id` and `layers`."""
 
     from app.core.memory_probe import PeakMemory, optimizer_bytes, weight_bytes
     from app.core.qlora import QLoraSession
 
-    entry = find_in_catalog(model_id)
-    config = entry.config()
+    config = model_config(model_id, layers)
     facts = arch_facts(config)
     plan = Plan(rank=rank, lora_alpha=2 * rank, seq_len=seq_len, micro_batch=micro_batch, grad_accum=1,
                 grad_checkpointing=checkpointing, total_steps=warm_steps + 1, steps_per_epoch=1,
-                compute_dtype=dtype, device=device,
+                compute_dtype=dtype, device=device, loss=loss,
                 optimizer="paged_adamw_8bit" if device == "cuda" else "adamw_torch")
     with tempfile.TemporaryDirectory() as tmp:
-        _write_random_model(config, Path(tmp), dtype)
-        session = QLoraSession(_prepared(Path(tmp), config, plan))
+        if folder is None:
+            folder = Path(tmp)
+            write_random_model(config, folder, dtype)
+        session = QLoraSession(_prepared(folder, config, plan))
         batch = _batch(facts.vocab, seq_len, micro_batch)
         for _ in range(warm_steps):
             session.train_step([batch])
@@ -114,17 +127,19 @@ def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_b
         weights = weight_bytes(session.model)
         state = optimizer_bytes(session.optimizer)
         lora_params = session.trainable_parameters
+        session_optimizer = session.plan.optimizer  # the self-test may have replaced it
         session.release()
     estimate = estimate_memory(facts, MemorySetup(rank=rank, seq_len=seq_len, micro_batch=micro_batch,
                                                   grad_checkpointing=checkpointing, compute_dtype=dtype,
-                                                  optimizer=plan.optimizer, device=device))
+                                                  optimizer=session_optimizer, device=device, loss=loss))
     static = weights.quantized + weights.kept + weights.lora + state
     measured_peak = static + probe.peak
     predicted_step = (estimate.activations + estimate.logits + estimate.transient + estimate.lora_gradients)
     predicted_peak = estimate.peak - estimate.runtime_overhead
     gc.collect()
     return {
-        "model": model_id, "params": facts.total_params, "seq_len": seq_len, "rank": rank,
+        "model": model_id, "layers": facts.layers, "params": facts.total_params, "seq_len": seq_len,
+        "rank": rank, "loss": loss,
         "checkpointing": checkpointing, "micro_batch": micro_batch, "dtype": dtype,
         "quantized_bytes": weights.quantized, "quantized_predicted": estimate.quantized_weights,
         "kept_bytes": weights.kept, "kept_predicted": estimate.kept_weights,
@@ -137,14 +152,17 @@ def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_b
     }
 
 
-def _write_random_model(config: dict, folder: Path, dtype: str) -> None:
+def write_random_model(config: dict, folder: Path, dtype: str) -> None:
+    """Random weights of `config` saved as safetensors in `folder` (made on the GPU when there
+    is one: initialising billions of weights on the CPU takes minutes)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     values = {k: v for k, v in config.items() if k not in ("architectures", "torch_dtype", "dtype")}
-    model_config = AutoConfig.for_model(values.pop("model_type"), **values)
+    built = AutoConfig.for_model(values.pop("model_type"), **values)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(model_config, dtype=getattr(torch, dtype))
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(built, dtype=getattr(torch, dtype))
     model.save_pretrained(folder)
     del model
     gc.collect()
