@@ -73,3 +73,8 @@ def restyle_plot(plot: pg.PlotWidget, dark: bool) -> None:
     title = item.titleLabel
     title.setAttr("color", foreground)
     title.setText(title.text)
+    legends = {id(legend): legend for legend in (item.legend, getattr(plot, "legend", None)) if legend is not None}
+    for legend in legends.values():  # labels bake their colour in when set
+        for _, label in legend.items:
+            label.setAttr("color", foreground)
+            label.setText(label.text)

@@ -168,6 +168,8 @@ def test_a_theme_switch_recolours_the_legend(monkeypatch, graphs, qapp):
     widget = graphs()
     sample(widget, 1)
     labels = [label for _, label in widget.memory.legend.items] + [widget.memory.source_line]
+    labels += [label for _, label in widget.loss.getPlotItem().legend.items]  # every legend, not only memory's
+    assert widget.loss.getPlotItem().legend.items
     try:
         apply_theme(qapp, "dark")
         dark_text = graph_colors(True)[1]

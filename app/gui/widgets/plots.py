@@ -246,12 +246,12 @@ class MemoryPlot(pg.PlotWidget):
         self.setTitle(title)
 
     def setBackground(self, background) -> None:
-        """On a theme switch (`theme.restyle_plot`, after `use_palette`) also recolour the text under
-        the GPU graph, which LabelItems bake in when it is set."""
+        """On a theme switch (`theme.restyle_plot`, after `use_palette`) also recolour the line
+        under the GPU graph, which a LabelItem bakes in when it is set (restyle_plot does the
+        legends)."""
         super().setBackground(background)
         if getattr(self, "gpu", False):
-            for label in [label for _, label in self.legend.items] + [self.source_line]:
-                label.setText(label.text)
+            self.source_line.setText(self.source_line.text)
 
     def set_predicted(self, gib: float | None) -> None:
         self.predicted.setVisible(bool(gib))
