@@ -234,7 +234,6 @@ def restore(device: str):
     """Stop at step 2 and resume against an uninterrupted 4-step run with paged 8-bit AdamW."""
     import threading as _threading
 
-    import torch
     from safetensors.torch import load_file
 
     from app.core.events import StepMetrics

@@ -56,7 +56,8 @@ def fake_card(ours=1.5 * GIB, other=3.5 * GIB, desktop=0.5 * GIB, init_error=Non
 @pytest.fixture
 def graphs(qtbot):
     """Build LiveGraphs on whatever card the test put in sys.modules; shown offscreen."""
-    from app.gui.widgets.plots import LiveGraphs, use_palette
+    from app.gui.widgets.live_graphs import LiveGraphs
+    from app.gui.widgets.plots import use_palette
 
     made = []
 

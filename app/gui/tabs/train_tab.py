@@ -17,7 +17,7 @@ from app.core.config import TrainConfig, field_help
 from app.gui.icons import icon
 from app.gui.widgets.dataset_view import DatasetReport, DropZone
 from app.gui.widgets.plan_view import PlanView
-from app.gui.widgets.plots import LiveGraphs
+from app.gui.widgets.live_graphs import LiveGraphs
 from app.gui.workers import TaskWorker, Threads, TrainingWorker
 
 REPLAN_DELAY_MS = 250
