@@ -64,11 +64,14 @@ def attention_for(plan_attention: str, packed: bool, device: str) -> str:
     return VARLEN_ATTENTION
 
 
-def apply_liger_kernels(model, device: str) -> str:
-    """Swap in Liger's RMSNorm, SwiGLU and RoPE kernels on CUDA when liger-kernel is installed
-    (before LoRA wraps the model; the linear layers are left alone). Returns what was done."""
+def apply_liger_kernels(model, device: str, proven: bool) -> str:
+    """Swap in Liger's RMSNorm, SwiGLU and RoPE kernels on CUDA when liger-kernel is installed and
+    `proven` (its fused loss passed the start-up self-test on this card, so its Triton kernels run
+    here), before LoRA wraps the model; the linear layers are left alone. Returns what was done."""
     if device != "cuda" or not installed("liger_kernel"):
         return ""
+    if not proven:
+        return "Liger kernels not applied: Liger failed the start-up self-test on this card"
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 

@@ -39,6 +39,7 @@ class QLoraSession:
         checked = self_test(prepared.plan, prepared.model.facts.config, self.device)
         self.plan = plan = checked.plan
         self.selftest_lines, self.fallbacks = checked.lines, checked.fallbacks
+        liger_works = checked.liger_works
         torch.manual_seed(config.seed)
         self.attention = attention_for(plan.attention, plan.batching == "packed", plan.device)
         base = load_model_4bit(prepared.model, getattr(torch, plan.compute_dtype), plan.device,
@@ -46,7 +47,7 @@ class QLoraSession:
         base.config.use_cache = False
         self.notes = [note for note in [f"attention: {self.attention}, loss: {plan.loss}, "
                                         f"compute: {plan.compute_dtype}, optimizer: {plan.optimizer}",
-                                        apply_liger_kernels(base, plan.device)] if note]
+                                        apply_liger_kernels(base, plan.device, liger_works)] if note]
         freeze_for_lora(base, plan.grad_checkpointing)
         lora = LoraConfig(r=plan.rank, lora_alpha=plan.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules="all-linear", task_type="CAUSAL_LM")

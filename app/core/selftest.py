@@ -32,6 +32,7 @@ class SelfTestResult:
     plan: Plan
     lines: list[str] = field(default_factory=list)
     fallbacks: list[tuple[str, str]] = field(default_factory=list)
+    liger_works: bool = False  # Liger's kernels ran right here (then its RMSNorm/SwiGLU/RoPE are used)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ def run_selftest(plan: Plan, shapes: Shapes, capability: tuple[int, int] | None 
                           lambda name: check_loss(name, shapes.hidden, plan.compute_dtype, plan.device))
     optimizer = _first_working(result, "optimizer", [plan.optimizer, *optimizer_fallbacks(plan.optimizer)],
                                OPTIMIZER_LABELS, lambda name: check_optimizer(name, plan.device))
+    result.liger_works = loss == "liger" or _liger_works(result, shapes, plan)
     if (chosen, loss, optimizer) != (attention, plan.loss, plan.optimizer):
         reasons = dict(plan.reasons)
         for key, old, new, labels in (("attention", attention, chosen, ATTENTION_LABELS),
@@ -145,6 +147,21 @@ def check_optimizer(name: str, device: str) -> str:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+def _liger_works(result: SelfTestResult, shapes: Shapes, plan: Plan) -> bool:
+    """Whether Liger's Triton kernels run on this card (tried through its fused loss), when it is
+    installed on CUDA; the answer decides whether its model kernels are applied."""
+    from app.core.kernel_choice import import_problem
+
+    if plan.device != "cuda" or import_problem("liger_kernel"):
+        return False
+    try:
+        problem = check_loss("liger", shapes.hidden, plan.compute_dtype, plan.device)
+    except Exception as err:  # noqa: BLE001 - a failure here only keeps Liger's kernels out
+        problem = f"{type(err).__name__}: {str(err)[:160]}"
+    result.lines.append(f"self-test: Liger kernels {'ok' if not problem else 'failed: ' + problem}")
+    return not problem
+
+
 def _first_working(result: SelfTestResult, what: str, choices: list[str], labels: dict[str, str],
                    check: Callable[[str], str]) -> str:
     failures = []

@@ -88,3 +88,28 @@ def test_out_of_memory_with_nothing_left_to_try_fails_with_a_reason(tiny_model, 
     assert isinstance(events[-1], RunFailed)
     status = open_run(result.run_id).status()
     assert status["status"] == "failed" and status["reason"] == result.reason
+
+
+def test_out_of_memory_while_evaluating_backs_off_and_training_goes_on(tiny_model, long_chats, monkeypatch):
+    """Evaluation fails like CUDA would while checkpointing is off (a pretend card, as above): the
+    run backs off, evaluates again, and trains the rest of its steps with the changed plan."""
+    real_evaluate, seen = QLoraSession.evaluate, []
+
+    def evaluate(self, examples):
+        seen.append(self.plan.grad_checkpointing)
+        if not self.plan.grad_checkpointing:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real_evaluate(self, examples)
+
+    monkeypatch.setattr(QLoraSession, "evaluate", evaluate)
+    config = TrainConfig(model=str(tiny_model), data=str(long_chats), seq_len=256, micro_batch=2, grad_accum=1,
+                         grad_checkpointing=False, max_steps=4, eval_every=2, val_split=20, lr=5e-3,
+                         lora_dropout=0.0)
+    events = []
+    result = run_training(config, events.append)
+    assert result.status == "finished" and result.step == 4
+    adjusted = [e for e in events if isinstance(e, PlanAdjusted)]
+    assert [(e.change, e.step) for e in adjusted] == [("grad_checkpointing", 2)]
+    assert "Out of GPU memory evaluating at step 2" in adjusted[0].message
+    assert seen == [False, True, True]  # failed once, then evaluated at steps 2 and 4
+    assert open_run(result.run_id).plan().grad_checkpointing
