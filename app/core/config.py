@@ -90,6 +90,8 @@ class Plan(JsonRoundTrip):
     warmup_steps: int = _f(0, "Steps of linear learning-rate warmup.")
     eval_every: int = _f(0, "Evaluate every N steps (0: no validation data).")
     save_every: int = _f(0, "Checkpoint every N steps.")
+    quantize: str = _f("4bit", "The base model's weights: 4bit (NF4 + double quantisation, QLoRA) or none "
+                              "(16-bit on CUDA, fp32 on CPU: LoRA without dequantising every matmul).")
     compute_dtype: str = _f("float32", "Dtype of the 4-bit layers' compute.")
     optimizer: str = _f("adamw_torch", "Optimizer implementation.")
     device: str = _f("cpu", "Where training runs.")

@@ -72,6 +72,7 @@ class MemorySetup:
     lora_dropout: bool = True
     loss: str = "plain"  # "plain": full fp32 logits; "chunked", "cce", "liger": fused, see kernels.py
     attention: str = ""  # kernel_choice's name; only the block-diagonal mask path costs memory of its own
+    quantize: str = "4bit"  # "4bit": NF4 base (QLoRA); "none": the base in the compute dtype (LoRA)
 
 
 @dataclass(frozen=True)
