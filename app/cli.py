@@ -19,6 +19,8 @@ from app.core.config import TrainConfig, field_help
 from app.cli_progress import Progress, install_stop_handler, report_end, run_with_progress
 from app.core.errors import UserError
 
+QUANTIZE_CHOICES = ("auto", "4bit", "none")  # planner.QUANTIZE_CHOICES, without importing the planner here
+
 EXIT_USER_ERROR = 2
 
 
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--data", default="", help="training data to fit the sequence length to (optional)")
     plan.add_argument("--preset", default="auto", help=_help("preset"))
     plan.add_argument("--gpu", default="", metavar="NAME", help=_help("gpu"))
+    plan.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto", help=_help("quantize"))
     _add_kernel_options(plan)
     for name, flag, kind in [("rank", "--rank", int), ("seq_len", "--seq-len", int), ("micro_batch", "--batch", int),
                              ("grad_accum", "--grad-accum", int), ("epochs", "--epochs", float)]:
@@ -103,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _FLAGS = {"micro_batch": "--batch", "val_data": "--val-data"}
-_SKIP = {"model", "data", "warmup_ratio", "max_grad_norm", "weight_decay", "lora_dropout", "lora_alpha",
+_SKIP = {"model", "data", "quantize", "warmup_ratio", "max_grad_norm", "weight_decay", "lora_dropout", "lora_alpha",
          "eval_every", "save_every", "seed", "attention", "loss_kernel"}
 
 
@@ -122,6 +125,7 @@ def _help(name: str) -> str:
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="demo", help=_help("model"))
     parser.add_argument("--data", required=True, help=_help("data"))
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto", help=_help("quantize"))
     for f in fields(TrainConfig):
         if f.name in _SKIP:
             continue
@@ -175,7 +179,7 @@ def cmd_plan(args) -> int:
         print(f"Note    {preview.tokenizer_note}")
     print()
     rows = [("SETTING", "VALUE", "WHY")]
-    for name, value in [("seq_len", plan.seq_len), ("rank", plan.rank), ("grad_checkpointing",
+    for name, value in [("quantize", plan.quantize), ("seq_len", plan.seq_len), ("rank", plan.rank), ("grad_checkpointing",
                         "on" if plan.grad_checkpointing else "off"), ("micro_batch", plan.micro_batch),
                         ("grad_accum", plan.grad_accum), ("batching", plan.batching),
                         ("compute_dtype", plan.compute_dtype), ("attention", plan.attention), ("loss", plan.loss),

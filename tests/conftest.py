@@ -155,9 +155,10 @@ def chat_data(tmp_path) -> Path:
     return path
 
 
-def train_tiny(model, data, steps: int = 6, stop_at: int | None = None, lr: float = 5e-3):
-    """A real run of a tiny model (128 tokens, micro-batch 4); with `stop_at`, stopped after that step
-    with a checkpoint, as the Stop button does."""
+def train_tiny(model, data, steps: int = 6, stop_at: int | None = None, lr: float = 5e-3, quantize: str = "4bit"):
+    """A real run of a tiny model (128 tokens, micro-batch 4, on a 4-bit base unless `quantize`
+    says otherwise); with `stop_at`, stopped after that step with a checkpoint, as the Stop
+    button does."""
     import threading
 
     from app.core.config import TrainConfig
@@ -171,7 +172,7 @@ def train_tiny(model, data, steps: int = 6, stop_at: int | None = None, lr: floa
             stop.set()
 
     config = TrainConfig(model=str(model), data=str(data), seq_len=128, micro_batch=4, grad_accum=1, lr=lr,
-                         max_steps=steps, save_every=100, lora_dropout=0.0)
+                         max_steps=steps, save_every=100, lora_dropout=0.0, quantize=quantize)
     return run_training(config, on_event, stop)
 
 

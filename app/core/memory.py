@@ -126,7 +126,7 @@ def setup_for(plan, lora_dropout: bool = True) -> MemorySetup:
     return MemorySetup(rank=plan.rank, seq_len=plan.seq_len, micro_batch=plan.micro_batch,
                        grad_checkpointing=plan.grad_checkpointing, compute_dtype=plan.compute_dtype,
                        optimizer=plan.optimizer, device=plan.device, lora_dropout=lora_dropout, loss=plan.loss,
-                       attention=plan.attention)
+                       attention=plan.attention, quantize=getattr(plan, "quantize", "4bit") or "4bit")
 
 
 def lora_parameter_count(facts: ArchFacts, rank: int) -> int:
@@ -143,8 +143,8 @@ def lora_parameter_count(facts: ArchFacts, rank: int) -> int:
 def estimate_memory(facts: ArchFacts, setup: MemorySetup) -> MemoryEstimate:
     """Predicted peak memory of a training step of `facts`' model with `setup`."""
     element = DTYPE_BYTES.get(setup.compute_dtype, 2)
-    quantized = facts.linear_params
-    if facts.experts:  # experts stay 16-bit: bitsandbytes quantises Linear layers only
+    quantized = facts.linear_params if setup.quantize == "4bit" else 0
+    if facts.experts and quantized:  # experts stay 16-bit: bitsandbytes quantises Linear layers only
         quantized -= facts.mlp_params
     kept = facts.total_params - quantized
     lora = lora_parameter_count(facts, setup.rank)
@@ -165,7 +165,8 @@ def estimate_memory(facts: ArchFacts, setup: MemorySetup) -> MemoryEstimate:
     if setup.attention == PACKED_MASKED:  # one additive mask per packed row, shared by every layer
         activations += tokens * (16 * -(-tokens // 16)) * element
     widest = max(facts.hidden, facts.heads * facts.head_dim) * max(facts.intermediate, facts.hidden)
-    transient = 2 * widest * element  # weight dequantised for the matmul, forward or backward
+    # the 4-bit weight dequantised for the matmul, forward or backward; none for a 16-bit base
+    transient = 2 * widest * element if setup.quantize == "4bit" else 0
     varying = activations + logits + transient
     overhead = CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK * varying if setup.device == "cuda" else 0
     return MemoryEstimate(

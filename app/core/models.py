@@ -179,14 +179,16 @@ def load_tokenizer(info: ModelInfo, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model_4bit(info: ModelInfo, compute_dtype, device: str, trust_remote_code: bool = False,
-                    attention: str = "sdpa"):
-    """The model with its linear layers in NF4 with double quantisation (QLoRA's storage), its
-    attention computed by `attention` (a transformers attention implementation name)."""
+def load_base_model(info: ModelInfo, compute_dtype, device: str, trust_remote_code: bool = False,
+                    attention: str = "sdpa", quantize: str = "4bit"):
+    """The base model to put LoRA on: its linear layers in NF4 with double quantisation
+    (`quantize` "4bit", QLoRA's storage) or every weight in `compute_dtype` ("none")."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage="uint8")
+    quant = None
+    if quantize == "4bit":
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage="uint8")
     try:
         return AutoModelForCausalLM.from_pretrained(
             info.path, quantization_config=quant, dtype=compute_dtype,

@@ -33,6 +33,11 @@ MIN_SEQ_LEN = 128
 # Above this many trained tokens a higher LoRA rank has enough data to be worth its memory.
 LARGE_DATA_TOKENS = 1_000_000
 CARD_SIZES_GIB = (8, 12, 16, 24, 48, 80)
+QUANTIZE_CHOICES = ("auto", "4bit", "none")
+ASSUMED_CAPABILITY = (8, 0)  # a preset's card of unknown kind: Ampere, as cards.precision_for assumes
+# An unquantised base is chosen by itself only when its plan keeps this share of the budget or less:
+# room for what the estimate does not see, since a 16-bit base is the larger one.
+UNQUANTISED_ROOM = 0.8
 
 
 @dataclass(frozen=True)
@@ -86,10 +91,13 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     if facts is None or budget is None:
         fit = Fit(wanted_seq, config.rank or DEFAULT_RANK, bool(config.grad_checkpointing),
                   config.micro_batch or MICRO_BATCHES[0], None)
+        quantize = config.quantize if config.quantize in ("4bit", "none") else "4bit"
+        reasons["quantize"] = "set by you" if config.quantize != "auto" else "4-bit: the model's size is not known"
         reasons["memory"] = "not planned: the model's architecture could not be read from config.json"
     else:
-        fit = choose_fit(config, stats, facts, budget, wanted_seq, dtype, optimizer, dropout > 0, reasons, loss,
-                         _packed_attention(config, facts, device, card))
+        attention_guess = _packed_attention(config, facts, device, card)
+        fit, quantize = _choose_base(config, stats, facts, budget, wanted_seq, dtype, optimizer, dropout > 0,
+                                     reasons, loss, attention_guess)
         reasons["memory"] = (f"predicted peak {gib(fit.estimate.peak)} of {gib(budget.usable_bytes)} usable "
                              f"({budget.source}, {budget.preset.safety_margin_gib:g} GiB kept free)")
     over = count_over(lengths, fit.seq_len)
@@ -101,8 +109,8 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     reasons["lora_alpha"] = "set by you" if config.lora_alpha else "2 x rank"
     micro = fit.micro_batch
     batching = _choose_batching(config, facts, fit.seq_len, reasons)
-    attention, reasons["attention"] = choose_attention(batching == "packed", device,
-                                                       card.capability if card else None, config.attention)
+    attention, reasons["attention"] = choose_attention(batching == "packed", device, _capability(card, device),
+                                                       config.attention)
     if batching == "packed":
         why = ("set by you" if config.micro_batch else "the longest row planned" if micro == MICRO_BATCHES[0]
                or micro * fit.seq_len >= TARGET_TOKENS_PER_STEP else "the longest row that fits")
@@ -134,6 +142,7 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     estimate = fit.estimate
     return Plan(rank=rank, lora_alpha=alpha, seq_len=fit.seq_len, micro_batch=micro, grad_accum=accum,
                 grad_checkpointing=fit.grad_checkpointing, batching=batching, loss=loss, attention=attention,
+                quantize=quantize,
                 total_steps=total,
                 steps_per_epoch=steps_per_epoch, warmup_steps=warmup, eval_every=eval_every,
                 save_every=save_every, compute_dtype=dtype, optimizer=optimizer, device=device,
@@ -145,12 +154,13 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
 
 def choose_fit(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budget: Budget, wanted_seq: int,
                dtype: str, optimizer: str, dropout: bool, reasons: dict[str, str], loss: str = "plain",
-               attention: str = "") -> Fit:
+               attention: str = "", quantize: str = "4bit") -> Fit:
     """The fastest, longest-context settings whose predicted peak fits `budget`."""
     def estimate(seq: int, rank: int, ckpt: bool, micro: int) -> MemoryEstimate:
         return estimate_memory(facts, MemorySetup(rank=rank, seq_len=seq, micro_batch=micro, grad_checkpointing=ckpt,
                                                   compute_dtype=dtype, optimizer=optimizer, device=budget.device,
-                                                  lora_dropout=dropout, loss=loss, attention=attention))
+                                                  lora_dropout=dropout, loss=loss, attention=attention,
+                                                  quantize=quantize))
 
     seqs = [config.seq_len] if config.seq_len else _shorter_seqs(wanted_seq, stats)
     trained_tokens = stats.total
@@ -204,6 +214,57 @@ def validate_config(config: TrainConfig) -> None:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+def _choose_base(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budget: Budget, wanted_seq: int,
+                 dtype: str, optimizer: str, dropout: bool, reasons: dict[str, str], loss: str,
+                 attention: str) -> tuple[Fit, str]:
+    """The fit and the base's storage: unquantised when asked, or (auto) when it fits with the same
+    context, rank, checkpointing and batch as 4-bit and leaves room (dequantising NF4 weights at
+    every matmul costs time: on a CPU most of the step); 4-bit (QLoRA) otherwise."""
+    if config.quantize not in QUANTIZE_CHOICES:
+        raise ConfigError(f"--quantize {config.quantize}: choose one of {', '.join(QUANTIZE_CHOICES)}")
+    args = (config, stats, facts, budget, wanted_seq, dtype, optimizer, dropout)
+    if config.quantize == "none":
+        try:
+            fit = choose_fit(*args, reasons, loss, attention, "none")
+        except PlanError as error:
+            raise PlanError(f"{error}; or keep the base in 4 bits (--quantize 4bit or auto)") from None
+        reasons["quantize"] = f"unquantised ({_dtype_name(dtype)}): set by you"
+        return fit, "none"
+    four = choose_fit(*args, reasons, loss, attention, "4bit")
+    if config.quantize == "4bit":
+        reasons["quantize"] = "4-bit NF4 (QLoRA): set by you"
+        return four, "4bit"
+    usable = budget.usable_bytes
+    try:
+        plain = choose_fit(*args, dict(reasons), loss, attention, "none")
+    except PlanError:
+        plain = None
+    same = plain is not None and (plain.seq_len, plain.rank, plain.grad_checkpointing, plain.micro_batch) == \
+        (four.seq_len, four.rank, four.grad_checkpointing, four.micro_batch)
+    if same and plain.estimate.peak <= UNQUANTISED_ROOM * usable:
+        reasons["quantize"] = (f"unquantised ({_dtype_name(dtype)}): fits in {gib(plain.estimate.peak)} of "
+                               f"{gib(usable)}, and skips dequantising 4-bit weights at every matmul")
+        choose_fit(*args, reasons, loss, attention, "none")  # its reasons for the other fields
+        return plain, "none"
+    why = ("would not fit" if plain is None else
+           f"would need {gib(plain.estimate.peak)}, more than {UNQUANTISED_ROOM:.0%} of {gib(usable)}"
+           if same else "would need a shorter context, lower rank or checkpointing")
+    reasons["quantize"] = f"4-bit NF4 (QLoRA): unquantised weights {why}"
+    return four, "4bit"
+
+
+def _capability(card: Card | None, device: str) -> tuple[int, int] | None:
+    """The card's compute capability; a CUDA plan for a card of unknown kind assumes Ampere, as
+    its precision does (precision_for)."""
+    if card is not None:
+        return card.capability
+    return ASSUMED_CAPABILITY if device == "cuda" else None
+
+
+def _dtype_name(dtype: str) -> str:
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype)
+
+
 def _packed_attention(config: TrainConfig, facts: ArchFacts | None, device: str, card: Card | None) -> str:
     """The attention packed rows would use, for the estimate (only one path has a cost of its
     own); "" when rows will not be packed or the choice is refused (refused again, with its
@@ -211,7 +272,7 @@ def _packed_attention(config: TrainConfig, facts: ArchFacts | None, device: str,
     if config.packing is False or packing_support(facts, 1):
         return ""
     try:
-        return choose_attention(True, device, card.capability if card else None, config.attention)[0]
+        return choose_attention(True, device, _capability(card, device), config.attention)[0]
     except ConfigError:
         return ""
 

@@ -30,7 +30,7 @@ class QLoraSession:
         from peft import LoraConfig, get_peft_model
         from transformers import get_cosine_schedule_with_warmup
 
-        from app.core.models import load_model_4bit
+        from app.core.models import load_base_model
 
         config = prepared.config
         self.config = config
@@ -42,10 +42,11 @@ class QLoraSession:
         liger_works = checked.liger_works
         torch.manual_seed(config.seed)
         self.attention = attention_for(plan.attention, plan.batching == "packed", plan.device)
-        base = load_model_4bit(prepared.model, getattr(torch, plan.compute_dtype), plan.device,
-                               config.trust_remote_code, self.attention)
+        base = load_base_model(prepared.model, getattr(torch, plan.compute_dtype), plan.device,
+                               config.trust_remote_code, self.attention, plan.quantize)
         base.config.use_cache = False
-        self.notes = [note for note in [f"attention: {self.attention}, loss: {plan.loss}, "
+        self.notes = [note for note in [f"base: {'NF4' if plan.quantize == '4bit' else plan.compute_dtype}, "
+                                        f"attention: {self.attention}, loss: {plan.loss}, "
                                         f"compute: {plan.compute_dtype}, optimizer: {plan.optimizer}",
                                         apply_liger_kernels(base, plan.device, liger_works)] if note]
         freeze_for_lora(base, plan.grad_checkpointing)

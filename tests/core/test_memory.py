@@ -21,7 +21,7 @@ def demo_session(demo_model_path):
     from app.core.qlora import QLoraSession
 
     config = TrainConfig(model="demo", data=str(sample_dataset()), seq_len=SEQ, rank=16, micro_batch=2,
-                         grad_accum=1, grad_checkpointing=False, max_steps=3, preset="auto")
+                         grad_accum=1, grad_checkpointing=False, max_steps=3, preset="auto", quantize="4bit")
     prepared = prepare_training(config)
     session = QLoraSession(prepared)
     batch = [prepared.train[i] for i in range(2)]

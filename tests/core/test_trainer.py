@@ -23,7 +23,7 @@ from conftest import REPO
 
 def _config(model, data, **overrides) -> TrainConfig:
     values = dict(model=str(model), data=str(data), seq_len=128, micro_batch=4, grad_accum=1, lr=5e-3,
-                  max_steps=12, save_every=100, lora_dropout=0.0)
+                  max_steps=12, save_every=100, lora_dropout=0.0, quantize="4bit")
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -158,3 +158,44 @@ def test_sigkill_then_resume_finishes_at_the_planned_step(tiny_model, chat_data,
     assert (status["status"], status["step"], status["total_steps"]) == ("finished", 300, 300)
     steps = [e["step"] for e in open_run(run_dir.name).events() if e["event"] == "StepMetrics"]
     assert steps == list(range(1, 301))  # steps redone after the kill are logged once
+
+
+def test_an_unquantised_base_trains_resumes_and_is_chosen_where_it_fits(tiny_model, chat_data):
+    """LoRA on the base as it is (fp32 on the CPU): no 4-bit layers, the loss falls, a stopped run
+    resumes to the same losses, and `auto` picks it for a model this small."""
+    import threading
+
+    import bitsandbytes as bnb
+
+    from app.core.prepare import prepare_training
+    from app.core.qlora import QLoraSession
+
+    auto = prepare_training(_config(tiny_model, chat_data, quantize="auto")).plan
+    assert auto.quantize == "none" and "skips dequantising" in auto.reasons["quantize"]
+    session = QLoraSession(prepare_training(_config(tiny_model, chat_data, quantize="none")))
+    assert not [m for m in session.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    session.release()
+
+    whole = []
+    result = run_training(_config(tiny_model, chat_data, quantize="none", max_steps=8),
+                          lambda e: whole.append(e.loss) if isinstance(e, StepMetrics) else None)
+    assert result.status == "finished" and whole[-1] < whole[0]
+    stop, resumed = threading.Event(), []
+
+    def on_event(event):
+        if isinstance(event, StepMetrics):
+            resumed.append(event.loss)
+            if event.step >= 3:
+                stop.set()
+
+    first = run_training(_config(tiny_model, chat_data, quantize="none", max_steps=8), on_event, stop)
+    assert first.status == "stopped"
+    assert resume_training(first.run_id, on_event).status == "finished"
+    assert resumed == whole
+    assert open_run(first.run_id).plan().quantize == "none"
+
+    from app.core.chat import GenerationSettings, load_chat
+
+    chat = load_chat(result.run_dir)  # the base loads as the adapter was trained on it
+    assert not [m for m in chat.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert chat.reply([{"role": "user", "content": "Hi"}], GenerationSettings(temperature=0, max_new_tokens=4))

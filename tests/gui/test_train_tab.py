@@ -176,3 +176,13 @@ def test_a_named_card_in_the_preset_list_plans_its_precision(window, qtbot):
     assert "<b>float16</b> fp16 with a gradient scaler" in tab.plan_view.reasons["compute_dtype"].text()
     assert "compute capability 8.0+" in tab.plan_view.reasons["attention"].text()
     assert "of 10.00 GiB usable" in tab.plan_view.peak.text()
+    assert "<b>4-bit</b> 4-bit NF4 (QLoRA): unquantised weights would" in tab.plan_view.reasons["quantize"].text()
+    tab.plan_view.inputs["quantize"].setCurrentIndex(tab.plan_view.inputs["quantize"].findData("none"))
+    # an 8B model unquantised is 16 GB: no plan, and the message says how to get one back
+    qtbot.waitUntil(lambda: tab.plan_view.plan is None and tab.plan_view.error.isVisible(), timeout=60_000)
+    assert "the model alone needs 15.65 GiB" in tab.plan_view.error.text()
+    assert "keep the base in 4 bits" in tab.plan_view.error.text()
+    tab.model_box.setCurrentText("Qwen2.5-0.5B-Instruct")
+    qtbot.waitUntil(lambda: tab.plan_view.plan is not None and tab.plan_view.plan.quantize == "none", timeout=60_000)
+    assert "unquantised (fp16): set by you" in tab.plan_view.reasons["quantize"].text()
+    assert tab.plan_view.error.isHidden()

@@ -13,6 +13,7 @@ from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QGridLayout, QLabel, Q
 from app.core.config import Plan, TrainConfig, field_help
 
 AUTO = "auto"
+BASE_CHOICES = [(AUTO, "auto"), ("4-bit (QLoRA)", "4bit"), ("unquantised (LoRA)", "none")]
 # (config field, label, lowest, highest)
 INT_FIELDS = [("rank", "LoRA rank", 1, 512), ("seq_len", "Sequence length", 16, 131072),
               ("micro_batch", "Micro-batch", 1, 256), ("grad_accum", "Accumulation", 1, 1024)]
@@ -47,6 +48,12 @@ class PlanView(QWidget):
         packing.addItems([AUTO, "on", "off"])
         packing.currentIndexChanged.connect(self.changed)
         self._add(grid, row, "packing", "Packing", packing)
+        row += 1
+        base = QComboBox()
+        for label, value in BASE_CHOICES:
+            base.addItem(label, value)
+        base.currentIndexChanged.connect(self.changed)
+        self._add(grid, row, "quantize", "Base weights", base, field_help(TrainConfig, "quantize"))
         row += 1
         for name, label in (("compute_dtype", "Precision"), ("attention", "Attention"), ("loss", "Loss"),
                             ("optimizer", "Optimizer")):
@@ -111,6 +118,8 @@ class PlanView(QWidget):
             choice = self.inputs[name].currentText()
             if choice != AUTO:
                 values[name] = choice == "on"
+        if self.inputs["quantize"].currentData() != "auto":
+            values["quantize"] = self.inputs["quantize"].currentData()
         values["epochs"] = self.inputs["epochs"].value()
         values["lr"] = self.inputs["lr"].value()
         return values
@@ -123,7 +132,9 @@ class PlanView(QWidget):
         shown = {"rank": plan.rank, "seq_len": plan.seq_len, "micro_batch": plan.micro_batch,
                  "grad_accum": plan.grad_accum, "grad_checkpointing": "on" if plan.grad_checkpointing else "off",
                  "packing": "on" if plan.batching == "packed" else "off", "loss": plan.loss,
-                 "compute_dtype": plan.compute_dtype, "attention": plan.attention, "optimizer": plan.optimizer,
+                 "compute_dtype": plan.compute_dtype,
+                 "quantize": "4-bit" if plan.quantize == "4bit" else "unquantised", "attention": plan.attention,
+                 "optimizer": plan.optimizer,
                  "epochs": f"{plan.total_steps} steps" if plan.total_steps else "", "lr": ""}
         for name, label in self.reasons.items():
             key = {"epochs": "total_steps", "packing": "batching"}.get(name, name)
