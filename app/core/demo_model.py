@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -45,7 +46,7 @@ def find_demo_gguf() -> Path:
 
 
 def ensure_demo_model(progress: Callable[[str], None] = lambda message: None) -> Path:
-    """The demo model's HF folder, converting it from the GGUF file on first use (~30 s)."""
+    """The demo model's HF folder, converting it from the GGUF file on first use (seconds)."""
     target = demo_model_dir()
     if is_converted():
         return target
@@ -57,12 +58,16 @@ def ensure_demo_model(progress: Callable[[str], None] = lambda message: None) ->
 
 def _convert(target: Path, progress: Callable[[str], None]) -> Path:
     gguf = find_demo_gguf()
-    progress(f"Converting the demo model {DEMO_NAME} to a Hugging Face folder (once, about 30 s)...")
+    progress(f"Converting the demo model {DEMO_NAME} to a Hugging Face folder (once, a few seconds)...")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+    from app.core.models import quiet_loading
+
+    quiet_loading()  # one line of ours instead of transformers' bars for 272 tensors, twice
+
     try:
-        with staged_dir(target) as tmp:
+        with staged_dir(target) as tmp, _without_gguf_bar():
             model = AutoModelForCausalLM.from_pretrained(
                 gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True))
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -73,3 +78,19 @@ def _convert(target: Path, progress: Callable[[str], None]) -> Path:
             raise
     progress(f"Demo model ready in {target}")
     return target
+
+
+@contextmanager
+def _without_gguf_bar():
+    """transformers' GGUF reader draws its own tqdm bar ("Converting and de-quantizing GGUF
+    tensors"), which its logging switch does not reach; our progress line says the same."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None:
+        gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original

@@ -89,8 +89,11 @@ def merge_adapter(source: AdapterSource, info, tokenizer, out: Path, dtype: str 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from app.core.models import quiet_loading
+
     torch_dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[dtype]
     progress(f"Loading {info.name} in {dtype} (not 4-bit) to merge the adapter")
+    quiet_loading()
     base = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
                                                 use_safetensors=not info.facts.pickle_weights)
     model = PeftModel.from_pretrained(base, source.adapter_dir)

@@ -82,9 +82,20 @@ def hf_cache_snapshot(repo_id: str) -> Path | None:
     return candidates[0] if candidates else None
 
 
+def quiet_loading() -> None:
+    """Silence transformers' own progress bars ("Loading weights", one per load, several per run):
+    our one-line progress says what is loading. Download bars stay (see download_model)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def download_model(repo_id: str, progress: Callable[[str], None]) -> Path:
     """Download the safetensors, config and tokenizer files of a hub model (with progress bars)."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import enable_progress_bars
+
+    enable_progress_bars()  # a download of gigabytes shows its own bars, whatever quiet_loading did
 
     progress(f"Downloading {repo_id} from the Hugging Face Hub...")
     try:
@@ -170,6 +181,7 @@ def load_tokenizer(info: ModelInfo, trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token (the end token when it has none)."""
     from transformers import AutoTokenizer
 
+    quiet_loading()
     try:
         tokenizer = AutoTokenizer.from_pretrained(info.path, trust_remote_code=trust_remote_code)
     except Exception as err:
@@ -185,6 +197,7 @@ def load_base_model(info: ModelInfo, compute_dtype, device: str, trust_remote_co
     (`quantize` "4bit", QLoRA's storage) or every weight in `compute_dtype` ("none")."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    quiet_loading()
     quant = None
     if quantize == "4bit":
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

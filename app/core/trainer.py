@@ -95,7 +95,8 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
     result = lambda status, reason="": RunResult(  # noqa: E731
         run.id, str(run.dir), status, step, plan.total_steps, last_loss, str(run.adapter_dir), reason)
     try:
-        emit(LogLine(f"Loading {prepared.model.name} in 4-bit on {plan.device}"))
+        storage = "in 4-bit" if plan.quantize == "4bit" else f"unquantised ({plan.compute_dtype})"
+        emit(LogLine(f"Loading {prepared.model.name} {storage} on {plan.device}"))
         session = QLoraSession(prepared)
         for line in session.selftest_lines:
             run.log(line)
