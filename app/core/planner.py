@@ -66,7 +66,7 @@ def detect_device() -> tuple[str, str, str]:
 def device_settings(device: str, card: Card | None, reasons: dict[str, str]) -> tuple[str, str]:
     """(compute dtype, optimizer) a plan for `device` and `card` trains with, with reasons."""
     if device != "cuda":
-        reasons["compute_dtype"] = "fp32: bitsandbytes' CPU path computes in fp32"
+        reasons["compute_dtype"] = "fp32: the CPU path trains in fp32 (bitsandbytes' CPU kernels compute in fp32)"
         reasons["optimizer"] = f"{OPTIMIZER_LABELS['adamw_torch']}: the paged 8-bit optimizer needs CUDA"
         return "float32", "adamw_torch"
     dtype, reasons["compute_dtype"] = precision_for(card)
