@@ -1,21 +1,28 @@
-"""Tunesmith's plan against the standard QLoRA recipe, side by side on the same data.
+"""Throughput: Tunesmith's plan against TRL's SFTTrainer, on the same data and the same real tokens.
 
-For each data set (the shipped sample set, and a synthetic long-tail chat set of 2,000 examples
-of 32-2,048 tokens that this script generates) it trains the same model twice, each in its own
-process so that peak memory is measured cleanly, alternating recipes:
+For each data set (the shipped sample set, and a synthetic long-tail chat set this script generates,
+see `long_tail_chats`) and each seed, three recipes train the same model, each in its own process
+(so its peak memory is its own), in an order rotated from seed to seed (so background load falls on
+all of them alike):
 
-- **baseline**, the standard recipe: micro-batches of 4 examples in shuffled order padded to the
-  longest, gradient checkpointing always on, plain cross-entropy over full fp32 logits;
-- **tunesmith**, the plan Tunesmith makes within the memory the baseline is predicted to need:
-  padding-free packed rows, checkpointing only if that memory needs it, the fused loss.
+- **trl-seed**: TRL's SFTTrainer with the seed QLoRA recipe, padded batches (benchmarks/trl_recipes.py);
+- **trl-best**: TRL's fastest documented setting for the job: padding-free BFD packing (trl_recipes.py);
+- **tunesmith**: the plan Tunesmith makes within the memory our estimator predicts for trl-seed.
 
-Both use the planner's sequence length and tokens per optimizer step, the QLoRA recipe (NF4,
-LoRA r16 on all linear layers, lr 2e-4, warmup 3 %, grad norm 0.3) and stop after the same number
-of real (non-padding) tokens, then evaluate the same held-out examples. Reported: real tokens/s
-(steps after the first two), peak memory (CUDA: max allocated; CPU: the process's peak RSS), the
-held-out loss, and the ratios. Results: benchmarks/results/throughput-<device>.md and .json.
+All three use the same examples, rendered and truncated to the same sequence length (the planner's),
+the same trained tokens (assistant turns; TRL's tokens are checked against ours), LoRA r16/alpha32
+on all linear layers, NF4 with double quantisation, lr 2e-4 cosine with 3 % warmup, grad norm 0.3,
+and about the same real tokens per optimizer step. Each stops at the first optimizer step whose
+running total of real (non-padding) input tokens reaches --tokens N, its schedule sized to end there.
 
-Usage: python benchmarks/throughput.py [--tokens 24000] [--sets sample,longtail] [--model demo]
+Reported per run: real tokens/s over the timed steps (all but the first, a warm-up: tokens of steps
+2..k over the time from the end of step 1 to the end of step k), peak memory (CPU: the training
+process's peak RSS; CUDA: torch max allocated), and the held-out loss at exactly N tokens: the mean
+token loss on the assistant tokens of the held-out examples, computed by one evaluator
+(`evaluate_adapters`) for the adapters saved after steps k-1 and k, interpolated linearly to N.
+Every run is written to benchmarks/results/throughput-trl-<device>.md/.json as it finishes.
+
+Usage: python benchmarks/throughput.py [--tokens 20000] [--seeds 0,1,2] [--sets sample,longtail]
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import math
 import os
 import platform
 import random
-import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,46 +42,60 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from trl_recipes import describe_trl, peak_bytes, run_trl, trl_settings  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 HELD_OUT = 24  # examples of each set kept for the loss comparison
 SETS = ("sample", "longtail")
-RECIPES = ("baseline", "tunesmith")
+RECIPES = ("trl-seed", "trl-best", "tunesmith")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=24_000, help="real tokens each recipe trains on")
+    parser.add_argument("--tokens", type=int, default=20_000, help="real tokens each run trains on (N)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; each trains every recipe")
     parser.add_argument("--sets", default=",".join(SETS), help="comma-separated: sample, longtail")
     parser.add_argument("--model", default="demo", help="model to train (default: the demo model)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results files "
+                        "(default benchmarks/results; a trial run of the script goes elsewhere)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     if args.worker:
-        return worker(json.loads(args.worker))
+        job = json.loads(Path(args.worker).read_text())
+        work = {"tunesmith": train_tunesmith, "eval": evaluate_adapters}.get(job["recipe"], run_trl)
+        print(json.dumps(work(job)))
+        return 0
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
-    if not sets or any(s not in SETS for s in sets):
-        parser.error(f"--sets takes a comma-separated list of {', '.join(SETS)}")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if not sets or any(s not in SETS for s in sets) or not seeds:
+        parser.error(f"--sets takes a comma-separated list of {', '.join(SETS)}; --seeds one of integers")
 
     from app.core.paths import cache_dir
 
+    report = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M"), "tokens": args.tokens,
+              "seeds": seeds, "model": args.model, "command": "python benchmarks/throughput.py " + " ".join(
+                  f"--{k} {v}" for k, v in (("tokens", args.tokens), ("seeds", args.seeds), ("sets", args.sets),
+                                            ("model", args.model))),
+              "requested_sets": sets, "sets": {}, "rows": [], "out": str(args.out)}
     shared_cache = cache_dir()
     with tempfile.TemporaryDirectory(prefix="tunesmith-throughput-") as home:
         shared_cache.mkdir(parents=True, exist_ok=True)
         (Path(home) / "cache").symlink_to(shared_cache, target_is_directory=True)
         os.environ["TUNESMITH_HOME"] = home  # runs go to a throw-away store, the model cache is kept
-        rows = []
         for name in sets:
             train, val = make_set(name, args.model, Path(home))
-            plans = make_plans(args.model, train, args.tokens)
-            for recipe in RECIPES:
-                print(f"[{name}] training {recipe}: {describe(plans[recipe])}", flush=True)
-                job = {"model": args.model, "train": str(train), "val": str(val), "plan": plans[recipe]}
-                figures = run_worker(job)
-                figures |= run_worker({**job, "probe": True})
-                rows.append({"set": name, "recipe": recipe, **figures, "plan": describe(plans[recipe])})
-                print(f"[{name}] {recipe}: {figures['tokens_per_s']} real tokens/s, peak "
-                      f"{figures['peak_gib']} GiB, held-out loss {figures['eval_loss']:.4f}", flush=True)
-    write(rows, args)
+            setup = set_up(name, args.model, train, args.tokens)
+            report["sets"][name] = setup["info"]
+            for position, seed in enumerate(seeds):
+                order = RECIPES[position % 3:] + RECIPES[:position % 3]
+                for slot, recipe in enumerate(order):
+                    row = run_one(name, recipe, seed, slot, setup, train, val, args, Path(home))
+                    report["rows"].append(row)
+                    write(report, partial=True)
+    report["machine"]["load_average_end"] = list(os.getloadavg())
+    write(report, partial=False)
     return 0
 
 
@@ -93,6 +114,11 @@ def make_set(name: str, model: str, folder: Path) -> tuple[Path, Path]:
     train.write_text("\n".join(lines[HELD_OUT:]) + "\n", encoding="utf-8")
     val.write_text("\n".join(lines[:HELD_OUT]) + "\n", encoding="utf-8")
     return train, val
+
+
+LONG_TAIL = ("2,024 chats (system, user, assistant), token lengths drawn from a log-normal with median 200 "
+             "and sigma 0.9, clipped to 32-2,048, every 200th chat exactly 2,048; the tasks cycle through "
+             "counting, repeating 8 words and reversing 6 words, the answer grown to the drawn length")
 
 
 def long_tail_chats(model: str, count: int, seed: int = 0) -> list[list[dict]]:
@@ -138,168 +164,285 @@ def long_tail_chats(model: str, count: int, seed: int = 0) -> list[list[dict]]:
 
 
 # -- plans --------------------------------------------------------------------------------------
-def make_plans(model: str, train: Path, tokens: int) -> dict[str, dict]:
-    """The baseline's and Tunesmith's plans for `train`, each trained until `tokens` real tokens."""
+def set_up(name: str, model: str, train: Path, tokens: int) -> dict:
+    """Everything the runs of one set share: the planner's sequence length, Tunesmith's plan within
+    the memory our estimator predicts for the TRL seed recipe, the TRL settings, and the examples."""
     from app.core.config import TrainConfig
-    from app.core.data.batches import EpochBatches
-    from app.core.memory import estimate_memory, setup_for
+    from app.core.data.validate import check_file
+    from app.core.memory import estimate_memory, gib, setup_for
     from app.core.planner import plan_run
     from app.core.prepare import _arch_or_none, prepare_training
     from app.core.presets import training_budget
 
     base = TrainConfig(model=model, data=str(train), rank=16, save_every=100_000, lora_dropout=0.05)
     prepared = prepare_training(base)
-    lengths = [len(e.input_ids) for e in prepared.train]
+    lengths = [len(e.input_ids) for e in prepared.train]  # truncated to the planned sequence length
     facts = _arch_or_none(prepared.model.facts.config)
-    budget = training_budget("auto")
-    fixed = replace(base, seq_len=prepared.plan.seq_len, micro_batch=4, grad_checkpointing=True, packing=False)
-    baseline = plan_run(fixed, prepared.stats, lengths, True, facts, budget)
-    estimate = estimate_memory(facts, setup_for(replace(baseline, loss="plain")))
-    baseline = replace(baseline, batching="random", loss="plain", predicted_peak_bytes=estimate.peak,
-                       breakdown=estimate.to_dict())
-    within = replace(budget, usable_bytes=estimate.peak, source="the baseline's predicted peak")
-    ours = plan_run(replace(base, seq_len=prepared.plan.seq_len), prepared.stats, lengths, True, facts, within)
-    plans = {}
-    for name, plan in (("baseline", baseline), ("tunesmith", ours)):
-        order = EpochBatches(lengths, plan, base.seed)
-        steps, seen = 0, 0
-        while seen < tokens:
-            seen += sum(min(lengths[i], plan.seq_len) for batch in order.for_step(steps) for i in batch)
-            steps += 1
-        plans[name] = replace(plan, total_steps=steps, warmup_steps=math.ceil(0.03 * steps),
-                              eval_every=steps, save_every=steps + 1).to_dict()
-    return plans
+    budget, seq = training_budget("auto"), prepared.plan.seq_len
+    seed_like = replace(base, seq_len=seq, micro_batch=4, grad_checkpointing=True, packing=False)
+    seed_plan = plan_run(seed_like, prepared.stats, lengths, False, facts, budget)
+    # TRL's SFTTrainer computes its loss through a chunked LM head, never the full logits
+    predicted = estimate_memory(facts, setup_for(replace(seed_plan, loss="chunked"))).peak
+    within = replace(budget, usable_bytes=predicted, source="our estimate of the TRL seed recipe's peak")
+    ours = plan_run(replace(base, seq_len=seq), prepared.stats, lengths, False, facts, within)
+    per_step = sum(lengths) / ours.steps_per_epoch
+    trl = {r: trl_settings(r, ours.to_dict(), statistics.mean(lengths), per_step) for r in RECIPES[:2]}
+    stats = sorted(lengths)
+    info = {
+        "examples": len(lengths), "held_out": HELD_OUT, "seq_len": seq, "real_tokens_per_epoch": sum(lengths),
+        "trained_tokens_per_epoch": sum(e.trained_tokens for e in prepared.train),
+        "lengths": {"mean": round(statistics.mean(stats)), "p50": stats[len(stats) // 2],
+                    "p90": stats[int(0.9 * len(stats))], "p99": stats[int(0.99 * len(stats))], "max": stats[-1]},
+        "distribution": LONG_TAIL if name == "longtail" else "the shipped sample set (resources/data)",
+        "budget": f"{gib(predicted)} ({within.source})", "tunesmith_reasons": ours.reasons,
+        "recipes": {"tunesmith": describe(ours.to_dict()), **{r: describe_trl(s, seq) for r, s in trl.items()}},
+    }
+    return {"info": info, "plan": ours, "lengths": lengths, "trl": trl, "model_path": str(prepared.model.path),
+            "messages": [e.messages for e in check_file(str(train)).examples],
+            "ours": {"input_ids": [e.input_ids for e in prepared.train], "labels": [e.labels for e in prepared.train]}}
 
 
 def describe(plan: dict) -> str:
     shape = (f"packed rows of {plan['micro_batch'] * plan['seq_len']} tokens" if plan["batching"] == "packed"
              else f"{plan['micro_batch']} x up to {plan['seq_len']} tokens, {plan['batching']} padded")
-    return (f"{shape}, x{plan['grad_accum']} per step, {plan['total_steps']} steps, checkpointing "
-            f"{'on' if plan['grad_checkpointing'] else 'off'}, {plan['loss']} loss")
+    return (f"{shape}, x{plan['grad_accum']} per step, checkpointing {'on' if plan['grad_checkpointing'] else 'off'}, "
+            f"{plan['loss']} loss, attention {plan['attention'] or 'sdpa'}, base {plan.get('quantize', '4bit')}")
 
 
-# -- one recipe, in its own process ------------------------------------------------------------
-def run_worker(job: dict) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+def steps_to_reach(plan, lengths: list[int], seed: int, tokens: int) -> int:
+    """The first optimizer step of `plan` at which the run has trained `tokens` real tokens."""
+    from app.core.data.batches import EpochBatches
+
+    order, steps, seen = EpochBatches(lengths, plan, seed), 0, 0
+    while seen < tokens:
+        seen += sum(min(lengths[i], plan.seq_len) for batch in order.for_step(steps) for i in batch)
+        steps += 1
+    return steps
+
+
+# -- one run, in its own process ------------------------------------------------------------------
+def run_one(name: str, recipe: str, seed: int, slot: int, setup: dict, train: Path, val: Path, args,
+            home: Path) -> dict:
+    out = Path(tempfile.mkdtemp(prefix=f"{name}-{recipe}-{seed}-", dir=home))
+    job = {"recipe": recipe, "seed": seed, "tokens": args.tokens, "model": args.model, "train": str(train),
+           "out": str(out)}
+    if recipe == "tunesmith":
+        steps = steps_to_reach(setup["plan"], setup["lengths"], seed, args.tokens)
+        job["plan"] = replace(setup["plan"], total_steps=steps, warmup_steps=math.ceil(0.03 * steps), eval_every=0,
+                              save_every=max(1, steps - 1)).to_dict()
+    else:
+        job |= {"plan": setup["plan"].to_dict(), "settings": setup["trl"][recipe], "model_path": setup["model_path"],
+                "train_messages": setup["messages"], "ours": setup["ours"]}
+    print(f"[{name}] seed {seed}: training {recipe}", flush=True)
+    began = time.monotonic()
+    figures = run_worker(job, out)
+    wall = time.monotonic() - began
+    adapters = [figures["adapter"]] + ([figures["adapter_before"]] if len(figures["step_tokens"]) > 1 else [])
+    # each adapter is evaluated on the base it was trained on: TRL's on NF4, ours on the plan's
+    quantize = setup["plan"].quantize if recipe == "tunesmith" else "4bit"
+    losses = run_worker({"recipe": "eval", "model": args.model, "val": str(val), "adapters": adapters,
+                         "plan": setup["plan"].to_dict(), "quantize": quantize}, out)["losses"]
+    cumulative = [sum(figures["step_tokens"][:i + 1]) for i in range(len(figures["step_tokens"]))]
+    at_n = losses[0]
+    if len(losses) == 2:  # interpolate between the steps before and after N
+        (t0, t1), (l1, l0) = cumulative[-2:], losses
+        at_n = l0 + (l1 - l0) * (args.tokens - t0) / (t1 - t0)
+    timed = figures["elapsed_s"][-1] - figures["elapsed_s"][0]
+    row = {"set": name, "seed": seed, "slot": slot + 1, "recipe": recipe, "steps": len(cumulative),
+           "real_tokens": cumulative[-1], "tokens_before_last_step": cumulative[-2] if len(cumulative) > 1 else 0,
+           "tokens_per_s": round(sum(figures["step_tokens"][1:]) / timed, 1) if timed > 0 else None,
+           "peak_gib": round(figures["peak_bytes"] / 2 ** 30, 3), "held_out_loss": round(at_n, 4),
+           "held_out_loss_last_step": round(losses[0], 4), "train_loss": figures["train_loss"],
+           "run_wall_s": round(wall, 1), "step_tokens": figures["step_tokens"],
+           "step_elapsed_s": [round(t, 2) for t in figures["elapsed_s"]], "load_average": list(os.getloadavg()),
+           "notes": figures.get("notes", "") or figures.get("tokens_match", "")}
+    print(f"[{name}] seed {seed} {recipe}: {row['steps']} steps, {row['real_tokens']} real tokens, "
+          f"{row['tokens_per_s']} tokens/s, peak {row['peak_gib']} GiB, held-out loss {row['held_out_loss']}",
+          flush=True)
+    return row
+
+
+def run_worker(job: dict, out: Path) -> dict:
+    path = out / f"job-{job['recipe']}.json"
+    path.write_text(json.dumps(job))
+    done = subprocess.run([sys.executable, __file__, "--worker", str(path)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if done.returncode != 0:
-        raise SystemExit(f"worker failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{job['recipe']} worker failed:\n{done.stderr[-3000:]}{done.stdout[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def worker(job: dict) -> int:
-    if job.get("probe"):
-        return probe_worst_step(job)
+def train_tunesmith(job: dict) -> dict:
     import torch
 
     from app.core.config import Plan, TrainConfig
-    from app.core.events import EvalMetrics, StepMetrics
+    from app.core.events import PlanAdjusted, StepMetrics
     from app.core.prepare import prepare_training
     from app.core.trainer import train_prepared
 
     plan = Plan.from_dict(job["plan"])
-    config = TrainConfig(model=job["model"], data=job["train"], val_data=job["val"], rank=plan.rank,
-                         seq_len=plan.seq_len, lora_dropout=0.05, save_every=100_000)
+    config = TrainConfig(model=job["model"], data=job["train"], rank=plan.rank, seq_len=plan.seq_len,
+                         lora_dropout=0.05, seed=job["seed"], save_every=plan.save_every)
     prepared = prepare_training(config, plan=plan)
-    steps, evals = [], []
-    cuda = torch.cuda.is_available()
-    if cuda:
+    steps, notes = [], []
+    if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     result = train_prepared(prepared, lambda e: (steps.append(e) if isinstance(e, StepMetrics) else
-                                                 evals.append(e) if isinstance(e, EvalMetrics) else None))
+                                                 notes.append(e.message) if isinstance(e, PlanAdjusted) else None))
     if result.status != "finished":
         raise SystemExit(f"run {result.status}: {result.reason}")
-    measured = steps[2:]
-    span = steps[-1].elapsed_s - steps[1].elapsed_s
-    if cuda:
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-    print(json.dumps({
-        "steps": len(steps), "real_tokens": sum(s.tokens for s in steps),
-        "tokens_per_s": round(sum(s.tokens for s in measured) / span, 1),
-        "peak_gib": round(peak / 2 ** 30, 3), "predicted_peak_gib": round(plan.predicted_peak_bytes / 2 ** 30, 3),
-        "train_loss": round(steps[-1].loss, 4), "eval_loss": round(evals[-1].eval_loss, 4),
-        "train_s": round(steps[-1].elapsed_s, 1),
-    }))
-    return 0
+    peak = peak_bytes(torch.cuda.is_available())
+    before = Path(result.run_dir) / "checkpoints" / f"step-{plan.total_steps - 1:07d}"
+    return {"step_tokens": [s.tokens for s in steps], "elapsed_s": [s.elapsed_s for s in steps], "peak_bytes": peak,
+            "train_loss": round(steps[-1].loss, 4), "adapter": result.adapter_dir, "adapter_before": str(before),
+            "notes": "; ".join(notes)}
 
 
-def probe_worst_step(job: dict) -> int:
-    """The tensor memory of the recipe's largest possible micro-batch: a step on the 4 longest
-    examples padded (baseline) or on the fullest packed row (Tunesmith), measured like
-    `torch.cuda.max_memory_allocated` (on CPU by replaying the profiler's allocator events)."""
-    from app.core.config import Plan, TrainConfig
-    from app.core.data.packing import pack_examples
-    from app.core.memory_probe import PeakMemory
-    from app.core.prepare import prepare_training
-    from app.core.qlora import QLoraSession
+def evaluate_adapters(job: dict) -> dict:
+    """The held-out loss of each adapter: summed cross-entropy over the assistant tokens of every
+    held-out example (one at a time, no padding) over their number; one function for all recipes,
+    on the base the adapters were trained on (`job["quantize"]`: NF4 or unquantised)."""
+    import torch
+    from peft import PeftModel
+
+    from app.core.config import Plan
+    from app.core.data.packing import collate_padded
+    from app.core.data.tokenize import ensure_chat_template, tokenize_examples
+    from app.core.data.validate import check_file
+    from app.core.models import load_base_model, load_tokenizer, resolve_model
+    from app.core.prepare import truncate
+    from app.core.qlora import loss_sum
 
     plan = Plan.from_dict(job["plan"])
-    config = TrainConfig(model=job["model"], data=job["train"], rank=plan.rank, seq_len=plan.seq_len,
-                         lora_dropout=0.05, save_every=100_000)
-    prepared = prepare_training(config, plan=plan)
-    lengths = [len(e.input_ids) for e in prepared.train]
-    if plan.batching == "packed":
-        worst = max(pack_examples(lengths, plan.micro_batch * plan.seq_len, config.seed),
-                    key=lambda b: sum(lengths[i] for i in b))
-    else:
-        worst = sorted(range(len(lengths)), key=lambda i: -lengths[i])[:plan.micro_batch]
-    session = QLoraSession(prepared)
-    try:
-        with PeakMemory(plan.device) as probe:
-            session.train_step([[prepared.train[i] for i in worst]])
-    finally:
-        session.release()
-    print(json.dumps({"worst_step_gib": round(probe.peak / 2 ** 30, 3),
-                      "worst_step_tokens": sum(lengths[i] for i in worst)}))
-    return 0
+    info = resolve_model(job["model"])
+    tokenizer = load_tokenizer(info)
+    ensure_chat_template(tokenizer)
+    examples, _, _ = truncate(tokenize_examples(tokenizer, check_file(job["val"]).examples, job["val"]).examples,
+                              plan.seq_len)
+    base = load_base_model(info, getattr(torch, plan.compute_dtype), plan.device, attention="sdpa",
+                           quantize=job["quantize"])
+    base.config.use_cache = False
+    losses = []
+    for adapter in job["adapters"]:
+        model = PeftModel.from_pretrained(base, adapter).eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for example in examples:
+                batch = collate_padded([example], tokenizer.pad_token_id)
+                total += float(loss_sum(model, batch, torch.device(plan.device), "plain"))
+                count += batch.trained_tokens
+        losses.append(total / count)
+        base = model.unload()
+    return {"losses": losses}
 
 
 # -- report -------------------------------------------------------------------------------------
-def write(rows: list[dict], args) -> None:
+def machine() -> dict:
     import torch
 
+    flags = set()
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    versions = {}
+    for package in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets"):
+        try:
+            versions[package] = __import__(package).__version__
+        except ImportError:
+            versions[package] = "not installed"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "app"], capture_output=True, text=True,
+                           cwd=Path(__file__).parent).stdout.strip()
     cuda = torch.cuda.is_available()
-    device = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores, {platform.machine()})"
-    kind = ("cuda" if cuda else "cpu") + ("" if args.sets == ",".join(SETS) else "-" + args.sets.replace(",", "-"))
-    command = f"python benchmarks/throughput.py --tokens {args.tokens} --sets {args.sets} --model {args.model}"
+    return {"device": torch.cuda.get_device_name(0) if cuda else f"CPU: {cpu}, {os.cpu_count()} cores",
+            "kind": "cuda" if cuda else "cpu", "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma"))),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY", ""), "threads": torch.get_num_threads(),
+            "load_average_start": list(os.getloadavg()), "versions": versions,
+            "app_commit": commit + (" + uncommitted changes in app/" if dirty else ""), "python": platform.python_version()}
+
+
+def summarise(rows: list[dict]) -> list[dict]:
     summary = []
     for name in dict.fromkeys(r["set"] for r in rows):
-        base, ours = (next(r for r in rows if r["set"] == name and r["recipe"] == k) for k in RECIPES)
-        summary.append({
-            "set": name, "speedup": round(ours["tokens_per_s"] / base["tokens_per_s"], 2),
-            "peak_ratio": round(ours["worst_step_gib"] / base["worst_step_gib"], 3),
-            "rss_ratio": round(ours["peak_gib"] / base["peak_gib"], 3),
-            "loss_diff_pct": round(100 * (ours["eval_loss"] - base["eval_loss"]) / base["eval_loss"], 2)})
-    figures = {"benchmark": "throughput", "date": time.strftime("%Y-%m-%d %H:%M"), "device": device,
-               "torch": torch.__version__, "model": args.model, "tokens": args.tokens, "command": command,
-               "rows": rows, "summary": summary}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"throughput-{kind}.json").write_text(json.dumps(figures, indent=2) + "\n")
-    rss = "max allocated (torch)" if cuda else "peak RSS of the process"
-    lines = [f"# Throughput: Tunesmith's plan vs the standard QLoRA recipe ({device})", "",
-             f"Command: `{command}`  ", f"Date: {figures['date']}, torch {torch.__version__}, model {args.model}, "
-             f"{args.tokens:,} real tokens per recipe, {HELD_OUT} held-out examples per set.", "",
-             "| set | recipe | plan | real tokens/s | largest step GiB (tokens) | predicted peak GiB | "
-             f"run {rss} GiB | held-out loss | train s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['set']} | {r['recipe']} | {r['plan']} | {r['tokens_per_s']} | {r['worst_step_gib']} "
-              f"({r['worst_step_tokens']}) | {r['predicted_peak_gib']} | {r['peak_gib']} | {r['eval_loss']} | "
-              f"{r['train_s']} |" for r in rows]
-    lines += ["", "| set | speed-up (real tokens/s) | largest-step memory ratio | run peak ratio | held-out loss difference |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {s['set']} | {s['speedup']}x | {s['peak_ratio']} | {s['rss_ratio']} | {s['loss_diff_pct']:+.2f} % |"
-              for s in summary]
-    lines += ["", "Largest step: the tensor memory of one training step on the largest micro-batch the recipe can "
-              "form from the set (the 4 longest examples padded; the fullest packed row), above the loaded model, "
-              "counted like torch.cuda.max_memory_allocated (on CPU by replaying the profiler's allocator events). "
-              "It decides whether a run fits. Run peak: what the training run itself reached "
-              + ("(torch max allocated)." if cuda else "(peak RSS, which on Linux also holds memory glibc keeps "
-                 "after tensors are freed, and depends on which batches the run happened to meet).")]
-    (RESULTS / f"throughput-{kind}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        by = {k: [r for r in rows if r["set"] == name and r["recipe"] == k] for k in RECIPES}
+        for recipe, runs in by.items():
+            if not runs:
+                continue
+            speeds = [r["tokens_per_s"] for r in runs]
+            entry = {"set": name, "recipe": recipe, "runs": len(runs), "tokens_per_s_median": statistics.median(speeds),
+                     "tokens_per_s_min": min(speeds), "tokens_per_s_max": max(speeds),
+                     "peak_gib_median": statistics.median(r["peak_gib"] for r in runs),
+                     "held_out_loss_mean": round(statistics.mean(r["held_out_loss"] for r in runs), 4),
+                     "held_out_loss_min": min(r["held_out_loss"] for r in runs),
+                     "held_out_loss_max": max(r["held_out_loss"] for r in runs)}
+            ours = by["tunesmith"]
+            if recipe != "tunesmith" and ours:
+                paired = [(o, t) for o in ours for t in runs if o["seed"] == t["seed"]]
+                ratios = [o["tokens_per_s"] / t["tokens_per_s"] for o, t in paired]
+                entry |= {"tunesmith_speedup": round(statistics.median(r["tokens_per_s"] for r in ours)
+                                                     / entry["tokens_per_s_median"], 2),
+                          "speedup_per_seed": [round(x, 2) for x in ratios],
+                          "tunesmith_peak_ratio": round(statistics.median(r["peak_gib"] for r in ours)
+                                                        / entry["peak_gib_median"], 2),
+                          "tunesmith_loss_diff_pct": round(100 * (statistics.mean(r["held_out_loss"] for r in ours)
+                                                                  / entry["held_out_loss_mean"] - 1), 2)}
+            summary.append(entry)
+    return summary
+
+
+def write(report: dict, partial: bool) -> None:
+    m = report["machine"]
+    capability = f"-{m['ATEN_CPU_CAPABILITY']}" if m["ATEN_CPU_CAPABILITY"] else ""
+    sets = "" if report["requested_sets"] == list(SETS) else "-" + "-".join(report["requested_sets"])
+    stem = f"throughput-trl-{m['kind']}{capability}{sets}"
+    report["summary"], report["partial"] = summarise(report["rows"]), partial
+    out = Path(report["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    memory = "peak RSS of the training process" if m["kind"] == "cpu" else "torch max allocated"
+    lines = [f"# Throughput: Tunesmith against TRL's SFTTrainer ({m['device']})", "",
+             f"Command: `{report['command']}`" + (f" with ATEN_CPU_CAPABILITY={m['ATEN_CPU_CAPABILITY']}"
+                                                   if m["ATEN_CPU_CAPABILITY"] else "") + "  ",
+             f"Started {report['started']}; app at commit {m['app_commit']}; " + ", ".join(
+                 f"{k} {v}" for k, v in m["versions"].items()) + f"; python {m['python']}.  ",
+             f"Machine: {m['device']}; CPU flags {' '.join(m['cpu_flags'])}; torch's CPU kernels "
+             f"{m['torch_cpu_capability']}; {m['threads']} threads; load average (1, 5, 15 min) at start "
+             f"{m['load_average_start']}, at end {m.get('load_average_end', 'n/a (still running)')}.  ",
+             f"N = {report['tokens']:,} real tokens per run; seeds {report['seeds']}; model {report['model']}; "
+             f"{HELD_OUT} held-out examples per set." + (" **Partial: the benchmark is still running.**" if partial else ""),
+             ""]
+    for name, info in report["sets"].items():
+        lines += [f"## {name}", "", f"{info['examples']} training examples ({info['distribution']}); token lengths "
+                  f"{info['lengths']}; sequence length {info['seq_len']}; {info['real_tokens_per_epoch']:,} real, "
+                  f"{info['trained_tokens_per_epoch']:,} trained tokens per epoch. Memory budget for Tunesmith's "
+                  f"plan: {info['budget']}.", ""]
+        lines += [f"- **{recipe}**: {text}" for recipe, text in info["recipes"].items()]
+        lines += ["", "| seed | order | recipe | steps | real tokens (before last step) | real tokens/s | "
+                  f"{memory} GiB | held-out loss at N (at last step) | train loss | run s | load avg (1 min) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['seed']} | {r['slot']} | {r['recipe']} | {r['steps']} | {r['real_tokens']:,} "
+                  f"({r['tokens_before_last_step']:,}) | {r['tokens_per_s']} | {r['peak_gib']} | {r['held_out_loss']} "
+                  f"({r['held_out_loss_last_step']}) | {r['train_loss']} | {r['run_wall_s']} | {r['load_average'][0]:.2f} |"
+                  for r in report["rows"] if r["set"] == name]
+        lines += ["", "| recipe | runs | real tokens/s: median (min-max) | peak GiB (median) | held-out loss: mean "
+                  "(min-max) | Tunesmith speed-up: of medians (per seed) | Tunesmith memory ratio | Tunesmith loss diff |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for s in (s for s in report["summary"] if s["set"] == name):
+            ratio = (f"**{s['tunesmith_speedup']}x** ({', '.join(f'{x}x' for x in s['speedup_per_seed'])})"
+                     if "tunesmith_speedup" in s else "")
+            lines.append(f"| {s['recipe']} | {s['runs']} | {s['tokens_per_s_median']} ({s['tokens_per_s_min']}-"
+                         f"{s['tokens_per_s_max']}) | {s['peak_gib_median']} | {s['held_out_loss_mean']} "
+                         f"({s['held_out_loss_min']}-{s['held_out_loss_max']}) | {ratio} | "
+                         f"{s.get('tunesmith_peak_ratio', '')} | "
+                         + (f"{s['tunesmith_loss_diff_pct']:+.2f} %" if "tunesmith_loss_diff_pct" in s else "") + " |")
+        lines.append("")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
