@@ -59,6 +59,9 @@ def main() -> int:
     parser.add_argument("--model", default="demo", help="model to train (default: the demo model)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results files "
                         "(default benchmarks/results; a trial run of the script goes elsewhere)")
+    parser.add_argument("--add-base-losses", type=Path, metavar="RESULTS_JSON",
+                        help="measure only the base models' held-out losses and add them to a results file "
+                             "written before the runs measured them")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -74,6 +77,8 @@ def main() -> int:
 
     from app.core.paths import cache_dir
 
+    if args.add_base_losses:
+        return add_base_losses(args.add_base_losses)
     report = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M"), "tokens": args.tokens,
               "seeds": seeds, "model": args.model, "command": "python benchmarks/throughput.py " + " ".join(
                   f"--{k} {v}" for k, v in (("tokens", args.tokens), ("seeds", args.seeds), ("sets", args.sets),
@@ -88,6 +93,7 @@ def main() -> int:
             train, val = make_set(name, args.model, Path(home))
             setup = set_up(name, args.model, train, args.tokens)
             report["sets"][name] = setup["info"]
+            setup["info"]["base_held_out_loss"] = base_losses(args.model, val, setup["plan"], Path(home))
             for position, seed in enumerate(seeds):
                 order = RECIPES[position % 3:] + RECIPES[:position % 3]
                 for slot, recipe in enumerate(order):
@@ -262,6 +268,40 @@ def run_one(name: str, recipe: str, seed: int, slot: int, setup: dict, train: Pa
     return row
 
 
+def base_losses(model: str, val: Path, plan, home: Path) -> dict:
+    """The held-out loss of the base model without an adapter, on each base the recipes train on
+    (TRL's NF4, and the plan's own when it differs): where each recipe started from."""
+    out = Path(tempfile.mkdtemp(prefix="base-", dir=home))
+    return {quantize: round(run_worker({"recipe": "eval", "model": model, "val": str(val), "adapters": [None],
+                                        "plan": plan.to_dict(), "quantize": quantize}, out)["losses"][0], 4)
+            for quantize in dict.fromkeys(["4bit", plan.quantize])}
+
+
+def add_base_losses(results: Path) -> int:
+    """Add the base losses to a results file whose runs finished before the script measured them:
+    the same sets (rebuilt: their examples and held-out split are deterministic) and plans."""
+    from dataclasses import replace as _replace
+
+    from app.core.config import Plan
+    from app.core.paths import cache_dir
+
+    report = json.loads(results.read_text())
+    with tempfile.TemporaryDirectory(prefix="tunesmith-throughput-") as home:
+        (Path(home) / "cache").symlink_to(cache_dir(), target_is_directory=True)
+        os.environ["TUNESMITH_HOME"] = home
+        for name, info in report["sets"].items():
+            _, val = make_set(name, report["model"], Path(home))
+            quantize = "none" if "base none" in info["recipes"]["tunesmith"] else "4bit"
+            plan = _replace(Plan(), seq_len=info["seq_len"], quantize=quantize, device=report["machine"]["kind"],
+                            compute_dtype="float32" if report["machine"]["kind"] == "cpu" else "bfloat16")
+            info["base_held_out_loss"] = base_losses(report["model"], val, plan, Path(home))
+            info["base_held_out_loss_note"] = (f"measured {time.strftime('%Y-%m-%d %H:%M')} by --add-base-losses "
+                                               f"at commit {machine()['app_commit']}, after the runs")
+    report["out"] = str(results.parent)
+    write(report, partial=report.get("partial", False))
+    return 0
+
+
 def run_worker(job: dict, out: Path) -> dict:
     path = out / f"job-{job['recipe']}.json"
     path.write_text(json.dumps(job))
@@ -323,8 +363,8 @@ def evaluate_adapters(job: dict) -> dict:
                            quantize=job["quantize"])
     base.config.use_cache = False
     losses = []
-    for adapter in job["adapters"]:
-        model = PeftModel.from_pretrained(base, adapter).eval()
+    for adapter in job["adapters"]:  # None: the base model itself
+        model = (PeftModel.from_pretrained(base, adapter) if adapter else base).eval()
         total, count = 0.0, 0
         with torch.no_grad():
             for example in examples:
@@ -332,7 +372,7 @@ def evaluate_adapters(job: dict) -> dict:
                 total += float(loss_sum(model, batch, torch.device(plan.device), "plain"))
                 count += batch.trained_tokens
         losses.append(total / count)
-        base = model.unload()
+        base = model.unload() if adapter else base
     return {"losses": losses}
 
 
@@ -421,7 +461,9 @@ def write(report: dict, partial: bool) -> None:
         lines += [f"## {name}", "", f"{info['examples']} training examples ({info['distribution']}); token lengths "
                   f"{info['lengths']}; sequence length {info['seq_len']}; {info['real_tokens_per_epoch']:,} real, "
                   f"{info['trained_tokens_per_epoch']:,} trained tokens per epoch. Memory budget for Tunesmith's "
-                  f"plan: {info['budget']}.", ""]
+                  f"plan: {info['budget']}." + (" Held-out loss of the base model without an adapter: " + ", ".join(
+                      f"{loss} ({'NF4' if q == '4bit' else 'unquantised'})" for q, loss in
+                      info["base_held_out_loss"].items()) + "." if info.get("base_held_out_loss") else ""), ""]
         lines += [f"- **{recipe}**: {text}" for recipe, text in info["recipes"].items()]
         lines += ["", "| seed | order | recipe | steps | real tokens (before last step) | real tokens/s | "
                   f"{memory} GiB | held-out loss at N (at last step) | train loss | run s | load avg (1 min) |",
@@ -441,6 +483,16 @@ def write(report: dict, partial: bool) -> None:
                          f"({s['held_out_loss_min']}-{s['held_out_loss_max']}) | {ratio} | "
                          f"{s.get('tunesmith_peak_ratio', '')} | "
                          + (f"{s['tunesmith_loss_diff_pct']:+.2f} %" if "tunesmith_loss_diff_pct" in s else "") + " |")
+        bases = info.get("base_held_out_loss") or {}
+        if len(bases) > 1:  # the recipes started from different bases: compare how far each fell
+            ours = "4bit" if "base 4bit" in info["recipes"]["tunesmith"] else "none"
+            falls = []
+            for s in (s for s in report["summary"] if s["set"] == name):
+                start = bases[ours if s["recipe"] == "tunesmith" else "4bit"]
+                falls.append(f"{s['recipe']} {100 * (1 - s['held_out_loss_mean'] / start):.1f} % (from {start})")
+            lines += ["", "The recipes start from different bases (TRL's NF4, Tunesmith's unquantised), so their "
+                      "held-out losses differ before any training; the fall of each from its own base's loss: "
+                      + "; ".join(falls) + "."]
         lines.append("")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
