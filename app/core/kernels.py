@@ -127,7 +127,8 @@ def _linear_cross_entropy_function():
                     probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                     probs[torch.arange(len(t), device=t.device), t] -= 1
                     grad[start:start + rows] = probs.to(weight.dtype) @ weight
-                del logits
+                    del probs  # else it keeps this chunk alive while the next one is computed
+                del logits, lse
             if grad is not None:
                 ctx.save_for_backward(grad)
             return total
