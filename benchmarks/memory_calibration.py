@@ -99,25 +99,34 @@ def model_config(model_id: str, layers: int | None = None) -> dict:
 
 def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_batch: int,
             device: str, dtype: str, warm_steps: int, loss: str = "plain", layers: int | None = None,
-            folder: Path | None = None) -> dict:
+            folder: Path | None = None, batching: str = "grouped", attention: str = "",
+            quantize: str = "4bit", examples_per_row: int = 1, lora_dropout: float = 0.05) -> dict:
     """Build, load, train a few steps and measure one configuration. `folder`: the random model
-    already written by `write_random_model` for the same `model_id` and `layers`."""
+    already written by `write_random_model` for the same `model_id` and `layers`. `batching`
+    "packed": each micro-batch is one row of `micro_batch x seq_len` tokens made of
+    `examples_per_row` examples of different lengths, attended by `attention` (default: what a
+    CPU plan picks, SDPA per example); "grouped": `micro_batch` padded rows of `seq_len` tokens.
+    `quantize` "none": the base unquantised in `dtype`, as the planner's 16-bit-base plans."""
 
+    from app.core.kernel_choice import PACKED_LOOP
     from app.core.memory_probe import PeakMemory, optimizer_bytes, weight_bytes
     from app.core.qlora import QLoraSession
 
     config = model_config(model_id, layers)
     facts = arch_facts(config)
+    packed = batching == "packed"
+    attention = attention or (PACKED_LOOP if packed else "sdpa")
     plan = Plan(rank=rank, lora_alpha=2 * rank, seq_len=seq_len, micro_batch=micro_batch, grad_accum=1,
                 grad_checkpointing=checkpointing, total_steps=warm_steps + 1, steps_per_epoch=1,
-                compute_dtype=dtype, device=device, loss=loss,
-                optimizer="paged_adamw_8bit" if device == "cuda" else "adamw_torch")
+                compute_dtype=dtype, device=device, loss=loss, batching=batching, attention=attention,
+                quantize=quantize, optimizer="paged_adamw_8bit" if device == "cuda" else "adamw_torch")
     with tempfile.TemporaryDirectory() as tmp:
         if folder is None:
             folder = Path(tmp)
             write_random_model(config, folder, dtype)
-        session = QLoraSession(_prepared(folder, config, plan))
-        batch = _batch(facts.vocab, seq_len, micro_batch)
+        session = QLoraSession(_prepared(folder, config, plan, lora_dropout))
+        batch = (_packed_row(facts.vocab, seq_len * micro_batch, examples_per_row) if packed
+                 else _batch(facts.vocab, seq_len, micro_batch))
         for _ in range(warm_steps):
             session.train_step([batch])
         nvml = _NvmlPeak(device)
@@ -127,11 +136,13 @@ def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_b
         weights = weight_bytes(session.model)
         state = optimizer_bytes(session.optimizer)
         lora_params = session.trainable_parameters
-        session_optimizer = session.plan.optimizer  # the self-test may have replaced it
+        ran = session.plan  # the self-test may have replaced the optimizer or attention
         session.release()
     estimate = estimate_memory(facts, MemorySetup(rank=rank, seq_len=seq_len, micro_batch=micro_batch,
                                                   grad_checkpointing=checkpointing, compute_dtype=dtype,
-                                                  optimizer=session_optimizer, device=device, loss=loss))
+                                                  optimizer=ran.optimizer, device=device, loss=loss,
+                                                  attention=ran.attention, quantize=quantize,
+                                                  lora_dropout=lora_dropout > 0))
     static = weights.quantized + weights.kept + weights.lora + state
     measured_peak = static + probe.peak
     predicted_step = (estimate.activations + estimate.logits + estimate.transient + estimate.lora_gradients)
@@ -139,7 +150,8 @@ def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_b
     gc.collect()
     return {
         "model": model_id, "layers": facts.layers, "params": facts.total_params, "seq_len": seq_len,
-        "rank": rank, "loss": loss,
+        "rank": rank, "loss": loss, "batching": batching, "attention": ran.attention, "quantize": quantize,
+        "examples_per_row": examples_per_row if packed else 1, "lora_dropout": lora_dropout,
         "checkpointing": checkpointing, "micro_batch": micro_batch, "dtype": dtype,
         "quantized_bytes": weights.quantized, "quantized_predicted": estimate.quantized_weights,
         "kept_bytes": weights.kept, "kept_predicted": estimate.kept_weights,
@@ -168,7 +180,7 @@ def write_random_model(config: dict, folder: Path, dtype: str) -> None:
     gc.collect()
 
 
-def _prepared(folder: Path, config: dict, plan: Plan):
+def _prepared(folder: Path, config: dict, plan: Plan, lora_dropout: float = 0.05):
     from app.core.model_files import FolderFacts
     from app.core.models import ModelInfo
     from app.core.prepare import Prepared
@@ -176,7 +188,7 @@ def _prepared(folder: Path, config: dict, plan: Plan):
     facts = FolderFacts(config, config["model_type"], config["architectures"][0], None, 0,
                         list(folder.glob("*.safetensors")), False, False)
     info = ModelInfo(str(folder), folder, "folder", facts)
-    return Prepared(TrainConfig(model=str(folder), data="(random tokens)"), info,
+    return Prepared(TrainConfig(model=str(folder), data="(random tokens)", lora_dropout=lora_dropout), info,
                     SimpleNamespace(pad_token_id=0), [], [], None, plan, {})
 
 
@@ -190,6 +202,24 @@ def _batch(vocab: int, seq_len: int, micro_batch: int):
     for _ in range(micro_batch):
         ids = torch.randint(1, vocab, (seq_len,), generator=generator).tolist()
         rows.append(Tokenized(0, ids, ids))
+    return rows
+
+
+def _packed_row(vocab: int, tokens: int, count: int):
+    """`count` examples of different lengths (each about twice the one before) filling one
+    packed row of `tokens` tokens, every token trained (the estimator's worst case)."""
+    import torch
+
+    from app.core.data.tokenize import Tokenized
+
+    weights = [2 ** k for k in range(count)]
+    lengths = [max(2, tokens * w // sum(weights)) for w in weights]
+    lengths[-1] += tokens - sum(lengths)
+    generator = torch.Generator().manual_seed(1)
+    rows = []
+    for index, n in enumerate(lengths):
+        ids = torch.randint(1, vocab, (n,), generator=generator).tolist()
+        rows.append(Tokenized(index, ids, ids))
     return rows
 
 

@@ -41,6 +41,7 @@ class ArchFacts:
     norm_params: int
     lm_head_params: int  # 0 when tied to the embeddings
     sliding_window: int = 0  # attention window in tokens, 0 when attention sees the whole sequence
+    logit_softcap: bool = False  # logits pass through cap * tanh(x / cap) (Gemma 2)
 
     @property
     def total_params(self) -> int:
@@ -100,4 +101,5 @@ def arch_facts(config: dict) -> ArchFacts:
         experts=experts, experts_per_token=per_token,
         embedding_params=vocab * hidden, attention_params=layers * attention, mlp_params=layers * mlp,
         norm_params=layers * norms_per_layer + hidden, lm_head_params=0 if tied else vocab * hidden,
-        sliding_window=int(config.get("sliding_window") or 0) if config.get("use_sliding_window", True) else 0)
+        sliding_window=int(config.get("sliding_window") or 0) if config.get("use_sliding_window", True) else 0,
+        logit_softcap=bool(config.get("final_logit_softcapping")))

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.core.architecture import ArchFacts
-from app.core.kernel_choice import PACKED_MASKED
-from app.core.kernels import CHUNK_BYTES
+from app.core.architecture import FOUR_NORM_TYPES, QK_NORM_TYPES, ArchFacts
+from app.core.kernel_choice import FLASH, PACKED_FLASH, PACKED_LOOP, PACKED_MASKED
+from app.core.kernels import VARLEN_ATTENTION, chunk_rows
 
 GIB = 1024 ** 3
 
@@ -31,23 +31,46 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # hidden size h (q/o projections included, q = h), the k/v width and the MLP width i.
 # Measured (calibration grid, SDPA attention, no s^2 term: flash/efficient kernels keep only the
 # log-sum-exp). LoRA dropout copies each adapted layer's input (+ a 1-byte mask), hence the two rows.
+# fp32 refitted on four shapes (SmolLM2-135M/1.7B, Qwen2.5-0.5B/1.5B; bytes saved for backward
+# counted with saved_tensors_hooks): with dropout the old fit stayed within -0.5..+2.6 %, without
+# it was 6 % low and became (35.5, 3.4, 14.2). A per-layer margin covers the spread between
+# shapes and depths (up to +/-2.6 %) so that the estimate errs high.
 ACTIVATION_COEFFICIENTS = {
     # (16-bit compute, dropout>0): h, kv, i ; (16-bit, no dropout); (fp32 compute ...)
     (2, True): (57.25, 4.0, 14.0),
     (2, False): (36.25, 4.0, 10.0),
     (4, True): (61.5, 8.0, 20.0),
-    (4, False): (24.5, 8.0, 16.0),
+    (4, False): (35.5, 3.4, 14.2),
 }
+ACTIVATION_MARGIN = 0.04
 # Logits and loss: the lm_head output, its fp32 copy, log-softmax and the gradient coexist at the
 # start of backward. Measured 10.4-11.0 B per token per vocabulary entry on the SmolLM2-135M and
 # Qwen2.5-0.5B architectures (49k and 152k vocabularies), bf16 and fp32 compute, with and
 # without checkpointing; tiny 2-layer models showed up to 16 B, where other tensors overlap.
-LOGITS_BYTES = 10.8
-# The fused loss (app/core/kernels.py) never holds the full logits: one chunk of fp32 logits (and
-# its cast for the gradient matmul) at a time, plus per token the selected hidden state, the
-# gradient it keeps for backward and that gradient scattered back: 3 hidden-size vectors.
-FUSED_LOSS_CHUNK_BYTES = 1.5 * CHUNK_BYTES
+# Refitted on the default paths (benchmarks/estimator_grid.py, fit grid): 11.5-11.8 B on those two
+# architectures in fp32 beside 8 and 4 layers; the backward of log-softmax holds its output, its
+# gradient and the logits' gradient, 3 fp32 tensors. 12.25 keeps the estimate on the high side.
+LOGITS_BYTES = 12.25
+# Soft-capped logits (Gemma 2: cap * tanh(logits / cap)) keep tanh's output for backward: one more
+# logits-sized tensor in the compute dtype.
+SOFTCAP_LOGITS_COPIES = 1
+# Norms beyond the two per layer our coefficients were measured with each keep their input in fp32
+# for backward: Gemma's post-attention and post-MLP norms (2 x hidden), and the per-head query and
+# key norms of Qwen3 / Gemma 3 / OLMo 2 (query width + key width). Bytes per element.
+EXTRA_NORM_BYTES = 4
+# The fused loss (app/core/kernels.py) never holds the full logits: one chunk of fp32 logits at a
+# time and the temporary of the same size torch.logsumexp makes of it (measured 2.0-2.1 chunks
+# on CPU for vocabularies of 33k-152k, benchmarks/estimator_grid.py), plus per token the selected
+# hidden state, the gradient it keeps for backward and that gradient scattered back: 3 hidden-size
+# vectors. A chunk is `kernels.chunk_rows(vocab)` rows, or all of them when there are fewer.
+FUSED_LOSS_CHUNKS = 2
 FUSED_LOSS_HIDDEN_COPIES = 3
+# Attention that repeats each key/value head for its group of query heads keeps the repeated
+# copies for backward: 2 x (query width - kv width) elements per token per layer more than
+# grouped-query SDPA. Our packed paths repeat (packed_attention._repeat_kv), and so does
+# transformers' SDPA whenever a padded batch has a mask (measured: +3,072 B per token per layer on
+# SmolLM2-135M in fp32, exactly 2 x (576 - 192) x 4).
+REPEATING_ATTENTION = {PACKED_LOOP, PACKED_MASKED, PACKED_FLASH, VARLEN_ATTENTION}
 # With checkpointing the peak is the larger of the loss phase and the recompute of one layer,
 # whose backward briefly holds about half as much again (measured 1.53x).
 RECOMPUTE_FACTOR = 1.53
@@ -151,10 +174,13 @@ def estimate_memory(facts: ArchFacts, setup: MemorySetup) -> MemoryEstimate:
     tokens = setup.seq_len * setup.micro_batch
 
     per_layer = activation_bytes_per_token_layer(facts, element, setup.lora_dropout)
+    if repeats_kv_heads(setup):
+        per_layer += 2 * (facts.heads - facts.kv_heads) * facts.head_dim * element
     if setup.loss == "plain":
-        loss_fixed, loss_phase = 0.0, LOGITS_BYTES * facts.vocab
+        copies = SOFTCAP_LOGITS_COPIES * element if facts.logit_softcap else 0
+        loss_fixed, loss_phase = 0.0, (LOGITS_BYTES + copies) * facts.vocab
     else:
-        loss_fixed = FUSED_LOSS_CHUNK_BYTES
+        loss_fixed = FUSED_LOSS_CHUNKS * min(tokens, chunk_rows(facts.vocab)) * facts.vocab * 4
         loss_phase = FUSED_LOSS_HIDDEN_COPIES * facts.hidden * element
     logits = loss_fixed + tokens * loss_phase
     if setup.grad_checkpointing:
@@ -177,12 +203,23 @@ def estimate_memory(facts: ArchFacts, setup: MemorySetup) -> MemoryEstimate:
         runtime_overhead=int(overhead), lora_params=lora)
 
 
+def repeats_kv_heads(setup: MemorySetup) -> bool:
+    """Whether the attention of `setup` keeps key/value heads repeated for backward."""
+    if setup.attention in REPEATING_ATTENTION:
+        return True
+    return setup.micro_batch > 1 and setup.attention != FLASH  # padded rows with a mask: SDPA repeats
+
+
 def activation_bytes_per_token_layer(facts: ArchFacts, element: int, dropout: bool) -> float:
     """Bytes one token leaves behind in one decoder layer for backward (see the coefficients)."""
     per_h, per_kv, per_i = ACTIVATION_COEFFICIENTS[(4 if element >= 4 else 2, dropout)]
     kv = facts.kv_heads * facts.head_dim
     width = facts.experts_per_token * facts.intermediate if facts.experts else facts.intermediate
-    return per_h * facts.hidden + per_kv * kv + per_i * width
+    extra_norm_width = 2 * facts.hidden if facts.model_type in FOUR_NORM_TYPES else 0
+    if facts.model_type in QK_NORM_TYPES:
+        extra_norm_width += facts.heads * facts.head_dim + kv
+    return (1 + ACTIVATION_MARGIN) * (per_h * facts.hidden + per_kv * kv + per_i * width
+                                      + EXTRA_NORM_BYTES * extra_norm_width)
 
 
 def gib(value: float) -> str:

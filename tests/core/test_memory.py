@@ -61,18 +61,22 @@ def test_optimizer_state_is_two_fp32_moments_per_lora_weight(demo_session, demo_
 
 
 @pytest.mark.slow
-def test_a_real_steps_peak_is_within_10_percent_of_the_estimate(demo_session, demo_model_path):
-    """Measured with the allocator's own events (torch profiler), like max_memory_allocated."""
+def test_a_real_steps_peak_is_not_under_predicted_and_within_12_percent(demo_session, demo_model_path):
+    """Measured with the allocator's own events (torch profiler), like max_memory_allocated, on
+    the path the plan trains with (packed rows, the fused loss)."""
+    from app.core.memory import setup_for
+
     session, prepared, batch = demo_session
-    # the batch is padded to its longest row; measure a full-length one
+    # the examples fill the row; measure a full one
     full = [type(row)(row.line, (row.input_ids * 8)[:SEQ], (row.labels * 8)[:SEQ]) for row in batch]
     with PeakMemory("cpu") as probe:
         session.train_step([full])
     weights = weight_bytes(session.model)
     measured = weights.quantized + weights.kept + weights.lora + optimizer_bytes(session.optimizer) + probe.peak
-    predicted = _estimate(demo_model_path).peak  # no CUDA context on the CPU
+    assert session.plan.batching == "packed" and session.plan.loss == "chunked"
+    predicted = estimate_memory(arch_facts(read_config(demo_model_path)), setup_for(session.plan)).peak
     assert predicted > 0.25 * GIB
-    assert abs(predicted - measured) <= 0.10 * measured, (predicted / GIB, measured / GIB)
+    assert measured <= predicted <= 1.12 * measured, (predicted / GIB, measured / GIB)
 
 
 def test_checkpointing_and_shorter_sequences_cost_less():
