@@ -16,6 +16,8 @@ QKV_BIAS_TYPES = {"qwen2", "qwen2_moe"}
 QK_NORM_TYPES = {"qwen3", "qwen3_moe", "gemma3", "gemma3_text", "olmo2"}
 # Families with four norms per layer (pre and post, attention and MLP).
 FOUR_NORM_TYPES = {"gemma2", "gemma3", "gemma3_text"}
+# one Linear for q, k and v, and one for gate and up: LoRA (and its dropout) sees each input once
+FUSED_PROJECTION_TYPES = {"phi3"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class ArchFacts:
     lm_head_params: int  # 0 when tied to the embeddings
     sliding_window: int = 0  # attention window in tokens, 0 when attention sees the whole sequence
     logit_softcap: bool = False  # logits pass through cap * tanh(x / cap) (Gemma 2)
+    attention_softcap: bool = False  # attention scores soft-capped too: SDPA cannot run it (Gemma 2)
 
     @property
     def total_params(self) -> int:
@@ -102,4 +105,5 @@ def arch_facts(config: dict) -> ArchFacts:
         embedding_params=vocab * hidden, attention_params=layers * attention, mlp_params=layers * mlp,
         norm_params=layers * norms_per_layer + hidden, lm_head_params=0 if tied else vocab * hidden,
         sliding_window=int(config.get("sliding_window") or 0) if config.get("use_sliding_window", True) else 0,
-        logit_softcap=bool(config.get("final_logit_softcapping")))
+        logit_softcap=bool(config.get("final_logit_softcapping")),
+        attention_softcap=bool(config.get("attn_logit_softcapping")))

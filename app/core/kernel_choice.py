@@ -59,9 +59,11 @@ def import_problem(module: str) -> str:
     return ""
 
 
-def attention_chain(packed: bool, device: str, capability: tuple[int, int] | None) -> list[tuple[str, str]]:
+def attention_chain(packed: bool, device: str, capability: tuple[int, int] | None,
+                    softcap: bool = False) -> list[tuple[str, str]]:
     """Every attention implementation for this batching and device, best first, each with ""
-    when it can run here or the reason it cannot."""
+    when it can run here or the reason it cannot. `softcap`: the model soft-caps its attention
+    scores (Gemma 2), which transformers' SDPA path refuses; flash-attn and eager can."""
     on_cuda = device == "cuda"
     card_ok = capability is not None and tuple(capability) >= FLASH_CAPABILITY
     card_why = ("" if card_ok else f"needs compute capability 8.0+ (this card: "
@@ -69,7 +71,8 @@ def attention_chain(packed: bool, device: str, capability: tuple[int, int] | Non
     flash_why = ("needs a CUDA GPU" if not on_cuda else card_why or
                  (import_problem("flash_attn") and "not installed (pip install flash-attn)"))
     if not packed:
-        return [(FLASH, flash_why), ("sdpa", ""), ("eager", "")]
+        sdpa_why = "the model soft-caps its attention scores, which SDPA cannot" if softcap else ""
+        return [(FLASH, flash_why), ("sdpa", sdpa_why), ("eager", "")]
     torch_flash_why = "needs a CUDA GPU" if not on_cuda else card_why or _torch_varlen_problem()
     chain = [(FLASH, flash_why), (PACKED_FLASH, torch_flash_why)]
     # On the CPU the per-example loop is the faster of the two SDPA paths (benchmarks/results/
@@ -79,9 +82,9 @@ def attention_chain(packed: bool, device: str, capability: tuple[int, int] | Non
 
 
 def choose_attention(packed: bool, device: str, capability: tuple[int, int] | None,
-                     wanted: str = "auto") -> tuple[str, str]:
+                     wanted: str = "auto", softcap: bool = False) -> tuple[str, str]:
     """(implementation, reason) for `wanted` (one of ATTENTION_CHOICES)."""
-    chain = attention_chain(packed, device, capability)
+    chain = attention_chain(packed, device, capability, softcap)
     if wanted == "auto":
         name, _ = next((name, why) for name, why in chain if not why)
         skipped = [f"{SHORT_LABELS.get(n, n)}: {why}" for n, why in chain[:[n for n, _ in chain].index(name)]
@@ -103,9 +106,9 @@ def choose_attention(packed: bool, device: str, capability: tuple[int, int] | No
 
 
 def attention_fallbacks(current: str, packed: bool, device: str,
-                        capability: tuple[int, int] | None) -> list[str]:
+                        capability: tuple[int, int] | None, softcap: bool = False) -> list[str]:
     """The implementations after `current` in its chain that can run here, in order."""
-    chain = attention_chain(packed, device, capability)
+    chain = attention_chain(packed, device, capability, softcap)
     names = [name for name, _ in chain]
     start = names.index(current) + 1 if current in names else 0
     return [name for name, why in chain[start:] if not why]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.core.architecture import FOUR_NORM_TYPES, QK_NORM_TYPES, ArchFacts
+from app.core.architecture import FOUR_NORM_TYPES, FUSED_PROJECTION_TYPES, QK_NORM_TYPES, ArchFacts
 from app.core.kernel_choice import FLASH, PACKED_FLASH, PACKED_LOOP, PACKED_MASKED
 from app.core.kernels import VARLEN_ATTENTION, chunk_rows
 
@@ -70,10 +70,21 @@ FUSED_LOSS_HIDDEN_COPIES = 3
 # grouped-query SDPA. Our packed paths repeat (packed_attention._repeat_kv), and so does
 # transformers' SDPA whenever a padded batch has a mask (measured: +3,072 B per token per layer on
 # SmolLM2-135M in fp32, exactly 2 x (576 - 192) x 4).
-REPEATING_ATTENTION = {PACKED_LOOP, PACKED_MASKED, PACKED_FLASH, VARLEN_ATTENTION}
-# With checkpointing the peak is the larger of the loss phase and the recompute of one layer,
-# whose backward briefly holds about half as much again (measured 1.53x).
-RECOMPUTE_FACTOR = 1.53
+REPEATING_ATTENTION = {PACKED_LOOP, PACKED_MASKED, PACKED_FLASH, VARLEN_ATTENTION, "eager"}
+# Eager attention (Gemma 2 without flash-attn: SDPA cannot soft-cap) keeps each head's
+# sequence x sequence softmax for backward in fp32 (measured 0.9-1.0 copies, SmolLM2-135M, fp32),
+# its cast to a 16-bit compute dtype for the value matmul, and tanh's output when soft-capped.
+EAGER_SOFTMAX_BYTES = 4
+# With checkpointing the peak is the larger of the loss phase and the recompute of one layer with
+# its backward. Measured on CPU (fp32, held-out run 3 of benchmarks/estimator_grid.py): 1.0x the
+# layer's activations (Llama-3.2-1B, Phi-3.5, Mistral shapes). On CUDA the first calibration's
+# 1.53x, not yet re-measured on a GPU: kept, as it errs high.
+RECOMPUTE_FACTOR = {"cpu": 1.05, "cuda": 1.53}
+# A 4-bit weight is dequantised for each matmul, forward and backward. On CPU one copy of the
+# widest layer exists at a time, and never beside the loss phase (measured: the same peak with a
+# 4-bit and an unquantised base on Llama-3.2-1B and Qwen3-8B shapes). On CUDA two copies are
+# assumed (the dequantised weight and its cast), until the GPU grid measures it.
+DEQUANTISED_COPIES = {"cpu": 1, "cuda": 2}
 # Outside torch's counters on CUDA: the context and cuBLAS workspaces (0.3-0.6 GB; notes), and
 # allocator slack, reserved beyond allocated (fragmentation; 8 % of the varying part, until the
 # GPU calibration grid fits it).
@@ -94,7 +105,7 @@ class MemorySetup:
     device: str = "cuda"
     lora_dropout: bool = True
     loss: str = "plain"  # "plain": full fp32 logits; "chunked", "cce", "liger": fused, see kernels.py
-    attention: str = ""  # kernel_choice's name; only the block-diagonal mask path costs memory of its own
+    attention: str = ""  # kernel_choice's name: repeated kv heads, the block-diagonal mask, eager's softmax
     quantize: str = "4bit"  # "4bit": NF4 base (QLoRA); "none": the base in the compute dtype (LoRA)
 
 
@@ -139,7 +150,7 @@ COMPONENTS = [
     ("optimizer_state", "optimizer state", "AdamW moments of the LoRA weights"),
     ("activations", "activations", "kept for backward, per layer x tokens"),
     ("logits", "logits and loss", "fp32 logits, softmax and gradient (one chunk at a time when fused)"),
-    ("transient", "dequantised weights", "the largest layer unpacked during a matmul"),
+    ("transient", "dequantised weights", "the largest layer unpacked for a matmul, beyond the loss phase"),
     ("runtime_overhead", "CUDA context, allocator", "outside PyTorch's tensors"),
 ]
 
@@ -176,6 +187,9 @@ def estimate_memory(facts: ArchFacts, setup: MemorySetup) -> MemoryEstimate:
     per_layer = activation_bytes_per_token_layer(facts, element, setup.lora_dropout)
     if repeats_kv_heads(setup):
         per_layer += 2 * (facts.heads - facts.kv_heads) * facts.head_dim * element
+    if setup.attention == "eager":
+        score = EAGER_SOFTMAX_BYTES + (element if element < 4 else 0) + (element if facts.attention_softcap else 0)
+        per_layer += (1 + ACTIVATION_MARGIN) * facts.heads * setup.seq_len * score
     if setup.loss == "plain":
         copies = SOFTCAP_LOGITS_COPIES * element if facts.logit_softcap else 0
         loss_fixed, loss_phase = 0.0, (LOGITS_BYTES + copies) * facts.vocab
@@ -183,16 +197,20 @@ def estimate_memory(facts: ArchFacts, setup: MemorySetup) -> MemoryEstimate:
         loss_fixed = FUSED_LOSS_CHUNKS * min(tokens, chunk_rows(facts.vocab)) * facts.vocab * 4
         loss_phase = FUSED_LOSS_HIDDEN_COPIES * facts.hidden * element
     logits = loss_fixed + tokens * loss_phase
+    gpu = "cuda" if setup.device == "cuda" else "cpu"
+    mlp_width = facts.intermediate * (2 if facts.model_type in FUSED_PROJECTION_TYPES else 1)
+    widest = max(facts.hidden, facts.heads * facts.head_dim) * max(mlp_width, facts.hidden)
+    # the 4-bit weight dequantised for a matmul; none for a 16-bit base
+    dequantised = DEQUANTISED_COPIES[gpu] * widest * element if setup.quantize == "4bit" else 0
+    masks = tokens * (16 * -(-tokens // 16)) * element if setup.attention == PACKED_MASKED else 0
     if setup.grad_checkpointing:
-        inputs = facts.layers * 2 * facts.hidden * element  # each block's input, kept
-        activations = tokens * inputs + max(0.0, tokens * RECOMPUTE_FACTOR * per_layer - logits)
+        inputs = tokens * facts.layers * 2 * facts.hidden * element  # each block's input, kept
+        layer = tokens * RECOMPUTE_FACTOR[gpu] * per_layer
+        activations = inputs + masks + max(0.0, layer - logits)
+        transient = max(0.0, layer + dequantised - max(logits, layer))  # beside one layer's backward
     else:
-        activations = tokens * facts.layers * per_layer
-    if setup.attention == PACKED_MASKED:  # one additive mask per packed row, shared by every layer
-        activations += tokens * (16 * -(-tokens // 16)) * element
-    widest = max(facts.hidden, facts.heads * facts.head_dim) * max(facts.intermediate, facts.hidden)
-    # the 4-bit weight dequantised for the matmul, forward or backward; none for a 16-bit base
-    transient = 2 * widest * element if setup.quantize == "4bit" else 0
+        activations = tokens * facts.layers * per_layer + masks
+        transient = max(0.0, dequantised - logits)  # never beside the loss phase
     varying = activations + logits + transient
     overhead = CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK * varying if setup.device == "cuda" else 0
     return MemoryEstimate(
@@ -213,6 +231,11 @@ def repeats_kv_heads(setup: MemorySetup) -> bool:
 def activation_bytes_per_token_layer(facts: ArchFacts, element: int, dropout: bool) -> float:
     """Bytes one token leaves behind in one decoder layer for backward (see the coefficients)."""
     per_h, per_kv, per_i = ACTIVATION_COEFFICIENTS[(4 if element >= 4 else 2, dropout)]
+    if dropout and facts.model_type in FUSED_PROJECTION_TYPES:
+        # dropout copies each LoRA input: 6 per layer of hidden width (q, k, v, o, gate, up), 3 when
+        # q/k/v and gate/up are one Linear each
+        plain_h = ACTIVATION_COEFFICIENTS[(4 if element >= 4 else 2, False)][0]
+        per_h = plain_h + (per_h - plain_h) * 3 / 6
     kv = facts.kv_heads * facts.head_dim
     width = facts.experts_per_token * facts.intermediate if facts.experts else facts.intermediate
     extra_norm_width = 2 * facts.hidden if facts.model_type in FOUR_NORM_TYPES else 0

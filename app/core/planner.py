@@ -95,7 +95,7 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
         reasons["quantize"] = "set by you" if config.quantize != "auto" else "4-bit: the model's size is not known"
         reasons["memory"] = "not planned: the model's architecture could not be read from config.json"
     else:
-        attention_guess = _packed_attention(config, facts, device, card)
+        attention_guess = _rows_attention(config, facts, device, card)
         fit, quantize = _choose_base(config, stats, facts, budget, wanted_seq, dtype, optimizer, dropout > 0,
                                      reasons, loss, attention_guess)
         reasons["memory"] = (f"predicted peak {gib(fit.estimate.peak)} of {gib(budget.usable_bytes)} usable "
@@ -110,7 +110,7 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     micro = fit.micro_batch
     batching = _choose_batching(config, facts, fit.seq_len, reasons)
     attention, reasons["attention"] = choose_attention(batching == "packed", device, _capability(card, device),
-                                                       config.attention)
+                                                       config.attention, bool(facts and facts.attention_softcap))
     if batching == "packed":
         why = ("set by you" if config.micro_batch else "the longest row planned" if micro == MICRO_BATCHES[0]
                or micro * fit.seq_len >= TARGET_TOKENS_PER_STEP else "the longest row that fits")
@@ -265,14 +265,14 @@ def _dtype_name(dtype: str) -> str:
     return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype)
 
 
-def _packed_attention(config: TrainConfig, facts: ArchFacts | None, device: str, card: Card | None) -> str:
-    """The attention packed rows would use, for the estimate (only one path has a cost of its
-    own); "" when rows will not be packed or the choice is refused (refused again, with its
-    reason, once the batching is chosen)."""
-    if config.packing is False or packing_support(facts, 1):
-        return ""
+def _rows_attention(config: TrainConfig, facts: ArchFacts | None, device: str, card: Card | None) -> str:
+    """The attention the rows would use, for the estimate (packed paths and eager have costs of
+    their own); "" when the choice is refused (refused again, with its reason, once the batching
+    is chosen)."""
+    packed = not (config.packing is False or packing_support(facts, 1))
     try:
-        return choose_attention(True, device, _capability(card, device), config.attention)[0]
+        return choose_attention(packed, device, _capability(card, device), config.attention,
+                                bool(facts and facts.attention_softcap))[0]
     except ConfigError:
         return ""
 

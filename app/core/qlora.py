@@ -246,7 +246,7 @@ def self_test(plan, model_config: dict, device) -> SelfTestResult:
         import torch
 
         capability = tuple(torch.cuda.get_device_capability(device))
-    shapes = Shapes(facts.heads, facts.kv_heads, facts.head_dim, facts.hidden)
+    shapes = Shapes(facts.heads, facts.kv_heads, facts.head_dim, facts.hidden, facts.attention_softcap)
     return run_selftest(plan, shapes, capability)
 
 

@@ -43,6 +43,7 @@ class Shapes:
     kv_heads: int
     head_dim: int
     hidden: int
+    softcap: bool = False  # attention scores soft-capped (the fallbacks skip SDPA)
 
 
 def run_selftest(plan: Plan, shapes: Shapes, capability: tuple[int, int] | None = None) -> SelfTestResult:
@@ -50,7 +51,7 @@ def run_selftest(plan: Plan, shapes: Shapes, capability: tuple[int, int] | None 
     result = SelfTestResult(plan)
     packed = plan.batching == "packed"
     attention = plan.attention or "sdpa"
-    choices = [attention, *attention_fallbacks(attention, packed, plan.device, capability)]
+    choices = [attention, *attention_fallbacks(attention, packed, plan.device, capability, shapes.softcap)]
     chosen = _first_working(result, "attention", choices, ATTENTION_LABELS,
                             lambda name: check_attention(name, packed, shapes, plan.compute_dtype, plan.device))
     loss = _first_working(result, "loss", [plan.loss, *loss_fallbacks(plan.loss, plan.device)], LOSS_LABELS,
