@@ -108,14 +108,15 @@ def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_b
     CPU plan picks, SDPA per example); "grouped": `micro_batch` padded rows of `seq_len` tokens.
     `quantize` "none": the base unquantised in `dtype`, as the planner's 16-bit-base plans."""
 
-    from app.core.kernel_choice import PACKED_LOOP
+    from app.core.kernel_choice import PACKED_LOOP, choose_attention
     from app.core.memory_probe import PeakMemory, optimizer_bytes, weight_bytes
     from app.core.qlora import QLoraSession
 
     config = model_config(model_id, layers)
     facts = arch_facts(config)
     packed = batching == "packed"
-    attention = attention or (PACKED_LOOP if packed else "sdpa")
+    if not attention:  # what a CPU plan picks: SDPA per example when packed; SDPA, or eager for Gemma 2
+        attention = PACKED_LOOP if packed else choose_attention(False, "cpu", None, "auto", facts.attention_softcap)[0]
     plan = Plan(rank=rank, lora_alpha=2 * rank, seq_len=seq_len, micro_batch=micro_batch, grad_accum=1,
                 grad_checkpointing=checkpointing, total_steps=warm_steps + 1, steps_per_epoch=1,
                 compute_dtype=dtype, device=device, loss=loss, batching=batching, attention=attention,

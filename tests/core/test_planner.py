@@ -165,6 +165,21 @@ def test_a_model_with_soft_capped_logits_falls_back_to_padded_batches_and_full_l
         plan_for(chat_lengths(count=200), facts=gemma, preset="48gb", packing=True)
 
 
+def test_soft_capped_attention_gets_eager_not_sdpa_and_the_estimate_counts_its_scores():
+    """transformers refuses SDPA for Gemma 2 (its attention scores are soft-capped): a plan that
+    picked it failed when the model loaded."""
+    gemma = model_facts("gemma-2-9b-it").facts
+    assert gemma.attention_softcap and not LLAMA_8B.attention_softcap
+    plan, _ = plan_for(chat_lengths(count=200), facts=gemma, preset="48gb")
+    assert plan.attention == "eager"
+    assert "soft-caps its attention scores" in plan.reasons["attention"]
+    setup = replace(setup_for(plan), grad_checkpointing=False)
+    eager = estimate_memory(gemma, setup)
+    as_sdpa = estimate_memory(gemma, replace(setup, attention="sdpa"))
+    scores = gemma.layers * plan.micro_batch * gemma.heads * plan.seq_len ** 2 * 4  # one fp32 softmax each
+    assert eager.activations - as_sdpa.activations >= scores
+
+
 def test_the_fused_loss_lets_a_large_vocabulary_model_skip_checkpointing():
     """Qwen2.5-0.5B (152k vocabulary): full fp32 logits of 4,096 tokens are ~6 GiB on their own."""
     qwen = model_facts("Qwen2.5-0.5B-Instruct").facts
