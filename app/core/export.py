@@ -2,8 +2,11 @@
 Ollama Modelfile; each with a model card (README.md) saying what it is and how it was checked.
 
 Every export is atomic: it is written into a temporary sibling of `--out` and renamed into place
-only when complete, so a failure or a full disk never leaves half a model behind. An existing
-folder is replaced only with `force`, and free disk space is checked before anything is written.
+only when complete, so a failure or a full disk never leaves half a model behind. Each export
+folder carries a marker file (MARKER); an existing folder is replaced only with `force` and only
+when it is empty or holds that marker, and never when it is (or holds) the home folder, the
+current folder, Tunesmith's own folders, a run, the adapter or the base model being exported.
+Free disk space is checked before anything is written.
 The merged model is made from the base model in 16-bit (not the 4-bit weights training used),
 and its logits are compared with base + adapter on a few prompts; a GGUF file is read back and
 compared with the merged model.
@@ -14,12 +17,14 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.core.atomic import staged_dir, write_json, write_text
 from app.core.chat import AdapterSource, adapter_tokenizer, find_adapter
 from app.core.errors import ExportError
+from app.core.run_lock import RunLock
 
 FORMATS = ("adapter", "merged", "gguf")
 DTYPES = ("bf16", "f16", "f32")
@@ -27,6 +32,7 @@ GGUF_BYTES_PER_PARAM = {"f16": 2.0, "bf16": 2.0, "f32": 4.0, "q8_0": 34 / 32}
 CHECK_PROMPTS = ("How do I make garlic bread?", "Tell me about the sea.", "What is 12 + 7?")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 DISK_MARGIN = 1.1
+MARKER = ".tunesmith-export"  # in every export folder: the only kind of folder --force replaces
 
 
 @dataclass
@@ -54,16 +60,23 @@ def export_run(ref: str, fmt: str, out: str | Path, dtype: str = "bf16", quant: 
         if quant not in QUANTS:
             raise ExportError(f"unknown --quant '{quant}'; use one of {', '.join(QUANTS)}")
     out = Path(out).expanduser().resolve()
-    replace = _check_target(out, force)
     source = find_adapter(ref)
+    problem = protected_reason(out, [source.adapter_dir, source.run_dir])
+    if problem:
+        raise ExportError(problem)
+    replace = _check_target(out, force)
     info = resolve_model(source.base, trust_remote_code, progress=progress)
+    problem = protected_reason(out, [Path(info.path)])
+    if problem:
+        raise ExportError(problem)
     if fmt == "gguf":
         from app.core.gguf_export import read_config
 
         read_config(Path(info.path))  # an architecture the writer does not know is refused before the merge
     _check_space(out, _needed_bytes(fmt, source, _parameters(info), dtype, quant))
     tokenizer = adapter_tokenizer(source, info, trust_remote_code)
-    with staged_dir(out, replace=replace) as tmp:
+    run_inside = next((p for p in out.parents if (p / "status.json").is_file() and (p / "plan.json").is_file()), None)
+    with (RunLock(run_inside, "exporting") if run_inside else nullcontext()), staged_dir(out, replace=replace) as tmp:
         checks: dict = {}
         if fmt == "adapter":
             progress(f"Copying the adapter from {source.adapter_dir}")
@@ -73,7 +86,9 @@ def export_run(ref: str, fmt: str, out: str | Path, dtype: str = "bf16", quant: 
         else:
             checks.update(_write_gguf(source, info, tokenizer, tmp, dtype, quant, progress, trust_remote_code))
         write_text(tmp / "README.md", model_card(source, info, fmt, dtype, quant, checks))
-        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        write_json(tmp / MARKER, {"written_by": "tunesmith export", "format": fmt, "source": source.label,
+                                  "base": info.name})
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file() and p.name != MARKER)
         size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
     progress(f"Exported {fmt} to {out}")
     return ExportResult(out, fmt, files, size, checks)
@@ -214,16 +229,58 @@ def _write_gguf(source: AdapterSource, info, tokenizer, out: Path, dtype: str, q
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+def protected_reason(out: Path, also: list[Path | None] = ()) -> str:
+    """Why `out` must never be replaced by an export ("" when it may be): it is, or contains, the
+    home folder, the current folder, one of Tunesmith's folders, a run, or a path in `also`
+    (the adapter and base model being exported)."""
+    from app.core.paths import cache_dir, config_dir, data_dir, runs_dir
+
+    out = Path(out).expanduser().resolve()
+    named = [(Path.home(), "your home folder"), (Path.cwd(), "the current folder"),
+             (data_dir(), "Tunesmith's data folder"), (runs_dir(), "Tunesmith's run store"),
+             (cache_dir(), "Tunesmith's cache"), (config_dir(), "Tunesmith's settings folder")]
+    named += [(path, "what is being exported") for path in also if path is not None]
+    for path, what in named:
+        path = Path(path).expanduser().resolve()
+        if out == path or out in path.parents:
+            return (f"{out}: refused: {'it is' if out == path else 'it contains'} {what} ({path}); an export "
+                    "never replaces that. Choose a new folder for --out")
+    is_run = (out / "status.json").is_file() and (out / "plan.json").is_file()
+    if out.parent == Path(runs_dir()).resolve() or is_run or out == Path(out.anchor):
+        return f"{out}: refused: it is a run folder or a drive's root; choose a new folder for --out"
+    return ""
+
+
 def _check_target(out: Path, force: bool) -> bool:
-    """Whether the export replaces `out`; refuses an existing, non-empty one without `force`."""
+    """Whether the export replaces `out`: only an empty folder, or one of our exports with
+    `force`; anything else of the user's is refused, even with `force`."""
     if not out.exists():
         return False
     if out.is_file():
         raise ExportError(f"{out}: is a file; choose a folder for --out")
-    if any(out.iterdir()) and not force:
-        raise ExportError(f"{out}: already exists and is not empty; choose another --out, or pass --force "
-                          "to replace it")
+    if not any(out.iterdir()):
+        return True
+    if not (out / MARKER).is_file():
+        raise ExportError(f"{out}: already exists and holds files Tunesmith did not write (no {MARKER}); it is "
+                          "never replaced, even with --force. Choose a new folder for --out")
+    if not force:
+        raise ExportError(f"{out}: already holds an earlier export; pass --force to replace it, or choose "
+                          "another --out")
     return True
+
+
+def replace_problem(out: Path, ref: str) -> str:
+    """For a window about to ask "replace?": why `out` cannot be replaced by exporting `ref`, or ""."""
+    try:
+        source = find_adapter(ref)
+        problem = protected_reason(out, [source.adapter_dir, source.run_dir])
+        if not problem:
+            _check_target(Path(out).expanduser().resolve(), True)
+    except ExportError as err:
+        return str(err)
+    except Exception:  # noqa: BLE001 - the export itself reports anything else, in full
+        return ""
+    return problem
 
 
 def _needed_bytes(fmt: str, source: AdapterSource, params: int, dtype: str, quant: str) -> int:

@@ -83,18 +83,53 @@ def test_the_modelfile_template_renders_prompts_as_the_chat_template_does(tiny_t
         assert render_ollama(go, system, "Hello there", "Ahoy") == expected
 
 
-def test_exporting_into_an_existing_folder_without_force_exits_2_and_leaves_it_untouched(tiny_run, tmp_path, capsys):
+def test_a_folder_of_the_users_is_never_replaced_even_with_force(tiny_run, tmp_path, capsys):
     target = tmp_path / "existing"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
-    code = cli.main(["export", tiny_run.run_id, "--format", "adapter", "--out", str(target)])
-    assert code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "already exists" in err and "--force" in err
-    assert [p.name for p in target.iterdir()] == ["keep.txt"] and (target / "keep.txt").read_text() == "mine"
-    assert cli.main(["export", tiny_run.run_id, "--format", "adapter", "--out", str(target), "--force"]) == 0
-    assert not (target / "keep.txt").exists() and (target / "adapter_config.json").exists()
+    (target / "photos").mkdir()
+    (target / "photos" / "cat.jpg").write_bytes(b"\xff\xd8 a cat")
+    for force in ([], ["--force"]):
+        code = cli.main(["export", tiny_run.run_id, "--format", "adapter", "--out", str(target), *force])
+        assert code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(target) in err and "did not write" in err
+        assert sorted(p.name for p in target.iterdir()) == ["keep.txt", "photos"]
+        assert (target / "keep.txt").read_text() == "mine" and (target / "photos" / "cat.jpg").read_bytes()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folders left
+
+
+def test_an_earlier_export_is_replaced_only_with_force(tiny_run, tmp_path, capsys):
+    target = tmp_path / "export"
+    assert cli.main(["export", tiny_run.run_id, "--format", "adapter", "--out", str(target)]) == 0
+    assert (target / ".tunesmith-export").is_file()
+    (target / "stale.txt").write_text("left by the earlier export")
+    assert cli.main(["export", tiny_run.run_id, "--format", "adapter", "--out", str(target)]) == 2
+    assert "earlier export" in capsys.readouterr().err and (target / "stale.txt").exists()
+    assert cli.main(["export", tiny_run.run_id, "--format", "adapter", "--out", str(target), "--force"]) == 0
+    assert not (target / "stale.txt").exists() and (target / "adapter_config.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_force_never_replaces_home_cwd_the_run_store_a_run_or_their_parents(tiny_run, tmp_path, monkeypatch, capsys):
+    from app.core.paths import data_dir, runs_dir
+
+    home, work = tmp_path / "home", tmp_path / "home" / "work"
+    work.mkdir(parents=True)
+    (work / "report.txt").write_text("draft")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    # a marker planted in a protected folder does not make it replaceable
+    (work / ".tunesmith-export").write_text("{}")
+    run_dir = runs_dir() / tiny_run.run_id
+    before = {p: sorted(q.name for q in p.iterdir()) for p in (home, work, runs_dir(), run_dir)}
+    for out in (home, work, ".", runs_dir(), data_dir(), data_dir().parent, run_dir, run_dir / "adapter",
+                tmp_path):
+        code = cli.main(["export", tiny_run.run_id, "--format", "adapter", "--out", str(out), "--force"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and "refused" in err, (out, err)
+    assert {p: sorted(q.name for q in p.iterdir()) for p in before} == before
+    assert (work / "report.txt").read_text() == "draft"
 
 
 def test_a_full_disk_is_refused_before_anything_is_written(tiny_run, tmp_path, monkeypatch):

@@ -80,5 +80,15 @@ def test_export_shows_progress_and_asks_before_replacing_a_folder(window, qtbot,
     tab.format_box.setCurrentIndex(tab.format_box.findData("adapter"))
     tab.out_edit.setText(str(target))
     qtbot.mouseClick(tab.export_button, Qt.LeftButton)
-    assert asked and "already exists" in asked[0] and not tab.exporting
+    assert asked and "earlier export" in asked[0] and not tab.exporting
     assert sorted(p.name for p in target.iterdir()) == before
+
+    mine = tmp_path / "mine"  # a folder of the user's: refused with a warning, never offered for replacing
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    warned, asked[:] = [], []
+    monkeypatch.setattr(QMessageBox, "warning", lambda *args, **kwargs: warned.append(args[2]) or QMessageBox.Ok)
+    tab.out_edit.setText(str(mine))
+    qtbot.mouseClick(tab.export_button, Qt.LeftButton)
+    assert warned and "did not write" in warned[0] and not asked and not tab.exporting
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"

@@ -119,12 +119,18 @@ class ExportTab(QWidget):
         run_id, fmt, out = self.run_box.currentData(), self.format_box.currentData(), self.out_edit.text().strip()
         if not run_id or not out or self.worker is not None:
             return
+        from app.core.export import replace_problem
+
         force = False
         target = Path(out).expanduser()
+        problem = replace_problem(target, run_id)
+        if problem:
+            QMessageBox.warning(self, "Choose another folder", problem)
+            return
         if target.exists() and (target.is_file() or any(target.iterdir())):
-            answer = QMessageBox.question(self, "Replace the folder?",
-                                          f"{target} already exists. Replace it with this export? Its files "
-                                          "are deleted once the new export is complete.",
+            answer = QMessageBox.question(self, "Replace the earlier export?",
+                                          f"{target} holds an earlier export. Replace it with this one? Its "
+                                          "files are deleted once the new export is complete.",
                                           QMessageBox.Yes | QMessageBox.Cancel, QMessageBox.Cancel)
             if answer != QMessageBox.Yes:
                 return
