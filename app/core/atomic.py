@@ -55,6 +55,67 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+MANIFEST = "manifest.json"
+
+
+def write_manifest(folder: Path) -> None:
+    """Flush every file of `folder` to disk and record its size and SHA-256 in MANIFEST (written
+    last, and flushed too): a folder whose manifest matches was completely written."""
+    files = {}
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != MANIFEST):
+        files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        _fsync_file(path)
+    write_json(Path(folder) / MANIFEST, {"files": files})
+    fsync_dir(folder)
+
+
+def manifest_problem(folder: Path, checksums: bool = True) -> str:
+    """"" when `folder`'s files match its manifest (sizes, and checksums unless `checksums` is
+    False); else what does not (a missing manifest included)."""
+    try:
+        files = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable {MANIFEST}"
+    for name, expected in files.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected.get("bytes"):
+            return f"{name} has {path.stat().st_size:,} bytes, the manifest says {expected.get('bytes'):,}"
+        if checksums and _sha256(path) != expected.get("sha256"):
+            return f"{name} does not match its checksum"
+    return ""
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or a new file in `folder` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 @contextmanager
 def staged_dir(target: Path, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success rename it to `target`.
@@ -68,13 +129,15 @@ def staged_dir(target: Path, replace: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         if target.exists() and replace:
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            old.rmdir()  # a fresh name of ours: never a folder of the user's
             os.replace(target, old)
             os.replace(tmp, target)
+            fsync_dir(target.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+            fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
