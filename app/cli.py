@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     resume = sub.add_parser("resume", help="continue a stopped or interrupted run")
     resume.add_argument("run", help="run id (or a unique part of it) or run folder")
+    resume.add_argument("--trust-remote-code", action="store_true",
+                        help="needed again for a run started with it: the model's own code runs")
+    resume.add_argument("--allow-pickle", action="store_true",
+                        help="needed again for a run started with it: pickle weights load")
     resume.set_defaults(func=cmd_resume)
 
     runs = sub.add_parser("runs", help="list training runs")
@@ -207,7 +211,8 @@ def cmd_gui(args) -> int:
 def cmd_resume(args) -> int:
     from app.core.trainer import resume_training
 
-    return run_with_progress(lambda on_event, stop: resume_training(args.run, on_event, stop))
+    return run_with_progress(lambda on_event, stop: resume_training(
+        args.run, on_event, stop, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle))
 
 
 def cmd_runs(args) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.core.atomic import append_line
-from app.core.errors import RunError
+from app.core.errors import ModelError, RunError
 
 
 @dataclass
@@ -231,7 +231,14 @@ def adapter_tokenizer(source: AdapterSource, info, trust_remote_code: bool = Fal
     if source.tokenizer_dir is not None and (source.tokenizer_dir / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir)
+        from app.core.models import refuse_own_code
+
+        refuse_own_code(source.tokenizer_dir, "tokenizer_config.json", "the adapter's tokenizer", trust_remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir, trust_remote_code=trust_remote_code)
+        except Exception as err:  # noqa: BLE001 - a damaged tokenizer folder is the user's to fix
+            raise ModelError(f"{source.tokenizer_dir}: cannot load the adapter's tokenizer "
+                             f"({str(err).splitlines()[0][:160] if str(err) else type(err).__name__})") from None
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     else:

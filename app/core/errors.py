@@ -37,3 +37,7 @@ class PlanError(UserError):
 
 class ExportError(UserError):
     """A model that cannot be exported as asked: unsupported architecture, tokenizer, target or disk."""
+
+
+class DiskFullError(RunError):
+    """Not enough free disk for a checkpoint; the run ends with its last checkpoint intact."""

@@ -177,6 +177,21 @@ def remember_model(info: ModelInfo) -> None:
     write_json(recent_models_file(), items[:RECENT_LIMIT])
 
 
+def refuse_own_code(folder: Path, config_name: str, what: str, trust_remote_code: bool) -> None:
+    """ModelError when `folder`'s `config_name` maps classes to Python files of its own (auto_map)
+    and the user has not passed --trust-remote-code: that code would run on loading, and
+    transformers would otherwise ask [y/N] on the terminal or fail with a long message."""
+    try:
+        config = json.loads((Path(folder) / config_name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if trust_remote_code or not (isinstance(config, dict) and config.get("auto_map")):
+        return
+    files = sorted(p.name for p in Path(folder).glob("*.py"))
+    raise ModelError(f"{folder}: {what} names its own Python code ({', '.join(files) or 'auto_map in ' + config_name}); "
+                     "Tunesmith does not run it unless you pass --trust-remote-code for files you trust")
+
+
 def load_tokenizer(info: ModelInfo, trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token (the end token when it has none)."""
     from transformers import AutoTokenizer

@@ -14,7 +14,7 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
-from app.core.atomic import staged_dir, write_json
+from app.core.atomic import staged_dir, write_json, write_manifest
 from app.core.data.packing import Batch, collate_packed, collate_padded
 from app.core.data.tokenize import IGNORE, Tokenized
 from app.core.kernels import apply_liger_kernels, attention_for, linear_cross_entropy, packed_kwargs
@@ -145,7 +145,8 @@ class QLoraSession:
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state_all()
             torch.save(rng, tmp / "rng.pt")
-            write_json(tmp / "state.json", state)
+            write_json(tmp / "state.json", {**state, "manifest": True})
+            write_manifest(tmp)  # flushed to disk, sizes and checksums: see Run.checkpoints
 
     def restore(self, path: Path) -> None:
         """Continue exactly where the checkpoint at `path` left off."""

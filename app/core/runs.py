@@ -2,8 +2,9 @@
 
 A run folder holds config.json (what was asked), plan.json (what is used), data.json (the data's
 fingerprint and counts), status.json, metrics.jsonl (every event), train.log, checkpoints/ and,
-once finished, adapter/ (a PEFT adapter). A run whose status says "running" but whose process is
-gone was killed: it is listed as "interrupted" and can be resumed.
+once finished, adapter/ (a PEFT adapter). Whoever writes a run holds its lock (run_lock.py); a run
+whose status says "running" while nobody holds the lock was killed: it is listed as "interrupted"
+and can be resumed.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from app.core.atomic import append_line, read_jsonl, staged_dir, write_json, write_text
+from app.core.atomic import append_line, manifest_problem, read_jsonl, staged_dir, write_json, write_text
 from app.core.config import Plan, TrainConfig
 from app.core.errors import RunError
 from app.core.events import Event, event_to_dict
 from app.core.paths import runs_dir
+from app.core.run_lock import RunLock, in_use
 
 KEEP_CHECKPOINTS = 2
 PROGRESS_EVENTS = ("StepMetrics", "EvalMetrics", "CheckpointSaved")
@@ -35,6 +37,7 @@ class Run:
     def __init__(self, path: Path):
         self.dir = Path(path)
         self.id = self.dir.name
+        self.lock: RunLock | None = None  # held while this process writes the run
 
     # -- files -------------------------------------------------------------------------------
     @property
@@ -75,7 +78,7 @@ class Run:
     def status(self) -> dict:
         """status.json, with "running" turned into "interrupted" when its process is gone."""
         status = self.raw_status()
-        if status.get("status") == "running" and not _owner_alive(status):
+        if status.get("status") == "running" and not in_use(self.dir):
             status = {**status, "status": "interrupted",
                       "reason": "the process ended without saying so (killed or crashed)"}
         return status
@@ -109,14 +112,25 @@ class Run:
         return self.checkpoints_dir / f"step-{step:07d}"
 
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+        """Complete checkpoints, oldest first: state.json and, for those written with one, every
+        file the manifest lists at its size (a power loss can leave a torn one)."""
         if not self.checkpoints_dir.is_dir():
             return []
-        return sorted(p for p in self.checkpoints_dir.glob("step-*") if (p / "state.json").exists())
+        return sorted(p for p in self.checkpoints_dir.glob("step-*") if _complete(p, checksums=False))
 
     def latest_checkpoint(self) -> Path | None:
         found = self.checkpoints()
         return found[-1] if found else None
+
+    def verified_checkpoint(self) -> Path | None:
+        """The newest checkpoint whose files also match their checksums; a damaged newer one is
+        named in train.log and skipped for the one before."""
+        for path in reversed(self.checkpoints()):
+            problem = _checkpoint_problem(path, checksums=True)
+            if not problem:
+                return path
+            self.log(f"Checkpoint {path.name} is damaged ({problem}); using the one before")
+        return None
 
     def prune_checkpoints(self) -> None:
         for old in self.checkpoints()[:-KEEP_CHECKPOINTS]:
@@ -185,17 +199,30 @@ def create_run(config: TrainConfig, plan: Plan, data_info: dict) -> Run:
     n = 2
     while (root / run_id).exists():
         run_id, n = f"{stamp}-{slug}-{n}", n + 1
-    with staged_dir(root / run_id) as tmp:
-        write_json(tmp / "config.json", config.to_dict())
-        write_json(tmp / "plan.json", plan.to_dict())
-        write_json(tmp / "data.json", data_info)
-        now = time.time()
-        write_json(tmp / "status.json", {"status": "running", "reason": "", "step": 0,
-                                         "total_steps": plan.total_steps, "last_loss": None,
-                                         "eval_loss": None, "created": now, "updated": now,
-                                         "pid": os.getpid(), "host": socket.gethostname()})
-        (tmp / "checkpoints").mkdir()
-    return Run(root / run_id)
+    lock = None
+    try:
+        with staged_dir(root / run_id) as tmp:
+            if sys.platform != "win32":  # held from before the folder appears as "running"; Windows
+                lock = RunLock(tmp).acquire()  # cannot rename a folder with an open file in it
+            write_json(tmp / "config.json", config.to_dict())
+            write_json(tmp / "plan.json", plan.to_dict())
+            write_json(tmp / "data.json", data_info)
+            now = time.time()
+            write_json(tmp / "status.json", {"status": "running", "reason": "", "step": 0,
+                                             "total_steps": plan.total_steps, "last_loss": None,
+                                             "eval_loss": None, "created": now, "updated": now,
+                                             "pid": os.getpid(), "host": socket.gethostname()})
+            (tmp / "checkpoints").mkdir()
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    run = Run(root / run_id)
+    if lock is None:
+        lock = RunLock(run.dir).acquire()
+    lock.run_dir = run.dir  # the lock moved with the folder
+    run.lock = lock
+    return run
 
 
 def open_run(ref: str) -> Run:
@@ -232,10 +259,15 @@ def list_runs() -> list[RunSummary]:
 
 
 def delete_run(ref: str) -> None:
+    """Delete a run that no process is using (RunError naming the holder otherwise)."""
     run = open_run(ref)
-    if run.status().get("status") == "running":
-        raise RunError(f"run {run.id} is still running; stop it first")
-    shutil.rmtree(run.dir)
+    lock = RunLock(run.dir, "deleting").acquire()
+    if sys.platform == "win32":  # an open file cannot be deleted there: let go just before
+        lock.release()
+    try:
+        shutil.rmtree(run.dir)
+    finally:
+        lock.release()
 
 
 def _run_folders(root: Path) -> list[Path]:
@@ -245,37 +277,19 @@ def _run_folders(root: Path) -> list[Path]:
             (p / "status.json").exists()]
 
 
+def _checkpoint_problem(path: Path, checksums: bool) -> str:
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "no readable state.json"
+    if not isinstance(state, dict) or not state.get("manifest"):
+        return ""  # written before checkpoints had manifests
+    return manifest_problem(path, checksums)
+
+
+def _complete(path: Path, checksums: bool) -> bool:
+    return not _checkpoint_problem(path, checksums)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "run"
-
-
-def _owner_alive(status: dict) -> bool:
-    pid, host = status.get("pid"), status.get("host")
-    if not isinstance(pid, int) or host != socket.gethostname():
-        return host != socket.gethostname()  # another machine's run: cannot tell, assume alive
-    if pid == os.getpid():
-        return True
-    if sys.platform == "win32":
-        import ctypes
-
-        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # QUERY_LIMITED_INFORMATION
-        if not handle:
-            return False
-        code = ctypes.c_ulong()
-        ctypes.windll.kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
-        ctypes.windll.kernel32.CloseHandle(handle)
-        return code.value == 259  # STILL_ACTIVE
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return _not_zombie(pid)
-
-
-def _not_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True

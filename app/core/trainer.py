@@ -9,6 +9,7 @@ what happened, and the model is released in a `finally` whatever the outcome.
 
 from __future__ import annotations
 
+import errno
 import json
 import threading
 import time
@@ -18,13 +19,14 @@ from typing import Callable
 
 from app.core.config import Plan, TrainConfig
 from app.core.data.batches import EpochBatches
-from app.core.errors import RunError, UserError
+from app.core.errors import DiskFullError, RunError, UserError
 from app.core.events import (CheckpointSaved, EvalMetrics, Event, LogLine, PlanAdjusted, RunFailed,
                              RunFinished, RunStarted, StepMetrics)
 from app.core.memory import gib
 from app.core.models import remember_model
 from app.core.oom import is_out_of_memory, next_backoff
 from app.core.prepare import Prepared, prepare_training, truncate
+from app.core.run_lock import RunLock
 from app.core.runs import Run, create_run, open_run
 
 STATUS_EVERY_S = 1.0
@@ -61,23 +63,40 @@ def train_prepared(prepared: Prepared, on_event: Callable[[Event], None] | None 
 
 
 def resume_training(ref: str, on_event: Callable[[Event], None] | None = None,
-                    stop: threading.Event | None = None) -> RunResult:
-    """Continue a stopped, interrupted or failed run from its latest checkpoint."""
+                    stop: threading.Event | None = None, trust_remote_code: bool = False,
+                    allow_pickle: bool = False) -> RunResult:
+    """Continue a stopped, interrupted or failed run from its latest checkpoint.
+
+    A run started with --trust-remote-code or --allow-pickle needs the same consent again: the
+    run folder's own config.json is not the user's word (it may have been copied in)."""
     on_event = on_event or (lambda event: None)
     run = open_run(ref)
-    status = run.status()
-    if status.get("status") == "running":
-        raise RunError(f"run {run.id} is still running (process {status.get('pid')}); stop it first")
-    if status.get("status") == "finished":
-        raise RunError(f"run {run.id} has already finished; start a new run to train further")
-    config, info = run.config(), run.data_info()
-    prepared = prepare_training(config, log=lambda message: on_event(LogLine(message)), plan=run.plan())
-    for key, file in (("sha256", "file"), ("val_sha256", "val_file")):
-        if info.get(key) and prepared.data_info[key] != info[key]:
-            raise RunError(f"{info[file]}: changed since run {run.id} started; resume needs the same "
-                           "data (restore the file, or start a new run)")
-    run.write_status("running", reason="")
+    missing = consent_needed(run.config(), trust_remote_code, allow_pickle)
+    if missing:
+        raise RunError(f"run {run.id} was started with {' and '.join(missing)}: resuming runs that again; "
+                       f"pass {' '.join(missing)} to resume it")
+    run.lock = RunLock(run.dir, "resuming").acquire()  # RunError naming the holder when in use
+    try:
+        if run.raw_status().get("status") == "finished":  # "running" while we hold the lock: killed
+            raise RunError(f"run {run.id} has already finished; start a new run to train further")
+        config, info = run.config(), run.data_info()
+        prepared = prepare_training(config, log=lambda message: on_event(LogLine(message)), plan=run.plan())
+        for key, file in (("sha256", "file"), ("val_sha256", "val_file")):
+            if info.get(key) and prepared.data_info[key] != info[key]:
+                raise RunError(f"{info[file]}: changed since run {run.id} started; resume needs the same "
+                               "data (restore the file, or start a new run)")
+        run.write_status("running", reason="")
+    except BaseException:
+        run.lock.release()
+        raise
     return _train(run, prepared, on_event, stop or threading.Event())
+
+
+def consent_needed(config: TrainConfig, trust_remote_code: bool, allow_pickle: bool) -> list[str]:
+    """The flags a run's config asks for that this invocation has not given."""
+    return [flag for flag, asked, given in (("--trust-remote-code", config.trust_remote_code, trust_remote_code),
+                                             ("--allow-pickle", config.allow_pickle, allow_pickle))
+            if asked and not given]
 
 
 def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop: threading.Event) -> RunResult:
@@ -106,7 +125,7 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
             for change, message in session.fallbacks:
                 emit(PlanAdjusted(0, change, message))
         state = {"step": 0, "elapsed_s": 0.0, "tokens": 0, "last_loss": None}
-        checkpoint = run.latest_checkpoint()
+        checkpoint = run.verified_checkpoint()
         if checkpoint is not None:
             session.restore(checkpoint)
             state = _read_state(checkpoint)
@@ -121,6 +140,7 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
 
         def save(at_step: int) -> None:
             nonlocal saved_step
+            _check_checkpoint_space(run, session)
             path = run.checkpoint_path(at_step)
             session.save_checkpoint(path, {"step": at_step, "elapsed_s": elapsed(), "tokens": tokens,
                                            "last_loss": last_loss})
@@ -182,14 +202,21 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
                          reason=f"aborted at step {step} (Ctrl-C twice); resumes from the last checkpoint")
         raise
     except Exception as err:  # noqa: BLE001 - every failure must end as an honest status
-        reason = _failure_reason(err, step, plan, session)
-        run.log(traceback.format_exc())
-        run.write_status("failed", step=step, last_loss=last_loss, reason=reason)
-        emit(RunFailed(reason, step))
+        reason = _failure_reason(err, step, plan, session, run)
+        for record in (lambda: run.log(traceback.format_exc()),  # on a full disk any of these may fail too:
+                       lambda: run.write_status("failed", step=step, last_loss=last_loss, reason=reason),
+                       lambda: run.append_event(RunFailed(reason, step))):
+            try:  # the run then reads "interrupted" (its lock is gone) and resumes the same way
+                record()
+            except OSError:
+                pass
+        on_event(RunFailed(reason, step))
         return result("failed", reason)
     finally:
         if session is not None:
             session.release()
+        if run.lock is not None:
+            run.lock.release()
 
 
 def _evaluate(session, prepared: Prepared, run: Run, emit, step: int) -> tuple[float, Plan]:
@@ -229,9 +256,54 @@ def _read_state(checkpoint) -> dict:
     return json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
 
 
-def _failure_reason(err: Exception, step: int, plan: Plan, session) -> str:
+DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+CHECKPOINT_SPACE_FACTOR = 1.5  # the new checkpoint is written beside the last one, then renamed
+CHECKPOINT_SPACE_SLACK = 20_000_000  # status, metrics and log lines until the next check
+
+
+def _checkpoint_bytes(run: Run, session) -> int:
+    """About how much a checkpoint takes: the last one's size, else the LoRA weights with their
+    two fp32 moments (8-bit state is smaller) and a little for the rest."""
+    latest = run.latest_checkpoint()
+    if latest is not None:
+        return sum(p.stat().st_size for p in latest.rglob("*") if p.is_file())
+    return session.trainable_parameters * (4 + 8) + 1_000_000
+
+
+def _check_checkpoint_space(run: Run, session) -> None:
+    import shutil
+
+    needed = int(CHECKPOINT_SPACE_FACTOR * _checkpoint_bytes(run, session)) + CHECKPOINT_SPACE_SLACK
+    free = shutil.disk_usage(run.dir).free
+    if free < needed:
+        raise DiskFullError(f"disk full: a checkpoint needs about {needed / 1e9:.2f} GB free at {run.dir}, "
+                            f"there are {free / 1e9:.2f} GB; free some space, then resume (the last "
+                            "checkpoint is intact)")
+
+
+def _is_disk_full(err: BaseException | None) -> bool:
+    """ENOSPC / EDQUOT, also when a library wraps it (safetensors raises its own error type whose
+    message carries "No space left on device (os error 28)")."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+            return True
+        text = str(err)
+        if "No space left on device" in text or "Disk quota exceeded" in text:
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+def _failure_reason(err: Exception, step: int, plan: Plan, session, run: Run | None = None) -> str:
     if isinstance(err, UserError):
         return str(err)
+    if _is_disk_full(err):
+        needed = (f"about {CHECKPOINT_SPACE_FACTOR * _checkpoint_bytes(run, session) / 1e9:.2f} GB"
+                  if run is not None and session is not None else "more space")
+        where = getattr(err, "filename", None) or (run.dir if run is not None else "the run folder")
+        return (f"disk full at step {step} (needs {needed} free at {where}); free some space, then resume "
+                "(the last checkpoint is intact)")
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
     if is_out_of_memory(err):
         if session is None:

@@ -344,7 +344,10 @@ class TrainTab(QWidget):
         if self.last_run is None or not self.resume_button.isEnabled():
             return
         run_id = self.last_run.run_id
-        self._start_worker(lambda on_event, stop: resume_training(run_id, on_event, stop), "Resuming…")
+        consent = self._resume_consent(run_id)
+        if consent is None:
+            return
+        self._start_worker(lambda on_event, stop: resume_training(run_id, on_event, stop, **consent), "Resuming…")
 
     def resume_run(self, run_id: str) -> None:
         """Resume a past run (asked from the Runs tab), drawing its curve so far first."""
@@ -359,10 +362,39 @@ class TrainTab(QWidget):
             return
         try:
             self.graphs.show_history(read_history(open_run(run_id)))
+            consent = self._resume_consent(run_id)
         except UserError as err:
             self.show_error(str(err), None)
             return
-        self._start_worker(lambda on_event, stop: resume_training(run_id, on_event, stop), f"Resuming {run_id}…")
+        if consent is None:
+            return
+        self._start_worker(lambda on_event, stop: resume_training(run_id, on_event, stop, **consent),
+                           f"Resuming {run_id}…")
+
+    def _resume_consent(self, run_id: str) -> dict | None:
+        """The consent a resume needs again (remote code, pickle weights), asked in a dialog that
+        names the files; {} when none is needed, None when the user declines."""
+        from app.core.runs import open_run
+        from app.core.trainer import consent_needed
+
+        config = open_run(run_id).config()
+        missing = consent_needed(config, False, False)
+        if not missing:
+            return {}
+        folder = Path(config.model).expanduser()
+        files = sorted(p.name for p in folder.glob("*.py")) if folder.is_dir() else []
+        if "--allow-pickle" in missing and folder.is_dir():
+            files += sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        what = " and ".join({"--trust-remote-code": "the model's own Python code",
+                             "--allow-pickle": "its pickle weights (which can run code)"}[flag] for flag in missing)
+        answer = QMessageBox.question(
+            self, "Run the model's own code?",
+            f"Run {run_id} was started allowing {what}. Resuming loads it again"
+            f"{': ' + ', '.join(files) if files else f' (from {config.model})'}. Resume only if you trust it.",
+            QMessageBox.Yes | QMessageBox.Cancel, QMessageBox.Cancel)
+        if answer != QMessageBox.Yes:
+            return None
+        return {"trust_remote_code": "--trust-remote-code" in missing, "allow_pickle": "--allow-pickle" in missing}
 
     def _start_worker(self, start, message: str) -> None:
         self.worker = TrainingWorker(start)
