@@ -131,3 +131,45 @@ def test_json_array_syntax_error_names_the_line(tmp_path):
     path.write_text('[\n  {"text": "a"},\n  {"text": "b" oops}\n]\n')
     with pytest.raises(DatasetError, match=r"d.json:3: bad JSON"):
         check_file(path)
+
+
+def test_a_binary_file_is_one_line_naming_the_first_nul_byte(tmp_path):
+    """4 KB of noise used to list one "problem" per chunk between newlines (41 lines)."""
+    import random
+
+    rng = random.Random(0)
+    noise = bytes(rng.getrandbits(8) for _ in range(4096))
+    path = tmp_path / "photo.jsonl"
+    path.write_bytes(noise)
+    with pytest.raises(DatasetError) as caught:
+        check_file(path)
+    message = str(caught.value)
+    assert len(message.splitlines()) == 1
+    assert f"not a text file: NUL bytes at offset {noise.index(0)}; expected JSONL" in message
+
+
+def test_utf16_text_is_told_to_be_saved_as_utf8(tmp_path):
+    path = tmp_path / "excel.jsonl"
+    path.write_bytes('{"text": "hello"}\n'.encode("utf-16"))
+    with pytest.raises(DatasetError, match="is UTF-16 text; save it as UTF-8"):
+        check_file(path)
+
+
+def test_deep_nesting_and_giant_lines_are_one_problem_each_and_the_rest_is_read(tmp_path, monkeypatch):
+    import app.core.data.read as read
+
+    monkeypatch.setattr(read, "MAX_LINE_BYTES", 300_000)  # 16 MiB in use; the same code path
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n' + "[" * 100_000 + "]" * 100_000 + "\n" + '{"text": "' + "x" * 400_000
+                    + '"}\n{"text": "d"}\n')
+    report = check_file(path)  # raised RecursionError before
+    assert [(p.line, p.message.split(";")[0]) for p in report.problems] == [
+        (2, "JSON nested too deeply to read (over about 1,000 levels)"), (3, "a line longer than 300,000 bytes")]
+    assert [e.line for e in report.examples] == [1, 4]
+
+
+def test_a_deeply_nested_json_array_item_is_one_line(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[\n  {"text": "a"},\n  ' + "[" * 100_000 + "]" * 100_000 + "\n]\n")
+    with pytest.raises(DatasetError, match=r"d.json:3: JSON nested too deeply"):
+        check_file(path)

@@ -1,8 +1,10 @@
 """Read a dataset file into (line number, record) pairs, reporting unreadable rows as problems.
 
-JSONL is read line by line so that one bad line never hides the others; a JSON array file is
+JSONL is streamed line by line so that one bad line never hides the others; a JSON array file is
 walked element by element with the line each element starts on; parquet rows are numbered from 1.
-A UTF-8 byte-order mark, CRLF line ends and blank lines are accepted.
+A UTF-8 byte-order mark, CRLF line ends and blank lines are accepted. A file that is not text
+(NUL bytes, UTF-16) is refused in one line before any row is read; a line longer than
+MAX_LINE_BYTES and JSON nested deeper than Python's reader allows are one problem each.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any, Iterator
 from app.core.errors import DatasetError
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet")
+MAX_LINE_BYTES = 16 * 2 ** 20  # one chat: far more than any context window holds
+SNIFF_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -57,35 +61,73 @@ def read_rows(path: str | Path) -> Iterator[Row | Problem]:
     if suffix == ".parquet":
         yield from _read_parquet(path)
         return
-    data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    if not data.strip():
+    with open(path, "rb") as handle:
+        head = handle.read(SNIFF_BYTES)
+    _refuse_binary(name, head)
+    start = 3 if head.startswith(b"\xef\xbb\xbf") else 0
+    if not head[start:].strip() and path.stat().st_size <= SNIFF_BYTES:
         raise DatasetError("the file is empty; add one example per line", file=name)
-    if suffix == ".json" and data.lstrip()[:1] == b"[":
+    if suffix == ".json" and head[start:].lstrip()[:1] == b"[":
+        data = path.read_bytes()[start:]  # one JSON document: read whole
+        _refuse_binary(name, data)
         yield from _read_json_array(name, data)
     else:
-        yield from _read_jsonl(name, data)
+        yield from _read_jsonl(name, path, start)
 
 
-def _read_jsonl(name: str, data: bytes) -> Iterator[Row | Problem]:
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        raw = raw.rstrip(b"\r")
-        if not raw.strip():
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            yield Problem(name, number, "", f"bytes that are not UTF-8 at column {err.start + 1}; "
-                                            "save the file as UTF-8")
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as err:
-            yield Problem(name, number, "", f"bad JSON: {err.msg} at column {err.colno}; "
-                                            "each line must be one JSON object")
-            continue
-        yield Row(number, record)
+def _refuse_binary(name: str, data: bytes) -> None:
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DatasetError("the file is UTF-16 text; save it as UTF-8 (one JSON object per line)", file=name)
+    offset = data.find(b"\x00")
+    if offset != -1:
+        raise DatasetError(f"not a text file: NUL bytes at offset {offset}; expected JSONL (one JSON object "
+                           "per line), JSON or parquet", file=name)
+
+
+def _read_jsonl(name: str, path: Path, start: int) -> Iterator[Row | Problem]:
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        number = 0
+        while True:
+            raw = handle.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            number += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):  # skip the rest of the line
+                    raw = handle.readline(MAX_LINE_BYTES)
+                size = (f"{MAX_LINE_BYTES // 2 ** 20} MiB" if MAX_LINE_BYTES % 2 ** 20 == 0
+                        else f"{MAX_LINE_BYTES:,} bytes")
+                yield Problem(name, number, "", f"a line longer than {size}; one example per line, "
+                                                "each far shorter")
+                continue
+            nul = raw.find(b"\x00")
+            if nul != -1:
+                yield Problem(name, number, "", f"NUL bytes at column {nul + 1}; this line is not text")
+                continue
+            yield from _parse_line(name, number, raw.rstrip(b"\n").rstrip(b"\r"))
+
+
+def _parse_line(name: str, number: int, raw: bytes) -> Iterator[Row | Problem]:
+    if not raw.strip():
+        return
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        yield Problem(name, number, "", f"bytes that are not UTF-8 at column {err.start + 1}; "
+                                        "save the file as UTF-8")
+        return
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        yield Problem(name, number, "", f"bad JSON: {err.msg} at column {err.colno}; "
+                                        "each line must be one JSON object")
+        return
+    except RecursionError:
+        yield Problem(name, number, "", "JSON nested too deeply to read (over about 1,000 levels); a chat "
+                                        "needs three")
+        return
+    yield Row(number, record)
 
 
 def _read_json_array(name: str, data: bytes) -> Iterator[Row | Problem]:
@@ -106,6 +148,9 @@ def _read_json_array(name: str, data: bytes) -> Iterator[Row | Problem]:
         except json.JSONDecodeError as err:
             raise DatasetError(f"bad JSON: {err.msg} at column {err.colno}; the rest of the array "
                                "cannot be read", file=name, line=err.lineno)
+        except RecursionError:
+            raise DatasetError("JSON nested too deeply to read (over about 1,000 levels); the rest of the "
+                               "array cannot be read", file=name, line=line) from None
         yield Row(line, record)
         pos = _skip_space(text, pos)
         if pos < len(text) and text[pos] == ",":
