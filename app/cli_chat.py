@@ -41,7 +41,9 @@ def add_commands(sub) -> None:
     export.add_argument("--quant", choices=("f16", "q8_0", "bf16", "f32"), default="f16",
                         help="GGUF tensor type (default f16; q8_0 is half the size)")
     export.add_argument("--out", required=True, help="folder to create")
-    export.add_argument("--force", action="store_true", help="replace --out if it exists")
+    export.add_argument("--force", action="store_true", help="replace --out if it holds an earlier export")
+    export.add_argument("--pre-tokenizer", default="", metavar="NAME",
+                        help="gguf: llama.cpp's pre-tokenizer name, for a tokenizer Tunesmith cannot identify")
     export.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code")
     export.set_defaults(func=cmd_export)
 
@@ -70,7 +72,7 @@ def cmd_export(args) -> int:
     from app.core.export import export_run
 
     result = export_run(args.run, args.format, args.out, dtype=args.dtype, quant=args.quant, force=args.force,
-                        progress=_info, trust_remote_code=args.trust_remote_code)
+                        progress=_info, trust_remote_code=args.trust_remote_code, pre_tokenizer=args.pre_tokenizer)
     print(f"Wrote {result.out_dir} ({result.bytes / 2**20:,.1f} MiB):")
     for name in result.files:
         print(f"  {name}")

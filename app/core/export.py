@@ -46,7 +46,7 @@ class ExportResult:
 
 def export_run(ref: str, fmt: str, out: str | Path, dtype: str = "bf16", quant: str = "f16", force: bool = False,
                progress: Callable[[str], None] = lambda message: None,
-               trust_remote_code: bool = False) -> ExportResult:
+               trust_remote_code: bool = False, pre_tokenizer: str = "") -> ExportResult:
     """Export the adapter `ref` names (a run, a checkpoint or an adapter folder) as `fmt` into `out`."""
     from app.core.models import resolve_model
 
@@ -84,7 +84,8 @@ def export_run(ref: str, fmt: str, out: str | Path, dtype: str = "bf16", quant: 
         elif fmt == "merged":
             checks.update(merge_adapter(source, info, tokenizer, tmp, dtype, progress, trust_remote_code))
         else:
-            checks.update(_write_gguf(source, info, tokenizer, tmp, dtype, quant, progress, trust_remote_code))
+            checks.update(_write_gguf(source, info, tokenizer, tmp, dtype, quant, progress, trust_remote_code,
+                                      pre_tokenizer))
         write_text(tmp / "README.md", model_card(source, info, fmt, dtype, quant, checks))
         write_json(tmp / MARKER, {"written_by": "tunesmith export", "format": fmt, "source": source.label,
                                   "base": info.name})
@@ -191,6 +192,10 @@ def model_card(source: AdapterSource, info, fmt: str, dtype: str, quant: str, ch
             lines.append(f"- GGUF read back with gguf's reader: {checks['gguf_tensors']} tensors, names and "
                          f"shapes as expected; largest value difference from the merged model "
                          f"{checks['gguf_max_abs_diff']:.3g}.")
+        if "pre_tokenizer_by_hand" in checks:
+            lines.append(f"- The pre-tokenizer was named by hand (`--pre-tokenizer {checks['pre_tokenizer_by_hand']}`), "
+                         "not identified from the tokenizer: llama.cpp splits text that way, which was not checked "
+                         "against transformers.")
         lines.append("")
     lines += ["## Use", "", _usage(fmt, info.name), ""]
     return "\n".join(lines)
@@ -206,7 +211,7 @@ def _write_adapter(source: AdapterSource, tokenizer, out: Path) -> None:
 
 
 def _write_gguf(source: AdapterSource, info, tokenizer, out: Path, dtype: str, quant: str, progress,
-                trust_remote_code: bool) -> dict:
+                trust_remote_code: bool, pre_tokenizer: str = "") -> dict:
     from app.core.gguf_check import verify_gguf
     from app.core.gguf_export import write_gguf
 
@@ -216,7 +221,8 @@ def _write_gguf(source: AdapterSource, info, tokenizer, out: Path, dtype: str, q
                            trust_remote_code)
     name = f"{_slug(source.label)}-{quant}.gguf"
     progress(f"Writing {name}")
-    summary = write_gguf(merged, out / name, quant, lambda message, _fraction=None: progress(message))
+    summary = write_gguf(merged, out / name, quant, lambda message, _fraction=None: progress(message),
+                         pre_tokenizer)
     progress("Reading the GGUF file back to check it against the merged model")
     check = verify_gguf(out / name, merged)
     if not check.ok:
@@ -225,7 +231,8 @@ def _write_gguf(source: AdapterSource, info, tokenizer, out: Path, dtype: str, q
     shutil.rmtree(merged)
     write_json(out / "export.json", {"gguf": name, "quant": quant, "tensors": summary.tensor_count,
                                      "pre_tokenizer": summary.pre_tokenizer, "warnings": summary.warnings})
-    return {**checks, "gguf_tensors": check.tensor_count, "gguf_max_abs_diff": check.max_abs_diff}
+    extra = {"pre_tokenizer_by_hand": pre_tokenizer} if pre_tokenizer else {}
+    return {**checks, "gguf_tensors": check.tensor_count, "gguf_max_abs_diff": check.max_abs_diff, **extra}
 
 
 # -- helpers ----------------------------------------------------------------------------------------

@@ -50,12 +50,14 @@ class GgufSummary:
 
 
 def write_gguf(model_dir: Path, out_file: Path, quant: str = "f16",
-               progress: Callable[[str, float], None] | None = None) -> GgufSummary:
+               progress: Callable[[str, float], None] | None = None, pre_tokenizer: str = "") -> GgufSummary:
     """Convert `model_dir` (config.json, safetensors, tokenizer.json) into the GGUF file `out_file`.
 
     `quant` is one of QUANTS; norms and biases stay f32, and with q8_0 a weight whose rows are not a
     multiple of 32 is stored as f16, as llama.cpp does. `progress(message, fraction)` is called per
     tensor; an exception it raises cancels the export. Nothing is left behind on any error.
+    `pre_tokenizer` names llama.cpp's pre-tokenizer by hand (PRE_TOKENIZERS) for a tokenizer we
+    cannot identify, which is otherwise refused: a wrong guess would mis-tokenise silently.
     """
     model_dir, out_file = Path(model_dir), Path(out_file)
     if quant not in QUANTS:
@@ -68,7 +70,7 @@ def write_gguf(model_dir: Path, out_file: Path, quant: str = "f16",
     tmp = out_file.with_name(f".{out_file.name}.{uuid.uuid4().hex[:8]}.tmp")
     writer = gguf.GGUFWriter(None, arch)
     try:
-        pre, warnings = _add_metadata(writer, model_dir, config, arch, quant)
+        pre, warnings = _add_metadata(writer, model_dir, config, arch, quant, pre_tokenizer)
         for item in plan:
             item.qtype = _tensor_type(item.name, item.shape, quant)
             nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(item.shape, item.qtype))
@@ -268,12 +270,13 @@ _PRE_BY_HASH = {
     "347715f544604f9118bb75ed199f68779f423cabb20db6de6f31b908d04d7821": "deepseek-coder",
     "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
 }
+PRE_TOKENIZERS = set(_PRE_BY_HASH.values()) | {"gpt-2", "smollm", "llama-bpe", "qwen2", "default"}
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def _add_metadata(writer: gguf.GGUFWriter, model_dir: Path, config: dict, arch: str,
-                  quant: str) -> tuple[str, list[str]]:
+                  quant: str, pre_tokenizer: str = "") -> tuple[str, list[str]]:
     n_head = config["num_attention_heads"]
     writer.add_type("model")
     writer.add_name(model_dir.name)
@@ -303,12 +306,13 @@ def _add_metadata(writer: gguf.GGUFWriter, model_dir: Path, config: dict, arch: 
     elif kind not in ("default", "llama3") or (kind == "llama3" and arch != "llama"):
         raise ExportError(f"{model_dir / 'config.json'}: RoPE scaling '{kind}' cannot be written to GGUF "
                           "for this model; only linear, yarn and llama3 scaling are supported")
-    pre, warnings = _add_tokenizer(writer, model_dir, config)
+    pre, warnings = _add_tokenizer(writer, model_dir, config, pre_tokenizer)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     return pre, warnings
 
 
-def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, config: dict) -> tuple[str, list[str]]:
+def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, config: dict,
+                   pre_tokenizer: str = "") -> tuple[str, list[str]]:
     file = model_dir / "tokenizer.json"
     if not file.exists():
         raise ExportError(f"{model_dir}: no tokenizer.json; GGUF export needs the fast tokenizer file "
@@ -322,8 +326,11 @@ def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, config: dict) -> tu
                           "(Llama 3, Qwen2, SmolLM); use llama.cpp's convert_hf_to_gguf.py for this model")
     n_vocab = config["vocab_size"]
     vocab = dict(model["vocab"]) | {a["content"]: a["id"] for a in spec.get("added_tokens", [])}
-    if max(vocab.values()) >= n_vocab:
-        raise ExportError(f"{file}: token id {max(vocab.values())} is beyond vocab_size {n_vocab} in config.json")
+    bad = next(((text, i) for text, i in vocab.items()
+                if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n_vocab), None)
+    if bad is not None:
+        raise ExportError(f"{file}: token {bad[0]!r} has id {bad[1]!r}, outside 0..{n_vocab - 1} (vocab_size in "
+                          "config.json); the tokenizer file is damaged or belongs to another model")
     tokens, types = [f"[PAD{i}]" for i in range(n_vocab)], [gguf.TokenType.UNUSED] * n_vocab
     for text, token_id in vocab.items():
         tokens[token_id], types[token_id] = text, gguf.TokenType.NORMAL
@@ -334,7 +341,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, config: dict) -> tu
             types[added["id"]] = gguf.TokenType.CONTROL
         else:
             tokens[added["id"]], types[added["id"]] = text.replace("\u2581", " "), gguf.TokenType.USER_DEFINED
-    pre, warnings = _pre_tokenizer(file, spec)
+    pre, warnings = _pre_tokenizer(file, spec, pre_tokenizer)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
@@ -349,11 +356,22 @@ def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, config: dict) -> tu
     return pre, warnings
 
 
-def _pre_tokenizer(file: Path, spec: dict) -> tuple[str, list[str]]:
-    """llama.cpp's pre-tokenizer name: by its token-hash table, else by the tokenizer.json structure."""
+def _pre_tokenizer(file: Path, spec: dict, override: str = "") -> tuple[str, list[str]]:
+    """llama.cpp's pre-tokenizer name: `override` when given, else by its token-hash table, else by
+    the tokenizer.json structure; refused when none of them knows it."""
     from tokenizers import Tokenizer
 
-    ids = Tokenizer.from_file(str(file)).encode(_CHKTXT).ids
+    if override:
+        if override not in PRE_TOKENIZERS:
+            raise ExportError(f"--pre-tokenizer {override}: not one we can write; choose one of "
+                              f"{', '.join(sorted(PRE_TOKENIZERS))}")
+        return override, [f"pre-tokenizer '{override}' set by hand (--pre-tokenizer), not identified from "
+                          "the tokenizer: llama.cpp splits text that way"]
+
+    try:
+        ids = Tokenizer.from_file(str(file)).encode(_CHKTXT).ids
+    except Exception as err:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+        raise ExportError(f"{file}: the tokenizers library cannot read it ({str(err)[:160]})") from None
     name = _PRE_BY_HASH.get(sha256(str(ids).encode()).hexdigest())
     if name:
         return name, []
@@ -369,5 +387,6 @@ def _pre_tokenizer(file: Path, spec: dict) -> tuple[str, list[str]]:
         return "llama-bpe", []
     if pattern == _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}"):
         return "qwen2", []
-    return "default", [(f"{file}: pre-tokenizer not recognised; wrote 'default', so llama.cpp may split "
-                        "some text differently from transformers")]
+    raise ExportError(f"{file}: pre-tokenizer not recognised (neither its token hash nor its structure); "
+                      "a GGUF file would split some text differently from transformers. If you know llama.cpp's "
+                      "name for it, pass --pre-tokenizer NAME (e.g. llama-bpe, qwen2, gpt-2)")

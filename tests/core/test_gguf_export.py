@@ -295,3 +295,39 @@ def test_llama_cpp_logits_match_transformers(arch, tiny_model, tiny_qwen2, tmp_p
     # a wrong q/k permutation gives differences of ~10 and argmax agreement near 0
     assert np.abs(got - expected.numpy()).max() < 0.1
     assert (got.argmax(-1) == expected.numpy().argmax(-1)).mean() > 0.95
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_by_name(tiny_model, tmp_path):
+    for bad_id in (-1, 10**6, "7"):
+        model = tmp_path / f"bad-{bad_id}"
+        shutil.copytree(tiny_model, model)
+        spec = json.loads((model / "tokenizer.json").read_text())
+        added = {a["content"] for a in spec.get("added_tokens", [])}
+        text = next(t for t in spec["model"]["vocab"] if t not in added)
+        spec["model"]["vocab"][text] = bad_id
+        (model / "tokenizer.json").write_text(json.dumps(spec))
+        with pytest.raises(ExportError, match=rf"token {text!r} has id {bad_id!r}, outside 0\.\."):
+            write_gguf(model, tmp_path / "out.gguf")
+    assert not any(p.name.endswith((".gguf", ".tmp")) for p in tmp_path.iterdir())
+
+
+def test_an_unknown_pre_tokenizer_is_refused_unless_named_by_hand(tiny_model, tmp_path):
+    """It was written as 'default' with a warning: a GGUF that mis-tokenises silently."""
+    from gguf import GGUFReader
+
+    model = tmp_path / "odd"
+    shutil.copytree(tiny_model, model)
+    spec = json.loads((model / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r"\s+|[a-z]+"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    (model / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ExportError, match="pre-tokenizer not recognised.*--pre-tokenizer NAME"):
+        write_gguf(model, tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()
+    with pytest.raises(ExportError, match="--pre-tokenizer llama-4: not one we can write"):
+        write_gguf(model, tmp_path / "out.gguf", pre_tokenizer="llama-4")
+    summary = write_gguf(model, tmp_path / "out.gguf", pre_tokenizer="gpt-2")
+    assert summary.pre_tokenizer == "gpt-2" and "set by hand" in summary.warnings[0]
+    field = GGUFReader(tmp_path / "out.gguf").fields["tokenizer.ggml.pre"]
+    assert bytes(field.parts[field.data[0]]).decode() == "gpt-2"
