@@ -200,19 +200,29 @@ def estimate_memory(facts: ArchFacts, setup: MemorySetup) -> MemoryEstimate:
         loss_phase = FUSED_LOSS_HIDDEN_COPIES * facts.hidden * element
     logits = loss_fixed + tokens * loss_phase
     gpu = "cuda" if setup.device == "cuda" else "cpu"
-    # the 4-bit weight dequantised for a matmul, at the peak: down_proj's (the last matmul of the
-    # forward and the first of the backward; Phi-3's wider fused gate_up comes when less is held)
-    widest = max(facts.hidden, facts.heads * facts.head_dim) * max(facts.intermediate, facts.hidden)
-    dequantised = DEQUANTISED_COPIES[gpu] * widest * element if setup.quantize == "4bit" else 0
+    # The 4-bit weight dequantised for a matmul. At the start of backward it is down_proj's, beside
+    # every activation (the loss phase is over). In the forward, the MLP's first matmul (Phi-3's
+    # fused gate_up is twice as wide) runs before the last layer's MLP activations exist, beside
+    # its own output (measured on a 1-layer Phi-3.5 shape, where that moment is the peak).
+    width = max(facts.hidden, facts.heads * facts.head_dim)
+    copies = DEQUANTISED_COPIES[gpu] * element if setup.quantize == "4bit" else 0
+    fused = facts.model_type in FUSED_PROJECTION_TYPES
+    down = copies * width * max(facts.intermediate, facts.hidden)
+    up_width = facts.intermediate * (2 if fused else 1)
+    up = copies * width * up_width
+    mlp_tail = (1 + ACTIVATION_MARGIN) * ACTIVATION_COEFFICIENTS[(4 if element >= 4 else 2, setup.lora_dropout)][2] \
+        * facts.intermediate  # per token: the last layer's MLP activations, not made yet
+    up_moment = (up + tokens * (up_width * element - mlp_tail)) if copies else 0
     masks = tokens * (16 * -(-tokens // 16)) * element if setup.attention == PACKED_MASKED else 0
     if setup.grad_checkpointing:
         inputs = tokens * facts.layers * 2 * facts.hidden * element  # each block's input, kept
         layer = tokens * RECOMPUTE_FACTOR[gpu] * per_layer
         activations = inputs + masks + max(0.0, layer - logits)
-        transient = max(0.0, layer + dequantised - max(logits, layer))  # beside one layer's backward
+        peak = max(logits, layer + down, layer + up_moment)  # beside one layer's recompute and backward
+        transient = max(0.0, peak - max(logits, layer))
     else:
         activations = tokens * facts.layers * per_layer + masks
-        transient = max(0.0, dequantised - logits)  # never beside the loss phase
+        transient = max(0.0, max(down, up_moment) - logits)  # never beside the loss phase
     varying = activations + logits + transient
     overhead = CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK * varying if setup.device == "cuda" else 0
     return MemoryEstimate(
