@@ -63,7 +63,7 @@ def write_manifest(folder: Path) -> None:
     last, and flushed too): a folder whose manifest matches was completely written."""
     files = {}
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != MANIFEST):
-        files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
         _fsync_file(path)
     write_json(Path(folder) / MANIFEST, {"files": files})
     fsync_dir(folder)
@@ -82,7 +82,7 @@ def manifest_problem(folder: Path, checksums: bool = True) -> str:
             return f"{name} is missing"
         if path.stat().st_size != expected.get("bytes"):
             return f"{name} has {path.stat().st_size:,} bytes, the manifest says {expected.get('bytes'):,}"
-        if checksums and _sha256(path) != expected.get("sha256"):
+        if checksums and file_sha256(path) != expected.get("sha256"):
             return f"{name} does not match its checksum"
     return ""
 
@@ -106,7 +106,8 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file, read a megabyte at a time."""
     import hashlib
 
     digest = hashlib.sha256()

@@ -25,6 +25,7 @@ from app.core.atomic import staged_dir, write_json, write_text
 from app.core.chat import AdapterSource, adapter_tokenizer, find_adapter
 from app.core.errors import ExportError
 from app.core.run_lock import RunLock
+from app.core.runs import is_run_folder
 
 FORMATS = ("adapter", "merged", "gguf")
 DTYPES = ("bf16", "f16", "f32")
@@ -75,7 +76,7 @@ def export_run(ref: str, fmt: str, out: str | Path, dtype: str = "bf16", quant: 
         read_config(Path(info.path))  # an architecture the writer does not know is refused before the merge
     _check_space(out, _needed_bytes(fmt, source, _parameters(info), dtype, quant))
     tokenizer = adapter_tokenizer(source, info, trust_remote_code)
-    run_inside = next((p for p in out.parents if (p / "status.json").is_file() and (p / "plan.json").is_file()), None)
+    run_inside = next((p for p in out.parents if is_run_folder(p)), None)
     with (RunLock(run_inside, "exporting") if run_inside else nullcontext()), staged_dir(out, replace=replace) as tmp:
         checks: dict = {}
         if fmt == "adapter":
@@ -252,8 +253,7 @@ def protected_reason(out: Path, also: list[Path | None] = ()) -> str:
         if out == path or out in path.parents:
             return (f"{out}: refused: {'it is' if out == path else 'it contains'} {what} ({path}); an export "
                     "never replaces that. Choose a new folder for --out")
-    is_run = (out / "status.json").is_file() and (out / "plan.json").is_file()
-    if out.parent == Path(runs_dir()).resolve() or is_run or out == Path(out.anchor):
+    if out.parent == Path(runs_dir()).resolve() or is_run_folder(out) or out == Path(out.anchor):
         return f"{out}: refused: it is a run folder or a drive's root; choose a new folder for --out"
     return ""
 

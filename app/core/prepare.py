@@ -7,12 +7,12 @@ so bad input never leaves a half-made run behind.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from app.core.architecture import ArchFacts, arch_facts
+from app.core.atomic import file_sha256
 from app.core.config import Plan, TrainConfig
 from app.core.data.stats import LengthStats, length_stats
 from app.core.data.tokenize import Tokenized, TokenizedSet, ensure_chat_template, tokenize_examples
@@ -134,11 +134,3 @@ def truncate(examples: list[Tokenized], seq_len: int) -> tuple[list[Tokenized], 
         else:
             dropped += 1
     return kept, cut, dropped
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

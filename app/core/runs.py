@@ -116,7 +116,7 @@ class Run:
         file the manifest lists at its size (a power loss can leave a torn one)."""
         if not self.checkpoints_dir.is_dir():
             return []
-        return sorted(p for p in self.checkpoints_dir.glob("step-*") if _complete(p, checksums=False))
+        return sorted(p for p in self.checkpoints_dir.glob("step-*") if not _checkpoint_problem(p, checksums=False))
 
     def latest_checkpoint(self) -> Path | None:
         found = self.checkpoints()
@@ -270,6 +270,11 @@ def delete_run(ref: str) -> None:
         lock.release()
 
 
+def is_run_folder(path: Path) -> bool:
+    """Whether `path` is a run folder (its status and plan are there)."""
+    return (Path(path) / "status.json").is_file() and (Path(path) / "plan.json").is_file()
+
+
 def _run_folders(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
@@ -285,10 +290,6 @@ def _checkpoint_problem(path: Path, checksums: bool) -> str:
     if not isinstance(state, dict) or not state.get("manifest"):
         return ""  # written before checkpoints had manifests
     return manifest_problem(path, checksums)
-
-
-def _complete(path: Path, checksums: bool) -> bool:
-    return not _checkpoint_problem(path, checksums)
 
 
 def _slug(text: str) -> str:
