@@ -104,3 +104,49 @@ def test_the_cli_reports_a_broken_preset_in_one_line_with_exit_2(tunesmith_home)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "mine.toml: key 'budget_gib' must be a number" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _tree(tmp_path, text: str, files: dict[str, str]):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    proc = tmp_path / "cgroup"
+    proc.write_text(text)
+    for name, value in files.items():
+        (tmp_path / "sys" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "sys" / name).write_text(value)
+    return proc, tmp_path / "sys"
+
+
+def test_a_cgroup_v2_limit_caps_the_available_ram(tmp_path):
+    """A container with 16 GiB: 10 GiB used, 2 GiB of it inactive file cache the kernel would drop."""
+    from app.core.presets import cgroup_available
+
+    proc, root = _tree(tmp_path, "0::/box/job\n", {
+        "box/job/memory.max": f"{16 * GIB}\n", "box/job/memory.current": f"{10 * GIB}\n",
+        "box/job/memory.stat": f"anon {8 * GIB}\ninactive_file {2 * GIB}\n",
+        "box/memory.max": "max\n", "box/memory.current": f"{10 * GIB}\n", "box/memory.stat": "inactive_file 0\n"})
+    assert cgroup_available(proc, root) == 8 * GIB
+
+
+def test_a_tighter_parent_cgroup_wins_and_no_limit_is_none(tmp_path):
+    from app.core.presets import cgroup_available
+
+    proc, root = _tree(tmp_path, "0::/box/job\n", {
+        "box/job/memory.max": "max\n", "box/job/memory.current": f"{3 * GIB}\n", "box/job/memory.stat": "",
+        "box/memory.max": f"{4 * GIB}\n", "box/memory.current": f"{3 * GIB}\n", "box/memory.stat": ""})
+    assert cgroup_available(proc, root) == 1 * GIB
+    proc, root = _tree(tmp_path / "free", "0::/\n", {"memory.max": "max\n", "memory.current": "1\n",
+                                                     "memory.stat": ""})
+    assert cgroup_available(proc, root) is None
+
+
+def test_a_cgroup_v1_limit_is_read_from_the_memory_controller(tmp_path):
+    from app.core.presets import cgroup_available
+
+    proc, root = _tree(tmp_path, "5:cpu:/\n4:memory:/docker/abc\n", {
+        "memory/docker/abc/memory.limit_in_bytes": f"{8 * GIB}\n",
+        "memory/docker/abc/memory.usage_in_bytes": f"{5 * GIB}\n",
+        "memory/docker/abc/memory.stat": f"total_inactive_file {1 * GIB}\nhierarchical_memory_limit {6 * GIB}\n"})
+    assert cgroup_available(proc, root) == 2 * GIB  # the hierarchy's 6 GiB, less 5 used, plus 1 of cache
+    unlimited = _tree(tmp_path / "u", "4:memory:/\n", {"memory/memory.limit_in_bytes": "9223372036854771712\n",
+                                                       "memory/memory.usage_in_bytes": "1\n", "memory/memory.stat": ""})
+    assert cgroup_available(*unlimited) is None
