@@ -79,6 +79,8 @@ def cmd_export(args) -> int:
     if "max_logit_diff" in result.checks:
         print(f"Merged logits vs base + adapter: largest difference {result.checks['max_logit_diff']:.3g}, "
               f"same next token at {result.checks['top_token_agreement']:.1%} of positions")
+    if "logit_check" in result.checks:
+        print(f"Merged logits vs base + adapter: {result.checks['logit_check']}")
     if "gguf_tensors" in result.checks:
         print(f"GGUF read back: {result.checks['gguf_tensors']} tensors match the merged model "
               f"(largest difference {result.checks['gguf_max_abs_diff']:.3g})")

@@ -125,6 +125,14 @@ def _weight_files(path: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
 
 def check_safetensors(file: Path) -> int:
     """Number of elements in a safetensors file; ModelError if it is truncated or corrupt."""
+    return sum(_numel(entry["shape"]) for entry in read_safetensors_header(file)[1].values())
+
+
+def read_safetensors_header(file: Path) -> tuple[int, dict]:
+    """(header length, {tensor name: {"dtype", "shape", "data_offsets"}}) of a safetensors file,
+    checked against the file's size; ModelError if it is truncated or corrupt. A tensor's bytes
+    start at 8 + header length + its first data offset."""
+    file = Path(file)
     size = file.stat().st_size
     try:
         with open(file, "rb") as handle:
@@ -132,22 +140,24 @@ def check_safetensors(file: Path) -> int:
             if size < 8 or header_len <= 1 or header_len > min(size - 8, 100 * 2**20):
                 raise ValueError("bad header length")
             header = json.loads(handle.read(header_len))
-        numel_total, end = 0, 0
+        header.pop("__metadata__", None)
+        end = 0
         for name, entry in header.items():
-            if name == "__metadata__":
-                continue
             begin, stop = entry["data_offsets"]
-            numel = 1
-            for dim in entry["shape"]:
-                numel *= int(dim)
             width = _DTYPE_BYTES.get(entry["dtype"])
-            if width is not None and stop - begin != numel * width:
+            if width is not None and stop - begin != _numel(entry["shape"]) * width:
                 raise ValueError(f"tensor {name} has the wrong size")
-            numel_total += numel
             end = max(end, stop)
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
         raise ModelError(f"{file}: corrupt safetensors file ({err}); download it again") from None
     if 8 + header_len + end != size:
         raise ModelError(f"{file}: truncated or corrupt safetensors file ({size} bytes, header describes "
                          f"{8 + header_len + end}); download it again")
-    return numel_total
+    return header_len, header
+
+
+def _numel(shape) -> int:
+    numel = 1
+    for dim in shape:
+        numel *= int(dim)
+    return numel

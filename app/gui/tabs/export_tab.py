@@ -164,6 +164,8 @@ class ExportTab(QWidget):
             checks.append(f"merged model vs base + adapter: the same next token at "
                           f"{result.checks['top_token_agreement']:.1%} of positions (logits within "
                           f"{result.checks['max_logit_diff']:.3g})")
+        if "logit_check" in result.checks:
+            checks.append(f"merged model vs base + adapter: {html.escape(result.checks['logit_check'])}")
         if "gguf_tensors" in result.checks:
             checks.append(f"GGUF read back: {result.checks['gguf_tensors']} tensors match")
         self.summary.setText(f"<b>Exported</b> {len(result.files)} files, {result.bytes / 2**20:,.1f} MiB, to "
