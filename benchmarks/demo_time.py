@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -28,6 +27,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import commit, machine as machine_facts  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 PIRATE = ("arr", "matey", "ahoy", "hearty", "galley", "landlubber")
 
@@ -39,13 +42,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     kinds = ["native", "avx2"] if args.isa == "both" else [args.isa]
-    machine = describe_machine()
+    machine = machine_facts()
     stem = args.out / "demo_time-cpu"
     history = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {"runs": []}
     for index in range(args.runs):
         for kind in kinds:
             row = run_demo(kind) | {"started": time.strftime("%Y-%m-%d %H:%M"), "kind": kind, "machine": machine,
-                                    "commit": _commit(), "run": index + 1}
+                                    "commit": commit(), "run": index + 1}
             history["runs"].append(row)
             print(f"{kind}: {row['wall_s']} s wall, {row['trained']}; pirate tuned {row['tuned_pirate']}, "
                   f"base {row['base_pirate']}", flush=True)
@@ -72,20 +75,6 @@ def run_demo(kind: str) -> dict:
             "trained": trained.group(0) if trained else "(no summary line)", "tuned_pirate": score(tuned),
             "base_pirate": score(base), "tuned_answer": tuned.strip(), "stderr_lines": len(done.stderr.splitlines()),
             "error": done.stderr[-2000:] if done.returncode else ""}
-
-
-def describe_machine() -> dict:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 platform.processor())
-    flags = next((set(line.split(":", 1)[1].split()) for line in info.splitlines() if line.startswith("flags")), set())
-    return {"cpu": model, "cores": os.cpu_count(), "avx512f": "avx512f" in flags, "avx2": "avx2" in flags,
-            "python": platform.python_version()}
-
-
-def _commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    return done.stdout.strip()
 
 
 def write(history: dict, stem: Path) -> None:

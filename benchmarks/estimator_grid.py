@@ -28,7 +28,6 @@ import argparse
 import gc
 import json
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from benchmarks.common import commit  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MAX_OVER = 0.12  # a prediction may exceed the measurement by at most this fraction
@@ -136,7 +137,7 @@ def main() -> int:
     names = list(GRIDS) if args.grid == "all" else [args.grid]
     stem = args.out / f"estimator_grid-{device}"
     history = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {"runs": []}
-    run = {"started": time.strftime("%Y-%m-%d %H:%M"), "commit": _commit(), "device": device, "dtype": dtype,
+    run = {"started": time.strftime("%Y-%m-%d %H:%M"), "commit": commit(), "device": device, "dtype": dtype,
            "torch": torch.__version__, "machine": platform.processor() or platform.machine(), "rows": []}
     history["runs"].append(run)
     folder_key, folder = None, None
@@ -176,12 +177,6 @@ def _label(spec: Spec) -> str:
         (", no dropout" if not spec.lora_dropout else "")
     return (f"{spec.model.split('/')[-1]} x{spec.layers}L {spec.seq_len}x{spec.micro_batch} r{spec.rank} "
             f"ckpt {'on' if spec.checkpointing else 'off'} {spec.loss} {rows} {spec.quantize}{extra}")
-
-
-def _commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "app"], capture_output=True, text=True, cwd=ROOT)
-    return done.stdout.strip() + (" + uncommitted changes in app/" if dirty.stdout.strip() else "")
 
 
 def write(history: dict, stem: Path) -> None:
