@@ -13,7 +13,7 @@ from PySide6.QtGui import QDesktopServices, QKeySequence, QShortcut
 from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLabel, QMessageBox, QPushButton,
                                QSplitter, QStackedWidget, QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget)
 
-from app.cli_progress import format_duration
+from app.core.units import format_duration, gib
 from app.gui.icons import icon
 from app.gui.widgets.plots import ComparePlot, LearningRatePlot, LossPlot
 
@@ -214,8 +214,8 @@ class RunsTab(QWidget):
                      f"{plan.grad_accum} · lr {config.lr:g} · checkpointing {'on' if plan.grad_checkpointing else 'off'}"
                      f" · {plan.device}")
         if plan.predicted_peak_bytes:
-            lines.append(f"Predicted peak {plan.predicted_peak_bytes / 2**30:.2f} GiB"
-                         + (f" of {plan.budget_bytes / 2**30:.2f} GiB usable" if plan.budget_bytes else ""))
+            lines.append(f"Predicted peak {gib(plan.predicted_peak_bytes)}"
+                         + (f" of {gib(plan.budget_bytes)} usable" if plan.budget_bytes else ""))
         if history.tokens:
             lines.append(f"{history.tokens:,} tokens trained in {format_duration(history.elapsed_s)}")
         return "<br>".join(lines)

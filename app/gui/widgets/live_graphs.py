@@ -13,10 +13,10 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import QSplitter
 
+from app.core.units import GIB
 from app.gui.widgets.plots import REDRAW_MS, LearningRatePlot, LossPlot, curve, set_up
 
 MEMORY_SAMPLE_MS = 1000
-GIB = 2**30
 
 OURS_COLOR = (200, 80, 160)
 ALLOCATED_COLOR = (40, 110, 220)

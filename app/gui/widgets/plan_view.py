@@ -11,6 +11,7 @@ from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QGridLayout, QLabel, Q
                                QVBoxLayout, QWidget)
 
 from app.core.config import Plan, TrainConfig, field_help
+from app.core.units import gib
 
 AUTO = "auto"
 BASE_CHOICES = [(AUTO, "auto"), ("4-bit (QLoRA)", "4bit"), ("unquantised (LoRA)", "none")]
@@ -145,8 +146,8 @@ class PlanView(QWidget):
         usable = max(1, budget.usable_bytes)
         fraction = plan.predicted_peak_bytes / usable
         self.peak.setValue(min(1000, int(1000 * fraction)))
-        self.peak.setFormat(f"predicted peak {plan.predicted_peak_bytes / 2**30:.2f} GiB of "
-                            f"{usable / 2**30:.2f} GiB usable")
+        self.peak.setFormat(f"predicted peak {gib(plan.predicted_peak_bytes)} of "
+                            f"{gib(usable)} usable")
         self.memory_reason.setText(html.escape(plan.reasons.get("memory", "")))
 
     def show_error(self, message: str) -> None:

@@ -1,0 +1,19 @@
+"""Units both faces show: bytes as GiB and seconds as a duration, written one way everywhere."""
+
+from __future__ import annotations
+
+GIB = 1024 ** 3
+MIB = 1024 ** 2
+
+
+def gib(value: float, digits: int = 2) -> str:
+    """Bytes as GiB: gib(3 * 2**30) == "3.00 GiB"; gib(x, 1) for one decimal."""
+    return f"{value / GIB:.{digits}f} GiB"
+
+
+def format_duration(seconds: float) -> str:
+    """An ETA or elapsed time as the CLI and the app show it: 7m05s, 2h13m."""
+    seconds = int(max(0, seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
