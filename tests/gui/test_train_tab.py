@@ -186,3 +186,35 @@ def test_a_named_card_in_the_preset_list_plans_its_precision(window, qtbot):
     qtbot.waitUntil(lambda: tab.plan_view.plan is not None and tab.plan_view.plan.quantize == "none", timeout=60_000)
     assert "unquantised (fp16): set by you" in tab.plan_view.reasons["quantize"].text()
     assert tab.plan_view.error.isHidden()
+
+
+def test_resuming_a_run_started_with_remote_code_asks_first(window, qtbot, tiny_model, chat_data, monkeypatch):
+    """QMessageBox.question is answered by the test (a modal dialog cannot be clicked offscreen)."""
+    import json
+
+    from PySide6.QtWidgets import QMessageBox
+
+    from app.core.runs import open_run
+    from conftest import train_tiny
+
+    run = open_run(train_tiny(tiny_model, chat_data, steps=4, stop_at=2).run_id)
+    config = json.loads((run.dir / "config.json").read_text())
+    (run.dir / "config.json").write_text(json.dumps(config | {"trust_remote_code": True}))
+    extra = tiny_model / "modeling_extra.py"  # the session's tiny model: removed again below
+    extra.write_text("# code a model folder might carry\n")
+    try:
+        asked = []
+        monkeypatch.setattr(QMessageBox, "question",
+                            lambda parent, title, text, *args: asked.append(text) or QMessageBox.Cancel)
+        tab = window.train_tab
+        tab.set_engine_ready()
+        tab.resume_run(run.id)
+        assert not tab.running and open_run(run.id).status()["status"] == "stopped"  # declined: nothing ran
+        assert "the model's own Python code" in asked[0] and "modeling_extra.py" in asked[0] and run.id in asked[0]
+        monkeypatch.setattr(QMessageBox, "question", lambda *args: QMessageBox.Yes)
+        tab.resume_run(run.id)
+        assert tab.running
+        qtbot.waitUntil(lambda: not tab.running, timeout=300_000)
+        assert tab.last_run.status == "finished" and tab.last_run.step == 4
+    finally:
+        extra.unlink()

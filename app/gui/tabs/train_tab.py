@@ -4,24 +4,23 @@ training) runs on a worker thread; this tab only reacts to their signals."""
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
 
-from PySide6.QtCore import QSettings, Qt, QTimer, QUrl, Signal
-from PySide6.QtGui import QDesktopServices
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QGroupBox, QHBoxLayout, QLabel,
-                               QMessageBox, QPushButton, QScrollArea, QSplitter, QVBoxLayout, QWidget)
+from PySide6.QtCore import QSettings, Qt, QTimer, Signal
+from PySide6.QtWidgets import (QCheckBox, QGroupBox, QHBoxLayout, QLabel, QPushButton, QScrollArea, QSplitter,
+                               QVBoxLayout, QWidget)
 
-from app.cli_progress import format_duration
 from app.core.config import TrainConfig, field_help
+from app.core.units import format_duration
 from app.gui.icons import icon
+from app.gui.tabs.train_dialogs import ask_resume_consent, error_box
 from app.gui.widgets.dataset_view import DatasetReport, DropZone
-from app.gui.widgets.plan_view import PlanView
 from app.gui.widgets.live_graphs import LiveGraphs
+from app.gui.widgets.pickers import BudgetPicker, ModelPicker
+from app.gui.widgets.plan_view import PlanView
 from app.gui.workers import TaskWorker, Threads, TrainingWorker
 
 REPLAN_DELAY_MS = 250
-CARD_PREFIX = "card:"  # preset box entries that name a card rather than a preset
 
 
 class TrainTab(QWidget):
@@ -31,95 +30,61 @@ class TrainTab(QWidget):
 
     def __init__(self, threads: Threads, settings: QSettings | None = None):
         super().__init__()
-        self.threads = threads
-        self.settings = settings
-        self.data_path = ""
-        self.summary = None
+        self.threads, self.settings = threads, settings
+        self.data_path, self.summary = "", None
         self.worker: TrainingWorker | None = None
         self.last_run = None  # RunResult of the latest run, for Resume and the error dialog
-        self.error_dialog: QMessageBox | None = None
+        self.error_dialog = None
         self.engine_ready = False
-        self._plan_request = 0
-        self._data_request = 0
-        self._run_started_at = None
-
-        self.model_box = QComboBox()
-        self.model_box.setEditable(True)
-        self.model_box.setToolTip(field_help(TrainConfig, "model"))
-        self.model_box.addItem("demo")
-        self.model_info = QLabel("")
-        self.model_info.setWordWrap(True)
-        browse_model = QPushButton(icon("folder"), "Folder…")
-        browse_model.setToolTip("Choose a model folder (with config.json and safetensors weights)")
-        browse_model.clicked.connect(self._browse_model)
+        self._plan_request = self._data_request = 0
+        self.graphs = LiveGraphs()
+        self.loss_plot = self.graphs.loss
+        self.model_picker = ModelPicker()
+        self.model_box = self.model_picker.box
+        self.budget = BudgetPicker(self._setting("last_preset", "auto"), self.graphs.source_text)
+        self.preset_box = self.budget.box
         self.drop = DropZone(self._setting("last_data_folder", ""))
         self.report = DatasetReport()
         self.skip_bad = QCheckBox("Skip bad rows")
         self.skip_bad.setToolTip(field_help(TrainConfig, "skip_bad"))
         self.skip_bad.hide()
-        self.preset_box = QComboBox()
-        self.preset_box.setToolTip(field_help(TrainConfig, "preset"))
-        self.gpu_label = QLabel("")
-        self.gpu_label.setWordWrap(True)
-        self.gpu_label.setToolTip("The card the memory graph follows; run `tunesmith gpu` for every card")
         self.plan_view = PlanView()
-        self.train_button = QPushButton(icon("train"), "Train")
-        self.train_button.setToolTip("Start training with this plan (Ctrl+Enter)")
+        self.train_button = _button("train", "Train", "Start training with this plan (Ctrl+Enter)")
         self.train_button.setDefault(True)
-        self.stop_button = QPushButton(icon("stop"), "Stop")
-        self.stop_button.setToolTip("Save a checkpoint and stop after this step (Esc)")
-        self.resume_button = QPushButton(icon("resume"), "Resume")
-        self.resume_button.setToolTip("Continue the stopped run from its last checkpoint")
-        self.status = QLabel("Choose a dataset to train on.")
-        self.status.setWordWrap(True)
-        self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.stop_button = _button("stop", "Stop", "Save a checkpoint and stop after this step (Esc)")
+        self.resume_button = _button("resume", "Resume", "Continue the stopped run from its last checkpoint")
+        self.status = _label("Choose a dataset to train on.")
         # What the run changed in its plan (a kernel that failed the self-test, an OOM back-off):
         # kept in view for the whole run, where the status line moves on at the next step.
-        self.notice = QLabel("")
+        self.notice = _label("", "Changes the run made to its plan; train.log in the run folder has the details")
         self.notice.setObjectName("planNotice")
         self.notice.setStyleSheet("color: #d97706;")  # amber: readable on the light and dark themes
-        self.notice.setWordWrap(True)
-        self.notice.setTextInteractionFlags(Qt.TextSelectableByMouse)
-        self.notice.setToolTip("Changes the run made to its plan; train.log in the run folder has the details")
         self.notice.hide()
-        self.graphs = LiveGraphs()
-        self.gpu_label.setText(self.graphs.source_text)
-        self.loss_plot = self.graphs.loss
+        self._replan_timer = QTimer(self, singleShot=True, interval=REPLAN_DELAY_MS, timeout=self.replan)
+        self._build_layout()
+        self._connect()
+        self.model_picker.look_up()
+        self._update_buttons()
 
-        left = QVBoxLayout()
-        model_group = QGroupBox("Model")
-        row = QHBoxLayout()
-        row.addWidget(self.model_box, 1)
-        row.addWidget(browse_model)
-        box = QVBoxLayout(model_group)
-        box.addLayout(row)
-        box.addWidget(self.model_info)
+    def _build_layout(self) -> None:
         data_group = QGroupBox("Dataset")
         box = QVBoxLayout(data_group)
-        box.addWidget(self.drop)
-        box.addWidget(self.report)
-        box.addWidget(self.skip_bad)
-        budget_group = QGroupBox("Memory budget")
-        box = QVBoxLayout(budget_group)
-        row = QHBoxLayout()
-        row.addWidget(QLabel("Preset"))
-        row.addWidget(self.preset_box, 1)
-        box.addLayout(row)
-        box.addWidget(self.gpu_label)
+        for widget in (self.drop, self.report, self.skip_bad):
+            box.addWidget(widget)
         plan_group = QGroupBox("Plan")
         QVBoxLayout(plan_group).addWidget(self.plan_view)
-        buttons = QHBoxLayout()
-        for button in (self.train_button, self.stop_button, self.resume_button):
-            buttons.addWidget(button)
-        for widget in (model_group, data_group, budget_group, plan_group):
+        setup = QWidget()
+        left = QVBoxLayout(setup)
+        for widget in (self.model_picker, data_group, self.budget, plan_group):
             left.addWidget(widget)
         left.addStretch(1)
-        setup = QWidget()
-        setup.setLayout(left)
         scroll = QScrollArea()
         scroll.setWidget(setup)
         scroll.setWidgetResizable(True)
         scroll.setMinimumWidth(420)
+        buttons = QHBoxLayout()
+        for button in (self.train_button, self.stop_button, self.resume_button):
+            buttons.addWidget(button)
         column = QWidget()  # the set-up scrolls; the buttons and the status line stay in view
         box = QVBoxLayout(column)
         box.setContentsMargins(0, 0, 0, 0)
@@ -133,20 +98,15 @@ class TrainTab(QWidget):
         splitter.setSizes([480, 620])
         QVBoxLayout(self).addWidget(splitter)
 
-        self._model_timer = QTimer(self, singleShot=True, interval=REPLAN_DELAY_MS,
-                                   timeout=lambda: self._model_changed(self.model_box.currentText()))
-        self.model_box.currentTextChanged.connect(lambda _text: self._model_timer.start())  # not per keystroke
+    def _connect(self) -> None:
+        self.model_picker.chosen.connect(self._model_chosen)
         self.drop.file_chosen.connect(self.load_dataset)
-        self.preset_box.currentIndexChanged.connect(self.schedule_replan)
+        self.budget.changed.connect(self.schedule_replan)
         self.skip_bad.toggled.connect(self._update_buttons)
         self.plan_view.changed.connect(self.schedule_replan)
         self.train_button.clicked.connect(self.start_training)
         self.stop_button.clicked.connect(self.stop_training)
         self.resume_button.clicked.connect(self.resume_training)
-        self._replan_timer = QTimer(self, singleShot=True, interval=REPLAN_DELAY_MS, timeout=self.replan)
-        self._fill_presets()
-        self._model_changed(self.model_box.currentText())
-        self._update_buttons()
 
     # -- setup ----------------------------------------------------------------------------------
     def _setting(self, key: str, default):
@@ -156,60 +116,14 @@ class TrainTab(QWidget):
         if self.settings is not None:
             self.settings.setValue(key, value)
 
-    def _fill_presets(self) -> None:
-        from app.core.presets import list_presets
-
-        try:
-            presets = list_presets()
-        except Exception as err:  # noqa: BLE001 - a broken user preset is shown, not fatal
-            self.gpu_label.setText(f"<span style='color:#c0392b'>{html.escape(str(err))}</span>")
-            presets = []
-        for preset in presets:
-            self.preset_box.addItem(f"{preset.name}", preset.id)
-            self.preset_box.setItemData(self.preset_box.count() - 1, preset.description, Qt.ToolTipRole)
-        # Named cards, to plan for one this machine does not have ("will it fit a 3060?"); training
-        # here with one chosen keeps within that card's memory.
-        from app.core.cards import card_catalog
-
-        self.preset_box.insertSeparator(self.preset_box.count())
-        for card in card_catalog():
-            self.preset_box.addItem(f"{card.name} ({card.memory_gib:.0f} GB)", CARD_PREFIX + card.name)
-            self.preset_box.setItemData(self.preset_box.count() - 1,
-                                        f"Plan for an {card.name}: {card.memory_gib:.1f} GiB, compute "
-                                        f"{card.capability_text}, bf16 {'yes' if card.bf16 else 'no'}",
-                                        Qt.ToolTipRole)
-        last = self.preset_box.findData(self._setting("last_preset", "auto"))
-        self.preset_box.setCurrentIndex(max(0, last))
-
     def add_models(self, rows) -> None:
         """Models found by the background scan (HF cache, recent folders), then the catalogue."""
         from app.core.catalog import catalog
 
-        known = {self.model_box.itemText(i) for i in range(self.model_box.count())}
-        for name in [row.name if row.kind != "recent" else row.path for row in rows] + [e.id for e in catalog()]:
-            if name not in known:
-                self.model_box.addItem(name)
-                known.add(name)
+        self.model_picker.add_models([row.name if row.kind != "recent" else row.path for row in rows]
+                                     + [entry.id for entry in catalog()])
 
-    def _browse_model(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Choose a model folder")
-        if folder:
-            self.model_box.setCurrentText(folder)
-
-    def _model_changed(self, name: str) -> None:
-        from app.core.catalog import model_facts
-        from app.core.errors import UserError
-
-        try:
-            facts = model_facts(name)
-        except UserError as err:
-            self.model_info.setText(f"<span style='color:#c0392b'>{html.escape(str(err))}</span>")
-            return
-        f = facts.facts
-        where = {"catalogue": "not downloaded: planned from its config, downloaded when you train",
-                 "demo": "built-in demo model", "folder": "local folder", "hf-cache": "Hugging Face cache"}
-        self.model_info.setText(f"{f.total_params / 1e9:.2f}B parameters, {f.layers} layers, {f.model_type}, "
-                                f"vocabulary {f.vocab:,} <small>({where.get(facts.source, facts.source)})</small>")
+    def _model_chosen(self, name: str) -> None:
         self._remember("last_model", name)
         if self.data_path:
             self.load_dataset(self.data_path)  # token lengths depend on the tokenizer
@@ -251,11 +165,9 @@ class TrainTab(QWidget):
 
     def config(self) -> TrainConfig:
         """The run the window describes now."""
-        choice = self.preset_box.currentData() or "auto"
-        card = choice[len(CARD_PREFIX):] if choice.startswith(CARD_PREFIX) else ""
-        return TrainConfig(model=self.model_box.currentText().strip() or "demo", data=self.data_path,
-                           preset="auto" if card else choice, gpu=card, skip_bad=self.skip_bad.isChecked(),
-                           **self.plan_view.fixed())
+        preset, card = self.budget.choice()
+        return TrainConfig(model=self.model_picker.name(), data=self.data_path, preset=preset, gpu=card,
+                           skip_bad=self.skip_bad.isChecked(), **self.plan_view.fixed())
 
     def schedule_replan(self) -> None:
         self._replan_timer.start()
@@ -344,7 +256,7 @@ class TrainTab(QWidget):
         if self.last_run is None or not self.resume_button.isEnabled():
             return
         run_id = self.last_run.run_id
-        consent = self._resume_consent(run_id)
+        consent = ask_resume_consent(self, run_id)
         if consent is None:
             return
         self._start_worker(lambda on_event, stop: resume_training(run_id, on_event, stop, **consent), "Resuming…")
@@ -362,7 +274,7 @@ class TrainTab(QWidget):
             return
         try:
             self.graphs.show_history(read_history(open_run(run_id)))
-            consent = self._resume_consent(run_id)
+            consent = ask_resume_consent(self, run_id)
         except UserError as err:
             self.show_error(str(err), None)
             return
@@ -370,31 +282,6 @@ class TrainTab(QWidget):
             return
         self._start_worker(lambda on_event, stop: resume_training(run_id, on_event, stop, **consent),
                            f"Resuming {run_id}…")
-
-    def _resume_consent(self, run_id: str) -> dict | None:
-        """The consent a resume needs again (remote code, pickle weights), asked in a dialog that
-        names the files; {} when none is needed, None when the user declines."""
-        from app.core.runs import open_run
-        from app.core.trainer import consent_needed
-
-        config = open_run(run_id).config()
-        missing = consent_needed(config, False, False)
-        if not missing:
-            return {}
-        folder = Path(config.model).expanduser()
-        files = sorted(p.name for p in folder.glob("*.py")) if folder.is_dir() else []
-        if "--allow-pickle" in missing and folder.is_dir():
-            files += sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
-        what = " and ".join({"--trust-remote-code": "the model's own Python code",
-                             "--allow-pickle": "its pickle weights (which can run code)"}[flag] for flag in missing)
-        answer = QMessageBox.question(
-            self, "Run the model's own code?",
-            f"Run {run_id} was started allowing {what}. Resuming loads it again"
-            f"{': ' + ', '.join(files) if files else f' (from {config.model})'}. Resume only if you trust it.",
-            QMessageBox.Yes | QMessageBox.Cancel, QMessageBox.Cancel)
-        if answer != QMessageBox.Yes:
-            return None
-        return {"trust_remote_code": "--trust-remote-code" in missing, "allow_pickle": "--allow-pickle" in missing}
 
     def _start_worker(self, start, message: str) -> None:
         self.worker = TrainingWorker(start)
@@ -421,7 +308,8 @@ class TrainTab(QWidget):
             self.graphs.loss.add_step(event.step, event.loss)
             self.graphs.lr.add_step(event.step, event.lr)
             self.status.setText(f"step {event.step}/{event.total_steps} · epoch {event.epoch:.2f} · loss "
-                                f"{event.loss:.4f} · {event.tokens_per_s:,.0f} tokens/s · ETA {format_duration(event.eta_s)}")
+                                f"{event.loss:.4f} · {event.tokens_per_s:,.0f} tokens/s · "
+                                f"ETA {format_duration(event.eta_s)}")
         elif isinstance(event, ev.EvalMetrics):
             self.graphs.loss.add_eval(event.step, event.eval_loss)
         elif isinstance(event, ev.RunStarted):
@@ -462,13 +350,7 @@ class TrainTab(QWidget):
 
     def show_error(self, message: str, log: Path | None) -> None:
         """A dialog with the one-line reason, and a button that opens the run's log (non-blocking)."""
-        box = QMessageBox(QMessageBox.Warning, "Training did not finish", message, QMessageBox.Close, self)
-        if log is not None:
-            open_log = box.addButton("Open log", QMessageBox.ActionRole)
-            open_log.clicked.connect(lambda: QDesktopServices.openUrl(QUrl.fromLocalFile(str(log))))
-        box.setWindowModality(Qt.WindowModal)
-        self.error_dialog = box
-        box.open()
+        self.error_dialog = error_box(self, message, log)
 
 
 def _run_plan(run_dir: str):
@@ -480,3 +362,18 @@ def _run_plan(run_dir: str):
         return open_run(run_dir).plan()
     except UserError:
         return None
+
+
+def _button(icon_name: str, text: str, tip: str) -> QPushButton:
+    button = QPushButton(icon(icon_name), text)
+    button.setToolTip(tip)
+    return button
+
+
+def _label(text: str, tip: str = "") -> QLabel:
+    label = QLabel(text)
+    label.setWordWrap(True)
+    label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+    if tip:
+        label.setToolTip(tip)
+    return label
