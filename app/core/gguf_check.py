@@ -4,6 +4,7 @@ template), and a few values of a few tensors within a tolerance that depends on 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from app.core.gguf_export import attention_heads, load_tensor, permute, plan_ten
 
 # Tolerance on |gguf - source| relative to the tensor's largest magnitude, per stored type.
 TOLERANCE = {"F32": 1e-6, "F16": 1e-3, "BF16": 1e-2, "Q8_0": 1e-2}
+CHUNK_VALUES = 2**24  # values compared at once (64 MB in float32)
 
 
 @dataclass
@@ -55,19 +57,33 @@ def verify_gguf(gguf_file: Path, model_dir: Path, samples: int = 3) -> GgufCheck
     names += [f"blk.{b}.{part}.weight" for b in blocks for part in ("attn_norm", "attn_q", "attn_k")]
     max_diff, checked = 0.0, 0
     for name in (n for n in names if n in shapes and shapes[n] == plan[n].shape):
-        rows = slice(0, 8) if name == "token_embd.weight" else slice(None)
-        tensor = tensors[name]
-        stored = gguf.quants.dequantize(np.asarray(tensor.data[rows]), tensor.tensor_type)
-        stored = stored.reshape(-1, *plan[name].shape[1:]) if len(plan[name].shape) > 1 else stored
-        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
-            stored = permute(stored, attention_heads(config, name), inverse=True)
-        source = load_tensor(plan[name], config, "none", rows)
-        diff = float(np.max(np.abs(stored - source)))
-        scale = float(np.max(np.abs(source))) or 1.0
+        diff, scale = _compare(tensors[name], plan[name], config, arch)
         max_diff, checked = max(max_diff, diff), checked + 1
-        if diff > TOLERANCE.get(tensor.tensor_type.name, 1e-2) * scale:
+        if diff > TOLERANCE.get(tensors[name].tensor_type.name, 1e-2) * scale:
             problems.append(f"{name}: values differ by up to {diff:.3g} (largest value {scale:.3g})")
     return GgufCheck(not problems, problems, max_diff, len(tensors), len(plan), checked)
+
+
+def _compare(tensor, planned, config: dict, arch: str) -> tuple[float, float]:
+    """(largest |stored - source|, largest |source|) over the tensor, a few rows of token_embd,
+    read CHUNK_VALUES at a time so that checking an 8B model's output matrix (0.5G values) holds
+    tens of MB, not several GB of float32 copies. q and k are compared whole: un-permuting for
+    llama.cpp's rotary layout mixes rows within each head."""
+    shape = planned.shape
+    permuted = arch == "llama" and planned.name.endswith(("attn_q.weight", "attn_k.weight"))
+    end = min(8, shape[0]) if planned.name == "token_embd.weight" else shape[0]
+    step = end if permuted or len(shape) == 1 else max(1, CHUNK_VALUES // math.prod(shape[1:]))
+    diff = scale = 0.0
+    for start in range(0, end, step):
+        rows = slice(start, min(end, start + step))
+        stored = gguf.quants.dequantize(np.asarray(tensor.data[rows]), tensor.tensor_type)
+        stored = stored.reshape(-1, *shape[1:]) if len(shape) > 1 else stored
+        if permuted:
+            stored = permute(stored, attention_heads(config, planned.name), inverse=True)
+        source = load_tensor(planned, config, "none", rows)
+        diff = max(diff, float(np.max(np.abs(stored - source))))
+        scale = max(scale, float(np.max(np.abs(source))))
+    return diff, scale or 1.0
 
 
 def _check_metadata(reader: gguf.GGUFReader, config: dict, arch: str, model_dir: Path) -> list[str]:

@@ -331,3 +331,20 @@ def test_an_unknown_pre_tokenizer_is_refused_unless_named_by_hand(tiny_model, tm
     assert summary.pre_tokenizer == "gpt-2" and "set by hand" in summary.warnings[0]
     field = GGUFReader(tmp_path / "out.gguf").fields["tokenizer.ggml.pre"]
     assert bytes(field.parts[field.data[0]]).decode() == "gpt-2"
+
+
+def test_the_read_back_check_reads_big_tensors_in_chunks_and_still_finds_a_bad_last_row(tiny_model, tmp_path,
+                                                                                       monkeypatch):
+    """With chunks of 640 values (10 rows of the tiny model's output matrix), a changed value in
+    the very last row is still found; the check holds one chunk, not the tensor (8B: 2 GB -> 64 MB)."""
+    import app.core.gguf_check as check
+
+    write_gguf(tiny_model, tmp_path / "m.gguf", "f32")
+    monkeypatch.setattr(check, "CHUNK_VALUES", 640)
+    assert verify_gguf(tmp_path / "m.gguf", tiny_model).ok
+    reader = gguf.GGUFReader(tmp_path / "m.gguf", "r+")
+    output = next(t for t in reader.tensors if t.name == "output.weight")
+    output.data[-1, -1] += 1.0
+    del reader
+    found = verify_gguf(tmp_path / "m.gguf", tiny_model)
+    assert not found.ok and any(p.startswith("output.weight: values differ by up to 1") for p in found.problems)
