@@ -1,5 +1,5 @@
 """The command line: `tunesmith train|resume|runs|plan|check-data|models|gpu|demo|gui` (and
-`chat`, `export` from cli_chat).
+`chat`, `export` from app.cli.chat).
 
 A thin face over app.core. User errors print one line on stderr and exit 2 (`--debug` shows the
 traceback); a failed run exits 1; Ctrl-C during training stops cleanly with a checkpoint.
@@ -14,9 +14,10 @@ import time
 import warnings
 from dataclasses import fields
 
-from app import __version__, cli_chat
+from app import __version__
+from app.cli import chat as cli_chat
 from app.core.config import TrainConfig, field_help
-from app.cli_progress import Progress, install_stop_handler, report_end, run_with_progress
+from app.cli.progress import Progress, install_stop_handler, report_end, run_with_progress
 from app.core.errors import UserError
 
 QUANTIZE_CHOICES = ("auto", "4bit", "none")  # planner.QUANTIZE_CHOICES, without importing the planner here
