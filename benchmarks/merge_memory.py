@@ -291,6 +291,7 @@ def write(row: dict, stem: Path) -> None:
                          f"{export['format']} {' '.join(export['args'])} | {export['exit']} | "
                          f"{export['peak_rss'] / GIB:.2f} | {run['goal_bytes'] / GIB:.2f} | "
                          f"{export['peak_during'][:70].replace('|', '/')} | {export['wall_s']:.0f} |")
+    lines += [""] + [f"- {run['started']}: {run['note']}" for run in history["runs"] if run.get("note")]
     lines += ["", "Base shards (GiB): " + ", ".join(f"{s / GIB:.2f}" for s in history["runs"][-1]["base_shards_bytes"])
               + f"; adapter {history['runs'][-1]['adapter_bytes'] / 2**20:.0f} MiB.", ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
