@@ -1,5 +1,4 @@
-"""`tunesmith chat` and `tunesmith export`: talk to a trained adapter in the terminal, and write it
-out as an adapter, a merged model or a GGUF file (with an Ollama Modelfile)."""
+"""`tunesmith chat`: talk to a trained adapter in the terminal (multi-turn, or one answer)."""
 
 from __future__ import annotations
 
@@ -7,6 +6,7 @@ import sys
 import threading
 from dataclasses import fields
 
+from app.cli.output import info
 from app.core.chat import GenerationSettings
 
 CHAT_COMMANDS = ("/base  switch the adapter off or on", "/compare  answer the last question with both",
@@ -31,22 +31,6 @@ def add_commands(sub) -> None:
                       "models you trust)")
     chat.set_defaults(func=cmd_chat)
 
-    export = sub.add_parser("export", help="export a run as an adapter, a merged model or a GGUF file")
-    export.add_argument("run", help="run id (or a unique part of it), run folder, checkpoint or adapter folder")
-    export.add_argument("--format", required=True, choices=("adapter", "merged", "gguf"),
-                        help="adapter: the PEFT adapter; merged: base + adapter in 16-bit safetensors; "
-                             "gguf: one file for llama.cpp/Ollama, with a Modelfile")
-    export.add_argument("--dtype", choices=("bf16", "f16", "f32"), default="bf16",
-                        help="precision of the merged weights (default bf16)")
-    export.add_argument("--quant", choices=("f16", "q8_0", "bf16", "f32"), default="f16",
-                        help="GGUF tensor type (default f16; q8_0 is half the size)")
-    export.add_argument("--out", required=True, help="folder to create")
-    export.add_argument("--force", action="store_true", help="replace --out if it holds an earlier export")
-    export.add_argument("--pre-tokenizer", default="", metavar="NAME",
-                        help="gguf: llama.cpp's pre-tokenizer name, for a tokenizer Tunesmith cannot identify")
-    export.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code")
-    export.set_defaults(func=cmd_export)
-
 
 def cmd_chat(args) -> int:
     from app.core.chat import load_chat
@@ -54,7 +38,7 @@ def cmd_chat(args) -> int:
     settings = GenerationSettings(system_prompt=args.system_prompt, temperature=args.temperature,
                                   top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                                   repetition_penalty=args.repetition_penalty, stop=args.stop)
-    chat = load_chat(args.run, args.trust_remote_code, progress=_info)
+    chat = load_chat(args.run, args.trust_remote_code, progress=info)
     if args.prompt is not None:
         messages = [{"role": "user", "content": args.prompt}]
         if args.compare:
@@ -66,25 +50,6 @@ def cmd_chat(args) -> int:
             _answer(chat, messages, settings, adapter=not args.base)
         return 0
     return _conversation(chat, settings, adapter=not args.base)
-
-
-def cmd_export(args) -> int:
-    from app.core.export import export_run
-
-    result = export_run(args.run, args.format, args.out, dtype=args.dtype, quant=args.quant, force=args.force,
-                        progress=_info, trust_remote_code=args.trust_remote_code, pre_tokenizer=args.pre_tokenizer)
-    print(f"Wrote {result.out_dir} ({result.bytes / 2**20:,.1f} MiB):")
-    for name in result.files:
-        print(f"  {name}")
-    if "max_logit_diff" in result.checks:
-        print(f"Merged logits vs base + adapter: largest difference {result.checks['max_logit_diff']:.3g}, "
-              f"same next token at {result.checks['top_token_agreement']:.1%} of positions")
-    if "logit_check" in result.checks:
-        print(f"Merged logits vs base + adapter: {result.checks['logit_check']}")
-    if "gguf_tensors" in result.checks:
-        print(f"GGUF read back: {result.checks['gguf_tensors']} tensors match the merged model "
-              f"(largest difference {result.checks['gguf_max_abs_diff']:.3g})")
-    return 0
 
 
 def _conversation(chat, settings: GenerationSettings, adapter: bool) -> int:
@@ -147,7 +112,3 @@ def _answer(chat, messages: list[dict], settings: GenerationSettings, adapter: b
     print(f"({last.tokens} tokens, {last.tokens_per_s:.1f} tokens/s{', stopped' if last.stopped else ''})",
           file=sys.stderr)
     return text
-
-
-def _info(message: str) -> None:
-    print(message, file=sys.stderr)

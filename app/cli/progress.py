@@ -8,6 +8,8 @@ import sys
 import threading
 import time
 
+from app.core.units import format_duration
+
 
 class Progress:
     """Prints training events: a redrawn bar on a terminal, a line every few seconds otherwise."""
@@ -97,11 +99,3 @@ def report_end(result) -> int:
         return 0
     print(f"tunesmith: run {result.run_id} failed: {result.reason}", file=sys.stderr)
     return 1
-
-
-def format_duration(seconds: float) -> str:
-    """An ETA or elapsed time as the CLI and the app show it: 7m05s, 2h13m."""
-    seconds = int(max(0, seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"

@@ -1,0 +1,184 @@
+"""`tunesmith train | resume | plan | runs | check-data | demo`: training and what comes before it."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from app.cli.flags import add_config_flags, config_values
+from app.cli.output import info, num, print_table, short, yes
+from app.cli.progress import Progress, install_stop_handler, report_end, run_with_progress
+from app.core.config import TrainConfig
+from app.core.units import gib
+
+EXIT_BAD_DATA = 2
+TRAIN_HIDDEN = ("warmup_ratio", "max_grad_norm", "weight_decay", "lora_dropout", "lora_alpha")
+PLAN_FLAGS = ("model", "data", "preset", "gpu", "quantize", "attention", "loss_kernel", "rank", "seq_len",
+              "micro_batch", "grad_accum", "epochs", "grad_checkpointing", "packing", "skip_bad")
+
+
+def add_commands(sub) -> None:
+    train = sub.add_parser("train", help="train a LoRA adapter on your data")
+    add_config_flags(train, skip=TRAIN_HIDDEN, required=("data",))
+    train.set_defaults(func=cmd_train)
+
+    plan = sub.add_parser("plan", help="show the memory plan for a model, data and VRAM preset (no weights load)")
+    add_config_flags(plan, only=PLAN_FLAGS,
+                     helps={"data": "training data to fit the sequence length to (optional)"})
+    plan.add_argument("--json", action="store_true", help="print the plan and breakdown as JSON")
+    plan.set_defaults(func=cmd_plan)
+
+    resume = sub.add_parser("resume", help="continue a stopped or interrupted run")
+    resume.add_argument("run", help="run id (or a unique part of it) or run folder")
+    add_config_flags(resume, only=("trust_remote_code", "allow_pickle"), helps={
+        "trust_remote_code": "needed again for a run started with it: the model's own code runs",
+        "allow_pickle": "needed again for a run started with it: pickle weights load"})
+    resume.set_defaults(func=cmd_resume)
+
+    runs = sub.add_parser("runs", help="list training runs")
+    runs.set_defaults(func=cmd_runs)
+
+    check = sub.add_parser("check-data", help="validate a dataset file and show its token lengths")
+    check.add_argument("file")
+    check.add_argument("--model", default="demo", help="tokenizer to measure with (default: demo)")
+    check.add_argument("--seq-len", type=int, default=1024, help="report rows longer than this")
+    add_config_flags(check, only=("trust_remote_code",))
+    check.set_defaults(func=cmd_check_data)
+
+    demo = sub.add_parser("demo", help="train the demo model on the sample data and compare answers")
+    demo.add_argument("--max-steps", type=int, default=None, help="train fewer steps (quick look)")
+    demo.set_defaults(func=cmd_demo)
+
+
+def cmd_train(args) -> int:
+    from app.core.trainer import run_training
+
+    config = TrainConfig(**config_values(args))
+    return run_with_progress(lambda on_event, stop: run_training(config, on_event, stop))
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from app.core.memory import COMPONENTS
+    from app.core.plan_preview import preview_plan
+
+    preview = preview_plan(TrainConfig(**config_values(args)))
+    if args.json:
+        print(json.dumps(preview.to_dict(), indent=2))
+        return 0
+    facts, plan, budget = preview.model.facts, preview.plan, preview.budget
+    print(f"Model   {preview.model.name} ({preview.model.source}): {facts.total_params / 1e9:.2f}B parameters, "
+          f"{facts.layers} layers, hidden {facts.hidden}, vocabulary {facts.vocab:,}")
+    print(f"Budget  {budget.preset.id}: {gib(budget.usable_bytes)} usable ({budget.source})")
+    if budget.card:
+        card = budget.card
+        print(f"Card    {card.name}: compute capability {card.capability_text}, bf16 {yes(card.bf16)}, "
+              f"FlashAttention-2 {yes(card.flash_attention_2)} ({card.source})")
+    if preview.stats:
+        s = preview.stats
+        print(f"Data    {s.count} examples, tokens median {s.median}, p95 {s.p95}, p99 {s.p99}, max {s.max}")
+    if preview.tokenizer_note:
+        print(f"Note    {preview.tokenizer_note}")
+    print()
+    rows = [("SETTING", "VALUE", "WHY")]
+    for name, value in [("quantize", plan.quantize), ("seq_len", plan.seq_len), ("rank", plan.rank), ("grad_checkpointing",
+                        "on" if plan.grad_checkpointing else "off"), ("micro_batch", plan.micro_batch),
+                        ("grad_accum", plan.grad_accum), ("batching", plan.batching),
+                        ("compute_dtype", plan.compute_dtype), ("attention", plan.attention), ("loss", plan.loss),
+                        ("optimizer", plan.optimizer), ("total_steps", plan.total_steps or "-")]:
+        rows.append((name, value, plan.reasons.get(name, "")))
+    print_table(rows)
+    print()
+    rows = [("MEMORY", "PREDICTED", "WHAT")]
+    for name, label, what in COMPONENTS:
+        if name == "runtime_overhead" and budget.device != "cuda":
+            continue  # no CUDA context on the CPU
+        rows.append((label, gib(plan.breakdown.get(name, 0)),
+                     what.format(lora_params=plan.breakdown.get("lora_params", 0))))
+    rows.append(("peak", gib(plan.predicted_peak_bytes), f"of {gib(budget.usable_bytes)} usable"))
+    print_table(rows)
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from app.core.trainer import resume_training
+
+    return run_with_progress(lambda on_event, stop: resume_training(
+        args.run, on_event, stop, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle))
+
+
+def cmd_runs(args) -> int:
+    from app.core.runs import list_runs
+
+    rows = list_runs()
+    if not rows:
+        print("No runs yet. Start one with `tunesmith train --data FILE` or `tunesmith demo`.")
+        return 0
+    table = [("RUN", "STATUS", "STEPS", "LOSS", "EVAL", "MODEL", "DATA")]
+    for r in rows:
+        table.append((r.id, r.status, f"{r.step}/{r.total_steps}", num(r.last_loss), num(r.eval_loss),
+                      short(r.model), short(os.path.basename(r.data))))
+    print_table(table)
+    return 0
+
+
+def cmd_check_data(args) -> int:
+    from app.core.data.stats import count_over, length_stats
+    from app.core.data.tokenize import ensure_chat_template, tokenize_examples
+    from app.core.data.validate import check_file
+    from app.core.models import load_tokenizer, resolve_model
+
+    report = check_file(args.file)
+    problems = list(report.problems)
+    print(f"{report.file}")
+    print(f"  format     {report.format_label}")
+    lengths: list[int] = []
+    if report.examples:
+        model = resolve_model(args.model, args.trust_remote_code, progress=info)
+        tokenizer = load_tokenizer(model, args.trust_remote_code)
+        ensure_chat_template(tokenizer)
+        tokenized = tokenize_examples(tokenizer, report.examples, report.file)
+        problems += tokenized.problems
+        lengths = [len(e.input_ids) for e in tokenized.examples]
+    bad_lines = len({(p.line, p.file) for p in problems})
+    print(f"  rows       {report.rows} ({report.rows - bad_lines} usable, {bad_lines} with problems)")
+    if lengths:
+        s = length_stats(lengths)
+        print(f"  tokens     min {s.min}, median {s.median}, p95 {s.p95}, max {s.max} "
+              f"(tokenizer of {model.name})")
+        over = count_over(lengths, args.seq_len)
+        print(f"  truncated  {over} row{'s' * (over != 1)} longer than {args.seq_len} tokens")
+    if problems:
+        print(f"\n{len(problems)} problem{'s' * (len(problems) != 1)}:")
+        for problem in sorted(problems, key=lambda p: (p.line or 0)):
+            print(f"  {problem}")
+        print("\nFix these rows, or train with --skip-bad to leave them out.", file=sys.stderr)
+        return EXIT_BAD_DATA
+    print("  OK: every row is usable")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from app.core.demo import DEMO_QUESTION, demo_config, run_demo
+
+    config = demo_config()
+    if args.max_steps:
+        config.max_steps = args.max_steps
+    progress = Progress()
+    stop = install_stop_handler(progress)
+    started = time.monotonic()
+    result = run_demo(progress, stop, config)
+    progress.close()
+    if result.run.status != "finished":
+        return report_end(result.run)
+    minutes = (time.monotonic() - started) / 60
+    print(f"\nTrained {result.run.step} steps in {minutes:.1f} min. Mean loss of the first 10 steps "
+          f"{sum(result.first_losses) / len(result.first_losses):.3f}, of the last 10 "
+          f"{sum(result.last_losses) / len(result.last_losses):.3f} ({result.loss_drop:.0%} lower).")
+    print(f"\nQuestion: {DEMO_QUESTION}\n")
+    print(f"Base model:\n  {result.base_answer}\n")
+    print(f"Tuned adapter:\n  {result.tuned_answer}\n")
+    print(f"Adapter saved in {result.run.adapter_dir}")
+    return 0
