@@ -1,5 +1,5 @@
-"""`python -m app` runs the command line."""
+"""`python -m app` is `tunesmith`: the window without a command, else the command line."""
 
-from app.cli import main
+from app.launch import main
 
 raise SystemExit(main())

@@ -8,7 +8,7 @@ from pathlib import Path
 if __name__ == "__main__":
     multiprocessing.freeze_support()
     if Path(sys.executable).stem.lower().endswith("-cli"):
-        from app.cli import main
+        from app.launch import main
     else:
         from app.gui.application import main
     raise SystemExit(main())

@@ -1,5 +1,6 @@
 """The command line: `tunesmith train|resume|plan|runs|check-data|demo` (training.py),
-`models|gpu` (machine.py), `chat` (chat.py), `export` (export.py) and `gui`.
+`models|gpu` (machine.py), `chat` (chat.py) and `export` (export.py). `gui` is listed for --help;
+app.launch starts the window (for `tunesmith` alone and `tunesmith gui`) before this parser runs.
 
 A thin face over app.core. User errors print one line on stderr and exit 2 (`--debug` shows the
 traceback); a failed run exits 1; Ctrl-C during training stops cleanly with a checkpoint.
@@ -22,10 +23,10 @@ EXIT_USER_ERROR = 2
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "command", None):
-        from app.gui.application import run_gui
-
-        return run_gui()
+    if not getattr(args, "command", None) or args.command == "gui":
+        print("tunesmith: the desktop app starts from `tunesmith` or `tunesmith gui` (app.launch), not "
+              "from the command line's main()", file=sys.stderr)
+        return EXIT_USER_ERROR
     _quiet_libraries(args.debug)
     try:
         return args.func(args)
@@ -48,17 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     gui = sub.add_parser("gui", help="open the desktop app (also what plain `tunesmith` does)")
     gui.add_argument("--smoke", action="store_true",
                      help="open the window, print the ms from start to shown, and exit")
-    gui.set_defaults(func=cmd_gui)
     machine.add_commands(sub)
     chat.add_commands(sub)
     export.add_commands(sub)
     return parser
-
-
-def cmd_gui(args) -> int:
-    from app.gui.application import run_gui
-
-    return run_gui(smoke=args.smoke)
 
 
 def _quiet_libraries(debug: bool) -> None:

@@ -91,9 +91,9 @@ def match_card(name: str) -> Card | None:
 def detected_card(index: int = 0) -> Card | None:
     """This machine's card `index` as NVML reports it (memory, compute capability), completed from
     the catalogue row of the same name; None without an NVIDIA driver. No torch import."""
-    from app.gpu.nvml import detect_gpus
+    from app.core import host
 
-    report = detect_gpus()
+    report = host.gpus()
     if not report.available or index >= len(report.gpus):
         return None
     gpu = report.gpus[index]

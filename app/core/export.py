@@ -142,10 +142,10 @@ def compare_logits(source: AdapterSource, info, tokenizer, merged_dir: Path, dty
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from app.core import host
     from app.core.models import quiet_loading
-    from app.core.presets import available_ram
 
-    needed, free = int(_parameters(info) * _DTYPE_BYTES[dtype] * 1.2) + 2**30, available_ram()
+    needed, free = int(_parameters(info) * _DTYPE_BYTES[dtype] * 1.2) + 2**30, host.available_ram()
     if needed > free:
         reason = (f"skipped: comparing with base + adapter loads the model whole ({needed / 2**30:.1f} GiB) and "
                   f"{free / 2**30:.1f} GiB of RAM is free")
@@ -397,9 +397,9 @@ def _check_space(out: Path, needed: int) -> None:
 
 
 def _check_ram(needed: int, how: str) -> None:
-    from app.core.presets import available_ram
+    from app.core import host
 
-    free = available_ram()
+    free = host.available_ram()
     if needed > free:
         raise ExportError(f"this export needs about {needed / 2**30:.1f} GiB of RAM ({how}) and {free / 2**30:.1f} "
                           "GiB is free; close other programs and try again, or export on a machine with more RAM")

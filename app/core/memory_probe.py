@@ -97,24 +97,3 @@ def _quant_state_bytes(state) -> int:
         if hasattr(value, "element_size"):
             total += value.numel() * value.element_size()
     return total + _quant_state_bytes(getattr(state, "state2", None))
-
-
-def process_ram_bytes() -> int | None:
-    """Resident memory of this process now (Linux /proc; elsewhere the peak from getrusage)."""
-    try:
-        import os
-        from pathlib import Path
-
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-
-        return pages * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        import resource
-        import sys
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
-    except (ImportError, OSError):
-        return None

@@ -54,12 +54,12 @@ class Fit:
 def detect_device() -> tuple[str, str, str]:
     """(device, compute dtype, optimizer) for this machine: bf16 (fp16 before Ampere) + paged
     8-bit AdamW on CUDA, fp32 + torch AdamW on the CPU."""
-    import torch
+    from app.core import host
 
-    if torch.cuda.is_available():
+    capability = host.cuda_capability(0) if host.local_device() == "cuda" else None
+    if capability is not None:
         # is_bf16_supported() also says yes for Turing, where bf16 is emulated and slow
-        dtype = "bfloat16" if torch.cuda.get_device_capability(0) >= (8, 0) else "float16"
-        return "cuda", dtype, "paged_adamw_8bit"
+        return "cuda", "bfloat16" if capability >= (8, 0) else "float16", "paged_adamw_8bit"
     return "cpu", "float32", "adamw_torch"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from app.core import host
 from app.core.cards import Card, card_from_capability, detected_card, find_card
 from app.core.errors import ConfigError
 from app.core.memory import GIB
@@ -129,12 +130,12 @@ def resolve_budget(preset: Preset, device: str | None = None, card: Card | None 
         total = min(fixed, card.memory_bytes) if fixed else card.memory_bytes
         return Budget(preset, "cuda", total, max(0, total - margin),
                       f"{card.name} ({card.source}): {card.memory_gib:.1f} GiB", card)
-    local = _local_device()
+    local = host.local_device()
     if local == "cuda" and device in (None, "cuda"):
         return _local_cuda_budget(preset, fixed, margin)
     if fixed is not None:
         return Budget(preset, device or "cuda", fixed, fixed - margin, f"preset {preset.id}")
-    available = available_ram()
+    available = host.available_ram()
     return Budget(preset, "cpu", available, max(0, available - margin),
                   f"no CUDA GPU: {available / GIB:.1f} GiB of RAM available")
 
@@ -148,7 +149,7 @@ def training_budget(name: str, gpu: str = "") -> Budget:
         named = find_card(gpu)
         gib = named.memory_bytes / GIB
         preset = replace(preset, budget_gib=min(preset.budget_gib or gib, gib))
-    if _local_device() == "cuda" or preset.budget_gib is None:
+    if host.local_device() == "cuda" or preset.budget_gib is None:
         return resolve_budget(preset)
     budget = resolve_budget(replace(preset, budget_gib=None), device="cpu")
     return replace(budget, source=f"{budget.source}; the {preset.id} preset is for GPUs")
@@ -156,18 +157,16 @@ def training_budget(name: str, gpu: str = "") -> Budget:
 
 def _local_cuda_budget(preset: Preset, fixed: int | None, margin: int) -> Budget:
     """This machine's first card: what the preset allows of what other programs leave free."""
-    from app.gpu.nvml import detect_gpus, memory_use
-
     card = local_card()
-    use = memory_use(0)
+    use = host.memory_use(0)
     if use is not None and use.total_bytes:
         total = use.total_bytes
         others = use.others_bytes or 0
-        gpus = detect_gpus().gpus
+        gpus = host.gpus().gpus
         driver = (gpus[0].reserved_bytes or 0) if gpus else 0  # NVML v2: outside "used", never ours
         note = f", {others / GIB:.1f} GiB used by other programs" if others >= 0.05 * GIB else ""
     else:  # no NVML reading (rare: NVML missing while torch sees the card): torch's free memory
-        free, total = _cuda_free()
+        free, total, _ = host.cuda_free()
         others, driver = max(0, total - free), 0
         note = f", {others / GIB:.1f} GiB in use"
     free_for_us = max(0, total - others - driver)
@@ -184,98 +183,11 @@ def local_card() -> Card | None:
     card = detected_card(0)
     if card is not None:
         return card
-    import torch
-
-    if not torch.cuda.is_available():
+    capability = host.cuda_capability(0)
+    if capability is None:
         return None
-    free, total = torch.cuda.mem_get_info(0)
-    return card_from_capability(torch.cuda.get_device_name(0), int(total),
-                                tuple(torch.cuda.get_device_capability(0)), "detected")
-
-
-def available_ram() -> int:
-    """Bytes of RAM the system could give a new program now: MemAvailable on Linux, less when this
-    process runs in a container or cgroup with a memory limit (Docker, a rented box's job slot)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return min(int(line.split()[1]) * 1024, cgroup_available() or 2**62)
-    except OSError:
-        pass
-    import os
-
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 8 * GIB  # an unknown system: assume a modest machine
-
-
-def cgroup_available(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """Bytes left under this process's cgroup memory limit (the tightest of it and its parents),
-    counting inactive file cache as free as the kernel would reclaim it; None without a limit."""
-    try:
-        lines = proc_cgroup.read_text().splitlines()
-    except OSError:
-        return None
-    best = None
-    for line in lines:
-        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-        v2 = controllers == ""
-        if not v2 and "memory" not in controllers.split(","):
-            continue
-        base = root if v2 else root / "memory"
-        folder = base / path.lstrip("/")
-        if not folder.is_dir():
-            folder = base  # inside a container the cgroup's own folder is the mount's root
-        while True:
-            left = _cgroup_left(folder, v2)
-            if left is not None:
-                best = left if best is None else min(best, left)
-            if folder == base or not v2:  # v1 reports the hierarchy's limit in memory.stat itself
-                break
-            folder = folder.parent
-    return best
-
-
-def _cgroup_left(folder: Path, v2: bool) -> int | None:
-    try:
-        stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines() if " " in line)
-        if v2:
-            limit_text = (folder / "memory.max").read_text().strip()
-            if limit_text == "max":
-                return None
-            limit, used = int(limit_text), int((folder / "memory.current").read_text())
-            cache = int(stat.get("inactive_file", 0))
-        else:
-            limit = min(int((folder / "memory.limit_in_bytes").read_text()),
-                        int(stat.get("hierarchical_memory_limit", 2**63)))
-            used, cache = int((folder / "memory.usage_in_bytes").read_text()), int(stat.get("total_inactive_file", 0))
-    except (OSError, ValueError):
-        return None
-    if limit >= 2**60:
-        return None
-    return max(0, limit - used + cache)
-
-
-def _local_device() -> str:
-    """Where training would run here. Without an NVIDIA driver that is the CPU, which NVML tells
-    in milliseconds; with one, torch decides (a CPU build of torch cannot use the card)."""
-    import sys
-
-    from app.gpu.nvml import nvidia_gpu_count
-
-    if "torch" not in sys.modules and nvidia_gpu_count() == 0:
-        return "cpu"
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _cuda_free() -> tuple[int, int, str]:
-    import torch
-
-    free, total = torch.cuda.mem_get_info(0)
-    return int(free), int(total), torch.cuda.get_device_name(0)
+    _, total, name = host.cuda_free(0)
+    return card_from_capability(name, int(total), capability, "detected")
 
 
 def _kind_name(kind: type) -> str:

@@ -110,14 +110,14 @@ def test_plan_for_a_catalogued_model_does_not_import_torch():
 
 def test_the_budget_on_this_card_leaves_other_programs_memory_alone(monkeypatch):
     """NVML cannot exist here: its reading of a 24 GiB card with 3 GiB used by others is faked."""
-    from app.core import presets
+    from app.core import host, presets
     from app.gpu import nvml
 
     class Use:
         total_bytes, used_bytes, ours_bytes, others_bytes = 24 * GIB, 3 * GIB, 0, 3 * GIB
         per_process, note = True, ""
 
-    monkeypatch.setattr(presets, "_local_device", lambda: "cuda")
+    monkeypatch.setattr(host, "local_device", lambda: "cuda")
     monkeypatch.setattr(presets, "detected_card", lambda index=0: find_card("RTX 4090"))
     monkeypatch.setattr(nvml, "memory_use", lambda index=0, pid=None: Use())
     monkeypatch.setattr(nvml, "detect_gpus", lambda: nvml.GpuReport(False, None, []))

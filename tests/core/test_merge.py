@@ -167,7 +167,7 @@ def test_the_export_falls_back_to_the_whole_model_merge_and_still_matches(tiny_r
 
 def test_an_export_that_does_not_fit_in_ram_is_refused_before_writing(tiny_run, tmp_path, monkeypatch):
     """available_ram is patched: this machine has RAM to spare, a user's may not."""
-    monkeypatch.setattr("app.core.presets.available_ram", lambda: 100 * 2**20)
+    monkeypatch.setattr("app.core.host.available_ram", lambda: 100 * 2**20)
     with pytest.raises(ExportError, match=r"needs about .* GiB of RAM \(merging tensor by tensor\) and 0.1 GiB"):
         export_run(tiny_run.run_id, "merged", tmp_path / "merged")
     assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged*"))
@@ -176,7 +176,7 @@ def test_an_export_that_does_not_fit_in_ram_is_refused_before_writing(tiny_run, 
 def test_the_logit_check_is_skipped_with_its_reason_when_the_model_does_not_fit(tiny_run, tmp_path, monkeypatch):
     """available_ram is patched to 0.6 GiB: enough for the streamed merge, not for the check's
     whole model plus its 1 GiB margin."""
-    monkeypatch.setattr("app.core.presets.available_ram", lambda: int(0.6 * 2**30))
+    monkeypatch.setattr("app.core.host.available_ram", lambda: int(0.6 * 2**30))
     result = export_run(tiny_run.run_id, "merged", tmp_path / "merged", dtype="bf16")
     assert result.checks["logit_check"].startswith("skipped: comparing with base + adapter loads the model whole")
     assert "max_logit_diff" not in result.checks

@@ -118,7 +118,7 @@ def _tree(tmp_path, text: str, files: dict[str, str]):
 
 def test_a_cgroup_v2_limit_caps_the_available_ram(tmp_path):
     """A container with 16 GiB: 10 GiB used, 2 GiB of it inactive file cache the kernel would drop."""
-    from app.core.presets import cgroup_available
+    from app.gpu.machine import cgroup_available
 
     proc, root = _tree(tmp_path, "0::/box/job\n", {
         "box/job/memory.max": f"{16 * GIB}\n", "box/job/memory.current": f"{10 * GIB}\n",
@@ -128,7 +128,7 @@ def test_a_cgroup_v2_limit_caps_the_available_ram(tmp_path):
 
 
 def test_a_tighter_parent_cgroup_wins_and_no_limit_is_none(tmp_path):
-    from app.core.presets import cgroup_available
+    from app.gpu.machine import cgroup_available
 
     proc, root = _tree(tmp_path, "0::/box/job\n", {
         "box/job/memory.max": "max\n", "box/job/memory.current": f"{3 * GIB}\n", "box/job/memory.stat": "",
@@ -140,7 +140,7 @@ def test_a_tighter_parent_cgroup_wins_and_no_limit_is_none(tmp_path):
 
 
 def test_a_cgroup_v1_limit_is_read_from_the_memory_controller(tmp_path):
-    from app.core.presets import cgroup_available
+    from app.gpu.machine import cgroup_available
 
     proc, root = _tree(tmp_path, "5:cpu:/\n4:memory:/docker/abc\n", {
         "memory/docker/abc/memory.limit_in_bytes": f"{8 * GIB}\n",

@@ -219,7 +219,7 @@ class LiveGraphs(QSplitter):
             plot.refresh()
 
     def sample_memory(self) -> None:
-        from app.core.memory_probe import process_ram_bytes
+        from app.gpu.machine import process_ram_bytes
         from app.gpu.torch_memory import torch_counters
 
         seconds = time.monotonic() - self._started

@@ -1,0 +1,37 @@
+"""The engine's one door to this machine: every fact app.core plans with (RAM, the NVIDIA cards,
+where training runs) is asked for here, and only this module imports app.gpu. Tests stand in for a
+machine they do not have by replacing these functions (monkeypatch host.local_device, ...)."""
+
+from __future__ import annotations
+
+from app.gpu import machine, nvml
+
+
+def available_ram() -> int:
+    """Bytes of RAM a new program could have now (a container's memory limit included)."""
+    return machine.available_ram()
+
+
+def local_device() -> str:
+    """"cuda" when torch can train on an NVIDIA card here, else "cpu" (no torch import without a driver)."""
+    return machine.local_device()
+
+
+def cuda_free(index: int = 0) -> tuple[int, int, str]:
+    """(free bytes, total bytes, name) of CUDA card `index`, as torch sees it."""
+    return machine.cuda_free(index)
+
+
+def cuda_capability(index: int = 0) -> tuple[int, int] | None:
+    """Compute capability of CUDA card `index` as torch sees it; None without CUDA."""
+    return machine.cuda_capability(index)
+
+
+def gpus() -> nvml.GpuReport:
+    """Every NVIDIA card NVML reports (none, with the reason, without a driver)."""
+    return nvml.detect_gpus()
+
+
+def memory_use(index: int = 0) -> nvml.MemoryUse | None:
+    """Card `index`'s memory split into this process's, other programs' and free."""
+    return nvml.memory_use(index)

@@ -1,0 +1,120 @@
+"""Facts about this machine the engine plans with: RAM (a container's limit included), this
+process's resident memory, and where training would run (NVML first, which answers in
+milliseconds without importing torch; then torch). NVIDIA card details are in nvml.py and
+torch_memory.py; app.core reaches all of this through app.core.host only."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+GIB = 1024 ** 3
+
+
+def available_ram() -> int:
+    """Bytes of RAM the system could give a new program now: MemAvailable on Linux, less when this
+    process runs in a container or cgroup with a memory limit (Docker, a rented box's job slot)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return min(int(line.split()[1]) * 1024, cgroup_available() or 2**62)
+    except OSError:
+        pass
+    import os
+
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * GIB  # an unknown system: assume a modest machine
+
+
+def cgroup_available(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes left under this process's cgroup memory limit (the tightest of it and its parents),
+    counting inactive file cache as free as the kernel would reclaim it; None without a limit."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    best = None
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        v2 = controllers == ""
+        if not v2 and "memory" not in controllers.split(","):
+            continue
+        base = root if v2 else root / "memory"
+        folder = base / path.lstrip("/")
+        if not folder.is_dir():
+            folder = base  # inside a container the cgroup's own folder is the mount's root
+        while True:
+            left = _cgroup_left(folder, v2)
+            if left is not None:
+                best = left if best is None else min(best, left)
+            if folder == base or not v2:  # v1 reports the hierarchy's limit in memory.stat itself
+                break
+            folder = folder.parent
+    return best
+
+
+def _cgroup_left(folder: Path, v2: bool) -> int | None:
+    try:
+        stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines() if " " in line)
+        if v2:
+            limit_text = (folder / "memory.max").read_text().strip()
+            if limit_text == "max":
+                return None
+            limit, used = int(limit_text), int((folder / "memory.current").read_text())
+            cache = int(stat.get("inactive_file", 0))
+        else:
+            limit = min(int((folder / "memory.limit_in_bytes").read_text()),
+                        int(stat.get("hierarchical_memory_limit", 2**63)))
+            used, cache = int((folder / "memory.usage_in_bytes").read_text()), int(stat.get("total_inactive_file", 0))
+    except (OSError, ValueError):
+        return None
+    if limit >= 2**60:
+        return None
+    return max(0, limit - used + cache)
+
+
+def local_device() -> str:
+    """Where training would run here. Without an NVIDIA driver that is the CPU, which NVML tells
+    in milliseconds; with one, torch decides (a CPU build of torch cannot use the card)."""
+    from app.gpu.nvml import nvidia_gpu_count
+
+    if "torch" not in sys.modules and nvidia_gpu_count() == 0:
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cuda_free(index: int = 0) -> tuple[int, int, str]:
+    """(free bytes, total bytes, name) of CUDA card `index`, as torch sees it."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(index)
+    return int(free), int(total), torch.cuda.get_device_name(index)
+
+
+def cuda_capability(index: int = 0) -> tuple[int, int] | None:
+    """CUDA card `index`'s compute capability as torch sees it; None when torch has no CUDA."""
+    import torch
+
+    return tuple(torch.cuda.get_device_capability(index)) if torch.cuda.is_available() else None
+
+
+def process_ram_bytes() -> int | None:
+    """Resident memory of this process now (Linux /proc; elsewhere the peak from getrusage)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+    except (ImportError, OSError):
+        return None
