@@ -15,7 +15,7 @@ from app.core.units import gib
 EXIT_BAD_DATA = 2
 TRAIN_HIDDEN = ("warmup_ratio", "max_grad_norm", "weight_decay", "lora_dropout", "lora_alpha")
 PLAN_FLAGS = ("model", "data", "preset", "gpu", "quantize", "attention", "loss_kernel", "rank", "seq_len",
-              "micro_batch", "grad_accum", "epochs", "grad_checkpointing", "packing", "skip_bad")
+              "micro_batch", "grad_accum", "epochs", "grad_checkpointing", "packing", "skip_bad", "trust_remote_code")
 
 
 def add_commands(sub) -> None:
@@ -125,34 +125,23 @@ def cmd_runs(args) -> int:
 
 
 def cmd_check_data(args) -> int:
-    from app.core.data.stats import count_over, length_stats
-    from app.core.data.tokenize import ensure_chat_template, tokenize_examples
-    from app.core.data.validate import check_file
-    from app.core.models import load_tokenizer, resolve_model
+    from app.core.data.check import check_dataset
 
-    report = check_file(args.file)
-    problems = list(report.problems)
+    summary = check_dataset(args.file, args.model, args.seq_len, trust_remote_code=args.trust_remote_code,
+                            progress=info)
+    report, problems = summary.report, summary.problems
     print(f"{report.file}")
     print(f"  format     {report.format_label}")
-    lengths: list[int] = []
-    if report.examples:
-        model = resolve_model(args.model, args.trust_remote_code, progress=info)
-        tokenizer = load_tokenizer(model, args.trust_remote_code)
-        ensure_chat_template(tokenizer)
-        tokenized = tokenize_examples(tokenizer, report.examples, report.file)
-        problems += tokenized.problems
-        lengths = [len(e.input_ids) for e in tokenized.examples]
-    bad_lines = len({(p.line, p.file) for p in problems})
-    print(f"  rows       {report.rows} ({report.rows - bad_lines} usable, {bad_lines} with problems)")
-    if lengths:
-        s = length_stats(lengths)
+    print(f"  rows       {report.rows} ({report.rows - summary.bad_lines} usable, {summary.bad_lines} with problems)")
+    if summary.lengths:
+        s = summary.stats
         print(f"  tokens     min {s.min}, median {s.median}, p95 {s.p95}, max {s.max} "
-              f"(tokenizer of {model.name})")
-        over = count_over(lengths, args.seq_len)
+              f"(tokenizer of {summary.tokenizer_of})")
+        over = summary.over_seq_len
         print(f"  truncated  {over} row{'s' * (over != 1)} longer than {args.seq_len} tokens")
     if problems:
         print(f"\n{len(problems)} problem{'s' * (len(problems) != 1)}:")
-        for problem in sorted(problems, key=lambda p: (p.line or 0)):
+        for problem in problems:
             print(f"  {problem}")
         print("\nFix these rows, or train with --skip-bad to leave them out.", file=sys.stderr)
         return EXIT_BAD_DATA

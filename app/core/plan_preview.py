@@ -8,7 +8,6 @@ downloaded), the budget from a preset. No weights are read, nothing is downloade
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from app.core.cards import find_card
 from app.core.catalog import ModelFacts, model_facts
@@ -56,7 +55,7 @@ def preview_plan(config: TrainConfig, lengths: list[int] | None = None) -> PlanP
     budget = resolve_budget(preset, card=find_card(config.gpu) if config.gpu else None)
     if config.data:
         if lengths is None:
-            lengths = measure_lengths(config, facts)
+            lengths = data_lengths(config)
         note = tokenizer_note(facts)
         stats = length_stats(lengths)
     else:
@@ -83,37 +82,12 @@ def tokenizer_note(facts: ModelFacts) -> str:
             "its own may count 10-20% differently")
 
 
-def measure_lengths(config: TrainConfig, facts: ModelFacts, report=None) -> list[int]:
-    """Token lengths of every usable row of the data (`report`, else checked here), with the
-    model's tokenizer when it is on disk (the demo model's otherwise). The `tokenizers` fast path
-    answers in well under a second; a folder it cannot read goes through transformers."""
-    from app.core import demo_model
-    from app.core.data.fast_lengths import fast_lengths
+def data_lengths(config: TrainConfig) -> list[int]:
+    """Token lengths of the usable rows of `config.data`, measured by the one dataset check."""
+    from app.core.data.check import check_dataset
     from app.core.data.validate import check_file
 
-    if report is None:
-        report = check_file(config.data)
+    report = check_file(config.data)
     report.raise_if_unusable(config.skip_bad)
-    if facts.source in ("folder", "hf-cache"):
-        folder = Path(facts.config_path).parent
-    elif demo_model.is_converted():  # the demo, or a catalogued model measured with its tokenizer
-        folder = demo_model.demo_model_dir()
-    else:
-        folder = None
-    lengths = fast_lengths(folder, report.examples) if folder is not None else None
-    return lengths if lengths is not None else slow_lengths(config, facts, report)
-
-
-def slow_lengths(config: TrainConfig, facts: ModelFacts, report) -> list[int]:
-    """The lengths through transformers' tokenizer, exactly as training tokenises."""
-    from app.core.data.tokenize import ensure_chat_template, tokenize_examples
-    from app.core.models import load_tokenizer, resolve_model
-
-    if facts.source == "catalogue":
-        model = resolve_model("demo")
-    else:
-        model = resolve_model(config.model, config.trust_remote_code, config.allow_pickle)
-    tokenizer = load_tokenizer(model, config.trust_remote_code)
-    ensure_chat_template(tokenizer)
-    tokenized = tokenize_examples(tokenizer, report.examples, report.file)
-    return [len(e.input_ids) for e in tokenized.examples]
+    return check_dataset(config.data, config.model, report=report, trust_remote_code=config.trust_remote_code,
+                         allow_pickle=config.allow_pickle).lengths

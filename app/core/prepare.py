@@ -15,7 +15,8 @@ from app.core.architecture import ArchFacts, arch_facts
 from app.core.atomic import file_sha256
 from app.core.config import Plan, TrainConfig
 from app.core.data.stats import LengthStats, length_stats
-from app.core.data.tokenize import Tokenized, TokenizedSet, ensure_chat_template, tokenize_examples
+from app.core.data.check import check_dataset
+from app.core.data.tokenize import Tokenized, TokenizedSet, ensure_chat_template
 from app.core.data.validate import DataReport, check_file
 from app.core.errors import DatasetError
 from app.core.models import ModelInfo, load_tokenizer, resolve_model
@@ -97,7 +98,8 @@ def _arch_or_none(config: dict) -> ArchFacts | None:
 
 
 def _tokenize(tokenizer, report: DataReport, skip_bad: bool) -> TokenizedSet:
-    result = tokenize_examples(tokenizer, report.examples, report.file)
+    """The rows as training sees them, by the one dataset check with the model's own tokenizer."""
+    result = check_dataset(report.file, tokenizer=tokenizer, report=report).tokenized
     if result.problems and not skip_bad:
         more = len(result.problems) - 1
         tail = f" (and {more} more)" if more else ""

@@ -133,7 +133,7 @@ class TrainTab(QWidget):
     # -- dataset and plan -------------------------------------------------------------------------
     def load_dataset(self, path: str) -> None:
         """Check `path` on a worker thread and show the report."""
-        from app.core.data_summary import summarise_dataset
+        from app.core.data.check import check_dataset
 
         self.data_path = path
         self._remember("last_data_folder", str(Path(path).parent))
@@ -141,7 +141,7 @@ class TrainTab(QWidget):
         self.report.show_busy(path)
         self._data_request += 1
         request, model = self._data_request, self.model_box.currentText()
-        worker = TaskWorker(lambda: summarise_dataset(path, model), request)
+        worker = TaskWorker(lambda: check_dataset(path, model, preview=True), request)
         worker.done.connect(self._dataset_checked)
         worker.failed.connect(self._dataset_failed)
         self.threads.start(worker, worker.done, worker.failed)
@@ -152,7 +152,7 @@ class TrainTab(QWidget):
             return
         self.summary = summary
         self.report.show_summary(summary)
-        self.skip_bad.setVisible(bool(summary.report.problems) and summary.usable_rows > 0)
+        self.skip_bad.setVisible(bool(summary.problems) and summary.usable_rows > 0)
         self._update_buttons()
         self.schedule_replan()
 
@@ -224,7 +224,7 @@ class TrainTab(QWidget):
 
     def _update_buttons(self) -> None:
         data_ok = self.summary is not None and self.summary.usable_rows > 0 and (
-            not self.summary.report.problems or self.skip_bad.isChecked())
+            not self.summary.problems or self.skip_bad.isChecked())
         self.train_button.setEnabled(not self.running and self.engine_ready and data_ok
                                      and self.plan_view.plan is not None)
         self.stop_button.setEnabled(self.running and not self.worker.stop_requested.is_set())
@@ -232,7 +232,7 @@ class TrainTab(QWidget):
         self.resume_button.setEnabled(not self.running and self.engine_ready and resumable)
         if self.running or self.last_run is not None:
             return
-        if self.summary is not None and self.summary.report.problems and not data_ok:
+        if self.summary is not None and self.summary.problems and not data_ok:
             self.status.setText("Fix the rows listed above, or tick “Skip bad rows” to train on the others.")
         elif data_ok and not self.engine_ready:
             self.status.setText("Loading the training engine…")

@@ -125,7 +125,7 @@ class DatasetReport(QWidget):
 
     def show_summary(self, summary) -> None:
         report, stats = summary.report, summary.stats
-        bad = len({p.line for p in report.problems})
+        bad = summary.bad_lines
         text = f"<b>{html.escape(report.format_label)}</b>, {report.rows} rows: {summary.usable_rows} usable"
         if bad:
             text += f", <span style='color:#c0392b'><b>{bad} with problems</b></span>"
