@@ -51,7 +51,7 @@ def test_the_merged_model_loads_in_plain_transformers_and_matches_base_plus_adap
 
 
 def test_the_gguf_export_reads_back_and_comes_with_a_valid_modelfile(tiny_run, tmp_path):
-    from app.core.gguf_check import verify_gguf
+    from app.core.export.gguf_check import verify_gguf
 
     result = export_run(tiny_run.run_id, "gguf", tmp_path / "gguf", quant="q8_0")
     [name] = [f for f in result.files if f.endswith(".gguf")]
@@ -158,7 +158,7 @@ def test_the_merged_demo_model_answers_in_the_sample_datas_voice(demo_run, tmp_p
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from app.core.gguf_check import verify_gguf
+    from app.core.export.gguf_check import verify_gguf
     from test_demo import _pirate_score
 
     export_run(str(demo_run), "merged", tmp_path / "merged", dtype="f32")

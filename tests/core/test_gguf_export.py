@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from app.core.errors import ExportError
-from app.core.gguf_check import verify_gguf
-from app.core.gguf_export import permute, write_gguf
+from app.core.export.gguf_check import verify_gguf
+from app.core.export.gguf import permute, write_gguf
 from conftest import build_tiny_model, build_tiny_tokenizer
 
 BLOCK_PARTS = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
@@ -337,7 +337,7 @@ def test_the_read_back_check_reads_big_tensors_in_chunks_and_still_finds_a_bad_l
                                                                                        monkeypatch):
     """With chunks of 640 values (10 rows of the tiny model's output matrix), a changed value in
     the very last row is still found; the check holds one chunk, not the tensor (8B: 2 GB -> 64 MB)."""
-    import app.core.gguf_check as check
+    import app.core.export.gguf_check as check
 
     write_gguf(tiny_model, tmp_path / "m.gguf", "f32")
     monkeypatch.setattr(check, "CHUNK_VALUES", 640)

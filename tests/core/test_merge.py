@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from app.core import merge
+from app.core.export import merge
 from app.core.errors import ExportError
 from app.core.export import export_run
 
@@ -188,7 +188,7 @@ PEAK_SCRIPT = r"""
 import json, sys
 from pathlib import Path
 import torch, safetensors.torch  # imported before the baseline: what a merge needs anyway
-from app.core import merge
+from app.core.export import merge
 
 def status(key):
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key))

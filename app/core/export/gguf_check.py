@@ -11,7 +11,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from app.core.gguf_export import attention_heads, load_tensor, permute, plan_tensors, read_config
+from app.core.export.gguf import attention_heads, load_tensor, permute, plan_tensors, read_config
 
 # Tolerance on |gguf - source| relative to the tensor's largest magnitude, per stored type.
 TOLERANCE = {"F32": 1e-6, "F16": 1e-3, "BF16": 1e-2, "Q8_0": 1e-2}

@@ -8,7 +8,7 @@ when it is empty or holds that marker, and never when it is (or holds) the home 
 current folder, Tunesmith's own folders, a run, the adapter or the base model being exported.
 Free disk space is checked before anything is written.
 The merged model is made from the base model in 16-bit (not the 4-bit weights training used),
-tensor by tensor so that RAM holds one shard and not the model (`app.core.merge`), and its logits
+tensor by tensor so that RAM holds one shard and not the model (`app.core.export.merge`), and its logits
 are compared with base + adapter on a few prompts when the model fits in RAM; a GGUF file is read
 back and compared with the merged model.
 """
@@ -59,7 +59,7 @@ def export_run(ref: str, fmt: str, out: str | Path, dtype: str = "bf16", quant: 
     if dtype not in DTYPES:
         raise ExportError(f"unknown --dtype '{dtype}'; use one of {', '.join(DTYPES)}")
     if fmt == "gguf":
-        from app.core.gguf_export import QUANTS
+        from app.core.export.gguf import QUANTS
 
         if quant not in QUANTS:
             raise ExportError(f"unknown --quant '{quant}'; use one of {', '.join(QUANTS)}")
@@ -74,7 +74,7 @@ def export_run(ref: str, fmt: str, out: str | Path, dtype: str = "bf16", quant: 
     if problem:
         raise ExportError(problem)
     if fmt == "gguf":
-        from app.core.gguf_export import read_config
+        from app.core.export.gguf import read_config
 
         read_config(Path(info.path))  # an architecture the writer does not know is refused before the merge
     _check_space(out, _needed_bytes(fmt, source, _parameters(info), dtype, quant))
@@ -104,12 +104,12 @@ def merge_adapter(source: AdapterSource, info, tokenizer, out: Path, dtype: str 
     """Merge the adapter into the base model's 16-bit weights and save the result (sharded
     safetensors, config, generation config, tokenizer) into `out`.
 
-    Tensor by tensor when the files allow (`app.core.merge`: RAM holds one shard, not the model),
+    Tensor by tensor when the files allow (`app.core.export.merge`: RAM holds one shard, not the model),
     else by loading the model whole with PEFT; either way the RAM it needs is checked first.
     Returns the checks against base + adapter over a few prompts: the largest logit difference and
     how often both pick the same next token (16-bit rounding moves logits a little and near-ties can
     flip), or why they were skipped (the model does not fit in RAM even once)."""
-    from app.core import merge
+    from app.core.export import merge
 
     base_dir = Path(info.path)
     try:
@@ -295,8 +295,8 @@ def _write_adapter(source: AdapterSource, tokenizer, out: Path) -> None:
 
 def _write_gguf(source: AdapterSource, info, tokenizer, out: Path, dtype: str, quant: str, progress,
                 trust_remote_code: bool, pre_tokenizer: str = "") -> dict:
-    from app.core.gguf_check import verify_gguf
-    from app.core.gguf_export import write_gguf
+    from app.core.export.gguf_check import verify_gguf
+    from app.core.export.gguf import write_gguf
 
     merged = out / ".merged"
     merged.mkdir()
