@@ -1,21 +1,20 @@
 """Export a trained adapter: the adapter itself, a merged 16-bit model, or a GGUF file with an
 Ollama Modelfile; each with a model card (README.md) saying what it is and how it was checked.
 
+Here: the target folder's rules and the three formats. merged.py merges (tensor by tensor with
+merge.py where the files allow) and checks the result; gguf.py writes GGUF and gguf_check.py reads
+it back; modelfile.py writes Ollama's Modelfile; card.py the model card.
+
 Every export is atomic: it is written into a temporary sibling of `--out` and renamed into place
 only when complete, so a failure or a full disk never leaves half a model behind. Each export
 folder carries a marker file (MARKER); an existing folder is replaced only with `force` and only
 when it is empty or holds that marker, and never when it is (or holds) the home folder, the
 current folder, Tunesmith's own folders, a run, the adapter or the base model being exported.
-Free disk space is checked before anything is written.
-The merged model is made from the base model in 16-bit (not the 4-bit weights training used),
-tensor by tensor so that RAM holds one shard and not the model (`app.core.export.merge`), and its logits
-are compared with base + adapter on a few prompts when the model fits in RAM; a GGUF file is read
-back and compared with the merged model.
+Free disk space and RAM are checked before anything is written.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -25,15 +24,15 @@ from pathlib import Path
 from app.core.atomic import staged_dir, write_json, write_text
 from app.core.chat import AdapterSource, adapter_tokenizer, find_adapter
 from app.core.errors import ExportError
+from app.core.export.card import model_card
+from app.core.export.merged import merge_adapter, parameters
+from app.core.export.modelfile import ollama_modelfile
 from app.core.run_lock import RunLock
 from app.core.runs import is_run_folder
 
 FORMATS = ("adapter", "merged", "gguf")
 DTYPES = ("bf16", "f16", "f32")
-_DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4}
-_TORCH_DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
 GGUF_BYTES_PER_PARAM = {"f16": 2.0, "bf16": 2.0, "f32": 4.0, "q8_0": 34 / 32}
-CHECK_PROMPTS = ("How do I make garlic bread?", "Tell me about the sea.", "What is 12 + 7?")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 DISK_MARGIN = 1.1
 MARKER = ".tunesmith-export"  # in every export folder: the only kind of folder --force replaces
@@ -77,7 +76,7 @@ def export_run(ref: str, fmt: str, out: str | Path, dtype: str = "bf16", quant: 
         from app.core.export.gguf import read_config
 
         read_config(Path(info.path))  # an architecture the writer does not know is refused before the merge
-    _check_space(out, _needed_bytes(fmt, source, _parameters(info), dtype, quant))
+    _check_space(out, _needed_bytes(fmt, source, parameters(info), dtype, quant))
     tokenizer = adapter_tokenizer(source, info, trust_remote_code)
     run_inside = next((p for p in out.parents if is_run_folder(p)), None)
     with (RunLock(run_inside, "exporting") if run_inside else nullcontext()), staged_dir(out, replace=replace) as tmp:
@@ -97,191 +96,6 @@ def export_run(ref: str, fmt: str, out: str | Path, dtype: str = "bf16", quant: 
         size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
     progress(f"Exported {fmt} to {out}")
     return ExportResult(out, fmt, files, size, checks)
-
-
-def merge_adapter(source: AdapterSource, info, tokenizer, out: Path, dtype: str = "bf16",
-                  progress: Callable[[str], None] = lambda message: None, trust_remote_code: bool = False) -> dict:
-    """Merge the adapter into the base model's 16-bit weights and save the result (sharded
-    safetensors, config, generation config, tokenizer) into `out`.
-
-    Tensor by tensor when the files allow (`app.core.export.merge`: RAM holds one shard, not the model),
-    else by loading the model whole with PEFT; either way the RAM it needs is checked first.
-    Returns the checks against base + adapter over a few prompts: the largest logit difference and
-    how often both pick the same next token (16-bit rounding moves logits a little and near-ties can
-    flip), or why they were skipped (the model does not fit in RAM even once)."""
-    from app.core.export import merge
-
-    base_dir = Path(info.path)
-    try:
-        plan = merge.plan_merge(base_dir, source.adapter_dir)
-    except merge.CannotStream as why:
-        _check_ram(int(_parameters(info) * _DTYPE_BYTES[dtype] * 1.25) + 2**30, f"loading the model whole: {why}")
-        progress(f"Loading {info.name} in {dtype} (not 4-bit) to merge the adapter (whole: {why})")
-        return _merge_whole(source, info, tokenizer, out, dtype, progress, trust_remote_code)
-    _check_ram(merge.merge_ram(plan, dtype), "merging tensor by tensor")
-    progress(f"Merging the adapter into {info.name} in {dtype} (not 4-bit), one tensor at a time")
-    summary = merge.merge_shards(plan, out, dtype, progress)
-    merge.write_merged_config(base_dir, out, dtype, trust_remote_code)
-    if not (out / "generation_config.json").exists():
-        from transformers import AutoConfig, GenerationConfig
-
-        config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
-        GenerationConfig.from_model_config(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    progress(f"Merged {summary.merged_weights} weights; {summary.bytes / 2**30:.2f} GiB in {len(summary.files)} files")
-    return compare_logits(source, info, tokenizer, out, dtype, progress, trust_remote_code)
-
-
-def compare_logits(source: AdapterSource, info, tokenizer, merged_dir: Path, dtype: str,
-                   progress: Callable[[str], None] = lambda message: None, trust_remote_code: bool = False) -> dict:
-    """Base + adapter against the merged model on CHECK_PROMPTS, one model in RAM at a time; when
-    even one does not fit, the checks say why they were skipped instead."""
-    import gc
-
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from app.core import host
-    from app.core.models import quiet_loading
-
-    needed, free = int(_parameters(info) * _DTYPE_BYTES[dtype] * 1.2) + 2**30, host.available_ram()
-    if needed > free:
-        reason = (f"skipped: comparing with base + adapter loads the model whole ({needed / 2**30:.1f} GiB) and "
-                  f"{free / 2**30:.1f} GiB of RAM is free")
-        progress(f"Logit check {reason}")
-        return {"logit_check": reason}
-    torch_dtype = getattr(torch, _TORCH_DTYPES[dtype])
-    prompts = _check_prompts(tokenizer)
-    quiet_loading()
-    progress("Checking the merged model against base + adapter")
-    with torch.no_grad():
-        base = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                                    use_safetensors=not info.facts.pickle_weights)
-        model = PeftModel.from_pretrained(base, source.adapter_dir).eval()
-        before = [model(ids).logits.float() for ids in prompts]
-        del model, base
-        gc.collect()
-        merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch_dtype,
-                                                      trust_remote_code=trust_remote_code).eval()
-        after = [merged(ids).logits.float() for ids in prompts]
-        del merged
-        gc.collect()
-    return _agreement(before, after, progress)
-
-
-def _check_prompts(tokenizer) -> list:
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                          return_tensors="pt", return_dict=True)["input_ids"] for p in CHECK_PROMPTS]
-
-
-def _agreement(before: list, after: list, progress: Callable[[str], None]) -> dict:
-    diff = max(float((a - b).abs().max()) for a, b in zip(before, after))
-    same = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(before, after))
-    agreement = same / sum(a.shape[1] for a in before)
-    progress(f"Merged: logits differ from base + adapter by at most {diff:.3g}; the same next token at "
-             f"{agreement:.1%} of positions")
-    return {"max_logit_diff": diff, "top_token_agreement": agreement}
-
-
-def _merge_whole(source: AdapterSource, info, tokenizer, out: Path, dtype: str, progress: Callable[[str], None],
-                 trust_remote_code: bool) -> dict:
-    """The merge PEFT does: the whole base in 16-bit, merge_and_unload, save_pretrained."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from app.core.models import quiet_loading
-
-    torch_dtype = getattr(torch, _TORCH_DTYPES[dtype])
-    quiet_loading()
-    base = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                                use_safetensors=not info.facts.pickle_weights)
-    model = PeftModel.from_pretrained(base, source.adapter_dir)
-    model.eval()
-    prompts = _check_prompts(tokenizer)
-    with torch.no_grad():
-        before = [model(ids).logits.float() for ids in prompts]
-        progress("Merging the adapter into the weights")
-        merged = model.merge_and_unload()
-        after = [merged(ids).logits.float() for ids in prompts]
-    checks = _agreement(before, after, progress)
-    progress("Saving the merged model")
-    merged.save_pretrained(out, max_shard_size="2GB", safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return checks
-
-
-def ollama_modelfile(gguf_name: str, tokenizer) -> str:
-    """An Ollama Modelfile whose TEMPLATE renders prompts as the model's chat template does.
-
-    The template is found by rendering the chat template with marker strings and putting Ollama's
-    `{{ .System }}`, `{{ .Prompt }}` and `{{ .Response }}` where the markers land, so it works for
-    any template (ChatML, Llama 3, Mistral, ...) without a table of known formats."""
-    system, user, answer = "\x01SYSTEM\x01", "\x01PROMPT\x01", "\x01RESPONSE\x01"
-
-    def render(messages: list[dict], generation: bool) -> str | None:
-        try:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
-        except Exception:  # noqa: BLE001 - e.g. a template that refuses a system turn
-            return None
-
-    with_system = render([{"role": "system", "content": system}, {"role": "user", "content": user}], True)
-    without = render([{"role": "user", "content": user}], True)
-    whole = render([{"role": "user", "content": user}, {"role": "assistant", "content": answer}], False)
-    if without is None or whole is None or user not in without or answer not in whole:
-        raise ExportError("the model's chat template cannot be turned into an Ollama TEMPLATE; "
-                          "write the Modelfile's TEMPLATE by hand")
-    ending = whole.split(answer, 1)[1]  # what closes the assistant's turn, e.g. "<|im_end|>\n"
-    if with_system is not None and system in with_system:
-        split = _shared_tail(with_system, without, tokenizer)
-        shared = len(with_system) - split  # the user's turn onwards, the same with or without a system turn
-        head = with_system[:split].replace(system, "{{ .System }}")
-        template = (f"{{{{ if .System }}}}{head}{{{{ else }}}}{without[:len(without) - shared]}{{{{ end }}}}"
-                    + with_system[split:].replace(user, "{{ .Prompt }}"))
-    else:
-        template = without.replace(user, "{{ .Prompt }}")
-    template += "{{ .Response }}" + ending
-    stops = _stop_tokens(tokenizer, ending, without.split(user, 1)[0])
-    if '"""' in template:
-        raise ExportError('the chat template contains """, which a Modelfile cannot quote')
-    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
-    lines += [f"PARAMETER stop {json.dumps(stop)}" for stop in stops]
-    return "\n".join(lines) + "\n"
-
-
-def model_card(source: AdapterSource, info, fmt: str, dtype: str, quant: str, checks: dict) -> str:
-    """README.md: what was exported, from which base and data, with which plan, and the checks."""
-    run = _run_details(source)
-    library = "peft" if fmt == "adapter" else "transformers" if fmt == "merged" else "gguf"
-    lines = ["---", f"base_model: {info.name}", f"library_name: {library}", "tags:", "- tunesmith", "- qlora",
-             "- lora", "---", "", f"# {run.get('id') or source.label}", "",
-             f"A {_what(fmt, dtype, quant)} fine-tuned with Tunesmith (QLoRA) from **{info.name}** "
-             f"({_size(_parameters(info))} parameters, {info.facts.model_type}).", ""]
-    if run:
-        lines += ["## Training", "", "| | |", "|---|---|"]
-        lines += [f"| {key} | {value} |" for key, value in run["rows"]]
-        lines.append("")
-    if checks:
-        lines += ["## Checks", ""]
-        if "max_logit_diff" in checks:
-            lines.append(f"- Merged model vs base + adapter ({len(CHECK_PROMPTS)} prompts): largest logit "
-                         f"difference {checks['max_logit_diff']:.3g}; the same next token at "
-                         f"{checks['top_token_agreement']:.1%} of positions.")
-        if "logit_check" in checks:
-            lines.append(f"- Merged model vs base + adapter: {checks['logit_check']}. The merge itself is "
-                         "W + scale x B x A per adapted weight, in fp32, cast once.")
-        if "gguf_tensors" in checks:
-            lines.append(f"- GGUF read back with gguf's reader: {checks['gguf_tensors']} tensors, names and "
-                         f"shapes as expected; largest value difference from the merged model "
-                         f"{checks['gguf_max_abs_diff']:.3g}.")
-        if "pre_tokenizer_by_hand" in checks:
-            lines.append(f"- The pre-tokenizer was named by hand (`--pre-tokenizer {checks['pre_tokenizer_by_hand']}`), "
-                         "not identified from the tokenizer: llama.cpp splits text that way, which was not checked "
-                         "against transformers.")
-        lines.append("")
-    lines += ["## Use", "", _usage(fmt, info.name), ""]
-    return "\n".join(lines)
 
 
 # -- the formats ------------------------------------------------------------------------------------
@@ -381,11 +195,6 @@ def _needed_bytes(fmt: str, source: AdapterSource, params: int, dtype: str, quan
     return merged + int(params * GGUF_BYTES_PER_PARAM[quant])  # the merged model is temporary
 
 
-def _parameters(info) -> int:
-    """The base model's parameter count (from its weights' headers, else its size in 16-bit)."""
-    return info.facts.parameters or info.facts.size_bytes // 2
-
-
 def _check_space(out: Path, needed: int) -> None:
     folder = out.parent
     while not folder.exists():
@@ -394,88 +203,6 @@ def _check_space(out: Path, needed: int) -> None:
     if needed * DISK_MARGIN > free:
         raise ExportError(f"{folder}: {free / 2**30:.1f} GiB free, but this export needs about "
                           f"{needed * DISK_MARGIN / 2**30:.1f} GiB; free some space or choose another --out")
-
-
-def _check_ram(needed: int, how: str) -> None:
-    from app.core import host
-
-    free = host.available_ram()
-    if needed > free:
-        raise ExportError(f"this export needs about {needed / 2**30:.1f} GiB of RAM ({how}) and {free / 2**30:.1f} "
-                          "GiB is free; close other programs and try again, or export on a machine with more RAM")
-
-
-def _shared_tail(with_system: str, without: str, tokenizer) -> int:
-    """Where, in `with_system`, the text it shares with `without` up to the end starts (the user's
-    turn onwards), moved forward to a token boundary so no special token is cut in two."""
-    n = 0
-    while n < min(len(with_system), len(without)) and with_system[-1 - n] == without[-1 - n]:
-        n += 1
-    split = len(with_system) - n
-    for token in sorted(set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {})),
-                        key=len, reverse=True):
-        start = with_system.rfind(token, 0, split)
-        if start != -1 and start < split < start + len(token):
-            return start + len(token)
-    return split
-
-
-def _stop_tokens(tokenizer, ending: str, user_prefix: str) -> list[str]:
-    """The end token, the token that closes a turn and the one that opens the user's turn."""
-    special = sorted(set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {})),
-                     key=len, reverse=True)
-    stops = [tokenizer.eos_token] if tokenizer.eos_token else []
-    for text in (ending, user_prefix):
-        found = [(text.rfind(t) if text is user_prefix else text.find(t), t) for t in special if t and t in text]
-        if found:
-            stops.append(min(found)[1] if text is ending else max(found)[1])
-    return list(dict.fromkeys(stops))
-
-
-def _run_details(source: AdapterSource) -> dict:
-    from app.core.runs import Run, read_history
-
-    if source.run_dir is None:
-        return {}
-    run = Run(source.run_dir)
-    try:
-        config, plan, status, data = run.config(), run.plan(), run.status(), run.data_info()
-    except Exception:  # noqa: BLE001 - a card without the training table is still a card
-        return {}
-    history = read_history(run)
-    rows = [("Dataset", f"`{Path(config.data).name}` ({data.get('examples', data.get('rows', '?'))} examples)"),
-            ("Steps", f"{status.get('step', 0)} of {plan.total_steps}"),
-            ("LoRA", f"rank {plan.rank}, alpha {plan.lora_alpha}, all linear layers"),
-            ("Sequence length", plan.seq_len), ("Batch", f"{plan.micro_batch} x {plan.grad_accum} accumulation"),
-            ("Learning rate", f"{config.lr:g}, {plan.warmup_steps} warmup steps, cosine"),
-            ("Quantisation while training", "NF4 with double quantisation")]
-    if history.losses:
-        rows.append(("Final training loss", f"{history.losses[-1]:.4f}"))
-    if history.eval_losses:
-        rows.append(("Final eval loss", f"{history.eval_losses[-1]:.4f}"))
-    return {"id": run.id, "rows": rows}
-
-
-def _size(parameters: int) -> str:
-    return f"{parameters / 1e9:.2f}B" if parameters >= 1e9 else f"{parameters / 1e6:.1f}M"
-
-
-def _what(fmt: str, dtype: str, quant: str) -> str:
-    return {"adapter": "LoRA adapter", "merged": f"merged model ({dtype} safetensors)",
-            "gguf": f"GGUF model ({quant})"}[fmt]
-
-
-def _usage(fmt: str, base: str) -> str:
-    if fmt == "adapter":
-        return ("```python\nfrom peft import AutoPeftModelForCausalLM\n"
-                "model = AutoPeftModelForCausalLM.from_pretrained(\"path/to/this/folder\")\n```\n"
-                f"The base model ({base}) is loaded from its own location.")
-    if fmt == "merged":
-        return ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-                "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")\n"
-                "tokenizer = AutoTokenizer.from_pretrained(\"path/to/this/folder\")\n```")
-    return ("```bash\nollama create my-model -f Modelfile   # then: ollama run my-model\n"
-            "llama-cli -m *.gguf -cnv                 # llama.cpp\n```")
 
 
 def _slug(text: str) -> str:
