@@ -14,7 +14,7 @@ import json
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from app.core.config import Plan, TrainConfig
@@ -100,118 +100,32 @@ def consent_needed(config: TrainConfig, trust_remote_code: bool, allow_pickle: b
 
 
 def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop: threading.Event) -> RunResult:
+    """Load, restore, train to the planned step (or until `stop`), save; every outcome ends as an
+    honest status in the run folder and a RunResult, and the model and the run's lock are released."""
     from app.core.qlora import QLoraSession
 
-    plan = prepared.plan
-
-    def emit(event: Event) -> None:
-        run.append_event(event)
-        if isinstance(event, (LogLine, PlanAdjusted)):
-            run.log(event.message)
-        on_event(event)
-
-    session, step, last_loss, saved_step = None, 0, None, None
-    result = lambda status, reason="": RunResult(  # noqa: E731
-        run.id, str(run.dir), status, step, plan.total_steps, last_loss, str(run.adapter_dir), reason)
+    emit = _emitter(run, on_event)
+    session, loop = None, None
     try:
+        plan = prepared.plan
         storage = "in 4-bit" if plan.quantize == "4bit" else f"unquantised ({plan.compute_dtype})"
         emit(LogLine(f"Loading {prepared.model.name} {storage} on {plan.device}"))
         session = QLoraSession(prepared)
-        for line in session.selftest_lines:
-            run.log(line)
-        if session.fallbacks:
-            prepared.plan = plan = session.plan
-            run.write_plan(plan)
-            for change, message in session.fallbacks:
-                emit(PlanAdjusted(0, change, message))
-        state = {"step": 0, "elapsed_s": 0.0, "tokens": 0, "last_loss": None}
-        checkpoint = run.verified_checkpoint()
-        if checkpoint is not None:
-            session.restore(checkpoint)
-            state = _read_state(checkpoint)
-            emit(LogLine(f"Resuming from {checkpoint.name}"))
-        step, last_loss = state["step"], state["last_loss"]
-        run.rewind_metrics(step)
-        saved_step = step if checkpoint is not None else None
-        emit(RunStarted(run.id, str(run.dir), plan.total_steps, step, len(prepared.train), len(prepared.val),
-                        prepared.data_info["truncated"], prepared.data_info["skipped"], plan.device))
-        run.log(f"LoRA rank {plan.rank}: {session.trainable_parameters:,} trainable parameters; "
-                + "; ".join(session.notes))
-
-        def save(at_step: int) -> None:
-            nonlocal saved_step
-            _check_checkpoint_space(run, session)
-            path = run.checkpoint_path(at_step)
-            session.save_checkpoint(path, {"step": at_step, "elapsed_s": elapsed(), "tokens": tokens,
-                                           "last_loss": last_loss})
-            run.prune_checkpoints()
-            saved_step = at_step
-            emit(CheckpointSaved(at_step, str(path)))
-
-        started, before, tokens = time.monotonic(), state["elapsed_s"], state["tokens"]
-        elapsed = lambda: before + time.monotonic() - started  # noqa: E731
-        session_tokens, session_steps, status_written = 0, 0, 0.0
-        order = _epoch_batches(prepared)
-        while step < plan.total_steps:
+        prepared = _adopt_self_test(run, prepared, session, emit)
+        loop = _Loop.start(run, prepared, session, emit)
+        while loop.step < loop.plan.total_steps:
             if stop.is_set():
-                if saved_step != step:
-                    save(step)
-                run.write_status("stopped", step=step, last_loss=last_loss, elapsed_s=elapsed(),
-                                 reason="stopped by the user")
-                emit(RunFinished("stopped", step, plan.total_steps, last_loss, ""))
-                return result("stopped")
-            chosen = order.for_step(step)
-            lr = session.current_lr()
-            backoff = None
-            try:
-                loss, step_tokens, grad_norm = session.train_step(
-                    [[prepared.train[i] for i in batch] for batch in chosen])
-            except Exception as err:  # noqa: BLE001 - only out-of-memory is handled here
-                backoff = next_backoff(plan) if is_out_of_memory(err) else None
-                if backoff is None:
-                    raise
-            if backoff is not None:  # outside `except`, so the failed step's tensors are freed
-                plan, change, message = backoff
-                _apply_backoff(session, prepared, plan, change)
-                order = _epoch_batches(prepared)
-                run.write_plan(plan)
-                emit(PlanAdjusted(step, change, f"Out of GPU memory at step {step + 1}: {message}; retrying"))
-                continue
-            step, last_loss = step + 1, loss
-            tokens, session_tokens, session_steps = tokens + step_tokens, session_tokens + step_tokens, session_steps + 1
-            spent = time.monotonic() - started
-            emit(StepMetrics(step, plan.total_steps, step / plan.steps_per_epoch, loss, lr, grad_norm, step_tokens,
-                             session_tokens / spent, elapsed(), spent / session_steps * (plan.total_steps - step)))
-            if plan.eval_every and prepared.val and (step % plan.eval_every == 0 or step == plan.total_steps):
-                eval_loss, evaluated_with = _evaluate(session, prepared, run, emit, step)
-                if evaluated_with is not plan:  # backed off during evaluation: train the same way
-                    plan, order = evaluated_with, _epoch_batches(prepared)
-                emit(EvalMetrics(step, eval_loss))
-                run.write_status("running", eval_loss=eval_loss)
-            if time.monotonic() - status_written > STATUS_EVERY_S or step == plan.total_steps:
-                run.write_status("running", step=step, last_loss=last_loss, elapsed_s=elapsed())
-                status_written = time.monotonic()
-            if step % plan.save_every == 0 and step < plan.total_steps:
-                save(step)
-        session.save_adapter(run.adapter_dir, prepared.tokenizer)
-        run.write_status("finished", step=step, last_loss=last_loss, elapsed_s=elapsed(), reason="")
-        emit(RunFinished("finished", step, plan.total_steps, last_loss, str(run.adapter_dir)))
-        return result("finished")
+                return loop.stop()
+            if loop.train_one_step():
+                loop.after_step()
+        return loop.finish()
     except KeyboardInterrupt:  # a second Ctrl-C: no time to save, resume from the last checkpoint
-        run.write_status("stopped", step=saved_step or 0,
+        step = loop.step if loop else 0
+        run.write_status("stopped", step=(loop.saved_step if loop else None) or 0,
                          reason=f"aborted at step {step} (Ctrl-C twice); resumes from the last checkpoint")
         raise
     except Exception as err:  # noqa: BLE001 - every failure must end as an honest status
-        reason = _failure_reason(err, step, plan, session, run)
-        for record in (lambda: run.log(traceback.format_exc()),  # on a full disk any of these may fail too:
-                       lambda: run.write_status("failed", step=step, last_loss=last_loss, reason=reason),
-                       lambda: run.append_event(RunFailed(reason, step))):
-            try:  # the run then reads "interrupted" (its lock is gone) and resumes the same way
-                record()
-            except OSError:
-                pass
-        on_event(RunFailed(reason, step))
-        return result("failed", reason)
+        return _failed(run, err, loop, prepared.plan, session, on_event)
     finally:
         if session is not None:
             session.release()
@@ -219,32 +133,193 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
             run.lock.release()
 
 
-def _evaluate(session, prepared: Prepared, run: Run, emit, step: int) -> tuple[float, Plan]:
-    """The validation loss, backing off like a training step when evaluation runs out of memory
-    (it holds no gradients, but a long validation example can still be the largest batch)."""
-    while True:
+def _emitter(run: Run, on_event: Callable[[Event], None]) -> Callable[[Event], None]:
+    """Every event to the run's metrics.jsonl (and log lines to train.log), then to `on_event`."""
+    def emit(event: Event) -> None:
+        run.append_event(event)
+        if isinstance(event, (LogLine, PlanAdjusted)):
+            run.log(event.message)
+        on_event(event)
+    return emit
+
+
+def _adopt_self_test(run: Run, prepared: Prepared, session, emit) -> Prepared:
+    """The data with the plan the session trains with: its self-test may have replaced a kernel
+    that fails on this machine (each change is written to the run and announced)."""
+    for line in session.selftest_lines:
+        run.log(line)
+    if not session.fallbacks:
+        return prepared
+    run.write_plan(session.plan)
+    for change, message in session.fallbacks:
+        emit(PlanAdjusted(0, change, message))
+    return replace(prepared, plan=session.plan)
+
+
+@dataclass
+class _Loop:
+    """A run in progress: everything the training loop reads and changes, in one place."""
+
+    run: Run
+    prepared: Prepared  # the data as the current plan has it (a back-off makes a new one)
+    session: object
+    emit: Callable[[Event], None]
+    order: EpochBatches
+    step: int = 0
+    last_loss: float | None = None
+    tokens: int = 0
+    saved_step: int | None = None  # the step of the checkpoint on disk, if any
+    before_s: float = 0.0  # training time of earlier sessions of this run
+    started: float = field(default_factory=time.monotonic)
+    session_tokens: int = 0
+    session_steps: int = 0
+    status_written: float = 0.0
+    lr: float = 0.0  # of the step being taken
+    grad_norm: float = 0.0
+    step_tokens: int = 0
+
+    @property
+    def plan(self) -> Plan:
+        return self.prepared.plan
+
+    @classmethod
+    def start(cls, run: Run, prepared: Prepared, session, emit) -> "_Loop":
+        """Restore the latest verified checkpoint, if any, and announce the run."""
+        loop = cls(run, prepared, session, emit, _epoch_batches(prepared))
+        checkpoint = run.verified_checkpoint()
+        if checkpoint is not None:
+            session.restore(checkpoint)
+            state = _read_state(checkpoint)
+            loop.step, loop.last_loss, loop.tokens = state["step"], state["last_loss"], state["tokens"]
+            loop.before_s, loop.saved_step = state["elapsed_s"], state["step"]
+            emit(LogLine(f"Resuming from {checkpoint.name}"))
+        run.rewind_metrics(loop.step)
+        plan, info = prepared.plan, prepared.data_info
+        emit(RunStarted(run.id, str(run.dir), plan.total_steps, loop.step, len(prepared.train), len(prepared.val),
+                        info["truncated"], info["skipped"], plan.device))
+        run.log(f"LoRA rank {plan.rank}: {session.trainable_parameters:,} trainable parameters; "
+                + "; ".join(session.notes))
+        loop.started = time.monotonic()  # this session's clock: tokens/s and the ETA count from here
+        return loop
+
+    def elapsed(self) -> float:
+        return self.before_s + time.monotonic() - self.started
+
+    def result(self, status: str, reason: str = "") -> RunResult:
+        return RunResult(self.run.id, str(self.run.dir), status, self.step, self.plan.total_steps, self.last_loss,
+                         str(self.run.adapter_dir), reason)
+
+    def train_one_step(self) -> bool:
+        """One optimizer step; False when it ran out of memory and the plan backed off instead."""
+        batches = [[self.prepared.train[i] for i in batch] for batch in self.order.for_step(self.step)]
+        self.lr = self.session.current_lr()
         backoff = None
         try:
-            return session.evaluate(prepared.val), prepared.plan
+            loss, step_tokens, self.grad_norm = self.session.train_step(batches)
         except Exception as err:  # noqa: BLE001 - only out-of-memory is handled here
-            backoff = next_backoff(prepared.plan) if is_out_of_memory(err) else None
+            backoff = next_backoff(self.plan) if is_out_of_memory(err) else None
             if backoff is None:
                 raise
-        plan, change, message = backoff  # outside `except`, so the failed batch's tensors are freed
-        _apply_backoff(session, prepared, plan, change)
-        run.write_plan(plan)
-        emit(PlanAdjusted(step, change, f"Out of GPU memory evaluating at step {step}: {message}; retrying"))
+        if backoff is not None:  # outside `except`, so the failed step's tensors are freed
+            self._back_off(backoff, f"Out of GPU memory at step {self.step + 1}")
+            return False
+        self.step, self.last_loss, self.step_tokens = self.step + 1, loss, step_tokens
+        self.tokens, self.session_tokens = self.tokens + step_tokens, self.session_tokens + step_tokens
+        self.session_steps += 1
+        return True
+
+    def after_step(self) -> None:
+        """Report the step, then evaluate, write the status and save a checkpoint when each is due."""
+        plan, spent = self.plan, time.monotonic() - self.started
+        self.emit(StepMetrics(self.step, plan.total_steps, self.step / plan.steps_per_epoch, self.last_loss,
+                              self.lr, self.grad_norm, self.step_tokens, self.session_tokens / spent, self.elapsed(),
+                              spent / self.session_steps * (plan.total_steps - self.step)))
+        last = self.step == plan.total_steps
+        if plan.eval_every and self.prepared.val and (self.step % plan.eval_every == 0 or last):
+            self.evaluate()
+        if time.monotonic() - self.status_written > STATUS_EVERY_S or last:
+            self.run.write_status("running", step=self.step, last_loss=self.last_loss, elapsed_s=self.elapsed())
+            self.status_written = time.monotonic()
+        if self.step % self.plan.save_every == 0 and not last:
+            self.save()
+
+    def evaluate(self) -> None:
+        """The validation loss, backing off like a training step when evaluation runs out of memory
+        (it holds no gradients, but a long validation example can still be the largest batch)."""
+        while True:
+            backoff = None
+            try:
+                eval_loss = self.session.evaluate(self.prepared.val)
+                break
+            except Exception as err:  # noqa: BLE001 - only out-of-memory is handled here
+                backoff = next_backoff(self.plan) if is_out_of_memory(err) else None
+                if backoff is None:
+                    raise
+            self._back_off(backoff, f"Out of GPU memory evaluating at step {self.step}")  # tensors freed
+        self.emit(EvalMetrics(self.step, eval_loss))
+        self.run.write_status("running", eval_loss=eval_loss)
+
+    def save(self) -> None:
+        _check_checkpoint_space(self.run, self.session)
+        path = self.run.checkpoint_path(self.step)
+        self.session.save_checkpoint(path, {"step": self.step, "elapsed_s": self.elapsed(), "tokens": self.tokens,
+                                            "last_loss": self.last_loss})
+        self.run.prune_checkpoints()
+        self.saved_step = self.step
+        self.emit(CheckpointSaved(self.step, str(path)))
+
+    def stop(self) -> RunResult:
+        """The user's Stop: a checkpoint at this step (unless there is one), then "stopped"."""
+        if self.saved_step != self.step:
+            self.save()
+        self.run.write_status("stopped", step=self.step, last_loss=self.last_loss, elapsed_s=self.elapsed(),
+                              reason="stopped by the user")
+        self.emit(RunFinished("stopped", self.step, self.plan.total_steps, self.last_loss, ""))
+        return self.result("stopped")
+
+    def finish(self) -> RunResult:
+        self.session.save_adapter(self.run.adapter_dir, self.prepared.tokenizer)
+        self.run.write_status("finished", step=self.step, last_loss=self.last_loss, elapsed_s=self.elapsed(),
+                              reason="")
+        self.emit(RunFinished("finished", self.step, self.plan.total_steps, self.last_loss, str(self.run.adapter_dir)))
+        return self.result("finished")
+
+    def _back_off(self, backoff: tuple[Plan, str, str], what: str) -> None:
+        plan, change, message = backoff
+        self.prepared, self.order = _backed_off(self.session, self.prepared, plan, change)
+        self.run.write_plan(plan)
+        self.emit(PlanAdjusted(self.step, change, f"{what}: {message}; retrying"))
 
 
-def _apply_backoff(session, prepared: Prepared, plan: Plan, change: str) -> None:
-    """Make the session and data match the backed-off plan."""
+def _backed_off(session, prepared: Prepared, plan: Plan, change: str) -> tuple[Prepared, EpochBatches]:
+    """The data and batches for the backed-off `plan` (a shorter sequence truncates the examples),
+    with the session switched to it."""
     session.free_step_memory()
-    prepared.plan = session.plan = plan
+    session.plan = plan
     if change == "grad_checkpointing":
         session.enable_checkpointing()
-    elif change == "seq_len":
-        prepared.train = truncate(prepared.train, plan.seq_len)[0]
-        prepared.val = truncate(prepared.val, plan.seq_len)[0]
+    train, val = prepared.train, prepared.val
+    if change == "seq_len":
+        train, val = truncate(train, plan.seq_len)[0], truncate(val, plan.seq_len)[0]
+    prepared = replace(prepared, plan=plan, train=train, val=val)
+    return prepared, _epoch_batches(prepared)
+
+
+def _failed(run: Run, err: Exception, loop: _Loop | None, plan: Plan, session, on_event) -> RunResult:
+    """Record a failure as well as the disk allows (on a full disk any record may fail too: the
+    run then reads "interrupted", its lock gone, and resumes the same way)."""
+    step, last_loss = (loop.step, loop.last_loss) if loop else (0, None)
+    plan = loop.plan if loop else plan
+    reason = _failure_reason(err, step, plan, session, run)
+    for record in (lambda: run.log(traceback.format_exc()),
+                   lambda: run.write_status("failed", step=step, last_loss=last_loss, reason=reason),
+                   lambda: run.append_event(RunFailed(reason, step))):
+        try:
+            record()
+        except OSError:
+            pass
+    on_event(RunFailed(reason, step))
+    return RunResult(run.id, str(run.dir), "failed", step, plan.total_steps, last_loss, str(run.adapter_dir), reason)
 
 
 def _epoch_batches(prepared: Prepared) -> EpochBatches:
