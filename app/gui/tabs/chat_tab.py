@@ -12,12 +12,12 @@ from pathlib import Path
 
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
-                               QLineEdit, QMessageBox, QPushButton, QSpinBox, QSplitter, QTextBrowser, QVBoxLayout,
+                               QLineEdit, QMessageBox, QSpinBox, QSplitter, QTextBrowser, QVBoxLayout,
                                QWidget)
 
 from app.core.chat import GenerationSettings
 from app.core.config import field_help
-from app.gui.icons import icon
+from app.gui.widgets.controls import button, label
 from app.gui.workers import StreamWorker, TaskWorker, Threads
 
 REDRAW_MS = 100
@@ -38,18 +38,21 @@ class ChatTab(QWidget):
         self.partial: dict[str, str] = {side: "" for side in SIDES}
         self._dirty = False
 
+        self._build_controls()
+        self._build_layout()
+        self._redraw = QTimer(self, interval=REDRAW_MS, timeout=self._render)
+        self._redraw.start()
+        self._update_buttons()
+
+    def _build_controls(self) -> None:
         self.source_box = QComboBox()
         self.source_box.setToolTip("A finished run's adapter, or an unfinished run's latest checkpoint")
         self.source_box.setMinimumWidth(320)
-        browse = QPushButton(icon("folder"), "Folder…")
-        browse.setToolTip("Chat with any PEFT adapter folder (adapter_config.json and its weights)")
-        browse.clicked.connect(self._browse)
-        self.load_button = QPushButton(icon("model"), "Load")
-        self.load_button.setToolTip("Load the base model in 4-bit with this adapter (once; it stays loaded)")
-        self.load_button.clicked.connect(self.load)
-        self.loaded_label = QLabel("Choose a run and press Load.")
-        self.loaded_label.setWordWrap(True)
-
+        self.browse_button = button("folder", "Folder…", "Chat with any PEFT adapter folder (adapter_config.json "
+                                    "and its weights)", self._browse)
+        self.load_button = button("model", "Load", "Load the base model in 4-bit with this adapter (once; it stays "
+                                  "loaded)", self.load)
+        self.loaded_label = label("Choose a run and press Load.")
         defaults = GenerationSettings()
         self.system = QLineEdit()
         self.system.setPlaceholderText("optional, e.g. You are a pirate chef.")
@@ -62,7 +65,6 @@ class ChatTab(QWidget):
         self.compare = QCheckBox("Compare with base")
         self.compare.setToolTip("Answer each message twice: with the adapter (left) and without it (right)")
         self.compare.toggled.connect(self._compare_toggled)
-
         self.views = {side: QTextBrowser() for side in SIDES}
         for side, view in self.views.items():
             view.setOpenExternalLinks(True)
@@ -72,31 +74,24 @@ class ChatTab(QWidget):
         self.message.setPlaceholderText("Type a message and press Enter")
         self.message.setToolTip("Your message; Enter sends it")
         self.message.returnPressed.connect(self.send)
-        self.send_button = QPushButton(icon("chat"), "Send")
-        self.send_button.setToolTip("Send the message (Enter)")
-        self.send_button.clicked.connect(self.send)
-        self.stop_button = QPushButton(icon("stop"), "Stop")
-        self.stop_button.setToolTip("Stop the answer after the current token")
-        self.stop_button.clicked.connect(self.stop)
-        self.clear_button = QPushButton(icon("delete"), "Clear")
-        self.clear_button.setToolTip("Start a new conversation")
-        self.clear_button.clicked.connect(self.clear)
-        self.save_button = QPushButton(icon("export"), "Save…")
-        self.save_button.setToolTip("Append this conversation to a JSONL dataset file (messages format)")
-        self.save_button.clicked.connect(self.save)
+        self.send_button = button("chat", "Send", "Send the message (Enter)", self.send)
+        self.stop_button = button("stop", "Stop", "Stop the answer after the current token", self.stop)
+        self.clear_button = button("delete", "Clear", "Start a new conversation", self.clear)
+        self.save_button = button("export", "Save…", "Append this conversation to a JSONL dataset file (messages "
+                                  "format)", self.save)
         self.stats = QLabel("")
 
+    def _build_layout(self) -> None:
         top = QHBoxLayout()
-        top.addWidget(QLabel("Adapter"))
-        top.addWidget(self.source_box, 1)
-        top.addWidget(browse)
-        top.addWidget(self.load_button)
+        for widget, stretch in ((QLabel("Adapter"), 0), (self.source_box, 1), (self.browse_button, 0),
+                                (self.load_button, 0)):
+            top.addWidget(widget, stretch)
         settings = QFormLayout()
         settings.addRow("System prompt", self.system)
         knobs = QHBoxLayout()
-        for label, widget in (("Temperature", self.temperature), ("Top-p", self.top_p),
-                              ("Max tokens", self.max_tokens)):
-            knobs.addWidget(QLabel(label))
+        for text, widget in (("Temperature", self.temperature), ("Top-p", self.top_p),
+                             ("Max tokens", self.max_tokens)):
+            knobs.addWidget(QLabel(text))
             knobs.addWidget(widget)
         knobs.addWidget(self.compare)
         knobs.addStretch(1)
@@ -106,8 +101,8 @@ class ChatTab(QWidget):
             transcript.addWidget(view)
         entry = QHBoxLayout()
         entry.addWidget(self.message, 1)
-        for button in (self.send_button, self.stop_button, self.clear_button, self.save_button):
-            entry.addWidget(button)
+        for widget in (self.send_button, self.stop_button, self.clear_button, self.save_button):
+            entry.addWidget(widget)
         layout = QVBoxLayout(self)
         layout.addLayout(top)
         layout.addWidget(self.loaded_label)
@@ -115,9 +110,6 @@ class ChatTab(QWidget):
         layout.addWidget(transcript, 1)
         layout.addLayout(entry)
         layout.addWidget(self.stats)
-        self._redraw = QTimer(self, interval=REDRAW_MS, timeout=self._render)
-        self._redraw.start()
-        self._update_buttons()
 
     # -- choosing and loading ---------------------------------------------------------------------
     def refresh_sources(self) -> None:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from PySide6.QtCore import QUrl, Signal
 from PySide6.QtGui import QDesktopServices
-from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget,
-                               QMessageBox, QProgressBar, QPushButton, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit, QListWidget,
+                               QMessageBox, QProgressBar, QVBoxLayout, QWidget)
 
-from app.gui.icons import icon
+from app.gui.widgets.controls import button, label
 from app.gui.workers import StreamWorker, Threads
 
 FORMATS = {"adapter": "Adapter (PEFT: small, needs the base model)",
@@ -31,11 +31,19 @@ class ExportTab(QWidget):
         self.worker: StreamWorker | None = None
         self.result = None
 
+        self._build_controls()
+        self._build_layout()
+        self.format_box.currentIndexChanged.connect(self._suggest_folder)
+        self.run_box.currentIndexChanged.connect(self._suggest_folder)
+        self.format_box.currentIndexChanged.connect(self._update_buttons)
+        self._update_buttons()
+
+    def _build_controls(self) -> None:
         self.run_box = QComboBox()
         self.run_box.setToolTip("The run to export: its final adapter, or its latest checkpoint if unfinished")
         self.format_box = QComboBox()
-        for key, label in FORMATS.items():
-            self.format_box.addItem(label, key)
+        for key, text in FORMATS.items():
+            self.format_box.addItem(text, key)
         self.format_box.setToolTip("What to write; every export comes with a model card (README.md)")
         self.dtype_box = QComboBox()
         self.dtype_box.addItems(["bf16", "f16", "f32"])
@@ -47,32 +55,25 @@ class ExportTab(QWidget):
         self.out_edit = QLineEdit()
         self.out_edit.setToolTip("The folder to create; it is written under a temporary name and renamed "
                                  "when complete")
-        browse = QPushButton(icon("folder"), "Choose…")
-        browse.setToolTip("Choose where the export goes")
-        browse.clicked.connect(self._browse)
-        self.export_button = QPushButton(icon("export"), "Export")
-        self.export_button.setToolTip("Write the export (asks before replacing an existing folder)")
-        self.export_button.clicked.connect(self.export)
-        self.open_button = QPushButton(icon("folder"), "Open folder")
-        self.open_button.setToolTip("Show the exported files")
-        self.open_button.clicked.connect(self._open)
+        self.browse_button = button("folder", "Choose…", "Choose where the export goes", self._browse)
+        self.export_button = button("export", "Export", "Write the export (asks before replacing an existing "
+                                    "folder)", self.export)
+        self.open_button = button("folder", "Open folder", "Show the exported files", self._open)
         self.progress = QProgressBar()
         self.progress.setRange(0, 1)
         self.progress.setToolTip("Busy while the export runs")
         self.log = QListWidget()
         self.log.setToolTip("What the export did, step by step")
-        self.summary = QLabel("")
-        self.summary.setWordWrap(True)
+        self.summary = label()
 
+    def _build_layout(self) -> None:
         out_row = QHBoxLayout()
         out_row.addWidget(self.out_edit, 1)
-        out_row.addWidget(browse)
+        out_row.addWidget(self.browse_button)
         form = QFormLayout()
-        form.addRow("Run", self.run_box)
-        form.addRow("Format", self.format_box)
-        form.addRow("Merged precision", self.dtype_box)
-        form.addRow("GGUF type", self.quant_box)
-        form.addRow("Folder", out_row)
+        for text, field in (("Run", self.run_box), ("Format", self.format_box), ("Merged precision", self.dtype_box),
+                            ("GGUF type", self.quant_box), ("Folder", out_row)):
+            form.addRow(text, field)
         buttons = QHBoxLayout()
         buttons.addWidget(self.export_button)
         buttons.addWidget(self.open_button)
@@ -82,10 +83,6 @@ class ExportTab(QWidget):
         layout.addLayout(buttons)
         layout.addWidget(self.summary)
         layout.addWidget(self.log, 1)
-        self.format_box.currentIndexChanged.connect(self._suggest_folder)
-        self.run_box.currentIndexChanged.connect(self._suggest_folder)
-        self.format_box.currentIndexChanged.connect(self._update_buttons)
-        self._update_buttons()
 
     def refresh_runs(self) -> None:
         from app.core.chat import runs_with_adapter

@@ -10,11 +10,10 @@ from datetime import datetime
 
 from PySide6.QtCore import Qt, QUrl, Signal
 from PySide6.QtGui import QDesktopServices, QKeySequence, QShortcut
-from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLabel, QMessageBox, QPushButton,
-                               QSplitter, QStackedWidget, QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLabel, QMessageBox, QSplitter, QStackedWidget, QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget)
 
 from app.core.units import format_duration, gib
-from app.gui.icons import icon
+from app.gui.widgets.controls import button, label
 from app.gui.widgets.plots import ComparePlot, LearningRatePlot, LossPlot
 
 COLUMNS = ("Run", "Status", "Model", "Dataset", "Steps", "Loss", "Eval loss", "Duration", "Started")
@@ -45,44 +44,39 @@ class RunsTab(QWidget):
         self.training = False  # the Train tab is running a run: no resume from here meanwhile
         self._histories: dict[tuple[str, float], object] = {}
 
-        self.table = QTreeWidget()
-        self.table.setColumnCount(len(COLUMNS))
-        self.table.setHeaderLabels(COLUMNS)
-        self.table.setRootIsDecorated(False)
-        self.table.setAlternatingRowColors(True)
-        self.table.setSortingEnabled(True)
-        self.table.setSelectionMode(QAbstractItemView.ExtendedSelection)
-        self.table.setToolTip("Select a run to draw its curves; Ctrl- or Shift-click several to compare them")
-        self.table.header().setSectionResizeMode(QHeaderView.Interactive)
-        self.table.header().setStretchLastSection(False)
-        self.refresh_button = QPushButton(icon("refresh"), "Refresh")
-        self.refresh_button.setToolTip("Read the run list again (F5)")
-        self.resume_button = QPushButton(icon("resume"), "Resume")
-        self.resume_button.setToolTip("Continue the selected stopped, failed or interrupted run from its last "
-                                      "checkpoint, on the Train tab")
-        self.open_button = QPushButton(icon("folder"), "Open folder")
-        self.open_button.setToolTip("Show the run's folder (config, plan, metrics, log, checkpoints, adapter)")
-        self.delete_button = QPushButton(icon("delete"), "Delete…")
-        self.delete_button.setToolTip("Delete the selected runs with their checkpoints and adapters (asks first)")
+        self.table = _run_table()
+        self.refresh_button = button("refresh", "Refresh", "Read the run list again (F5)", self.refresh)
+        self.resume_button = button("resume", "Resume", "Continue the selected stopped, failed or interrupted run "
+                                    "from its last checkpoint, on the Train tab", self.resume)
+        self.open_button = button("folder", "Open folder", "Show the run's folder (config, plan, metrics, log, "
+                                  "checkpoints, adapter)", self.open_folder)
+        self.delete_button = button("delete", "Delete…", "Delete the selected runs with their checkpoints and "
+                                    "adapters (asks first)", self.delete_selected)
         self.empty = QLabel("No runs yet. Train one on the Train tab; it appears here.")
-        self.details = QLabel("")
-        self.details.setWordWrap(True)
-        self.details.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.details = label(selectable=True)
         self.details.setAlignment(Qt.AlignTop | Qt.AlignLeft)
         self.loss = LossPlot()
         self.lr = LearningRatePlot()
         self.compare = ComparePlot()
+        self.curves = QStackedWidget()
+        self._build_layout()
+        self.table.itemSelectionChanged.connect(self._selection_changed)
+        self.table.itemDoubleClicked.connect(lambda *_: self.open_folder())
+        QShortcut(QKeySequence.Refresh, self, activated=self.refresh)
+        QShortcut(QKeySequence.Delete, self.table, activated=self.delete_selected,
+                  context=Qt.WidgetWithChildrenShortcut)
+        self._selection_changed()
+
+    def _build_layout(self) -> None:
         single = QSplitter(Qt.Vertical)
         single.addWidget(self.loss)
         single.addWidget(self.lr)
         single.setSizes([400, 160])
-        self.curves = QStackedWidget()
         self.curves.addWidget(single)
         self.curves.addWidget(self.compare)
-
         buttons = QHBoxLayout()
-        for button in (self.refresh_button, self.resume_button, self.open_button, self.delete_button):
-            buttons.addWidget(button)
+        for widget in (self.refresh_button, self.resume_button, self.open_button, self.delete_button):
+            buttons.addWidget(widget)
         buttons.addStretch(1)
         left = QWidget()
         box = QVBoxLayout(left)
@@ -96,17 +90,6 @@ class RunsTab(QWidget):
         splitter.addWidget(self.curves)
         splitter.setSizes([620, 560])
         QVBoxLayout(self).addWidget(splitter)
-
-        self.table.itemSelectionChanged.connect(self._selection_changed)
-        self.table.itemDoubleClicked.connect(lambda *_: self.open_folder())
-        self.refresh_button.clicked.connect(self.refresh)
-        self.resume_button.clicked.connect(self.resume)
-        self.open_button.clicked.connect(self.open_folder)
-        self.delete_button.clicked.connect(self.delete_selected)
-        QShortcut(QKeySequence.Refresh, self, activated=self.refresh)
-        QShortcut(QKeySequence.Delete, self.table, activated=self.delete_selected,
-                  context=Qt.WidgetWithChildrenShortcut)
-        self._selection_changed()
 
     # -- the list ---------------------------------------------------------------------------------
     def refresh(self) -> None:
@@ -297,3 +280,17 @@ def _color(value: str | None):
     from PySide6.QtGui import QBrush, QColor
 
     return QBrush(QColor(value)) if value else QBrush()
+
+
+def _run_table() -> QTreeWidget:
+    table = QTreeWidget()
+    table.setColumnCount(len(COLUMNS))
+    table.setHeaderLabels(COLUMNS)
+    table.setRootIsDecorated(False)
+    table.setAlternatingRowColors(True)
+    table.setSortingEnabled(True)
+    table.setSelectionMode(QAbstractItemView.ExtendedSelection)
+    table.setToolTip("Select a run to draw its curves; Ctrl- or Shift-click several to compare them")
+    table.header().setSectionResizeMode(QHeaderView.Interactive)
+    table.header().setStretchLastSection(False)
+    return table

@@ -7,12 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import QSettings, Qt, QTimer, Signal
-from PySide6.QtWidgets import (QCheckBox, QGroupBox, QHBoxLayout, QLabel, QPushButton, QScrollArea, QSplitter,
+from PySide6.QtWidgets import (QCheckBox, QGroupBox, QHBoxLayout, QScrollArea, QSplitter,
                                QVBoxLayout, QWidget)
 
 from app.core.config import TrainConfig, field_help
 from app.core.units import format_duration
-from app.gui.icons import icon
+from app.gui.widgets.controls import button, label
 from app.gui.tabs.train_dialogs import ask_resume_consent, error_box
 from app.gui.widgets.dataset_view import DatasetReport, DropZone
 from app.gui.widgets.live_graphs import LiveGraphs
@@ -49,14 +49,14 @@ class TrainTab(QWidget):
         self.skip_bad.setToolTip(field_help(TrainConfig, "skip_bad"))
         self.skip_bad.hide()
         self.plan_view = PlanView()
-        self.train_button = _button("train", "Train", "Start training with this plan (Ctrl+Enter)")
+        self.train_button = button("train", "Train", "Start training with this plan (Ctrl+Enter)")
         self.train_button.setDefault(True)
-        self.stop_button = _button("stop", "Stop", "Save a checkpoint and stop after this step (Esc)")
-        self.resume_button = _button("resume", "Resume", "Continue the stopped run from its last checkpoint")
-        self.status = _label("Choose a dataset to train on.")
+        self.stop_button = button("stop", "Stop", "Save a checkpoint and stop after this step (Esc)")
+        self.resume_button = button("resume", "Resume", "Continue the stopped run from its last checkpoint")
+        self.status = label("Choose a dataset to train on.", selectable=True)
         # What the run changed in its plan (a kernel that failed the self-test, an OOM back-off):
         # kept in view for the whole run, where the status line moves on at the next step.
-        self.notice = _label("", "Changes the run made to its plan; train.log in the run folder has the details")
+        self.notice = label("", "Changes the run made to its plan; train.log in the run folder has the details", True)
         self.notice.setObjectName("planNotice")
         self.notice.setStyleSheet("color: #d97706;")  # amber: readable on the light and dark themes
         self.notice.hide()
@@ -83,8 +83,8 @@ class TrainTab(QWidget):
         scroll.setWidgetResizable(True)
         scroll.setMinimumWidth(420)
         buttons = QHBoxLayout()
-        for button in (self.train_button, self.stop_button, self.resume_button):
-            buttons.addWidget(button)
+        for widget in (self.train_button, self.stop_button, self.resume_button):
+            buttons.addWidget(widget)
         column = QWidget()  # the set-up scrolls; the buttons and the status line stay in view
         box = QVBoxLayout(column)
         box.setContentsMargins(0, 0, 0, 0)
@@ -363,17 +363,3 @@ def _run_plan(run_dir: str):
     except UserError:
         return None
 
-
-def _button(icon_name: str, text: str, tip: str) -> QPushButton:
-    button = QPushButton(icon(icon_name), text)
-    button.setToolTip(tip)
-    return button
-
-
-def _label(text: str, tip: str = "") -> QLabel:
-    label = QLabel(text)
-    label.setWordWrap(True)
-    label.setTextInteractionFlags(Qt.TextSelectableByMouse)
-    if tip:
-        label.setToolTip(tip)
-    return label

@@ -12,6 +12,7 @@ from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QGridLayout, QLabel, Q
 
 from app.core.config import Plan, TrainConfig, field_help
 from app.core.units import gib
+from app.gui.widgets.controls import label
 
 AUTO = "auto"
 BASE_CHOICES = [(AUTO, "auto"), ("4-bit (QLoRA)", "4bit"), ("unquantised (LoRA)", "none")]
@@ -27,81 +28,73 @@ class PlanView(QWidget):
 
     def __init__(self):
         super().__init__()
-        grid = QGridLayout()
-        grid.setColumnStretch(2, 1)
         self.inputs: dict[str, QWidget] = {}
         self.reasons: dict[str, QLabel] = {}
-        row = 0
-        for name, label, low, high in INT_FIELDS:
-            box = QSpinBox()
-            box.setRange(low - 1, high)  # the value below the range shows "auto"
-            box.setSpecialValueText(AUTO)
-            box.setValue(low - 1)
-            box.valueChanged.connect(self.changed)
-            self._add(grid, row, name, label, box)
-            row += 1
-        ckpt = QComboBox()
-        ckpt.addItems([AUTO, "on", "off"])
-        ckpt.currentIndexChanged.connect(self.changed)
-        self._add(grid, row, "grad_checkpointing", "Checkpointing", ckpt)
-        row += 1
-        packing = QComboBox()
-        packing.addItems([AUTO, "on", "off"])
-        packing.currentIndexChanged.connect(self.changed)
-        self._add(grid, row, "packing", "Packing", packing)
-        row += 1
-        base = QComboBox()
-        for label, value in BASE_CHOICES:
-            base.addItem(label, value)
-        base.currentIndexChanged.connect(self.changed)
-        self._add(grid, row, "quantize", "Base weights", base, field_help(TrainConfig, "quantize"))
-        row += 1
-        for name, label in (("compute_dtype", "Precision"), ("attention", "Attention"), ("loss", "Loss"),
-                            ("optimizer", "Optimizer")):
-            self._add(grid, row, name, label, QLabel(""), field_help(Plan, name))
-            row += 1
-        epochs = QDoubleSpinBox()
-        epochs.setRange(0.1, 100)
-        epochs.setSingleStep(0.5)
-        epochs.setValue(TrainConfig.epochs)
-        epochs.valueChanged.connect(self.changed)
-        self._add(grid, row, "epochs", "Epochs", epochs)
-        row += 1
-        lr = QDoubleSpinBox()
-        lr.setDecimals(6)
-        lr.setRange(0.000001, 0.1)
-        lr.setSingleStep(0.00005)
-        lr.setValue(TrainConfig.lr)
-        lr.valueChanged.connect(self.changed)
-        self._add(grid, row, "lr", "Learning rate", lr)
+        grid = QGridLayout()
+        grid.setColumnStretch(2, 1)
+        for row, (name, text, widget, help_text) in enumerate(self._fields()):
+            self._add(grid, row, name, text, widget, help_text)
         self.peak = QProgressBar()
         self.peak.setRange(0, 1000)
         self.peak.setTextVisible(True)
         self.peak.setFormat("no plan yet")
         self.peak.setToolTip("The estimator's predicted peak memory of a training step, against the memory the "
                              "preset leaves usable after the safety margin")
-        self.memory_reason = QLabel("")
-        self.memory_reason.setWordWrap(True)
-        self.error = QLabel("")
-        self.error.setWordWrap(True)
+        self.memory_reason = label()
+        self.error = label()
         self.error.setStyleSheet("color: #c0392b")
         self.error.hide()
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addLayout(grid)
-        layout.addWidget(self.peak)
-        layout.addWidget(self.memory_reason)
-        layout.addWidget(self.error)
+        for widget in (self.peak, self.memory_reason, self.error):
+            layout.addWidget(widget)
         self.plan = None
 
-    def _add(self, grid: QGridLayout, row: int, name: str, label: str, widget: QWidget,
+    def _fields(self) -> list[tuple[str, str, QWidget, str]]:
+        """(field, label, input, help) for each row: the user's settings, then what the planner picks."""
+        rows = []
+        for name, text, low, high in INT_FIELDS:
+            box = QSpinBox()
+            box.setRange(low - 1, high)  # the value below the range shows "auto"
+            box.setSpecialValueText(AUTO)
+            box.setValue(low - 1)
+            box.valueChanged.connect(self.changed)
+            rows.append((name, text, box, ""))
+        for name, text in (("grad_checkpointing", "Checkpointing"), ("packing", "Packing")):
+            rows.append((name, text, self._choices([(AUTO, None), ("on", None), ("off", None)]), ""))
+        rows.append(("quantize", "Base weights", self._choices(BASE_CHOICES), field_help(TrainConfig, "quantize")))
+        for name, text in (("compute_dtype", "Precision"), ("attention", "Attention"), ("loss", "Loss"),
+                           ("optimizer", "Optimizer")):
+            rows.append((name, text, QLabel(""), field_help(Plan, name)))
+        rows.append(("epochs", "Epochs", self._number(0.1, 100, 0.5, TrainConfig.epochs), ""))
+        rows.append(("lr", "Learning rate", self._number(0.000001, 0.1, 0.00005, TrainConfig.lr, decimals=6), ""))
+        return rows
+
+    def _choices(self, items: list[tuple[str, object]]) -> QComboBox:
+        box = QComboBox()
+        for text, value in items:
+            box.addItem(text, value)
+        box.currentIndexChanged.connect(self.changed)
+        return box
+
+    def _number(self, low: float, high: float, step: float, value: float, decimals: int = 2) -> QDoubleSpinBox:
+        box = QDoubleSpinBox()
+        box.setDecimals(decimals)
+        box.setRange(low, high)
+        box.setSingleStep(step)
+        box.setValue(value)
+        box.valueChanged.connect(self.changed)
+        return box
+
+    def _add(self, grid: QGridLayout, row: int, name: str, text: str, widget: QWidget,
              help_text: str = "") -> None:
         help_text = help_text or field_help(TrainConfig, name)
         widget.setToolTip(help_text)
         reason = QLabel("")
         reason.setWordWrap(True)
         reason.setForegroundRole(QPalette.PlaceholderText)  # dimmed, in light and dark themes
-        title = QLabel(label)
+        title = QLabel(text)
         title.setToolTip(help_text)
         grid.addWidget(title, row, 0)
         grid.addWidget(widget, row, 1)
@@ -137,12 +130,12 @@ class PlanView(QWidget):
                  "quantize": "4-bit" if plan.quantize == "4bit" else "unquantised", "attention": plan.attention,
                  "optimizer": plan.optimizer,
                  "epochs": f"{plan.total_steps} steps" if plan.total_steps else "", "lr": ""}
-        for name, label in self.reasons.items():
+        for name, reason_label in self.reasons.items():
             key = {"epochs": "total_steps", "packing": "batching"}.get(name, name)
             reason = plan.reasons.get(key, "")
             value = shown.get(name, "")
-            label.setText(f"<b>{html.escape(str(value))}</b> {html.escape(reason)}" if value != "" else
-                          html.escape(reason))
+            reason_label.setText(f"<b>{html.escape(str(value))}</b> {html.escape(reason)}" if value != "" else
+                                 html.escape(reason))
         usable = max(1, budget.usable_bytes)
         fraction = plan.predicted_peak_bytes / usable
         self.peak.setValue(min(1000, int(1000 * fraction)))
@@ -156,5 +149,5 @@ class PlanView(QWidget):
         self.error.show()
         self.peak.setValue(0)
         self.peak.setFormat("no plan fits")
-        for label in self.reasons.values():
-            label.setText("")
+        for reason_label in self.reasons.values():
+            reason_label.setText("")
