@@ -64,13 +64,7 @@ def preview_plan(config: TrainConfig, lengths: list[int] | None = None) -> PlanP
             seq = min(NO_DATA_SEQ_LEN, preset.context_cap, facts.facts.max_positions)
             lengths = [seq]
     plan = plan_run(config, stats or length_stats(lengths), lengths, config.val_split > 0 or bool(config.val_data),
-                    facts.facts, budget)
-    if not config.data:
-        plan.total_steps = plan.steps_per_epoch = plan.warmup_steps = plan.eval_every = plan.save_every = 0
-        plan.reasons["seq_len"] = ("set by you" if config.seq_len else
-                                   f"no data given: {plan.seq_len} tokens (pass --data to fit your examples)")
-        plan.reasons["total_steps"] = "depends on the data"
-        plan.reasons.pop("grad_accum", None)
+                    facts.facts, budget, with_data=bool(config.data))
     return PlanPreview(facts, budget, plan, stats, note)
 
 

@@ -12,7 +12,7 @@ tokens per optimizer step. Each choice comes with a one-line reason; when nothin
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from app.core.architecture import ArchFacts
 from app.core.config import Plan, TrainConfig
@@ -22,33 +22,15 @@ from app.core.errors import ConfigError, PlanError
 from app.core.cards import Card, precision_for
 from app.core.kernel_choice import OPTIMIZER_LABELS, choose_attention, choose_loss
 from app.core.kernels import fused_loss_support, packing_support
-from app.core.memory import CUDA_CONTEXT_BYTES, GIB, MemoryEstimate, MemorySetup, estimate_memory, gib
+from app.core.memory import gib
+from app.core.fit import DEFAULT_RANK, MICRO_BATCHES, TARGET_TOKENS_PER_STEP, Fit, choose_fit, round_up
 from app.core.presets import Budget
 
-DEFAULT_RANK = 16
-LOWER_RANKS = (8,)  # rank 4 would cost much quality for a few hundred MB; context goes first
-TARGET_TOKENS_PER_STEP = 4096
-MICRO_BATCHES = (4, 2, 1)
-MIN_SEQ_LEN = 128
-# Above this many trained tokens a higher LoRA rank has enough data to be worth its memory.
-LARGE_DATA_TOKENS = 1_000_000
-CARD_SIZES_GIB = (8, 12, 16, 24, 48, 80)
 QUANTIZE_CHOICES = ("auto", "4bit", "none")
 ASSUMED_CAPABILITY = (8, 0)  # a preset's card of unknown kind: Ampere, as cards.precision_for assumes
 # An unquantised base is chosen by itself only when its plan keeps this share of the budget or less:
 # room for what the estimate does not see, since a 16-bit base is the larger one.
 UNQUANTISED_ROOM = 0.8
-
-
-@dataclass(frozen=True)
-class Fit:
-    """One memory-feasible choice and its estimate."""
-
-    seq_len: int
-    rank: int
-    grad_checkpointing: bool
-    micro_batch: int
-    estimate: MemoryEstimate
 
 
 def detect_device() -> tuple[str, str, str]:
@@ -75,8 +57,11 @@ def device_settings(device: str, card: Card | None, reasons: dict[str, str]) -> 
 
 
 def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_validation: bool,
-             facts: ArchFacts | None, budget: Budget | None, lora_dropout: float | None = None) -> Plan:
-    """A Plan for `config` on data with these token lengths, within `budget` (None: no memory check)."""
+             facts: ArchFacts | None, budget: Budget | None, lora_dropout: float | None = None,
+             with_data: bool = True) -> Plan:
+    """A Plan for `config` on data with these token lengths, within `budget` (None: no memory check).
+    Without data (`with_data` False; `lengths` then holds the one length to plan for) the plan has
+    no steps: the memory it needs, and "depends on the data" for the rest."""
     validate_config(config)
     reasons: dict[str, str] = {}
     device = budget.device if budget else detect_device()[0]
@@ -88,18 +73,8 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     wanted_seq = _wanted_seq_len(config, stats, cap, reasons)
     loss, reasons["loss"] = choose_loss(device, fused_loss_support(facts), config.loss_kernel)
 
-    if facts is None or budget is None:
-        fit = Fit(wanted_seq, config.rank or DEFAULT_RANK, bool(config.grad_checkpointing),
-                  config.micro_batch or MICRO_BATCHES[0], None)
-        quantize = config.quantize if config.quantize in ("4bit", "none") else "4bit"
-        reasons["quantize"] = "set by you" if config.quantize != "auto" else "4-bit: the model's size is not known"
-        reasons["memory"] = "not planned: the model's architecture could not be read from config.json"
-    else:
-        attention_guess = _rows_attention(config, facts, device, card)
-        fit, quantize = _choose_base(config, stats, facts, budget, wanted_seq, dtype, optimizer, dropout > 0,
-                                     reasons, loss, attention_guess)
-        reasons["memory"] = (f"predicted peak {gib(fit.estimate.peak)} of {gib(budget.usable_bytes)} usable "
-                             f"({budget.source}, {budget.preset.safety_margin_gib:g} GiB kept free)")
+    fit, quantize = _fit_memory(config, stats, facts, budget, wanted_seq, dtype, optimizer, dropout > 0, loss,
+                                device, card, reasons)
     over = count_over(lengths, fit.seq_len)
     if over:
         reasons["seq_len"] += f"; {over} example{'s' * (over != 1)} will be truncated"
@@ -112,18 +87,74 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     attention, reasons["attention"] = choose_attention(batching == "packed", device, _capability(card, device),
                                                        config.attention, bool(facts and facts.attention_softcap))
     if batching == "packed":
-        why = ("set by you" if config.micro_batch else "the longest row planned" if micro == MICRO_BATCHES[0]
-               or micro * fit.seq_len >= TARGET_TOKENS_PER_STEP else "the longest row that fits")
-        reasons["micro_batch"] = f"packed rows of {micro} x {fit.seq_len} = {micro * fit.seq_len:,} tokens: {why}"
-    mean_len = max(1, min(fit.seq_len, stats.total // max(1, stats.count)))
-    shape = Plan(seq_len=fit.seq_len, micro_batch=micro, batching=batching)
-    micro_batches = micro_batches_per_epoch(lengths, shape, config.seed) if lengths else \
-        math.ceil(stats.count / micro)
-    per_micro = (sum(min(n, fit.seq_len) for n in lengths) / max(1, micro_batches) if lengths
-                 else micro * mean_len)
+        reasons["micro_batch"] = _packed_rows_reason(config, fit)
+    schedule = _schedule(config, stats, lengths, fit, batching, has_validation, reasons)
+    if not with_data:  # a plan for the model alone: the data decides the steps
+        schedule = replace(schedule, total_steps=0, steps_per_epoch=0, warmup_steps=0, eval_every=0, save_every=0)
+        reasons["seq_len"] = ("set by you" if config.seq_len else
+                              f"no data given: {fit.seq_len} tokens (pass --data to fit your examples)")
+        reasons["total_steps"] = "depends on the data"
+        reasons.pop("grad_accum", None)
+    estimate = fit.estimate
+    return Plan(rank=rank, lora_alpha=alpha, seq_len=fit.seq_len, micro_batch=micro,
+                grad_accum=schedule.grad_accum, grad_checkpointing=fit.grad_checkpointing, batching=batching,
+                loss=loss, attention=attention, quantize=quantize, total_steps=schedule.total_steps,
+                steps_per_epoch=schedule.steps_per_epoch, warmup_steps=schedule.warmup_steps,
+                eval_every=schedule.eval_every, save_every=schedule.save_every, compute_dtype=dtype,
+                optimizer=optimizer, device=device,
+                gpu=card.name if card else "", gpu_capability=card.capability_text if card else "",
+                preset=budget.preset.id if budget else "", budget_bytes=budget.usable_bytes if budget else 0,
+                predicted_peak_bytes=estimate.peak if estimate else 0,
+                breakdown=estimate.to_dict() if estimate else {}, reasons=reasons)
+
+
+def _fit_memory(config: TrainConfig, stats: LengthStats, facts: ArchFacts | None, budget: Budget | None,
+                wanted_seq: int, dtype: str, optimizer: str, dropout: bool, loss: str, device: str,
+                card: Card | None, reasons: dict[str, str]) -> tuple[Fit, str]:
+    """(fit, base storage) within the budget; without the model's facts or a budget, the settings
+    asked for (or the defaults) unchecked, and a reason that says so."""
+    if facts is None or budget is None:
+        reasons["quantize"] = "set by you" if config.quantize != "auto" else "4-bit: the model's size is not known"
+        reasons["memory"] = "not planned: the model's architecture could not be read from config.json"
+        return (Fit(wanted_seq, config.rank or DEFAULT_RANK, bool(config.grad_checkpointing),
+                    config.micro_batch or MICRO_BATCHES[0], None),
+                config.quantize if config.quantize in ("4bit", "none") else "4bit")
+    attention_guess = _rows_attention(config, facts, device, card)
+    fit, quantize = _choose_base(config, stats, facts, budget, wanted_seq, dtype, optimizer, dropout, reasons, loss,
+                                 attention_guess)
+    reasons["memory"] = (f"predicted peak {gib(fit.estimate.peak)} of {gib(budget.usable_bytes)} usable "
+                         f"({budget.source}, {budget.preset.safety_margin_gib:g} GiB kept free)")
+    return fit, quantize
+
+
+def _packed_rows_reason(config: TrainConfig, fit: Fit) -> str:
+    micro, seq = fit.micro_batch, fit.seq_len
+    why = ("set by you" if config.micro_batch else "the longest row planned" if micro == MICRO_BATCHES[0]
+           or micro * seq >= TARGET_TOKENS_PER_STEP else "the longest row that fits")
+    return f"packed rows of {micro} x {seq} = {micro * seq:,} tokens: {why}"
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    grad_accum: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    eval_every: int
+    save_every: int
+
+
+def _schedule(config: TrainConfig, stats: LengthStats, lengths: list[int], fit: Fit, batching: str,
+              has_validation: bool, reasons: dict[str, str]) -> _Schedule:
+    """Accumulation for about TARGET_TOKENS_PER_STEP tokens per optimizer step, and the steps of the
+    run: epochs (or --max-steps), warmup, evaluation and checkpoint intervals."""
+    micro, seq = fit.micro_batch, fit.seq_len
+    mean_len = max(1, min(seq, stats.total // max(1, stats.count)))
+    shape = Plan(seq_len=seq, micro_batch=micro, batching=batching)
+    micro_batches = micro_batches_per_epoch(lengths, shape, config.seed) if lengths else math.ceil(stats.count / micro)
+    per_micro = sum(min(n, seq) for n in lengths) / max(1, micro_batches) if lengths else micro * mean_len
     if config.grad_accum:
-        accum = config.grad_accum
-        reasons["grad_accum"] = "set by you"
+        accum, reasons["grad_accum"] = config.grad_accum, "set by you"
     else:
         accum = max(1, min(16, round(TARGET_TOKENS_PER_STEP / max(1.0, per_micro))))
         unit = (f"packed rows of ~{per_micro:.0f} tokens" if batching == "packed" else
@@ -131,66 +162,14 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
         reasons["grad_accum"] = f"about {TARGET_TOKENS_PER_STEP} tokens per optimizer step ({accum} {unit})"
     steps_per_epoch = max(1, math.ceil(micro_batches / accum))
     if config.max_steps:
-        total = config.max_steps
-        reasons["total_steps"] = "set by you (--max-steps)"
+        total, reasons["total_steps"] = config.max_steps, "set by you (--max-steps)"
     else:
         total = max(1, math.ceil(config.epochs * steps_per_epoch))
         reasons["total_steps"] = f"{config.epochs:g} epoch(s) of {steps_per_epoch} steps"
     warmup = math.ceil(config.warmup_ratio * total) if config.warmup_ratio > 0 else 0
     eval_every = (config.eval_every or max(1, total // 10)) if has_validation else 0
     save_every = config.save_every or max(1, min(200, total // 10))
-    estimate = fit.estimate
-    return Plan(rank=rank, lora_alpha=alpha, seq_len=fit.seq_len, micro_batch=micro, grad_accum=accum,
-                grad_checkpointing=fit.grad_checkpointing, batching=batching, loss=loss, attention=attention,
-                quantize=quantize,
-                total_steps=total,
-                steps_per_epoch=steps_per_epoch, warmup_steps=warmup, eval_every=eval_every,
-                save_every=save_every, compute_dtype=dtype, optimizer=optimizer, device=device,
-                gpu=card.name if card else "", gpu_capability=card.capability_text if card else "",
-                preset=budget.preset.id if budget else "", budget_bytes=budget.usable_bytes if budget else 0,
-                predicted_peak_bytes=estimate.peak if estimate else 0,
-                breakdown=estimate.to_dict() if estimate else {}, reasons=reasons)
-
-
-def choose_fit(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budget: Budget, wanted_seq: int,
-               dtype: str, optimizer: str, dropout: bool, reasons: dict[str, str], loss: str = "plain",
-               attention: str = "", quantize: str = "4bit") -> Fit:
-    """The fastest, longest-context settings whose predicted peak fits `budget`."""
-    def estimate(seq: int, rank: int, ckpt: bool, micro: int) -> MemoryEstimate:
-        return estimate_memory(facts, MemorySetup(rank=rank, seq_len=seq, micro_batch=micro, grad_checkpointing=ckpt,
-                                                  compute_dtype=dtype, optimizer=optimizer, device=budget.device,
-                                                  lora_dropout=dropout, loss=loss, attention=attention,
-                                                  quantize=quantize))
-
-    seqs = [config.seq_len] if config.seq_len else _shorter_seqs(wanted_seq, stats)
-    trained_tokens = stats.total
-    preferred = budget.preset.preferred_rank
-    if config.rank:
-        ranks = [config.rank]
-    elif preferred > DEFAULT_RANK and trained_tokens >= LARGE_DATA_TOKENS:
-        ranks = [preferred, DEFAULT_RANK, *LOWER_RANKS]
-    else:
-        ranks = [DEFAULT_RANK, *LOWER_RANKS]
-    ckpts = [config.grad_checkpointing] if config.grad_checkpointing is not None else [False, True]
-    fit = None
-    covering = 2 if len(seqs) > 1 and seqs[1] == _round_up(stats.p95) else 1  # p99 and p95
-    for seq, rank in _candidates(seqs, ranks, covering):
-        micros = [config.micro_batch] if config.micro_batch else \
-            [m for m in MICRO_BATCHES if m * seq <= max(seq, TARGET_TOKENS_PER_STEP)]
-        for ckpt in ckpts:
-            for micro in micros:
-                guess = estimate(seq, rank, ckpt, micro)
-                if guess.peak <= budget.usable_bytes:
-                    fit = Fit(seq, rank, ckpt, micro, guess)
-                    break
-            if fit:
-                break
-        if fit:
-            break
-    if fit is None:
-        raise PlanError(_nothing_fits(facts, budget, seqs, ranks, ckpts, estimate, config))
-    _explain(fit, config, budget, wanted_seq, trained_tokens, estimate, reasons)
-    return fit
+    return _Schedule(accum, steps_per_epoch, total, warmup, eval_every, save_every)
 
 
 def validate_config(config: TrainConfig) -> None:
@@ -291,102 +270,14 @@ def _choose_batching(config: TrainConfig, facts: ArchFacts | None, seq_len: int,
     return "packed"
 
 
-def _round_up(value: int, step: int = 64) -> int:
-    return step * max(1, math.ceil(value / step))
-
-
 def _wanted_seq_len(config: TrainConfig, stats: LengthStats, cap: int, reasons: dict[str, str]) -> int:
     if config.seq_len:
         reasons["seq_len"] = "set by you"
         return config.seq_len
-    wanted = max(64, min(cap, _round_up(stats.p99)))
+    wanted = max(64, min(cap, round_up(stats.p99)))
     reasons["seq_len"] = f"covers 99% of examples (p99 {stats.p99} tokens)"
-    if wanted < _round_up(stats.p99):
+    if wanted < round_up(stats.p99):
         reasons["seq_len"] = f"the context cap {cap} (p99 of the data is {stats.p99} tokens)"
     return wanted
 
 
-def _candidates(seqs: list[int], ranks: list[int], covering: int) -> list[tuple[int, int]]:
-    """(sequence length, rank) pairs in the order the planner tries them, best first.
-
-    The order is a chain along which neither value ever grows, so that a larger budget (which
-    stops earlier on the chain) never gets a shorter context or a lower rank. The first length
-    (p99 of the data) is tried at the ranks down to the default; the last length that still covers
-    the data (p95) at every rank down to the lowest, since rank is given up before context; any
-    shorter length at the lowest rank. With one covering length it takes all ranks."""
-    default_at = ranks.index(DEFAULT_RANK) + 1 if DEFAULT_RANK in ranks else len(ranks)
-    pairs = []
-    for index, seq in enumerate(seqs):
-        if index < covering - 1:
-            pairs += [(seq, rank) for rank in ranks[:default_at]]
-        elif index == covering - 1:
-            first = ranks.index(pairs[-1][1]) if pairs else 0
-            pairs += [(seq, rank) for rank in ranks[first:]]
-        else:
-            pairs.append((seq, ranks[-1]))
-    return pairs
-
-
-def _shorter_seqs(wanted: int, stats: LengthStats) -> list[int]:
-    """`wanted`, then p95, then halvings: the lengths to try, longest first."""
-    seqs = [wanted]
-    p95 = _round_up(stats.p95)
-    if MIN_SEQ_LEN <= p95 < wanted:
-        seqs.append(p95)
-    length = seqs[-1]
-    while length // 2 >= MIN_SEQ_LEN:
-        length = _round_up(length // 2)
-        if length < seqs[-1]:
-            seqs.append(length)
-    return seqs
-
-
-def _explain(fit: Fit, config: TrainConfig, budget: Budget, wanted_seq: int, trained_tokens: int,
-             estimate, reasons: dict[str, str]) -> None:
-    usable = gib(budget.usable_bytes)
-    if not config.seq_len and fit.seq_len < wanted_seq:
-        reasons["seq_len"] = (f"{wanted_seq} tokens would not fit in {usable}; the longest that fits"
-                              if fit.rank == LOWER_RANKS[-1] or fit.grad_checkpointing else
-                              f"shortened from {wanted_seq} to fit in {usable}")
-    if config.rank:
-        reasons["rank"] = "set by you"
-    elif fit.rank > DEFAULT_RANK:
-        reasons["rank"] = (f"{fit.rank}: the preset prefers it and {trained_tokens:,} trained tokens can use it")
-    elif fit.rank < DEFAULT_RANK:
-        reasons["rank"] = f"lowered from {DEFAULT_RANK} to keep the context length within {usable}"
-    else:
-        reasons["rank"] = f"default rank {DEFAULT_RANK}"
-    if config.grad_checkpointing is not None:
-        reasons["grad_checkpointing"] = "set by you"
-    elif fit.grad_checkpointing:
-        without = estimate(fit.seq_len, fit.rank, False, 1).peak
-        reasons["grad_checkpointing"] = (f"on: without it the peak would be {gib(without)}, over {usable} "
-                                         "(costs ~20-30% speed)")
-    else:
-        reasons["grad_checkpointing"] = "off: the plan fits without it, ~20-30% faster"
-    if config.micro_batch:
-        reasons["micro_batch"] = "set by you"
-    elif fit.micro_batch == MICRO_BATCHES[0]:
-        reasons["micro_batch"] = f"{fit.micro_batch} examples per forward pass"
-    else:
-        reasons["micro_batch"] = f"{fit.micro_batch}: the most that fits with {fit.seq_len} tokens"
-
-
-def _nothing_fits(facts: ArchFacts, budget: Budget, seqs, ranks, ckpts, estimate, config: TrainConfig) -> str:
-    smallest = estimate(seqs[-1], ranks[-1], ckpts[-1], config.micro_batch or 1)
-    wanted = estimate(seqs[0], ranks[0], ckpts[-1], config.micro_batch or 1)
-    usable = budget.usable_bytes
-    context = CUDA_CONTEXT_BYTES if budget.device == "cuda" else 0
-    static = (smallest.quantized_weights + smallest.kept_weights + smallest.lora_weights
-              + smallest.lora_gradients + smallest.optimizer_state + context)
-    card = next((size for size in CARD_SIZES_GIB
-                 if wanted.peak + budget.preset.safety_margin_gib * GIB <= size * GIB), None)
-    bigger = f"{'an' if card in (8, 80) else 'a'} {card} GB card" if card else "a card with more memory"
-    if static >= usable:
-        return (f"the model alone needs {gib(static)} and {gib(usable)} is usable ({budget.source}); "
-                f"choose a smaller model or {bigger}")
-    if config.seq_len or config.micro_batch or config.grad_checkpointing is False:
-        return (f"the settings you fixed need at least {gib(smallest.peak)} and {gib(usable)} is usable "
-                f"({budget.source}); try a shorter --seq-len, --batch 1 or --grad-checkpointing, or {bigger}")
-    return (f"even {seqs[-1]} tokens need {gib(smallest.peak)} and {gib(usable)} is usable "
-            f"({budget.source}); choose a smaller model or {bigger}")

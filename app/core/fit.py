@@ -1,0 +1,166 @@
+"""The memory-feasible settings of a plan: the longest context, then the highest rank, then no
+checkpointing, then the biggest micro-batch whose predicted peak fits the budget, tried in that
+order of preference, with the reason for each choice; when nothing fits, what would."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from app.core.architecture import ArchFacts
+from app.core.config import TrainConfig
+from app.core.data.stats import LengthStats
+from app.core.errors import PlanError
+from app.core.memory import CUDA_CONTEXT_BYTES, GIB, MemoryEstimate, MemorySetup, estimate_memory, gib
+from app.core.oom import MIN_SEQ_LEN
+from app.core.presets import Budget
+
+DEFAULT_RANK = 16
+LOWER_RANKS = (8,)  # rank 4 would cost much quality for a few hundred MB; context goes first
+TARGET_TOKENS_PER_STEP = 4096
+MICRO_BATCHES = (4, 2, 1)
+# Above this many trained tokens a higher LoRA rank has enough data to be worth its memory.
+LARGE_DATA_TOKENS = 1_000_000
+CARD_SIZES_GIB = (8, 12, 16, 24, 48, 80)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One memory-feasible choice and its estimate."""
+
+    seq_len: int
+    rank: int
+    grad_checkpointing: bool
+    micro_batch: int
+    estimate: MemoryEstimate
+
+
+def choose_fit(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budget: Budget, wanted_seq: int,
+               dtype: str, optimizer: str, dropout: bool, reasons: dict[str, str], loss: str = "plain",
+               attention: str = "", quantize: str = "4bit") -> Fit:
+    """The fastest, longest-context settings whose predicted peak fits `budget`."""
+    def estimate(seq: int, rank: int, ckpt: bool, micro: int) -> MemoryEstimate:
+        return estimate_memory(facts, MemorySetup(rank=rank, seq_len=seq, micro_batch=micro, grad_checkpointing=ckpt,
+                                                  compute_dtype=dtype, optimizer=optimizer, device=budget.device,
+                                                  lora_dropout=dropout, loss=loss, attention=attention,
+                                                  quantize=quantize))
+
+    seqs = [config.seq_len] if config.seq_len else _shorter_seqs(wanted_seq, stats)
+    trained_tokens = stats.total
+    preferred = budget.preset.preferred_rank
+    if config.rank:
+        ranks = [config.rank]
+    elif preferred > DEFAULT_RANK and trained_tokens >= LARGE_DATA_TOKENS:
+        ranks = [preferred, DEFAULT_RANK, *LOWER_RANKS]
+    else:
+        ranks = [DEFAULT_RANK, *LOWER_RANKS]
+    ckpts = [config.grad_checkpointing] if config.grad_checkpointing is not None else [False, True]
+    covering = 2 if len(seqs) > 1 and seqs[1] == round_up(stats.p95) else 1  # p99 and p95
+
+    def fits():
+        """Every candidate in the order of preference (context, then rank, then no checkpointing,
+        then the biggest micro-batch) whose predicted peak is within the budget."""
+        for seq, rank in _candidates(seqs, ranks, covering):
+            micros = [config.micro_batch] if config.micro_batch else \
+                [m for m in MICRO_BATCHES if m * seq <= max(seq, TARGET_TOKENS_PER_STEP)]
+            for ckpt in ckpts:
+                for micro in micros:
+                    guess = estimate(seq, rank, ckpt, micro)
+                    if guess.peak <= budget.usable_bytes:
+                        yield Fit(seq, rank, ckpt, micro, guess)
+
+    fit = next(fits(), None)
+    if fit is None:
+        raise PlanError(_nothing_fits(facts, budget, seqs, ranks, ckpts, estimate, config))
+    _explain(fit, config, budget, wanted_seq, trained_tokens, estimate, reasons)
+    return fit
+
+
+def round_up(value: int, step: int = 64) -> int:
+    return step * max(1, math.ceil(value / step))
+
+
+def _candidates(seqs: list[int], ranks: list[int], covering: int) -> list[tuple[int, int]]:
+    """(sequence length, rank) pairs in the order the planner tries them, best first.
+
+    The order is a chain along which neither value ever grows, so that a larger budget (which
+    stops earlier on the chain) never gets a shorter context or a lower rank. The first length
+    (p99 of the data) is tried at the ranks down to the default; the last length that still covers
+    the data (p95) at every rank down to the lowest, since rank is given up before context; any
+    shorter length at the lowest rank. With one covering length it takes all ranks."""
+    default_at = ranks.index(DEFAULT_RANK) + 1 if DEFAULT_RANK in ranks else len(ranks)
+    pairs = []
+    for index, seq in enumerate(seqs):
+        if index < covering - 1:
+            pairs += [(seq, rank) for rank in ranks[:default_at]]
+        elif index == covering - 1:
+            first = ranks.index(pairs[-1][1]) if pairs else 0
+            pairs += [(seq, rank) for rank in ranks[first:]]
+        else:
+            pairs.append((seq, ranks[-1]))
+    return pairs
+
+
+def _shorter_seqs(wanted: int, stats: LengthStats) -> list[int]:
+    """`wanted`, then p95, then halvings: the lengths to try, longest first."""
+    seqs = [wanted]
+    p95 = round_up(stats.p95)
+    if MIN_SEQ_LEN <= p95 < wanted:
+        seqs.append(p95)
+    length = seqs[-1]
+    while length // 2 >= MIN_SEQ_LEN:
+        length = round_up(length // 2)
+        if length < seqs[-1]:
+            seqs.append(length)
+    return seqs
+
+
+def _explain(fit: Fit, config: TrainConfig, budget: Budget, wanted_seq: int, trained_tokens: int,
+             estimate, reasons: dict[str, str]) -> None:
+    usable = gib(budget.usable_bytes)
+    if not config.seq_len and fit.seq_len < wanted_seq:
+        reasons["seq_len"] = (f"{wanted_seq} tokens would not fit in {usable}; the longest that fits"
+                              if fit.rank == LOWER_RANKS[-1] or fit.grad_checkpointing else
+                              f"shortened from {wanted_seq} to fit in {usable}")
+    if config.rank:
+        reasons["rank"] = "set by you"
+    elif fit.rank > DEFAULT_RANK:
+        reasons["rank"] = (f"{fit.rank}: the preset prefers it and {trained_tokens:,} trained tokens can use it")
+    elif fit.rank < DEFAULT_RANK:
+        reasons["rank"] = f"lowered from {DEFAULT_RANK} to keep the context length within {usable}"
+    else:
+        reasons["rank"] = f"default rank {DEFAULT_RANK}"
+    if config.grad_checkpointing is not None:
+        reasons["grad_checkpointing"] = "set by you"
+    elif fit.grad_checkpointing:
+        without = estimate(fit.seq_len, fit.rank, False, 1).peak
+        reasons["grad_checkpointing"] = (f"on: without it the peak would be {gib(without)}, over {usable} "
+                                         "(costs ~20-30% speed)")
+    else:
+        reasons["grad_checkpointing"] = "off: the plan fits without it, ~20-30% faster"
+    if config.micro_batch:
+        reasons["micro_batch"] = "set by you"
+    elif fit.micro_batch == MICRO_BATCHES[0]:
+        reasons["micro_batch"] = f"{fit.micro_batch} examples per forward pass"
+    else:
+        reasons["micro_batch"] = f"{fit.micro_batch}: the most that fits with {fit.seq_len} tokens"
+
+
+def _nothing_fits(facts: ArchFacts, budget: Budget, seqs, ranks, ckpts, estimate, config: TrainConfig) -> str:
+    smallest = estimate(seqs[-1], ranks[-1], ckpts[-1], config.micro_batch or 1)
+    wanted = estimate(seqs[0], ranks[0], ckpts[-1], config.micro_batch or 1)
+    usable = budget.usable_bytes
+    context = CUDA_CONTEXT_BYTES if budget.device == "cuda" else 0
+    static = (smallest.quantized_weights + smallest.kept_weights + smallest.lora_weights
+              + smallest.lora_gradients + smallest.optimizer_state + context)
+    card = next((size for size in CARD_SIZES_GIB
+                 if wanted.peak + budget.preset.safety_margin_gib * GIB <= size * GIB), None)
+    bigger = f"{'an' if card in (8, 80) else 'a'} {card} GB card" if card else "a card with more memory"
+    if static >= usable:
+        return (f"the model alone needs {gib(static)} and {gib(usable)} is usable ({budget.source}); "
+                f"choose a smaller model or {bigger}")
+    if config.seq_len or config.micro_batch or config.grad_checkpointing is False:
+        return (f"the settings you fixed need at least {gib(smallest.peak)} and {gib(usable)} is usable "
+                f"({budget.source}); try a shorter --seq-len, --batch 1 or --grad-checkpointing, or {bigger}")
+    return (f"even {seqs[-1]} tokens need {gib(smallest.peak)} and {gib(usable)} is usable "
+            f"({budget.source}); choose a smaller model or {bigger}")
