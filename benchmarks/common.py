@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -25,3 +26,15 @@ def machine() -> dict:
     flags = next((set(line.split(":", 1)[1].split()) for line in info.splitlines() if line.startswith("flags")), set())
     return {"cpu": model, "cores": os.cpu_count(), "avx512f": "avx512f" in flags, "avx2": "avx2" in flags,
             "python": platform.python_version()}
+
+
+def load_history(stem: Path) -> dict:
+    """Every earlier run of a benchmark: `stem`.json, or none yet."""
+    file = Path(stem).with_suffix(".json")
+    return json.loads(file.read_text()) if file.exists() else {"runs": []}
+
+
+def save_history(stem: Path, history: dict) -> None:
+    """`stem`.json with every run (the .md beside it is the caller's)."""
+    Path(stem).parent.mkdir(parents=True, exist_ok=True)
+    Path(stem).with_suffix(".json").write_text(json.dumps(history, indent=2) + "\n")

@@ -17,7 +17,6 @@ Usage: python benchmarks/demo_time.py [--runs 2] [--isa native|avx2|both]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import commit, machine as machine_facts  # noqa: E402
+from benchmarks.common import commit, load_history, machine as machine_facts, save_history  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 PIRATE = ("arr", "matey", "ahoy", "hearty", "galley", "landlubber")
@@ -44,7 +43,7 @@ def main() -> int:
     kinds = ["native", "avx2"] if args.isa == "both" else [args.isa]
     machine = machine_facts()
     stem = args.out / "demo_time-cpu"
-    history = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {"runs": []}
+    history = load_history(stem)
     for index in range(args.runs):
         for kind in kinds:
             row = run_demo(kind) | {"started": time.strftime("%Y-%m-%d %H:%M"), "kind": kind, "machine": machine,
@@ -78,8 +77,7 @@ def run_demo(kind: str) -> dict:
 
 
 def write(history: dict, stem: Path) -> None:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(history, indent=2) + "\n")
+    save_history(stem, history)
     lines = ["# `tunesmith demo` from a fresh install", "",
              "Every run of `python benchmarks/demo_time.py`, newest last: a new Tunesmith home each time (the demo "
              "model is converted again), wall time from the command to its exit. *avx2* runs set "

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import platform
 import sys
 import tempfile
@@ -38,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from benchmarks.common import commit  # noqa: E402
+from benchmarks.common import commit, load_history, save_history  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MAX_OVER = 0.12  # a prediction may exceed the measurement by at most this fraction
@@ -136,7 +135,7 @@ def main() -> int:
         if device == "cuda" else "float32"
     names = list(GRIDS) if args.grid == "all" else [args.grid]
     stem = args.out / f"estimator_grid-{device}"
-    history = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {"runs": []}
+    history = load_history(stem)
     run = {"started": time.strftime("%Y-%m-%d %H:%M"), "commit": commit(), "device": device, "dtype": dtype,
            "torch": torch.__version__, "machine": platform.processor() or platform.machine(), "rows": []}
     history["runs"].append(run)
@@ -180,8 +179,7 @@ def _label(spec: Spec) -> str:
 
 
 def write(history: dict, stem: Path) -> None:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(history, indent=2) + "\n")
+    save_history(stem, history)
     lines = ["# Memory estimator out of sample", "",
              "Every run of `python benchmarks/estimator_grid.py`, newest last; rows of the *fit* grid calibrate "
              "the estimator, rows of the *held-out* grid (families never fitted on) check it. The rule for "

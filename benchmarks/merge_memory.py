@@ -271,10 +271,11 @@ def child(argv: list[str]) -> int:
 
 
 def write(row: dict, stem: Path) -> None:
-    history = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {"runs": []}
+    from benchmarks.common import load_history, save_history
+
+    history = load_history(stem)
     history["runs"].append(row)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(history, indent=2) + "\n")
+    save_history(stem, history)
     lines = ["# Peak RAM of `tunesmith export` for an 8B-shaped model", "",
              "Written by `python benchmarks/merge_memory.py`; every run kept. Random bf16 weights with a catalogue "
              "model's shapes (Llama-3.1-8B-Instruct: 8.03B parameters, four ~5 GB shards) and a random rank-16 LoRA "

@@ -9,6 +9,21 @@ from app.core.chat import AdapterSource
 from app.core.export.merged import CHECK_PROMPTS, parameters
 
 
+CHECK_LINES = {  # what the card says of each check an export made
+    "max_logit_diff": lambda c: (f"Merged model vs base + adapter ({len(CHECK_PROMPTS)} prompts): largest logit "
+                                 f"difference {c['max_logit_diff']:.3g}; the same next token at "
+                                 f"{c['top_token_agreement']:.1%} of positions."),
+    "logit_check": lambda c: (f"Merged model vs base + adapter: {c['logit_check']}. The merge itself is "
+                              "W + scale x B x A per adapted weight, in fp32, cast once."),
+    "gguf_tensors": lambda c: (f"GGUF read back with gguf's reader: {c['gguf_tensors']} tensors, names and shapes "
+                               f"as expected; largest value difference from the merged model "
+                               f"{c['gguf_max_abs_diff']:.3g}."),
+    "pre_tokenizer_by_hand": lambda c: (f"The pre-tokenizer was named by hand (`--pre-tokenizer "
+                                        f"{c['pre_tokenizer_by_hand']}`), not identified from the tokenizer: "
+                                        "llama.cpp splits text that way, which was not checked against transformers."),
+}
+
+
 def model_card(source: AdapterSource, info, fmt: str, dtype: str, quant: str, checks: dict) -> str:
     """README.md: what was exported, from which base and data, with which plan, and the checks."""
     run = _run_details(source)
@@ -22,23 +37,7 @@ def model_card(source: AdapterSource, info, fmt: str, dtype: str, quant: str, ch
         lines += [f"| {key} | {value} |" for key, value in run["rows"]]
         lines.append("")
     if checks:
-        lines += ["## Checks", ""]
-        if "max_logit_diff" in checks:
-            lines.append(f"- Merged model vs base + adapter ({len(CHECK_PROMPTS)} prompts): largest logit "
-                         f"difference {checks['max_logit_diff']:.3g}; the same next token at "
-                         f"{checks['top_token_agreement']:.1%} of positions.")
-        if "logit_check" in checks:
-            lines.append(f"- Merged model vs base + adapter: {checks['logit_check']}. The merge itself is "
-                         "W + scale x B x A per adapted weight, in fp32, cast once.")
-        if "gguf_tensors" in checks:
-            lines.append(f"- GGUF read back with gguf's reader: {checks['gguf_tensors']} tensors, names and "
-                         f"shapes as expected; largest value difference from the merged model "
-                         f"{checks['gguf_max_abs_diff']:.3g}.")
-        if "pre_tokenizer_by_hand" in checks:
-            lines.append(f"- The pre-tokenizer was named by hand (`--pre-tokenizer {checks['pre_tokenizer_by_hand']}`), "
-                         "not identified from the tokenizer: llama.cpp splits text that way, which was not checked "
-                         "against transformers.")
-        lines.append("")
+        lines += ["## Checks", ""] + [f"- {say(checks)}" for key, say in CHECK_LINES.items() if key in checks] + [""]
     lines += ["## Use", "", _usage(fmt, info.name), ""]
     return "\n".join(lines)
 
