@@ -175,7 +175,8 @@ def set_up(name: str, model: str, train: Path, tokens: int) -> dict:
     the memory our estimator predicts for the TRL seed recipe, the TRL settings, and the examples."""
     from app.core.config import TrainConfig
     from app.core.data.validate import check_file
-    from app.core.memory import estimate_memory, gib, setup_for
+    from app.core.memory import estimate_memory, setup_for
+    from app.core.units import gib
     from app.core.planner import plan_run
     from app.core.prepare import _arch_or_none, prepare_training
     from app.core.presets import training_budget

@@ -11,7 +11,8 @@ from app.core.architecture import ArchFacts
 from app.core.config import TrainConfig
 from app.core.data.stats import LengthStats
 from app.core.errors import PlanError
-from app.core.memory import CUDA_CONTEXT_BYTES, GIB, MemoryEstimate, MemorySetup, estimate_memory, gib
+from app.core.memory import CUDA_CONTEXT_BYTES, GIB, MemoryEstimate, MemorySetup, estimate_memory
+from app.core.units import gib
 from app.core.oom import MIN_SEQ_LEN
 from app.core.presets import Budget
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from app.core.architecture import FOUR_NORM_TYPES, FUSED_PROJECTION_TYPES, QK_NORM_TYPES, ArchFacts
 from app.core.kernel_choice import FLASH, PACKED_FLASH, PACKED_LOOP, PACKED_MASKED
 from app.core.kernels import VARLEN_ATTENTION, chunk_rows
+from app.core.units import GIB  # noqa: F401 - also read as memory.GIB by the estimator tests
 
-GIB = 1024 ** 3
 
 # NF4 storage (QLoRA paper §2): 4 bits per weight, one 8-bit absmax per block of 64 (double
 # quantisation) and one fp32 second-level constant per 256 blocks: 0.5 + 1/64 + 4/16384 B/param.
@@ -258,8 +258,3 @@ def activation_bytes_per_token_layer(facts: ArchFacts, element: int, dropout: bo
     fused_view = (facts.heads * facts.head_dim + kv) * element if facts.model_type in FUSED_PROJECTION_TYPES else 0
     return (1 + ACTIVATION_MARGIN) * (per_h * facts.hidden + per_kv * kv + per_i * width
                                       + EXTRA_NORM_BYTES * extra_norm_width + fused_view)
-
-
-def gib(value: float) -> str:
-    """Bytes as GiB with two decimals, the unit every plan is shown in."""
-    return f"{value / GIB:.2f} GiB"

@@ -98,19 +98,26 @@ def _needs_remote_code(path: Path, config: dict, model_type: str, architecture: 
     return True
 
 
-def _weight_files(path: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
+def safetensors_files(path: Path) -> list[Path]:
+    """The model's safetensors files: those its shard index lists (a ModelError when the index is
+    damaged or a listed shard is missing), else every *.safetensors but an adapter's; [] for none."""
+    path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
         try:
             shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError, UnicodeDecodeError):
             raise ModelError(f"{index}: damaged shard index; download the model again") from None
         missing = [s for s in shards if not (path / s).exists()]
         if missing:
             raise ModelError(f"{path}: shard {missing[0]} listed in model.safetensors.index.json is missing "
                              f"({len(missing)} of {len(shards)} missing); finish or repeat the download")
-        return [path / s for s in shards], False
-    safetensors = sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("adapter_"))
+        return [path / s for s in shards]
+    return sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("adapter_"))
+
+
+def _weight_files(path: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
+    safetensors = safetensors_files(path)
     if safetensors:
         return safetensors, False
     pickles = sorted({f for pattern in PICKLE_PATTERNS for f in path.glob(pattern)})

@@ -22,7 +22,7 @@ from app.core.errors import ConfigError, PlanError
 from app.core.cards import Card, precision_for
 from app.core.kernel_choice import OPTIMIZER_LABELS, choose_attention, choose_loss
 from app.core.kernels import fused_loss_support, packing_support
-from app.core.memory import gib
+from app.core.units import gib
 from app.core.fit import DEFAULT_RANK, MICRO_BATCHES, TARGET_TOKENS_PER_STEP, Fit, choose_fit, round_up
 from app.core.presets import Budget
 

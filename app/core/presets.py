@@ -18,6 +18,7 @@ from app.core.memory import GIB
 from app.core.paths import config_dir
 from app.core.resources import shipped_dir
 from app.core.toml import load_toml
+from app.core.units import gib
 
 # key: (type, required, lowest allowed value)
 KEYS = {
@@ -137,7 +138,7 @@ def resolve_budget(preset: Preset, device: str | None = None, card: Card | None 
         return Budget(preset, device or "cuda", fixed, fixed - margin, f"preset {preset.id}")
     available = host.available_ram()
     return Budget(preset, "cpu", available, max(0, available - margin),
-                  f"no CUDA GPU: {available / GIB:.1f} GiB of RAM available")
+                  f"no CUDA GPU: {gib(available, 1)} of RAM available")
 
 
 def training_budget(name: str, gpu: str = "") -> Budget:
@@ -147,8 +148,8 @@ def training_budget(name: str, gpu: str = "") -> Budget:
     preset = get_preset(name)
     if gpu:
         named = find_card(gpu)
-        gib = named.memory_bytes / GIB
-        preset = replace(preset, budget_gib=min(preset.budget_gib or gib, gib))
+        card_gib = named.memory_bytes / GIB
+        preset = replace(preset, budget_gib=min(preset.budget_gib or card_gib, card_gib))
     if host.local_device() == "cuda" or preset.budget_gib is None:
         return resolve_budget(preset)
     budget = resolve_budget(replace(preset, budget_gib=None), device="cpu")
@@ -164,15 +165,15 @@ def _local_cuda_budget(preset: Preset, fixed: int | None, margin: int) -> Budget
         others = use.others_bytes or 0
         gpus = host.gpus().gpus
         driver = (gpus[0].reserved_bytes or 0) if gpus else 0  # NVML v2: outside "used", never ours
-        note = f", {others / GIB:.1f} GiB used by other programs" if others >= 0.05 * GIB else ""
+        note = f", {gib(others, 1)} used by other programs" if others >= 0.05 * GIB else ""
     else:  # no NVML reading (rare: NVML missing while torch sees the card): torch's free memory
         free, total, _ = host.cuda_free()
         others, driver = max(0, total - free), 0
-        note = f", {others / GIB:.1f} GiB in use"
+        note = f", {gib(others, 1)} in use"
     free_for_us = max(0, total - others - driver)
     allowed = min(fixed, free_for_us) if fixed is not None else free_for_us
     name = card.name if card else "GPU 0"
-    source = f"{name}: {total / GIB:.1f} GiB{note}"
+    source = f"{name}: {gib(total, 1)}{note}"
     if fixed is not None:
         source += f"; preset {preset.id}" + (" (more than is free)" if fixed > free_for_us else "")
     return Budget(preset, "cuda", allowed, max(0, allowed - margin), source, card)

@@ -22,7 +22,7 @@ from app.core.data.batches import EpochBatches
 from app.core.errors import DiskFullError, RunError, UserError
 from app.core.events import (CheckpointSaved, EvalMetrics, Event, LogLine, PlanAdjusted, RunFailed,
                              RunFinished, RunStarted, StepMetrics)
-from app.core.memory import gib
+from app.core.units import gib
 from app.core.models import remember_model
 from app.core.oom import is_out_of_memory, next_backoff
 from app.core.prepare import Prepared, prepare_training, truncate

@@ -29,6 +29,7 @@ from app.core.export.merged import merge_adapter, parameters
 from app.core.export.modelfile import ollama_modelfile
 from app.core.run_lock import RunLock
 from app.core.runs import is_run_folder
+from app.core.units import gib
 
 FORMATS = ("adapter", "merged", "gguf")
 DTYPES = ("bf16", "f16", "f32")
@@ -73,9 +74,9 @@ def export_run(ref: str, fmt: str, out: str | Path, dtype: str = "bf16", quant: 
     if problem:
         raise ExportError(problem)
     if fmt == "gguf":
-        from app.core.export.gguf import read_config
+        from app.core.export.gguf import gguf_architecture
 
-        read_config(Path(info.path))  # an architecture the writer does not know is refused before the merge
+        gguf_architecture(Path(info.path))  # an architecture the writer does not know is refused before the merge
     _check_space(out, _needed_bytes(fmt, source, parameters(info), dtype, quant))
     tokenizer = adapter_tokenizer(source, info, trust_remote_code)
     run_inside = next((p for p in out.parents if is_run_folder(p)), None)
@@ -109,8 +110,8 @@ def _write_adapter(source: AdapterSource, tokenizer, out: Path) -> None:
 
 def _write_gguf(source: AdapterSource, info, tokenizer, out: Path, dtype: str, quant: str, progress,
                 trust_remote_code: bool, pre_tokenizer: str = "") -> dict:
-    from app.core.export.gguf_check import verify_gguf
     from app.core.export.gguf import write_gguf
+    from app.core.export.gguf_check import verify_gguf
 
     merged = out / ".merged"
     merged.mkdir()
@@ -201,8 +202,8 @@ def _check_space(out: Path, needed: int) -> None:
         folder = folder.parent
     free = shutil.disk_usage(folder).free
     if needed * DISK_MARGIN > free:
-        raise ExportError(f"{folder}: {free / 2**30:.1f} GiB free, but this export needs about "
-                          f"{needed * DISK_MARGIN / 2**30:.1f} GiB; free some space or choose another --out")
+        raise ExportError(f"{folder}: {gib(free, 1)} free, but this export needs about "
+                          f"{gib(needed * DISK_MARGIN, 1)}; free some space or choose another --out")
 
 
 def _slug(text: str) -> str:

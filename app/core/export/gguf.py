@@ -63,7 +63,7 @@ def write_gguf(model_dir: Path, out_file: Path, quant: str = "f16",
     if quant not in QUANTS:
         raise ExportError(f"GGUF quantization '{quant}' is not available; choose one of {', '.join(QUANTS)} "
                           "(k-quants such as q4_k_m need llama.cpp's llama-quantize on the f16 file)")
-    config, arch = read_config(model_dir)
+    config, arch = gguf_architecture(model_dir)
     plan = plan_tensors(model_dir, config, arch)
     report = progress or (lambda message, fraction: None)
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -117,12 +117,12 @@ _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight"
 _BLOCK_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 
 
-def read_config(model_dir: Path) -> tuple[dict, str]:
-    file = model_dir / "config.json"
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ExportError(f"{file}: cannot read the model config ({err}); is this a model folder?") from None
+def gguf_architecture(model_dir: Path) -> tuple[dict, str]:
+    """(config.json, llama.cpp's architecture name) of a model folder the writer supports; an
+    ExportError naming the architecture for one it does not."""
+    from app.core.model_files import read_config
+
+    config = read_config(Path(model_dir))
     by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
     declared = (config.get("architectures") or [by_type.get(config.get("model_type"), "")])[0]
     if declared not in SUPPORTED:
@@ -133,32 +133,16 @@ def read_config(model_dir: Path) -> tuple[dict, str]:
 
 
 def _safetensors_headers(model_dir: Path) -> dict[Path, dict]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted({model_dir / shard for shard in weight_map.values()})
-        except (OSError, ValueError, KeyError, AttributeError) as err:
-            raise ExportError(f"{index}: damaged shard index ({err}); save or download the model again") from None
-    else:
-        files = sorted(f for f in model_dir.glob("*.safetensors") if not f.name.startswith("adapter_"))
-    if not files:
-        raise ExportError(f"{model_dir}: no *.safetensors weights; save the model with safetensors first")
-    headers = {}
-    for file in files:
-        try:
-            with open(file, "rb") as handle:
-                length = int.from_bytes(handle.read(8), "little")
-                header = json.loads(handle.read(length))
-            header.pop("__metadata__", None)
-            end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ExportError(f"{file}: unreadable safetensors file ({err}); save or download it again") from None
-        if 8 + length + end != file.stat().st_size:
-            raise ExportError(f"{file}: truncated safetensors file ({file.stat().st_size} bytes, "
-                              f"{8 + length + end} expected); save or download it again")
-        headers[file] = header
-    return headers
+    from app.core.errors import ModelError
+    from app.core.model_files import read_safetensors_header, safetensors_files
+
+    try:
+        files = safetensors_files(model_dir)
+        if not files:
+            raise ExportError(f"{model_dir}: no *.safetensors weights; save the model with safetensors first")
+        return {file: read_safetensors_header(file)[1] for file in files}
+    except ModelError as err:  # damaged or truncated: the export's own kind of error
+        raise ExportError(str(err)) from None
 
 
 def plan_tensors(model_dir: Path, config: dict, arch: str) -> list[_Planned]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from app.core.export.gguf import attention_heads, load_tensor, permute, plan_tensors, read_config
+from app.core.export.gguf import attention_heads, gguf_architecture, load_tensor, permute, plan_tensors
 
 # Tolerance on |gguf - source| relative to the tensor's largest magnitude, per stored type.
 TOLERANCE = {"F32": 1e-6, "F16": 1e-3, "BF16": 1e-2, "Q8_0": 1e-2}
@@ -37,7 +37,7 @@ def verify_gguf(gguf_file: Path, model_dir: Path, samples: int = 3) -> GgufCheck
     token_embd (a few rows), output, and the attn_norm, q (un-permuted) and k weights of `samples`
     blocks spread over the depth, within a tolerance that depends on the stored type.
     """
-    config, arch = read_config(Path(model_dir))
+    config, arch = gguf_architecture(Path(model_dir))
     plan = {item.name: item for item in plan_tensors(Path(model_dir), config, arch)}
     try:
         reader = gguf.GGUFReader(gguf_file)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.core.errors import ExportError, ModelError
+from app.core.units import gib
 
 SHARD_BYTES = 2 * 2**30  # as save_pretrained(max_shard_size="2GB")
 _FLOAT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
@@ -182,7 +183,7 @@ def merge_shards(plan: MergePlan, out_dir: Path, dtype: str = "bf16",
         written += size
         del tensor
         if index % 16 == 0 or index == total:
-            progress(f"Merging: {index} of {total} tensors ({written / 2**30:.1f} GiB written)")
+            progress(f"Merging: {index} of {total} tensors ({gib(written, 1)} written)")
     flush()
     files = _name_shards(out_dir, shards)
     return MergeSummary(files, total, merged, written, merge_ram(plan, dtype, shard_bytes))
@@ -206,14 +207,9 @@ def write_merged_config(base_dir: Path, out_dir: Path, dtype: str, trust_remote_
 
 # -- helpers ------------------------------------------------------------------------------------------
 def _weight_files(base_dir: Path) -> list[Path]:
-    index = base_dir / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError) as err:
-            raise ModelError(f"{index}: damaged shard index ({err}); download the model again") from None
-        return [base_dir / name for name in names]
-    files = sorted(f for f in base_dir.glob("*.safetensors") if not f.name.startswith("adapter_"))
+    from app.core.model_files import safetensors_files
+
+    files = safetensors_files(base_dir)
     if not files:
         raise CannotStream("the base model's weights are not safetensors files")
     return files

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from app.core.chat import AdapterSource
 from app.core.errors import ExportError
+from app.core.units import gib
 
 DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4}
 TORCH_DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
@@ -44,7 +45,7 @@ def merge_adapter(source: AdapterSource, info, tokenizer, out: Path, dtype: str 
         config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
         GenerationConfig.from_model_config(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
-    progress(f"Merged {summary.merged_weights} weights; {summary.bytes / 2**30:.2f} GiB in {len(summary.files)} files")
+    progress(f"Merged {summary.merged_weights} weights; {gib(summary.bytes)} in {len(summary.files)} files")
     return compare_logits(source, info, tokenizer, out, dtype, progress, trust_remote_code)
 
 
@@ -63,8 +64,8 @@ def compare_logits(source: AdapterSource, info, tokenizer, merged_dir: Path, dty
 
     needed, free = int(parameters(info) * DTYPE_BYTES[dtype] * 1.2) + 2**30, host.available_ram()
     if needed > free:
-        reason = (f"skipped: comparing with base + adapter loads the model whole ({needed / 2**30:.1f} GiB) and "
-                  f"{free / 2**30:.1f} GiB of RAM is free")
+        reason = (f"skipped: comparing with base + adapter loads the model whole ({gib(needed, 1)}) and "
+                  f"{gib(free, 1)} of RAM is free")
         progress(f"Logit check {reason}")
         return {"logit_check": reason}
     torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
@@ -133,7 +134,7 @@ def _check_ram(needed: int, how: str) -> None:
 
     free = host.available_ram()
     if needed > free:
-        raise ExportError(f"this export needs about {needed / 2**30:.1f} GiB of RAM ({how}) and {free / 2**30:.1f} "
+        raise ExportError(f"this export needs about {gib(needed, 1)} of RAM ({how}) and {free / 2**30:.1f} "
                           "GiB is free; close other programs and try again, or export on a machine with more RAM")
 
 
