@@ -73,7 +73,7 @@ def choose_fit(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budget
     fit = next(fits(), None)
     if fit is None:
         raise PlanError(_nothing_fits(facts, budget, seqs, ranks, ckpts, estimate, config))
-    _explain(fit, config, budget, wanted_seq, trained_tokens, estimate, reasons)
+    reasons.update(_explain(fit, config, budget, wanted_seq, trained_tokens, estimate, reasons.get("seq_len", "")))
     return fit
 
 
@@ -117,34 +117,37 @@ def _shorter_seqs(wanted: int, stats: LengthStats) -> list[int]:
 
 
 def _explain(fit: Fit, config: TrainConfig, budget: Budget, wanted_seq: int, trained_tokens: int,
-             estimate, reasons: dict[str, str]) -> None:
+             estimate, seq_reason: str) -> dict[str, str]:
+    """Why the fit has its sequence length, rank, checkpointing and micro-batch."""
     usable = gib(budget.usable_bytes)
+    why = {"seq_len": seq_reason}
     if not config.seq_len and fit.seq_len < wanted_seq:
-        reasons["seq_len"] = (f"{wanted_seq} tokens would not fit in {usable}; the longest that fits"
-                              if fit.rank == LOWER_RANKS[-1] or fit.grad_checkpointing else
-                              f"shortened from {wanted_seq} to fit in {usable}")
+        why["seq_len"] = (f"{wanted_seq} tokens would not fit in {usable}; the longest that fits"
+                          if fit.rank == LOWER_RANKS[-1] or fit.grad_checkpointing else
+                          f"shortened from {wanted_seq} to fit in {usable}")
     if config.rank:
-        reasons["rank"] = "set by you"
+        why["rank"] = "set by you"
     elif fit.rank > DEFAULT_RANK:
-        reasons["rank"] = (f"{fit.rank}: the preset prefers it and {trained_tokens:,} trained tokens can use it")
+        why["rank"] = f"{fit.rank}: the preset prefers it and {trained_tokens:,} trained tokens can use it"
     elif fit.rank < DEFAULT_RANK:
-        reasons["rank"] = f"lowered from {DEFAULT_RANK} to keep the context length within {usable}"
+        why["rank"] = f"lowered from {DEFAULT_RANK} to keep the context length within {usable}"
     else:
-        reasons["rank"] = f"default rank {DEFAULT_RANK}"
+        why["rank"] = f"default rank {DEFAULT_RANK}"
     if config.grad_checkpointing is not None:
-        reasons["grad_checkpointing"] = "set by you"
+        why["grad_checkpointing"] = "set by you"
     elif fit.grad_checkpointing:
         without = estimate(fit.seq_len, fit.rank, False, 1).peak
-        reasons["grad_checkpointing"] = (f"on: without it the peak would be {gib(without)}, over {usable} "
-                                         "(costs ~20-30% speed)")
+        why["grad_checkpointing"] = (f"on: without it the peak would be {gib(without)}, over {usable} "
+                                     "(costs ~20-30% speed)")
     else:
-        reasons["grad_checkpointing"] = "off: the plan fits without it, ~20-30% faster"
+        why["grad_checkpointing"] = "off: the plan fits without it, ~20-30% faster"
     if config.micro_batch:
-        reasons["micro_batch"] = "set by you"
+        why["micro_batch"] = "set by you"
     elif fit.micro_batch == MICRO_BATCHES[0]:
-        reasons["micro_batch"] = f"{fit.micro_batch} examples per forward pass"
+        why["micro_batch"] = f"{fit.micro_batch} examples per forward pass"
     else:
-        reasons["micro_batch"] = f"{fit.micro_batch}: the most that fits with {fit.seq_len} tokens"
+        why["micro_batch"] = f"{fit.micro_batch}: the most that fits with {fit.seq_len} tokens"
+    return why
 
 
 def _nothing_fits(facts: ArchFacts, budget: Budget, seqs, ranks, ckpts, estimate, config: TrainConfig) -> str:

@@ -45,15 +45,13 @@ def detect_device() -> tuple[str, str, str]:
     return "cpu", "float32", "adamw_torch"
 
 
-def device_settings(device: str, card: Card | None, reasons: dict[str, str]) -> tuple[str, str]:
-    """(compute dtype, optimizer) a plan for `device` and `card` trains with, with reasons."""
+def device_settings(device: str, card: Card | None) -> tuple[tuple[str, str], tuple[str, str]]:
+    """((compute dtype, why), (optimizer, why)) for a plan on `device` and `card`."""
     if device != "cuda":
-        reasons["compute_dtype"] = "fp32: the CPU path trains in fp32 (bitsandbytes' CPU kernels compute in fp32)"
-        reasons["optimizer"] = f"{OPTIMIZER_LABELS['adamw_torch']}: the paged 8-bit optimizer needs CUDA"
-        return "float32", "adamw_torch"
-    dtype, reasons["compute_dtype"] = precision_for(card)
-    reasons["optimizer"] = f"{OPTIMIZER_LABELS['paged_adamw_8bit']}: 2 bytes of state per LoRA weight"
-    return dtype, "paged_adamw_8bit"
+        return (("float32", "fp32: the CPU path trains in fp32 (bitsandbytes' CPU kernels compute in fp32)"),
+                ("adamw_torch", f"{OPTIMIZER_LABELS['adamw_torch']}: the paged 8-bit optimizer needs CUDA"))
+    return (precision_for(card),
+            ("paged_adamw_8bit", f"{OPTIMIZER_LABELS['paged_adamw_8bit']}: 2 bytes of state per LoRA weight"))
 
 
 def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_validation: bool,
@@ -66,11 +64,11 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     reasons: dict[str, str] = {}
     device = budget.device if budget else detect_device()[0]
     card = budget.card if budget else None
-    dtype, optimizer = device_settings(device, card, reasons)
+    (dtype, reasons["compute_dtype"]), (optimizer, reasons["optimizer"]) = device_settings(device, card)
     dropout = config.lora_dropout if lora_dropout is None else lora_dropout
     max_positions = facts.max_positions if facts else None
     cap = min(budget.preset.context_cap if budget else 2048, max_positions or 1 << 30)
-    wanted_seq = _wanted_seq_len(config, stats, cap, reasons)
+    wanted_seq, reasons["seq_len"] = _wanted_seq_len(config, stats, cap)
     loss, reasons["loss"] = choose_loss(device, fused_loss_support(facts), config.loss_kernel)
 
     fit, quantize = _fit_memory(config, stats, facts, budget, wanted_seq, dtype, optimizer, dropout > 0, loss,
@@ -83,7 +81,7 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     alpha = config.lora_alpha or 2 * rank
     reasons["lora_alpha"] = "set by you" if config.lora_alpha else "2 x rank"
     micro = fit.micro_batch
-    batching = _choose_batching(config, facts, fit.seq_len, reasons)
+    batching, reasons["batching"] = _choose_batching(config, facts, fit.seq_len)
     attention, reasons["attention"] = choose_attention(batching == "packed", device, _capability(card, device),
                                                        config.attention, bool(facts and facts.attention_softcap))
     if batching == "packed":
@@ -256,28 +254,25 @@ def _rows_attention(config: TrainConfig, facts: ArchFacts | None, device: str, c
         return ""
 
 
-def _choose_batching(config: TrainConfig, facts: ArchFacts | None, seq_len: int, reasons: dict[str, str]) -> str:
+def _choose_batching(config: TrainConfig, facts: ArchFacts | None, seq_len: int) -> tuple[str, str]:
+    """(batching, why): packed where the model's attention allows and the user did not say no."""
     why_not = packing_support(facts, seq_len)
     if config.packing is False:
-        reasons["batching"] = "padded batches of similar lengths: packing turned off by you"
-        return "grouped"
+        return "grouped", "padded batches of similar lengths: packing turned off by you"
     if why_not:
         if config.packing:
             raise ConfigError(f"--packing is not available for this model: {why_not}; leave it off")
-        reasons["batching"] = f"padded batches of similar lengths: {why_not}"
-        return "grouped"
-    reasons["batching"] = "packed: several examples per row, no padding tokens"
-    return "packed"
+        return "grouped", f"padded batches of similar lengths: {why_not}"
+    return "packed", "packed: several examples per row, no padding tokens"
 
 
-def _wanted_seq_len(config: TrainConfig, stats: LengthStats, cap: int, reasons: dict[str, str]) -> int:
+def _wanted_seq_len(config: TrainConfig, stats: LengthStats, cap: int) -> tuple[int, str]:
+    """(the sequence length to aim for, why): the user's, else p99 of the data within the cap."""
     if config.seq_len:
-        reasons["seq_len"] = "set by you"
-        return config.seq_len
+        return config.seq_len, "set by you"
     wanted = max(64, min(cap, round_up(stats.p99)))
-    reasons["seq_len"] = f"covers 99% of examples (p99 {stats.p99} tokens)"
     if wanted < round_up(stats.p99):
-        reasons["seq_len"] = f"the context cap {cap} (p99 of the data is {stats.p99} tokens)"
-    return wanted
+        return wanted, f"the context cap {cap} (p99 of the data is {stats.p99} tokens)"
+    return wanted, f"covers 99% of examples (p99 {stats.p99} tokens)"
 
 
