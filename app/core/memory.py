@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from app.core.architecture import FOUR_NORM_TYPES, FUSED_PROJECTION_TYPES, QK_NORM_TYPES, ArchFacts
 from app.core.kernel_choice import FLASH, PACKED_FLASH, PACKED_LOOP, PACKED_MASKED
 from app.core.kernels import VARLEN_ATTENTION, chunk_rows
-from app.core.units import GIB  # noqa: F401 - also read as memory.GIB by the estimator tests
+from app.core.units import GIB
 
 
 # NF4 storage (QLoRA paper §2): 4 bits per weight, one 8-bit absmax per block of 64 (double

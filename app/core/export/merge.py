@@ -33,8 +33,8 @@ from app.core.units import gib
 SHARD_BYTES = 2 * 2**30  # as save_pretrained(max_shard_size="2GB")
 _FLOAT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 _OTHER_BYTES = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-_OUT_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
-_OUT_CODE = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
+DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4}  # the export's --dtype choices
+TORCH_DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
 _LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
 _UNSUPPORTED = (("use_dora", "DoRA"), ("rank_pattern", "per-layer ranks"), ("alpha_pattern", "per-layer alphas"),
                 ("modules_to_save", "fully trained modules (modules_to_save)"), ("fan_in_fan_out", "fan_in_fan_out"),
@@ -71,7 +71,6 @@ class MergeSummary:
     tensors: int
     merged_weights: int
     bytes: int
-    peak_ram_bound: int
 
 
 def plan_merge(base_dir: Path, adapter_dir: Path) -> MergePlan:
@@ -136,7 +135,7 @@ def merge_ram(plan: MergePlan, dtype: str, shard_bytes: int = SHARD_BYTES) -> in
     interpreter and allocator."""
     counts = [t.nbytes // _width(t.dtype) for t in plan.tensors.values()]
     largest = max(counts)
-    out_shard = min(max(shard_bytes, largest * _OUT_BYTES[dtype]), sum(counts) * _OUT_BYTES[dtype])
+    out_shard = min(max(shard_bytes, largest * DTYPE_BYTES[dtype]), sum(counts) * DTYPE_BYTES[dtype])
     return int(1.1 * (out_shard + largest * (4 + 4 + 4) + 2 * plan.adapter_bytes) + 300 * 2**20)
 
 
@@ -149,7 +148,7 @@ def merge_shards(plan: MergePlan, out_dir: Path, dtype: str = "bf16",
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    target = getattr(torch, TORCH_DTYPES[dtype])
     adapter = {key: value.float() for key, value in load_file(str(plan.adapter_file)).items()}
     shards: list[tuple[str, list[str], int]] = []  # (temporary file name, tensor names, bytes)
     pending: dict[str, torch.Tensor] = {}
@@ -186,7 +185,7 @@ def merge_shards(plan: MergePlan, out_dir: Path, dtype: str = "bf16",
             progress(f"Merging: {index} of {total} tensors ({gib(written, 1)} written)")
     flush()
     files = _name_shards(out_dir, shards)
-    return MergeSummary(files, total, merged, written, merge_ram(plan, dtype, shard_bytes))
+    return MergeSummary(files, total, merged, written)
 
 
 def write_merged_config(base_dir: Path, out_dir: Path, dtype: str, trust_remote_code: bool = False) -> None:
@@ -195,7 +194,7 @@ def write_merged_config(base_dir: Path, out_dir: Path, dtype: str, trust_remote_
     from app.core.atomic import write_json
 
     config = json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8"))
-    name = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[dtype]
+    name = TORCH_DTYPES[dtype]
     config.pop("quantization_config", None)
     config["torch_dtype" if "torch_dtype" in config else "dtype"] = name
     write_json(Path(out_dir) / "config.json", config)

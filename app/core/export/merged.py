@@ -9,10 +9,9 @@ from pathlib import Path
 
 from app.core.chat import AdapterSource
 from app.core.errors import ExportError
+from app.core.export.merge import DTYPE_BYTES, TORCH_DTYPES
 from app.core.units import gib
 
-DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4}
-TORCH_DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
 CHECK_PROMPTS = ("How do I make garlic bread?", "Tell me about the sea.", "What is 12 + 7?")
 
 
@@ -26,7 +25,7 @@ def merge_adapter(source: AdapterSource, info, tokenizer, out: Path, dtype: str 
     Returns the checks against base + adapter over a few prompts: the largest logit difference and
     how often both pick the same next token (16-bit rounding moves logits a little and near-ties can
     flip), or why they were skipped (the model does not fit in RAM even once)."""
-    from app.core.export import merge
+    from app.core.export import merge  # read at call time: tests replace merge.plan_merge
 
     base_dir = Path(info.path)
     try:
@@ -56,7 +55,6 @@ def compare_logits(source: AdapterSource, info, tokenizer, merged_dir: Path, dty
     import gc
 
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from app.core import host
@@ -73,11 +71,9 @@ def compare_logits(source: AdapterSource, info, tokenizer, merged_dir: Path, dty
     quiet_loading()
     progress("Checking the merged model against base + adapter")
     with torch.no_grad():
-        base = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                                    use_safetensors=not info.facts.pickle_weights)
-        model = PeftModel.from_pretrained(base, source.adapter_dir).eval()
+        model = _base_with_adapter(source, info, dtype, trust_remote_code)
         before = [model(ids).logits.float() for ids in prompts]
-        del model, base
+        del model
         gc.collect()
         merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch_dtype,
                                                       trust_remote_code=trust_remote_code).eval()
@@ -85,6 +81,21 @@ def compare_logits(source: AdapterSource, info, tokenizer, merged_dir: Path, dty
         del merged
         gc.collect()
     return _agreement(before, after, progress)
+
+
+def _base_with_adapter(source: AdapterSource, info, dtype: str, trust_remote_code: bool):
+    """The base model in `dtype` (not 4-bit) with the adapter on it, for inference."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from app.core.models import quiet_loading
+
+    quiet_loading()
+    base = AutoModelForCausalLM.from_pretrained(info.path, dtype=getattr(torch, TORCH_DTYPES[dtype]),
+                                                trust_remote_code=trust_remote_code,
+                                                use_safetensors=not info.facts.pickle_weights)
+    return PeftModel.from_pretrained(base, source.adapter_dir).eval()
 
 
 def _check_prompts(tokenizer) -> list:
@@ -105,17 +116,8 @@ def _merge_whole(source: AdapterSource, info, tokenizer, out: Path, dtype: str, 
                  trust_remote_code: bool) -> dict:
     """The merge PEFT does: the whole base in 16-bit, merge_and_unload, save_pretrained."""
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    from app.core.models import quiet_loading
-
-    torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
-    quiet_loading()
-    base = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                                use_safetensors=not info.facts.pickle_weights)
-    model = PeftModel.from_pretrained(base, source.adapter_dir)
-    model.eval()
+    model = _base_with_adapter(source, info, dtype, trust_remote_code)
     prompts = _check_prompts(tokenizer)
     with torch.no_grad():
         before = [model(ids).logits.float() for ids in prompts]
@@ -134,8 +136,8 @@ def _check_ram(needed: int, how: str) -> None:
 
     free = host.available_ram()
     if needed > free:
-        raise ExportError(f"this export needs about {gib(needed, 1)} of RAM ({how}) and {free / 2**30:.1f} "
-                          "GiB is free; close other programs and try again, or export on a machine with more RAM")
+        raise ExportError(f"this export needs about {gib(needed, 1)} of RAM ({how}) and {gib(free, 1)} is free; "
+                          "close other programs and try again, or export on a machine with more RAM")
 
 
 def parameters(info) -> int:
