@@ -15,9 +15,8 @@ import warnings
 
 from app import __version__
 from app.cli import chat, export, machine, training
+from app.cli.output import EXIT_USER_ERROR
 from app.core.errors import UserError
-
-EXIT_USER_ERROR = 2
 
 
 def main(argv: list[str] | None = None) -> int:

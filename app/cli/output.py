@@ -6,6 +6,8 @@ import sys
 
 from app.core.units import gib
 
+EXIT_USER_ERROR = 2  # bad input: one line on stderr, never a traceback
+
 
 def info(message: str) -> None:
     """A progress note: on stderr, so stdout stays the command's answer."""

@@ -7,12 +7,11 @@ import sys
 import time
 
 from app.cli.flags import add_config_flags, config_values
-from app.cli.output import info, num, print_table, short, yes
+from app.cli.output import EXIT_USER_ERROR, info, num, print_table, short, yes
 from app.cli.progress import Progress, install_stop_handler, report_end, run_with_progress
 from app.core.config import TrainConfig
 from app.core.units import gib
 
-EXIT_BAD_DATA = 2
 TRAIN_HIDDEN = ("warmup_ratio", "max_grad_norm", "weight_decay", "lora_dropout", "lora_alpha")
 PLAN_FLAGS = ("model", "data", "preset", "gpu", "quantize", "attention", "loss_kernel", "rank", "seq_len",
               "micro_batch", "grad_accum", "epochs", "grad_checkpointing", "packing", "skip_bad", "trust_remote_code")
@@ -144,7 +143,7 @@ def cmd_check_data(args) -> int:
         for problem in problems:
             print(f"  {problem}")
         print("\nFix these rows, or train with --skip-bad to leave them out.", file=sys.stderr)
-        return EXIT_BAD_DATA
+        return EXIT_USER_ERROR
     print("  OK: every row is usable")
     return 0
 

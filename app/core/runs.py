@@ -194,11 +194,11 @@ def create_run(config: TrainConfig, plan: Plan, data_info: dict) -> Run:
     """Write a new run folder in one piece and return it."""
     root = runs_dir()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    slug = _slug(config.name or f"{Path(config.model.rstrip('/')).name}-{Path(config.data).stem}")
-    run_id = f"{stamp}-{slug}"
+    name = slug(config.name or f"{Path(config.model.rstrip('/')).name}-{Path(config.data).stem}")
+    run_id = f"{stamp}-{name}"
     n = 2
     while (root / run_id).exists():
-        run_id, n = f"{stamp}-{slug}-{n}", n + 1
+        run_id, n = f"{stamp}-{name}-{n}", n + 1
     lock = None
     try:
         with staged_dir(root / run_id) as tmp:
@@ -292,5 +292,6 @@ def _checkpoint_problem(path: Path, checksums: bool) -> str:
     return manifest_problem(path, checksums)
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "run"
+def slug(text: str, fallback: str = "run") -> str:
+    """`text` as a file or folder name: letters, digits and . _ - only, at most 60 characters."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or fallback

@@ -28,7 +28,7 @@ from app.core.export.card import model_card
 from app.core.export.merged import merge_adapter, parameters
 from app.core.export.modelfile import ollama_modelfile
 from app.core.run_lock import RunLock
-from app.core.runs import is_run_folder
+from app.core.runs import is_run_folder, slug
 from app.core.units import gib
 
 FORMATS = ("adapter", "merged", "gguf")
@@ -117,7 +117,7 @@ def _write_gguf(source: AdapterSource, info, tokenizer, out: Path, dtype: str, q
     merged.mkdir()
     checks = merge_adapter(source, info, tokenizer, merged, "f32" if quant == "f32" else dtype, progress,
                            trust_remote_code)
-    name = f"{_slug(source.label)}-{quant}.gguf"
+    name = f"{slug(source.label, 'model')}-{quant}.gguf"
     progress(f"Writing {name}")
     summary = write_gguf(merged, out / name, quant, lambda message, _fraction=None: progress(message),
                          pre_tokenizer)
@@ -205,8 +205,3 @@ def _check_space(out: Path, needed: int) -> None:
         raise ExportError(f"{folder}: {gib(free, 1)} free, but this export needs about "
                           f"{gib(needed * DISK_MARGIN, 1)}; free some space or choose another --out")
 
-
-def _slug(text: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "model"
