@@ -84,3 +84,27 @@ def test_two_real_resumes_at_once_exactly_one_trains(tiny_model, chat_data, tune
     steps = [e["step"] for e in run.events() if e["event"] == "StepMetrics"]
     assert steps == list(range(1, 201))  # one writer: no step logged twice, none missing
     assert not in_use(run.dir)
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders_each_locked(monkeypatch):
+    """The clock is stopped at one second, so both runs are started in it."""
+    from datetime import datetime
+
+    import app.core.runs as runs
+    from app.core.config import Plan, TrainConfig
+    from app.core.runs import create_run
+
+    class Clock(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 12, 2, 4, 50, 0)
+
+    monkeypatch.setattr(runs, "datetime", Clock)
+    config = TrainConfig(model="demo", data="chats.jsonl", name="my run: v2!")
+    first, second = create_run(config, Plan(), {}), create_run(config, Plan(), {})
+    try:
+        assert first.id == "20261202-045000-my-run-v2" and second.id == first.id + "-2"
+        assert in_use(first.dir) and in_use(second.dir)
+    finally:
+        first.lock.release()
+        second.lock.release()
