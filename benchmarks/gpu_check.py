@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
 def environment(device: str):
     import torch
 
-    from app.core.cards import detected_card
-    from app.core.kernel_choice import import_problem
+    from app.core.plan.cards import detected_card
+    from app.core.plan.kernel_choice import import_problem
 
     row = {"torch": torch.__version__, "cuda": torch.version.cuda or "-", "device": device}
     if device == "cuda":
@@ -178,9 +178,9 @@ def environment(device: str):
 
 def selftest_all(device: str):
     """Every path of every chain, each dtype the device trains in, through selftest's checks."""
-    from app.core.kernel_choice import (ATTENTION_LABELS, LOSS_LABELS, OPTIMIZER_LABELS, attention_chain,
-                                        loss_chain)
-    from app.core.selftest import Shapes, check_attention, check_loss, check_optimizer
+    from app.core.plan.kernel_choice import (ATTENTION_LABELS, LOSS_LABELS, OPTIMIZER_LABELS, attention_chain,
+                                             loss_chain)
+    from app.core.train.selftest import Shapes, check_attention, check_loss, check_optimizer
 
     capability = _capability(device)
     shapes = Shapes(**LLAMA_8B_LAYER)
@@ -204,8 +204,8 @@ def selftest_all(device: str):
 
 def steps(device: str):
     """A few real steps of the demo model for each precision x batching x checkpointing."""
-    from app.core.events import StepMetrics
-    from app.core.trainer import train_prepared
+    from app.core.train.events import StepMetrics
+    from app.core.train.trainer import train_prepared
 
     dtypes = ["bfloat16", "float16"] if device == "cuda" else ["float32", "float16"]
     rows, problems = [], []
@@ -236,8 +236,8 @@ def restore(device: str):
 
     from safetensors.torch import load_file
 
-    from app.core.events import StepMetrics
-    from app.core.trainer import resume_training, train_prepared
+    from app.core.train.events import StepMetrics
+    from app.core.train.trainer import resume_training, train_prepared
 
     def run(stop_at: int | None):
         prepared = _demo_prepared(device, seq_len=256 if device == "cuda" else 128, packing=True, steps=4)
@@ -275,8 +275,8 @@ def oom(device: str):
         return "skipped", [], "needs CUDA (the CPU test suite covers the ladder with a pretend card)"
     import torch
 
-    from app.core.events import PlanAdjusted, RunFinished
-    from app.core.trainer import train_prepared
+    from app.core.train.events import PlanAdjusted, RunFinished
+    from app.core.train.trainer import train_prepared
 
     prepared = _demo_prepared(device, seq_len=2048, packing=False, steps=3)
     prepared.plan = replace(prepared.plan, micro_batch=8, grad_accum=1, grad_checkpointing=False, loss="plain")
@@ -339,7 +339,7 @@ def throughput(device: str):
         return "skipped", [], "TRL (the yardstick) is not installed: pip install -e '.[bench]'"
     from memory_calibration import model_config, write_random_model
 
-    from app.core.demo_model import ensure_demo_model
+    from app.core.models.demo_model import ensure_demo_model
 
     demo = ensure_demo_model()
     with tempfile.TemporaryDirectory() as tmp:
@@ -386,8 +386,8 @@ def _demo_prepared(device: str, seq_len: int, packing: bool, steps: int):
     """The demo model (on the CPU: a 2-layer random model of its shapes, with its tokenizer, so
     that the CPU run stays within CI's time) and the sample data, planned and ready to train."""
     from app.core.config import TrainConfig
-    from app.core.prepare import prepare_training
     from app.core.resources import sample_dataset
+    from app.core.train.prepare import prepare_training
 
     model = "demo" if device == "cuda" else str(_small_demo())
     config = TrainConfig(model=model, data=str(sample_dataset()), seq_len=seq_len, micro_batch=2, grad_accum=1,
@@ -405,7 +405,7 @@ def _small_demo() -> Path:
     """SmolLM2-135M's shapes with 2 of its 30 layers, random weights, its tokenizer (made once)."""
     from memory_calibration import model_config, write_random_model
 
-    from app.core.demo_model import ensure_demo_model
+    from app.core.models.demo_model import ensure_demo_model
 
     if not _SMALL:
         demo = ensure_demo_model()

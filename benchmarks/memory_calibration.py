@@ -10,7 +10,7 @@ through `QLoraSession`. It then measures:
 - the peak of one training step: `torch.cuda.max_memory_allocated`/`reserved` and the NVML peak
   on CUDA; on CPU the torch profiler's allocator events (the same bookkeeping);
 
-and writes them next to `app.core.memory.estimate_memory`'s prediction, with the ratio, as
+and writes them next to `app.core.plan.memory.estimate_memory`'s prediction, with the ratio, as
 `benchmarks/results/memory_calibration-<device>.{json,md}`.
 
     python benchmarks/memory_calibration.py            # CPU: a small grid (about 5 minutes)
@@ -32,10 +32,10 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.core.catalog import find_in_catalog  # noqa: E402
-from app.core.architecture import arch_facts  # noqa: E402
 from app.core.config import Plan, TrainConfig  # noqa: E402
-from app.core.memory import GIB, MemorySetup, estimate_memory  # noqa: E402
+from app.core.models.architecture import arch_facts  # noqa: E402
+from app.core.models.catalog import find_in_catalog  # noqa: E402
+from app.core.plan.memory import GIB, MemorySetup, estimate_memory  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -108,9 +108,9 @@ def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_b
     CPU plan picks, SDPA per example); "grouped": `micro_batch` padded rows of `seq_len` tokens.
     `quantize` "none": the base unquantised in `dtype`, as the planner's 16-bit-base plans."""
 
-    from app.core.kernel_choice import PACKED_LOOP, choose_attention
-    from app.core.memory_probe import PeakMemory, optimizer_bytes, weight_bytes
-    from app.core.qlora import QLoraSession
+    from app.core.plan.kernel_choice import PACKED_LOOP, choose_attention
+    from app.core.train.memory_probe import PeakMemory, optimizer_bytes, weight_bytes
+    from app.core.train.qlora import QLoraSession
 
     config = model_config(model_id, layers)
     facts = arch_facts(config)
@@ -182,9 +182,9 @@ def write_random_model(config: dict, folder: Path, dtype: str) -> None:
 
 
 def _prepared(folder: Path, config: dict, plan: Plan, lora_dropout: float = 0.05):
-    from app.core.model_files import FolderFacts
-    from app.core.models import ModelInfo
-    from app.core.prepare import Prepared
+    from app.core.models.files import FolderFacts
+    from app.core.models.resolve import ModelInfo
+    from app.core.train.prepare import Prepared
 
     facts = FolderFacts(config, config["model_type"], config["architectures"][0], None, 0,
                         list(folder.glob("*.safetensors")), False, False)

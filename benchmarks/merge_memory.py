@@ -106,7 +106,7 @@ def build_base(folder: Path, config: dict) -> list[int]:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from app.core.demo_model import ensure_demo_model
+    from app.core.models.demo_model import ensure_demo_model
 
     folder.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):

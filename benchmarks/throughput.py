@@ -130,7 +130,8 @@ LONG_TAIL = ("2,024 chats (system, user, assistant), token lengths drawn from a 
 def long_tail_chats(model: str, count: int, seed: int = 0) -> list[list[dict]]:
     """`count` chats whose token lengths follow a long tail between 32 and 2,048 (median ~200):
     counting, repeating and reversing tasks whose answers grow to the drawn length."""
-    from app.core.models import load_tokenizer, resolve_model
+    from app.core.models.load import load_tokenizer
+    from app.core.models.resolve import resolve_model
 
     tokenizer = load_tokenizer(resolve_model(model))
     rng = random.Random(seed)
@@ -175,11 +176,11 @@ def set_up(name: str, model: str, train: Path, tokens: int) -> dict:
     the memory our estimator predicts for the TRL seed recipe, the TRL settings, and the examples."""
     from app.core.config import TrainConfig
     from app.core.data.validate import check_file
-    from app.core.memory import estimate_memory, setup_for
+    from app.core.plan.memory import estimate_memory, setup_for
+    from app.core.plan.planner import plan_run
+    from app.core.plan.presets import training_budget
+    from app.core.train.prepare import _arch_or_none, prepare_training
     from app.core.units import gib
-    from app.core.planner import plan_run
-    from app.core.prepare import _arch_or_none, prepare_training
-    from app.core.presets import training_budget
 
     base = TrainConfig(model=model, data=str(train), rank=16, save_every=100_000, lora_dropout=0.05)
     prepared = prepare_training(base)
@@ -317,9 +318,9 @@ def train_tunesmith(job: dict) -> dict:
     import torch
 
     from app.core.config import Plan, TrainConfig
-    from app.core.events import PlanAdjusted, StepMetrics
-    from app.core.prepare import prepare_training
-    from app.core.trainer import train_prepared
+    from app.core.train.events import PlanAdjusted, StepMetrics
+    from app.core.train.prepare import prepare_training
+    from app.core.train.trainer import train_prepared
 
     plan = Plan.from_dict(job["plan"])
     config = TrainConfig(model=job["model"], data=job["train"], rank=plan.rank, seq_len=plan.seq_len,
@@ -350,9 +351,10 @@ def evaluate_adapters(job: dict) -> dict:
     from app.core.data.packing import collate_padded
     from app.core.data.tokenize import ensure_chat_template, tokenize_examples
     from app.core.data.validate import check_file
-    from app.core.models import load_base_model, load_tokenizer, resolve_model
-    from app.core.prepare import truncate
-    from app.core.qlora import loss_sum
+    from app.core.models.load import load_base_model, load_tokenizer
+    from app.core.models.resolve import resolve_model
+    from app.core.train.prepare import truncate
+    from app.core.train.qlora import loss_sum
 
     plan = Plan.from_dict(job["plan"])
     info = resolve_model(job["model"])

@@ -142,7 +142,7 @@ def past_runs(steps: int) -> None:
     from dataclasses import replace
 
     from app.core.demo import demo_config
-    from app.core.trainer import run_training
+    from app.core.train.trainer import run_training
 
     for lr in (2e-4, 5e-4):
         config = replace(demo_config(), lr=lr, max_steps=steps, name=f"demo-lr-{lr:g}")

@@ -115,7 +115,7 @@ def demo_model_path(shared_cache, tmp_path_factory) -> Path:
     (home / "cache").symlink_to(shared_cache, target_is_directory=True)
     os.environ["TUNESMITH_HOME"] = str(home)
     try:
-        from app.core.demo_model import ensure_demo_model
+        from app.core.models.demo_model import ensure_demo_model
 
         return ensure_demo_model()
     finally:
@@ -135,7 +135,7 @@ def demo_run(demo_model_path, shared_cache, tmp_path_factory) -> Path:
     os.environ["TUNESMITH_HOME"] = str(home)
     try:
         from app.core.demo import demo_config
-        from app.core.trainer import run_training
+        from app.core.train.trainer import run_training
 
         result = run_training(demo_config())
         assert result.status == "finished", result.reason
@@ -162,8 +162,8 @@ def train_tiny(model, data, steps: int = 6, stop_at: int | None = None, lr: floa
     import threading
 
     from app.core.config import TrainConfig
-    from app.core.events import StepMetrics
-    from app.core.trainer import run_training
+    from app.core.train.events import StepMetrics
+    from app.core.train.trainer import run_training
 
     stop = threading.Event()
 

@@ -18,7 +18,7 @@ def test_import_linter_contract_holds():
 
 
 def test_importing_the_trainer_loads_no_qt():
-    code = ("import sys, app.core.trainer, app.core.chat, app.cli; "
+    code = ("import sys, app.core.train.trainer, app.core.chat, app.cli; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('PySide6', 'pyqtgraph', 'shiboken6')]; "
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

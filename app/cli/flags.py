@@ -62,7 +62,7 @@ def _choices(name: str) -> tuple[str, ...] | None:
     if name == "quantize":
         return QUANTIZE_CHOICES
     if name in ("attention", "loss_kernel"):
-        from app.core.kernel_choice import ATTENTION_CHOICES, LOSS_CHOICES
+        from app.core.plan.kernel_choice import ATTENTION_CHOICES, LOSS_CHOICES
 
         return ATTENTION_CHOICES if name == "attention" else LOSS_CHOICES
     return None

@@ -18,7 +18,7 @@ def add_commands(sub) -> None:
 
 
 def cmd_models(args) -> int:
-    from app.core.models import list_models
+    from app.core.models.resolve import list_models
 
     table = [("MODEL", "SOURCE", "ARCHITECTURE", "PARAMS", "SIZE", "PATH")]
     for m in list_models():
@@ -30,7 +30,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_gpu(args) -> int:
-    from app.core.cards import card_catalog, detected_card
+    from app.core.plan.cards import card_catalog, detected_card
     from app.gpu.nvml import detect_gpus, torch_cuda
 
     if args.list:

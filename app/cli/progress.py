@@ -21,8 +21,8 @@ class Progress:
         self.bar_open = False
 
     def __call__(self, event) -> None:
-        from app.core.events import (CheckpointSaved, EvalMetrics, LogLine, PlanAdjusted, RunFailed,
-                                     RunFinished, RunStarted, StepMetrics)
+        from app.core.train.events import (CheckpointSaved, EvalMetrics, LogLine, PlanAdjusted, RunFailed,
+                                           RunFinished, RunStarted, StepMetrics)
 
         if isinstance(event, StepMetrics):
             self._step(event)

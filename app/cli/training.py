@@ -51,7 +51,7 @@ def add_commands(sub) -> None:
 
 
 def cmd_train(args) -> int:
-    from app.core.trainer import run_training
+    from app.core.train.trainer import run_training
 
     config = TrainConfig(**config_values(args))
     return run_with_progress(lambda on_event, stop: run_training(config, on_event, stop))
@@ -60,8 +60,8 @@ def cmd_train(args) -> int:
 def cmd_plan(args) -> int:
     import json
 
-    from app.core.memory import COMPONENTS
-    from app.core.plan_preview import preview_plan
+    from app.core.plan.memory import COMPONENTS
+    from app.core.plan.preview import preview_plan
 
     preview = preview_plan(TrainConfig(**config_values(args)))
     if args.json:
@@ -102,7 +102,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    from app.core.trainer import resume_training
+    from app.core.train.trainer import resume_training
 
     return run_with_progress(lambda on_event, stop: resume_training(
         args.run, on_event, stop, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle))

@@ -195,8 +195,9 @@ def load_chat(ref: str, trust_remote_code: bool = False,
     import torch
     from peft import PeftModel
 
-    from app.core.models import load_base_model, resolve_model
-    from app.core.planner import detect_device
+    from app.core.models.load import load_base_model
+    from app.core.models.resolve import resolve_model
+    from app.core.plan.planner import detect_device
 
     source = find_adapter(ref)
     device, dtype, _ = detect_device()
@@ -226,12 +227,12 @@ def _trained_quantize(source: AdapterSource) -> str:
 def adapter_tokenizer(source: AdapterSource, info, trust_remote_code: bool = False):
     """The tokenizer trained with (saved beside the adapter), else the base model's; with a chat template."""
     from app.core.data.tokenize import ensure_chat_template
-    from app.core.models import load_tokenizer
+    from app.core.models.load import load_tokenizer
 
     if source.tokenizer_dir is not None and (source.tokenizer_dir / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
 
-        from app.core.models import refuse_own_code
+        from app.core.models.load import refuse_own_code
 
         refuse_own_code(source.tokenizer_dir, "tokenizer_config.json", "the adapter's tokenizer", trust_remote_code)
         try:

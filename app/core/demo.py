@@ -17,9 +17,9 @@ from statistics import mean
 from typing import Callable
 
 from app.core.config import TrainConfig
-from app.core.events import Event, StepMetrics
 from app.core.resources import sample_dataset
-from app.core.trainer import RunResult, run_training
+from app.core.train.events import Event, StepMetrics
+from app.core.train.trainer import RunResult, run_training
 
 DEMO_QUESTION = "How do I make garlic bread?"
 

@@ -102,7 +102,7 @@ class MainWindow(QMainWindow):
         QMessageBox.critical(self, "Tunesmith", f"The training engine could not load: {message}")
 
     def _scan_models(self) -> None:
-        from app.core.models import list_models
+        from app.core.models.resolve import list_models
 
         worker = TaskWorker(list_models, "models")
         worker.done.connect(self._models_found)  # a bound slot: Qt calls it on this (the GUI) thread

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from app.core.architecture import arch_facts
+from app.core.models.architecture import arch_facts
 
 SMALL = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
@@ -44,7 +44,7 @@ def test_counts_match_a_real_model_of_the_family(family):
 
 
 def test_demo_model_count_equals_its_weights(demo_model_path):
-    from app.core.model_files import inspect_folder
+    from app.core.models.files import inspect_folder
 
     config = json.loads((demo_model_path / "config.json").read_text())
     facts = arch_facts(config)

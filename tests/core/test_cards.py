@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from app.cli import main
-from app.core.cards import card_catalog, find_card, match_card, precision_for
 from app.core.errors import ConfigError
-from app.core.memory import GIB
+from app.core.plan.cards import card_catalog, find_card, match_card, precision_for
+from app.core.plan.memory import GIB
 
 LLAMA_8B = "meta-llama/Llama-3.1-8B-Instruct"
 ISSUE_CARDS = ["RTX 2060", "RTX 2070", "RTX 2080", "RTX 2080 Ti", "RTX 3060", "RTX 3070", "RTX 3080",
@@ -110,7 +110,8 @@ def test_plan_for_a_catalogued_model_does_not_import_torch():
 
 def test_the_budget_on_this_card_leaves_other_programs_memory_alone(monkeypatch):
     """NVML cannot exist here: its reading of a 24 GiB card with 3 GiB used by others is faked."""
-    from app.core import host, presets
+    from app.core import host
+    from app.core.plan import presets
     from app.gpu import nvml
 
     class Use:

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from app.core.architecture import arch_facts
-from app.core.catalog import catalog, find_in_catalog, model_facts
 from app.core.errors import ModelError
+from app.core.models.architecture import arch_facts
+from app.core.models.catalog import catalog, find_in_catalog, model_facts
 
 ENTRIES = catalog()
 REQUIRED = ["meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-70B-Instruct",

@@ -64,7 +64,8 @@ def test_a_row_the_template_rejects_is_a_problem_on_its_line_for_every_face(stri
 def test_training_reads_the_same_lengths_the_check_reported(tiny_model):
     """The fast path (tokenizers + jinja2) and the real tokenizer training uses agree row by row."""
     from app.core.data.tokenize import ensure_chat_template
-    from app.core.models import load_tokenizer, resolve_model
+    from app.core.models.load import load_tokenizer
+    from app.core.models.resolve import resolve_model
 
     for name in ("messages.jsonl", "sharegpt.jsonl", "alpaca.json", "text.jsonl"):
         fast = check_dataset(str(EXAMPLES / name), str(tiny_model))
@@ -79,7 +80,7 @@ def test_training_reads_the_same_lengths_the_check_reported(tiny_model):
                          ids=["cli-fast", "gui-fast", "gui-slow"])
 def test_the_tokenizer_is_loaded_at_most_once(tiny_model, strict_model, mixed_data, monkeypatch, preview, strict,
                                               loads):
-    import app.core.models as models
+    import app.core.models.load as models
 
     calls = []
     real = models.load_tokenizer

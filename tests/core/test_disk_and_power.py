@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-import app.core.trainer as trainer
-from app.core.events import CheckpointSaved
+import app.core.train.trainer as trainer
 from app.core.runs import open_run
-from app.core.trainer import resume_training
+from app.core.train.events import CheckpointSaved
+from app.core.train.trainer import resume_training
 from conftest import REPO
 
 
@@ -154,8 +154,8 @@ def _train(model, data, steps: int, save_every: int, stop_at: int | None = None,
     import threading
 
     from app.core.config import TrainConfig
-    from app.core.events import StepMetrics
-    from app.core.trainer import run_training
+    from app.core.train.events import StepMetrics
+    from app.core.train.trainer import run_training
 
     stop = threading.Event()
 

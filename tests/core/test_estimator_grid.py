@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from app.core.architecture import arch_facts
-from app.core.catalog import find_in_catalog
-from app.core.memory import MemorySetup, estimate_memory
+from app.core.models.architecture import arch_facts
+from app.core.models.catalog import find_in_catalog
+from app.core.plan.memory import MemorySetup, estimate_memory
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results" / "estimator_grid-cpu.json"

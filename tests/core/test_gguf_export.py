@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from app.core.errors import ExportError
-from app.core.export.gguf_check import verify_gguf
 from app.core.export.gguf import permute, write_gguf
+from app.core.export.gguf_check import verify_gguf
 from conftest import build_tiny_model, build_tiny_tokenizer
 
 BLOCK_PARTS = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
@@ -238,7 +238,7 @@ def demo_gguf(demo_model_path, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_demo_model_matches_the_gguf_llama_cpp_wrote(demo_gguf, demo_model_path):
-    from app.core.demo_model import find_demo_gguf
+    from app.core.models.demo_model import find_demo_gguf
 
     original, mine = gguf.GGUFReader(find_demo_gguf()), gguf.GGUFReader(demo_gguf)
     for key in ORIGINAL_TOKENIZER_KEYS + ORIGINAL_MODEL_KEYS:

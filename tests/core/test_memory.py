@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from app.core.architecture import arch_facts
 from app.core.config import TrainConfig
-from app.core.memory import GIB, MemorySetup, estimate_memory, lora_parameter_count
-from app.core.memory_probe import PeakMemory, optimizer_bytes, weight_bytes
-from app.core.model_files import read_config
+from app.core.models.architecture import arch_facts
+from app.core.models.files import read_config
+from app.core.plan.memory import GIB, MemorySetup, estimate_memory, lora_parameter_count
 from app.core.resources import sample_dataset
+from app.core.train.memory_probe import PeakMemory, optimizer_bytes, weight_bytes
 
 SEQ = 256
 
@@ -17,8 +17,8 @@ SEQ = 256
 @pytest.fixture(scope="module")
 def demo_session(demo_model_path):
     """The demo model loaded in NF4 with LoRA rank 16, as training loads it, and one step taken."""
-    from app.core.prepare import prepare_training
-    from app.core.qlora import QLoraSession
+    from app.core.train.prepare import prepare_training
+    from app.core.train.qlora import QLoraSession
 
     config = TrainConfig(model="demo", data=str(sample_dataset()), seq_len=SEQ, rank=16, micro_batch=2,
                          grad_accum=1, grad_checkpointing=False, max_steps=3, preset="auto", quantize="4bit")
@@ -64,7 +64,7 @@ def test_optimizer_state_is_two_fp32_moments_per_lora_weight(demo_session, demo_
 def test_a_real_steps_peak_is_not_under_predicted_and_within_12_percent(demo_session, demo_model_path):
     """Measured with the allocator's own events (torch profiler), like max_memory_allocated, on
     the path the plan trains with (packed rows, the fused loss)."""
-    from app.core.memory import setup_for
+    from app.core.plan.memory import setup_for
 
     session, prepared, batch = demo_session
     # the examples fill the row; measure a full one
@@ -94,6 +94,6 @@ def test_checkpointing_and_shorter_sequences_cost_less():
 
 
 def read_config_from_catalogue(name: str) -> dict:
-    from app.core.catalog import find_in_catalog
+    from app.core.models.catalog import find_in_catalog
 
     return find_in_catalog(name).config()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from app.core.errors import ModelError
-from app.core.models import resolve_model
+from app.core.models.resolve import resolve_model
 from conftest import EXAMPLES, REPO
 
 
@@ -144,7 +144,7 @@ def test_unknown_hub_id_offline_gives_a_clear_error():
 def test_missing_demo_package_names_the_pip_command(monkeypatch):
     import importlib.util
 
-    from app.core import demo_model
+    from app.core.models import demo_model
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == demo_model.PACKAGE else real(name, *a))
@@ -153,7 +153,7 @@ def test_missing_demo_package_names_the_pip_command(monkeypatch):
 
 
 def test_hf_cache_entries_and_recent_folders_are_listed_and_resolved(tiny_model, tmp_path):
-    from app.core.models import list_models, remember_model
+    from app.core.models.resolve import list_models, remember_model
 
     entry = Path(os.environ["HF_HUB_CACHE"]) / "models--someorg--tiny-chat"
     shutil.copytree(tiny_model, entry / "snapshots" / "abc123")

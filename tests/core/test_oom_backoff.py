@@ -11,11 +11,11 @@ import torch
 import pytest
 
 from app.core.config import TrainConfig
-from app.core.events import PlanAdjusted, RunFailed
-from app.core.oom import next_backoff
-from app.core.qlora import QLoraSession
 from app.core.runs import open_run
-from app.core.trainer import run_training
+from app.core.train.events import PlanAdjusted, RunFailed
+from app.core.train.oom import next_backoff
+from app.core.train.qlora import QLoraSession
+from app.core.train.trainer import run_training
 from conftest import EXAMPLES
 
 

@@ -10,13 +10,13 @@ from dataclasses import replace
 
 import pytest
 
-from app.core.catalog import model_facts
 from app.core.config import TrainConfig
 from app.core.data.stats import length_stats
 from app.core.errors import PlanError
-from app.core.memory import GIB, MemorySetup, estimate_memory, setup_for
-from app.core.planner import DEFAULT_RANK, plan_run
-from app.core.presets import get_preset, resolve_budget
+from app.core.models.catalog import model_facts
+from app.core.plan.memory import GIB, MemorySetup, estimate_memory, setup_for
+from app.core.plan.planner import DEFAULT_RANK, plan_run
+from app.core.plan.presets import get_preset, resolve_budget
 from conftest import REPO
 
 LLAMA_8B = model_facts("Llama-3.1-8B-Instruct").facts

@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from app.core.errors import ConfigError
-from app.core.memory import GIB
 from app.core.paths import config_dir
-from app.core.presets import get_preset, list_presets, read_preset, resolve_budget, training_budget
+from app.core.plan.memory import GIB
+from app.core.plan.presets import get_preset, list_presets, read_preset, resolve_budget, training_budget
 from app.core.resources import shipped_dir
 from conftest import REPO
 

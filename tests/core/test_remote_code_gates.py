@@ -17,7 +17,7 @@ import pytest
 
 from app.core.errors import RunError
 from app.core.runs import open_run
-from app.core.trainer import resume_training
+from app.core.train.trainer import resume_training
 from conftest import EXAMPLES, REPO, train_tiny
 
 

@@ -15,7 +15,7 @@ from app.core.errors import RunError
 from app.core.export import export_run
 from app.core.run_lock import RunLock, in_use
 from app.core.runs import delete_run, open_run
-from app.core.trainer import resume_training
+from app.core.train.trainer import resume_training
 from conftest import REPO, train_tiny
 
 HOLD = "import sys, time; from app.core.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)"

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from app.core.config import TrainConfig
-from app.core.events import CheckpointSaved, RunFailed, RunFinished, RunStarted, StepMetrics
 from app.core.runs import list_runs, open_run
-from app.core.trainer import resume_training, run_training
+from app.core.train.events import CheckpointSaved, RunFailed, RunFinished, RunStarted, StepMetrics
+from app.core.train.trainer import resume_training, run_training
 from conftest import REPO
 
 
@@ -45,8 +45,8 @@ def test_tiny_llama_trains_in_4bit_and_its_loss_falls(tiny_model, chat_data):
 def test_the_base_is_nf4_double_quantised_with_lora_on_every_linear(tiny_model, chat_data):
     import bitsandbytes as bnb
 
-    from app.core.prepare import prepare_training
-    from app.core.qlora import QLoraSession
+    from app.core.train.prepare import prepare_training
+    from app.core.train.qlora import QLoraSession
 
     session = QLoraSession(prepare_training(_config(tiny_model, chat_data)))
     quantised = [m for m in session.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -167,8 +167,8 @@ def test_an_unquantised_base_trains_resumes_and_is_chosen_where_it_fits(tiny_mod
 
     import bitsandbytes as bnb
 
-    from app.core.prepare import prepare_training
-    from app.core.qlora import QLoraSession
+    from app.core.train.prepare import prepare_training
+    from app.core.train.qlora import QLoraSession
 
     auto = prepare_training(_config(tiny_model, chat_data, quantize="auto")).plan
     assert auto.quantize == "none" and "skips dequantising" in auto.reasons["quantize"]

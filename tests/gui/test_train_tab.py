@@ -107,8 +107,8 @@ def test_train_runs_to_the_end_with_live_loss_and_a_responsive_window(window, qt
 
 @pytest.mark.slow
 def test_stop_leaves_a_resumable_run_and_resume_continues_the_curve(window, qtbot, tiny_model, chat_data):
-    from app.core.events import StepMetrics
     from app.core.runs import open_run
+    from app.core.train.events import StepMetrics
 
     tab = window.train_tab
     _ready(tab, qtbot, tiny_model, chat_data, epochs=6)
@@ -128,7 +128,7 @@ def test_stop_leaves_a_resumable_run_and_resume_continues_the_curve(window, qtbo
 
 
 def test_a_failing_run_shows_the_reason_with_a_log_button(window, qtbot, tiny_model, chat_data, monkeypatch):
-    from app.core.qlora import QLoraSession
+    from app.core.train.qlora import QLoraSession
 
     def broken_step(self, batches):
         raise RuntimeError("the GPU fell off the bus")
@@ -148,7 +148,7 @@ def test_a_failing_run_shows_the_reason_with_a_log_button(window, qtbot, tiny_mo
 
 
 def test_a_kernel_replaced_by_the_self_test_stays_in_view(window, qtbot, tiny_model, chat_data, monkeypatch):
-    from app.core import packed_attention
+    from app.core.train import packed_attention
     from tests.core.test_selftest import raising_once
 
     monkeypatch.setattr(packed_attention, "packed_loop", raising_once(packed_attention.packed_loop))

@@ -86,8 +86,8 @@ def check_dataset(path: str, model: str = "demo", seq_len: int | None = None, *,
 def _measuring_model(model: str, trust_remote_code: bool, allow_pickle: bool, progress):
     """The model whose tokenizer measures: `model` when it is on disk, the demo model for a
     catalogued one that is not (its own tokenizer may count 10-20 % differently)."""
-    from app.core.catalog import model_facts
-    from app.core.models import resolve_model
+    from app.core.models.catalog import model_facts
+    from app.core.models.resolve import resolve_model
 
     facts = model_facts(model)  # no download: a hub id that is neither cached nor catalogued is refused
     ref = "demo" if facts.source == "catalogue" else model
@@ -104,7 +104,7 @@ def _fast_lengths(info, report: DataReport) -> list[int] | None:
 
 def _load_tokenizer(info, trust_remote_code: bool):
     from app.core.data.tokenize import ensure_chat_template
-    from app.core.models import load_tokenizer
+    from app.core.models.load import load_tokenizer
 
     tokenizer = load_tokenizer(info, trust_remote_code)
     ensure_chat_template(tokenizer)

@@ -52,7 +52,7 @@ def export_run(ref: str, fmt: str, out: str | Path, dtype: str = "bf16", quant: 
                progress: Callable[[str], None] = lambda message: None,
                trust_remote_code: bool = False, pre_tokenizer: str = "") -> ExportResult:
     """Export the adapter `ref` names (a run, a checkpoint or an adapter folder) as `fmt` into `out`."""
-    from app.core.models import resolve_model
+    from app.core.models.resolve import resolve_model
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format '{fmt}'; use one of {', '.join(FORMATS)}")

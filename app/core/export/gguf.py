@@ -120,7 +120,7 @@ _BLOCK_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 def gguf_architecture(model_dir: Path) -> tuple[dict, str]:
     """(config.json, llama.cpp's architecture name) of a model folder the writer supports; an
     ExportError naming the architecture for one it does not."""
-    from app.core.model_files import read_config
+    from app.core.models.files import read_config
 
     config = read_config(Path(model_dir))
     by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -134,7 +134,7 @@ def gguf_architecture(model_dir: Path) -> tuple[dict, str]:
 
 def _safetensors_headers(model_dir: Path) -> dict[Path, dict]:
     from app.core.errors import ModelError
-    from app.core.model_files import read_safetensors_header, safetensors_files
+    from app.core.models.files import read_safetensors_header, safetensors_files
 
     try:
         files = safetensors_files(model_dir)

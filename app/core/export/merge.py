@@ -76,7 +76,7 @@ class MergeSummary:
 def plan_merge(base_dir: Path, adapter_dir: Path) -> MergePlan:
     """Read the safetensors headers of the base and the adapter and pair each LoRA factor with the
     base weight it adapts; CannotStream says why not."""
-    from app.core.model_files import read_safetensors_header
+    from app.core.models.files import read_safetensors_header
 
     base_dir, adapter_dir = Path(base_dir), Path(adapter_dir)
     try:
@@ -206,7 +206,7 @@ def write_merged_config(base_dir: Path, out_dir: Path, dtype: str, trust_remote_
 
 # -- helpers ------------------------------------------------------------------------------------------
 def _weight_files(base_dir: Path) -> list[Path]:
-    from app.core.model_files import safetensors_files
+    from app.core.models.files import safetensors_files
 
     files = safetensors_files(base_dir)
     if not files:

@@ -58,7 +58,7 @@ def compare_logits(source: AdapterSource, info, tokenizer, merged_dir: Path, dty
     from transformers import AutoModelForCausalLM
 
     from app.core import host
-    from app.core.models import quiet_loading
+    from app.core.models.load import quiet_loading
 
     needed, free = int(parameters(info) * DTYPE_BYTES[dtype] * 1.2) + 2**30, host.available_ram()
     if needed > free:
@@ -89,7 +89,7 @@ def _base_with_adapter(source: AdapterSource, info, dtype: str, trust_remote_cod
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from app.core.models import quiet_loading
+    from app.core.models.load import quiet_loading
 
     quiet_loading()
     base = AutoModelForCausalLM.from_pretrained(info.path, dtype=getattr(torch, TORCH_DTYPES[dtype]),

@@ -12,8 +12,8 @@ from PySide6.QtWidgets import (QCheckBox, QGroupBox, QHBoxLayout, QScrollArea, Q
 
 from app.core.config import TrainConfig, field_help
 from app.core.units import format_duration
-from app.gui.widgets.controls import button, label
 from app.gui.tabs.train_dialogs import ask_resume_consent, error_box
+from app.gui.widgets.controls import button, label
 from app.gui.widgets.dataset_view import DatasetReport, DropZone
 from app.gui.widgets.live_graphs import LiveGraphs
 from app.gui.widgets.pickers import BudgetPicker, ModelPicker
@@ -118,7 +118,7 @@ class TrainTab(QWidget):
 
     def add_models(self, rows) -> None:
         """Models found by the background scan (HF cache, recent folders), then the catalogue."""
-        from app.core.catalog import catalog
+        from app.core.models.catalog import catalog
 
         self.model_picker.add_models([row.name if row.kind != "recent" else row.path for row in rows]
                                      + [entry.id for entry in catalog()])
@@ -176,7 +176,7 @@ class TrainTab(QWidget):
         """Make the plan on a worker thread (token lengths, estimator)."""
         from dataclasses import replace
 
-        from app.core.plan_preview import preview_plan
+        from app.core.plan.preview import preview_plan
 
         if self.preset_box.currentData():
             self._remember("last_preset", self.preset_box.currentData())
@@ -240,7 +240,7 @@ class TrainTab(QWidget):
             self.status.setText(f"Ready to train on {self.summary.usable_rows} examples: press Train (Ctrl+Enter).")
 
     def start_training(self) -> None:
-        from app.core.trainer import run_training
+        from app.core.train.trainer import run_training
 
         if not self.train_button.isEnabled():
             return
@@ -251,7 +251,7 @@ class TrainTab(QWidget):
         self._start_worker(lambda on_event, stop: run_training(config, on_event, stop), "Starting…")
 
     def resume_training(self) -> None:
-        from app.core.trainer import resume_training
+        from app.core.train.trainer import resume_training
 
         if self.last_run is None or not self.resume_button.isEnabled():
             return
@@ -265,7 +265,7 @@ class TrainTab(QWidget):
         """Resume a past run (asked from the Runs tab), drawing its curve so far first."""
         from app.core.errors import UserError
         from app.core.runs import open_run, read_history
-        from app.core.trainer import resume_training
+        from app.core.train.trainer import resume_training
 
         if self.running:
             return
@@ -302,7 +302,7 @@ class TrainTab(QWidget):
             self._update_buttons()
 
     def _on_event(self, event) -> None:
-        from app.core import events as ev
+        from app.core.train import events as ev
 
         if isinstance(event, ev.StepMetrics):
             self.graphs.loss.add_step(event.step, event.loss)

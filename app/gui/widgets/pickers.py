@@ -58,8 +58,8 @@ class ModelPicker(QGroupBox):
 
     def look_up(self) -> None:
         """Read the chosen model's facts (files and catalogue only, no weights) and say them."""
-        from app.core.catalog import model_facts
         from app.core.errors import UserError
+        from app.core.models.catalog import model_facts
 
         name = self.box.currentText()
         try:
@@ -107,8 +107,8 @@ class BudgetPicker(QGroupBox):
         return ("auto", data[len(CARD_PREFIX):]) if data.startswith(CARD_PREFIX) else (data, "")
 
     def _fill(self, last: str) -> None:
-        from app.core.cards import card_catalog
-        from app.core.presets import list_presets
+        from app.core.plan.cards import card_catalog
+        from app.core.plan.presets import list_presets
 
         try:
             presets = list_presets()

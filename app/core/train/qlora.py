@@ -17,9 +17,9 @@ from pathlib import Path
 from app.core.atomic import staged_dir, write_json, write_manifest
 from app.core.data.packing import Batch, collate_packed, collate_padded
 from app.core.data.tokenize import IGNORE, Tokenized
-from app.core.kernels import apply_liger_kernels, attention_for, linear_cross_entropy, packed_kwargs
-from app.core.prepare import Prepared
-from app.core.selftest import SelfTestResult, Shapes, run_selftest
+from app.core.train.kernels import apply_liger_kernels, attention_for, linear_cross_entropy, packed_kwargs
+from app.core.train.prepare import Prepared
+from app.core.train.selftest import SelfTestResult, Shapes, run_selftest
 
 
 class QLoraSession:
@@ -30,7 +30,7 @@ class QLoraSession:
         from peft import LoraConfig, get_peft_model
         from transformers import get_cosine_schedule_with_warmup
 
-        from app.core.models import load_base_model
+        from app.core.models.load import load_base_model
 
         config = prepared.config
         self.config = config
@@ -176,7 +176,7 @@ class QLoraSession:
         """Free the model and optimizer, and the GPU memory they held."""
         import torch
 
-        from app.core.packed_attention import clear_mask_cache
+        from app.core.train.packed_attention import clear_mask_cache
 
         self.model = self.optimizer = self.scheduler = self.scaler = None
         self.params = []
@@ -236,7 +236,7 @@ def checkpointing_on(model) -> None:
 
 def self_test(plan, model_config: dict, device) -> SelfTestResult:
     """The start-up self-test of the plan's kernels, shaped like the model's layers."""
-    from app.core.architecture import arch_facts
+    from app.core.models.architecture import arch_facts
 
     try:
         facts = arch_facts(model_config)

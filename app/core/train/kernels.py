@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 
-from app.core.architecture import ArchFacts
+from app.core.models.architecture import ArchFacts
 
 VARLEN_ATTENTION = "tunesmith_varlen"  # the per-example loop, as plans before 0.2 name it
 # Families whose attention is causal self-attention with rotary positions and whose logits are
@@ -87,7 +87,7 @@ def register_attention_functions() -> None:
     the per-example loop under the name plans of earlier versions recorded."""
     from transformers import AttentionInterface
 
-    from app.core import packed_attention
+    from app.core.train import packed_attention
 
     packed_attention.register_packed_attention()
     if AttentionInterface._global_mapping.get(VARLEN_ATTENTION) is not packed_attention.packed_loop:

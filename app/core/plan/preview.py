@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.core.cards import find_card
-from app.core.catalog import ModelFacts, model_facts
 from app.core.config import Plan, TrainConfig
 from app.core.data.stats import LengthStats, length_stats
-from app.core.planner import plan_run
-from app.core.presets import Budget, get_preset, resolve_budget
+from app.core.models.catalog import ModelFacts, model_facts
+from app.core.plan.cards import find_card
+from app.core.plan.planner import plan_run
+from app.core.plan.presets import Budget, get_preset, resolve_budget
 
 NO_DATA_SEQ_LEN = 2048  # planned for when no data is given: a common chat context
 

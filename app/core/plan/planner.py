@@ -14,17 +14,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from app.core.architecture import ArchFacts
 from app.core.config import Plan, TrainConfig
 from app.core.data.batches import micro_batches_per_epoch
 from app.core.data.stats import LengthStats, count_over
 from app.core.errors import ConfigError, PlanError
-from app.core.cards import Card, precision_for
-from app.core.kernel_choice import OPTIMIZER_LABELS, choose_attention, choose_loss
-from app.core.kernels import fused_loss_support, packing_support
+from app.core.models.architecture import ArchFacts
+from app.core.plan.cards import Card, precision_for
+from app.core.plan.fit import DEFAULT_RANK, MICRO_BATCHES, TARGET_TOKENS_PER_STEP, Fit, choose_fit, round_up
+from app.core.plan.kernel_choice import OPTIMIZER_LABELS, choose_attention, choose_loss
+from app.core.plan.presets import Budget
+from app.core.train.kernels import fused_loss_support, packing_support
 from app.core.units import gib
-from app.core.fit import DEFAULT_RANK, MICRO_BATCHES, TARGET_TOKENS_PER_STEP, Fit, choose_fit, round_up
-from app.core.presets import Budget
 
 QUANTIZE_CHOICES = ("auto", "4bit", "none")
 ASSUMED_CAPABILITY = (8, 0)  # a preset's card of unknown kind: Ampere, as cards.precision_for assumes

@@ -11,17 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from app.core.architecture import ArchFacts, arch_facts
 from app.core.atomic import file_sha256
 from app.core.config import Plan, TrainConfig
-from app.core.data.stats import LengthStats, length_stats
 from app.core.data.check import check_dataset
+from app.core.data.stats import LengthStats, length_stats
 from app.core.data.tokenize import Tokenized, TokenizedSet, ensure_chat_template
 from app.core.data.validate import DataReport, check_file
 from app.core.errors import DatasetError
-from app.core.models import ModelInfo, load_tokenizer, resolve_model
-from app.core.planner import plan_run, validate_config
-from app.core.presets import training_budget
+from app.core.models.architecture import ArchFacts, arch_facts
+from app.core.models.load import load_tokenizer
+from app.core.models.resolve import ModelInfo, resolve_model
+from app.core.plan.planner import plan_run, validate_config
+from app.core.plan.presets import training_budget
 
 
 @dataclass

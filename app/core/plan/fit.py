@@ -7,14 +7,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from app.core.architecture import ArchFacts
 from app.core.config import TrainConfig
 from app.core.data.stats import LengthStats
 from app.core.errors import PlanError
-from app.core.memory import CUDA_CONTEXT_BYTES, GIB, MemoryEstimate, MemorySetup, estimate_memory
+from app.core.models.architecture import ArchFacts
+from app.core.plan.memory import CUDA_CONTEXT_BYTES, GIB, MemoryEstimate, MemorySetup, estimate_memory
+from app.core.plan.presets import Budget
+from app.core.train.oom import MIN_SEQ_LEN
 from app.core.units import gib
-from app.core.oom import MIN_SEQ_LEN
-from app.core.presets import Budget
 
 DEFAULT_RANK = 16
 LOWER_RANKS = (8,)  # rank 4 would cost much quality for a few hundred MB; context goes first

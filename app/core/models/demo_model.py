@@ -62,7 +62,7 @@ def _convert(target: Path, progress: Callable[[str], None]) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    from app.core.models import quiet_loading
+    from app.core.models.load import quiet_loading
 
     quiet_loading()  # one line of ours instead of transformers' bars for 272 tensors, twice
 

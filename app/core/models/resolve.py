@@ -1,7 +1,7 @@
-"""Resolve what the user names as a model, list the models they have, and load one in 4-bit.
+"""Resolve what the user names as a model and list the models they have (loading is in load.py).
 
 A model is named by a local folder, an entry of the Hugging Face cache ("org/name"), a hub id
-(downloaded on request), or "demo". Every folder is checked by `model_files.inspect_folder`
+(downloaded on request), or "demo". Every folder is checked by `files.inspect_folder`
 before anything loads from it.
 """
 
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from app.core import demo_model
 from app.core.atomic import write_json
 from app.core.errors import ModelError
-from app.core.model_files import FolderFacts, inspect_folder
+from app.core.models import demo_model
+from app.core.models.files import FolderFacts, inspect_folder
 from app.core.paths import recent_models_file
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -80,14 +80,6 @@ def hf_cache_snapshot(repo_id: str) -> Path | None:
             return snapshot
     candidates = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
     return candidates[0] if candidates else None
-
-
-def quiet_loading() -> None:
-    """Silence transformers' own progress bars ("Loading weights", one per load, several per run):
-    our one-line progress says what is loading. Download bars stay (see download_model)."""
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
 
 
 def download_model(repo_id: str, progress: Callable[[str], None]) -> Path:
@@ -175,55 +167,3 @@ def remember_model(info: ModelInfo) -> None:
         return
     items = [str(info.path)] + [p for p in recent_models() if p != str(info.path)]
     write_json(recent_models_file(), items[:RECENT_LIMIT])
-
-
-def refuse_own_code(folder: Path, config_name: str, what: str, trust_remote_code: bool) -> None:
-    """ModelError when `folder`'s `config_name` maps classes to Python files of its own (auto_map)
-    and the user has not passed --trust-remote-code: that code would run on loading, and
-    transformers would otherwise ask [y/N] on the terminal or fail with a long message."""
-    try:
-        config = json.loads((Path(folder) / config_name).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    if trust_remote_code or not (isinstance(config, dict) and config.get("auto_map")):
-        return
-    files = sorted(p.name for p in Path(folder).glob("*.py"))
-    raise ModelError(f"{folder}: {what} names its own Python code ({', '.join(files) or 'auto_map in ' + config_name}); "
-                     "Tunesmith does not run it unless you pass --trust-remote-code for files you trust")
-
-
-def load_tokenizer(info: ModelInfo, trust_remote_code: bool = False):
-    """The model's tokenizer, with a pad token (the end token when it has none)."""
-    from transformers import AutoTokenizer
-
-    quiet_loading()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(info.path, trust_remote_code=trust_remote_code)
-    except Exception as err:
-        raise ModelError(f"{info.path}: cannot load the tokenizer ({str(err).splitlines()[0][:160]})") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_base_model(info: ModelInfo, compute_dtype, device: str, trust_remote_code: bool = False,
-                    attention: str = "sdpa", quantize: str = "4bit"):
-    """The base model to put LoRA on: its linear layers in NF4 with double quantisation
-    (`quantize` "4bit", QLoRA's storage) or every weight in `compute_dtype` ("none")."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    quiet_loading()
-    quant = None
-    if quantize == "4bit":
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage="uint8")
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            info.path, quantization_config=quant, dtype=compute_dtype,
-            device_map={"": device} if device != "cpu" else None,
-            trust_remote_code=trust_remote_code, use_safetensors=not info.facts.pickle_weights,
-            attn_implementation=attention)
-    except (OSError, ValueError, RuntimeError) as err:
-        if "out of memory" in str(err).lower():
-            raise
-        raise ModelError(f"{info.path}: cannot load the model ({str(err).splitlines()[0][:200]})") from None

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.core.architecture import FOUR_NORM_TYPES, FUSED_PROJECTION_TYPES, QK_NORM_TYPES, ArchFacts
-from app.core.kernel_choice import FLASH, PACKED_FLASH, PACKED_LOOP, PACKED_MASKED
-from app.core.kernels import VARLEN_ATTENTION, chunk_rows
+from app.core.models.architecture import FOUR_NORM_TYPES, FUSED_PROJECTION_TYPES, QK_NORM_TYPES, ArchFacts
+from app.core.plan.kernel_choice import FLASH, PACKED_FLASH, PACKED_LOOP, PACKED_MASKED
+from app.core.train.kernels import VARLEN_ATTENTION, chunk_rows
 from app.core.units import GIB
 
 
@@ -60,7 +60,7 @@ SOFTCAP_LOGITS_COPIES = 1
 # for backward: Gemma's post-attention and post-MLP norms (2 x hidden), and the per-head query and
 # key norms of Qwen3 / Gemma 3 / OLMo 2 (query width + key width). Bytes per element.
 EXTRA_NORM_BYTES = 4
-# The fused loss (app/core/kernels.py) never holds the full logits: one chunk of fp32 logits at a
+# The fused loss (app/core/train/kernels.py) never holds the full logits: one chunk of fp32 logits at a
 # time and the temporary of the same size torch.logsumexp makes of it (measured 2.0-2.1 chunks
 # on CPU for vocabularies of 33k-152k, benchmarks/estimator_grid.py), plus per token the selected
 # hidden state, the gradient it keeps for backward and that gradient scattered back: 3 hidden-size

@@ -20,14 +20,14 @@ from typing import Callable
 from app.core.config import Plan, TrainConfig
 from app.core.data.batches import EpochBatches
 from app.core.errors import DiskFullError, RunError, UserError
-from app.core.events import (CheckpointSaved, EvalMetrics, Event, LogLine, PlanAdjusted, RunFailed,
-                             RunFinished, RunStarted, StepMetrics)
-from app.core.units import gib
-from app.core.models import remember_model
-from app.core.oom import is_out_of_memory, next_backoff
-from app.core.prepare import Prepared, prepare_training, truncate
+from app.core.train.events import (CheckpointSaved, EvalMetrics, Event, LogLine, PlanAdjusted, RunFailed,
+                                   RunFinished, RunStarted, StepMetrics)
+from app.core.models.resolve import remember_model
 from app.core.run_lock import RunLock
 from app.core.runs import Run, create_run, open_run
+from app.core.train.oom import is_out_of_memory, next_backoff
+from app.core.train.prepare import Prepared, prepare_training, truncate
+from app.core.units import gib
 
 STATUS_EVERY_S = 1.0
 
@@ -102,7 +102,7 @@ def consent_needed(config: TrainConfig, trust_remote_code: bool, allow_pickle: b
 def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop: threading.Event) -> RunResult:
     """Load, restore, train to the planned step (or until `stop`), save; every outcome ends as an
     honest status in the run folder and a RunResult, and the model and the run's lock are released."""
-    from app.core.qlora import QLoraSession
+    from app.core.train.qlora import QLoraSession
 
     emit = _emitter(run, on_event)
     session, loop = None, None

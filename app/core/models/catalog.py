@@ -11,8 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.core.architecture import ArchFacts, arch_facts
 from app.core.errors import ModelError
+from app.core.models.architecture import ArchFacts, arch_facts
 from app.core.resources import resources_dir
 from app.core.toml import load_toml
 
@@ -59,8 +59,8 @@ def find_in_catalog(name: str) -> CatalogEntry | None:
 def model_facts(source: str) -> ModelFacts:
     """Facts of the model named `source` from its config.json alone: a local folder or HF cache
     entry when there is one, else the catalogue. Nothing is downloaded and no weights are read."""
-    from app.core import demo_model
-    from app.core.models import HUB_ID, hf_cache_snapshot
+    from app.core.models import demo_model
+    from app.core.models.resolve import HUB_ID, hf_cache_snapshot
 
     source = (source or "demo").strip()
     if source.lower() == "demo":
@@ -84,7 +84,7 @@ def model_facts(source: str) -> ModelFacts:
 
 
 def _from_folder(name: str, kind: str, folder: Path) -> ModelFacts:
-    from app.core.model_files import read_config
+    from app.core.models.files import read_config
 
     config = read_config(folder)
     try:

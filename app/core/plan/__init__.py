@@ -1,0 +1,1 @@
+"""Planning a run before anything loads: presets, cards, the memory estimator and the planner."""
