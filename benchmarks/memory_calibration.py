@@ -182,13 +182,11 @@ def write_random_model(config: dict, folder: Path, dtype: str) -> None:
 
 
 def _prepared(folder: Path, config: dict, plan: Plan, lora_dropout: float = 0.05):
-    from app.core.models.files import FolderFacts
-    from app.core.models.resolve import ModelInfo
+    from app.core.models.facts import ModelFacts, arch_or_none
     from app.core.train.prepare import Prepared
 
-    facts = FolderFacts(config, config["model_type"], config["architectures"][0], None, 0,
-                        list(folder.glob("*.safetensors")), False, False)
-    info = ModelInfo(str(folder), folder, "folder", facts)
+    info = ModelFacts(folder.name, "folder", str(folder), folder, folder / "config.json", config,
+                      arch_or_none(config), list(folder.glob("*.safetensors")))
     return Prepared(TrainConfig(model=str(folder), data="(random tokens)", lora_dropout=lora_dropout), info,
                     SimpleNamespace(pad_token_id=0), [], [], None, plan, {})
 

@@ -179,13 +179,13 @@ def set_up(name: str, model: str, train: Path, tokens: int) -> dict:
     from app.core.plan.memory import estimate_memory, setup_for
     from app.core.plan.planner import plan_run
     from app.core.plan.presets import training_budget
-    from app.core.train.prepare import _arch_or_none, prepare_training
+    from app.core.train.prepare import prepare_training
     from app.core.units import gib
 
     base = TrainConfig(model=model, data=str(train), rank=16, save_every=100_000, lora_dropout=0.05)
     prepared = prepare_training(base)
     lengths = [len(e.input_ids) for e in prepared.train]  # truncated to the planned sequence length
-    facts = _arch_or_none(prepared.model.facts.config)
+    facts = prepared.model.arch
     budget, seq = training_budget("auto"), prepared.plan.seq_len
     seed_like = replace(base, seq_len=seq, micro_batch=4, grad_checkpointing=True, packing=False)
     seed_plan = plan_run(seed_like, prepared.stats, lengths, False, facts, budget)

@@ -24,7 +24,7 @@ def cmd_models(args) -> int:
     for m in list_models():
         params = f"{m.parameters / 1e6:,.0f}M" if m.parameters else "?"
         size = gib(m.size_bytes) if m.size_bytes else "-"
-        table.append((m.name, m.kind, m.architecture, params, size, m.path))
+        table.append((m.name, m.kind, m.architecture, params, size, str(m.path)))
     print_table(table)
     return 0
 

@@ -48,7 +48,7 @@ def test_names_resolve_by_hub_id_or_short_name_in_any_case():
     assert find_in_catalog("llama-3.1-8b-instruct").id == "meta-llama/Llama-3.1-8B-Instruct"
     assert find_in_catalog("no-such-model") is None
     facts = model_facts("Qwen2.5-7B-Instruct")
-    assert facts.source == "catalogue" and facts.facts.layers == 28
+    assert facts.kind == "catalogue" and facts.arch.layers == 28
 
 
 def test_a_folder_wins_over_the_catalogue(tmp_path):
@@ -56,7 +56,7 @@ def test_a_folder_wins_over_the_catalogue(tmp_path):
     folder.mkdir()
     shutil.copy(find_in_catalog("Llama-3.2-1B-Instruct").config_path, folder / "config.json")
     facts = model_facts(str(folder))
-    assert facts.source == "folder" and facts.config_path == str(folder / "config.json")
+    assert facts.kind == "folder" and facts.config_path == folder / "config.json"
 
 
 def test_an_unknown_model_lists_what_can_be_planned():

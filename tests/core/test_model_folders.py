@@ -125,15 +125,15 @@ def test_cli_train_on_bad_folder_exits_2_without_a_run(tiny_model, tmp_path, tun
 def test_pickle_weights_are_accepted_only_when_allowed(tiny_model, tmp_path):
     folder, _ = _pickle_only(tiny_model, tmp_path / "model")
     info = resolve_model(str(folder), allow_pickle=True)
-    assert info.facts.pickle_weights
+    assert info.pickle_weights
 
 
 def test_good_folder_reports_parameters_and_size(tiny_model):
     info = resolve_model(str(tiny_model))
     assert info.kind == "folder"
-    assert info.facts.architecture == "LlamaForCausalLM"
+    assert info.architecture == "LlamaForCausalLM"
     assert 100_000 < info.parameters < 200_000
-    assert info.facts.size_bytes == (tiny_model / "model.safetensors").stat().st_size
+    assert info.size_bytes == (tiny_model / "model.safetensors").stat().st_size
 
 
 def test_unknown_hub_id_offline_gives_a_clear_error():

@@ -19,7 +19,7 @@ from app.core.plan.planner import DEFAULT_RANK, plan_run
 from app.core.plan.presets import get_preset, resolve_budget
 from conftest import REPO
 
-LLAMA_8B = model_facts("Llama-3.1-8B-Instruct").facts
+LLAMA_8B = model_facts("Llama-3.1-8B-Instruct").arch
 
 
 def chat_lengths(count: int = 2000, longest: int = 2000, seed: int = 0) -> list[int]:
@@ -63,7 +63,7 @@ def test_llama_8b_on_8gb_still_plans_with_checkpointing_and_a_shorter_context():
 
 
 def test_without_checkpointing_when_it_fits():
-    plan, budget = plan_for(chat_lengths(longest=500), facts=model_facts("Qwen2.5-0.5B-Instruct").facts,
+    plan, budget = plan_for(chat_lengths(longest=500), facts=model_facts("Qwen2.5-0.5B-Instruct").arch,
                             preset="24gb")
     assert not plan.grad_checkpointing and plan.reasons["grad_checkpointing"].startswith("off")
 
@@ -80,7 +80,7 @@ def test_large_data_gets_the_presets_preferred_rank_when_it_fits():
                                    "gemma-2-9b-it"])
 @pytest.mark.parametrize("longest,count", [(2000, 2000), (8000, 3000), (300, 500)])
 def test_more_memory_never_gives_a_shorter_context_or_a_lower_rank(model, longest, count):
-    facts = model_facts(model).facts
+    facts = model_facts(model).arch
     lengths = chat_lengths(count=count, longest=longest)
     previous = None
     for tenths in range(40, 810, 5):  # 4 to 81 GiB usable in 0.5 GiB steps
@@ -114,7 +114,7 @@ def test_fixed_fields_that_cannot_fit_say_what_to_change():
 
 def test_a_model_too_big_for_the_card_names_a_card_that_fits():
     with pytest.raises(PlanError, match=r"model alone needs .* smaller model or an? (48|80) GB card"):
-        plan_for(chat_lengths(), facts=model_facts("Llama-3.1-70B-Instruct").facts, preset="8gb")
+        plan_for(chat_lengths(), facts=model_facts("Llama-3.1-70B-Instruct").arch, preset="8gb")
 
 
 def test_the_plan_cli_prints_json_with_total_params_and_peak():
@@ -155,7 +155,7 @@ def test_packed_batches_and_the_fused_loss_where_the_model_supports_them():
 
 
 def test_a_model_with_soft_capped_logits_falls_back_to_padded_batches_and_full_logits():
-    gemma = model_facts("gemma-2-9b-it").facts
+    gemma = model_facts("gemma-2-9b-it").arch
     plan, _ = plan_for(chat_lengths(count=200), facts=gemma, preset="48gb")
     assert (plan.batching, plan.loss) == ("grouped", "plain")
     assert "gemma2" in plan.reasons["batching"] and "soft-cap" in plan.reasons["loss"]
@@ -168,7 +168,7 @@ def test_a_model_with_soft_capped_logits_falls_back_to_padded_batches_and_full_l
 def test_soft_capped_attention_gets_eager_not_sdpa_and_the_estimate_counts_its_scores():
     """transformers refuses SDPA for Gemma 2 (its attention scores are soft-capped): a plan that
     picked it failed when the model loaded."""
-    gemma = model_facts("gemma-2-9b-it").facts
+    gemma = model_facts("gemma-2-9b-it").arch
     assert gemma.attention_softcap and not LLAMA_8B.attention_softcap
     plan, _ = plan_for(chat_lengths(count=200), facts=gemma, preset="48gb")
     assert plan.attention == "eager"
@@ -182,7 +182,7 @@ def test_soft_capped_attention_gets_eager_not_sdpa_and_the_estimate_counts_its_s
 
 def test_the_fused_loss_lets_a_large_vocabulary_model_skip_checkpointing():
     """Qwen2.5-0.5B (152k vocabulary): full fp32 logits of 4,096 tokens are ~6 GiB on their own."""
-    qwen = model_facts("Qwen2.5-0.5B-Instruct").facts
+    qwen = model_facts("Qwen2.5-0.5B-Instruct").arch
     lengths = chat_lengths(count=300, longest=1000)
     fused, budget = plan_for(lengths, facts=qwen, usable_gib=9)
     assert fused.loss == "chunked" and not fused.grad_checkpointing

@@ -34,7 +34,7 @@ def test_every_chosen_cuda_path_passes_the_self_test(tiny_model, chat_data):
     import torch
 
     prepared = prepare_training(TrainConfig(model=str(tiny_model), data=str(chat_data), max_steps=2))
-    result = self_test(prepared.plan, prepared.model.facts.config, torch.device("cuda"))
+    result = self_test(prepared.plan, prepared.model.arch, torch.device("cuda"))
     assert not result.fallbacks, result.lines
 
 

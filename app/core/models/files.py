@@ -7,10 +7,10 @@ no pickle is unpickled, so a folder can be judged safely before the user commits
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from app.core.errors import ModelError
+from app.core.models.facts import ModelFacts, arch_or_none
 
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -18,23 +18,10 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
                 "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
 
-@dataclass
-class FolderFacts:
-    """What a model folder holds, read from files only."""
-
-    config: dict
-    model_type: str
-    architecture: str
-    parameters: int | None
-    size_bytes: int
-    weights: list[Path]
-    pickle_weights: bool
-    needs_remote_code: bool
-
-
 def inspect_folder(path: Path, trust_remote_code: bool = False, allow_pickle: bool = False,
-                   check_weights: bool = True) -> FolderFacts:
-    """Validate `path` as a causal-LM folder; raise ModelError with the fix when it is not one."""
+                   check_weights: bool = True) -> ModelFacts:
+    """Validate `path` as a causal-LM folder; raise ModelError with the fix when it is not one.
+    The record is named after the folder, of kind "folder"; resolve_model says where it came from."""
     path = Path(path)
     if not path.is_dir():
         raise ModelError(f"{path}: not a folder")
@@ -55,12 +42,15 @@ def inspect_folder(path: Path, trust_remote_code: bool = False, allow_pickle: bo
     if not any((path / name).exists() for name in TOKENIZER_FILES):
         raise ModelError(f"{path}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json); "
                          "copy the tokenizer from the original model into the folder")
-    return FolderFacts(config, model_type, architecture, parameters, size, weights, pickle_only, needs_code)
+    return ModelFacts(path.name, "folder", str(path), path, path / "config.json", config, arch_or_none(config),
+                      weights, parameters, size, pickle_only, needs_code)
 
 
 def read_config(path: Path) -> dict:
-    """config.json of a model folder as a dict, or a ModelError that says what is wrong with it."""
-    file = Path(path) / "config.json"
+    """config.json of a model folder (or the config file `path` itself) as a dict, or a ModelError
+    that says what is wrong with it: the one reader of model configs."""
+    path = Path(path)
+    file = path if path.suffix == ".json" else path / "config.json"
     if not file.exists():
         raise ModelError(f"{path}: no config.json; a model folder holds config.json, weights and "
                          "tokenizer files (as written by save_pretrained)")

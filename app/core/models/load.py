@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from app.core.errors import ModelError
-from app.core.models.resolve import ModelInfo
+from app.core.models.facts import ModelFacts
 
 
 def quiet_loading() -> None:
@@ -33,7 +33,7 @@ def refuse_own_code(folder: Path, config_name: str, what: str, trust_remote_code
                      "Tunesmith does not run it unless you pass --trust-remote-code for files you trust")
 
 
-def load_tokenizer(info: ModelInfo, trust_remote_code: bool = False):
+def load_tokenizer(info: ModelFacts, trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token (the end token when it has none)."""
     from transformers import AutoTokenizer
 
@@ -47,7 +47,7 @@ def load_tokenizer(info: ModelInfo, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_base_model(info: ModelInfo, compute_dtype, device: str, trust_remote_code: bool = False,
+def load_base_model(info: ModelFacts, compute_dtype, device: str, trust_remote_code: bool = False,
                     attention: str = "sdpa", quantize: str = "4bit"):
     """The base model to put LoRA on: its linear layers in NF4 with double quantisation
     (`quantize` "4bit", QLoRA's storage) or every weight in `compute_dtype` ("none")."""
@@ -62,7 +62,7 @@ def load_base_model(info: ModelInfo, compute_dtype, device: str, trust_remote_co
         return AutoModelForCausalLM.from_pretrained(
             info.path, quantization_config=quant, dtype=compute_dtype,
             device_map={"": device} if device != "cpu" else None,
-            trust_remote_code=trust_remote_code, use_safetensors=not info.facts.pickle_weights,
+            trust_remote_code=trust_remote_code, use_safetensors=not info.pickle_weights,
             attn_implementation=attention)
     except (OSError, ValueError, RuntimeError) as err:
         if "out of memory" in str(err).lower():

@@ -10,14 +10,15 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 from app.core.atomic import write_json
 from app.core.errors import ModelError
 from app.core.models import demo_model
-from app.core.models.files import FolderFacts, inspect_folder
+from app.core.models.facts import ModelFacts, arch_or_none
+from app.core.models.files import inspect_folder, read_config
 from app.core.paths import recent_models_file
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -25,46 +26,32 @@ DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*
 RECENT_LIMIT = 10
 
 
-@dataclass
-class ModelInfo:
-    """A resolved, checked model: where it is, what it is, how big."""
-
-    source: str
-    path: Path
-    kind: str  # "demo", "folder", "hf-cache" or "hub"
-    facts: FolderFacts
-
-    @property
-    def name(self) -> str:
-        return demo_model.DEMO_NAME if self.kind == "demo" else self.source.rstrip("/").split("/")[-1]
-
-    @property
-    def parameters(self) -> int | None:
-        return self.facts.parameters
-
-
 def resolve_model(source: str, trust_remote_code: bool = False, allow_pickle: bool = False,
-                  progress: Callable[[str], None] = lambda message: None) -> ModelInfo:
+                  progress: Callable[[str], None] = lambda message: None) -> ModelFacts:
     """Find and check the model named `source`; download a hub id that is not cached."""
     source = (source or "demo").strip()
     if source.lower() == "demo":
         path = demo_model.ensure_demo_model(progress)
-        return ModelInfo(source, path, "demo", inspect_folder(path))
+        return replace(inspect_folder(path), name=demo_model.DEMO_NAME, kind="demo", source=source)
     local = Path(source).expanduser()
     looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
     if local.exists() or looks_local:
         if not local.exists():
             raise ModelError(f"{source}: no such folder")
-        return ModelInfo(source, local.resolve(), "folder",
-                         inspect_folder(local, trust_remote_code, allow_pickle))
+        return _named(inspect_folder(local.resolve(), trust_remote_code, allow_pickle), "folder", source)
     if not HUB_ID.match(source):
         raise ModelError(f"{source}: no such folder, and not a hub id like 'org/name'; "
                          "give a model folder, a hub id or 'demo'")
     cached = hf_cache_snapshot(source)
     if cached is not None:
-        return ModelInfo(source, cached, "hf-cache", inspect_folder(cached, trust_remote_code, allow_pickle))
+        return _named(inspect_folder(cached, trust_remote_code, allow_pickle), "hf-cache", source)
     path = download_model(source, progress)
-    return ModelInfo(source, path, "hub", inspect_folder(path, trust_remote_code, allow_pickle))
+    return _named(inspect_folder(path, trust_remote_code, allow_pickle), "hub", source)
+
+
+def _named(facts: ModelFacts, kind: str, source: str) -> ModelFacts:
+    """`facts` as named by the user: `source`'s last part is the name (a hub id's model name)."""
+    return replace(facts, name=source.rstrip("/").split("/")[-1], kind=kind, source=source)
 
 
 def hf_cache_snapshot(repo_id: str) -> Path | None:
@@ -98,19 +85,7 @@ def download_model(repo_id: str, progress: Callable[[str], None]) -> Path:
                          "network and the name, or give a local model folder") from None
 
 
-@dataclass
-class ListedModel:
-    """A row of `tunesmith models`."""
-
-    name: str
-    kind: str
-    path: str
-    architecture: str
-    parameters: int | None
-    size_bytes: int
-
-
-def list_models() -> list[ListedModel]:
+def list_models() -> list[ModelFacts]:
     """The demo model, causal LMs in the Hugging Face cache, and recently used folders."""
     rows = [_demo_row()]
     root = _hf_cache_root()
@@ -128,21 +103,24 @@ def list_models() -> list[ListedModel]:
     return rows
 
 
-def _listed(name: str, kind: str, path: Path) -> ListedModel | None:
+def _listed(name: str, kind: str, path: Path) -> ModelFacts | None:
     try:
         facts = inspect_folder(path, trust_remote_code=True, allow_pickle=True)
     except ModelError:
         return None
-    return ListedModel(name, kind, str(path), facts.architecture, facts.parameters, facts.size_bytes)
+    return replace(facts, name=name, kind=kind, source=name)
 
 
-def _demo_row() -> ListedModel:
+def _demo_row() -> ModelFacts:
     path = demo_model.demo_model_dir()
     if demo_model.is_converted():
-        facts = inspect_folder(path)
-        return ListedModel("demo", "demo", str(path), facts.architecture, facts.parameters, facts.size_bytes)
-    return ListedModel("demo", "demo (converted on first use)", str(path), "LlamaForCausalLM",
-                       134_515_008, 0)
+        return replace(inspect_folder(path), name="demo", kind="demo", source="demo")
+    from app.core.models.catalog import find_in_catalog
+
+    config_path = find_in_catalog(demo_model.DEMO_REPO).config_path
+    config = read_config(config_path)
+    return ModelFacts("demo", "demo (converted on first use)", "demo", path, config_path, config,
+                      arch_or_none(config), parameters=134_515_008)
 
 
 def _hf_cache_root() -> Path:
@@ -161,7 +139,7 @@ def recent_models() -> list[str]:
     return [p for p in items if isinstance(p, str) and Path(p).is_dir()]
 
 
-def remember_model(info: ModelInfo) -> None:
+def remember_model(info: ModelFacts) -> None:
     """Put a local folder at the top of the recent list (the demo and cache entries list themselves)."""
     if info.kind != "folder":
         return

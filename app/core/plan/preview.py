@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from app.core.config import Plan, TrainConfig
 from app.core.data.stats import LengthStats, length_stats
-from app.core.models.catalog import ModelFacts, model_facts
+from app.core.models.catalog import model_facts
+from app.core.models.facts import ModelFacts
 from app.core.plan.cards import find_card
 from app.core.plan.planner import plan_run
 from app.core.plan.presets import Budget, get_preset, resolve_budget
@@ -30,9 +31,9 @@ class PlanPreview:
     tokenizer_note: str
 
     def to_dict(self) -> dict:
-        facts = self.model.facts
+        facts = self.model.arch
         return {
-            "model": {"name": self.model.name, "source": self.model.source, "config": self.model.config_path,
+            "model": {"name": self.model.name, "source": self.model.kind, "config": str(self.model.config_path),
                       "total_params": facts.total_params, **facts.to_dict()},
             "gpu": self.budget.card.to_dict() if self.budget.card else None,
             "budget": {"preset": self.budget.preset.id, "device": self.budget.device,
@@ -61,16 +62,16 @@ def preview_plan(config: TrainConfig, lengths: list[int] | None = None) -> PlanP
     else:
         lengths, note, stats = [], "no data given: planned for full-length examples", None
         if not config.seq_len:
-            seq = min(NO_DATA_SEQ_LEN, preset.context_cap, facts.facts.max_positions)
+            seq = min(NO_DATA_SEQ_LEN, preset.context_cap, facts.arch.max_positions)
             lengths = [seq]
     plan = plan_run(config, stats or length_stats(lengths), lengths, config.val_split > 0 or bool(config.val_data),
-                    facts.facts, budget, with_data=bool(config.data))
+                    facts.arch, budget, with_data=bool(config.data))
     return PlanPreview(facts, budget, plan, stats, note)
 
 
 def tokenizer_note(facts: ModelFacts) -> str:
     """What the user should know about the tokenizer the lengths were measured with."""
-    if facts.source != "catalogue":
+    if facts.kind != "catalogue":
         return ""
     return (f"token lengths measured with the demo model's tokenizer ({facts.name} is not downloaded); "
             "its own may count 10-20% differently")

@@ -18,9 +18,9 @@ from app.core.data.stats import LengthStats, length_stats
 from app.core.data.tokenize import Tokenized, TokenizedSet, ensure_chat_template
 from app.core.data.validate import DataReport, check_file
 from app.core.errors import DatasetError
-from app.core.models.architecture import ArchFacts, arch_facts
 from app.core.models.load import load_tokenizer
-from app.core.models.resolve import ModelInfo, resolve_model
+from app.core.models.facts import ModelFacts
+from app.core.models.resolve import resolve_model
 from app.core.plan.planner import plan_run, validate_config
 from app.core.plan.presets import training_budget
 
@@ -30,7 +30,7 @@ class Prepared:
     """A checked model and tokenised data with the plan to train them."""
 
     config: TrainConfig
-    model: ModelInfo
+    model: ModelFacts
     tokenizer: object
     train: list[Tokenized]
     val: list[Tokenized]
@@ -67,7 +67,7 @@ def prepare_training(config: TrainConfig, log: Callable[[str], None] = lambda m:
     lengths = [len(e.input_ids) for e in train_set]
     stats = length_stats(lengths)
     if plan is None:
-        plan = plan_run(config, stats, lengths, bool(val_set), _arch_or_none(model.facts.config),
+        plan = plan_run(config, stats, lengths, bool(val_set), model.arch,
                         budget)
     train, truncated, dropped = truncate(train_set, plan.seq_len)
     val, _, _ = truncate(val_set, plan.seq_len)
@@ -88,14 +88,6 @@ def prepare_training(config: TrainConfig, log: Callable[[str], None] = lambda m:
         "val_sha256": file_sha256(config.val_data) if config.val_data else "",
     }
     return Prepared(config, model, tokenizer, train, val, stats, plan, data_info)
-
-
-def _arch_or_none(config: dict) -> ArchFacts | None:
-    """Architecture facts for the planner, or None for a layout the estimator does not know."""
-    try:
-        return arch_facts(config)
-    except (KeyError, ValueError, TypeError, ZeroDivisionError):
-        return None
 
 
 def _tokenize(tokenizer, report: DataReport, skip_bad: bool) -> TokenizedSet:

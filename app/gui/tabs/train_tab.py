@@ -120,7 +120,7 @@ class TrainTab(QWidget):
         """Models found by the background scan (HF cache, recent folders), then the catalogue."""
         from app.core.models.catalog import catalog
 
-        self.model_picker.add_models([row.name if row.kind != "recent" else row.path for row in rows]
+        self.model_picker.add_models([row.name if row.kind != "recent" else str(row.path) for row in rows]
                                      + [entry.id for entry in catalog()])
 
     def _model_chosen(self, name: str) -> None:

@@ -67,9 +67,9 @@ class ModelPicker(QGroupBox):
         except UserError as err:
             self.info.setText(ERROR.format(html.escape(str(err))))
             return
-        f = facts.facts
+        f = facts.arch
         self.info.setText(f"{f.total_params / 1e9:.2f}B parameters, {f.layers} layers, {f.model_type}, "
-                          f"vocabulary {f.vocab:,} <small>({WHERE.get(facts.source, facts.source)})</small>")
+                          f"vocabulary {f.vocab:,} <small>({WHERE.get(facts.kind, facts.kind)})</small>")
         self.chosen.emit(name)
 
     def _browse(self) -> None:
