@@ -37,9 +37,10 @@ class Fit:
 
 
 def choose_fit(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budget: Budget, wanted_seq: int,
-               dtype: str, optimizer: str, dropout: bool, reasons: dict[str, str], loss: str = "plain",
-               attention: str = "", quantize: str = "4bit") -> Fit:
-    """The fastest, longest-context settings whose predicted peak fits `budget`."""
+               dtype: str, optimizer: str, dropout: bool, seq_reason: str, loss: str = "plain",
+               attention: str = "", quantize: str = "4bit") -> tuple[Fit, dict[str, str]]:
+    """The fastest, longest-context settings whose predicted peak fits `budget`, and why each of
+    them (`seq_reason`: why the wanted length, kept unless the fit is shorter)."""
     def estimate(seq: int, rank: int, ckpt: bool, micro: int) -> MemoryEstimate:
         return estimate_memory(facts, MemorySetup(rank=rank, seq_len=seq, micro_batch=micro, grad_checkpointing=ckpt,
                                                   compute_dtype=dtype, optimizer=optimizer, device=budget.device,
@@ -73,8 +74,7 @@ def choose_fit(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budget
     fit = next(fits(), None)
     if fit is None:
         raise PlanError(_nothing_fits(facts, budget, seqs, ranks, ckpts, estimate, config))
-    reasons.update(_explain(fit, config, budget, wanted_seq, trained_tokens, estimate, reasons.get("seq_len", "")))
-    return fit
+    return fit, _explain(fit, config, budget, wanted_seq, trained_tokens, estimate, seq_reason)
 
 
 def round_up(value: int, step: int = 64) -> int:

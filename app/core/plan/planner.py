@@ -71,8 +71,9 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     wanted_seq, reasons["seq_len"] = _wanted_seq_len(config, stats, cap)
     loss, reasons["loss"] = choose_loss(device, fused_loss_support(facts), config.loss_kernel)
 
-    fit, quantize = _fit_memory(config, stats, facts, budget, wanted_seq, dtype, optimizer, dropout > 0, loss,
-                                device, card, reasons)
+    fit, quantize, fit_reasons = _fit_memory(config, stats, facts, budget, wanted_seq, dtype, optimizer, dropout > 0,
+                                             loss, device, card, reasons["seq_len"])
+    reasons.update(fit_reasons)
     over = count_over(lengths, fit.seq_len)
     if over:
         reasons["seq_len"] += f"; {over} example{'s' * (over != 1)} will be truncated"
@@ -86,7 +87,8 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
                                                        config.attention, bool(facts and facts.attention_softcap))
     if batching == "packed":
         reasons["micro_batch"] = _packed_rows_reason(config, fit)
-    schedule = _schedule(config, stats, lengths, fit, batching, has_validation, reasons)
+    schedule = _schedule(config, stats, lengths, fit, batching, has_validation)
+    reasons.update(schedule.reasons)
     if not with_data:  # a plan for the model alone: the data decides the steps
         schedule = replace(schedule, total_steps=0, steps_per_epoch=0, warmup_steps=0, eval_every=0, save_every=0)
         reasons["seq_len"] = ("set by you" if config.seq_len else
@@ -108,21 +110,21 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
 
 def _fit_memory(config: TrainConfig, stats: LengthStats, facts: ArchFacts | None, budget: Budget | None,
                 wanted_seq: int, dtype: str, optimizer: str, dropout: bool, loss: str, device: str,
-                card: Card | None, reasons: dict[str, str]) -> tuple[Fit, str]:
-    """(fit, base storage) within the budget; without the model's facts or a budget, the settings
-    asked for (or the defaults) unchecked, and a reason that says so."""
+                card: Card | None, seq_reason: str) -> tuple[Fit, str, dict[str, str]]:
+    """(fit, base storage, reasons) within the budget; without the model's facts or a budget, the
+    settings asked for (or the defaults) unchecked, and a reason that says so."""
     if facts is None or budget is None:
-        reasons["quantize"] = "set by you" if config.quantize != "auto" else "4-bit: the model's size is not known"
-        reasons["memory"] = "not planned: the model's architecture could not be read from config.json"
+        reasons = {"quantize": "set by you" if config.quantize != "auto" else "4-bit: the model's size is not known",
+                   "memory": "not planned: the model's architecture could not be read from config.json"}
         return (Fit(wanted_seq, config.rank or DEFAULT_RANK, bool(config.grad_checkpointing),
                     config.micro_batch or MICRO_BATCHES[0], None),
-                config.quantize if config.quantize in ("4bit", "none") else "4bit")
+                config.quantize if config.quantize in ("4bit", "none") else "4bit", reasons)
     attention_guess = _rows_attention(config, facts, device, card)
-    fit, quantize = _choose_base(config, stats, facts, budget, wanted_seq, dtype, optimizer, dropout, reasons, loss,
-                                 attention_guess)
+    fit, quantize, reasons = _choose_base(config, stats, facts, budget, wanted_seq, dtype, optimizer, dropout,
+                                          seq_reason, loss, attention_guess)
     reasons["memory"] = (f"predicted peak {gib(fit.estimate.peak)} of {gib(budget.usable_bytes)} usable "
                          f"({budget.source}, {budget.preset.safety_margin_gib:g} GiB kept free)")
-    return fit, quantize
+    return fit, quantize, reasons
 
 
 def _packed_rows_reason(config: TrainConfig, fit: Fit) -> str:
@@ -140,10 +142,11 @@ class _Schedule:
     warmup_steps: int
     eval_every: int
     save_every: int
+    reasons: dict[str, str]  # why grad_accum and total_steps
 
 
 def _schedule(config: TrainConfig, stats: LengthStats, lengths: list[int], fit: Fit, batching: str,
-              has_validation: bool, reasons: dict[str, str]) -> _Schedule:
+              has_validation: bool) -> _Schedule:
     """Accumulation for about TARGET_TOKENS_PER_STEP tokens per optimizer step, and the steps of the
     run: epochs (or --max-steps), warmup, evaluation and checkpoint intervals."""
     micro, seq = fit.micro_batch, fit.seq_len
@@ -151,6 +154,7 @@ def _schedule(config: TrainConfig, stats: LengthStats, lengths: list[int], fit: 
     shape = Plan(seq_len=seq, micro_batch=micro, batching=batching)
     micro_batches = micro_batches_per_epoch(lengths, shape, config.seed) if lengths else math.ceil(stats.count / micro)
     per_micro = sum(min(n, seq) for n in lengths) / max(1, micro_batches) if lengths else micro * mean_len
+    reasons: dict[str, str] = {}
     if config.grad_accum:
         accum, reasons["grad_accum"] = config.grad_accum, "set by you"
     else:
@@ -167,7 +171,7 @@ def _schedule(config: TrainConfig, stats: LengthStats, lengths: list[int], fit: 
     warmup = math.ceil(config.warmup_ratio * total) if config.warmup_ratio > 0 else 0
     eval_every = (config.eval_every or max(1, total // 10)) if has_validation else 0
     save_every = config.save_every or max(1, min(200, total // 10))
-    return _Schedule(accum, steps_per_epoch, total, warmup, eval_every, save_every)
+    return _Schedule(accum, steps_per_epoch, total, warmup, eval_every, save_every, reasons)
 
 
 def validate_config(config: TrainConfig) -> None:
@@ -192,42 +196,38 @@ def validate_config(config: TrainConfig) -> None:
 
 # -- helpers ----------------------------------------------------------------------------------
 def _choose_base(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budget: Budget, wanted_seq: int,
-                 dtype: str, optimizer: str, dropout: bool, reasons: dict[str, str], loss: str,
-                 attention: str) -> tuple[Fit, str]:
+                 dtype: str, optimizer: str, dropout: bool, seq_reason: str, loss: str,
+                 attention: str) -> tuple[Fit, str, dict[str, str]]:
     """The fit and the base's storage: unquantised when asked, or (auto) when it fits with the same
     context, rank, checkpointing and batch as 4-bit and leaves room (dequantising NF4 weights at
     every matmul costs time: on a CPU most of the step); 4-bit (QLoRA) otherwise."""
     if config.quantize not in QUANTIZE_CHOICES:
         raise ConfigError(f"--quantize {config.quantize}: choose one of {', '.join(QUANTIZE_CHOICES)}")
-    args = (config, stats, facts, budget, wanted_seq, dtype, optimizer, dropout)
+    args = (config, stats, facts, budget, wanted_seq, dtype, optimizer, dropout, seq_reason, loss, attention)
     if config.quantize == "none":
         try:
-            fit = choose_fit(*args, reasons, loss, attention, "none")
+            fit, reasons = choose_fit(*args, "none")
         except PlanError as error:
             raise PlanError(f"{error}; or keep the base in 4 bits (--quantize 4bit or auto)") from None
-        reasons["quantize"] = f"unquantised ({_dtype_name(dtype)}): set by you"
-        return fit, "none"
-    four = choose_fit(*args, reasons, loss, attention, "4bit")
+        return fit, "none", {**reasons, "quantize": f"unquantised ({_dtype_name(dtype)}): set by you"}
+    four, four_reasons = choose_fit(*args, "4bit")
     if config.quantize == "4bit":
-        reasons["quantize"] = "4-bit NF4 (QLoRA): set by you"
-        return four, "4bit"
+        return four, "4bit", {**four_reasons, "quantize": "4-bit NF4 (QLoRA): set by you"}
     usable = budget.usable_bytes
     try:
-        plain = choose_fit(*args, dict(reasons), loss, attention, "none")
+        plain, plain_reasons = choose_fit(*args, "none")
     except PlanError:
         plain = None
     same = plain is not None and (plain.seq_len, plain.rank, plain.grad_checkpointing, plain.micro_batch) == \
         (four.seq_len, four.rank, four.grad_checkpointing, four.micro_batch)
     if same and plain.estimate.peak <= UNQUANTISED_ROOM * usable:
-        reasons["quantize"] = (f"unquantised ({_dtype_name(dtype)}): fits in {gib(plain.estimate.peak)} of "
-                               f"{gib(usable)}, and skips dequantising 4-bit weights at every matmul")
-        choose_fit(*args, reasons, loss, attention, "none")  # its reasons for the other fields
-        return plain, "none"
+        return plain, "none", {**plain_reasons, "quantize": (
+            f"unquantised ({_dtype_name(dtype)}): fits in {gib(plain.estimate.peak)} of {gib(usable)}, "
+            "and skips dequantising 4-bit weights at every matmul")}
     why = ("would not fit" if plain is None else
            f"would need {gib(plain.estimate.peak)}, more than {UNQUANTISED_ROOM:.0%} of {gib(usable)}"
            if same else "would need a shorter context, lower rank or checkpointing")
-    reasons["quantize"] = f"4-bit NF4 (QLoRA): unquantised weights {why}"
-    return four, "4bit"
+    return four, "4bit", {**four_reasons, "quantize": f"4-bit NF4 (QLoRA): unquantised weights {why}"}
 
 
 def _capability(card: Card | None, device: str) -> tuple[int, int] | None:
