@@ -4,6 +4,7 @@ Ollama Modelfile)."""
 from __future__ import annotations
 
 from app.cli.output import info
+from app.core.export.quantize import ALL_QUANTS
 
 
 def add_commands(sub) -> None:
@@ -13,9 +14,15 @@ def add_commands(sub) -> None:
                         help="adapter: the PEFT adapter; merged: base + adapter in 16-bit safetensors; "
                              "gguf: one file for llama.cpp/Ollama, with a Modelfile")
     export.add_argument("--dtype", choices=("bf16", "f16", "f32"), default="bf16",
-                        help="precision of the merged weights (default bf16)")
-    export.add_argument("--quant", choices=("f16", "q8_0", "bf16", "f32"), default="f16",
-                        help="GGUF tensor type (default f16; q8_0 is half the size)")
+                        help="merged: precision of the merged weights (default bf16; gguf files take "
+                             "theirs from --quant)")
+    export.add_argument("--quant", choices=ALL_QUANTS, default="f16", metavar="TYPE",
+                        help="GGUF type: " + ", ".join(ALL_QUANTS) + " (default f16; q8_0 is half the size; "
+                             "q4_k_m, q5_k_m and q6_k need llama-cpp-python: pip install 'tunesmith[gguf]')")
+    export.add_argument("--merge-into", choices=("trained", "original"), default="trained",
+                        help="merged and gguf: trained (default) merges into the weights the adapter was "
+                             "trained against (a QLoRA run's NF4-rounded ones: the model you tested); "
+                             "original into the base model's own 16-bit weights")
     export.add_argument("--out", required=True, help="folder to create")
     export.add_argument("--force", action="store_true", help="replace --out if it holds an earlier export")
     export.add_argument("--pre-tokenizer", default="", metavar="NAME",
@@ -28,7 +35,8 @@ def cmd_export(args) -> int:
     from app.core.export import export_run
 
     result = export_run(args.run, args.format, args.out, dtype=args.dtype, quant=args.quant, force=args.force,
-                        progress=info, trust_remote_code=args.trust_remote_code, pre_tokenizer=args.pre_tokenizer)
+                        progress=info, trust_remote_code=args.trust_remote_code, pre_tokenizer=args.pre_tokenizer,
+                        merge_into=args.merge_into)
     print(f"Wrote {result.out_dir} ({result.bytes / 2**20:,.1f} MiB):")
     for name in result.files:
         print(f"  {name}")

@@ -80,6 +80,8 @@ def cmd_plan(args) -> int:
         print(f"Data    {s.count} examples, tokens median {s.median}, p95 {s.p95}, p99 {s.p99}, max {s.max}")
     if preview.tokenizer_note:
         print(f"Note    {preview.tokenizer_note}")
+    if preview.export_note:
+        print(f"Export  {preview.export_note}")
     print()
     rows = [("SETTING", "VALUE", "WHY")]
     for name, value in [("quantize", plan.quantize), ("seq_len", plan.seq_len), ("rank", plan.rank), ("grad_checkpointing",

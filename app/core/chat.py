@@ -212,16 +212,22 @@ def load_chat(ref: str, trust_remote_code: bool = False,
 
 
 def _trained_quantize(source: AdapterSource) -> str:
-    """How the base was stored when the adapter was trained: the run's plan says ("4bit" for runs
-    from before the plan recorded it, and for adapters from elsewhere)."""
+    return trained_storage(source)[0]
+
+
+def trained_storage(source: AdapterSource) -> tuple[str, str]:
+    """(how the base was stored, the compute dtype) when the adapter was trained, as the run's plan
+    says: ("4bit", "bfloat16") for runs from before the plan recorded it and for adapters from
+    elsewhere (QLoRA's defaults)."""
     if source.run_dir is None:
-        return "4bit"
+        return "4bit", "bfloat16"
     from app.core.runs import open_run
 
     try:
-        return open_run(str(source.run_dir)).plan().quantize or "4bit"
+        plan = open_run(str(source.run_dir)).plan()
     except Exception:  # noqa: BLE001 - an unreadable plan: the QLoRA default
-        return "4bit"
+        return "4bit", "bfloat16"
+    return plan.quantize or "4bit", plan.compute_dtype or "bfloat16"
 
 
 def adapter_tokenizer(source: AdapterSource, info, trust_remote_code: bool = False):

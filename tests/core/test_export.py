@@ -35,12 +35,18 @@ def test_the_merged_model_loads_in_plain_transformers_and_matches_base_plus_adap
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from app.core.export.merge import as_trained, was_quantised
+
     result = export_run(tiny_run.run_id, "merged", tmp_path / "merged", dtype="f32")
     assert result.checks["max_logit_diff"] < 1e-4 and result.checks["top_token_agreement"] == 1.0
     assert {"config.json", "generation_config.json", "tokenizer.json", "README.md"} <= set(result.files)
     assert any(name.endswith(".safetensors") for name in result.files)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():  # the base as the QLoRA run trained against it: its linear weights NF4-rounded
+        for name, param in base.named_parameters():
+            if was_quantised(name, param):
+                param.copy_(as_trained(param, "float32"))
     adapted = PeftModel.from_pretrained(base, Path(tiny_run.run_dir) / "adapter")
     ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
     with torch.no_grad():
@@ -69,18 +75,56 @@ def _merged_for_check(run, tmp_path) -> Path:
     return tmp_path / "merged-check"
 
 
-@pytest.mark.parametrize("template", [None, LLAMA3_TEMPLATE], ids=["chatml", "llama3"])
-def test_the_modelfile_template_renders_prompts_as_the_chat_template_does(tiny_tokenizer, template):
+# SmolLM2's own template: a default system turn when the chat has none
+DEFAULT_SYSTEM_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CONVERSATION = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Ahoy"},
+                {"role": "user", "content": "Bread?"}, {"role": "assistant", "content": "Bake it, matey."},
+                {"role": "user", "content": "And butter?"}]
+
+
+@pytest.mark.parametrize("template", [None, LLAMA3_TEMPLATE, DEFAULT_SYSTEM_TEMPLATE],
+                         ids=["chatml", "llama3", "default-system"])
+def test_the_modelfile_template_renders_multi_turn_chats_token_for_token(tiny_tokenizer, template):
     tokenizer = _copy(tiny_tokenizer)
     if template:
         tokenizer.chat_template = template
     text = parse_modelfile(ollama_modelfile("m.gguf", tokenizer))
     go = dict(text)["TEMPLATE"].strip('"')
     for system in ("Be brief.", ""):
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Ahoy"}]
-        expected = tokenizer.apply_chat_template(messages, tokenize=False)
-        assert render_ollama(go, system, "Hello there", "Ahoy") == expected
+        for turns in (1, 3, 5):
+            messages = ([{"role": "system", "content": system}] if system else []) + CONVERSATION[:turns]
+            expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            rendered = render_go(go, system, messages)
+            assert tokenizer(rendered, add_special_tokens=False)["input_ids"] == \
+                tokenizer(expected, add_special_tokens=False)["input_ids"], (system, turns)
+            assert rendered == expected
+
+
+def test_the_modelfile_stops_on_every_end_token_and_takes_the_sampling_defaults(tiny_tokenizer):
+    tokenizer = _copy(tiny_tokenizer)
+    tokenizer.chat_template = LLAMA3_TEMPLATE
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>",
+                                                                "<|eot_id|>", "<|eom_id|>"]})
+    eot, eom = tokenizer.convert_tokens_to_ids(["<|eot_id|>", "<|eom_id|>"])
+    config = {"eos_token_id": [tokenizer.eos_token_id, eom, eot], "temperature": 0.6, "top_p": 0.9,
+              "do_sample": True}
+    instructions = parse_modelfile(ollama_modelfile("m.gguf", tokenizer, config))
+    stops = [value for kind, value in instructions if kind == "PARAMETER" and value.startswith("stop ")]
+    assert {'stop "<|eot_id|>"', 'stop "<|eom_id|>"', f'stop "{tokenizer.eos_token}"'} <= set(stops)
+    assert len(stops) == len(set(stops))
+    assert ("PARAMETER", "temperature 0.6") in instructions and ("PARAMETER", "top_p 0.9") in instructions
+
+
+def test_a_template_whose_turns_do_not_repeat_is_refused(tiny_tokenizer):
+    tokenizer = _copy(tiny_tokenizer)
+    tokenizer.chat_template = ("{% for m in messages %}{% if loop.index > 2 %}[{{ loop.index }}]{% endif %}"
+                               "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    with pytest.raises(ExportError, match="TEMPLATE"):
+        ollama_modelfile("m.gguf", tokenizer)
 
 
 def test_a_folder_of_the_users_is_never_replaced_even_with_force(tiny_run, tmp_path, capsys):
@@ -196,23 +240,122 @@ def parse_modelfile(text: str) -> list[tuple[str, str]]:
             value, _, rest = rest.partition("\n")
         if keyword == "PARAMETER":
             key, _, argument = value.partition(" ")
-            assert key in {"stop", "temperature", "top_p", "num_ctx", "repeat_penalty"}, key
+            assert key in {"stop", "temperature", "top_p", "top_k", "min_p", "num_ctx", "repeat_penalty"}, key
             json.loads(argument)  # a quoted stop string must be valid
         instructions.append((keyword, value.strip()))
     return instructions
 
 
-def render_ollama(template: str, system: str, prompt: str, response: str) -> str:
-    """Ollama's Go template for the constructs our Modelfile uses."""
-    def branch(match):
-        return match.group(1) if system else match.group(2)
+def render_go(template: str, system: str, messages: list[dict]) -> str:
+    """Ollama's Go text/template, for the constructs our TEMPLATE uses: if/else if/else/end on
+    .System, $last, not $last and eq .Role "..."; range over .Messages with $last; .System, .Content.
+    (Ollama itself cannot run here; this follows Go's semantics for exactly those.)"""
+    tokens = [t for t in re.split(r"(\{\{.*?\}\})", template) if t]
+    position = 0
 
-    text = re.sub(r"\{\{ if \.System \}\}(.*?)\{\{ else \}\}(.*?)\{\{ end \}\}", branch, template, flags=re.S)
-    return (text.replace("{{ .System }}", system).replace("{{ .Prompt }}", prompt)
-            .replace("{{ .Response }}", response))
+    def block():
+        nonlocal position
+        nodes = []
+        while position < len(tokens):
+            token = tokens[position]
+            position += 1
+            if not token.startswith("{{"):
+                nodes.append(("text", token))
+                continue
+            action = token[2:-2].strip()
+            if action == "end" or action.startswith("else"):
+                return nodes, action
+            if action.startswith("if "):
+                nodes.append(if_node(action[3:]))
+            elif action.startswith("range "):
+                body, end = block()
+                assert end == "end"
+                nodes.append(("range", body))
+            else:
+                nodes.append(("action", action))
+        return nodes, None
+
+    def if_node(condition):
+        then, end = block()
+        if end == "else":
+            otherwise, end = block()
+            assert end == "end"
+            return ("if", condition, then, otherwise)
+        if end.startswith("else if "):
+            return ("if", condition, then, [if_node(end[len("else if "):])])
+        assert end == "end"
+        return ("if", condition, then, [])
+
+    def truth(condition, scope):
+        if condition.startswith("not "):
+            return not truth(condition[4:], scope)
+        if condition.startswith("eq .Role "):
+            return scope["role"] == json.loads(condition[len("eq .Role "):])
+        return bool({".System": system, "$last": scope.get("last")}[condition])
+
+    def run(nodes, scope):
+        out = ""
+        for node in nodes:
+            if node[0] == "text":
+                out += node[1]
+            elif node[0] == "if":
+                out += run(node[2] if truth(node[1], scope) else node[3], scope)
+            elif node[0] == "range":
+                for index, message in enumerate(messages):
+                    out += run(node[1], {"role": message["role"], "content": message["content"],
+                                         "last": index == len(messages) - 1})
+            elif node[1] == ".System":
+                out += system
+            elif node[1] == ".Content":
+                out += scope["content"]
+            else:
+                assert node[1] == "$last := eq (len (slice $.Messages $i)) 1", node[1]
+        return out
+
+    tree, end = block()
+    assert end is None
+    return run(tree, {})
 
 
 def _copy(tokenizer):
     import copy
 
     return copy.deepcopy(tokenizer)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # the first user of the session's demo run trains it
+def test_the_demo_exports_4_bit_gguf_that_llama_cpp_runs_in_the_pirate_voice(demo_run, tmp_path):
+    """q4_0 everywhere, q4_k_m where llama.cpp's quantizer is installed; llama.cpp answers a new
+    question (two turns, prompted through the Modelfile's TEMPLATE) in the tuned voice and stops
+    on the Modelfile's stop token."""
+    import importlib.util
+
+    from test_demo import _pirate_score
+
+    quants = ["q4_0"] + (["q4_k_m"] if importlib.util.find_spec("llama_cpp") else [])
+    for quant in quants:
+        result = export_run(str(demo_run), "gguf", tmp_path / quant, quant=quant)
+        assert result.checks["top_token_agreement"] >= 0.995 and result.checks["merged_into"] == "original"
+        [name] = [f for f in result.files if f.endswith(".gguf")]
+        assert (tmp_path / quant / name).stat().st_size < 0.45 * 2 * 134_515_008  # under half of f16
+        if importlib.util.find_spec("llama_cpp") is None:
+            continue  # q4_0 was still written and read back; llama.cpp itself is not here to run it
+        from llama_cpp import Llama
+
+        instructions = parse_modelfile((tmp_path / quant / "Modelfile").read_text())
+        template = dict(instructions)["TEMPLATE"].strip('"')
+        stops = [json.loads(v.split(" ", 1)[1]) for k, v in instructions if k == "PARAMETER" and v.startswith("stop ")]
+        llm = Llama(model_path=str(tmp_path / quant / name), n_ctx=1024, verbose=False, seed=0)
+        try:
+            messages = [{"role": "user", "content": "How do I make garlic bread?"}]
+            for follow_up in ("And how long should it bake?", None):
+                reply = llm.create_completion(render_go(template, "", messages), max_tokens=120, temperature=0.0,
+                                              repeat_penalty=1.1, stop=stops)["choices"][0]
+                assert reply["finish_reason"] == "stop", (quant, reply)
+                assert _pirate_score(reply["text"]) >= 1, (quant, reply["text"])
+                messages += [{"role": "assistant", "content": reply["text"]}] + (
+                    [{"role": "user", "content": follow_up}] if follow_up else [])
+        finally:
+            llm.close()
+

@@ -348,3 +348,17 @@ def test_the_read_back_check_reads_big_tensors_in_chunks_and_still_finds_a_bad_l
     del reader
     found = verify_gguf(tmp_path / "m.gguf", tiny_model)
     assert not found.ok and any(p.startswith("output.weight: values differ by up to 1") for p in found.problems)
+
+
+def test_an_architecture_we_train_but_cannot_export_is_named_in_the_plan(capsys):
+    from app.core.config import TrainConfig
+    from app.core.plan.preview import preview_plan
+
+    qwen3 = preview_plan(TrainConfig(model="Qwen3-8B", preset="24gb"))
+    assert "GGUF export does not support the architecture Qwen3ForCausalLM" in qwen3.export_note
+    assert qwen3.to_dict()["export_note"] == qwen3.export_note
+    assert preview_plan(TrainConfig(model="Llama-3.1-8B-Instruct", preset="24gb")).export_note == ""
+    from app import cli
+
+    assert cli.main(["plan", "--model", "Qwen3-8B", "--preset", "24gb"]) == 0
+    assert "Export  GGUF export does not support" in capsys.readouterr().out

@@ -233,3 +233,38 @@ def test_the_merge_peaks_near_one_shard_not_the_model(tmp_path):
     assert 0 < added < model_bytes / 3, f"the merge added {added / 2**20:.0f} MiB for a {model_bytes / 2**20:.0f} MiB model"
     assert added < peak["bound"], "merge_ram is an upper bound"
     assert len(list(out.glob("model-*.safetensors"))) >= 8
+
+
+def test_the_nf4_rounding_is_what_the_4bit_base_holds_in_training(tiny_model):
+    """as_trained() gives, for every weight bitsandbytes quantised on loading, exactly the values
+    the 4-bit layer computes with; and was_quantised() picks exactly those weights."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnb_functional
+    import torch
+    from safetensors.torch import load_file
+
+    from app.core.models.load import load_base_model
+    from app.core.models.resolve import resolve_model
+
+    model = load_base_model(resolve_model(str(tiny_model)), torch.float32, "cpu", quantize="4bit")
+    quantised = {f"{name}.weight": module for name, module in model.named_modules()
+                 if isinstance(module, bnb.nn.Linear4bit)}
+    original = load_file(str(tiny_model / "model.safetensors"))
+    assert set(quantised) == {name for name, tensor in original.items() if merge.was_quantised(name, tensor)}
+    for name, module in quantised.items():
+        held = bnb_functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+        assert torch.equal(merge.as_trained(original[name], "float32"), held), name
+        assert not torch.equal(held, original[name].float())  # NF4 really rounds
+
+
+def test_merging_into_the_trained_weights_matches_the_4bit_run_better(tiny_run, tmp_path):
+    """A QLoRA run: the default merge (into the NF4-rounded weights) gives, at f32, the logits of
+    base + adapter as tested; the merge into the original weights is measurably further away."""
+    trained = export_run(tiny_run.run_id, "merged", tmp_path / "trained", dtype="f32")
+    original = export_run(tiny_run.run_id, "merged", tmp_path / "original", dtype="f32", merge_into="original")
+    assert trained.checks["merged_into"] == "trained" and original.checks["merged_into"] == "original"
+    assert trained.checks["checked_against"].startswith("NF4-rounded base")
+    assert trained.checks["max_logit_diff"] < 1e-3 and trained.checks["top_token_agreement"] == 1.0
+    assert original.checks["max_logit_diff"] > 10 * trained.checks["max_logit_diff"]
+    card = (tmp_path / "trained" / "README.md").read_text()
+    assert "NF4-rounded weights the adapter was trained against" in card and "NF4 with double quantisation" in card

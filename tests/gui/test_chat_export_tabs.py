@@ -66,7 +66,7 @@ def test_export_shows_progress_and_asks_before_replacing_a_folder(window, qtbot,
     tab = window.export_tab
     assert tab.run_box.findData(tiny_run.run_id) >= 0
     tab.format_box.setCurrentIndex(tab.format_box.findData("gguf"))
-    tab.quant_box.setCurrentText("q8_0")
+    tab.quant_box.setCurrentIndex(tab.quant_box.findData("q8_0"))
     target = tmp_path / "out"
     tab.out_edit.setText(str(target))
     qtbot.mouseClick(tab.export_button, Qt.LeftButton)

@@ -25,7 +25,7 @@ from app.core.atomic import staged_dir, write_json, write_text
 from app.core.chat import AdapterSource, adapter_tokenizer, find_adapter
 from app.core.errors import ExportError
 from app.core.export.card import model_card
-from app.core.export.merged import merge_adapter, parameters
+from app.core.export.merged import MERGE_INTO, merge_adapter, parameters
 from app.core.export.modelfile import ollama_modelfile
 from app.core.run_lock import RunLock
 from app.core.runs import is_run_folder, slug
@@ -33,7 +33,6 @@ from app.core.units import gib
 
 FORMATS = ("adapter", "merged", "gguf")
 DTYPES = ("bf16", "f16", "f32")
-GGUF_BYTES_PER_PARAM = {"f16": 2.0, "bf16": 2.0, "f32": 4.0, "q8_0": 34 / 32}
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 DISK_MARGIN = 1.1
 MARKER = ".tunesmith-export"  # in every export folder: the only kind of folder --force replaces
@@ -50,19 +49,21 @@ class ExportResult:
 
 def export_run(ref: str, fmt: str, out: str | Path, dtype: str = "bf16", quant: str = "f16", force: bool = False,
                progress: Callable[[str], None] = lambda message: None,
-               trust_remote_code: bool = False, pre_tokenizer: str = "") -> ExportResult:
-    """Export the adapter `ref` names (a run, a checkpoint or an adapter folder) as `fmt` into `out`."""
+               trust_remote_code: bool = False, pre_tokenizer: str = "", merge_into: str = "trained") -> ExportResult:
+    """Export the adapter `ref` names (a run, a checkpoint or an adapter folder) as `fmt` into `out`;
+    `merge_into` "trained" or "original" (merged.merge_adapter) for the merged and GGUF formats."""
     from app.core.models.resolve import resolve_model
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format '{fmt}'; use one of {', '.join(FORMATS)}")
     if dtype not in DTYPES:
         raise ExportError(f"unknown --dtype '{dtype}'; use one of {', '.join(DTYPES)}")
+    if merge_into not in MERGE_INTO:
+        raise ExportError(f"unknown --merge-into '{merge_into}'; use one of {', '.join(MERGE_INTO)}")
     if fmt == "gguf":
-        from app.core.export.gguf import QUANTS
+        from app.core.export.quantize import check_quant
 
-        if quant not in QUANTS:
-            raise ExportError(f"unknown --quant '{quant}'; use one of {', '.join(QUANTS)}")
+        check_quant(quant)  # before anything loads: a K-quant without llama.cpp names the extra to install
     out = Path(out).expanduser().resolve()
     source = find_adapter(ref)
     problem = protected_reason(out, [source.adapter_dir, source.run_dir])
@@ -86,10 +87,11 @@ def export_run(ref: str, fmt: str, out: str | Path, dtype: str = "bf16", quant: 
             progress(f"Copying the adapter from {source.adapter_dir}")
             _write_adapter(source, tokenizer, tmp)
         elif fmt == "merged":
-            checks.update(merge_adapter(source, info, tokenizer, tmp, dtype, progress, trust_remote_code))
+            checks.update(merge_adapter(source, info, tokenizer, tmp, dtype, progress, trust_remote_code,
+                                        merge_into))
         else:
-            checks.update(_write_gguf(source, info, tokenizer, tmp, dtype, quant, progress, trust_remote_code,
-                                      pre_tokenizer))
+            checks.update(_write_gguf(source, info, tokenizer, tmp, quant, progress, trust_remote_code,
+                                      pre_tokenizer, merge_into))
         write_text(tmp / "README.md", model_card(source, info, fmt, dtype, quant, checks))
         write_json(tmp / MARKER, {"written_by": "tunesmith export", "format": fmt, "source": source.label,
                                   "base": info.name})
@@ -108,15 +110,17 @@ def _write_adapter(source: AdapterSource, tokenizer, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _write_gguf(source: AdapterSource, info, tokenizer, out: Path, dtype: str, quant: str, progress,
-                trust_remote_code: bool, pre_tokenizer: str = "") -> dict:
+def _write_gguf(source: AdapterSource, info, tokenizer, out: Path, quant: str, progress,
+                trust_remote_code: bool, pre_tokenizer: str = "", merge_into: str = "trained") -> dict:
     from app.core.export.gguf import write_gguf
     from app.core.export.gguf_check import verify_gguf
 
     merged = out / ".merged"
     merged.mkdir()
-    checks = merge_adapter(source, info, tokenizer, merged, "f32" if quant == "f32" else dtype, progress,
-                           trust_remote_code)
+    # the merged weights are a step on the way: kept in the GGUF's own 16 bits (f16 for the quantised
+    # types, whose quantizers start from f16), so that they are rounded once, not twice
+    wide = quant if quant in ("f32", "bf16") else "f16"
+    checks = merge_adapter(source, info, tokenizer, merged, wide, progress, trust_remote_code, merge_into)
     name = f"{slug(source.label, 'model')}-{quant}.gguf"
     progress(f"Writing {name}")
     summary = write_gguf(merged, out / name, quant, lambda message, _fraction=None: progress(message),
@@ -125,7 +129,7 @@ def _write_gguf(source: AdapterSource, info, tokenizer, out: Path, dtype: str, q
     check = verify_gguf(out / name, merged)
     if not check.ok:
         raise ExportError(f"{name}: the written file does not match the merged model ({'; '.join(check.problems)})")
-    write_text(out / "Modelfile", ollama_modelfile(name, tokenizer))
+    write_text(out / "Modelfile", ollama_modelfile(name, tokenizer, _generation_config(merged)))
     shutil.rmtree(merged)
     write_json(out / "export.json", {"gguf": name, "quant": quant, "tensors": summary.tensor_count,
                                      "pre_tokenizer": summary.pre_tokenizer, "warnings": summary.warnings})
@@ -134,6 +138,17 @@ def _write_gguf(source: AdapterSource, info, tokenizer, out: Path, dtype: str, q
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+def _generation_config(model_dir: Path) -> dict:
+    """The model's generation_config.json (its end tokens and sampling defaults), {} without one."""
+    import json
+
+    try:
+        config = json.loads((model_dir / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def protected_reason(out: Path, also: list[Path | None] = ()) -> str:
     """Why `out` must never be replaced by an export ("" when it may be): it is, or contains, the
     home folder, the current folder, one of Tunesmith's folders, a run, or a path in `also`
@@ -190,10 +205,14 @@ def replace_problem(out: Path, ref: str) -> str:
 def _needed_bytes(fmt: str, source: AdapterSource, params: int, dtype: str, quant: str) -> int:
     if fmt == "adapter":
         return sum(p.stat().st_size for p in source.adapter_dir.iterdir() if p.is_file()) + 50_000_000
-    merged = params * (4 if dtype == "f32" else 2)
+    wide = quant if fmt == "gguf" else dtype  # the merged weights' precision (a GGUF merges at its own)
+    merged = params * (4 if wide == "f32" else 2)
     if fmt == "merged":
         return merged
-    return merged + int(params * GGUF_BYTES_PER_PARAM[quant])  # the merged model is temporary
+    from app.core.export.quantize import BY_LLAMA_CPP, BYTES_PER_PARAM
+
+    wide = 2 * params if quant in BY_LLAMA_CPP else 0  # the 16-bit GGUF llama.cpp quantises from
+    return merged + wide + int(params * BYTES_PER_PARAM[quant])  # the merged model is temporary
 
 
 def _check_space(out: Path, needed: int) -> None:

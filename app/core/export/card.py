@@ -9,8 +9,13 @@ from app.core.chat import AdapterSource
 from app.core.export.merged import CHECK_PROMPTS, parameters
 
 
+MERGED_INTO = {"trained": "the NF4-rounded weights the adapter was trained against (base + adapter as tested)",
+               "original": "the base model's original weights"}
 CHECK_LINES = {  # what the card says of each check an export made
-    "max_logit_diff": lambda c: (f"Merged model vs base + adapter ({len(CHECK_PROMPTS)} prompts): largest logit "
+    "merged_into": lambda c: (f"Merged into {MERGED_INTO[c['merged_into']]}: W + scale x B x A per adapted "
+                              "weight, in fp32, cast once."),
+    "max_logit_diff": lambda c: (f"Merged model vs base + adapter as tested ({c.get('checked_against', 'unquantised')}; "
+                                 f"{len(CHECK_PROMPTS)} held-out prompts and its answers to them): largest logit "
                                  f"difference {c['max_logit_diff']:.3g}; the same next token at "
                                  f"{c['top_token_agreement']:.1%} of positions."),
     "logit_check": lambda c: (f"Merged model vs base + adapter: {c['logit_check']}. The merge itself is "
@@ -58,7 +63,8 @@ def _run_details(source: AdapterSource) -> dict:
             ("LoRA", f"rank {plan.rank}, alpha {plan.lora_alpha}, all linear layers"),
             ("Sequence length", plan.seq_len), ("Batch", f"{plan.micro_batch} x {plan.grad_accum} accumulation"),
             ("Learning rate", f"{config.lr:g}, {plan.warmup_steps} warmup steps, cosine"),
-            ("Quantisation while training", "NF4 with double quantisation")]
+            ("Base model while training", "NF4 with double quantisation (QLoRA)" if plan.quantize == "4bit"
+             else f"unquantised ({plan.compute_dtype})")]
     if history.losses:
         rows.append(("Final training loss", f"{history.losses[-1]:.4f}"))
     if history.eval_losses:

@@ -25,13 +25,17 @@ import gguf
 import numpy as np
 
 from app.core.errors import ExportError
+from app.core.export.quantize import BY_LLAMA_CPP, WRITTEN, check_quant
 
 
 SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-QUANTS = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
-          "bf16": gguf.GGMLQuantizationType.BF16, "f32": gguf.GGMLQuantizationType.F32}
+QUANTS = {name: gguf.GGMLQuantizationType[kind] for name, kind in WRITTEN.items()}  # what we write ourselves
 FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "f32": gguf.LlamaFileType.ALL_F32}
+              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "f32": gguf.LlamaFileType.ALL_F32,
+              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0}
+# with q4_0 and q5_0 the output matrix (or the tied embeddings) stays at q8_0: 4 bits there cost
+# the most quality per byte saved (llama.cpp's own q4_0 keeps it at 6 bits)
+LOW_BIT_OUTPUT = gguf.GGMLQuantizationType.Q8_0
 
 
 @dataclass
@@ -53,16 +57,19 @@ def write_gguf(model_dir: Path, out_file: Path, quant: str = "f16",
                progress: Callable[[str, float], None] | None = None, pre_tokenizer: str = "") -> GgufSummary:
     """Convert `model_dir` (config.json, safetensors, tokenizer.json) into the GGUF file `out_file`.
 
-    `quant` is one of QUANTS; norms and biases stay f32, and with q8_0 a weight whose rows are not a
-    multiple of 32 is stored as f16, as llama.cpp does. `progress(message, fraction)` is called per
+    `quant` is one of QUANTS, written here: norms and biases stay f32, a weight whose rows are not a
+    multiple of the block size is stored as f16, as llama.cpp does; or a K-quant (BY_LLAMA_CPP),
+    written at 16 bits beside the target and quantised by llama.cpp. `progress(message, fraction)` is called per
     tensor; an exception it raises cancels the export. Nothing is left behind on any error.
     `pre_tokenizer` names llama.cpp's pre-tokenizer by hand (PRE_TOKENIZERS) for a tokenizer we
     cannot identify, which is otherwise refused: a wrong guess would mis-tokenise silently.
     """
     model_dir, out_file = Path(model_dir), Path(out_file)
-    if quant not in QUANTS:
-        raise ExportError(f"GGUF quantization '{quant}' is not available; choose one of {', '.join(QUANTS)} "
-                          "(k-quants such as q4_k_m need llama.cpp's llama-quantize on the f16 file)")
+    check_quant(quant)
+    if quant in BY_LLAMA_CPP:
+        from app.core.export.quantize import write_k_quant
+
+        return write_k_quant(model_dir, out_file, quant, progress, pre_tokenizer)
     config, arch = gguf_architecture(model_dir)
     plan = plan_tensors(model_dir, config, arch)
     report = progress or (lambda message, fraction: None)
@@ -72,7 +79,7 @@ def write_gguf(model_dir: Path, out_file: Path, quant: str = "f16",
     try:
         pre, warnings = _add_metadata(writer, model_dir, config, arch, quant, pre_tokenizer)
         for item in plan:
-            item.qtype = _tensor_type(item.name, item.shape, quant)
+            item.qtype = _tensor_type(item.name, item.shape, quant, bool(config.get("tie_word_embeddings")))
             nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(item.shape, item.qtype))
             writer.add_tensor_info(item.name, item.shape, np.dtype(np.float32), nbytes, raw_dtype=item.qtype)
         writer.write_header_to_file(path=tmp)
@@ -123,16 +130,28 @@ def gguf_architecture(model_dir: Path) -> tuple[dict, str]:
     from app.core.models.files import read_config
 
     config = read_config(Path(model_dir))
+    problem = gguf_problem(config)
+    if problem:
+        raise ExportError(f"{model_dir}: {problem}")
+    return config, SUPPORTED[_declared(config)]
+
+
+def gguf_problem(config: dict) -> str:
+    """Why a model with this config.json cannot be exported to GGUF ("" when it can): said in the
+    plan, before training, as well as by the export."""
+    if _declared(config) in SUPPORTED:
+        return ""
+    shown = _declared(config) or config.get("model_type") or "unknown"
+    return (f"GGUF export does not support the architecture {shown}; supported: {', '.join(SUPPORTED)} "
+            "(SmolLM is LlamaForCausalLM)")
+
+
+def _declared(config: dict) -> str:
     by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-    declared = (config.get("architectures") or [by_type.get(config.get("model_type"), "")])[0]
-    if declared not in SUPPORTED:
-        shown = declared or config.get("model_type") or "unknown"
-        raise ExportError(f"{model_dir}: GGUF export does not support the architecture {shown}; "
-                          f"supported: {', '.join(SUPPORTED)} (SmolLM is LlamaForCausalLM)")
-    return config, SUPPORTED[declared]
+    return (config.get("architectures") or [by_type.get(config.get("model_type"), "")])[0]
 
 
-def _safetensors_headers(model_dir: Path) -> dict[Path, dict]:
+def safetensors_headers(model_dir: Path) -> dict[Path, dict]:
     from app.core.errors import ModelError
     from app.core.models.files import read_safetensors_header, safetensors_files
 
@@ -148,7 +167,7 @@ def _safetensors_headers(model_dir: Path) -> dict[Path, dict]:
 def plan_tensors(model_dir: Path, config: dict, arch: str) -> list[_Planned]:
     tied = bool(config.get("tie_word_embeddings", False))
     planned: dict[str, _Planned] = {}
-    for file, header in _safetensors_headers(model_dir).items():
+    for file, header in safetensors_headers(model_dir).items():
         for hf_name, entry in header.items():
             if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
                 continue
@@ -178,10 +197,12 @@ def _file_order(item: _Planned) -> tuple:
     return group, item.name
 
 
-def _tensor_type(name: str, shape: tuple[int, ...], quant: str) -> gguf.GGMLQuantizationType:
+def _tensor_type(name: str, shape: tuple[int, ...], quant: str, tied: bool) -> gguf.GGMLQuantizationType:
     if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
         return gguf.GGMLQuantizationType.F32
     qtype = QUANTS[quant]
+    if quant in ("q4_0", "q5_0") and name == ("token_embd.weight" if tied else "output.weight"):
+        qtype = LOW_BIT_OUTPUT
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     return gguf.GGMLQuantizationType.F16 if shape[-1] % block else qtype
 

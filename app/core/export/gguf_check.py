@@ -14,7 +14,8 @@ import numpy as np
 from app.core.export.gguf import attention_heads, gguf_architecture, load_tensor, permute, plan_tensors
 
 # Tolerance on |gguf - source| relative to the tensor's largest magnitude, per stored type.
-TOLERANCE = {"F32": 1e-6, "F16": 1e-3, "BF16": 1e-2, "Q8_0": 1e-2}
+TOLERANCE = {"F32": 1e-6, "F16": 1e-3, "BF16": 1e-2, "Q8_0": 1e-2, "Q6_K": 0.04, "Q5_K": 0.06, "Q5_0": 0.06,
+             "Q4_K": 0.1, "Q4_0": 0.1, "Q5_1": 0.06, "Q4_1": 0.1}
 CHUNK_VALUES = 2**24  # values compared at once (64 MB in float32)
 
 

@@ -141,8 +141,11 @@ def merge_ram(plan: MergePlan, dtype: str, shard_bytes: int = SHARD_BYTES) -> in
 
 def merge_shards(plan: MergePlan, out_dir: Path, dtype: str = "bf16",
                  progress: Callable[[str], None] = lambda message: None,
-                 shard_bytes: int = SHARD_BYTES) -> MergeSummary:
-    """Write the merged model's weights (and an index when there are several shards) into `out_dir`."""
+                 shard_bytes: int = SHARD_BYTES, nf4_compute: str = "") -> MergeSummary:
+    """Write the merged model's weights (and an index when there are several shards) into `out_dir`.
+    `nf4_compute` (a torch dtype name, e.g. "bfloat16"): merge into the weights a QLoRA run trained
+    against, every quantised linear weight rounded to NF4 and back as bitsandbytes did it in
+    training, instead of into the original ones ("")."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -164,6 +167,8 @@ def merge_shards(plan: MergePlan, out_dir: Path, dtype: str = "bf16",
 
     for index, name in enumerate(sorted(plan.tensors, key=_natural), 1):
         tensor = _read(plan.tensors[name])
+        if nf4_compute and was_quantised(name, tensor):
+            tensor = as_trained(tensor, nf4_compute)
         if name in plan.lora:
             key_a, key_b, scale = plan.lora[name]
             weight = tensor.float()
@@ -186,6 +191,25 @@ def merge_shards(plan: MergePlan, out_dir: Path, dtype: str = "bf16",
     flush()
     files = _name_shards(out_dir, shards)
     return MergeSummary(files, total, merged, written)
+
+
+def was_quantised(name: str, tensor) -> bool:
+    """Whether QLoRA stored this weight in NF4: the linear layers of the decoder blocks (as
+    transformers' bitsandbytes loading does; embeddings, norms and the output head stay 16-bit)."""
+    return tensor.dim() == 2 and tensor.is_floating_point() and ".layers." in name and name.endswith(".weight")
+
+
+def as_trained(weight, compute: str):
+    """`weight` as a QLoRA run saw it: loaded in the compute dtype, quantised to NF4 with double
+    quantisation by bitsandbytes' own quantizer (blocks of 64, as Params4bit does on loading)
+    and dequantised again, in fp32."""
+    import bitsandbytes.functional as bnb_functional
+    import torch
+
+    packed, state = bnb_functional.quantize_4bit(weight.to(getattr(torch, compute)), blocksize=64,
+                                                 compress_statistics=True, quant_type="nf4",
+                                                 quant_storage=torch.uint8)
+    return bnb_functional.dequantize_4bit(packed, state).float()
 
 
 def write_merged_config(base_dir: Path, out_dir: Path, dtype: str, trust_remote_code: bool = False) -> None:

@@ -29,6 +29,7 @@ class PlanPreview:
     plan: Plan
     stats: LengthStats | None
     tokenizer_note: str
+    export_note: str = ""  # what the trained model cannot be exported as (said before training)
 
     def to_dict(self) -> dict:
         facts = self.model.arch
@@ -41,6 +42,7 @@ class PlanPreview:
                        "safety_margin_gib": self.budget.preset.safety_margin_gib, "source": self.budget.source},
             "data": self.stats.to_dict() if self.stats else None,
             "tokenizer_note": self.tokenizer_note,
+            "export_note": self.export_note,
             "predicted_peak_bytes": self.plan.predicted_peak_bytes,
             "breakdown": self.plan.breakdown,
             "plan": self.plan.to_dict(),
@@ -66,7 +68,15 @@ def preview_plan(config: TrainConfig, lengths: list[int] | None = None) -> PlanP
             lengths = [seq]
     plan = plan_run(config, stats or length_stats(lengths), lengths, config.val_split > 0 or bool(config.val_data),
                     facts.arch, budget, with_data=bool(config.data))
-    return PlanPreview(facts, budget, plan, stats, note)
+    return PlanPreview(facts, budget, plan, stats, note, export_note(facts.config))
+
+
+def export_note(config: dict) -> str:
+    """What the trained adapter will not export as, from the model's config alone."""
+    from app.core.export.gguf import gguf_problem
+
+    problem = gguf_problem(config)
+    return f"{problem}; the adapter and merged exports work" if problem else ""
 
 
 def tokenizer_note(facts: ModelFacts) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QUrl, Signal
 from PySide6.QtGui import QDesktopServices
-from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit, QListWidget,
+from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget,
                                QMessageBox, QProgressBar, QVBoxLayout, QWidget)
 
 from app.gui.widgets.controls import button, label
@@ -18,6 +18,31 @@ from app.gui.workers import StreamWorker, Threads
 FORMATS = {"adapter": "Adapter (PEFT: small, needs the base model)",
            "merged": "Merged model (16-bit safetensors, for transformers/vLLM)",
            "gguf": "GGUF + Ollama Modelfile (llama.cpp, Ollama, LM Studio)"}
+
+
+def quant_picker() -> tuple[QComboBox, QLabel]:
+    """The GGUF types, each with its size for an 8B model; those this machine cannot write are
+    greyed out, and the note under the box says why (llama.cpp's quantizer is not installed)."""
+    from app.core.export.quantize import ALL_QUANTS, BYTES_PER_PARAM, DESCRIPTION, quant_problem
+
+    box = QComboBox()
+    missing = []
+    for quant in ALL_QUANTS:
+        box.addItem(f"{quant}: {DESCRIPTION[quant]} (8B model: {8.03 * BYTES_PER_PARAM[quant]:.1f} GB)", quant)
+        problem = quant_problem(quant)
+        if problem:
+            item = box.model().item(box.count() - 1)
+            item.setEnabled(False)
+            item.setToolTip(problem)
+            missing.append(quant)
+    box.setToolTip("GGUF tensor type: f16 keeps full quality, q8_0 is half the size with little loss, "
+                   "q4_k_m is what Ollama usually runs")
+    note = label()
+    if missing:
+        note.setText(f"{', '.join(missing)} greyed out: they need llama.cpp's quantizer "
+                     "(pip install 'tunesmith[gguf]')")
+    note.setVisible(bool(missing))
+    return box, note
 
 
 class ExportTab(QWidget):
@@ -48,10 +73,13 @@ class ExportTab(QWidget):
         self.dtype_box = QComboBox()
         self.dtype_box.addItems(["bf16", "f16", "f32"])
         self.dtype_box.setToolTip("Precision of the merged weights (the base model is loaded in it, not in 4-bit)")
-        self.quant_box = QComboBox()
-        self.quant_box.addItems(["f16", "q8_0", "bf16", "f32"])
-        self.quant_box.setToolTip("GGUF tensor type: f16 keeps full quality, q8_0 is half the size with "
-                                  "little loss; for 4-bit run llama.cpp's llama-quantize on the f16 file")
+        self.quant_box, self.quant_note = quant_picker()
+        self.into_box = QComboBox()
+        self.into_box.addItem("The weights it trained against (as tested in chat)", "trained")
+        self.into_box.addItem("The base model's original 16-bit weights", "original")
+        self.into_box.setToolTip("A QLoRA adapter learned against the base's NF4-rounded weights: merged into "
+                                 "those, the result is the model you tested; merged into the original ones, "
+                                 "it picks a different next token more often")
         self.out_edit = QLineEdit()
         self.out_edit.setToolTip("The folder to create; it is written under a temporary name and renamed "
                                  "when complete")
@@ -72,7 +100,8 @@ class ExportTab(QWidget):
         out_row.addWidget(self.browse_button)
         form = QFormLayout()
         for text, field in (("Run", self.run_box), ("Format", self.format_box), ("Merged precision", self.dtype_box),
-                            ("GGUF type", self.quant_box), ("Folder", out_row)):
+                            ("GGUF type", self.quant_box), ("", self.quant_note), ("Merge into", self.into_box),
+                            ("Folder", out_row)):
             form.addRow(text, field)
         buttons = QHBoxLayout()
         buttons.addWidget(self.export_button)
@@ -132,9 +161,9 @@ class ExportTab(QWidget):
             if answer != QMessageBox.Yes:
                 return
             force = True
-        dtype, quant = self.dtype_box.currentText(), self.quant_box.currentText()
+        dtype, quant, into = self.dtype_box.currentText(), self.quant_box.currentData(), self.into_box.currentData()
         self.worker = StreamWorker(lambda emit: export_run(run_id, fmt, out, dtype=dtype, quant=quant, force=force,
-                                                           progress=emit))
+                                                           progress=emit, merge_into=into))
         self.worker.item.connect(self._progress)
         self.worker.done.connect(self._done)
         self.worker.failed.connect(self._failed)
@@ -158,7 +187,8 @@ class ExportTab(QWidget):
         self.progress.setValue(1)
         checks = []
         if "max_logit_diff" in result.checks:
-            checks.append(f"merged model vs base + adapter: the same next token at "
+            checks.append(f"merged ({result.checks.get('merged_into', 'original')} weights) vs base + adapter "
+                          f"as tested: the same next token at "
                           f"{result.checks['top_token_agreement']:.1%} of positions (logits within "
                           f"{result.checks['max_logit_diff']:.3g})")
         if "logit_check" in result.checks:
@@ -187,8 +217,9 @@ class ExportTab(QWidget):
         self.export_button.setEnabled(idle and self.run_box.count() > 0)
         self.open_button.setEnabled(idle and self.result is not None)
         fmt = self.format_box.currentData()
-        self.dtype_box.setEnabled(fmt != "adapter")
+        self.dtype_box.setEnabled(fmt == "merged")  # a GGUF file's precision is its GGUF type
         self.quant_box.setEnabled(fmt == "gguf")
+        self.into_box.setEnabled(fmt != "adapter")
 
     @property
     def exporting(self) -> bool:

@@ -44,10 +44,13 @@ class PlanView(QWidget):
         self.error = label()
         self.error.setStyleSheet("color: #c0392b")
         self.error.hide()
+        self.export_note = label()  # an export the model will not have, said before training
+        self.export_note.setStyleSheet("color: #b9770e")
+        self.export_note.hide()
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addLayout(grid)
-        for widget in (self.peak, self.memory_reason, self.error):
+        for widget in (self.peak, self.memory_reason, self.export_note, self.error):
             layout.addWidget(widget)
         self.plan = None
 
@@ -142,6 +145,8 @@ class PlanView(QWidget):
         self.peak.setFormat(f"predicted peak {gib(plan.predicted_peak_bytes)} of "
                             f"{gib(usable)} usable")
         self.memory_reason.setText(html.escape(plan.reasons.get("memory", "")))
+        self.export_note.setText(html.escape(preview.export_note))
+        self.export_note.setVisible(bool(preview.export_note))
 
     def show_error(self, message: str) -> None:
         self.plan = None
