@@ -81,16 +81,17 @@ def build_tiny_tokenizer():
     return fast
 
 
-def build_tiny_model(path: Path, tie: bool = False) -> Path:
+def build_tiny_model(path: Path, tie: bool = False, hidden: int = 64, intermediate: int = 128,
+                     initializer_range: float = 0.3) -> Path:
     """A 2-layer random-weight Llama with a real BPE tokenizer, saved as safetensors."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=tie, initializer_range=0.3,
+                         max_position_embeddings=512, tie_word_embeddings=tie, initializer_range=initializer_range,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

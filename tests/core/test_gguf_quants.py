@@ -14,7 +14,7 @@ from app.core.errors import ExportError
 from app.core.export import quantize
 from app.core.export.gguf import write_gguf
 from app.core.export.gguf_check import verify_gguf
-from conftest import build_tiny_tokenizer
+from conftest import build_tiny_model
 
 needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                      reason="llama-cpp-python is not installed (pip install 'tunesmith[gguf]')")
@@ -24,24 +24,11 @@ def types_of(path: Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
 
 
-def build_llama_256(path: Path) -> Path:
-    """A 2-layer random Llama whose rows are multiples of 256, so that K-quant blocks fit."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         initializer_range=0.05, eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def llama_256(tmp_path_factory) -> Path:
-    return build_llama_256(tmp_path_factory.mktemp("llama-256"))
+    """A random Llama whose rows are multiples of 256, so that K-quant blocks fit."""
+    return build_tiny_model(tmp_path_factory.mktemp("llama-256"), hidden=256, intermediate=512,
+                            initializer_range=0.05)
 
 
 def test_q4_0_and_q5_0_are_written_without_llama_cpp_and_read_back(tiny_model, tmp_path):
