@@ -55,7 +55,8 @@ def test_the_read_back_check_fails_a_4_bit_file_that_holds_other_weights(tiny_mo
     for file in tiny_model.iterdir():
         (other / file.name).write_bytes(file.read_bytes())
     weights = load_file(other / "model.safetensors")
-    weights["model.layers.1.self_attn.q_proj.weight"] = torch.flip(weights["model.layers.1.self_attn.q_proj.weight"], [0])
+    name = "model.layers.1.self_attn.q_proj.weight"
+    weights[name] = torch.flip(weights[name], [0])
     save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
     check = verify_gguf(summary.path, other)
     assert not check.ok and any("blk.1.attn_q.weight" in p for p in check.problems)

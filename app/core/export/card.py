@@ -14,8 +14,8 @@ MERGED_INTO = {"trained": "the NF4-rounded weights the adapter was trained again
 CHECK_LINES = {  # what the card says of each check an export made
     "merged_into": lambda c: (f"Merged into {MERGED_INTO[c['merged_into']]}: W + scale x B x A per adapted "
                               "weight, in fp32, cast once."),
-    "max_logit_diff": lambda c: (f"Merged model vs base + adapter as tested ({c.get('checked_against', 'unquantised')}; "
-                                 f"{len(CHECK_PROMPTS)} held-out prompts and its answers to them): largest logit "
+    "max_logit_diff": lambda c: (f"Merged model vs base + adapter as tested ({c.get('checked_against', '?')}; "
+                                 f"{len(CHECK_PROMPTS)} held-out prompts and the answers it gives): largest logit "
                                  f"difference {c['max_logit_diff']:.3g}; the same next token at "
                                  f"{c['top_token_agreement']:.1%} of positions."),
     "logit_check": lambda c: (f"Merged model vs base + adapter: {c['logit_check']}. The merge itself is "
