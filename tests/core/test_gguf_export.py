@@ -38,21 +38,28 @@ def hf_tensor(model_dir: Path, name: str) -> np.ndarray:
         return handle.get_tensor(name).float().numpy()
 
 
-def build_tiny_qwen2(path: Path) -> Path:
-    """A 2-layer random Qwen2 (q/k/v biases, tied embeddings, rows of 48 that q8_0 cannot block)."""
+def build_tiny_qwen2(path: Path, family: str = "qwen2") -> Path:
+    """A 2-layer random Qwen2 (q/k/v biases, tied embeddings, rows of 48 that q8_0 cannot block), or
+    Qwen3 (per-head q/k norms, a head_dim of 16 that hidden / heads does not give)."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, initializer_range=0.3, eos_token_id=tokenizer.eos_token_id)
-    model = Qwen2ForCausalLM(config)
+    config_class, model_class = (Qwen2Config, Qwen2ForCausalLM) if family == "qwen2" else (Qwen3Config,
+                                                                                            Qwen3ForCausalLM)
+    extra = {"head_dim": 16} if family == "qwen3" else {}
+    config = config_class(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          tie_word_embeddings=True, initializer_range=0.3, eos_token_id=tokenizer.eos_token_id,
+                          **extra)
+    model = model_class(config)
     with torch.no_grad():
-        for layer in model.model.layers:  # random biases, so that a lost or misplaced bias shows
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_()
+        for layer in model.model.layers:  # random biases and norms, so that a lost or misplaced one shows
+            for part in (layer.self_attn.q_proj.bias, layer.self_attn.k_proj.bias, layer.self_attn.v_proj.bias,
+                         getattr(layer.self_attn, "q_norm", None), getattr(layer.self_attn, "k_norm", None)):
+                if part is not None:
+                    (part.weight if hasattr(part, "weight") else part).normal_(1.0, 0.3)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -61,6 +68,11 @@ def build_tiny_qwen2(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def tiny_qwen2(tmp_path_factory) -> Path:
     return build_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3(tmp_path_factory) -> Path:
+    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3")
 
 
 def test_tiny_llama_f16_reads_back_with_names_shapes_metadata_and_values(tiny_model, tmp_path):
@@ -275,13 +287,13 @@ def test_llama_cpp_loads_the_demo_gguf_and_answers_coherently(demo_gguf):
 
 @pytest.mark.slow
 @needs_llama_cpp
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_llama_cpp_logits_match_transformers(arch, tiny_model, tiny_qwen2, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_llama_cpp_logits_match_transformers(arch, tiny_model, tiny_qwen2, tiny_qwen3, tmp_path):
     import torch
     from llama_cpp import Llama
     from transformers import AutoModelForCausalLM
 
-    model = tiny_model if arch == "llama" else tiny_qwen2
+    model = {"llama": tiny_model, "qwen2": tiny_qwen2, "qwen3": tiny_qwen3}[arch]
     ids = [5, 17, 99, 200, 33, 250, 7, 120, 64, 300] * 6
     with torch.no_grad():
         expected = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)(torch.tensor([ids])).logits[0]
@@ -294,7 +306,7 @@ def test_llama_cpp_logits_match_transformers(arch, tiny_model, tiny_qwen2, tmp_p
         llm.close()
     # a wrong q/k permutation gives differences of ~10 and argmax agreement near 0
     assert np.abs(got - expected.numpy()).max() < 0.1
-    assert (got.argmax(-1) == expected.numpy().argmax(-1)).mean() > 0.95
+    assert (got.argmax(-1) == expected.numpy().argmax(-1)).mean() >= 0.99
 
 
 def test_token_ids_outside_the_vocabulary_are_refused_by_name(tiny_model, tmp_path):
@@ -354,11 +366,25 @@ def test_an_architecture_we_train_but_cannot_export_is_named_in_the_plan(capsys)
     from app.core.config import TrainConfig
     from app.core.plan.preview import preview_plan
 
-    qwen3 = preview_plan(TrainConfig(model="Qwen3-8B", preset="24gb"))
-    assert "GGUF export does not support the architecture Qwen3ForCausalLM" in qwen3.export_note
-    assert qwen3.to_dict()["export_note"] == qwen3.export_note
-    assert preview_plan(TrainConfig(model="Llama-3.1-8B-Instruct", preset="24gb")).export_note == ""
+    gemma = preview_plan(TrainConfig(model="gemma-2-9b-it", preset="24gb"))
+    assert "GGUF export does not support the architecture Gemma2ForCausalLM" in gemma.export_note
+    assert gemma.to_dict()["export_note"] == gemma.export_note
+    for exportable in ("Llama-3.1-8B-Instruct", "Qwen3-8B"):
+        assert preview_plan(TrainConfig(model=exportable, preset="24gb")).export_note == ""
     from app import cli
 
-    assert cli.main(["plan", "--model", "Qwen3-8B", "--preset", "24gb"]) == 0
+    assert cli.main(["plan", "--model", "gemma-2-9b-it", "--preset", "24gb"]) == 0
     assert "Export  GGUF export does not support" in capsys.readouterr().out
+
+
+def test_qwen3_exports_its_q_and_k_norms_and_head_size(tiny_qwen3, tmp_path):
+    summary = write_gguf(tiny_qwen3, tmp_path / "qwen3.gguf", "f16")
+    assert summary.arch == "qwen3"
+    reader = gguf.GGUFReader(summary.path)
+    names = {t.name for t in reader.tensors}
+    assert {"blk.0.attn_q_norm.weight", "blk.1.attn_k_norm.weight"} <= names and "output.weight" not in names
+    assert field(reader, "qwen3.attention.key_length") == 16 == field(reader, "qwen3.attention.value_length")
+    norm = hf_tensor(tiny_qwen3, "model.layers.1.self_attn.k_norm.weight")
+    np.testing.assert_allclose(stored(reader, "blk.1.attn_k_norm.weight"), norm, atol=1e-6)
+    check = verify_gguf(summary.path, tiny_qwen3)
+    assert check.ok, check.problems

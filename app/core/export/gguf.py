@@ -2,7 +2,8 @@
 
 Our own compact take on llama.cpp's `convert_hf_to_gguf.py` for the architectures Tunesmith fine-tunes:
 Llama (SmolLM included) and Mistral, written as llama.cpp's "llama" architecture with q/k weights
-permuted into its rotary layout, and Qwen2 (not permuted, with q/k/v biases). The tokenizer must be a
+permuted into its rotary layout, Qwen2 (not permuted, with q/k/v biases) and Qwen3 (not permuted,
+with per-head q/k norms). The tokenizer (gguf_tokenizer.py) must be a
 GPT-2-style byte-level BPE `tokenizer.json` (Llama 3, Qwen2, SmolLM, Mistral Nemo); SentencePiece
 tokenizers (Llama 2, Mistral 7B) are refused. Tensors stream one at a time from the safetensors files
 into a temporary file beside the target, renamed into place only when complete. `gguf_check.verify_gguf`
@@ -27,7 +28,8 @@ from app.core.export.gguf_tokenizer import add_tokenizer
 from app.core.export.quantize import BY_LLAMA_CPP, WRITTEN, check_quant
 
 
-SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+             "Qwen3ForCausalLM": "qwen3"}
 QUANTS = {name: gguf.GGMLQuantizationType[kind] for name, kind in WRITTEN.items()}  # what we write ourselves
 FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "f32": gguf.LlamaFileType.ALL_F32,
@@ -118,6 +120,9 @@ _BLOCK_PARTS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn
                 "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                 "mlp.down_proj": "ffn_down"}
+# per-head RMS norms on q and k (Qwen3), as llama.cpp's convert_hf_to_gguf.py names them
+_QK_NORMS = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+ARCH_PARTS = {"llama": _BLOCK_PARTS, "qwen2": _BLOCK_PARTS, "qwen3": {**_BLOCK_PARTS, **_QK_NORMS}}
 _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
 _BLOCK_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
@@ -146,7 +151,8 @@ def gguf_problem(config: dict) -> str:
 
 
 def _declared(config: dict) -> str:
-    by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM"}
     return (config.get("architectures") or [by_type.get(config.get("model_type"), "")])[0]
 
 
@@ -165,6 +171,7 @@ def safetensors_headers(model_dir: Path) -> dict[Path, dict]:
 
 def plan_tensors(model_dir: Path, config: dict, arch: str) -> list[_Planned]:
     tied = bool(config.get("tie_word_embeddings", False))
+    parts = ARCH_PARTS[arch]
     planned: dict[str, _Planned] = {}
     for file, header in safetensors_headers(model_dir).items():
         for hf_name, entry in header.items():
@@ -172,15 +179,15 @@ def plan_tensors(model_dir: Path, config: dict, arch: str) -> list[_Planned]:
                 continue
             match = _BLOCK_RE.fullmatch(hf_name)
             name = _GLOBAL.get(hf_name)
-            if match and match.group(2) in _BLOCK_PARTS:
-                name = f"blk.{match.group(1)}.{_BLOCK_PARTS[match.group(2)]}.{match.group(3)}"
+            if match and match.group(2) in parts:
+                name = f"blk.{match.group(1)}.{parts[match.group(2)]}.{match.group(3)}"
             if name is None or entry["dtype"] not in ("F32", "F16", "BF16", "F64"):
                 raise ExportError(f"{file.name}: tensor {hf_name} ({entry['dtype']}) has no GGUF counterpart; "
                                   "export a merged full-precision model, not a 4-bit model or an adapter")
             planned[name] = _Planned(name, tuple(int(d) for d in entry["shape"]), hf_name, file)
     required = ["token_embd.weight", "output_norm.weight"] + ([] if tied else ["output.weight"])
     for name in required + [f"blk.{i}.{p}.weight" for i in range(config["num_hidden_layers"])
-                            for p in _BLOCK_PARTS.values()]:
+                            for p in parts.values()]:
         if name not in planned:
             raise ExportError(f"{model_dir}: no weights for {name}; the safetensors files do not match "
                               "config.json (an unfinished download or save?)")
