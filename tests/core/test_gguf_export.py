@@ -388,3 +388,69 @@ def test_qwen3_exports_its_q_and_k_norms_and_head_size(tiny_qwen3, tmp_path):
     np.testing.assert_allclose(stored(reader, "blk.1.attn_k_norm.weight"), norm, atol=1e-6)
     check = verify_gguf(summary.path, tiny_qwen3)
     assert check.ok, check.problems
+
+
+needs_sentencepiece = pytest.mark.skipif(
+    importlib.util.find_spec("sentencepiece") is None or importlib.util.find_spec("google.protobuf") is None,
+    reason="sentencepiece and protobuf are not installed (pip install -e '.[dev]')")
+
+
+def build_tiny_spm_llama(path: Path) -> Path:
+    """A 2-layer random Llama with a SentencePiece BPE tokenizer (byte fallback, no normalisation:
+    Llama 2's and Mistral 7B's kind), trained on the sample data; tokenizer.model and tokenizer.json."""
+    import sentencepiece
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from app.core.resources import sample_dataset
+
+    path.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in sample_dataset().read_text(encoding="utf-8").splitlines()]
+    (path / "corpus.txt").write_text("\n".join(m["content"] for r in rows for m in r["messages"]), encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(path / "corpus.txt"), model_prefix=str(path / "tokenizer"), vocab_size=400, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    (path / "corpus.txt").unlink()
+    (path / "tokenizer.vocab").unlink()
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>",
+                                                            "eos_token": "</s>", "unk_token": "<unk>",
+                                                            "add_bos_token": True}))
+    AutoTokenizer.from_pretrained(path).save_pretrained(path)  # writes tokenizer.json beside tokenizer.model
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=0.3, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+@needs_sentencepiece
+@needs_llama_cpp
+def test_a_sentencepiece_llama_exports_and_llama_cpp_tokenizes_and_predicts_like_transformers(tmp_path):
+    import torch
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = build_tiny_spm_llama(tmp_path / "spm-llama")
+    summary = write_gguf(model, tmp_path / "spm.gguf", "f32")
+    reader = gguf.GGUFReader(summary.path)
+    assert field(reader, "tokenizer.ggml.model") == "llama" and len(field(reader, "tokenizer.ggml.scores")) == 400
+    check = verify_gguf(summary.path, model)
+    assert check.ok, check.problems
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    llm = Llama(model_path=str(summary.path), n_ctx=256, logits_all=True, verbose=False)
+    try:
+        for text in ("Ahoy matey, the bread be ready!", "Bake it at 220 degrees for 12 minutes.",
+                     "Arr, ye need flour, water and salt. Knead it well, me hearty."):
+            assert llm.tokenize(text.encode(), add_bos=True) == tokenizer(text).input_ids, text
+        ids = tokenizer("Ahoy matey, bake the bread at 220 degrees and serve it with garlic butter.").input_ids
+        with torch.no_grad():
+            expected = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)(torch.tensor([ids])).logits[0]
+        llm.eval(ids)
+        got = np.array(llm.scores[:len(ids)])
+    finally:
+        llm.close()
+    assert (got.argmax(-1) == expected.numpy().argmax(-1)).mean() >= 0.99
+    assert np.abs(got - expected.numpy()).max() < 0.1

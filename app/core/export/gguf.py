@@ -3,9 +3,9 @@
 Our own compact take on llama.cpp's `convert_hf_to_gguf.py` for the architectures Tunesmith fine-tunes:
 Llama (SmolLM included) and Mistral, written as llama.cpp's "llama" architecture with q/k weights
 permuted into its rotary layout, Qwen2 (not permuted, with q/k/v biases) and Qwen3 (not permuted,
-with per-head q/k norms). The tokenizer (gguf_tokenizer.py) must be a
-GPT-2-style byte-level BPE `tokenizer.json` (Llama 3, Qwen2, SmolLM, Mistral Nemo); SentencePiece
-tokenizers (Llama 2, Mistral 7B) are refused. Tensors stream one at a time from the safetensors files
+with per-head q/k norms). The tokenizer (gguf_tokenizer.py) is a GPT-2-style byte-level BPE
+`tokenizer.json` (Llama 3, Qwen2, SmolLM, Mistral Nemo) or a SentencePiece `tokenizer.model`
+(Llama 2, Mistral 7B). Tensors stream one at a time from the safetensors files
 into a temporary file beside the target, renamed into place only when complete. `gguf_check.verify_gguf`
 reads a written file back and compares it with the source folder.
 """

@@ -12,6 +12,7 @@ import gguf
 import numpy as np
 
 from app.core.export.gguf import attention_heads, gguf_architecture, load_tensor, permute, plan_tensors
+from app.core.export.gguf_tokenizer import tokenizer_kind
 
 # Tolerance on |gguf - source| relative to the tensor's largest magnitude, per stored type.
 TOLERANCE = {"F32": 1e-6, "F16": 1e-3, "BF16": 1e-2, "Q8_0": 1e-2, "Q6_K": 0.04, "Q5_K": 0.06, "Q5_0": 0.06,
@@ -95,7 +96,7 @@ def _check_metadata(reader: gguf.GGUFReader, config: dict, arch: str, model_dir:
     tokens = value(gguf.Keys.Tokenizer.LIST) or []
     expected = {gguf.Keys.General.ARCHITECTURE: arch, f"{arch}.block_count": config["num_hidden_layers"],
                 f"{arch}.embedding_length": config["hidden_size"], f"{arch}.vocab_size": config["vocab_size"],
-                gguf.Keys.Tokenizer.MODEL: "gpt2"}
+                gguf.Keys.Tokenizer.MODEL: tokenizer_kind(model_dir)}
     for key, want in expected.items():
         if value(key) != want:
             problems.append(f"metadata {key} is {value(key)!r}, expected {want!r}")

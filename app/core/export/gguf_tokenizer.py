@@ -42,11 +42,13 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, config: dict,
                           "(save the tokenizer with save_pretrained from transformers)")
     spec = json.loads(file.read_text(encoding="utf-8"))
     model = spec.get("model") or {}
+    if tokenizer_kind(model_dir) == "llama":
+        return _add_sentencepiece(writer, model_dir, config)
     byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
-    if model.get("type") != "BPE" or model.get("byte_fallback") or not byte_level:
-        kind = "SentencePiece-style (Llama 2, Mistral 7B)" if model.get("byte_fallback") else model.get("type")
-        raise ExportError(f"{file}: the tokenizer is {kind}, not byte-level BPE, which is all GGUF export writes "
-                          "(Llama 3, Qwen2, SmolLM); use llama.cpp's convert_hf_to_gguf.py for this model")
+    if model.get("type") != "BPE" or not byte_level:
+        raise ExportError(f"{file}: the tokenizer is {model.get('type')}, neither byte-level BPE (Llama 3, Qwen2, "
+                          "SmolLM) nor SentencePiece (Llama 2, Mistral 7B), which is what GGUF export writes; "
+                          "use llama.cpp's convert_hf_to_gguf.py for this model")
     n_vocab = config["vocab_size"]
     vocab = dict(model["vocab"]) | {a["content"]: a["id"] for a in spec.get("added_tokens", [])}
     bad = next(((text, i) for text, i in vocab.items()
@@ -77,6 +79,57 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, config: dict,
     if special.chat_template is None:
         warnings.append("the tokenizer has no chat template; Ollama will need a TEMPLATE in the Modelfile")
     return pre, warnings
+
+
+def tokenizer_kind(model_dir: Path) -> str:
+    """llama.cpp's tokenizer model for this folder: "llama" (SentencePiece: a BPE tokenizer.json with
+    byte fallback, as Llama 2 and Mistral 7B have, or only a tokenizer.model) or "gpt2" (byte-level BPE)."""
+    file = Path(model_dir) / "tokenizer.json"
+    if not file.exists():
+        return "llama" if (Path(model_dir) / "tokenizer.model").exists() else "gpt2"
+    try:
+        model = json.loads(file.read_text(encoding="utf-8")).get("model") or {}
+    except (OSError, ValueError):
+        return "gpt2"
+    return "llama" if model.get("byte_fallback") else "gpt2"
+
+
+def _add_sentencepiece(writer: gguf.GGUFWriter, model_dir: Path, config: dict) -> tuple[str, list[str]]:
+    """A SentencePiece vocabulary (pieces, scores, types) read from tokenizer.model by the gguf
+    package's own SentencePieceVocab, as convert_hf_to_gguf.py does; padded to vocab_size."""
+    if not (model_dir / "tokenizer.model").exists():
+        raise ExportError(f"{model_dir}: a SentencePiece tokenizer without its tokenizer.model; copy tokenizer.model "
+                          "from the original model into the folder")
+    try:
+        vocab = gguf.vocab.SentencePieceVocab(model_dir)
+    except RuntimeError:  # sentencepiece is not installed
+        raise ExportError(f"{model_dir}: writing a SentencePiece tokenizer (Llama 2, Mistral 7B) to GGUF needs the "
+                          "sentencepiece package; install it with pip install 'tunesmith[gguf]'") from None
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{model_dir / 'tokenizer.model'}: cannot read it ({str(err)[:160]})") from None
+    n_vocab = config["vocab_size"]
+    tokens, scores, types = [], [], []
+    for text, score, kind in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(kind)
+    if len(tokens) > n_vocab:
+        raise ExportError(f"{model_dir / 'tokenizer.model'}: {len(tokens)} pieces, more than vocab_size {n_vocab} in "
+                          "config.json; the tokenizer belongs to another model")
+    for i in range(len(tokens), n_vocab):
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(model_dir, n_vocab=n_vocab)
+    special.add_to_gguf(writer, quiet=True)
+    warnings = [] if special.chat_template is not None else [
+        "the tokenizer has no chat template; Ollama will need a TEMPLATE in the Modelfile"]
+    return "default", warnings
 
 
 def _pre_tokenizer(file: Path, spec: dict, override: str = "") -> tuple[str, list[str]]:
