@@ -70,6 +70,40 @@ def tiny_qwen2(tmp_path_factory) -> Path:
     return build_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"))
 
 
+def build_tiny_gemma(path: Path, family: str) -> Path:
+    """A 2-layer random Gemma 2 (soft-capped attention and logits) or Gemma 3 (q/k norms), norms
+    random around 0 (Gemma adds 1 to them), a sliding window longer than the test's sequence."""
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    config_class, model_class = {"gemma2": (Gemma2Config, Gemma2ForCausalLM),
+                                 "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM)}[family]
+    config = config_class(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                          max_position_embeddings=512, sliding_window=256, initializer_range=0.3,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = model_class(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0.0, 0.3)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma2(tmp_path_factory) -> Path:
+    return build_tiny_gemma(tmp_path_factory.mktemp("tiny-gemma2"), "gemma2")
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory) -> Path:
+    return build_tiny_gemma(tmp_path_factory.mktemp("tiny-gemma3"), "gemma3")
+
+
 @pytest.fixture(scope="module")
 def tiny_qwen3(tmp_path_factory) -> Path:
     return build_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3")
@@ -287,13 +321,13 @@ def test_llama_cpp_loads_the_demo_gguf_and_answers_coherently(demo_gguf):
 
 @pytest.mark.slow
 @needs_llama_cpp
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-def test_llama_cpp_logits_match_transformers(arch, tiny_model, tiny_qwen2, tiny_qwen3, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "gemma3"])
+def test_llama_cpp_logits_match_transformers(arch, request, tmp_path):
     import torch
     from llama_cpp import Llama
     from transformers import AutoModelForCausalLM
 
-    model = {"llama": tiny_model, "qwen2": tiny_qwen2, "qwen3": tiny_qwen3}[arch]
+    model = request.getfixturevalue("tiny_model" if arch == "llama" else f"tiny_{arch}")
     ids = [5, 17, 99, 200, 33, 250, 7, 120, 64, 300] * 6
     with torch.no_grad():
         expected = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)(torch.tensor([ids])).logits[0]
@@ -366,14 +400,14 @@ def test_an_architecture_we_train_but_cannot_export_is_named_in_the_plan(capsys)
     from app.core.config import TrainConfig
     from app.core.plan.preview import preview_plan
 
-    gemma = preview_plan(TrainConfig(model="gemma-2-9b-it", preset="24gb"))
-    assert "GGUF export does not support the architecture Gemma2ForCausalLM" in gemma.export_note
-    assert gemma.to_dict()["export_note"] == gemma.export_note
-    for exportable in ("Llama-3.1-8B-Instruct", "Qwen3-8B"):
+    phi = preview_plan(TrainConfig(model="Phi-3.5-mini-instruct", preset="24gb"))
+    assert "GGUF export does not support the architecture Phi3ForCausalLM" in phi.export_note
+    assert phi.to_dict()["export_note"] == phi.export_note
+    for exportable in ("Llama-3.1-8B-Instruct", "Qwen3-8B", "gemma-2-9b-it"):
         assert preview_plan(TrainConfig(model=exportable, preset="24gb")).export_note == ""
     from app import cli
 
-    assert cli.main(["plan", "--model", "gemma-2-9b-it", "--preset", "24gb"]) == 0
+    assert cli.main(["plan", "--model", "Phi-3.5-mini-instruct", "--preset", "24gb"]) == 0
     assert "Export  GGUF export does not support" in capsys.readouterr().out
 
 
@@ -454,3 +488,22 @@ def test_a_sentencepiece_llama_exports_and_llama_cpp_tokenizes_and_predicts_like
         llm.close()
     assert (got.argmax(-1) == expected.numpy().argmax(-1)).mean() >= 0.99
     assert np.abs(got - expected.numpy()).max() < 0.1
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_exports_its_four_norms_shifted_by_one_and_its_soft_caps(family, request, tmp_path):
+    model = request.getfixturevalue(f"tiny_{family}")
+    summary = write_gguf(model, tmp_path / f"{family}.gguf", "f16")
+    assert summary.arch == family
+    reader = gguf.GGUFReader(summary.path)
+    names = {t.name for t in reader.tensors}
+    assert {"blk.1.post_attention_norm.weight", "blk.1.ffn_norm.weight", "blk.1.post_ffw_norm.weight"} <= names
+    assert ("blk.0.attn_q_norm.weight" in names) == (family == "gemma3") and "output.weight" not in names
+    norm = hf_tensor(model, "model.layers.1.post_feedforward_layernorm.weight")
+    np.testing.assert_allclose(stored(reader, "blk.1.post_ffw_norm.weight"), norm + 1, atol=1e-6)
+    if family == "gemma2":
+        assert field(reader, "gemma2.attn_logit_softcapping") == 50.0
+        assert field(reader, "gemma2.final_logit_softcapping") == 30.0
+    assert field(reader, f"{family}.attention.sliding_window") == 256
+    check = verify_gguf(summary.path, model)
+    assert check.ok, check.problems

@@ -2,8 +2,8 @@
 
 Our own compact take on llama.cpp's `convert_hf_to_gguf.py` for the architectures Tunesmith fine-tunes:
 Llama (SmolLM included) and Mistral, written as llama.cpp's "llama" architecture with q/k weights
-permuted into its rotary layout, Qwen2 (not permuted, with q/k/v biases) and Qwen3 (not permuted,
-with per-head q/k norms). The tokenizer (gguf_tokenizer.py) is a GPT-2-style byte-level BPE
+permuted into its rotary layout, Qwen2 (not permuted, with q/k/v biases), Qwen3 (not permuted,
+with per-head q/k norms), and Gemma 2 and 3 (four norms a block, stored + 1; soft-caps, sliding window). The tokenizer (gguf_tokenizer.py) is a GPT-2-style byte-level BPE
 `tokenizer.json` (Llama 3, Qwen2, SmolLM, Mistral Nemo) or a SentencePiece `tokenizer.model`
 (Llama 2, Mistral 7B). Tensors stream one at a time from the safetensors files
 into a temporary file beside the target, renamed into place only when complete. `gguf_check.verify_gguf`
@@ -29,7 +29,9 @@ from app.core.export.quantize import BY_LLAMA_CPP, WRITTEN, check_quant
 
 
 SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-             "Qwen3ForCausalLM": "qwen3"}
+             "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3"}
+# Gemma's RMSNorm scales by (1 + weight); llama.cpp's by weight, so the files hold weight + 1
+NORM_PLUS_ONE = {"gemma2", "gemma3"}
 QUANTS = {name: gguf.GGMLQuantizationType[kind] for name, kind in WRITTEN.items()}  # what we write ourselves
 FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "f32": gguf.LlamaFileType.ALL_F32,
@@ -122,7 +124,11 @@ _BLOCK_PARTS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn
                 "mlp.down_proj": "ffn_down"}
 # per-head RMS norms on q and k (Qwen3), as llama.cpp's convert_hf_to_gguf.py names them
 _QK_NORMS = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
-ARCH_PARTS = {"llama": _BLOCK_PARTS, "qwen2": _BLOCK_PARTS, "qwen3": {**_BLOCK_PARTS, **_QK_NORMS}}
+# Gemma 2 and 3: a norm before and after both attention and the MLP
+_GEMMA_PARTS = {**_BLOCK_PARTS, "post_attention_layernorm": "post_attention_norm",
+                "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+ARCH_PARTS = {"llama": _BLOCK_PARTS, "qwen2": _BLOCK_PARTS, "qwen3": {**_BLOCK_PARTS, **_QK_NORMS},
+              "gemma2": _GEMMA_PARTS, "gemma3": {**_GEMMA_PARTS, **_QK_NORMS}}
 _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
 _BLOCK_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
@@ -152,7 +158,7 @@ def gguf_problem(config: dict) -> str:
 
 def _declared(config: dict) -> str:
     by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-               "qwen3": "Qwen3ForCausalLM"}
+               "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
     return (config.get("architectures") or [by_type.get(config.get("model_type"), "")])[0]
 
 
@@ -227,6 +233,8 @@ def load_tensor(item: _Planned, config: dict, arch: str, rows: slice = slice(Non
         raise ExportError(f"{item.file}: cannot read {item.source} ({err}); save or download it again") from None
     if arch == "llama" and item.name.startswith("blk.") and item.name.split(".")[2] in ("attn_q", "attn_k"):
         data = permute(data, attention_heads(config, item.name))
+    if arch in NORM_PLUS_ONE and item.name.endswith("norm.weight"):
+        data = data + 1.0
     return data
 
 
@@ -243,6 +251,7 @@ def permute(weights: np.ndarray, n_head: int, inverse: bool = False) -> np.ndarr
 
 def _rope(config: dict) -> dict:
     rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rope = dict(rope.get("full_attention") or rope)  # Gemma 3: the global layers' (llama.cpp fixes the local ones)
     rope.setdefault("rope_theta", config.get("rope_theta"))
     rope["rope_type"] = rope.get("rope_type", rope.get("type")) or "default"
     return rope
@@ -284,6 +293,8 @@ def _add_metadata(writer: gguf.GGUFWriter, model_dir: Path, config: dict, arch: 
         writer.add_value_length(config["head_dim"])
     writer.add_file_type(FILE_TYPES[quant])
     writer.add_vocab_size(config["vocab_size"])
+    if arch in NORM_PLUS_ONE:
+        _add_gemma(writer, config)
     if arch == "llama":
         writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // n_head)
     kind = rope["rope_type"].lower()
@@ -295,6 +306,16 @@ def _add_metadata(writer: gguf.GGUFWriter, model_dir: Path, config: dict, arch: 
     elif kind not in ("default", "llama3") or (kind == "llama3" and arch != "llama"):
         raise ExportError(f"{model_dir / 'config.json'}: RoPE scaling '{kind}' cannot be written to GGUF "
                           "for this model; only linear, yarn and llama3 scaling are supported")
-    pre, warnings = add_tokenizer(writer, model_dir, config, pre_tokenizer)
+    pre, warnings = add_tokenizer(writer, model_dir, config, pre_tokenizer, space_prefix=arch not in NORM_PLUS_ONE)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     return pre, warnings
+
+
+def _add_gemma(writer: gguf.GGUFWriter, config: dict) -> None:
+    """Gemma's extras, as convert_hf_to_gguf.py writes them: logit soft-caps and the sliding window."""
+    if config.get("attn_logit_softcapping"):
+        writer.add_attn_logit_softcapping(float(config["attn_logit_softcapping"]))
+    if config.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
+    if config.get("sliding_window"):
+        writer.add_sliding_window(int(config["sliding_window"]))

@@ -82,7 +82,7 @@ def _compare(tensor, planned, config: dict, arch: str) -> tuple[float, float]:
         stored = stored.reshape(-1, *shape[1:]) if len(shape) > 1 else stored
         if permuted:
             stored = permute(stored, attention_heads(config, planned.name), inverse=True)
-        source = load_tensor(planned, config, "none", rows)
+        source = load_tensor(planned, config, "none" if permuted else arch, rows)  # Gemma's norms hold w + 1
         diff = max(diff, float(np.max(np.abs(stored - source))))
         scale = max(scale, float(np.max(np.abs(source))))
     return diff, scale or 1.0

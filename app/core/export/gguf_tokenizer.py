@@ -35,7 +35,9 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, config: dict,
-                   pre_tokenizer: str = "") -> tuple[str, list[str]]:
+                  pre_tokenizer: str = "", space_prefix: bool = True) -> tuple[str, list[str]]:
+    """The vocabulary, pre-tokenizer, special tokens and chat template; `space_prefix` False for a
+    SentencePiece tokenizer that adds no space before the first word (Gemma's)."""
     file = model_dir / "tokenizer.json"
     if not file.exists():
         raise ExportError(f"{model_dir}: no tokenizer.json; GGUF export needs the fast tokenizer file "
@@ -43,7 +45,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, config: dict,
     spec = json.loads(file.read_text(encoding="utf-8"))
     model = spec.get("model") or {}
     if tokenizer_kind(model_dir) == "llama":
-        return _add_sentencepiece(writer, model_dir, config)
+        return _add_sentencepiece(writer, model_dir, config, space_prefix)
     byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
     if model.get("type") != "BPE" or not byte_level:
         raise ExportError(f"{file}: the tokenizer is {model.get('type')}, neither byte-level BPE (Llama 3, Qwen2, "
@@ -94,7 +96,8 @@ def tokenizer_kind(model_dir: Path) -> str:
     return "llama" if model.get("byte_fallback") else "gpt2"
 
 
-def _add_sentencepiece(writer: gguf.GGUFWriter, model_dir: Path, config: dict) -> tuple[str, list[str]]:
+def _add_sentencepiece(writer: gguf.GGUFWriter, model_dir: Path, config: dict,
+                       space_prefix: bool = True) -> tuple[str, list[str]]:
     """A SentencePiece vocabulary (pieces, scores, types) read from tokenizer.model by the gguf
     package's own SentencePieceVocab, as convert_hf_to_gguf.py does; padded to vocab_size."""
     if not (model_dir / "tokenizer.model").exists():
@@ -122,6 +125,8 @@ def _add_sentencepiece(writer: gguf.GGUFWriter, model_dir: Path, config: dict) -
         types.append(gguf.TokenType.UNUSED)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
+    if not space_prefix:
+        writer.add_add_space_prefix(False)
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
