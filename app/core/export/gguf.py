@@ -29,7 +29,8 @@ from app.core.export.quantize import BY_LLAMA_CPP, WRITTEN, check_quant
 
 
 SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-             "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3"}
+             "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
+             "Phi3ForCausalLM": "phi3"}
 # Gemma's RMSNorm scales by (1 + weight); llama.cpp's by weight, so the files hold weight + 1
 NORM_PLUS_ONE = {"gemma2", "gemma3"}
 QUANTS = {name: gguf.GGMLQuantizationType[kind] for name, kind in WRITTEN.items()}  # what we write ourselves
@@ -116,6 +117,7 @@ class _Planned:
     source: str  # HF tensor name, or "" for a generated tensor
     file: Path | None = None
     qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32
+    values: np.ndarray | None = None  # a generated tensor's values (RoPE factors)
 
 
 _BLOCK_PARTS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
@@ -127,8 +129,12 @@ _QK_NORMS = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm
 # Gemma 2 and 3: a norm before and after both attention and the MLP
 _GEMMA_PARTS = {**_BLOCK_PARTS, "post_attention_layernorm": "post_attention_norm",
                 "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+# Phi-3: q, k and v in one matrix, gate and up in another (llama.cpp splits them as it runs)
+_PHI3_PARTS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+               "self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output", "mlp.gate_up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down"}
 ARCH_PARTS = {"llama": _BLOCK_PARTS, "qwen2": _BLOCK_PARTS, "qwen3": {**_BLOCK_PARTS, **_QK_NORMS},
-              "gemma2": _GEMMA_PARTS, "gemma3": {**_GEMMA_PARTS, **_QK_NORMS}}
+              "gemma2": _GEMMA_PARTS, "gemma3": {**_GEMMA_PARTS, **_QK_NORMS}, "phi3": _PHI3_PARTS}
 _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
 _BLOCK_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
@@ -158,7 +164,8 @@ def gguf_problem(config: dict) -> str:
 
 def _declared(config: dict) -> str:
     by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-               "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+               "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+               "phi3": "Phi3ForCausalLM"}
     return (config.get("architectures") or [by_type.get(config.get("model_type"), "")])[0]
 
 
@@ -198,7 +205,12 @@ def plan_tensors(model_dir: Path, config: dict, arch: str) -> list[_Planned]:
             raise ExportError(f"{model_dir}: no weights for {name}; the safetensors files do not match "
                               "config.json (an unfinished download or save?)")
     if (freqs := _llama3_rope_factors(config)) is not None and arch == "llama":
-        planned["rope_freqs.weight"] = _Planned("rope_freqs.weight", freqs.shape, "")
+        planned["rope_freqs.weight"] = _Planned("rope_freqs.weight", freqs.shape, "", values=freqs)
+    if arch == "phi3" and _rope(config)["rope_type"] == "longrope":
+        for kind in ("long", "short"):
+            factors = np.asarray(_rope(config)[f"{kind}_factor"], dtype=np.float32)
+            name = f"rope_factors_{kind}.weight"
+            planned[name] = _Planned(name, factors.shape, "", values=factors)
     return sorted(planned.values(), key=_file_order)
 
 
@@ -222,8 +234,8 @@ def _tensor_type(name: str, shape: tuple[int, ...], quant: str, tied: bool) -> g
 def load_tensor(item: _Planned, config: dict, arch: str, rows: slice = slice(None)) -> np.ndarray:
     """One tensor (or some of its rows) as float32 in PyTorch order, permuted for llama.cpp when
     `arch` is "llama"."""
-    if not item.source:
-        return _llama3_rope_factors(config)[rows]
+    if item.values is not None:
+        return item.values[rows]
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -297,15 +309,18 @@ def _add_metadata(writer: gguf.GGUFWriter, model_dir: Path, config: dict, arch: 
         _add_gemma(writer, config)
     if arch == "llama":
         writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // n_head)
+    if arch == "phi3":
+        _add_phi3(writer, config, rope)
     kind = rope["rope_type"].lower()
     if kind in ("linear", "yarn") and rope.get("factor"):
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if kind == "linear" else gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(float(rope["factor"]))
         if kind == "yarn":
             writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
-    elif kind not in ("default", "llama3") or (kind == "llama3" and arch != "llama"):
+    elif kind not in ("default", "llama3", "longrope") or (kind == "llama3" and arch != "llama") or (
+            kind == "longrope" and arch != "phi3"):
         raise ExportError(f"{model_dir / 'config.json'}: RoPE scaling '{kind}' cannot be written to GGUF "
-                          "for this model; only linear, yarn and llama3 scaling are supported")
+                          "for this model; only linear, yarn, llama3 (Llama) and longrope (Phi-3) scaling are supported")
     pre, warnings = add_tokenizer(writer, model_dir, config, pre_tokenizer, space_prefix=arch not in NORM_PLUS_ONE)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     return pre, warnings
@@ -319,3 +334,18 @@ def _add_gemma(writer: gguf.GGUFWriter, config: dict) -> None:
         writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
     if config.get("sliding_window"):
         writer.add_sliding_window(int(config["sliding_window"]))
+
+
+def _add_phi3(writer: gguf.GGUFWriter, config: dict, rope: dict) -> None:
+    """Phi-3's RoPE (rotary dimensions, the pre-training context, longrope's attention factor) and
+    sliding window, as convert_hf_to_gguf.py writes them."""
+    rotary = int(float(rope.get("partial_rotary_factor") or config.get("partial_rotary_factor") or 1.0)
+                 * config["hidden_size"]) // config["num_attention_heads"]
+    original = int(rope.get("original_max_position_embeddings") or config.get("original_max_position_embeddings")
+                   or config["max_position_embeddings"])
+    writer.add_rope_dimension_count(rotary)
+    writer.add_rope_scaling_orig_ctx_len(original)
+    writer.add_sliding_window(int(config.get("sliding_window") or 0))
+    scale = config["max_position_embeddings"] / original
+    if rope["rope_type"] == "longrope":
+        writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)

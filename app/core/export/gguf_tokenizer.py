@@ -123,6 +123,7 @@ def _add_sentencepiece(writer: gguf.GGUFWriter, model_dir: Path, config: dict,
         tokens.append(f"[PAD{i}]".encode())
         scores.append(-1000.0)
         types.append(gguf.TokenType.UNUSED)
+    _overlay_added_tokens(model_dir, tokens, scores, types)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     if not space_prefix:
@@ -135,6 +136,21 @@ def _add_sentencepiece(writer: gguf.GGUFWriter, model_dir: Path, config: dict,
     warnings = [] if special.chat_template is not None else [
         "the tokenizer has no chat template; Ollama will need a TEMPLATE in the Modelfile"]
     return "default", warnings
+
+
+def _overlay_added_tokens(model_dir: Path, tokens: list, scores: list, types: list) -> None:
+    """The tokens tokenizer.json adds beyond tokenizer.model (Phi-3's <|user|>, <|end|> ...), as
+    convert_hf_to_gguf.py puts them in: control tokens when special, user-defined otherwise."""
+    try:
+        added = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8")).get("added_tokens") or []
+    except (OSError, ValueError):
+        return
+    for token in added:
+        token_id = token.get("id")
+        if isinstance(token_id, int) and 0 <= token_id < len(tokens) and isinstance(token.get("content"), str):
+            tokens[token_id] = token["content"].encode("utf-8")
+            scores[token_id] = -1000.0
+            types[token_id] = gguf.TokenType.CONTROL if token.get("special") else gguf.TokenType.USER_DEFINED
 
 
 def _pre_tokenizer(file: Path, spec: dict, override: str = "") -> tuple[str, list[str]]:
