@@ -1,12 +1,11 @@
 """Write a Hugging Face model folder as one GGUF file that llama.cpp and Ollama load, and check it.
 
-Our own compact take on llama.cpp's `convert_hf_to_gguf.py` for the architectures Tunesmith fine-tunes:
-Llama (SmolLM included) and Mistral, written as llama.cpp's "llama" architecture with q/k weights
-permuted into its rotary layout, Qwen2 (not permuted, with q/k/v biases), Qwen3 (not permuted,
-with per-head q/k norms), and Gemma 2 and 3 (four norms a block, stored + 1; soft-caps, sliding window). The tokenizer (gguf_tokenizer.py) is a GPT-2-style byte-level BPE
+Our own compact take on llama.cpp's `convert_hf_to_gguf.py` for the architectures Tunesmith fine-tunes
+(gguf_arch.py: Llama, SmolLM and Mistral with q/k permuted into llama.cpp's rotary layout, Qwen2,
+Qwen3, Gemma 2 and 3, Phi-3). The tokenizer (gguf_tokenizer.py) is a GPT-2-style byte-level BPE
 `tokenizer.json` (Llama 3, Qwen2, SmolLM, Mistral Nemo) or a SentencePiece `tokenizer.model`
-(Llama 2, Mistral 7B). Tensors stream one at a time from the safetensors files
-into a temporary file beside the target, renamed into place only when complete. `gguf_check.verify_gguf`
+(Llama 2, Mistral 7B, Phi-3). Tensors stream one at a time from the safetensors files into a
+temporary file beside the target, renamed into place only when complete. `gguf_check.verify_gguf`
 reads a written file back and compares it with the source folder.
 """
 
@@ -24,15 +23,12 @@ import gguf
 import numpy as np
 
 from app.core.errors import ExportError
+from app.core.export.gguf_arch import (ARCH_PARTS, NORM_PLUS_ONE, SUPPORTED, add_architecture, declared_architecture,
+                                       gguf_problem, llama3_rope_factors, rope_parameters)
 from app.core.export.gguf_tokenizer import add_tokenizer
 from app.core.export.quantize import BY_LLAMA_CPP, WRITTEN, check_quant
 
 
-SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-             "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
-             "Phi3ForCausalLM": "phi3"}
-# Gemma's RMSNorm scales by (1 + weight); llama.cpp's by weight, so the files hold weight + 1
-NORM_PLUS_ONE = {"gemma2", "gemma3"}
 QUANTS = {name: gguf.GGMLQuantizationType[kind] for name, kind in WRITTEN.items()}  # what we write ourselves
 FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "f32": gguf.LlamaFileType.ALL_F32,
@@ -120,21 +116,6 @@ class _Planned:
     values: np.ndarray | None = None  # a generated tensor's values (RoPE factors)
 
 
-_BLOCK_PARTS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-                "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                "mlp.down_proj": "ffn_down"}
-# per-head RMS norms on q and k (Qwen3), as llama.cpp's convert_hf_to_gguf.py names them
-_QK_NORMS = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
-# Gemma 2 and 3: a norm before and after both attention and the MLP
-_GEMMA_PARTS = {**_BLOCK_PARTS, "post_attention_layernorm": "post_attention_norm",
-                "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
-# Phi-3: q, k and v in one matrix, gate and up in another (llama.cpp splits them as it runs)
-_PHI3_PARTS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-               "self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output", "mlp.gate_up_proj": "ffn_up",
-               "mlp.down_proj": "ffn_down"}
-ARCH_PARTS = {"llama": _BLOCK_PARTS, "qwen2": _BLOCK_PARTS, "qwen3": {**_BLOCK_PARTS, **_QK_NORMS},
-              "gemma2": _GEMMA_PARTS, "gemma3": {**_GEMMA_PARTS, **_QK_NORMS}, "phi3": _PHI3_PARTS}
 _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
 _BLOCK_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
@@ -149,24 +130,7 @@ def gguf_architecture(model_dir: Path) -> tuple[dict, str]:
     problem = gguf_problem(config)
     if problem:
         raise ExportError(f"{model_dir}: {problem}")
-    return config, SUPPORTED[_declared(config)]
-
-
-def gguf_problem(config: dict) -> str:
-    """Why a model with this config.json cannot be exported to GGUF ("" when it can): said in the
-    plan, before training, as well as by the export."""
-    if _declared(config) in SUPPORTED:
-        return ""
-    shown = _declared(config) or config.get("model_type") or "unknown"
-    return (f"GGUF export does not support the architecture {shown}; supported: {', '.join(SUPPORTED)} "
-            "(SmolLM is LlamaForCausalLM)")
-
-
-def _declared(config: dict) -> str:
-    by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-               "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-               "phi3": "Phi3ForCausalLM"}
-    return (config.get("architectures") or [by_type.get(config.get("model_type"), "")])[0]
+    return config, SUPPORTED[declared_architecture(config)]
 
 
 def safetensors_headers(model_dir: Path) -> dict[Path, dict]:
@@ -204,11 +168,11 @@ def plan_tensors(model_dir: Path, config: dict, arch: str) -> list[_Planned]:
         if name not in planned:
             raise ExportError(f"{model_dir}: no weights for {name}; the safetensors files do not match "
                               "config.json (an unfinished download or save?)")
-    if (freqs := _llama3_rope_factors(config)) is not None and arch == "llama":
+    if (freqs := llama3_rope_factors(config)) is not None and arch == "llama":
         planned["rope_freqs.weight"] = _Planned("rope_freqs.weight", freqs.shape, "", values=freqs)
-    if arch == "phi3" and _rope(config)["rope_type"] == "longrope":
+    if arch == "phi3" and rope_parameters(config)["rope_type"] == "longrope":
         for kind in ("long", "short"):
-            factors = np.asarray(_rope(config)[f"{kind}_factor"], dtype=np.float32)
+            factors = np.asarray(rope_parameters(config)[f"{kind}_factor"], dtype=np.float32)
             name = f"rope_factors_{kind}.weight"
             planned[name] = _Planned(name, factors.shape, "", values=factors)
     return sorted(planned.values(), key=_file_order)
@@ -261,28 +225,6 @@ def permute(weights: np.ndarray, n_head: int, inverse: bool = False) -> np.ndarr
     return weights.reshape(*split, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
 
 
-def _rope(config: dict) -> dict:
-    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    rope = dict(rope.get("full_attention") or rope)  # Gemma 3: the global layers' (llama.cpp fixes the local ones)
-    rope.setdefault("rope_theta", config.get("rope_theta"))
-    rope["rope_type"] = rope.get("rope_type", rope.get("type")) or "default"
-    return rope
-
-
-def _llama3_rope_factors(config: dict) -> np.ndarray | None:
-    rope = _rope(config)
-    if rope["rope_type"].lower() != "llama3":
-        return None
-    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    freqs = 1.0 / ((rope["rope_theta"] or 10000.0) ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
-    old_ctx = rope.get("original_max_position_embeddings") or config.get("original_max_position_embeddings", 8192)
-    wavelen = 2 * math.pi / freqs
-    smooth = (old_ctx / wavelen - low) / (high - low)
-    mixed = 1 / ((1 - smooth) / factor + smooth)
-    return np.where(wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, mixed)).astype(np.float32)
-
-
 # --- metadata and tokenizer ------------------------------------------------------------------------
 
 def _add_metadata(writer: gguf.GGUFWriter, model_dir: Path, config: dict, arch: str,
@@ -296,7 +238,7 @@ def _add_metadata(writer: gguf.GGUFWriter, model_dir: Path, config: dict, arch: 
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(n_head)
     writer.add_head_count_kv(config.get("num_key_value_heads") or n_head)
-    rope = _rope(config)
+    rope = rope_parameters(config)
     if rope["rope_theta"] is not None:
         writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
@@ -305,47 +247,9 @@ def _add_metadata(writer: gguf.GGUFWriter, model_dir: Path, config: dict, arch: 
         writer.add_value_length(config["head_dim"])
     writer.add_file_type(FILE_TYPES[quant])
     writer.add_vocab_size(config["vocab_size"])
-    if arch in NORM_PLUS_ONE:
-        _add_gemma(writer, config)
-    if arch == "llama":
-        writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // n_head)
-    if arch == "phi3":
-        _add_phi3(writer, config, rope)
-    kind = rope["rope_type"].lower()
-    if kind in ("linear", "yarn") and rope.get("factor"):
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if kind == "linear" else gguf.RopeScalingType.YARN)
-        writer.add_rope_scaling_factor(float(rope["factor"]))
-        if kind == "yarn":
-            writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
-    elif kind not in ("default", "llama3", "longrope") or (kind == "llama3" and arch != "llama") or (
-            kind == "longrope" and arch != "phi3"):
-        raise ExportError(f"{model_dir / 'config.json'}: RoPE scaling '{kind}' cannot be written to GGUF "
-                          "for this model; only linear, yarn, llama3 (Llama) and longrope (Phi-3) scaling are supported")
+    add_architecture(writer, config, arch, model_dir / "config.json")
     pre, warnings = add_tokenizer(writer, model_dir, config, pre_tokenizer, space_prefix=arch not in NORM_PLUS_ONE)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     return pre, warnings
 
 
-def _add_gemma(writer: gguf.GGUFWriter, config: dict) -> None:
-    """Gemma's extras, as convert_hf_to_gguf.py writes them: logit soft-caps and the sliding window."""
-    if config.get("attn_logit_softcapping"):
-        writer.add_attn_logit_softcapping(float(config["attn_logit_softcapping"]))
-    if config.get("final_logit_softcapping"):
-        writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
-    if config.get("sliding_window"):
-        writer.add_sliding_window(int(config["sliding_window"]))
-
-
-def _add_phi3(writer: gguf.GGUFWriter, config: dict, rope: dict) -> None:
-    """Phi-3's RoPE (rotary dimensions, the pre-training context, longrope's attention factor) and
-    sliding window, as convert_hf_to_gguf.py writes them."""
-    rotary = int(float(rope.get("partial_rotary_factor") or config.get("partial_rotary_factor") or 1.0)
-                 * config["hidden_size"]) // config["num_attention_heads"]
-    original = int(rope.get("original_max_position_embeddings") or config.get("original_max_position_embeddings")
-                   or config["max_position_embeddings"])
-    writer.add_rope_dimension_count(rotary)
-    writer.add_rope_scaling_orig_ctx_len(original)
-    writer.add_sliding_window(int(config.get("sliding_window") or 0))
-    scale = config["max_position_embeddings"] / original
-    if rope["rope_type"] == "longrope":
-        writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)

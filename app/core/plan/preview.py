@@ -73,7 +73,7 @@ def preview_plan(config: TrainConfig, lengths: list[int] | None = None) -> PlanP
 
 def export_note(config: dict) -> str:
     """What the trained adapter will not export as, from the model's config alone."""
-    from app.core.export.gguf import gguf_problem
+    from app.core.export.gguf_arch import gguf_problem
 
     problem = gguf_problem(config)
     return f"{problem}; the adapter and merged exports work" if problem else ""
