@@ -2,7 +2,8 @@
 
 Our own compact take on llama.cpp's `convert_hf_to_gguf.py` for the architectures Tunesmith fine-tunes
 (gguf_arch.py: Llama, SmolLM and Mistral with q/k permuted into llama.cpp's rotary layout, Qwen2,
-Qwen3, Gemma 2 and 3, Phi-3). The tokenizer (gguf_tokenizer.py) is a GPT-2-style byte-level BPE
+Qwen3, Gemma 2 and 3, Phi-3, OLMo 2; Mixtral, Qwen2-MoE and Qwen3-MoE with each layer's experts
+stacked into 3-D tensors). The tokenizer (gguf_tokenizer.py) is a GPT-2-style byte-level BPE
 `tokenizer.json` (Llama 3, Qwen2, SmolLM, Mistral Nemo) or a SentencePiece `tokenizer.model`
 (Llama 2, Mistral 7B, Phi-3). Tensors stream one at a time from the safetensors files into a
 temporary file beside the target, renamed into place only when complete. `gguf_check.verify_gguf`
@@ -23,8 +24,9 @@ import gguf
 import numpy as np
 
 from app.core.errors import ExportError
-from app.core.export.gguf_arch import (ARCH_PARTS, NORM_PLUS_ONE, SUPPORTED, add_architecture, declared_architecture,
-                                       gguf_problem, llama3_rope_factors, rope_parameters)
+from app.core.export.gguf_arch import (EXPERT_PARTS, EXPERT_RE, NORM_PLUS_ONE, SUPPORTED, add_architecture, block_parts,
+                                       declared_architecture, experts, gguf_problem, llama3_rope_factors,
+                                       rope_parameters)
 from app.core.export.gguf_tokenizer import add_tokenizer
 from app.core.export.quantize import BY_LLAMA_CPP, WRITTEN, check_quant
 
@@ -114,6 +116,7 @@ class _Planned:
     file: Path | None = None
     qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32
     values: np.ndarray | None = None  # a generated tensor's values (RoPE factors)
+    pieces: tuple[tuple[Path, str], ...] = ()  # (file, HF name) of each expert, stacked on axis 0
 
 
 _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
@@ -148,23 +151,31 @@ def safetensors_headers(model_dir: Path) -> dict[Path, dict]:
 
 def plan_tensors(model_dir: Path, config: dict, arch: str) -> list[_Planned]:
     tied = bool(config.get("tie_word_embeddings", False))
-    parts = ARCH_PARTS[arch]
+    parts = block_parts(config, arch)
     planned: dict[str, _Planned] = {}
+    stacks: dict[str, dict[int, tuple[Path, str, tuple[int, ...]]]] = {}
     for file, header in safetensors_headers(model_dir).items():
         for hf_name, entry in header.items():
             if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
                 continue
-            match = _BLOCK_RE.fullmatch(hf_name)
+            match, shape = _BLOCK_RE.fullmatch(hf_name), tuple(int(d) for d in entry["shape"])
+            expert = EXPERT_RE.fullmatch(hf_name) if experts(config) else None
             name = _GLOBAL.get(hf_name)
             if match and match.group(2) in parts:
                 name = f"blk.{match.group(1)}.{parts[match.group(2)]}.{match.group(3)}"
+            elif expert and expert.group(3) in EXPERT_PARTS:
+                name = f"blk.{expert.group(1)}.{EXPERT_PARTS[expert.group(3)]}.weight"
             if name is None or entry["dtype"] not in ("F32", "F16", "BF16", "F64"):
                 raise ExportError(f"{file.name}: tensor {hf_name} ({entry['dtype']}) has no GGUF counterpart; "
                                   "export a merged full-precision model, not a 4-bit model or an adapter")
-            planned[name] = _Planned(name, tuple(int(d) for d in entry["shape"]), hf_name, file)
+            if expert:
+                stacks.setdefault(name, {})[int(expert.group(2))] = (file, hf_name, shape)
+            else:
+                planned[name] = _Planned(name, shape, hf_name, file)
+    planned.update(_stacked(stacks, experts(config), model_dir))
     required = ["token_embd.weight", "output_norm.weight"] + ([] if tied else ["output.weight"])
-    for name in required + [f"blk.{i}.{p}.weight" for i in range(config["num_hidden_layers"])
-                            for p in parts.values()]:
+    per_block = list(parts.values()) + (sorted(set(EXPERT_PARTS.values())) if experts(config) else [])
+    for name in required + [f"blk.{i}.{p}.weight" for i in range(config["num_hidden_layers"]) for p in per_block]:
         if name not in planned:
             raise ExportError(f"{model_dir}: no weights for {name}; the safetensors files do not match "
                               "config.json (an unfinished download or save?)")
@@ -178,6 +189,19 @@ def plan_tensors(model_dir: Path, config: dict, arch: str) -> list[_Planned]:
     return sorted(planned.values(), key=_file_order)
 
 
+def _stacked(stacks: dict, count: int, model_dir: Path) -> dict[str, _Planned]:
+    """One 3-D tensor per layer and kind from each expert's matrix: all `count` of them, one shape."""
+    planned = {}
+    for name, found in stacks.items():
+        shapes = {shape for _, _, shape in found.values()}
+        if sorted(found) != list(range(count)) or len(shapes) != 1:
+            raise ExportError(f"{model_dir}: {name} needs {count} experts of one shape, found {len(found)} "
+                              f"({', '.join(map(str, sorted(shapes)))}); the safetensors files do not match config.json")
+        pieces = tuple((file, hf_name) for _, (file, hf_name, _) in sorted(found.items()))
+        planned[name] = _Planned(name, (count, *shapes.pop()), pieces[0][1], pieces[0][0], pieces=pieces)
+    return planned
+
+
 def _file_order(item: _Planned) -> tuple:
     """token_embd and rope_freqs first, then the blocks in numeric order, output_norm and output last."""
     parts = item.name.split(".")
@@ -186,7 +210,8 @@ def _file_order(item: _Planned) -> tuple:
 
 
 def _tensor_type(name: str, shape: tuple[int, ...], quant: str, tied: bool) -> gguf.GGMLQuantizationType:
-    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+    if len(shape) <= 1 or name.endswith(("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")) or (
+            not name.endswith(".weight")):  # norms, biases and MoE routers stay f32, as in llama.cpp
         return gguf.GGMLQuantizationType.F32
     qtype = QUANTS[quant]
     if quant in ("q4_0", "q5_0") and name == ("token_embd.weight" if tied else "output.weight"):
@@ -200,18 +225,25 @@ def load_tensor(item: _Planned, config: dict, arch: str, rows: slice = slice(Non
     `arch` is "llama"."""
     if item.values is not None:
         return item.values[rows]
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(item.file), framework="pt") as handle:
-            data = handle.get_slice(item.source)[rows].float().numpy()
-    except (OSError, SafetensorError) as err:
-        raise ExportError(f"{item.file}: cannot read {item.source} ({err}); save or download it again") from None
+    if item.pieces:
+        data = np.stack([_read(file, source) for file, source in item.pieces[rows]])
+    else:
+        data = _read(item.file, item.source, rows)
     if arch == "llama" and item.name.startswith("blk.") and item.name.split(".")[2] in ("attn_q", "attn_k"):
         data = permute(data, attention_heads(config, item.name))
     if arch in NORM_PLUS_ONE and item.name.endswith("norm.weight"):
         data = data + 1.0
     return data
+
+
+def _read(file: Path, source: str, rows: slice = slice(None)) -> np.ndarray:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return handle.get_slice(source)[rows].float().numpy()
+    except (OSError, SafetensorError) as err:
+        raise ExportError(f"{file}: cannot read {source} ({err}); save or download it again") from None
 
 
 def attention_heads(config: dict, name: str) -> int:

@@ -1,11 +1,13 @@
 """What llama.cpp needs to know of each architecture the GGUF writer supports: its name there,
 how the Hugging Face tensor names map onto llama.cpp's, and the metadata beyond the common keys
-(RoPE scaling, Gemma's soft-caps, Phi-3's long-context factors), as `convert_hf_to_gguf.py` writes them.
+(RoPE scaling, Gemma's soft-caps, Phi-3's long-context factors, MoE expert counts), as
+`convert_hf_to_gguf.py` writes them, and which configurations llama.cpp would compute differently.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import gguf
@@ -16,7 +18,14 @@ from app.core.errors import ExportError
 
 SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
              "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
-             "Phi3ForCausalLM": "phi3"}
+             "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2", "MixtralForCausalLM": "llama",
+             "Qwen2MoeForCausalLM": "qwen2moe", "Qwen3MoeForCausalLM": "qwen3moe"}
+_BY_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+            "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "mixtral": "MixtralForCausalLM",
+            "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+# llama.cpp renormalises the chosen experts' weights for Mixtral and Qwen3-MoE, never for Qwen2-MoE
+_NORM_TOP_K = {"MixtralForCausalLM": None, "Qwen2MoeForCausalLM": False, "Qwen3MoeForCausalLM": True}
 # Gemma's RMSNorm scales by (1 + weight); llama.cpp's by weight, so the files hold weight + 1
 NORM_PLUS_ONE = {"gemma2", "gemma3"}
 
@@ -33,23 +42,65 @@ _GEMMA_PARTS = {**_BLOCK_PARTS, "post_attention_layernorm": "post_attention_norm
 _PHI3_PARTS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
                "self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output", "mlp.gate_up_proj": "ffn_up",
                "mlp.down_proj": "ffn_down"}
+# OLMo 2: norms after attention and the MLP only, q/k norms over all heads at once
+_OLMO2_PARTS = {**{k: v for k, v in _BLOCK_PARTS.items() if "layernorm" not in k}, **_QK_NORMS,
+                "post_attention_layernorm": "post_attention_norm", "post_feedforward_layernorm": "post_ffw_norm"}
 ARCH_PARTS = {"llama": _BLOCK_PARTS, "qwen2": _BLOCK_PARTS, "qwen3": {**_BLOCK_PARTS, **_QK_NORMS},
-              "gemma2": _GEMMA_PARTS, "gemma3": {**_GEMMA_PARTS, **_QK_NORMS}, "phi3": _PHI3_PARTS}
+              "gemma2": _GEMMA_PARTS, "gemma3": {**_GEMMA_PARTS, **_QK_NORMS}, "phi3": _PHI3_PARTS,
+              "olmo2": _OLMO2_PARTS, "qwen2moe": _BLOCK_PARTS, "qwen3moe": {**_BLOCK_PARTS, **_QK_NORMS}}
+# MoE: the router, an optional shared expert (Qwen2-MoE), and the experts' 2-D matrices, which are
+# stacked into one 3-D tensor per layer as llama.cpp holds them
+_ROUTER = {"block_sparse_moe.gate": "ffn_gate_inp", "mlp.gate": "ffn_gate_inp"}
+_SHARED_EXPERT = {"mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
+                  "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp"}
+EXPERT_PARTS = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps",
+                "gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+EXPERT_RE = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight")
+
+
+def experts(config: dict) -> int:
+    return int(config.get("num_local_experts") or config.get("num_experts") or 0)
+
+
+def block_parts(config: dict, arch: str) -> dict[str, str]:
+    """HF name within a block -> GGUF name, for every 2-D or 1-D tensor each block must have (the
+    stacked experts are EXPERT_PARTS)."""
+    parts = dict(ARCH_PARTS[arch])
+    if experts(config):
+        for dense in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            parts.pop(dense, None)
+        router = "block_sparse_moe.gate" if declared_architecture(config) == "MixtralForCausalLM" else "mlp.gate"
+        parts[router] = _ROUTER[router]
+        if config.get("shared_expert_intermediate_size"):
+            parts.update(_SHARED_EXPERT)
+    return parts
 def gguf_problem(config: dict) -> str:
     """Why a model with this config.json cannot be exported to GGUF ("" when it can): said in the
     plan, before training, as well as by the export."""
-    if declared_architecture(config) in SUPPORTED:
-        return ""
+    declared = declared_architecture(config)
+    if declared in SUPPORTED:
+        return _moe_problem(config, declared)
     shown = declared_architecture(config) or config.get("model_type") or "unknown"
     return (f"GGUF export does not support the architecture {shown}; supported: {', '.join(SUPPORTED)} "
             "(SmolLM is LlamaForCausalLM)")
 
 
 def declared_architecture(config: dict) -> str:
-    by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-               "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-               "phi3": "Phi3ForCausalLM"}
-    return (config.get("architectures") or [by_type.get(config.get("model_type"), "")])[0]
+    return (config.get("architectures") or [_BY_TYPE.get(config.get("model_type"), "")])[0]
+
+
+def _moe_problem(config: dict, declared: str) -> str:
+    """What of an MoE model llama.cpp would compute differently ("" when nothing)."""
+    if not experts(config):
+        return ""
+    if int(config.get("decoder_sparse_step") or 1) != 1 or config.get("mlp_only_layers"):
+        return (f"GGUF export of {declared} needs experts in every layer; this config has dense layers "
+                "(decoder_sparse_step, mlp_only_layers), which llama.cpp does not read")
+    want = _NORM_TOP_K.get(declared)
+    if want is not None and bool(config.get("norm_topk_prob", False)) != want:
+        return (f"GGUF export of {declared} needs norm_topk_prob {str(want).lower()} (llama.cpp "
+                f"{'renormalises' if want else 'does not renormalise'} the chosen experts' weights)")
+    return ""
 
 
 def rope_parameters(config: dict) -> dict:
@@ -84,6 +135,13 @@ def add_architecture(writer: gguf.GGUFWriter, config: dict, arch: str, where: Pa
         writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
     if arch == "phi3":
         add_phi3(writer, config, rope_parameters(config))
+    if experts(config):
+        writer.add_expert_count(experts(config))
+        writer.add_expert_used_count(int(config["num_experts_per_tok"]))
+        if config.get("moe_intermediate_size"):
+            writer.add_expert_feed_forward_length(int(config["moe_intermediate_size"]))
+        if config.get("shared_expert_intermediate_size"):
+            writer.add_expert_shared_feed_forward_length(int(config["shared_expert_intermediate_size"]))
     add_rope_scaling(writer, config, arch, where)
 
 

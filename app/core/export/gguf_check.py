@@ -56,7 +56,8 @@ def verify_gguf(gguf_file: Path, model_dir: Path, samples: int = 3) -> GgufCheck
     n_layers = config["num_hidden_layers"]
     blocks = sorted({round(i * (n_layers - 1) / max(samples - 1, 1)) for i in range(max(samples, 1))})
     names = ["token_embd.weight", "output.weight", "output_norm.weight"]
-    names += [f"blk.{b}.{part}.weight" for b in blocks for part in ("attn_norm", "attn_q", "attn_k", "attn_qkv")]
+    names += [f"blk.{b}.{part}.weight" for b in blocks for part in ("attn_norm", "attn_q", "attn_k", "attn_qkv",
+                                                                      "ffn_down_exps", "ffn_gate_inp")]
     max_diff, checked = 0.0, 0
     for name in (n for n in names if n in shapes and shapes[n] == plan[n].shape):
         diff, scale = _compare(tensors[name], plan[name], config, arch)
