@@ -136,4 +136,7 @@ def test_packed_training_gradients_equal_unpacked_gradients(session):
 
     separate = grads([collate_padded([e], 0) for e in examples], "plain")
     packed = grads([collate_packed(examples)], "chunked")
-    assert torch.allclose(packed, separate, rtol=1e-3, atol=1e-5)
+    # float32 sums in another order: errors scale with the largest gradient (164 here), not with each
+    # element (on an AVX-512 machine one of 32,768 near-zero elements was off by 2.7e-5); attention
+    # leaking across packed examples moves gradients by a large part of themselves
+    assert torch.allclose(packed, separate, rtol=1e-3, atol=1e-6 * float(separate.abs().max()))
