@@ -13,9 +13,10 @@ def add_commands(sub) -> None:
     export.add_argument("--format", required=True, choices=("adapter", "merged", "gguf"),
                         help="adapter: the PEFT adapter; merged: base + adapter in 16-bit safetensors; "
                              "gguf: one file for llama.cpp/Ollama, with a Modelfile")
-    export.add_argument("--dtype", choices=("bf16", "f16", "f32"), default="bf16",
-                        help="merged: precision of the merged weights (default bf16; gguf files take "
-                             "theirs from --quant)")
+    export.add_argument("--dtype", choices=("auto", "bf16", "f16", "f32"), default="auto",
+                        help="merged: precision of the merged weights (default auto: f16, which keeps the "
+                             "adapter's small changes better, unless the model's activations come near f16's "
+                             "range, then bf16; gguf files take theirs from --quant)")
     export.add_argument("--quant", choices=ALL_QUANTS, default="f16", metavar="TYPE",
                         help="GGUF type: " + ", ".join(ALL_QUANTS) + " (default f16; q8_0 is half the size; "
                              "q4_k_m, q5_k_m and q6_k need llama-cpp-python: pip install 'tunesmith[gguf]')")

@@ -219,6 +219,81 @@ def test_the_merged_demo_model_answers_in_the_sample_datas_voice(demo_run, tmp_p
     assert check.ok and check.tensor_count == 272, check.problems
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # the first user of the session's demo run trains it
+def test_the_demo_merged_by_default_is_the_model_that_was_tested(demo_run, tmp_path):
+    """The default merged export (automatic precision: f16 for SmolLM2, whose largest activation,
+    28,241, is under half of f16's range) picks base + adapter's next token at >= 99.5 % of
+    positions; bf16, which keeps 3 fewer bits of each weight, rounds away part of what the adapter
+    changed."""
+    result = export_run(str(demo_run), "merged", tmp_path / "merged")
+    assert result.checks["dtype"] == "f16", result.checks
+    assert result.checks["dtype_choice"].startswith("f16: the largest activation on the check prompts")
+    assert result.checks["top_token_agreement"] >= 0.995, result.checks
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert f"{result.checks['top_token_agreement']:.1%} of positions" in card
+    assert "merged model (f16 safetensors)" in card and "Stored in f16: the largest activation" in card
+    bf16 = export_run(str(demo_run), "merged", tmp_path / "bf16", dtype="bf16")
+    assert bf16.checks["dtype"] == "bf16" and "dtype_choice" not in bf16.checks
+    assert bf16.checks["max_logit_diff"] > result.checks["max_logit_diff"]
+
+
+def test_the_automatic_precision_is_bf16_where_activations_near_f16s_range_or_unmeasured():
+    from app.core.export.merged import _Reference, choose_dtype
+
+    def reference(largest: float) -> _Reference:
+        return _Reference([], [], largest, "NF4-rounded base")
+
+    assert choose_dtype("auto", reference(2_500.0))[0] == "f16"  # Llama 2's "massive activations"
+    assert choose_dtype("auto", reference(28_241.0))[0] == "f16"  # SmolLM2-135M's
+    dtype, why = choose_dtype("auto", reference(40_000.0))
+    assert dtype == "bf16" and "40,000" in why and "65,504" in why
+    assert choose_dtype("auto", "skipped: ...")[0] == "bf16"
+    assert choose_dtype("f16", reference(1e6)) == ("f16", "")  # asked for by name: written as asked
+    assert choose_dtype("bf16", reference(1.0)) == ("bf16", "")
+
+
+def _loud_copy(tiny_model: Path, folder: Path) -> Path:
+    """The tiny model with its embeddings scaled to ~1e5: past f16's largest value (65,504), well
+    inside bf16's range."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_model, folder)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"] * 1e5
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("headroom", [2.0, 0.0])
+def test_a_model_whose_activations_overflow_f16_is_merged_in_bf16(headroom, tiny_run, tiny_model, tmp_path,
+                                                                  monkeypatch):
+    """Measured before the merge (the residual stream reaches ~1e5), or, with the measurement made
+    to say f16 (headroom 0), found by the check after it: the f16 merge's logits overflow, and it is
+    merged again in bf16."""
+    from app.core.chat import find_adapter
+    from app.core.export import adapter_tokenizer, merged
+    from app.core.models.resolve import resolve_model
+
+    monkeypatch.setattr(merged, "F16_HEADROOM", headroom)
+    source = find_adapter(tiny_run.run_id)
+    info = resolve_model(str(_loud_copy(tiny_model, tmp_path / "loud")))
+    messages: list[str] = []
+    (tmp_path / "out").mkdir()
+    checks = merged.merge_adapter(source, info, adapter_tokenizer(source, info, False), tmp_path / "out",
+                                  progress=messages.append)
+    assert checks["dtype"] == "bf16" and "finite" not in checks
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    assert checks["top_token_agreement"] >= 0.9, checks
+    if headroom:
+        assert "too near f16's range" in checks["dtype_choice"]
+        assert not any("merging again in bf16" in m for m in messages)
+    else:
+        assert checks["dtype_choice"] == "bf16: in f16 the merged model overflowed on the check prompts"
+        assert any("merging again in bf16" in m for m in messages)
+
+
 # -- Ollama's Modelfile, as its parser reads it --------------------------------------------------------
 def parse_modelfile(text: str) -> list[tuple[str, str]]:
     """Instructions of a Modelfile by Ollama's rules: `KEYWORD value` per line, a value in triple

@@ -92,3 +92,19 @@ def test_export_shows_progress_and_asks_before_replacing_a_folder(window, qtbot,
     qtbot.mouseClick(tab.export_button, Qt.LeftButton)
     assert warned and "did not write" in warned[0] and not asked and not tab.exporting
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_a_merged_export_says_its_agreement_and_the_precision_it_chose(window, qtbot, tiny_run, tmp_path):
+    window.tabs.setCurrentWidget(window.export_tab)
+    tab = window.export_tab
+    tab.run_box.setCurrentIndex(tab.run_box.findData(tiny_run.run_id))
+    tab.format_box.setCurrentIndex(tab.format_box.findData("merged"))
+    assert tab.dtype_box.isEnabled() and tab.dtype_box.currentData() == "auto"
+    tab.out_edit.setText(str(tmp_path / "merged"))
+    qtbot.mouseClick(tab.export_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not tab.exporting, timeout=300_000)
+    text = tab.summary.text()
+    assert "vs base + adapter as tested: the same next token at" in text, text
+    assert "stored in f16: the largest activation on the check prompts" in text, text
+    config = (tmp_path / "merged" / "config.json").read_text()
+    assert '"float16"' in config

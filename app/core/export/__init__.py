@@ -32,7 +32,7 @@ from app.core.runs import is_run_folder, slug
 from app.core.units import gib
 
 FORMATS = ("adapter", "merged", "gguf")
-DTYPES = ("bf16", "f16", "f32")
+DTYPES = ("auto", "bf16", "f16", "f32")  # auto: f16 where the activations allow (merged.choose_dtype)
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 DISK_MARGIN = 1.1
 MARKER = ".tunesmith-export"  # in every export folder: the only kind of folder --force replaces
@@ -47,7 +47,7 @@ class ExportResult:
     checks: dict = field(default_factory=dict)
 
 
-def export_run(ref: str, fmt: str, out: str | Path, dtype: str = "bf16", quant: str = "f16", force: bool = False,
+def export_run(ref: str, fmt: str, out: str | Path, dtype: str = "auto", quant: str = "f16", force: bool = False,
                progress: Callable[[str], None] = lambda message: None,
                trust_remote_code: bool = False, pre_tokenizer: str = "", merge_into: str = "trained") -> ExportResult:
     """Export the adapter `ref` names (a run, a checkpoint or an adapter folder) as `fmt` into `out`;

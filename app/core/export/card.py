@@ -18,6 +18,7 @@ CHECK_LINES = {  # what the card says of each check an export made
                                  f"{len(CHECK_PROMPTS)} held-out prompts and the answers it gives): largest logit "
                                  f"difference {c['max_logit_diff']:.3g}; the same next token at "
                                  f"{c['top_token_agreement']:.1%} of positions."),
+    "dtype_choice": lambda c: f"Stored in {c['dtype_choice']}.",
     "logit_check": lambda c: (f"Merged model vs base + adapter: {c['logit_check']}. The merge itself is "
                               "W + scale x B x A per adapted weight, in fp32, cast once."),
     "gguf_tensors": lambda c: (f"GGUF read back with gguf's reader: {c['gguf_tensors']} tensors, names and shapes "
@@ -35,7 +36,7 @@ def model_card(source: AdapterSource, info, fmt: str, dtype: str, quant: str, ch
     library = "peft" if fmt == "adapter" else "transformers" if fmt == "merged" else "gguf"
     lines = ["---", f"base_model: {info.name}", f"library_name: {library}", "tags:", "- tunesmith", "- qlora",
              "- lora", "---", "", f"# {run.get('id') or source.label}", "",
-             f"A {_what(fmt, dtype, quant)} fine-tuned with Tunesmith (QLoRA) from **{info.name}** "
+             f"A {_what(fmt, checks.get('dtype', dtype), quant)} fine-tuned with Tunesmith (QLoRA) from **{info.name}** "
              f"({_size(parameters(info))} parameters, {info.model_type}).", ""]
     if run:
         lines += ["## Training", "", "| | |", "|---|---|"]

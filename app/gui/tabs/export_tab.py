@@ -71,8 +71,12 @@ class ExportTab(QWidget):
             self.format_box.addItem(text, key)
         self.format_box.setToolTip("What to write; every export comes with a model card (README.md)")
         self.dtype_box = QComboBox()
-        self.dtype_box.addItems(["bf16", "f16", "f32"])
-        self.dtype_box.setToolTip("Precision of the merged weights (the base model is loaded in it, not in 4-bit)")
+        for text, key in (("Automatic (f16 where the model's activations allow, else bf16)", "auto"),
+                          ("bf16", "bf16"), ("f16", "f16"), ("f32", "f32")):
+            self.dtype_box.addItem(text, key)
+        self.dtype_box.setToolTip("Precision of the merged weights: f16 keeps 3 more bits of each weight than bf16, "
+                                  "so more of the adapter's small changes, but overflows on models whose activations "
+                                  "pass 65,504; automatic measures them on the check prompts first")
         self.quant_box, self.quant_note = quant_picker()
         self.into_box = QComboBox()
         self.into_box.addItem("The weights it trained against (as tested in chat)", "trained")
@@ -161,7 +165,7 @@ class ExportTab(QWidget):
             if answer != QMessageBox.Yes:
                 return
             force = True
-        dtype, quant, into = self.dtype_box.currentText(), self.quant_box.currentData(), self.into_box.currentData()
+        dtype, quant, into = self.dtype_box.currentData(), self.quant_box.currentData(), self.into_box.currentData()
         self.worker = StreamWorker(lambda emit: export_run(run_id, fmt, out, dtype=dtype, quant=quant, force=force,
                                                            progress=emit, merge_into=into))
         self.worker.item.connect(self._progress)
@@ -193,6 +197,8 @@ class ExportTab(QWidget):
                           f"{result.checks['max_logit_diff']:.3g})")
         if "logit_check" in result.checks:
             checks.append(f"merged model vs base + adapter: {html.escape(result.checks['logit_check'])}")
+        if result.format == "merged" and "dtype" in result.checks:
+            checks.append(f"stored in {html.escape(result.checks.get('dtype_choice') or result.checks['dtype'])}")
         if "gguf_tensors" in result.checks:
             checks.append(f"GGUF read back: {result.checks['gguf_tensors']} tensors match")
         self.summary.setText(f"<b>Exported</b> {len(result.files)} files, {result.bytes / 2**20:,.1f} MiB, to "
