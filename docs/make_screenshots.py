@@ -126,7 +126,11 @@ def take_screenshots(args) -> int:
     export = window.export_tab
     export.run_box.setCurrentIndex(export.run_box.findText("demo-lr-0.0005", Qt.MatchContains))
     export.format_box.setCurrentIndex(export.format_box.findData("gguf"))
-    export.quant_box.setCurrentText("q8_0")
+    # Ollama's usual 4-bit type where llama.cpp's quantizer is installed, else the 8-bit one we write
+    index = export.quant_box.findData("q4_k_m")
+    if not export.quant_box.model().item(index).isEnabled():
+        index = export.quant_box.findData("q8_0")
+    export.quant_box.setCurrentIndex(index)
     export.out_edit.setText(str(home / "exports" / "pirate-chef-gguf"))
     export.export()
     wait(lambda: not export.exporting, 900, "the export")

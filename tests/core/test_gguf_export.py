@@ -632,7 +632,7 @@ def test_a_sentencepiece_llama_exports_and_llama_cpp_tokenizes_and_predicts_like
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = build_tiny_spm_llama(tmp_path / "spm-llama")
-    summary = write_gguf(model, tmp_path / "spm.gguf", "f32")
+    summary = write_gguf(model, tmp_path / "spm.gguf", "f16")
     reader = gguf.GGUFReader(summary.path)
     assert field(reader, "tokenizer.ggml.model") == "llama" and len(field(reader, "tokenizer.ggml.scores")) == 400
     check = verify_gguf(summary.path, model)
