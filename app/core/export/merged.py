@@ -75,19 +75,7 @@ def merge_adapter(source: AdapterSource, info, tokenizer, out: Path, dtype: str 
     reference = tested_reference(source, info, tokenizer, progress, trust_remote_code)
     dtype, choice = choose_dtype(dtype, reference)
     while True:
-        _check_ram(merge.merge_ram(plan, dtype), "merging tensor by tensor")
-        into_text = "the NF4-rounded weights it trained against" if nf4 else "the original weights"
-        progress(f"Merging the adapter into {info.name}'s {into_text}, saved in {dtype}, one tensor at a time"
-                 + (f" ({choice})" if choice else ""))
-        summary = merge.merge_shards(plan, out, dtype, progress, nf4_compute=nf4)
-        merge.write_merged_config(base_dir, out, dtype, trust_remote_code)
-        if not (out / "generation_config.json").exists():
-            from transformers import AutoConfig, GenerationConfig
-
-            config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
-            GenerationConfig.from_model_config(config).save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        progress(f"Merged {summary.merged_weights} weights; {gib(summary.bytes)} in {len(summary.files)} files")
+        _write_streamed(plan, info, tokenizer, out, dtype, nf4, progress, trust_remote_code, choice)
         checks = compare_with_reference(reference, out, dtype, progress, trust_remote_code)
         if checks.pop("finite", True) or not choice or dtype != "f16":
             break
@@ -96,6 +84,27 @@ def merge_adapter(source: AdapterSource, info, tokenizer, out: Path, dtype: str 
         dtype, choice = "bf16", "bf16: in f16 the merged model overflowed on the check prompts"
     return {**checks, "merged_into": "trained" if nf4 else "original", "dtype": dtype,
             **({"dtype_choice": choice} if choice else {})}
+
+
+def _write_streamed(plan, info, tokenizer, out: Path, dtype: str, nf4: str, progress: Callable[[str], None],
+                    trust_remote_code: bool, choice: str) -> None:
+    """The tensor-by-tensor merge into `out`, with config, generation config and tokenizer."""
+    from app.core.export import merge
+
+    base_dir = Path(info.path)
+    _check_ram(merge.merge_ram(plan, dtype), "merging tensor by tensor")
+    into_text = "the NF4-rounded weights it trained against" if nf4 else "the original weights"
+    progress(f"Merging the adapter into {info.name}'s {into_text}, saved in {dtype}, one tensor at a time"
+             + (f" ({choice})" if choice else ""))
+    summary = merge.merge_shards(plan, out, dtype, progress, nf4_compute=nf4)
+    merge.write_merged_config(base_dir, out, dtype, trust_remote_code)
+    if not (out / "generation_config.json").exists():
+        from transformers import AutoConfig, GenerationConfig
+
+        config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
+        GenerationConfig.from_model_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    progress(f"Merged {summary.merged_weights} weights; {gib(summary.bytes)} in {len(summary.files)} files")
 
 
 def _empty(folder: Path) -> None:
@@ -113,10 +122,11 @@ def choose_dtype(dtype: str, reference: _Reference | str) -> tuple[str, str]:
         return "bf16", "bf16: the activations could not be measured (the logit check was skipped)"
     largest = reference.largest_activation
     if largest * F16_HEADROOM <= F16_MAX:
-        return "f16", (f"f16: the largest activation on the check prompts, {largest:,.0f}, is far inside "
-                       f"f16's range ({F16_MAX:,.0f}), and f16 keeps 3 more bits of each weight than bf16")
+        return "f16", (f"f16: the largest activation on the check prompts, {largest:,.0f}, is under "
+                       f"1/{F16_HEADROOM:g} of f16's largest value ({F16_MAX:,.0f}), and f16 keeps 3 more bits "
+                       "of each weight than bf16")
     return "bf16", (f"bf16: the largest activation on the check prompts, {largest:,.0f}, is too near f16's "
-                    f"range ({F16_MAX:,.0f}) to store this model in f16")
+                    f"largest value ({F16_MAX:,.0f}) to store this model in f16")
 
 
 def tested_reference(source: AdapterSource, info, tokenizer, progress: Callable[[str], None] = lambda m: None,
