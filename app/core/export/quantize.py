@@ -71,9 +71,13 @@ def llama_quantize(source: Path, target: Path, quant: str,
     with tempfile.TemporaryFile("w+") as log:
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
+            said = ""
             while child.poll() is None:
                 done = target.stat().st_size / (size * BYTES_PER_PARAM[quant] / 2) if target.exists() else 0.0
-                report(f"Quantising to {quant} with llama.cpp", min(0.99, done))
+                message = f"Quantising to {quant} with llama.cpp: about {min(0.99, done):.0%} written"
+                if message != said:  # a line when it moves, not every half second
+                    report(message, min(0.99, done))
+                    said = message
                 time.sleep(0.5)
         except BaseException:
             child.kill()
