@@ -85,11 +85,18 @@ def build_tiny_gemma(path: Path, family: str) -> Path:
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
                           max_position_embeddings=512, sliding_window=256, initializer_range=0.3,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = model_class(config)
+    return save_with_random_norms(model_class(config), tokenizer, path, mean=0.0)
+
+
+def save_with_random_norms(model, tokenizer, path: Path, mean: float) -> Path:
+    """Save `model` with its norms drawn around `mean` (0 for Gemma, which adds 1 to them; else 1),
+    so that a norm in the wrong place, or its +1 left out, shows in the logits."""
+    import torch
+
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
-                param.normal_(0.0, 0.3)
+                param.normal_(mean, 0.3)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -100,8 +107,7 @@ FAMILIES = ("olmo2", "mixtral", "qwen2moe", "qwen3moe")
 
 def build_tiny_family(path: Path, family: str) -> Path:
     """A 2-layer random OLMo 2 (norms after attention and the MLP, q/k norms over all heads) or MoE
-    model: Mixtral, Qwen2-MoE (with a shared expert) or Qwen3-MoE, 4 experts with 2 used per token;
-    norms random around 1 so that a norm in the wrong place shows."""
+    model: Mixtral, Qwen2-MoE (with a shared expert) or Qwen3-MoE, 4 experts with 2 used per token."""
     import torch
     import transformers
 
@@ -117,14 +123,7 @@ def build_tiny_family(path: Path, family: str) -> Path:
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.3,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **extra)
-    model = getattr(transformers, f"{name}ForCausalLM")(config)
-    with torch.no_grad():
-        for param_name, param in model.named_parameters():
-            if "norm" in param_name:
-                param.normal_(1.0, 0.3)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_with_random_norms(getattr(transformers, f"{name}ForCausalLM")(config), tokenizer, path, mean=1.0)
 
 
 def build_tiny_phi3(path: Path, longrope: bool = False) -> Path:
