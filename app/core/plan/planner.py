@@ -96,8 +96,11 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
         reasons["total_steps"] = "depends on the data"
         reasons.pop("grad_accum", None)
     estimate = fit.estimate
+    if config.mlp_tile:  # the estimate does not count the saving yet: it errs high
+        reasons["mlp_tile"] = f"set by you: the MLP over tiles of {config.mlp_tile} tokens"
     return Plan(rank=rank, lora_alpha=alpha, seq_len=fit.seq_len, micro_batch=micro,
-                grad_accum=schedule.grad_accum, grad_checkpointing=fit.grad_checkpointing, batching=batching,
+                grad_accum=schedule.grad_accum, grad_checkpointing=fit.grad_checkpointing,
+                mlp_tile=max(0, config.mlp_tile), batching=batching,
                 loss=loss, attention=attention, quantize=quantize, total_steps=schedule.total_steps,
                 steps_per_epoch=schedule.steps_per_epoch, warmup_steps=schedule.warmup_steps,
                 eval_every=schedule.eval_every, save_every=schedule.save_every, compute_dtype=dtype,

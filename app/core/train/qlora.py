@@ -20,6 +20,7 @@ from app.core.data.tokenize import IGNORE, Tokenized
 from app.core.train.kernels import apply_liger_kernels, attention_for, linear_cross_entropy, packed_kwargs
 from app.core.train.prepare import Prepared
 from app.core.train.selftest import SelfTestResult, Shapes, run_selftest
+from app.core.train.tiled_mlp import tile_mlps
 
 
 class QLoraSession:
@@ -53,6 +54,9 @@ class QLoraSession:
         lora = LoraConfig(r=plan.rank, lora_alpha=plan.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules="all-linear", task_type="CAUSAL_LM")
         self.model = get_peft_model(base, lora)
+        if plan.mlp_tile:
+            tiled = tile_mlps(self.model, plan.mlp_tile)
+            self.notes.append(f"MLP over tiles of {plan.mlp_tile} tokens in {tiled} layers")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         for param in self.params:  # fp32 LoRA weights whatever the compute dtype (PEFT's default too)
             param.data = param.data.float()
