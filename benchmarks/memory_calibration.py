@@ -100,7 +100,8 @@ def model_config(model_id: str, layers: int | None = None) -> dict:
 def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_batch: int,
             device: str, dtype: str, warm_steps: int, loss: str = "plain", layers: int | None = None,
             folder: Path | None = None, batching: str = "grouped", attention: str = "",
-            quantize: str = "4bit", examples_per_row: int = 1, lora_dropout: float = 0.05) -> dict:
+            quantize: str = "4bit", examples_per_row: int = 1, lora_dropout: float = 0.05,
+            mlp_tile: int = 0) -> dict:
     """Build, load, train a few steps and measure one configuration. `folder`: the random model
     already written by `write_random_model` for the same `model_id` and `layers`. `batching`
     "packed": each micro-batch is one row of `micro_batch x seq_len` tokens made of
@@ -120,7 +121,8 @@ def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_b
     plan = Plan(rank=rank, lora_alpha=2 * rank, seq_len=seq_len, micro_batch=micro_batch, grad_accum=1,
                 grad_checkpointing=checkpointing, total_steps=warm_steps + 1, steps_per_epoch=1,
                 compute_dtype=dtype, device=device, loss=loss, batching=batching, attention=attention,
-                quantize=quantize, optimizer="paged_adamw_8bit" if device == "cuda" else "adamw_torch")
+                quantize=quantize, optimizer="paged_adamw_8bit" if device == "cuda" else "adamw_torch",
+                mlp_tile=mlp_tile)
     with tempfile.TemporaryDirectory() as tmp:
         if folder is None:
             folder = Path(tmp)
@@ -140,7 +142,8 @@ def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_b
         ran = session.plan  # the self-test may have replaced the optimizer or attention
         session.release()
     estimate = estimate_memory(facts, MemorySetup(rank=rank, seq_len=seq_len, micro_batch=micro_batch,
-                                                  grad_checkpointing=checkpointing, compute_dtype=dtype,
+                                                  grad_checkpointing=checkpointing, mlp_tile=mlp_tile,
+                                                  compute_dtype=dtype,
                                                   optimizer=ran.optimizer, device=device, loss=loss,
                                                   attention=ran.attention, quantize=quantize,
                                                   lora_dropout=lora_dropout > 0))
@@ -153,7 +156,7 @@ def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_b
         "model": model_id, "layers": facts.layers, "params": facts.total_params, "seq_len": seq_len,
         "rank": rank, "loss": loss, "batching": batching, "attention": ran.attention, "quantize": quantize,
         "examples_per_row": examples_per_row if packed else 1, "lora_dropout": lora_dropout,
-        "checkpointing": checkpointing, "micro_batch": micro_batch, "dtype": dtype,
+        "checkpointing": checkpointing, "mlp_tile": mlp_tile, "micro_batch": micro_batch, "dtype": dtype,
         "quantized_bytes": weights.quantized, "quantized_predicted": estimate.quantized_weights,
         "kept_bytes": weights.kept, "kept_predicted": estimate.kept_weights,
         "lora_params": lora_params, "lora_params_predicted": estimate.lora_params,
