@@ -117,3 +117,23 @@ def test_a_qlora_run_with_a_tiled_mlp_trains_as_one_without(tiny_model, chat_dat
         log = (Path(result.run_dir) / "train.log").read_text()
         assert ("MLP over tiles of 32 tokens in 2 layers" in log) == bool(tile)
     assert len(losses[0]) == 4 and losses[32] == pytest.approx(losses[0], rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_estimator_counts_the_tiles_saving_without_under_predicting(checkpointing):
+    """A real step of the demo's shape (2 layers, 4,096 packed tokens, 4-bit, fp32) measured by
+    allocator replay, with the MLP whole and over tiles of 512 tokens."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from memory_calibration import measure
+
+    rows = {tile: measure("HuggingFaceTB/SmolLM2-135M-Instruct", 4096, 16, checkpointing, 1, device="cpu",
+                          dtype="float32", warm_steps=1, loss="chunked", layers=2, batching="packed", mlp_tile=tile)
+            for tile in (0, 512)}
+    whole, tiled = rows[0], rows[512]
+    assert tiled["step_bytes"] < 0.9 * whole["step_bytes"]
+    assert tiled["step_predicted"] < whole["step_predicted"]
+    for row in rows.values():
+        assert row["step_predicted"] >= row["step_bytes"], row

@@ -43,7 +43,7 @@ def choose_fit(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budget
     them (`seq_reason`: why the wanted length, kept unless the fit is shorter)."""
     def estimate(seq: int, rank: int, ckpt: bool, micro: int) -> MemoryEstimate:
         return estimate_memory(facts, MemorySetup(rank=rank, seq_len=seq, micro_batch=micro, grad_checkpointing=ckpt,
-                                                  compute_dtype=dtype, optimizer=optimizer, device=budget.device,
+                                                  mlp_tile=config.mlp_tile, compute_dtype=dtype, optimizer=optimizer, device=budget.device,
                                                   lora_dropout=dropout, loss=loss, attention=attention,
                                                   quantize=quantize))
 

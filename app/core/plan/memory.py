@@ -102,6 +102,7 @@ class MemorySetup:
     seq_len: int = 1024
     micro_batch: int = 1
     grad_checkpointing: bool = False
+    mlp_tile: int = 0  # tokens per MLP tile (train/tiled_mlp.py), 0: the MLP over the whole sequence
     compute_dtype: str = "bfloat16"
     optimizer: str = "paged_adamw_8bit"
     device: str = "cuda"
@@ -160,7 +161,8 @@ COMPONENTS = [
 def setup_for(plan, lora_dropout: bool = True) -> MemorySetup:
     """The MemorySetup of a Plan (which does not record the dropout; the planner assumes it on)."""
     return MemorySetup(rank=plan.rank, seq_len=plan.seq_len, micro_batch=plan.micro_batch,
-                       grad_checkpointing=plan.grad_checkpointing, compute_dtype=plan.compute_dtype,
+                       grad_checkpointing=plan.grad_checkpointing, mlp_tile=getattr(plan, "mlp_tile", 0) or 0,
+                       compute_dtype=plan.compute_dtype,
                        optimizer=plan.optimizer, device=plan.device, lora_dropout=lora_dropout, loss=plan.loss,
                        attention=plan.attention, quantize=getattr(plan, "quantize", "4bit") or "4bit")
 
@@ -214,14 +216,15 @@ def estimate_memory(facts: ArchFacts, setup: MemorySetup) -> MemoryEstimate:
         * facts.intermediate  # per token: the last layer's MLP activations, not made yet
     up_moment = (up + tokens * (up_width * element - mlp_tail)) if copies else 0
     masks = tokens * (16 * -(-tokens // 16)) * element if setup.attention == PACKED_MASKED else 0
+    per_layer_kept, one_tile = _tiled_mlp_terms(facts, setup, element, per_layer)
     if setup.grad_checkpointing:
         inputs = tokens * facts.layers * 2 * facts.hidden * element  # each block's input, kept
-        layer = tokens * RECOMPUTE_FACTOR[gpu] * per_layer
+        layer = RECOMPUTE_FACTOR[gpu] * (tokens * per_layer_kept + one_tile)
         activations = inputs + masks + max(0.0, layer - logits)
         peak = max(logits, layer + down, layer + up_moment)  # beside one layer's recompute and backward
         transient = max(0.0, peak - max(logits, layer))
     else:
-        activations = tokens * facts.layers * per_layer + masks
+        activations = tokens * facts.layers * per_layer_kept + RECOMPUTE_FACTOR[gpu] * one_tile + masks
         transient = max(0.0, max(down, up_moment) - logits)  # never beside the loss phase
     varying = activations + logits + transient
     overhead = CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK * varying if setup.device == "cuda" else 0
@@ -231,6 +234,19 @@ def estimate_memory(facts: ArchFacts, setup: MemorySetup) -> MemoryEstimate:
         optimizer_state=int(lora * OPTIMIZER_BYTES_PER_PARAM.get(setup.optimizer, 8.0)),
         activations=int(activations), logits=int(logits), transient=int(transient),
         runtime_overhead=int(overhead), lora_params=lora)
+
+
+def _tiled_mlp_terms(facts: ArchFacts, setup: MemorySetup, element: int, per_layer: float) -> tuple[float, float]:
+    """(bytes a token keeps per layer, bytes of one MLP tile's rerun in backward). With the MLP over
+    tiles a layer keeps no MLP intermediates (the coefficients' i term), only its input, and one
+    tile's come back at a time in backward. The LoRA inputs of gate and up (h terms) are not taken
+    off: the estimate errs high by them."""
+    tile = setup.mlp_tile
+    if not tile or facts.experts or tile >= setup.seq_len:
+        return per_layer, 0.0
+    per_i = ACTIVATION_COEFFICIENTS[(4 if element >= 4 else 2, setup.lora_dropout)][2]
+    mlp = (1 + ACTIVATION_MARGIN) * per_i * facts.intermediate
+    return per_layer - mlp, setup.micro_batch * tile * mlp
 
 
 def repeats_kv_heads(setup: MemorySetup) -> bool:
