@@ -14,7 +14,8 @@ from app.core.units import gib
 
 TRAIN_HIDDEN = ("warmup_ratio", "max_grad_norm", "weight_decay", "lora_dropout", "lora_alpha")
 PLAN_FLAGS = ("model", "data", "preset", "gpu", "quantize", "attention", "loss_kernel", "rank", "seq_len",
-              "micro_batch", "grad_accum", "epochs", "grad_checkpointing", "packing", "skip_bad", "trust_remote_code")
+              "micro_batch", "grad_accum", "epochs", "grad_checkpointing", "mlp_tile", "offload_checkpoints", "packing",
+              "skip_bad", "trust_remote_code")
 
 
 def add_commands(sub) -> None:
@@ -90,6 +91,10 @@ def cmd_plan(args) -> int:
                         ("compute_dtype", plan.compute_dtype), ("attention", plan.attention), ("loss", plan.loss),
                         ("optimizer", plan.optimizer), ("total_steps", plan.total_steps or "-")]:
         rows.append((name, value, plan.reasons.get(name, "")))
+    if plan.mlp_tile:
+        rows.insert(5, ("mlp_tile", plan.mlp_tile, plan.reasons.get("mlp_tile", "")))
+    if plan.offload_checkpoints:
+        rows.insert(5, ("offload_checkpoints", "on", plan.reasons.get("offload_checkpoints", "")))
     print_table(rows)
     print()
     rows = [("MEMORY", "PREDICTED", "WHAT")]
@@ -99,6 +104,8 @@ def cmd_plan(args) -> int:
         rows.append((label, gib(plan.breakdown.get(name, 0)),
                      what.format(lora_params=plan.breakdown.get("lora_params", 0))))
     rows.append(("peak", gib(plan.predicted_peak_bytes), f"of {gib(budget.usable_bytes)} usable"))
+    if plan.breakdown.get("host_offload"):
+        rows.append(("in host RAM", gib(plan.breakdown["host_offload"]), "offloaded checkpoints (pinned), beside the card"))
     print_table(rows)
     return 0
 

@@ -54,6 +54,8 @@ class TrainConfig(JsonRoundTrip):
     grad_checkpointing: bool | None = _f(None, "Recompute activations to save memory (~20-30% slower).")
     mlp_tile: int = _f(0, "Run each layer's MLP over tiles of this many tokens: the same result, less "
                           "memory at long lengths, one more MLP forward in backward. 0: off.")
+    offload_checkpoints: bool = _f(False, "Keep each checkpointed layer's input in CPU RAM instead of on the "
+                                          "GPU (turns checkpointing on; no effect on the CPU).")
     packing: bool | None = _f(None, "Pack several examples into each padding-free micro-batch. "
                                     "Default: on where the model's attention supports it.")
     quantize: str = _f("auto", "Base weights: auto (unquantised when that fits with room to spare: faster, no "
@@ -83,6 +85,7 @@ class Plan(JsonRoundTrip):
     grad_accum: int = _f(1, "Micro-batches per optimizer step.")
     grad_checkpointing: bool = _f(False, "Gradient checkpointing on or off.")
     mlp_tile: int = _f(0, "Tokens per MLP tile (train/tiled_mlp.py); 0: the MLP runs over the whole sequence.")
+    offload_checkpoints: bool = _f(False, "Checkpointed layers' inputs kept in host RAM (train/offload.py).")
     batching: str = _f("grouped", "packed: examples packed into padding-free rows of micro_batch x "
                                   "seq_len tokens; grouped: padded batches of similar lengths; "
                                   "random: padded batches in plain shuffled order.")

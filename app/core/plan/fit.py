@@ -43,7 +43,8 @@ def choose_fit(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budget
     them (`seq_reason`: why the wanted length, kept unless the fit is shorter)."""
     def estimate(seq: int, rank: int, ckpt: bool, micro: int) -> MemoryEstimate:
         return estimate_memory(facts, MemorySetup(rank=rank, seq_len=seq, micro_batch=micro, grad_checkpointing=ckpt,
-                                                  mlp_tile=config.mlp_tile, compute_dtype=dtype, optimizer=optimizer, device=budget.device,
+                                                  mlp_tile=config.mlp_tile, offload_checkpoints=config.offload_checkpoints,
+                                                  compute_dtype=dtype, optimizer=optimizer, device=budget.device,
                                                   lora_dropout=dropout, loss=loss, attention=attention,
                                                   quantize=quantize))
 
@@ -56,7 +57,8 @@ def choose_fit(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budget
         ranks = [preferred, DEFAULT_RANK, *LOWER_RANKS]
     else:
         ranks = [DEFAULT_RANK, *LOWER_RANKS]
-    ckpts = [config.grad_checkpointing] if config.grad_checkpointing is not None else [False, True]
+    ckpts = [True] if config.offload_checkpoints else \
+        [config.grad_checkpointing] if config.grad_checkpointing is not None else [False, True]
     covering = 2 if len(seqs) > 1 and seqs[1] == round_up(stats.p95) else 1  # p99 and p95
 
     def fits():
@@ -133,7 +135,9 @@ def _explain(fit: Fit, config: TrainConfig, budget: Budget, wanted_seq: int, tra
         why["rank"] = f"lowered from {DEFAULT_RANK} to keep the context length within {usable}"
     else:
         why["rank"] = f"default rank {DEFAULT_RANK}"
-    if config.grad_checkpointing is not None:
+    if config.offload_checkpoints:
+        why["grad_checkpointing"] = "on: offloaded checkpoints need it (--offload-checkpoints)"
+    elif config.grad_checkpointing is not None:
         why["grad_checkpointing"] = "set by you"
     elif fit.grad_checkpointing:
         without = estimate(fit.seq_len, fit.rank, False, 1).peak

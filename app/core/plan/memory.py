@@ -103,6 +103,7 @@ class MemorySetup:
     micro_batch: int = 1
     grad_checkpointing: bool = False
     mlp_tile: int = 0  # tokens per MLP tile (train/tiled_mlp.py), 0: the MLP over the whole sequence
+    offload_checkpoints: bool = False  # checkpointed layers' inputs in host RAM (train/offload.py; CUDA only)
     compute_dtype: str = "bfloat16"
     optimizer: str = "paged_adamw_8bit"
     device: str = "cuda"
@@ -126,6 +127,7 @@ class MemoryEstimate:
     transient: int
     runtime_overhead: int
     lora_params: int
+    host_offload: int = 0  # offloaded checkpoints: bytes in host RAM, not on the card (not in `peak`)
 
     @property
     def peak(self) -> int:
@@ -141,7 +143,7 @@ class MemoryEstimate:
     def to_dict(self) -> dict:
         """Bytes by component name, the peak, and the LoRA parameter count."""
         return {name: getattr(self, name) for name, _, _ in COMPONENTS} | {
-            "peak": self.peak, "lora_params": self.lora_params}
+            "peak": self.peak, "lora_params": self.lora_params, "host_offload": self.host_offload}
 
 
 # (field, label, what it is): the order tables show the breakdown in
@@ -162,6 +164,7 @@ def setup_for(plan, lora_dropout: bool = True) -> MemorySetup:
     """The MemorySetup of a Plan (which does not record the dropout; the planner assumes it on)."""
     return MemorySetup(rank=plan.rank, seq_len=plan.seq_len, micro_batch=plan.micro_batch,
                        grad_checkpointing=plan.grad_checkpointing, mlp_tile=getattr(plan, "mlp_tile", 0) or 0,
+                       offload_checkpoints=bool(getattr(plan, "offload_checkpoints", False)),
                        compute_dtype=plan.compute_dtype,
                        optimizer=plan.optimizer, device=plan.device, lora_dropout=lora_dropout, loss=plan.loss,
                        attention=plan.attention, quantize=getattr(plan, "quantize", "4bit") or "4bit")
@@ -218,12 +221,17 @@ def estimate_memory(facts: ArchFacts, setup: MemorySetup) -> MemoryEstimate:
     masks = tokens * (16 * -(-tokens // 16)) * element if setup.attention == PACKED_MASKED else 0
     per_layer_kept, one_tile = _tiled_mlp_terms(facts, setup, element, per_layer)
     if setup.grad_checkpointing:
-        inputs = tokens * facts.layers * 2 * facts.hidden * element  # each block's input, kept
+        # each block's input, kept; offloaded to the host, two layers' on the card at a time (the one
+        # being copied out in forward, the one copied back for its recompute in backward)
+        offloaded = setup.offload_checkpoints and gpu == "cuda"
+        inputs = tokens * (min(facts.layers, 2) if offloaded else facts.layers) * 2 * facts.hidden * element
+        host = tokens * facts.layers * facts.hidden * element if offloaded else 0
         layer = RECOMPUTE_FACTOR[gpu] * (tokens * per_layer_kept + one_tile)
         activations = inputs + masks + max(0.0, layer - logits)
         peak = max(logits, layer + down, layer + up_moment)  # beside one layer's recompute and backward
         transient = max(0.0, peak - max(logits, layer))
     else:
+        host = 0
         activations = tokens * facts.layers * per_layer_kept + RECOMPUTE_FACTOR[gpu] * one_tile + masks
         transient = max(0.0, max(down, up_moment) - logits)  # never beside the loss phase
     varying = activations + logits + transient
@@ -233,7 +241,7 @@ def estimate_memory(facts: ArchFacts, setup: MemorySetup) -> MemoryEstimate:
         lora_weights=lora * LORA_BYTES_PER_PARAM, lora_gradients=lora * LORA_BYTES_PER_PARAM,
         optimizer_state=int(lora * OPTIMIZER_BYTES_PER_PARAM.get(setup.optimizer, 8.0)),
         activations=int(activations), logits=int(logits), transient=int(transient),
-        runtime_overhead=int(overhead), lora_params=lora)
+        runtime_overhead=int(overhead), lora_params=lora, host_offload=int(host))
 
 
 def _tiled_mlp_terms(facts: ArchFacts, setup: MemorySetup, element: int, per_layer: float) -> tuple[float, float]:

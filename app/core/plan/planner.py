@@ -96,11 +96,15 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
         reasons["total_steps"] = "depends on the data"
         reasons.pop("grad_accum", None)
     estimate = fit.estimate
-    if config.mlp_tile:  # the estimate does not count the saving yet: it errs high
+    if config.mlp_tile:
         reasons["mlp_tile"] = f"set by you: the MLP over tiles of {config.mlp_tile} tokens"
+    if config.offload_checkpoints:
+        reasons["offload_checkpoints"] = "set by you: checkpointed layers' inputs wait in CPU RAM" + (
+            "" if device == "cuda" else " (on the CPU they stay where they are)")
     return Plan(rank=rank, lora_alpha=alpha, seq_len=fit.seq_len, micro_batch=micro,
                 grad_accum=schedule.grad_accum, grad_checkpointing=fit.grad_checkpointing,
-                mlp_tile=max(0, config.mlp_tile), batching=batching,
+                mlp_tile=max(0, config.mlp_tile), offload_checkpoints=config.offload_checkpoints,
+                batching=batching,
                 loss=loss, attention=attention, quantize=quantize, total_steps=schedule.total_steps,
                 steps_per_epoch=schedule.steps_per_epoch, warmup_steps=schedule.warmup_steps,
                 eval_every=schedule.eval_every, save_every=schedule.save_every, compute_dtype=dtype,
@@ -119,8 +123,9 @@ def _fit_memory(config: TrainConfig, stats: LengthStats, facts: ArchFacts | None
     if facts is None or budget is None:
         reasons = {"quantize": "set by you" if config.quantize != "auto" else "4-bit: the model's size is not known",
                    "memory": "not planned: the model's architecture could not be read from config.json"}
-        return (Fit(wanted_seq, config.rank or DEFAULT_RANK, bool(config.grad_checkpointing),
-                    config.micro_batch or MICRO_BATCHES[0], None),
+        checkpointing = bool(config.grad_checkpointing or config.offload_checkpoints)
+        fit = Fit(wanted_seq, config.rank or DEFAULT_RANK, checkpointing, config.micro_batch or MICRO_BATCHES[0], None)
+        return (fit,
                 config.quantize if config.quantize in ("4bit", "none") else "4bit", reasons)
     attention_guess = _rows_attention(config, facts, device, card)
     fit, quantize, reasons = _choose_base(config, stats, facts, budget, wanted_seq, dtype, optimizer, dropout,

@@ -18,6 +18,7 @@ from app.core.atomic import staged_dir, write_json, write_manifest
 from app.core.data.packing import Batch, collate_packed, collate_padded
 from app.core.data.tokenize import IGNORE, Tokenized
 from app.core.train.kernels import apply_liger_kernels, attention_for, linear_cross_entropy, packed_kwargs
+from app.core.train.offload import offload_checkpoints
 from app.core.train.prepare import Prepared
 from app.core.train.selftest import SelfTestResult, Shapes, run_selftest
 from app.core.train.tiled_mlp import tile_mlps
@@ -57,6 +58,11 @@ class QLoraSession:
         if plan.mlp_tile:
             tiled = tile_mlps(self.model, plan.mlp_tile)
             self.notes.append(f"MLP over tiles of {plan.mlp_tile} tokens in {tiled} layers")
+        if plan.offload_checkpoints and plan.grad_checkpointing:
+            to_host = self.device.type == "cuda"
+            count = offload_checkpoints(self.model, to_host)
+            self.notes.append(f"checkpoints offloaded: {count} layers "
+                              f"({'to pinned host memory' if to_host else 'kept in place on the CPU'})")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         for param in self.params:  # fp32 LoRA weights whatever the compute dtype (PEFT's default too)
             param.data = param.data.float()

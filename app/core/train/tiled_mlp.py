@@ -55,7 +55,7 @@ def _tiled_mlp_function():
             ctx.states, outputs = [], []
             with torch.no_grad():
                 for part in hidden.split(tile_tokens, dim=-2):
-                    ctx.states.append(_rng_state(hidden.device))
+                    ctx.states.append(rng_state(hidden.device))
                     outputs.append(forward(part))
             return torch.cat(outputs, dim=-2)
 
@@ -67,7 +67,7 @@ def _tiled_mlp_function():
                         grad_hidden.split(ctx.tile_tokens, dim=-2), ctx.states)
             for part, part_grad, into, state in tiles:
                 part = part.detach().requires_grad_(True)
-                with torch.enable_grad(), _restored_rng(state, hidden.device):
+                with torch.enable_grad(), restored_rng(state, hidden.device):
                     output = ctx.forward(part)
                 torch.autograd.backward(output, part_grad)  # the LoRA weights' gradients go into .grad
                 into.copy_(part.grad)
@@ -76,14 +76,14 @@ def _tiled_mlp_function():
     return _TiledMLP
 
 
-def _rng_state(device):
+def rng_state(device):
     import torch
 
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
 @contextmanager
-def _restored_rng(state, device):
+def restored_rng(state, device):
     import torch
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
