@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     stem = Path(args.out) / f"gpu-{_slug(card) if cuda else 'cpu'}"
     report = Report(stem, _meta(card, cuda))
     parts = [("environment", environment), ("self-test", selftest_all), ("steps", steps),
-             ("restore", restore), ("oom", oom), ("estimator", estimator), ("throughput", throughput),
+             ("restore", restore), ("oom", oom), ("estimator", estimator), ("long context", long_context),
+             ("throughput", throughput),
              ("gpu tests", gpu_tests)]
     wanted = {name.strip() for name in args.parts.split(",") if name.strip()}
     if not cuda and not args.cpu:
@@ -328,6 +329,36 @@ def estimator(device: str):
             print(f"  estimator {rows[-1]}", flush=True)
             _free(device)
     return "ok", rows, f"{len(rows)} configs; largest error {max(errors):.1%}, mean {sum(errors) / len(errors):.1%}"
+
+
+def long_context(device: str):
+    """Issue 19's rungs, measured: the step's peak of Llama-3.1-8B's shape (4 of its 32 layers: the
+    rungs change per-layer terms) at 16k and 32k tokens with checkpointing, then offloaded
+    checkpoints, then MLP tiles of 4,096, against the estimator; on the CPU the demo's shape at 2k."""
+    import torch
+
+    from memory_calibration import measure
+
+    if device == "cuda":
+        model_id, layers, lengths = "meta-llama/Llama-3.1-8B-Instruct", 4, (16384, 32768)
+        dtype = "bfloat16" if torch.cuda.get_device_capability(0) >= (8, 0) else "float16"
+    else:
+        model_id, layers, lengths, dtype = "HuggingFaceTB/SmolLM2-135M-Instruct", 2, (2048,), "float32"
+    rows = []
+    for seq in lengths:
+        for rung, offload, tile in (("checkpointing", False, 0), ("+ offloaded", True, 0), ("+ MLP tiles", True, 4096)):
+            started = time.monotonic()
+            r = measure(model_id, seq, 16, True, 1, device=device, dtype=dtype, warm_steps=1, loss="chunked",
+                        layers=layers, batching="packed", mlp_tile=min(tile, seq // 2), offload_checkpoints=offload)
+            rows.append({"model": model_id.split("/")[-1], "layers": layers, "seq": seq, "rung": rung,
+                         "measured GiB": round(r["peak_allocated"] / 2**30, 3),
+                         "predicted GiB": round(r["peak_predicted"] / 2**30, 3),
+                         "error": f"{r['peak_predicted'] / r['peak_allocated'] - 1:+.1%}",
+                         "host GiB predicted": round(r["host_offload_predicted"] / 2**30, 3),
+                         "two steps s": round(time.monotonic() - started, 1)})
+            print(f"  long context {rows[-1]}", flush=True)
+            _free(device)
+    return "ok", rows, f"{len(rows)} rungs x lengths"
 
 
 def throughput(device: str):

@@ -101,7 +101,7 @@ def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_b
             device: str, dtype: str, warm_steps: int, loss: str = "plain", layers: int | None = None,
             folder: Path | None = None, batching: str = "grouped", attention: str = "",
             quantize: str = "4bit", examples_per_row: int = 1, lora_dropout: float = 0.05,
-            mlp_tile: int = 0) -> dict:
+            mlp_tile: int = 0, offload_checkpoints: bool = False) -> dict:
     """Build, load, train a few steps and measure one configuration. `folder`: the random model
     already written by `write_random_model` for the same `model_id` and `layers`. `batching`
     "packed": each micro-batch is one row of `micro_batch x seq_len` tokens made of
@@ -122,7 +122,7 @@ def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_b
                 grad_checkpointing=checkpointing, total_steps=warm_steps + 1, steps_per_epoch=1,
                 compute_dtype=dtype, device=device, loss=loss, batching=batching, attention=attention,
                 quantize=quantize, optimizer="paged_adamw_8bit" if device == "cuda" else "adamw_torch",
-                mlp_tile=mlp_tile)
+                mlp_tile=mlp_tile, offload_checkpoints=offload_checkpoints)
     with tempfile.TemporaryDirectory() as tmp:
         if folder is None:
             folder = Path(tmp)
@@ -143,7 +143,7 @@ def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_b
         session.release()
     estimate = estimate_memory(facts, MemorySetup(rank=rank, seq_len=seq_len, micro_batch=micro_batch,
                                                   grad_checkpointing=checkpointing, mlp_tile=mlp_tile,
-                                                  compute_dtype=dtype,
+                                                  offload_checkpoints=offload_checkpoints, compute_dtype=dtype,
                                                   optimizer=ran.optimizer, device=device, loss=loss,
                                                   attention=ran.attention, quantize=quantize,
                                                   lora_dropout=lora_dropout > 0))
@@ -156,7 +156,8 @@ def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_b
         "model": model_id, "layers": facts.layers, "params": facts.total_params, "seq_len": seq_len,
         "rank": rank, "loss": loss, "batching": batching, "attention": ran.attention, "quantize": quantize,
         "examples_per_row": examples_per_row if packed else 1, "lora_dropout": lora_dropout,
-        "checkpointing": checkpointing, "mlp_tile": mlp_tile, "micro_batch": micro_batch, "dtype": dtype,
+        "checkpointing": checkpointing, "mlp_tile": mlp_tile, "offload_checkpoints": offload_checkpoints,
+        "micro_batch": micro_batch, "dtype": dtype, "host_offload_predicted": estimate.host_offload,
         "quantized_bytes": weights.quantized, "quantized_predicted": estimate.quantized_weights,
         "kept_bytes": weights.kept, "kept_predicted": estimate.kept_weights,
         "lora_params": lora_params, "lora_params_predicted": estimate.lora_params,
