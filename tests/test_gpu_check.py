@@ -18,7 +18,7 @@ def test_the_gpu_check_runs_on_the_cpu_and_reports_every_part(tmp_path, demo_mod
     report = json.loads((tmp_path / "gpu-cpu.json").read_text())
     status = {part["part"]: part["status"] for part in report["parts"]}
     assert status == {"environment": "ok", "self-test": "ok", "steps": "ok", "restore": "ok", "oom": "skipped",
-                      "estimator": "ok", "throughput": "skipped", "gpu tests": "skipped"}
+                      "estimator": "ok", "long context": "ok", "throughput": "skipped", "gpu tests": "skipped"}
     steps = next(part for part in report["parts"] if part["part"] == "steps")["rows"]
     assert {(r["dtype"], r["batching"], r["checkpointing"]) for r in steps} == {
         (dtype, batching, ckpt) for dtype in ("float32", "float16") for batching in ("packed", "grouped")
