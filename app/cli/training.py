@@ -27,6 +27,9 @@ def add_commands(sub) -> None:
     add_config_flags(plan, only=PLAN_FLAGS,
                      helps={"data": "training data to fit the sequence length to (optional)"})
     plan.add_argument("--json", action="store_true", help="print the plan and breakdown as JSON")
+    plan.add_argument("--max-context", action="store_true",
+                      help="the longest sequence the model trains at within the budget, rung by rung "
+                           "(checkpointing, offloaded checkpoints, MLP tiles)")
     plan.set_defaults(func=cmd_plan)
 
     resume = sub.add_parser("resume", help="continue a stopped or interrupted run")
@@ -58,6 +61,41 @@ def cmd_train(args) -> int:
     return run_with_progress(lambda on_event, stop: run_training(config, on_event, stop))
 
 
+def print_max_context(preview, as_json: bool) -> int:
+    """`plan --max-context`: each rung's longest sequence and the answer."""
+    import json
+
+    from app.core import host
+    from app.core.plan.context import STEP, best, longest_context, to_dicts
+    from app.core.plan.memory import setup_for
+
+    facts, budget = preview.model.arch, preview.budget
+    free = host.available_ram()
+    rungs = longest_context(facts, setup_for(preview.plan), budget.usable_bytes, free)
+    top = best(rungs)
+    if as_json:
+        print(json.dumps({"model": preview.model.name, "preset": budget.preset.id, "usable_bytes": budget.usable_bytes,
+                          "host_free_bytes": free, "rungs": to_dicts(rungs),
+                          "longest": top.seq_len if top else 0, "rung": top.name if top else ""}, indent=2))
+        return 0
+    print(f"Model   {preview.model.name}: {facts.layers} layers, hidden {facts.hidden}, "
+          f"its own context {facts.max_positions:,} tokens")
+    print(f"Budget  {budget.preset.id}: {gib(budget.usable_bytes)} usable on the card, {gib(free)} of RAM free here")
+    print()
+    rows = [("RUNG", "LONGEST", "PEAK", "HOST RAM", "COST")]
+    for rung in rungs:
+        rows.append((rung.name, f"{rung.seq_len:,}" if rung.seq_len else "-", gib(rung.peak) if rung.seq_len else "-",
+                     gib(rung.host) if rung.host else "-", rung.note or rung.cost))
+    print_table(rows)
+    print()
+    if top is None:
+        print(f"Not even {STEP:,} tokens fit {budget.preset.id}: try a bigger card or a smaller model")
+    else:
+        print(f"Longest: {top.seq_len:,} tokens with {top.name.lstrip('+ ')} (rank {preview.plan.rank}, "
+              f"{preview.plan.compute_dtype}, one packed row); predicted, by the estimator")
+    return 0
+
+
 def cmd_plan(args) -> int:
     import json
 
@@ -65,6 +103,8 @@ def cmd_plan(args) -> int:
     from app.core.plan.preview import preview_plan
 
     preview = preview_plan(TrainConfig(**config_values(args)))
+    if args.max_context:
+        return print_max_context(preview, args.json)
     if args.json:
         print(json.dumps(preview.to_dict(), indent=2))
         return 0

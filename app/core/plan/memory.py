@@ -221,11 +221,7 @@ def estimate_memory(facts: ArchFacts, setup: MemorySetup) -> MemoryEstimate:
     masks = tokens * (16 * -(-tokens // 16)) * element if setup.attention == PACKED_MASKED else 0
     per_layer_kept, one_tile = _tiled_mlp_terms(facts, setup, element, per_layer)
     if setup.grad_checkpointing:
-        # each block's input, kept; offloaded to the host, two layers' on the card at a time (the one
-        # being copied out in forward, the one copied back for its recompute in backward)
-        offloaded = setup.offload_checkpoints and gpu == "cuda"
-        inputs = tokens * (min(facts.layers, 2) if offloaded else facts.layers) * 2 * facts.hidden * element
-        host = tokens * facts.layers * facts.hidden * element if offloaded else 0
+        inputs, host = _checkpointed_inputs(facts, setup, tokens, element, gpu)
         layer = RECOMPUTE_FACTOR[gpu] * (tokens * per_layer_kept + one_tile)
         activations = inputs + masks + max(0.0, layer - logits)
         peak = max(logits, layer + down, layer + up_moment)  # beside one layer's recompute and backward
@@ -242,6 +238,15 @@ def estimate_memory(facts: ArchFacts, setup: MemorySetup) -> MemoryEstimate:
         optimizer_state=int(lora * OPTIMIZER_BYTES_PER_PARAM.get(setup.optimizer, 8.0)),
         activations=int(activations), logits=int(logits), transient=int(transient),
         runtime_overhead=int(overhead), lora_params=lora, host_offload=int(host))
+
+
+def _checkpointed_inputs(facts: ArchFacts, setup: MemorySetup, tokens: int, element: int, gpu: str) -> tuple[int, int]:
+    """(bytes on the card, bytes in host RAM) of the blocks' inputs checkpointing keeps. Offloaded,
+    two layers' stay on the card at a time: the one being copied out in forward, the one copied
+    back for its recompute in backward."""
+    offloaded = setup.offload_checkpoints and gpu == "cuda"
+    inputs = tokens * (min(facts.layers, 2) if offloaded else facts.layers) * 2 * facts.hidden * element
+    return inputs, tokens * facts.layers * facts.hidden * element if offloaded else 0
 
 
 def _tiled_mlp_terms(facts: ArchFacts, setup: MemorySetup, element: int, per_layer: float) -> tuple[float, float]:
