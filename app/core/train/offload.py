@@ -16,6 +16,7 @@ copies into a separate tensor to exercise the copy.
 
 from __future__ import annotations
 
+import functools
 from functools import partial
 
 from app.core.train.tiled_mlp import restored_rng, rng_state
@@ -45,20 +46,12 @@ def offloaded_checkpoint(function, hidden, *args, to_host: bool = True):
         return checkpoint(function, hidden, *args, use_reentrant=False)
     if not hidden.requires_grad:  # the first layer's input (frozen embeddings): still run backward
         hidden = hidden.detach().requires_grad_(True)
-    return _function().apply(function, to_host, hidden, *args)
+    return _offloaded_layer_function().apply(function, to_host, hidden, *args)
 
 
-_FUNCTION = None
-
-
-def _function():
-    global _FUNCTION
-    if _FUNCTION is None:
-        _FUNCTION = _make_function()
-    return _FUNCTION
-
-
-def _make_function():
+@functools.cache
+def _offloaded_layer_function():
+    """Built on first use so that importing this module does not import torch."""
     import torch
 
     class _OffloadedLayer(torch.autograd.Function):

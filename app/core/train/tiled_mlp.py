@@ -3,9 +3,9 @@
 At long lengths the biggest tensors a decoder layer makes are its MLP's intermediates (tokens x
 intermediate size, several of them: gate, up, the activation, their product, LoRA's inputs), held
 for backward, and made again when a checkpointed layer is recomputed. The MLP works on each token
-alone, so it can run over tiles of the sequence: `TiledMLP` runs the module's own forward tile by
-tile without keeping anything but its input, and in backward runs each tile again with autograd
-and backpropagates through it, tile by tile, adding the LoRA weights' gradients into `.grad` (as
+alone, so it can run over tiles of the sequence: the autograd function here runs the module's
+own forward tile by tile without keeping anything but its input, and in backward runs each tile
+again with autograd and backpropagates through it, tile by tile, adding the LoRA weights' gradients into `.grad` (as
 ArcticTraining's and Unsloth's tiled MLPs do). The random state is kept per tile, so LoRA dropout
 draws the same masks in the backward's rerun as in the forward.
 
@@ -15,6 +15,7 @@ the cost is one more MLP forward per layer in backward.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from functools import partial
 
@@ -41,10 +42,12 @@ def _tiled(module, forward, tile_tokens: int, hidden):
     if not torch.is_grad_enabled() or hidden.shape[-2] <= tile_tokens:
         return forward(hidden)  # generation, eval and short sequences: nothing to gain
     params = [p for p in module.parameters() if p.requires_grad]
-    return TiledMLP.apply(forward, tile_tokens, hidden, *params)
+    return _tiled_mlp_function().apply(forward, tile_tokens, hidden, *params)
 
 
+@functools.cache
 def _tiled_mlp_function():
+    """Built on first use so that importing this module does not import torch."""
     import torch
 
     class _TiledMLP(torch.autograd.Function):
@@ -91,17 +94,3 @@ def restored_rng(state, device):
         if state[1] is not None:
             torch.cuda.set_rng_state(state[1], device)
         yield
-
-
-class _Lazy:
-    """TiledMLP, made on first use so that importing this module does not import torch."""
-
-    _function = None
-
-    def apply(self, *args):
-        if _Lazy._function is None:
-            _Lazy._function = _tiled_mlp_function()
-        return _Lazy._function.apply(*args)
-
-
-TiledMLP = _Lazy()
