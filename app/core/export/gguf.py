@@ -181,9 +181,10 @@ def plan_tensors(model_dir: Path, config: dict, arch: str) -> list[_Planned]:
                               "config.json (an unfinished download or save?)")
     if (freqs := llama3_rope_factors(config)) is not None and arch == "llama":
         planned["rope_freqs.weight"] = _Planned("rope_freqs.weight", freqs.shape, "", values=freqs)
-    if arch == "phi3" and rope_parameters(config)["rope_type"] == "longrope":
+    rope = rope_parameters(config)
+    if arch == "phi3" and rope["rope_type"] == "longrope":
         for kind in ("long", "short"):
-            factors = np.asarray(rope_parameters(config)[f"{kind}_factor"], dtype=np.float32)
+            factors = np.asarray(rope[f"{kind}_factor"], dtype=np.float32)
             name = f"rope_factors_{kind}.weight"
             planned[name] = _Planned(name, factors.shape, "", values=factors)
     return sorted(planned.values(), key=_file_order)

@@ -74,13 +74,15 @@ def block_parts(config: dict, arch: str) -> dict[str, str]:
         if config.get("shared_expert_intermediate_size"):
             parts.update(_SHARED_EXPERT)
     return parts
+
+
 def gguf_problem(config: dict) -> str:
     """Why a model with this config.json cannot be exported to GGUF ("" when it can): said in the
     plan, before training, as well as by the export."""
     declared = declared_architecture(config)
     if declared in SUPPORTED:
         return _moe_problem(config, declared)
-    shown = declared_architecture(config) or config.get("model_type") or "unknown"
+    shown = declared or config.get("model_type") or "unknown"
     return (f"GGUF export does not support the architecture {shown}; supported: {', '.join(SUPPORTED)} "
             "(SmolLM is LlamaForCausalLM)")
 
@@ -123,7 +125,6 @@ def llama3_rope_factors(config: dict) -> np.ndarray | None:
     smooth = (old_ctx / wavelen - low) / (high - low)
     mixed = 1 / ((1 - smooth) / factor + smooth)
     return np.where(wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, mixed)).astype(np.float32)
-
 
 
 def add_architecture(writer: gguf.GGUFWriter, config: dict, arch: str, where: Path) -> None:
