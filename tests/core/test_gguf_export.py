@@ -32,6 +32,15 @@ def stored(reader: gguf.GGUFReader, name: str) -> np.ndarray:
     return gguf.quants.dequantize(tensor.data, tensor.tensor_type)
 
 
+def export_and_read(model: Path, path: Path, quant: str, arch: str):
+    """Write `model` as GGUF at `quant`, check llama.cpp's architecture name, and read it back:
+    (summary, reader, tensor names)."""
+    summary = write_gguf(model, path, quant)
+    assert summary.arch == arch
+    reader = gguf.GGUFReader(summary.path)
+    return summary, reader, {t.name for t in reader.tensors}
+
+
 def hf_tensor(model_dir: Path, name: str) -> np.ndarray:
     from safetensors import safe_open
 
@@ -206,10 +215,7 @@ def test_moe_models_llama_cpp_would_compute_differently_are_refused_in_the_plan(
 
 
 def test_phi3_exports_its_fused_projections_and_longrope_factors(tiny_phi3_longrope, tmp_path):
-    summary = write_gguf(tiny_phi3_longrope, tmp_path / "phi3.gguf", "f16")
-    assert summary.arch == "phi3"
-    reader = gguf.GGUFReader(summary.path)
-    names = {t.name for t in reader.tensors}
+    summary, reader, names = export_and_read(tiny_phi3_longrope, tmp_path / "phi3.gguf", "f16", "phi3")
     assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight", "rope_factors_long.weight"} <= names
     assert not names & {"blk.0.attn_q.weight", "blk.0.ffn_gate.weight"}
     np.testing.assert_allclose(stored(reader, "rope_factors_long.weight"), np.linspace(1.0, 8.0, 8), rtol=1e-6)
@@ -292,10 +298,7 @@ def test_tiny_llama_q8_0_dequantizes_close_to_the_weights(tiny_model, tmp_path):
 
 
 def test_qwen2_exports_biases_unpermuted_and_f16_where_rows_do_not_fit_q8_blocks(tiny_qwen2, tmp_path):
-    summary = write_gguf(tiny_qwen2, tmp_path / "qwen.gguf", "q8_0")
-    assert summary.arch == "qwen2"
-    reader = gguf.GGUFReader(summary.path)
-    names = {t.name for t in reader.tensors}
+    summary, reader, names = export_and_read(tiny_qwen2, tmp_path / "qwen.gguf", "q8_0", "qwen2")
     assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.1.attn_v.bias"} <= names
     assert "output.weight" not in names  # tied: llama.cpp reuses token_embd
     assert field(reader, "general.architecture") == "qwen2"
@@ -564,10 +567,7 @@ def test_an_architecture_we_train_but_cannot_export_is_named_in_the_plan(capsys,
 
 
 def test_qwen3_exports_its_q_and_k_norms_and_head_size(tiny_qwen3, tmp_path):
-    summary = write_gguf(tiny_qwen3, tmp_path / "qwen3.gguf", "f16")
-    assert summary.arch == "qwen3"
-    reader = gguf.GGUFReader(summary.path)
-    names = {t.name for t in reader.tensors}
+    summary, reader, names = export_and_read(tiny_qwen3, tmp_path / "qwen3.gguf", "f16", "qwen3")
     assert {"blk.0.attn_q_norm.weight", "blk.1.attn_k_norm.weight"} <= names and "output.weight" not in names
     assert field(reader, "qwen3.attention.key_length") == 16 == field(reader, "qwen3.attention.value_length")
     norm = hf_tensor(tiny_qwen3, "model.layers.1.self_attn.k_norm.weight")
@@ -656,10 +656,7 @@ def test_a_sentencepiece_llama_exports_and_llama_cpp_tokenizes_and_predicts_like
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
 def test_gemma_exports_its_four_norms_shifted_by_one_and_its_soft_caps(family, request, tmp_path):
     model = request.getfixturevalue(f"tiny_{family}")
-    summary = write_gguf(model, tmp_path / f"{family}.gguf", "f16")
-    assert summary.arch == family
-    reader = gguf.GGUFReader(summary.path)
-    names = {t.name for t in reader.tensors}
+    summary, reader, names = export_and_read(model, tmp_path / f"{family}.gguf", "f16", family)
     assert {"blk.1.post_attention_norm.weight", "blk.1.ffn_norm.weight", "blk.1.post_ffw_norm.weight"} <= names
     assert ("blk.0.attn_q_norm.weight" in names) == (family == "gemma3") and "output.weight" not in names
     norm = hf_tensor(model, "model.layers.1.post_feedforward_layernorm.weight")
