@@ -101,7 +101,7 @@ def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_b
             device: str, dtype: str, warm_steps: int, loss: str = "plain", layers: int | None = None,
             folder: Path | None = None, batching: str = "grouped", attention: str = "",
             quantize: str = "4bit", examples_per_row: int = 1, lora_dropout: float = 0.05,
-            mlp_tile: int = 0, offload_checkpoints: bool = False) -> dict:
+            mlp_tile: int = 0, offload_checkpoints: bool = False, layer_tile: int = 0) -> dict:
     """Build, load, train a few steps and measure one configuration. `folder`: the random model
     already written by `write_random_model` for the same `model_id` and `layers`. `batching`
     "packed": each micro-batch is one row of `micro_batch x seq_len` tokens made of
@@ -122,7 +122,7 @@ def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_b
                 grad_checkpointing=checkpointing, total_steps=warm_steps + 1, steps_per_epoch=1,
                 compute_dtype=dtype, device=device, loss=loss, batching=batching, attention=attention,
                 quantize=quantize, optimizer="paged_adamw_8bit" if device == "cuda" else "adamw_torch",
-                mlp_tile=mlp_tile, offload_checkpoints=offload_checkpoints)
+                mlp_tile=mlp_tile, offload_checkpoints=offload_checkpoints, layer_tile=layer_tile)
     with tempfile.TemporaryDirectory() as tmp:
         if folder is None:
             folder = Path(tmp)
@@ -131,7 +131,9 @@ def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_b
         batch = (_packed_row(facts.vocab, seq_len * micro_batch, examples_per_row) if packed
                  else _batch(facts.vocab, seq_len, micro_batch))
         for _ in range(warm_steps):
+            started = time.perf_counter()
             session.train_step([batch])
+            warm_seconds = time.perf_counter() - started  # the last warm step's time (no profiler)
         nvml = _NvmlPeak(device)
         with PeakMemory(device) as probe:
             session.train_step([batch])
@@ -143,7 +145,8 @@ def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_b
         session.release()
     estimate = estimate_memory(facts, MemorySetup(rank=rank, seq_len=seq_len, micro_batch=micro_batch,
                                                   grad_checkpointing=checkpointing, mlp_tile=mlp_tile,
-                                                  offload_checkpoints=offload_checkpoints, compute_dtype=dtype,
+                                                  offload_checkpoints=offload_checkpoints, layer_tile=layer_tile,
+                                                  compute_dtype=dtype,
                                                   optimizer=ran.optimizer, device=device, loss=loss,
                                                   attention=ran.attention, quantize=quantize,
                                                   lora_dropout=lora_dropout > 0))
@@ -157,6 +160,7 @@ def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_b
         "rank": rank, "loss": loss, "batching": batching, "attention": ran.attention, "quantize": quantize,
         "examples_per_row": examples_per_row if packed else 1, "lora_dropout": lora_dropout,
         "checkpointing": checkpointing, "mlp_tile": mlp_tile, "offload_checkpoints": offload_checkpoints,
+        "layer_tile": layer_tile,
         "micro_batch": micro_batch, "dtype": dtype, "host_offload_predicted": estimate.host_offload,
         "quantized_bytes": weights.quantized, "quantized_predicted": estimate.quantized_weights,
         "kept_bytes": weights.kept, "kept_predicted": estimate.kept_weights,
@@ -165,7 +169,7 @@ def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_b
         "step_bytes": probe.peak, "step_predicted": predicted_step,
         "peak_allocated": measured_peak, "peak_predicted": predicted_peak,
         "peak_reserved": probe.reserved, "nvml_peak": nvml.peak,
-        "predicted_with_overhead": estimate.peak,
+        "predicted_with_overhead": estimate.peak, "warm_step_seconds": round(warm_seconds, 2) if warm_steps else None,
     }
 
 

@@ -94,8 +94,9 @@ def test_the_plan_for_an_8b_model_at_32k_fits_24gb_only_with_offloaded_checkpoin
     from app import cli
 
     base = ["plan", "--model", "Llama-3.1-8B-Instruct", "--preset", "24gb", "--seq-len", "32768"]
-    assert cli.main(base + ["--grad-checkpointing"]) == 2
+    assert cli.main(base + ["--no-grad-checkpointing"]) == 2
     assert "need at least" in capsys.readouterr().err
     assert cli.main(base + ["--offload-checkpoints", "--mlp-tile", "4096"]) == 0
     out = capsys.readouterr().out
     assert "on: offloaded checkpoints need it" in out and "in host RAM              8.00 GiB" in out
+    assert "set by you: checkpointed layers' inputs wait in CPU RAM" in out

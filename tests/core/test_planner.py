@@ -190,3 +190,40 @@ def test_the_fused_loss_lets_a_large_vocabulary_model_skip_checkpointing():
     plain = estimate_memory(qwen, MemorySetup(rank=fused.rank, seq_len=fused.seq_len, micro_batch=fused.micro_batch,
                                               grad_checkpointing=False, loss="plain"))
     assert fused.breakdown["logits"] < plain.logits / 10
+
+
+def test_long_examples_climb_the_long_context_ladder_only_as_far_as_they_must(monkeypatch):
+    from app.core import host
+
+    monkeypatch.setattr(host, "available_ram", lambda: 64 * GIB)  # the test's machine, not this one
+    for seq, expected in ((12_288, (False, 0, 0)), (32_768, (True, 4096, 0)), (65_536, (True, 0, 2048))):
+        lengths = chat_lengths(count=200, longest=seq)  # beyond the preset's context cap: asked for
+        plan, budget = plan_for(lengths, preset="24gb", seq_len=seq)
+        assert plan.seq_len == seq and plan.grad_checkpointing
+        assert (plan.offload_checkpoints, plan.mlp_tile, plan.layer_tile) == expected, seq
+        assert plan.predicted_peak_bytes == peak_of(plan) <= budget.usable_bytes
+        for key, off in (("offload_checkpoints", False), ("mlp_tile", 0), ("layer_tile", 0)):
+            if getattr(plan, key):  # each rung is on because the peak without it is over the budget
+                assert peak_of(plan, **{key: off}) > budget.usable_bytes
+                assert plan.reasons[key].startswith("on: without it the peak at")
+            else:
+                assert key not in plan.reasons
+
+
+def test_offloading_is_not_planned_beyond_this_machines_ram(monkeypatch):
+    from app.core import host
+
+    monkeypatch.setattr(host, "available_ram", lambda: 4 * GIB)
+    lengths = chat_lengths(count=200, longest=20_000)
+    plan, _ = plan_for(lengths, preset="24gb", seq_len=20_480)  # 5 GiB of inputs to offload: more than is free
+    assert not plan.offload_checkpoints and plan.breakdown["host_offload"] == 0
+    assert plan.layer_tile == 2048  # the tiles still fit it with the inputs on the card
+    with pytest.raises(PlanError, match="need 16.00 GiB of RAM for offloaded checkpoints and this machine has 4.00"):
+        plan_for(lengths, preset="24gb", seq_len=65_536)
+
+
+def test_tiles_and_offloading_need_checkpointing():
+    with pytest.raises(Exception, match="ways of checkpointing"):
+        plan_for(chat_lengths(), grad_checkpointing=False, layer_tile=2048)
+    with pytest.raises(Exception, match="--layer-tile is tokens per tile"):
+        plan_for(chat_lengths(), layer_tile=8)

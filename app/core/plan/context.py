@@ -2,9 +2,11 @@
 
 Each rung adds one way of keeping less on the card, in the order they cost: gradient checkpointing
 (each layer recomputed in backward), offloaded checkpoints (each layer's input in host RAM; CUDA
-only), the MLP over tiles (one more MLP forward per layer). For each, the longest sequence (a
-multiple of STEP tokens, one packed row, up to the model's own context) whose predicted peak fits
-the budget and whose host RAM fits this machine's, by the same estimator the planner uses.
+only), the MLP over tiles (one more MLP forward per layer), the whole layer but attention over
+tiles (one more norm and q/k/v projection per layer; on the CPU the input stays in place). For
+each, the longest sequence (a multiple of STEP tokens, one packed row, up to the model's own
+context) whose predicted peak fits the budget and whose host RAM fits this machine's, by the same
+estimator the planner uses.
 """
 
 from __future__ import annotations
@@ -12,19 +14,43 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from app.core.models.architecture import ArchFacts
-from app.core.plan.memory import MemorySetup, estimate_memory
+from app.core.plan.memory import MemorySetup, estimate_memory, tiles_layers
 
 STEP = 1024
 MLP_TILE = 4096
-# (name, what the rung adds, what it costs: measured where we have it)
+LAYER_TILE = 2048
+
+
+@dataclass(frozen=True)
+class Saving:
+    """One way of keeping less for backward: a rung of the ladder (MemorySetup's fields)."""
+
+    grad_checkpointing: bool = False
+    offload_checkpoints: bool = False
+    mlp_tile: int = 0
+    layer_tile: int = 0
+
+
+# (name, what the rung sets, what it costs: measured where we have it)
 RUNGS = (
-    ("checkpointing", {"grad_checkpointing": True},
+    ("checkpointing", Saving(True),
      "recompute each layer in backward (~20-30 % slower than without)"),
-    ("+ offloaded checkpoints", {"grad_checkpointing": True, "offload_checkpoints": True},
+    ("+ offloaded checkpoints", Saving(True, True),
      "each layer's input in pinned host RAM (CUDA only; its speed not yet measured on a GPU)"),
-    (f"+ MLP tiles of {MLP_TILE:,}", {"grad_checkpointing": True, "offload_checkpoints": True, "mlp_tile": MLP_TILE},
+    (f"+ MLP tiles of {MLP_TILE:,}", Saving(True, True, mlp_tile=MLP_TILE),
      "one more MLP forward per layer (+8 % step time on the CPU: benchmarks/results/long_context-cpu.md)"),
+    (f"+ layer tiles of {LAYER_TILE:,}", Saving(True, True, layer_tile=LAYER_TILE),
+     "one more norm and q/k/v per layer, no MLP tiles (see benchmarks/results/long_context-cpu.md)"),
 )
+LADDER = tuple(saving for _, saving, _ in RUNGS)
+
+
+def on_device(saving: Saving, device: str) -> Saving | None:
+    """`saving` as it applies on `device`: offloading is for CUDA only (None: the rung is
+    offloading alone, nothing on the CPU); the tiles still count on the CPU."""
+    if device == "cuda" or not saving.offload_checkpoints:
+        return saving
+    return None if saving == Saving(True, True) else replace(saving, offload_checkpoints=False)
 
 
 @dataclass(frozen=True)
@@ -44,11 +70,15 @@ def longest_context(facts: ArchFacts, setup: MemorySetup, usable: int, host_free
     up to `limit` tokens (default: the model's own context)."""
     limit = limit or facts.max_positions
     rungs = []
-    for name, adds, cost in RUNGS:
-        if adds.get("offload_checkpoints") and setup.device != "cuda":
+    for name, saving, cost in RUNGS:
+        saving = on_device(saving, setup.device)
+        if saving is None:
             rungs.append(ContextRung(name, 0, 0, 0, cost, "CUDA only: on the CPU there is no card to free"))
             continue
-        rung_setup = replace(setup, micro_batch=1, **adds)
+        rung_setup = replace(setup, micro_batch=1, **asdict(saving))
+        if rung_setup.layer_tile and not tiles_layers(facts, replace(rung_setup, seq_len=limit)):
+            rungs.append(ContextRung(name, 0, 0, 0, cost, "not for this model: MoE layers or eager attention"))
+            continue
 
         def fits(seq: int) -> bool:
             estimate = estimate_memory(facts, replace(rung_setup, seq_len=seq))

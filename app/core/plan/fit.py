@@ -5,12 +5,13 @@ order of preference, with the reason for each choice; when nothing fits, what wo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 from app.core.config import TrainConfig
 from app.core.data.stats import LengthStats
 from app.core.errors import PlanError
 from app.core.models.architecture import ArchFacts
+from app.core.plan.context import LADDER, Saving, on_device
 from app.core.plan.memory import CUDA_CONTEXT_BYTES, GIB, MemoryEstimate, MemorySetup, estimate_memory
 from app.core.plan.presets import Budget
 from app.core.train.oom import MIN_SEQ_LEN
@@ -34,6 +35,7 @@ class Fit:
     grad_checkpointing: bool
     micro_batch: int
     estimate: MemoryEstimate
+    saving: Saving = Saving()  # checkpointing and the long-context rungs it climbed (context.py)
 
 
 def choose_fit(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budget: Budget, wanted_seq: int,
@@ -41,12 +43,11 @@ def choose_fit(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budget
                attention: str = "", quantize: str = "4bit") -> tuple[Fit, dict[str, str]]:
     """The fastest, longest-context settings whose predicted peak fits `budget`, and why each of
     them (`seq_reason`: why the wanted length, kept unless the fit is shorter)."""
-    def estimate(seq: int, rank: int, ckpt: bool, micro: int) -> MemoryEstimate:
-        return estimate_memory(facts, MemorySetup(rank=rank, seq_len=seq, micro_batch=micro, grad_checkpointing=ckpt,
-                                                  mlp_tile=config.mlp_tile, offload_checkpoints=config.offload_checkpoints,
-                                                  compute_dtype=dtype, optimizer=optimizer, device=budget.device,
-                                                  lora_dropout=dropout, loss=loss, attention=attention,
-                                                  quantize=quantize))
+    def estimate(seq: int, rank: int, saving: Saving, micro: int) -> MemoryEstimate:
+        return estimate_memory(facts, MemorySetup(
+            rank=rank, seq_len=seq, micro_batch=micro, compute_dtype=dtype, optimizer=optimizer,
+            device=budget.device, lora_dropout=dropout, loss=loss, attention=attention, quantize=quantize,
+            **asdict(saving)))
 
     seqs = [config.seq_len] if config.seq_len else _shorter_seqs(wanted_seq, stats)
     trained_tokens = stats.total
@@ -57,8 +58,8 @@ def choose_fit(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budget
         ranks = [preferred, DEFAULT_RANK, *LOWER_RANKS]
     else:
         ranks = [DEFAULT_RANK, *LOWER_RANKS]
-    ckpts = [True] if config.offload_checkpoints else \
-        [config.grad_checkpointing] if config.grad_checkpointing is not None else [False, True]
+    ckpts = savings_to_try(config, budget.device)
+    host_free = _HostRam()
     covering = 2 if len(seqs) > 1 and seqs[1] == round_up(stats.p95) else 1  # p99 and p95
 
     def fits():
@@ -67,16 +68,56 @@ def choose_fit(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budget
         for seq, rank in _candidates(seqs, ranks, covering):
             micros = [config.micro_batch] if config.micro_batch else \
                 [m for m in MICRO_BATCHES if m * seq <= max(seq, TARGET_TOKENS_PER_STEP)]
-            for ckpt in ckpts:
+            for saving in ckpts:
                 for micro in micros:
-                    guess = estimate(seq, rank, ckpt, micro)
-                    if guess.peak <= budget.usable_bytes:
-                        yield Fit(seq, rank, ckpt, micro, guess)
+                    guess = estimate(seq, rank, saving, micro)
+                    if guess.peak <= budget.usable_bytes and host_free.holds(guess.host_offload):
+                        yield Fit(seq, rank, saving.grad_checkpointing, micro, guess, saving)
 
     fit = next(fits(), None)
+    if fit is None and host_free.short:
+        raise PlanError(f"{config.seq_len or seqs[-1]:,} tokens need {gib(host_free.short)} of RAM for offloaded "
+                        f"checkpoints and this machine has {gib(host_free.free)} free; close programs, or "
+                        "use a shorter --seq-len")
     if fit is None:
         raise PlanError(_nothing_fits(facts, budget, seqs, ranks, ckpts, estimate, config))
-    return fit, _explain(fit, config, budget, wanted_seq, trained_tokens, estimate, seq_reason)
+    why = _explain(fit, config, budget, wanted_seq, trained_tokens, estimate, seq_reason)
+    return fit, {**why, **_climbed(fit, config, estimate, budget)}
+
+
+def savings_to_try(config: TrainConfig, device: str) -> list[Saving]:
+    """The ways of keeping less for backward the planner may use, cheapest first: what the user
+    fixed, or none, then checkpointing and the long-context ladder above it (offloading on CUDA
+    only); an MLP tile the user set stays on in each."""
+    mine = config.mlp_tile
+    if config.offload_checkpoints or config.layer_tile:
+        return [Saving(True, config.offload_checkpoints, mine, config.layer_tile)]
+    if config.grad_checkpointing is False:
+        return [Saving(False, mlp_tile=mine)]
+    ladder = [on_device(rung, device) for rung in LADDER]
+    ladder = [replace(rung, mlp_tile=rung.mlp_tile or mine) for rung in ladder if rung is not None]
+    ladder += [replace(rung, offload_checkpoints=False) for rung in ladder]  # when host RAM is short
+    return ([Saving(mlp_tile=mine)] if config.grad_checkpointing is None else []) + list(dict.fromkeys(ladder))
+
+
+class _HostRam:
+    """This machine's available RAM, read once and only when an offloading plan asks; `short`:
+    the least host RAM a plan that fitted the card lacked (0: none did)."""
+
+    def __init__(self):
+        self.free, self.short = None, 0
+
+    def holds(self, needed: int) -> bool:
+        if not needed:
+            return True
+        if self.free is None:
+            from app.core import host
+
+            self.free = host.available_ram()
+        if needed <= self.free:
+            return True
+        self.short = min(self.short or needed, needed)
+        return False
 
 
 def round_up(value: int, step: int = 64) -> int:
@@ -135,12 +176,14 @@ def _explain(fit: Fit, config: TrainConfig, budget: Budget, wanted_seq: int, tra
         why["rank"] = f"lowered from {DEFAULT_RANK} to keep the context length within {usable}"
     else:
         why["rank"] = f"default rank {DEFAULT_RANK}"
-    if config.offload_checkpoints:
+    if config.layer_tile:
+        why["grad_checkpointing"] = "on: tiled layers are a way of checkpointing (--layer-tile)"
+    elif config.offload_checkpoints:
         why["grad_checkpointing"] = "on: offloaded checkpoints need it (--offload-checkpoints)"
     elif config.grad_checkpointing is not None:
         why["grad_checkpointing"] = "set by you"
     elif fit.grad_checkpointing:
-        without = estimate(fit.seq_len, fit.rank, False, 1).peak
+        without = estimate(fit.seq_len, fit.rank, Saving(mlp_tile=config.mlp_tile), 1).peak
         why["grad_checkpointing"] = (f"on: without it the peak would be {gib(without)}, over {usable} "
                                      "(costs ~20-30% speed)")
     else:
@@ -154,9 +197,27 @@ def _explain(fit: Fit, config: TrainConfig, budget: Budget, wanted_seq: int, tra
     return why
 
 
+def _climbed(fit: Fit, config: TrainConfig, estimate, budget: Budget) -> dict[str, str]:
+    """Why each long-context rung the planner (not the user) turned on: the peak without it."""
+    saving, usable = fit.saving, budget.usable_bytes
+    why = {}
+    parts = (("offload_checkpoints", config.offload_checkpoints, False,
+              f"{gib(fit.estimate.host_offload)} of layer inputs wait in host RAM"),
+             ("mlp_tile", config.mlp_tile, 0, f"the MLP over tiles of {saving.mlp_tile:,} tokens"),
+             ("layer_tile", config.layer_tile, 0,
+              f"each layer but attention over tiles of {saving.layer_tile:,} tokens"))
+    for key, mine, off, what in parts:
+        if not getattr(saving, key) or mine:
+            continue
+        without = estimate(fit.seq_len, fit.rank, replace(saving, **{key: off}), fit.micro_batch).peak
+        why[key] = (f"on: without it the peak at {fit.seq_len:,} tokens would be {gib(without)}, over {gib(usable)}; "
+                    if without > usable else "on: the ladder offloads before it tiles; ") + what
+    return why
+
+
 def _nothing_fits(facts: ArchFacts, budget: Budget, seqs, ranks, ckpts, estimate, config: TrainConfig) -> str:
     smallest = estimate(seqs[-1], ranks[-1], ckpts[-1], config.micro_batch or 1)
-    wanted = estimate(seqs[0], ranks[0], ckpts[-1], config.micro_batch or 1)
+    wanted = estimate(seqs[0], ranks[0], ckpts[-1], config.micro_batch or 1)  # the most saving rung
     usable = budget.usable_bytes
     context = CUDA_CONTEXT_BYTES if budget.device == "cuda" else 0
     static = (smallest.quantized_weights + smallest.kept_weights + smallest.lora_weights

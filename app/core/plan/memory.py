@@ -9,13 +9,17 @@ torch profiler on CPU, the same bookkeeping as `torch.cuda.max_memory_allocated`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from app.core.models.architecture import FOUR_NORM_TYPES, FUSED_PROJECTION_TYPES, QK_NORM_TYPES, ArchFacts
+from app.core.models.architecture import (
+    FOUR_NORM_TYPES,
+    FUSED_PROJECTION_TYPES,
+    QK_NORM_TYPES,
+    ArchFacts,
+)
 from app.core.plan.kernel_choice import FLASH, PACKED_FLASH, PACKED_LOOP, PACKED_MASKED
 from app.core.train.kernels import VARLEN_ATTENTION, chunk_rows
 from app.core.units import GIB
-
 
 # NF4 storage (QLoRA paper §2): 4 bits per weight, one 8-bit absmax per block of 64 (double
 # quantisation) and one fp32 second-level constant per 256 blocks: 0.5 + 1/64 + 4/16384 B/param.
@@ -104,6 +108,7 @@ class MemorySetup:
     grad_checkpointing: bool = False
     mlp_tile: int = 0  # tokens per MLP tile (train/tiled_mlp.py), 0: the MLP over the whole sequence
     offload_checkpoints: bool = False  # checkpointed layers' inputs in host RAM (train/offload.py; CUDA only)
+    layer_tile: int = 0  # tokens per tile of the checkpointed layers (train/tiled_layer.py), 0: untiled
     compute_dtype: str = "bfloat16"
     optimizer: str = "paged_adamw_8bit"
     device: str = "cuda"
@@ -165,6 +170,7 @@ def setup_for(plan, lora_dropout: bool = True) -> MemorySetup:
     return MemorySetup(rank=plan.rank, seq_len=plan.seq_len, micro_batch=plan.micro_batch,
                        grad_checkpointing=plan.grad_checkpointing, mlp_tile=getattr(plan, "mlp_tile", 0) or 0,
                        offload_checkpoints=bool(getattr(plan, "offload_checkpoints", False)),
+                       layer_tile=getattr(plan, "layer_tile", 0) or 0,
                        compute_dtype=plan.compute_dtype,
                        optimizer=plan.optimizer, device=plan.device, lora_dropout=lora_dropout, loss=plan.loss,
                        attention=plan.attention, quantize=getattr(plan, "quantize", "4bit") or "4bit")
@@ -220,6 +226,12 @@ def estimate_memory(facts: ArchFacts, setup: MemorySetup) -> MemoryEstimate:
     up_moment = (up + tokens * (up_width * element - mlp_tail)) if copies else 0
     masks = tokens * (16 * -(-tokens // 16)) * element if setup.attention == PACKED_MASKED else 0
     per_layer_kept, one_tile = _tiled_mlp_terms(facts, setup, element, per_layer)
+    if setup.grad_checkpointing and tiles_layers(facts, setup):
+        in_tile = replace(setup, seq_len=setup.layer_tile)  # one tile's layer: its MLP over tiles or not
+        tile_kept, mlp_tile = _tiled_mlp_terms(facts, in_tile, element, per_layer)
+        per_layer_kept, attention_backward = _tiled_layer_bytes(facts, setup, element, gpu)
+        # the attention core's backward and a tile's rerun come one after the other, not together
+        one_tile = max(tokens * attention_backward, setup.micro_batch * setup.layer_tile * tile_kept + mlp_tile)
     if setup.grad_checkpointing:
         inputs, host = _checkpointed_inputs(facts, setup, tokens, element, gpu)
         layer = RECOMPUTE_FACTOR[gpu] * (tokens * per_layer_kept + one_tile)
@@ -260,6 +272,36 @@ def _tiled_mlp_terms(facts: ArchFacts, setup: MemorySetup, element: int, per_lay
     per_i = ACTIVATION_COEFFICIENTS[(4 if element >= 4 else 2, setup.lora_dropout)][2]
     mlp = (1 + ACTIVATION_MARGIN) * per_i * facts.intermediate
     return per_layer - mlp, setup.micro_batch * tile * mlp
+
+
+def tiles_layers(facts: ArchFacts, setup: MemorySetup) -> bool:
+    """Whether `setup`'s checkpointed layers run over tiles (train/tiled_layer.py: dense layers,
+    an attention function it can meet, a sequence longer than one tile)."""
+    return bool(setup.layer_tile) and setup.layer_tile < setup.seq_len and not facts.experts \
+        and setup.attention != "eager"
+
+
+def _tiled_layer_bytes(facts: ArchFacts, setup: MemorySetup, element: int, gpu: str) -> tuple[float, float]:
+    """(bytes per token a tiled layer's backward holds for the whole sequence throughout, bytes per
+    token more while the attention core runs its backward).
+
+    Throughout: the query, key and value, the attention output, its gradient (filled tile by tile)
+    and the layer input's gradient. During the attention core's backward also the query, key and
+    value gradients and the log-sum-exp; attention that repeats kv heads keeps the repeated key and
+    value and makes their gradients (4 x (q - kv)); on CUDA flash-attn 2's backward accumulates the
+    query gradient in fp32 and, for grouped kv heads, makes key/value gradients per query head
+    before summing them (not yet measured on a GPU: counted). A tile's rerun (the caller's term)
+    comes after the attention core's backward, not beside it. The layer's input and its output's
+    gradient are the checkpointed inputs' term. Measured on the CPU (benchmarks/long_context.py and
+    the SmolLM2-1.7B shape at 4,096 tokens in tiles of 512: 501 MiB a step, 589 predicted)."""
+    q, kv = facts.heads * facts.head_dim, facts.kv_heads * facts.head_dim
+    throughout = element * ((q + 2 * kv) + 2 * q + facts.hidden)
+    attention = element * (q + 2 * kv) + 4 * facts.heads
+    if repeats_kv_heads(setup):
+        attention += 4 * (q - kv) * element
+    if gpu == "cuda":
+        attention += 4 * q + (2 * q * element if kv < q else 0)
+    return (1 + ACTIVATION_MARGIN) * throughout, (1 + ACTIVATION_MARGIN) * attention
 
 
 def repeats_kv_heads(setup: MemorySetup) -> bool:

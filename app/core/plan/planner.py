@@ -20,6 +20,7 @@ from app.core.data.stats import LengthStats, count_over
 from app.core.errors import ConfigError, PlanError
 from app.core.models.architecture import ArchFacts
 from app.core.plan.cards import Card, precision_for
+from app.core.plan.context import Saving
 from app.core.plan.fit import DEFAULT_RANK, MICRO_BATCHES, TARGET_TOKENS_PER_STEP, Fit, choose_fit, round_up
 from app.core.plan.kernel_choice import OPTIMIZER_LABELS, choose_attention, choose_loss
 from app.core.plan.presets import Budget
@@ -98,13 +99,15 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     estimate = fit.estimate
     if config.mlp_tile:
         reasons["mlp_tile"] = f"set by you: the MLP over tiles of {config.mlp_tile} tokens"
+    if config.layer_tile:
+        reasons["layer_tile"] = f"set by you: each layer but attention over tiles of {config.layer_tile} tokens"
     if config.offload_checkpoints:
         reasons["offload_checkpoints"] = "set by you: checkpointed layers' inputs wait in CPU RAM" + (
             "" if device == "cuda" else " (on the CPU they stay where they are)")
     return Plan(rank=rank, lora_alpha=alpha, seq_len=fit.seq_len, micro_batch=micro,
                 grad_accum=schedule.grad_accum, grad_checkpointing=fit.grad_checkpointing,
-                mlp_tile=max(0, config.mlp_tile), offload_checkpoints=config.offload_checkpoints,
-                batching=batching,
+                mlp_tile=fit.saving.mlp_tile, offload_checkpoints=fit.saving.offload_checkpoints,
+                layer_tile=fit.saving.layer_tile, batching=batching,
                 loss=loss, attention=attention, quantize=quantize, total_steps=schedule.total_steps,
                 steps_per_epoch=schedule.steps_per_epoch, warmup_steps=schedule.warmup_steps,
                 eval_every=schedule.eval_every, save_every=schedule.save_every, compute_dtype=dtype,
@@ -123,8 +126,9 @@ def _fit_memory(config: TrainConfig, stats: LengthStats, facts: ArchFacts | None
     if facts is None or budget is None:
         reasons = {"quantize": "set by you" if config.quantize != "auto" else "4-bit: the model's size is not known",
                    "memory": "not planned: the model's architecture could not be read from config.json"}
-        checkpointing = bool(config.grad_checkpointing or config.offload_checkpoints)
-        fit = Fit(wanted_seq, config.rank or DEFAULT_RANK, checkpointing, config.micro_batch or MICRO_BATCHES[0], None)
+        checkpointing = bool(config.grad_checkpointing or config.offload_checkpoints or config.layer_tile)
+        fit = Fit(wanted_seq, config.rank or DEFAULT_RANK, checkpointing, config.micro_batch or MICRO_BATCHES[0], None,
+                  Saving(checkpointing, config.offload_checkpoints, max(0, config.mlp_tile), max(0, config.layer_tile)))
         return (fit,
                 config.quantize if config.quantize in ("4bit", "none") else "4bit", reasons)
     attention_guess = _rows_attention(config, facts, device, card)
@@ -196,6 +200,10 @@ def validate_config(config: TrainConfig) -> None:
         (0 <= config.warmup_ratio < 1, "warmup ratio must be from 0 to below 1"),
         (config.max_grad_norm > 0, "max grad norm must be above 0"),
         (0 <= config.lora_dropout < 1, "LoRA dropout must be from 0 to below 1"),
+        (config.mlp_tile == 0 or config.mlp_tile >= 16, "--mlp-tile is tokens per tile: 0 (off) or at least 16"),
+        (config.layer_tile == 0 or config.layer_tile >= 16, "--layer-tile is tokens per tile: 0 (off) or at least 16"),
+        (config.grad_checkpointing is not False or not (config.offload_checkpoints or config.layer_tile),
+         "--offload-checkpoints and --layer-tile are ways of checkpointing: drop --no-grad-checkpointing"),
     ]
     for ok, message in checks:
         if not ok:
@@ -226,8 +234,8 @@ def _choose_base(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budg
         plain, plain_reasons = choose_fit(*args, "none")
     except PlanError:
         plain = None
-    same = plain is not None and (plain.seq_len, plain.rank, plain.grad_checkpointing, plain.micro_batch) == \
-        (four.seq_len, four.rank, four.grad_checkpointing, four.micro_batch)
+    same = plain is not None and (plain.seq_len, plain.rank, plain.saving, plain.micro_batch) == \
+        (four.seq_len, four.rank, four.saving, four.micro_batch)
     if same and plain.estimate.peak <= UNQUANTISED_ROOM * usable:
         return plain, "none", {**plain_reasons, "quantize": (
             f"unquantised ({_dtype_name(dtype)}): fits in {gib(plain.estimate.peak)} of {gib(usable)}, "

@@ -90,7 +90,8 @@ def register_attention_functions() -> None:
     from app.core.train import packed_attention
 
     packed_attention.register_packed_attention()
-    if AttentionInterface._global_mapping.get(VARLEN_ATTENTION) is not packed_attention.packed_loop:
+    current = AttentionInterface._global_mapping.get(VARLEN_ATTENTION)
+    if getattr(current, "__wrapped__", current) is not packed_attention.packed_loop:  # tiled_layer wraps it
         AttentionInterface.register(VARLEN_ATTENTION, packed_attention.packed_loop)
 
 

@@ -59,16 +59,13 @@ def _offloaded_layer_function():
         def forward(ctx, function, to_host, hidden, *args):
             ctx.function, ctx.args, ctx.device = function, args, hidden.device
             ctx.rng = rng_state(hidden.device)
-            ctx.kept, ctx.copied = _to_host(hidden.detach()) if to_host else (hidden.detach(), None)
+            ctx.kept, ctx.copied = to_host_if(to_host, hidden.detach())
             with torch.no_grad():
                 return function(hidden, *args)
 
         @staticmethod
         def backward(ctx, *grads):
-            if ctx.copied is not None:
-                ctx.copied.synchronize()  # the copy to the host is done before it is read
-            hidden = ctx.kept.to(ctx.device, non_blocking=True).detach().requires_grad_(True)
-            ctx.kept = None
+            hidden = restored_host_input(ctx).requires_grad_(True)
             with torch.enable_grad(), restored_rng(ctx.rng, ctx.device):
                 outputs = ctx.function(hidden, *ctx.args)
             outputs = outputs if isinstance(outputs, tuple) else (outputs,)
@@ -77,6 +74,22 @@ def _offloaded_layer_function():
             return (None, None, hidden.grad) + (None,) * len(ctx.args)
 
     return _OffloadedLayer
+
+
+def to_host_if(to_host: bool, hidden):
+    """(what a checkpoint keeps of `hidden`, the event its copy to the host ends with or None):
+    the host copy when `to_host`, else `hidden` itself."""
+    return _to_host(hidden) if to_host else (hidden, None)
+
+
+def restored_host_input(ctx):
+    """The kept input back on its device, detached (`ctx.kept`, `ctx.copied`, `ctx.device` as
+    forward left them); the context lets go of it."""
+    if ctx.copied is not None:
+        ctx.copied.synchronize()  # the copy to the host is done before it is read
+    hidden = ctx.kept.to(ctx.device, non_blocking=True).detach()
+    ctx.kept = None
+    return hidden
 
 
 def _to_host(hidden):

@@ -55,7 +55,8 @@ def register_packed_attention() -> None:
 
     functions = {"loop": packed_loop, "masked_sdpa": packed_masked_sdpa, "torch_flash": packed_torch_flash}
     for short, name in PACKED_ATTENTION.items():
-        if AttentionInterface._global_mapping.get(name) is not functions[short]:
+        current = AttentionInterface._global_mapping.get(name)
+        if getattr(current, "__wrapped__", current) is not functions[short]:  # tiled_layer wraps ours
             AttentionInterface.register(name, functions[short])
 
 

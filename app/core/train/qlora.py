@@ -21,6 +21,7 @@ from app.core.train.kernels import apply_liger_kernels, attention_for, linear_cr
 from app.core.train.offload import offload_checkpoints
 from app.core.train.prepare import Prepared
 from app.core.train.selftest import SelfTestResult, Shapes, run_selftest
+from app.core.train.tiled_layer import NotTileable, tile_layers
 from app.core.train.tiled_mlp import tile_mlps
 
 
@@ -63,6 +64,8 @@ class QLoraSession:
             count = offload_checkpoints(self.model, to_host)
             self.notes.append(f"checkpoints offloaded: {count} layers "
                               f"({'to pinned host memory' if to_host else 'kept in place on the CPU'})")
+        if plan.layer_tile and plan.grad_checkpointing:
+            self.notes.append(self._tile_layers(plan))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         for param in self.params:  # fp32 LoRA weights whatever the compute dtype (PEFT's default too)
             param.data = param.data.float()
@@ -71,6 +74,14 @@ class QLoraSession:
         self.scaler = (torch.amp.GradScaler(self.device.type) if plan.compute_dtype == "float16" else None)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, plan.warmup_steps, plan.total_steps)
         self.model.train()
+
+    def _tile_layers(self, plan) -> str:
+        """Tile the checkpointed layers (after offloading: the tiled checkpoint offloads too)."""
+        try:
+            count = tile_layers(self.model, plan.layer_tile, plan.offload_checkpoints and self.device.type == "cuda")
+        except NotTileable as err:
+            return f"layers not tiled: {err}; they are checkpointed whole"
+        return f"layers over tiles of {plan.layer_tile} tokens: {count}, all but attention"
 
     def enable_checkpointing(self) -> None:
         """Switch gradient checkpointing on mid-run (the OOM back-off); no reload needed."""
