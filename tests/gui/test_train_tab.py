@@ -57,6 +57,27 @@ def test_changing_the_preset_changes_the_plan(window, qtbot):
     assert "turned off by you" in tab.plan_view.reasons["packing"].text()
 
 
+def test_a_long_sequence_shows_the_long_context_rungs_the_planner_chose(window, qtbot, monkeypatch):
+    from app.core import host
+    from app.core.plan.memory import GIB
+    from app.core.resources import sample_dataset
+
+    monkeypatch.setattr(host, "available_ram", lambda: 64 * GIB)  # the test's machine, not this one
+    tab = window.train_tab
+    tab.model_box.setCurrentText("Llama-3.1-8B-Instruct")
+    tab.load_dataset(str(sample_dataset()))
+    tab.preset_box.setCurrentIndex(tab.preset_box.findData("24gb"))
+    _set_plan(tab, seq_len=65536)
+    qtbot.waitUntil(lambda: tab.plan_view.plan is not None and tab.plan_view.plan.seq_len == 65536, timeout=60_000)
+    plan, reason = tab.plan_view.plan, tab.plan_view.reasons["grad_checkpointing"].text()
+    assert plan.offload_checkpoints and plan.layer_tile == 2048 and plan.predicted_peak_bytes <= plan.budget_bytes
+    assert reason.startswith("<b>on, inputs in RAM, layer tiles of 2,048</b>")
+    assert "16.00 GiB of layer inputs wait in host RAM" in reason
+    _set_plan(tab, seq_len=4096, grad_checkpointing="on, long context")  # the user's choice, at any length
+    qtbot.waitUntil(lambda: tab.plan_view.plan is not None and tab.plan_view.plan.seq_len == 4096, timeout=60_000)
+    assert tab.plan_view.plan.layer_tile == 2048 and "set by you" in tab.plan_view.reasons["grad_checkpointing"].text()
+
+
 def _set_plan(tab, **values) -> None:
     for name, value in values.items():
         widget = tab.plan_view.inputs[name]

@@ -11,6 +11,7 @@ from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QGridLayout, QLabel, Q
                                QVBoxLayout, QWidget)
 
 from app.core.config import Plan, TrainConfig, field_help
+from app.core.plan.context import LAYER_TILE
 from app.core.units import gib
 from app.gui.widgets.controls import label
 
@@ -19,6 +20,23 @@ BASE_CHOICES = [(AUTO, "auto"), ("4-bit (QLoRA)", "4bit"), ("unquantised (LoRA)"
 # (config field, label, lowest, highest)
 INT_FIELDS = [("rank", "LoRA rank", 1, 512), ("seq_len", "Sequence length", 16, 131072),
               ("micro_batch", "Micro-batch", 1, 256), ("grad_accum", "Accumulation", 1, 1024)]
+
+
+# The checkpointing box: what each choice fixes in the TrainConfig (auto: nothing)
+CHECKPOINT_CHOICES = [(AUTO, None), ("on", {"grad_checkpointing": True}), ("off", {"grad_checkpointing": False}),
+                      ("on, long context", {"grad_checkpointing": True, "offload_checkpoints": True,
+                                            "layer_tile": LAYER_TILE})]
+LONG_CONTEXT_KEYS = ("offload_checkpoints", "mlp_tile", "layer_tile")
+
+
+def checkpointing_text(plan) -> str:
+    """"off", "on", or "on" and the long-context rungs the plan has."""
+    if not plan.grad_checkpointing:
+        return "off"
+    parts = ["on"] + (["inputs in RAM"] if plan.offload_checkpoints else []) + (
+        [f"MLP tiles of {plan.mlp_tile:,}"] if plan.mlp_tile else []) + (
+        [f"layer tiles of {plan.layer_tile:,}"] if plan.layer_tile else [])
+    return ", ".join(parts)
 
 
 class PlanView(QWidget):
@@ -64,8 +82,11 @@ class PlanView(QWidget):
             box.setValue(low - 1)
             box.valueChanged.connect(self.changed)
             rows.append((name, text, box, ""))
-        for name, text in (("grad_checkpointing", "Checkpointing"), ("packing", "Packing")):
-            rows.append((name, text, self._choices([(AUTO, None), ("on", None), ("off", None)]), ""))
+        rows.append(("grad_checkpointing", "Checkpointing", self._choices(CHECKPOINT_CHOICES),
+                     "auto: the planner turns checkpointing on, and for long sequences offloads the checkpoints "
+                     "to RAM and tiles the layers, only as far as the memory needs. "
+                     + field_help(TrainConfig, "layer_tile")))
+        rows.append(("packing", "Packing", self._choices([(AUTO, None), ("on", None), ("off", None)]), ""))
         rows.append(("quantize", "Base weights", self._choices(BASE_CHOICES), field_help(TrainConfig, "quantize")))
         for name, text in (("compute_dtype", "Precision"), ("attention", "Attention"), ("loss", "Loss"),
                            ("optimizer", "Optimizer")):
@@ -111,10 +132,10 @@ class PlanView(QWidget):
             box = self.inputs[name]
             if box.value() >= box.minimum() + 1:
                 values[name] = box.value()
-        for name in ("grad_checkpointing", "packing"):
-            choice = self.inputs[name].currentText()
-            if choice != AUTO:
-                values[name] = choice == "on"
+        values.update(self.inputs["grad_checkpointing"].currentData() or {})
+        choice = self.inputs["packing"].currentText()
+        if choice != AUTO:
+            values["packing"] = choice == "on"
         if self.inputs["quantize"].currentData() != "auto":
             values["quantize"] = self.inputs["quantize"].currentData()
         values["epochs"] = self.inputs["epochs"].value()
@@ -127,7 +148,7 @@ class PlanView(QWidget):
         self.plan = plan
         self.error.hide()
         shown = {"rank": plan.rank, "seq_len": plan.seq_len, "micro_batch": plan.micro_batch,
-                 "grad_accum": plan.grad_accum, "grad_checkpointing": "on" if plan.grad_checkpointing else "off",
+                 "grad_accum": plan.grad_accum, "grad_checkpointing": checkpointing_text(plan),
                  "packing": "on" if plan.batching == "packed" else "off", "loss": plan.loss,
                  "compute_dtype": plan.compute_dtype,
                  "quantize": "4-bit" if plan.quantize == "4bit" else "unquantised", "attention": plan.attention,
@@ -136,6 +157,8 @@ class PlanView(QWidget):
         for name, reason_label in self.reasons.items():
             key = {"epochs": "total_steps", "packing": "batching"}.get(name, name)
             reason = plan.reasons.get(key, "")
+            if name == "grad_checkpointing":  # and the long-context rungs that came with it
+                reason = "; ".join(plan.reasons[k] for k in (key, *LONG_CONTEXT_KEYS) if plan.reasons.get(k))
             value = shown.get(name, "")
             reason_label.setText(f"<b>{html.escape(str(value))}</b> {html.escape(reason)}" if value != "" else
                                  html.escape(reason))
