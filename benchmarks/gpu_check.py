@@ -334,22 +334,26 @@ def estimator(device: str):
 def long_context(device: str):
     """Issue 19's rungs, measured: the step's peak of Llama-3.1-8B's shape (4 of its 32 layers: the
     rungs change per-layer terms) at 16k and 32k tokens with checkpointing, then offloaded
-    checkpoints, then MLP tiles of 4,096, against the estimator; on the CPU the demo's shape at 2k."""
+    checkpoints, then MLP tiles of 4,096, then layer tiles of 2,048 (also at 64k), against the
+    estimator, with the two steps' time; on the CPU the demo's shape at 2k."""
     import torch
 
     from memory_calibration import measure
 
+    rungs = (("checkpointing", False, 0, 0), ("+ offloaded", True, 0, 0), ("+ MLP tiles", True, 4096, 0),
+             ("+ layer tiles", True, 0, 2048))
     if device == "cuda":
-        model_id, layers, lengths = "meta-llama/Llama-3.1-8B-Instruct", 4, (16384, 32768)
+        model_id, layers, lengths = "meta-llama/Llama-3.1-8B-Instruct", 4, (16384, 32768, 65536)
         dtype = "bfloat16" if torch.cuda.get_device_capability(0) >= (8, 0) else "float16"
     else:
         model_id, layers, lengths, dtype = "HuggingFaceTB/SmolLM2-135M-Instruct", 2, (2048,), "float32"
     rows = []
     for seq in lengths:
-        for rung, offload, tile in (("checkpointing", False, 0), ("+ offloaded", True, 0), ("+ MLP tiles", True, 4096)):
+        for rung, offload, tile, layer_tile in (rungs if seq < 65536 else rungs[-1:]):
             started = time.monotonic()
             r = measure(model_id, seq, 16, True, 1, device=device, dtype=dtype, warm_steps=1, loss="chunked",
-                        layers=layers, batching="packed", mlp_tile=min(tile, seq // 2), offload_checkpoints=offload)
+                        layers=layers, batching="packed", mlp_tile=min(tile, seq // 2), offload_checkpoints=offload,
+                        layer_tile=min(layer_tile, seq // 2))
             rows.append({"model": model_id.split("/")[-1], "layers": layers, "seq": seq, "rung": rung,
                          "measured GiB": round(r["peak_allocated"] / 2**30, 3),
                          "predicted GiB": round(r["peak_predicted"] / 2**30, 3),

@@ -7,11 +7,13 @@ are what the rungs change; the weights are not), 4-bit base, rank 16, fp32 compu
 of `--tokens` tokens, the fused loss, one warm-up step then the measured one. The step's peak is the
 allocator's own bookkeeping replayed from the torch profiler (memory_probe.PeakMemory).
 
-Rungs so far: plain; gradient checkpointing; checkpointing + the MLP over tiles of `--tile` tokens.
-Offloaded checkpoints come next (issue 19). Every run is appended to
-benchmarks/results/long_context-cpu.json and .md, never replaced.
+Rungs: plain; gradient checkpointing; checkpointing + the MLP over tiles of `--tile` tokens;
+checkpointing + each layer but attention over tiles of `--layer-tile` tokens (offloaded
+checkpoints are CUDA-only: on the CPU the input stays where it is, so the figures would be
+checkpointing's). Each row has the warm step's time (no profiler running), from the same run, side
+by side. Every run is appended to benchmarks/results/long_context-cpu.json and .md, never replaced.
 
-Usage: python benchmarks/long_context.py [--tokens 8192] [--layers 4] [--tile 1024]
+Usage: python benchmarks/long_context.py [--tokens 8192] [--layers 4] [--tile 1024] [--layer-tile 1024]
 """
 
 from __future__ import annotations
@@ -36,14 +38,19 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--tile", type=int, default=1024)
+    parser.add_argument("--layer-tile", type=int, default=1024)
     args = parser.parse_args()
-    rungs = [("plain", False, 0), ("checkpointing", True, 0), (f"checkpointing + MLP tiles of {args.tile}", True, args.tile)]
+    rungs = [("plain", False, 0, 0), ("checkpointing", True, 0, 0),
+             (f"checkpointing + MLP tiles of {args.tile}", True, args.tile, 0),
+             (f"checkpointing + layer tiles of {args.layer_tile}", True, 0, args.layer_tile)]
     rows = []
-    for name, checkpointing, tile in rungs:
+    for name, checkpointing, tile, layer_tile in rungs:
         started = time.perf_counter()
         row = measure(MODEL, args.tokens, 16, checkpointing, 1, device="cpu", dtype="float32", warm_steps=1,
-                      loss="chunked", layers=args.layers, batching="packed", lora_dropout=0.05, mlp_tile=tile)
+                      loss="chunked", layers=args.layers, batching="packed", lora_dropout=0.05, mlp_tile=tile,
+                      layer_tile=layer_tile)
         rows.append({"rung": name, "seconds_two_steps": round(time.perf_counter() - started, 1),
+                     "warm_step_seconds": row["warm_step_seconds"],
                      "step_bytes": row["step_bytes"], "step_predicted": row["step_predicted"],
                      "peak_allocated": row["peak_allocated"], "peak_predicted": row["peak_predicted"]})
         print(rows[-1], flush=True)
@@ -67,10 +74,12 @@ def write_markdown(history: dict) -> None:
         lines += [f"## Run {number}: {run['date']}, commit {run['commit']}", "",
                   f"{m['cpu']}, {m['cores']} cores, AVX-512 {'yes' if m['avx512f'] else 'no'}; "
                   f"{run['model']} shape, {run['layers']} layers, {run['tokens']:,} tokens", "",
-                  "| rung | step (measured) | step (predicted) | two steps took |", "|---|---|---|---|"]
+                  "| rung | step (measured) | step (predicted) | warm step | two steps and the model's build |",
+                  "|---|---|---|---|---|"]
         for r in run["rows"]:
+            warm = f"{r['warm_step_seconds']:.1f} s" if r.get("warm_step_seconds") else "not timed"
             lines.append(f"| {r['rung']} | {r['step_bytes'] / 2**20:,.0f} MiB | {r['step_predicted'] / 2**20:,.0f} MiB "
-                         f"| {r['seconds_two_steps']:.0f} s |")
+                         f"| {warm} | {r['seconds_two_steps']:.0f} s |")
         lines.append("")
     RESULTS.with_suffix(".md").write_text("\n".join(lines))
 
