@@ -73,7 +73,8 @@ def write_markdown(history: dict) -> None:
         m = run["machine"]
         lines += [f"## Run {number}: {run['date']}, commit {run['commit']}", "",
                   f"{m['cpu']}, {m['cores']} cores, AVX-512 {'yes' if m['avx512f'] else 'no'}; "
-                  f"{run['model']} shape, {run['layers']} layers, {run['tokens']:,} tokens", "",
+                  f"{run['model']} shape, {run['layers']} layers, {run['tokens']:,} tokens"
+                  + (f". Note: {run['note']}" if run.get("note") else ""), "",
                   "| rung | step (measured) | step (predicted) | warm step | two steps and the model's build |",
                   "|---|---|---|---|---|"]
         for r in run["rows"]:
