@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import app.core.train.trainer as trainer
+import app.core.train.failures as failures
 from app.core.runs import open_run
 from app.core.train.events import CheckpointSaved
 from app.core.train.trainer import resume_training
@@ -50,8 +50,8 @@ def test_a_really_full_disk_mid_checkpoint_keeps_the_last_good_one(tiny_model, c
     try:
         monkeypatch.setenv("TUNESMITH_HOME", str(mount / "home"))
         # let the check pass, so that the checkpoint itself meets the full disk
-        monkeypatch.setattr(trainer, "CHECKPOINT_SPACE_FACTOR", 0.0)
-        monkeypatch.setattr(trainer, "CHECKPOINT_SPACE_SLACK", 0)
+        monkeypatch.setattr(failures, "CHECKPOINT_SPACE_FACTOR", 0.0)
+        monkeypatch.setattr(failures, "CHECKPOINT_SPACE_SLACK", 0)
         filler = mount / "filler"
 
         def fill(event):

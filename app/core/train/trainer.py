@@ -9,7 +9,6 @@ what happened, and the model is released in a `finally` whatever the outcome.
 
 from __future__ import annotations
 
-import errno
 import json
 import threading
 import time
@@ -19,15 +18,15 @@ from typing import Callable
 
 from app.core.config import Plan, TrainConfig
 from app.core.data.batches import EpochBatches
-from app.core.errors import DiskFullError, RunError, UserError
+from app.core.errors import RunError
 from app.core.train.events import (CheckpointSaved, EvalMetrics, Event, LogLine, PlanAdjusted, RunFailed,
                                    RunFinished, RunStarted, StepMetrics)
 from app.core.models.resolve import remember_model
 from app.core.run_lock import RunLock
 from app.core.runs import Run, create_run, open_run
+from app.core.train.failures import check_checkpoint_space, failure_reason
 from app.core.train.oom import is_out_of_memory, next_backoff
 from app.core.train.prepare import Prepared, prepare_training, truncate
-from app.core.units import gib
 
 STATUS_EVERY_S = 1.0
 
@@ -260,7 +259,7 @@ class _Loop:
         self.run.write_status("running", eval_loss=eval_loss)
 
     def save(self) -> None:
-        _check_checkpoint_space(self.run, self.session)
+        check_checkpoint_space(self.run, self.session)
         path = self.run.checkpoint_path(self.step)
         self.session.save_checkpoint(path, {"step": self.step, "elapsed_s": self.elapsed(), "tokens": self.tokens,
                                             "last_loss": self.last_loss})
@@ -310,7 +309,7 @@ def _failed(run: Run, err: Exception, loop: _Loop | None, plan: Plan, session, o
     run then reads "interrupted", its lock gone, and resumes the same way)."""
     step, last_loss = (loop.step, loop.last_loss) if loop else (0, None)
     plan = loop.plan if loop else plan
-    reason = _failure_reason(err, step, plan, session, run)
+    reason = failure_reason(err, step, plan, session, run)
     for record in (lambda: run.log(traceback.format_exc()),
                    lambda: run.write_status("failed", step=step, last_loss=last_loss, reason=reason),
                    lambda: run.append_event(RunFailed(reason, step))):
@@ -329,66 +328,3 @@ def _epoch_batches(prepared: Prepared) -> EpochBatches:
 
 def _read_state(checkpoint) -> dict:
     return json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
-
-
-DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-CHECKPOINT_SPACE_FACTOR = 1.5  # the new checkpoint is written beside the last one, then renamed
-CHECKPOINT_SPACE_SLACK = 20_000_000  # status, metrics and log lines until the next check
-
-
-def _checkpoint_bytes(run: Run, session) -> int:
-    """About how much a checkpoint takes: the last one's size, else the LoRA weights with their
-    two fp32 moments (8-bit state is smaller) and a little for the rest."""
-    latest = run.latest_checkpoint()
-    if latest is not None:
-        return sum(p.stat().st_size for p in latest.rglob("*") if p.is_file())
-    return session.trainable_parameters * (4 + 8) + 1_000_000
-
-
-def _check_checkpoint_space(run: Run, session) -> None:
-    import shutil
-
-    needed = int(CHECKPOINT_SPACE_FACTOR * _checkpoint_bytes(run, session)) + CHECKPOINT_SPACE_SLACK
-    free = shutil.disk_usage(run.dir).free
-    if free < needed:
-        raise DiskFullError(f"disk full: a checkpoint needs about {needed / 1e9:.2f} GB free at {run.dir}, "
-                            f"there are {free / 1e9:.2f} GB; free some space, then resume (the last "
-                            "checkpoint is intact)")
-
-
-def _is_disk_full(err: BaseException | None) -> bool:
-    """ENOSPC / EDQUOT, also when a library wraps it (safetensors raises its own error type whose
-    message carries "No space left on device (os error 28)")."""
-    seen = 0
-    while err is not None and seen < 8:
-        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
-            return True
-        text = str(err)
-        if "No space left on device" in text or "Disk quota exceeded" in text:
-            return True
-        err, seen = err.__cause__ or err.__context__, seen + 1
-    return False
-
-
-def _failure_reason(err: Exception, step: int, plan: Plan, session, run: Run | None = None) -> str:
-    if isinstance(err, UserError):
-        return str(err)
-    if _is_disk_full(err):
-        needed = (f"about {CHECKPOINT_SPACE_FACTOR * _checkpoint_bytes(run, session) / 1e9:.2f} GB"
-                  if run is not None and session is not None else "more space")
-        where = getattr(err, "filename", None) or (run.dir if run is not None else "the run folder")
-        return (f"disk full at step {step} (needs {needed} free at {where}); free some space, then resume "
-                "(the last checkpoint is intact)")
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    if is_out_of_memory(err):
-        if session is None:
-            weights = plan.breakdown.get("quantized_weights", 0) + plan.breakdown.get("kept_weights", 0)
-            needs = f" (its weights need {gib(weights)})" if weights else ""
-            return (f"out of GPU memory loading the model{needs}; close other programs using the GPU "
-                    "or choose a smaller model")
-        if next_backoff(plan) is None:
-            return (f"out of GPU memory at step {step} even with checkpointing, micro-batch 1 and "
-                    f"{plan.seq_len} tokens; close other programs using the GPU, or choose a smaller model")
-        return (f"out of GPU memory at step {step}; lower the sequence length or the micro-batch, "
-                "or turn gradient checkpointing on")
-    return f"{type(err).__name__} at step {step}: {text[:200]} (details in train.log)"
