@@ -69,6 +69,9 @@ class TrainConfig(JsonRoundTrip):
     loss_kernel: str = _f("auto", "Fused loss: auto, cce (Cut Cross-Entropy), liger, or chunked (ours).")
     gpu: str = _f("", "Plan for this NVIDIA card (e.g. \"RTX 3060\") instead of the one in this machine; "
                       "on train it caps the memory to that card's.")
+    gpus: int = _f(1, "Train on this many GPUs of this machine, one process each (DDP: each a replica of the "
+                      "adapter, the micro-batches of a step shared out). On a machine without a GPU, that many "
+                      "CPU processes (gloo), the same code.")
     eval_every: int | None = _f(None, "Evaluate every N steps when there is validation data.")
     save_every: int | None = _f(None, "Save a checkpoint every N steps (and always on stop).")
     seed: int = _f(42, "Seed for data order, split and LoRA initialisation.")
@@ -107,6 +110,8 @@ class Plan(JsonRoundTrip):
     compute_dtype: str = _f("float32", "Dtype of the 4-bit layers' compute.")
     optimizer: str = _f("adamw_torch", "Optimizer implementation.")
     device: str = _f("cpu", "Where training runs.")
+    gpus: int = _f(1, "Processes training together (one per GPU; gloo processes on the CPU); each step's "
+                      "micro-batches are shared out, grad_accum is per process.")
     gpu: str = _f("", "The card the plan was made for (detected or named), empty on the CPU.")
     gpu_capability: str = _f("", "That card's CUDA compute capability, e.g. 8.9.")
     preset: str = _f("", "The memory preset the plan was made for.")

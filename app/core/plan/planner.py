@@ -67,6 +67,8 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     card = budget.card if budget else None
     (dtype, reasons["compute_dtype"]), (optimizer, reasons["optimizer"]) = device_settings(device, card)
     dropout = config.lora_dropout if lora_dropout is None else lora_dropout
+    if config.gpus > 1:
+        reasons["gpus"] = _gpus_reason(config.gpus, device, budget)
     max_positions = facts.max_positions if facts else None
     cap = min(budget.preset.context_cap if budget else 2048, max_positions or 1 << 30)
     wanted_seq, reasons["seq_len"] = _wanted_seq_len(config, stats, cap)
@@ -107,7 +109,7 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     return Plan(rank=rank, lora_alpha=alpha, seq_len=fit.seq_len, micro_batch=micro,
                 grad_accum=schedule.grad_accum, grad_checkpointing=fit.grad_checkpointing,
                 mlp_tile=fit.saving.mlp_tile, offload_checkpoints=fit.saving.offload_checkpoints,
-                layer_tile=fit.saving.layer_tile, batching=batching,
+                layer_tile=fit.saving.layer_tile, batching=batching, gpus=max(1, config.gpus),
                 loss=loss, attention=attention, quantize=quantize, total_steps=schedule.total_steps,
                 steps_per_epoch=schedule.steps_per_epoch, warmup_steps=schedule.warmup_steps,
                 eval_every=schedule.eval_every, save_every=schedule.save_every, compute_dtype=dtype,
@@ -167,14 +169,16 @@ def _schedule(config: TrainConfig, stats: LengthStats, lengths: list[int], fit: 
     micro_batches = micro_batches_per_epoch(lengths, shape, config.seed) if lengths else math.ceil(stats.count / micro)
     per_micro = sum(min(n, seq) for n in lengths) / max(1, micro_batches) if lengths else micro * mean_len
     reasons: dict[str, str] = {}
+    gpus = max(1, config.gpus)
     if config.grad_accum:
         accum, reasons["grad_accum"] = config.grad_accum, "set by you"
     else:
-        accum = max(1, min(16, round(TARGET_TOKENS_PER_STEP / max(1.0, per_micro))))
+        accum = max(1, min(16, round(TARGET_TOKENS_PER_STEP / max(1.0, per_micro) / gpus)))
         unit = (f"packed rows of ~{per_micro:.0f} tokens" if batching == "packed" else
                 f"batches of {micro} x ~{mean_len} tokens")
-        reasons["grad_accum"] = f"about {TARGET_TOKENS_PER_STEP} tokens per optimizer step ({accum} {unit})"
-    steps_per_epoch = max(1, math.ceil(micro_batches / accum))
+        reasons["grad_accum"] = f"about {TARGET_TOKENS_PER_STEP} tokens per optimizer step ({accum} {unit}" + (
+            f" in each of {gpus} processes)" if gpus > 1 else ")")
+    steps_per_epoch = max(1, math.ceil(micro_batches / (accum * gpus)))
     if config.max_steps:
         total, reasons["total_steps"] = config.max_steps, "set by you (--max-steps)"
     else:
@@ -184,6 +188,28 @@ def _schedule(config: TrainConfig, stats: LengthStats, lengths: list[int], fit: 
     eval_every = (config.eval_every or max(1, total // 10)) if has_validation else 0
     save_every = config.save_every or max(1, min(200, total // 10))
     return _Schedule(accum, steps_per_epoch, total, warmup, eval_every, save_every, reasons)
+
+
+def _gpus_reason(gpus: int, device: str, budget: Budget | None) -> str:
+    """Why and how `gpus` processes train; ConfigError when this machine cannot run them."""
+    import os
+
+    if device != "cuda":
+        cores = os.cpu_count() or 1
+        if gpus > cores:
+            raise ConfigError(f"--gpus {gpus}: no GPU here, and this CPU has {cores} cores for {gpus} processes; "
+                              f"use --gpus {cores} or fewer")
+        return (f"{gpus} processes on the CPU (gloo): the multi-GPU code path, to try it; "
+                "not faster than one process here")
+    if budget is not None and budget.card is None:  # this machine's cards, not a card named for planning
+        from app.core import host
+
+        found = len(host.gpus().gpus)
+        if 0 < found < gpus:
+            raise ConfigError(f"--gpus {gpus}: this machine has {found} GPU{'s' * (found != 1)}; "
+                              f"use --gpus {found} or fewer")
+    return (f"DDP over {gpus} GPUs: each card holds the whole model and adapter (the memory plan is per "
+            "card), each step's micro-batches are shared out")
 
 
 def validate_config(config: TrainConfig) -> None:
@@ -200,6 +226,7 @@ def validate_config(config: TrainConfig) -> None:
         (0 <= config.warmup_ratio < 1, "warmup ratio must be from 0 to below 1"),
         (config.max_grad_norm > 0, "max grad norm must be above 0"),
         (0 <= config.lora_dropout < 1, "LoRA dropout must be from 0 to below 1"),
+        (config.gpus >= 1, "--gpus must be at least 1"),
         (config.mlp_tile == 0 or config.mlp_tile >= 16, "--mlp-tile is tokens per tile: 0 (off) or at least 16"),
         (config.layer_tile == 0 or config.layer_tile >= 16, "--layer-tile is tokens per tile: 0 (off) or at least 16"),
         (config.grad_checkpointing is not False or not (config.offload_checkpoints or config.layer_tile),

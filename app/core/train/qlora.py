@@ -28,7 +28,7 @@ from app.core.train.tiled_mlp import tile_mlps
 class QLoraSession:
     """Owns the model and optimizer of one run for as long as it trains."""
 
-    def __init__(self, prepared: Prepared):
+    def __init__(self, prepared: Prepared, ranks=None):
         import torch
         from peft import LoraConfig, get_peft_model
         from transformers import get_cosine_schedule_with_warmup
@@ -36,7 +36,7 @@ class QLoraSession:
         from app.core.models.load import load_base_model
 
         config = prepared.config
-        self.config = config
+        self.config, self.ranks = config, ranks  # ranks: this worker's place in a run on several (distributed.py)
         self.device = torch.device(prepared.plan.device)
         self.pad_id = prepared.tokenizer.pad_token_id
         checked = self_test(prepared.plan, prepared.model.arch, self.device)
@@ -110,14 +110,17 @@ class QLoraSession:
         import torch
 
         tensors = [self.collate(batch) for batch in batches]
-        targets = max(1, sum(batch.trained_tokens for batch in tensors))
+        targets = max(1, sum(batch.trained_tokens for batch in tensors))  # the whole step's, on every rank
         loss_total, tokens = 0.0, 0
-        for batch in tensors:
+        for batch in (self.ranks.share(tensors) if self.ranks else tensors):
             loss_sum = self.loss_sum(batch)
             scaled = loss_sum / targets
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_total += float(loss_sum.detach())
             tokens += batch.real_tokens
+        if self.ranks:  # each rank's share summed: one process's gradient over the whole step
+            self.ranks.sum_gradients(self.params)
+            loss_total, tokens = self.ranks.sum(loss_total, tokens)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
@@ -153,9 +156,12 @@ class QLoraSession:
 
     # -- persistence ---------------------------------------------------------------------------
     def save_checkpoint(self, path: Path, state: dict) -> None:
-        """Adapter, optimizer, schedule, RNG and loop state, written in one piece."""
+        """Adapter, optimizer, schedule, RNG and loop state, written in one piece (by rank 0 of a run
+        on several processes, the others waiting: every rank holds the same state)."""
         import torch
 
+        if self._not_the_writer():
+            return
         with staged_dir(path, replace=True) as tmp:
             self.model.save_pretrained(tmp)
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
@@ -168,6 +174,8 @@ class QLoraSession:
             torch.save(rng, tmp / "rng.pt")
             write_json(tmp / "state.json", {**state, "manifest": True})
             write_manifest(tmp)  # flushed to disk, sizes and checksums: see Run.checkpoints
+        if self.ranks:
+            self.ranks.barrier()
 
     def restore(self, path: Path) -> None:
         """Continue exactly where the checkpoint at `path` left off."""
@@ -189,9 +197,20 @@ class QLoraSession:
 
     def save_adapter(self, path: Path, tokenizer) -> None:
         """The final PEFT adapter (safetensors + adapter_config.json) with the tokenizer."""
+        if self._not_the_writer():
+            return
         with staged_dir(path, replace=True) as tmp:
             self.model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+        if self.ranks:
+            self.ranks.barrier()
+
+    def _not_the_writer(self) -> bool:
+        """True on ranks other than 0, after waiting for rank 0 to write."""
+        if self.ranks is None or self.ranks.main:
+            return False
+        self.ranks.barrier()
+        return True
 
     def release(self) -> None:
         """Free the model and optimizer, and the GPU memory they held."""

@@ -58,7 +58,25 @@ def train_prepared(prepared: Prepared, on_event: Callable[[Event], None] | None 
     """Create a run folder for checked data and a plan (from `prepare_training`), and train."""
     run = create_run(prepared.config, prepared.plan, prepared.data_info)
     remember_model(prepared.model)
-    return _train(run, prepared, on_event or (lambda event: None), stop or threading.Event())
+    return _train_here_or_on_workers(run, prepared, on_event or (lambda event: None), stop or threading.Event())
+
+
+def train_worker(run: Run, prepared: Prepared, ranks, stop) -> RunResult:
+    """One worker's part of a run on several processes (worker.py): `ranks` says which."""
+    return _train(run, prepared, lambda event: None, stop, ranks)
+
+
+def _train_here_or_on_workers(run: Run, prepared: Prepared, on_event, stop) -> RunResult:
+    """In this process, or on the plan's processes (launch.py), this one holding the run's lock."""
+    if prepared.plan.gpus <= 1:
+        return _train(run, prepared, on_event, stop)
+    from app.core.train.launch import run_workers
+
+    try:
+        return run_workers(run, prepared.plan.gpus, on_event, stop)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
 
 
 def resume_training(ref: str, on_event: Callable[[Event], None] | None = None,
@@ -88,7 +106,7 @@ def resume_training(ref: str, on_event: Callable[[Event], None] | None = None,
     except BaseException:
         run.lock.release()
         raise
-    return _train(run, prepared, on_event, stop or threading.Event())
+    return _train_here_or_on_workers(run, prepared, on_event, stop or threading.Event())
 
 
 def consent_needed(config: TrainConfig, trust_remote_code: bool, allow_pickle: bool) -> list[str]:
@@ -98,7 +116,8 @@ def consent_needed(config: TrainConfig, trust_remote_code: bool, allow_pickle: b
             if asked and not given]
 
 
-def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop: threading.Event) -> RunResult:
+def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop: threading.Event,
+           ranks=None) -> RunResult:
     """Load, restore, train to the planned step (or until `stop`), save; every outcome ends as an
     honest status in the run folder and a RunResult, and the model and the run's lock are released."""
     from app.core.train.qlora import QLoraSession
@@ -109,7 +128,7 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
         plan = prepared.plan
         storage = "in 4-bit" if plan.quantize == "4bit" else f"unquantised ({plan.compute_dtype})"
         emit(LogLine(f"Loading {prepared.model.name} {storage} on {plan.device}"))
-        session = QLoraSession(prepared)
+        session = QLoraSession(prepared, ranks)
         prepared = _adopt_self_test(run, prepared, session, emit)
         loop = _Loop.start(run, prepared, session, emit)
         while loop.step < loop.plan.total_steps:

@@ -1,0 +1,137 @@
+"""A run on several processes (app/core/train/launch.py, worker.py, distributed.py): torchrun starts
+two gloo workers on this CPU machine, the same code that runs one worker per GPU (no GPU here:
+NCCL and the cards' own memory are for the GPU check). Real steps of the tiny 4-bit model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from app.core.config import TrainConfig
+from app.core.runs import Run, read_history
+from app.core.train.events import RunFailed, StepMetrics
+from app.core.train.trainer import resume_training, run_training
+
+
+def config(model, data, gpus: int, accum: int, steps: int = 6, save_every: int = 100) -> TrainConfig:
+    return TrainConfig(model=str(model), data=str(data), seq_len=128, micro_batch=2, grad_accum=accum, lr=5e-3,
+                       max_steps=steps, save_every=save_every, lora_dropout=0.0, quantize="4bit", gpus=gpus)
+
+
+def adapter(result) -> dict:
+    return load_file(str(Path(result.adapter_dir) / "adapter_model.safetensors"))
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_two_processes_train_the_adapter_one_process_does_with_double_accumulation(tiny_model, chat_data,
+                                                                                      tunesmith_home):
+    events = []
+    two = run_training(config(tiny_model, chat_data, gpus=2, accum=1), events.append)
+    one = run_training(config(tiny_model, chat_data, gpus=1, accum=2))
+    assert two.status == one.status == "finished", (two.reason, one.reason)
+    run = Run(two.run_dir)
+    assert run.plan().gpus == 2 and "2 processes on the CPU (gloo)" in run.plan().reasons["gpus"]
+    assert read_history(run).losses == pytest.approx(read_history(Run(one.run_dir)).losses, rel=1e-5)
+    assert [e.step for e in events if isinstance(e, StepMetrics)] == [1, 2, 3, 4, 5, 6]  # followed live
+    trained, reference = adapter(two), adapter(one)
+    assert max(float(v.abs().max()) for k, v in reference.items() if "lora_B" in k) > 0.01  # it learned
+    assert max_difference(trained, reference) < 1e-5
+    assert "Training on 2 processes" in (Path(two.run_dir) / "train.log").read_text()
+
+
+def test_a_stop_reaches_every_worker_and_resume_finishes_the_same_adapter(tiny_model, chat_data, tunesmith_home):
+    stop = threading.Event()
+    stopped = run_training(config(tiny_model, chat_data, gpus=2, accum=1, steps=60),
+                           lambda e: stop.set() if isinstance(e, StepMetrics) and e.step >= 3 else None, stop)
+    assert stopped.status == "stopped" and 3 <= stopped.step < 60, stopped.reason
+    assert Run(stopped.run_dir).verified_checkpoint().name.endswith(str(stopped.step))  # saved where it stopped
+    finished = resume_training(stopped.run_dir)
+    assert finished.status == "finished" and finished.step == 60, finished.reason
+    straight = run_training(config(tiny_model, chat_data, gpus=1, accum=2, steps=60))
+    assert max_difference(adapter(finished), adapter(straight)) < 1e-4
+
+
+def _worker_pid(run_dir: Path, rank: int) -> int | None:
+    """The pid of the worker of `run_dir` with this rank (from /proc: our own processes)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"app.core.train.worker" in command and str(run_dir).encode() in command \
+                and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through /proc")
+def test_a_killed_worker_fails_the_run_with_the_reason_and_resume_finishes_it(tiny_model, chat_data,
+                                                                              tunesmith_home, monkeypatch):
+    from app.core.train import launch
+
+    runs, killed, events = [], [], []
+    original = launch.run_workers
+    monkeypatch.setattr(launch, "run_workers", lambda run, *args: runs.append(run.dir) or original(run, *args))
+
+    def on_event(event):
+        events.append(event)
+        if isinstance(event, StepMetrics) and event.step >= 6 and not killed:  # a checkpoint at step 5 exists
+            pid = _worker_pid(runs[0], 1)
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(event.step)
+
+    failed = run_training(config(tiny_model, chat_data, gpus=2, accum=1, steps=60, save_every=5), on_event)
+    assert killed, "the run ended before the test could kill a worker"
+    assert failed.status == "failed" and Run(failed.run_dir).raw_status()["status"] == "failed"
+    assert failed.reason.startswith("worker 1 died (killed by SIGKILL)") and "Resume continues" in failed.reason
+    assert any(isinstance(e, RunFailed) for e in events)
+    assert Run(failed.run_dir).verified_checkpoint() is not None
+    finished = resume_training(failed.run_dir)
+    assert finished.status == "finished" and finished.step == 60, finished.reason
+    straight = run_training(config(tiny_model, chat_data, gpus=1, accum=2, steps=60))
+    assert max_difference(adapter(finished), adapter(straight)) < 1e-4
+
+
+def test_the_cli_trains_on_two_processes_and_says_so(tiny_model, chat_data, tunesmith_home, capsys):
+    from app import cli
+
+    assert cli.main(["train", "--model", str(tiny_model), "--data", str(chat_data), "--gpus", "2",
+                     "--max-steps", "2", "--seq-len", "128", "--batch", "2", "--quantize", "4bit"]) == 0
+    out = capsys.readouterr()
+    assert "Training on 2 processes (2 processes on the CPU (gloo)" in out.out + out.err
+    assert cli.main(["plan", "--model", str(tiny_model), "--gpus", "64"]) == 2
+    assert "--gpus 64: no GPU here" in capsys.readouterr().err
+
+
+def test_gradients_of_ranks_without_a_micro_batch_count_as_zeros():
+    """Ranks.sum_gradients with one process (gloo, world 1): None gradients become zeros."""
+    import torch.distributed as dist
+
+    from app.core.train.distributed import Ranks
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29731")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))
+        a.grad = torch.tensor([1.0, 2.0, 3.0])
+        Ranks(0, 1, 0).sum_gradients([a, b])
+        assert a.grad.tolist() == [1.0, 2.0, 3.0] and b.grad.abs().sum() == 0
+        assert Ranks(0, 1, 0).share(list(range(5))) == [0, 1, 2, 3, 4]
+        assert Ranks(1, 2, 1).share(list(range(5))) == [1, 3]
+    finally:
+        dist.destroy_process_group()
