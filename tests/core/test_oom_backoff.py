@@ -113,3 +113,18 @@ def test_out_of_memory_while_evaluating_backs_off_and_training_goes_on(tiny_mode
     assert "Out of GPU memory evaluating at step 2" in adjusted[0].message
     assert seen == [False, True, True]  # failed once, then evaluated at steps 2 and 4
     assert open_run(result.run_id).plan().grad_checkpointing
+
+
+def test_a_run_on_several_gpus_does_not_back_off_alone_and_says_so():
+    """One rank changing its plan alone would leave the others in a collective: no back-off, and
+    a reason that says what to change (no GPU here: the error is torch's own OOM type)."""
+    import torch
+
+    from app.core.config import Plan
+    from app.core.train.failures import failure_reason
+    from app.core.train.oom import next_backoff
+
+    plan = Plan(gpus=2, grad_checkpointing=False, micro_batch=4, seq_len=1024)
+    assert next_backoff(plan) is None and next_backoff(Plan(gpus=1)) is not None
+    reason = failure_reason(torch.OutOfMemoryError("CUDA out of memory"), 3, plan, session=object())
+    assert reason.startswith("out of GPU memory at step 3 on one of 2 GPUs") and "--seq-len" in reason

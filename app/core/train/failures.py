@@ -66,6 +66,10 @@ def failure_reason(err: Exception, step: int, plan: Plan, session, run: Run | No
             needs = f" (its weights need {gib(weights)})" if weights else ""
             return (f"out of GPU memory loading the model{needs}; close other programs using the GPU "
                     "or choose a smaller model")
+        if plan.gpus > 1:
+            return (f"out of GPU memory at step {step} on one of {plan.gpus} GPUs (with several GPUs the plan "
+                    "does not back off yet); start again with a shorter --seq-len, a smaller --batch or "
+                    "--grad-checkpointing")
         if next_backoff(plan) is None:
             return (f"out of GPU memory at step {step} even with checkpointing, micro-batch 1 and "
                     f"{plan.seq_len} tokens; close other programs using the GPU, or choose a smaller model")

@@ -24,7 +24,11 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 def next_backoff(plan: Plan) -> tuple[Plan, str, str] | None:
-    """(the changed plan, what changed, a sentence for the log), or None when nothing is left."""
+    """(the changed plan, what changed, a sentence for the log), or None when nothing is left, or
+    for a run on several processes (one rank changing its plan alone would leave the others
+    waiting in a collective: the run fails with the reason instead)."""
+    if plan.gpus > 1:
+        return None
     if not plan.grad_checkpointing:
         return (replace(plan, grad_checkpointing=True), "grad_checkpointing",
                 "turned gradient checkpointing on")
