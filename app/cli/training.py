@@ -150,7 +150,10 @@ def cmd_plan(args) -> int:
                      what.format(lora_params=plan.breakdown.get("lora_params", 0))))
     rows.append(("peak", gib(plan.predicted_peak_bytes), f"of {gib(budget.usable_bytes)} usable"))
     if plan.breakdown.get("host_offload"):
-        rows.append(("in host RAM", gib(plan.breakdown["host_offload"]), "offloaded checkpoints (pinned), beside the card"))
+        what = ("the FSDP shards of weights, LoRA and optimizer state" if plan.strategy == "fsdp-offload" else "")
+        what += (" and " if what and plan.offload_checkpoints else "") + (
+            "offloaded checkpoints (pinned)" if plan.offload_checkpoints else "")
+        rows.append(("in host RAM", gib(plan.breakdown["host_offload"]), f"{what}, beside the card"))
     print_table(rows)
     return 0
 

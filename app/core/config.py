@@ -112,6 +112,8 @@ class Plan(JsonRoundTrip):
     device: str = _f("cpu", "Where training runs.")
     gpus: int = _f(1, "Processes training together (one per GPU; gloo processes on the CPU); each step's "
                       "micro-batches are shared out, grad_accum is per process.")
+    strategy: str = _f("", "With several GPUs: ddp (each card a replica), fsdp (the weights sharded over the "
+                           "cards), fsdp-offload (the shards in host RAM); empty for one process.")
     gpu: str = _f("", "The card the plan was made for (detected or named), empty on the CPU.")
     gpu_capability: str = _f("", "That card's CUDA compute capability, e.g. 8.9.")
     preset: str = _f("", "The memory preset the plan was made for.")

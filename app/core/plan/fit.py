@@ -36,18 +36,21 @@ class Fit:
     micro_batch: int
     estimate: MemoryEstimate
     saving: Saving = Saving()  # checkpointing and the long-context rungs it climbed (context.py)
+    shards: int = 1  # FSDP over this many cards (1: each card a whole replica, or one card)
+    offload_params: bool = False  # FSDP's shards in host RAM
 
 
 def choose_fit(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budget: Budget, wanted_seq: int,
                dtype: str, optimizer: str, dropout: bool, seq_reason: str, loss: str = "plain",
-               attention: str = "", quantize: str = "4bit") -> tuple[Fit, dict[str, str]]:
+               attention: str = "", quantize: str = "4bit", shards: int = 1,
+               offload_params: bool = False) -> tuple[Fit, dict[str, str]]:
     """The fastest, longest-context settings whose predicted peak fits `budget`, and why each of
     them (`seq_reason`: why the wanted length, kept unless the fit is shorter)."""
     def estimate(seq: int, rank: int, saving: Saving, micro: int) -> MemoryEstimate:
         return estimate_memory(facts, MemorySetup(
             rank=rank, seq_len=seq, micro_batch=micro, compute_dtype=dtype, optimizer=optimizer,
             device=budget.device, lora_dropout=dropout, loss=loss, attention=attention, quantize=quantize,
-            **asdict(saving)))
+            shards=shards, offload_params=offload_params, **asdict(saving)))
 
     seqs = [config.seq_len] if config.seq_len else _shorter_seqs(wanted_seq, stats)
     trained_tokens = stats.total
@@ -59,7 +62,7 @@ def choose_fit(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budget
     else:
         ranks = [DEFAULT_RANK, *LOWER_RANKS]
     ckpts = savings_to_try(config, budget.device)
-    host_free = _HostRam()
+    host_free = _HostRam(checked=not (budget.card is not None and budget.card.source == "catalogue"))
     covering = 2 if len(seqs) > 1 and seqs[1] == round_up(stats.p95) else 1  # p99 and p95
 
     def fits():
@@ -72,7 +75,7 @@ def choose_fit(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budget
                 for micro in micros:
                     guess = estimate(seq, rank, saving, micro)
                     if guess.peak <= budget.usable_bytes and host_free.holds(guess.host_offload):
-                        yield Fit(seq, rank, saving.grad_checkpointing, micro, guess, saving)
+                        yield Fit(seq, rank, saving.grad_checkpointing, micro, guess, saving, shards, offload_params)
 
     fit = next(fits(), None)
     if fit is None and host_free.short:
@@ -102,13 +105,15 @@ def savings_to_try(config: TrainConfig, device: str) -> list[Saving]:
 
 class _HostRam:
     """This machine's available RAM, read once and only when an offloading plan asks; `short`:
-    the least host RAM a plan that fitted the card lacked (0: none did)."""
+    the least host RAM a plan that fitted the card lacked (0: none did). Not `checked` for a plan
+    for a card named from the catalogue: that machine's RAM is not this one's (the plan says how
+    much it needs)."""
 
-    def __init__(self):
-        self.free, self.short = None, 0
+    def __init__(self, checked: bool = True):
+        self.free, self.short, self.checked = None, 0, checked
 
     def holds(self, needed: int) -> bool:
-        if not needed:
+        if not needed or not self.checked:
             return True
         if self.free is None:
             from app.core import host

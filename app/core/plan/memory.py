@@ -96,6 +96,10 @@ DEQUANTISED_COPIES = {"cpu": 1, "cuda": 2}
 # GPU calibration grid fits it).
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)
 ALLOCATOR_SLACK = 0.08
+# FSDP (the weights sharded over the cards): each card keeps its share of the weights, LoRA weights,
+# gradients and optimizer state, and gathers one layer's weights whole while it runs, prefetching
+# the next (torch FSDP's default), and the lm_head for the loss. Not yet measured: no FSDP run yet.
+FSDP_GATHERED_LAYERS = 2
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,8 @@ class MemorySetup:
     mlp_tile: int = 0  # tokens per MLP tile (train/tiled_mlp.py), 0: the MLP over the whole sequence
     offload_checkpoints: bool = False  # checkpointed layers' inputs in host RAM (train/offload.py; CUDA only)
     layer_tile: int = 0  # tokens per tile of the checkpointed layers (train/tiled_layer.py), 0: untiled
+    shards: int = 1  # FSDP: weights, LoRA and optimizer state sharded over this many cards (1: not sharded)
+    offload_params: bool = False  # FSDP's CPU offload: those shards in host RAM, gathered to the card when used
     compute_dtype: str = "bfloat16"
     optimizer: str = "paged_adamw_8bit"
     device: str = "cuda"
@@ -133,17 +139,18 @@ class MemoryEstimate:
     runtime_overhead: int
     lora_params: int
     host_offload: int = 0  # offloaded checkpoints: bytes in host RAM, not on the card (not in `peak`)
+    gathered: int = 0  # FSDP: weights gathered whole from the other cards while they are used
 
     @property
     def peak(self) -> int:
         return (self.quantized_weights + self.kept_weights + self.lora_weights + self.lora_gradients
                 + self.optimizer_state + self.activations + self.logits + self.transient
-                + self.runtime_overhead)
+                + self.runtime_overhead + self.gathered)
 
     def rows(self) -> list[tuple[str, int, str]]:
-        """(component, bytes, what it is) for tables and the GUI's breakdown."""
+        """(component, bytes, what it is) for tables and the GUI's breakdown (FSDP's row only when sharded)."""
         return [(label, getattr(self, name), what.format(lora_params=self.lora_params))
-                for name, label, what in COMPONENTS]
+                for name, label, what in COMPONENTS if name != "gathered" or self.gathered]
 
     def to_dict(self) -> dict:
         """Bytes by component name, the peak, and the LoRA parameter count."""
@@ -162,6 +169,7 @@ COMPONENTS = [
     ("logits", "logits and loss", "fp32 logits, softmax and gradient (one chunk at a time when fused)"),
     ("transient", "dequantised weights", "the largest layer unpacked for a matmul, beyond the loss phase"),
     ("runtime_overhead", "CUDA context, allocator", "outside PyTorch's tensors"),
+    ("gathered", "gathered weights (FSDP)", "layers gathered whole from the other cards, and the lm_head"),
 ]
 
 
@@ -242,14 +250,30 @@ def estimate_memory(facts: ArchFacts, setup: MemorySetup) -> MemoryEstimate:
         host = 0
         activations = tokens * facts.layers * per_layer_kept + RECOMPUTE_FACTOR[gpu] * one_tile + masks
         transient = max(0.0, max(down, up_moment) - logits)  # never beside the loss phase
-    varying = activations + logits + transient
+    gathered = _fsdp_gathered(facts, setup, quantized, lora, element) if setup.shards > 1 else 0
+    varying = activations + logits + transient + gathered
     overhead = CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK * varying if setup.device == "cuda" else 0
+    optimizer_state = lora * OPTIMIZER_BYTES_PER_PARAM.get(setup.optimizer, 8.0)
+    static = {"quantized_weights": quantized * NF4_BYTES_PER_PARAM, "kept_weights": kept * element,
+              "lora_weights": lora * LORA_BYTES_PER_PARAM, "lora_gradients": lora * LORA_BYTES_PER_PARAM,
+              "optimizer_state": optimizer_state}
+    if setup.offload_params:  # FSDP's CPU offload: every card's share in the one machine's RAM
+        host += sum(static.values())
+        static = dict.fromkeys(static, 0)
+    share = max(1, setup.shards)  # FSDP: each card keeps its share of what is not per token
     return MemoryEstimate(
-        quantized_weights=int(quantized * NF4_BYTES_PER_PARAM), kept_weights=kept * element,
-        lora_weights=lora * LORA_BYTES_PER_PARAM, lora_gradients=lora * LORA_BYTES_PER_PARAM,
-        optimizer_state=int(lora * OPTIMIZER_BYTES_PER_PARAM.get(setup.optimizer, 8.0)),
+        **{name: int(value / share) for name, value in static.items()},
         activations=int(activations), logits=int(logits), transient=int(transient),
-        runtime_overhead=int(overhead), lora_params=lora, host_offload=int(host))
+        runtime_overhead=int(overhead), lora_params=lora, host_offload=int(host), gathered=int(gathered))
+
+
+def _fsdp_gathered(facts: ArchFacts, setup: MemorySetup, quantized: int, lora: int, element: int) -> float:
+    """Bytes a card holds gathered from the others under FSDP: FSDP_GATHERED_LAYERS layers whole
+    (their 4-bit weights, 16-bit norms and fp32 LoRA weights; MoE experts stay 16-bit) and the
+    lm_head for the loss (in the compute dtype). Both counted together: errs high."""
+    layer = ((quantized * NF4_BYTES_PER_PARAM + (facts.total_params - quantized - 2 * facts.vocab * facts.hidden)
+              * element) / facts.layers + lora * LORA_BYTES_PER_PARAM / facts.layers)
+    return FSDP_GATHERED_LAYERS * max(0.0, layer) + facts.vocab * facts.hidden * element
 
 
 def _checkpointed_inputs(facts: ArchFacts, setup: MemorySetup, tokens: int, element: int, gpu: str) -> tuple[int, int]:

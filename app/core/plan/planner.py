@@ -24,6 +24,7 @@ from app.core.plan.context import Saving
 from app.core.plan.fit import DEFAULT_RANK, MICRO_BATCHES, TARGET_TOKENS_PER_STEP, Fit, choose_fit, round_up
 from app.core.plan.kernel_choice import OPTIMIZER_LABELS, choose_attention, choose_loss
 from app.core.plan.presets import Budget
+from app.core.plan.sharding import four_bit_fit, strategy_of
 from app.core.train.kernels import fused_loss_support, packing_support
 from app.core.units import gib
 
@@ -110,6 +111,7 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
                 grad_accum=schedule.grad_accum, grad_checkpointing=fit.grad_checkpointing,
                 mlp_tile=fit.saving.mlp_tile, offload_checkpoints=fit.saving.offload_checkpoints,
                 layer_tile=fit.saving.layer_tile, batching=batching, gpus=max(1, config.gpus),
+                strategy=strategy_of(fit, config.gpus),
                 loss=loss, attention=attention, quantize=quantize, total_steps=schedule.total_steps,
                 steps_per_epoch=schedule.steps_per_epoch, warmup_steps=schedule.warmup_steps,
                 eval_every=schedule.eval_every, save_every=schedule.save_every, compute_dtype=dtype,
@@ -253,7 +255,7 @@ def _choose_base(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budg
         except PlanError as error:
             raise PlanError(f"{error}; or keep the base in 4 bits (--quantize 4bit or auto)") from None
         return fit, "none", {**reasons, "quantize": f"unquantised ({_dtype_name(dtype)}): set by you"}
-    four, four_reasons = choose_fit(*args, "4bit")
+    four, four_reasons = four_bit_fit(choose_fit, args, config.gpus, budget.device)
     if config.quantize == "4bit":
         return four, "4bit", {**four_reasons, "quantize": "4-bit NF4 (QLoRA): set by you"}
     usable = budget.usable_bytes

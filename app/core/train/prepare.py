@@ -23,6 +23,7 @@ from app.core.models.facts import ModelFacts
 from app.core.models.resolve import resolve_model
 from app.core.plan.planner import plan_run, validate_config
 from app.core.plan.presets import training_budget
+from app.core.plan.sharding import refuse_untrainable
 
 
 @dataclass
@@ -69,6 +70,7 @@ def prepare_training(config: TrainConfig, log: Callable[[str], None] = lambda m:
     if plan is None:
         plan = plan_run(config, stats, lengths, bool(val_set), model.arch,
                         budget)
+        refuse_untrainable(plan)
     train, truncated, dropped = truncate(train_set, plan.seq_len)
     val, _, _ = truncate(val_set, plan.seq_len)
     if not train:

@@ -1,0 +1,60 @@
+"""Models bigger than one card (app/core/plan/sharding.py): the planner gives every card a replica
+(DDP) while the 4-bit model fits one, shards it (FSDP-QLoRA) when it does not, and keeps the shards
+in host RAM as the last rung; a one-card refusal says how many cards would hold it. Planned only:
+FSDP training is refused in one line, and its estimate terms are not measured (no FSDP run yet)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from app.core.config import Plan, TrainConfig
+from app.core.errors import ConfigError, PlanError
+from app.core.models.catalog import model_facts
+from app.core.plan.memory import GIB, MemorySetup, estimate_memory
+from app.core.plan.preview import preview_plan
+from app.core.plan.sharding import refuse_untrainable
+
+LLAMA_70B = model_facts("Llama-3.1-70B-Instruct").arch
+
+
+def test_llama_70b_on_two_3090s_is_planned_as_fsdp_qlora_under_24_gb_a_card():
+    preview = preview_plan(TrainConfig(model="Llama-3.1-70B-Instruct", gpus=2, gpu="RTX 3090"))
+    plan = preview.plan
+    assert plan.gpus == 2 and plan.strategy.startswith("fsdp")
+    assert plan.predicted_peak_bytes <= preview.budget.usable_bytes < 24 * GIB
+    assert plan.reasons["gpus"].startswith("FSDP-QLoRA over 2 cards") and "cannot train with FSDP yet" in \
+        plan.reasons["gpus"]
+    assert plan.breakdown["gathered"] > 0
+
+
+def test_on_one_3090_it_does_not_fit_and_the_refusal_says_what_would():
+    with pytest.raises(PlanError, match=r"2 such cards would hold it sharded \(--gpus 2: FSDP-QLoRA"):
+        preview_plan(TrainConfig(model="Llama-3.1-70B-Instruct", gpu="RTX 3090"))
+
+
+def test_a_model_that_fits_one_card_gets_a_replica_on_each():
+    one = preview_plan(TrainConfig(model="Llama-3.1-8B-Instruct", gpu="RTX 4090")).plan
+    two = preview_plan(TrainConfig(model="Llama-3.1-8B-Instruct", gpu="RTX 4090", gpus=2)).plan
+    assert (one.strategy, two.strategy) == ("", "ddp") and two.reasons["gpus"].startswith("DDP over 2 GPUs")
+    assert two.breakdown["gathered"] == 0 and two.breakdown["quantized_weights"] == one.breakdown["quantized_weights"]
+
+
+def test_sharding_divides_what_is_not_per_token_and_offload_moves_it_to_host_ram():
+    setup = MemorySetup(seq_len=1024, grad_checkpointing=True, loss="chunked", attention="tunesmith_packed_flash")
+    whole, halves = estimate_memory(LLAMA_70B, setup), estimate_memory(LLAMA_70B, replace(setup, shards=2))
+    for part in ("quantized_weights", "kept_weights", "lora_weights", "lora_gradients", "optimizer_state"):
+        assert abs(getattr(halves, part) - getattr(whole, part) / 2) <= 1, part
+    assert halves.activations == whole.activations and halves.gathered > 0 == whole.gathered
+    offloaded = estimate_memory(LLAMA_70B, replace(setup, shards=2, offload_params=True))
+    static = (whole.quantized_weights + whole.kept_weights + whole.lora_weights + whole.lora_gradients
+              + whole.optimizer_state)
+    assert offloaded.quantized_weights == offloaded.optimizer_state == 0
+    assert abs(offloaded.host_offload - static) <= 8  # the whole machine's RAM holds every card's share
+
+
+def test_training_an_fsdp_plan_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="plans but does not train yet"):
+        refuse_untrainable(Plan(gpus=2, strategy="fsdp"))
+    refuse_untrainable(Plan(gpus=2, strategy="ddp"))  # DDP trains
