@@ -1,7 +1,8 @@
 """The largest training step's memory at long lengths, rung by rung of the long-context ladder (CPU).
 
 Each rung is measured with benchmarks/memory_calibration.measure: a random-weight model with the
-demo's shape (SmolLM2-135M-Instruct: hidden 576, MLP 1,536, 9 heads / 3 kv heads, 49,152 tokens),
+demo's shape (SmolLM2-135M-Instruct: hidden 576, MLP 1,536, 9 heads / 3 kv heads, 49,152 tokens;
+`--model` another catalogued shape),
 cut to `--layers` decoder layers so that a long step runs in minutes on a CPU (the per-layer terms
 are what the rungs change; the weights are not), 4-bit base, rank 16, fp32 compute, one packed row
 of `--tokens` tokens, the fused loss, one warm-up step then the measured one. The step's peak is the
@@ -14,6 +15,7 @@ checkpointing's). Each row has the warm step's time (no profiler running), from 
 by side. Every run is appended to benchmarks/results/long_context-cpu.json and .md, never replaced.
 
 Usage: python benchmarks/long_context.py [--tokens 8192] [--layers 4] [--tile 1024] [--layer-tile 1024]
+       [--model HuggingFaceTB/SmolLM2-1.7B-Instruct] [--rungs checkpointing,layer]
 """
 
 from __future__ import annotations
@@ -39,14 +41,18 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--tile", type=int, default=1024)
     parser.add_argument("--layer-tile", type=int, default=1024)
+    parser.add_argument("--model", default=MODEL, help="a catalogued model whose shape to measure (random weights)")
+    parser.add_argument("--rungs", default="plain,checkpointing,mlp,layer",
+                        help="which rungs, comma-separated: plain, checkpointing, mlp, layer")
     args = parser.parse_args()
-    rungs = [("plain", False, 0, 0), ("checkpointing", True, 0, 0),
-             (f"checkpointing + MLP tiles of {args.tile}", True, args.tile, 0),
-             (f"checkpointing + layer tiles of {args.layer_tile}", True, 0, args.layer_tile)]
+    rungs = {"plain": ("plain", False, 0, 0), "checkpointing": ("checkpointing", True, 0, 0),
+             "mlp": (f"checkpointing + MLP tiles of {args.tile}", True, args.tile, 0),
+             "layer": (f"checkpointing + layer tiles of {args.layer_tile}", True, 0, args.layer_tile)}
+    rungs = [rungs[name] for name in args.rungs.split(",")]
     rows = []
     for name, checkpointing, tile, layer_tile in rungs:
         started = time.perf_counter()
-        row = measure(MODEL, args.tokens, 16, checkpointing, 1, device="cpu", dtype="float32", warm_steps=1,
+        row = measure(args.model, args.tokens, 16, checkpointing, 1, device="cpu", dtype="float32", warm_steps=1,
                       loss="chunked", layers=args.layers, batching="packed", lora_dropout=0.05, mlp_tile=tile,
                       layer_tile=layer_tile)
         rows.append({"rung": name, "seconds_two_steps": round(time.perf_counter() - started, 1),
@@ -56,7 +62,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     history = load_history(RESULTS)
     history["runs"].append({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit(),
-                            "machine": machine(), "model": MODEL, "layers": args.layers, "tokens": args.tokens,
+                            "machine": machine(), "model": args.model, "layers": args.layers, "tokens": args.tokens,
                             "rows": rows})
     save_history(RESULTS, history)
     write_markdown(history)

@@ -239,3 +239,25 @@ def test_resuming_a_run_started_with_remote_code_asks_first(window, qtbot, tiny_
         assert tab.last_run.status == "finished" and tab.last_run.step == 4
     finally:
         extra.unlink()
+
+
+def test_the_gpu_count_shows_only_with_several_cards_and_reaches_the_plan(window, qtbot):
+    """No GPU here: the picker is built as it is for a machine with two cards (what NVML would
+    report), and the tab's own picker (no cards here) is given the same range."""
+    from app.gui.widgets.pickers import BudgetPicker
+
+    two, none = BudgetPicker(cards=2), BudgetPicker(cards=0)
+    qtbot.addWidget(two)
+    qtbot.addWidget(none)
+    two.show()
+    none.show()
+    assert two.gpu_count.isVisibleTo(two) and two.gpu_count.maximum() == 2 and two.gpus() == 1
+    assert not none.gpu_count.isVisibleTo(none) and none.gpus() == 1
+    tab = window.train_tab
+    tab.model_box.setCurrentText("Llama-3.1-8B-Instruct")
+    tab.preset_box.setCurrentIndex(tab.preset_box.findData("24gb"))
+    tab.budget.gpu_count.setRange(1, 2)
+    tab.budget.gpu_count.setValue(2)
+    assert tab.config().gpus == 2
+    qtbot.waitUntil(lambda: tab.plan_view.plan is not None and tab.plan_view.plan.gpus == 2, timeout=60_000)
+    assert tab.plan_view.plan.reasons["gpus"].startswith("DDP over 2 GPUs")

@@ -79,9 +79,9 @@ def choose_fit(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budget
 
     fit = next(fits(), None)
     if fit is None and host_free.short:
-        raise PlanError(f"{config.seq_len or seqs[-1]:,} tokens need {gib(host_free.short)} of RAM for offloaded "
-                        f"checkpoints and this machine has {gib(host_free.free)} free; close programs, or "
-                        "use a shorter --seq-len")
+        kept = "FSDP shards and offloaded checkpoints" if offload_params else "offloaded checkpoints"
+        raise PlanError(f"{config.seq_len or seqs[-1]:,} tokens need {gib(host_free.short)} of RAM for {kept} "
+                        f"and this machine has {gib(host_free.free)} free; close programs, or use a shorter --seq-len")
     if fit is None:
         raise PlanError(_nothing_fits(facts, budget, seqs, ranks, ckpts, estimate, config))
     why = _explain(fit, config, budget, wanted_seq, trained_tokens, estimate, seq_reason)

@@ -44,7 +44,7 @@ def run_workers(run: Run, gpus: int, on_event: Callable[[Event], None], stop: th
                "--nproc-per-node", str(gpus), "--max-restarts", "0", "--monitor-interval", "1",
                "-m", "app.core.train.worker", str(run.dir)]
     with open(run.dir / "workers.log", "ab") as log:
-        worker = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        worker = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, **_detached())
         try:
             while worker.poll() is None:
                 if stop.is_set():
@@ -73,6 +73,24 @@ def run_workers(run: Run, gpus: int, on_event: Callable[[Event], None], stop: th
     plan = run.plan()
     return RunResult(run.id, str(run.dir), status.get("status", "failed"), status.get("step", 0), plan.total_steps,
                      status.get("last_loss"), str(run.adapter_dir), status.get("reason", ""))
+
+
+def _detached() -> dict:
+    """Popen arguments: the workers in a session of their own, so that a Ctrl-C in the terminal
+    reaches only this process (which turns the first into a stop request, as a one-process run
+    does); on Linux torchrun is also told to end when this process dies, so that no worker goes on
+    writing a run whose lock is gone."""
+    if sys.platform == "win32":
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+    if not sys.platform.startswith("linux"):
+        return {"start_new_session": True}
+
+    def end_with_parent() -> None:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    return {"start_new_session": True, "preexec_fn": end_with_parent}
 
 
 def root_cause(log: Path) -> tuple[int, int] | None:

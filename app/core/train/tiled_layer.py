@@ -59,17 +59,15 @@ def tile_layers(model, tile_tokens: int, to_host: bool) -> int:
     if not name or name == "eager" or name not in AttentionInterface._global_mapping:
         raise NotTileable(f"the {name or 'default'} attention is not a registered attention function we can meet "
                           "(eager attention, e.g. Gemma 2's soft-capping, is called directly)")
-    count = 0
-    for module in model.modules():
-        if not (isinstance(module, GradientCheckpointingLayer) and getattr(module, "gradient_checkpointing", False)):
-            continue
-        if hasattr(getattr(module, "mlp", None), "experts") or hasattr(module, "block_sparse_moe"):
-            raise NotTileable("MoE layers are not tiled yet (their routers are untested over tiles)")
+    layers = [m for m in model.modules()
+              if isinstance(m, GradientCheckpointingLayer) and getattr(m, "gradient_checkpointing", False)]
+    if any(hasattr(getattr(m, "mlp", None), "experts") or hasattr(m, "block_sparse_moe") for m in layers):
+        raise NotTileable("MoE layers are not tiled yet (their routers are untested over tiles)")
+    for module in layers:
         module._gradient_checkpointing_func = partial(tiled_checkpoint, tile_tokens=tile_tokens, to_host=to_host)
-        count += 1
-    if count:
+    if layers:
         wrap_attention_function(name)
-    return count
+    return len(layers)
 
 
 def wrap_attention_function(name: str) -> None:

@@ -41,7 +41,7 @@ class TrainTab(QWidget):
         self.loss_plot = self.graphs.loss
         self.model_picker = ModelPicker()
         self.model_box = self.model_picker.box
-        self.budget = BudgetPicker(self._setting("last_preset", "auto"), self.graphs.source_text)
+        self.budget = BudgetPicker(self._setting("last_preset", "auto"), self.graphs.source_text, self.graphs.cards)
         self.preset_box = self.budget.box
         self.drop = DropZone(self._setting("last_data_folder", ""))
         self.report = DatasetReport()
@@ -167,7 +167,7 @@ class TrainTab(QWidget):
         """The run the window describes now."""
         preset, card = self.budget.choice()
         return TrainConfig(model=self.model_picker.name(), data=self.data_path, preset=preset, gpu=card,
-                           skip_bad=self.skip_bad.isChecked(), **self.plan_view.fixed())
+                           gpus=self.budget.gpus(), skip_bad=self.skip_bad.isChecked(), **self.plan_view.fixed())
 
     def schedule_replan(self) -> None:
         self._replan_timer.start()

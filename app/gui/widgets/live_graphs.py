@@ -175,6 +175,7 @@ class LiveGraphs(QSplitter):
             self.addWidget(plot)
         self.setSizes([400, 150, 250])
         self.source_text = self._choose_memory_source(report)
+        self.cards = len(report.gpus)  # this machine's NVIDIA cards, for the GPU count
         self._started = time.monotonic()
         self._redraw = QTimer(self, interval=REDRAW_MS, timeout=self.refresh)
         self._sampler = QTimer(self, interval=MEMORY_SAMPLE_MS, timeout=self.sample_memory)

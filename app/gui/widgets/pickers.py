@@ -7,7 +7,8 @@ from __future__ import annotations
 import html
 
 from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtWidgets import QComboBox, QFileDialog, QGroupBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout
+from PySide6.QtWidgets import (QComboBox, QFileDialog, QGroupBox, QHBoxLayout, QLabel, QPushButton, QSpinBox,
+                               QVBoxLayout)
 
 from app.core.config import TrainConfig, field_help
 from app.gui.icons import icon
@@ -85,7 +86,7 @@ class BudgetPicker(QGroupBox):
 
     changed = Signal()
 
-    def __init__(self, last: str = "auto", source_text: str = ""):
+    def __init__(self, last: str = "auto", source_text: str = "", cards: int = 0):
         super().__init__("Memory budget")
         self.box = QComboBox()
         self.box.setToolTip(field_help(TrainConfig, "preset"))
@@ -97,14 +98,29 @@ class BudgetPicker(QGroupBox):
         row.addWidget(self.box, 1)
         layout = QVBoxLayout(self)
         layout.addLayout(row)
+        # how many of this machine's cards train, one process each: only where there are several
+        self.gpu_count = QSpinBox()
+        self.gpu_count.setRange(1, max(1, cards))
+        self.gpu_count.setSuffix(f" of {cards} GPUs")
+        self.gpu_count.setToolTip(field_help(TrainConfig, "gpus"))
+        if cards > 1:
+            count_row = QHBoxLayout()
+            count_row.addWidget(QLabel("Train on"))
+            count_row.addWidget(self.gpu_count, 1)
+            layout.addLayout(count_row)
         layout.addWidget(self.gpu_label)
         self._fill(last)
         self.box.currentIndexChanged.connect(self.changed)
+        self.gpu_count.valueChanged.connect(self.changed)
 
     def choice(self) -> tuple[str, str]:
         """(preset, card name): ("24gb", "") for a preset, ("auto", "RTX 3060") for a card."""
         data = self.box.currentData() or "auto"
         return ("auto", data[len(CARD_PREFIX):]) if data.startswith(CARD_PREFIX) else (data, "")
+
+    def gpus(self) -> int:
+        """How many of this machine's cards the run trains on."""
+        return self.gpu_count.value()
 
     def _fill(self, last: str) -> None:
         from app.core.plan.cards import card_catalog
