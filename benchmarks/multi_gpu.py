@@ -62,6 +62,13 @@ def run_one(gpus: int, accum: int, steps: int, seq: int, home: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def convert_demo(home: Path) -> None:
+    import os
+
+    subprocess.run([sys.executable, "-c", "from app.core.models.demo_model import ensure_demo_model; "
+                    "ensure_demo_model()"], check=True, env={**os.environ, "TUNESMITH_HOME": str(home)}, cwd=ROOT)
+
+
 def max_difference(a: str, b: str) -> float:
     from safetensors.torch import load_file
 
@@ -86,7 +93,8 @@ def main() -> None:
     rows = []
     for repeat in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
-            home = Path(shared) if shared else Path(tmp)  # the demo model is converted once per home
+            home = Path(shared) if shared else Path(tmp)
+            convert_demo(home)  # once per home, before either run is timed
             one = run_one(1, args.processes, args.steps, args.seq_len, home)
             many = run_one(args.processes, 1, args.steps, args.seq_len, home)
             difference = max_difference(one["adapter"], many["adapter"])
