@@ -98,7 +98,8 @@ def test_a_killed_worker_fails_the_run_with_the_reason_and_resume_finishes_it(ti
     assert killed, "the run ended before the test could kill a worker"
     assert failed.status == "failed" and Run(failed.run_dir).raw_status()["status"] == "failed"
     assert failed.reason.startswith("worker 1 died (killed by SIGKILL)") and "Resume continues" in failed.reason
-    assert any(isinstance(e, RunFailed) for e in events)
+    failures = [e for e in events if isinstance(e, RunFailed)]
+    assert len(failures) == 1 and failures[0].reason == failed.reason  # the cause, once
     assert Run(failed.run_dir).verified_checkpoint() is not None
     finished = resume_training(failed.run_dir)
     assert finished.status == "finished" and finished.step == 60, finished.reason

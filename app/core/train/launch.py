@@ -68,8 +68,10 @@ def run_workers(run: Run, gpus: int, on_event: Callable[[Event], None], stop: th
         reason = worker_death(root, worker.returncode, step)
         run.write_status("failed", reason=reason)
         run.append_event(RunFailed(reason, step))
-        on_event(RunFailed(reason, step))
+        follower.failure = RunFailed(reason, step)
         status = run.raw_status()
+    if follower.failure is not None:  # one failure reaches the caller: the cause
+        on_event(follower.failure)
     plan = run.plan()
     return RunResult(run.id, str(run.dir), status.get("status", "failed"), status.get("step", 0), plan.total_steps,
                      status.get("last_loss"), str(run.adapter_dir), status.get("reason", ""))
@@ -119,11 +121,13 @@ def _exit_text(code: int) -> str:
 
 
 class _Follower:
-    """New lines of a metrics.jsonl, as events."""
+    """New lines of a metrics.jsonl, as events; a failure is held back (`failure`) until the
+    workers have ended, since rank 0's may only be the others' death seen from a collective."""
 
     def __init__(self, path: Path, on_event: Callable[[Event], None]):
         self.path, self.on_event = path, on_event
         self.offset = path.stat().st_size if path.exists() else 0
+        self.failure: RunFailed | None = None
 
     def read(self) -> None:
         if not self.path.exists():
@@ -140,5 +144,7 @@ class _Follower:
                 event = event_from_dict(json.loads(line))
             except (ValueError, TypeError):
                 continue
-            if event is not None:
+            if isinstance(event, RunFailed):
+                self.failure = event
+            elif event is not None:
                 self.on_event(event)
