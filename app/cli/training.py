@@ -13,10 +13,9 @@ from app.core.config import TrainConfig
 from app.core.units import gib
 
 TRAIN_HIDDEN = ("warmup_ratio", "max_grad_norm", "weight_decay", "lora_dropout", "lora_alpha")
-PLAN_FLAGS = ("model", "data", "preset", "gpu", "quantize", "attention", "loss_kernel", "rank", "seq_len",
-              "micro_batch", "grad_accum", "epochs", "grad_checkpointing", "mlp_tile", "offload_checkpoints", "layer_tile",
-              "gpus", "packing",
-              "skip_bad", "trust_remote_code")
+PLAN_FLAGS = ("model", "data", "preset", "gpu", "gpus", "quantize", "attention", "loss_kernel", "rank", "seq_len",
+              "micro_batch", "grad_accum", "epochs", "grad_checkpointing", "mlp_tile", "offload_checkpoints",
+              "layer_tile", "packing", "skip_bad", "trust_remote_code")
 
 
 def add_commands(sub) -> None:
@@ -35,6 +34,9 @@ def add_commands(sub) -> None:
 
     resume = sub.add_parser("resume", help="continue a stopped or interrupted run")
     resume.add_argument("run", help="run id (or a unique part of it) or run folder")
+    resume.add_argument("--gpus", type=int, default=None,
+                        help="resume on this many GPUs (processes) instead of the run's own number; each step "
+                             "keeps the same micro-batches")
     add_config_flags(resume, only=("trust_remote_code", "allow_pickle"), helps={
         "trust_remote_code": "needed again for a run started with it: the model's own code runs",
         "allow_pickle": "needed again for a run started with it: pickle weights load"})
@@ -162,7 +164,8 @@ def cmd_resume(args) -> int:
     from app.core.train.trainer import resume_training
 
     return run_with_progress(lambda on_event, stop: resume_training(
-        args.run, on_event, stop, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle))
+        args.run, on_event, stop, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+        gpus=args.gpus))
 
 
 def cmd_runs(args) -> int:

@@ -136,3 +136,20 @@ def test_gradients_of_ranks_without_a_micro_batch_count_as_zeros():
         assert Ranks(1, 2, 1).share(list(range(5))) == [1, 3]
     finally:
         dist.destroy_process_group()
+
+
+def test_a_run_resumes_on_another_number_of_processes_with_the_same_steps(tiny_model, chat_data, tunesmith_home):
+    from app.core.errors import RunError
+
+    stop = threading.Event()
+    stopped = run_training(config(tiny_model, chat_data, gpus=2, accum=1, steps=60),
+                           lambda e: stop.set() if isinstance(e, StepMetrics) and e.step >= 3 else None, stop)
+    assert stopped.status == "stopped", stopped.reason
+    with pytest.raises(RunError, match="--gpus 3: each step of this run has 2 micro-batches.*--gpus 1 or 2"):
+        resume_training(stopped.run_dir, gpus=3)
+    finished = resume_training(stopped.run_dir, gpus=1)  # in this process now
+    assert finished.status == "finished" and finished.step == 60, finished.reason
+    plan = Run(finished.run_dir).plan()
+    assert (plan.gpus, plan.grad_accum) == (1, 2) and plan.reasons["gpus"].startswith("resumed on 1 process")
+    straight = run_training(config(tiny_model, chat_data, gpus=1, accum=2, steps=60))
+    assert max_difference(adapter(finished), adapter(straight)) < 1e-4

@@ -81,7 +81,7 @@ def _train_here_or_on_workers(run: Run, prepared: Prepared, on_event, stop) -> R
 
 def resume_training(ref: str, on_event: Callable[[Event], None] | None = None,
                     stop: threading.Event | None = None, trust_remote_code: bool = False,
-                    allow_pickle: bool = False) -> RunResult:
+                    allow_pickle: bool = False, gpus: int | None = None) -> RunResult:
     """Continue a stopped, interrupted or failed run from its latest checkpoint.
 
     A run started with --trust-remote-code or --allow-pickle needs the same consent again: the
@@ -97,16 +97,35 @@ def resume_training(ref: str, on_event: Callable[[Event], None] | None = None,
         if run.raw_status().get("status") == "finished":  # "running" while we hold the lock: killed
             raise RunError(f"run {run.id} has already finished; start a new run to train further")
         config, info = run.config(), run.data_info()
-        prepared = prepare_training(config, log=lambda message: on_event(LogLine(message)), plan=run.plan())
+        plan = regrouped(run.plan(), gpus) if gpus else run.plan()
+        prepared = prepare_training(config, log=lambda message: on_event(LogLine(message)), plan=plan)
         for key, file in (("sha256", "file"), ("val_sha256", "val_file")):
             if info.get(key) and prepared.data_info[key] != info[key]:
                 raise RunError(f"{info[file]}: changed since run {run.id} started; resume needs the same "
                                "data (restore the file, or start a new run)")
+        if plan is not run.plan() and plan != run.plan():
+            run.write_plan(plan)
+            on_event(LogLine(f"Resuming on {plan.gpus} process{'es' * (plan.gpus > 1)}: {plan.reasons['gpus']}"))
         run.write_status("running", reason="")
     except BaseException:
         run.lock.release()
         raise
     return _train_here_or_on_workers(run, prepared, on_event, stop or threading.Event())
+
+
+def regrouped(plan: Plan, gpus: int) -> Plan:
+    """`plan` on `gpus` processes with the same micro-batches per optimizer step (the accumulation
+    shared out again), so that a run resumes on another number of GPUs as if it had not moved."""
+    if gpus == plan.gpus:
+        return plan
+    step = plan.grad_accum * plan.gpus
+    if gpus < 1 or step % gpus:
+        counts = " or ".join(str(n) for n in range(1, step + 1) if step % n == 0)
+        raise RunError(f"--gpus {gpus}: each step of this run has {step} micro-batches, which {gpus} processes "
+                       f"cannot share equally; resume with --gpus {counts}")
+    why = (f"resumed on {gpus} process{'es' * (gpus > 1)}, {step // gpus} micro-batches each a step (the run's "
+           f"{step} a step, as before)")
+    return replace(plan, gpus=gpus, grad_accum=step // gpus, reasons={**plan.reasons, "gpus": why})
 
 
 def consent_needed(config: TrainConfig, trust_remote_code: bool, allow_pickle: bool) -> list[str]:
