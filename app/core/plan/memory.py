@@ -316,8 +316,9 @@ def _tiled_layer_bytes(facts: ArchFacts, setup: MemorySetup, element: int, gpu: 
     query gradient in fp32 and, for grouped kv heads, makes key/value gradients per query head
     before summing them (not yet measured on a GPU: counted). A tile's rerun (the caller's term)
     comes after the attention core's backward, not beside it. The layer's input and its output's
-    gradient are the checkpointed inputs' term. Measured on the CPU (benchmarks/long_context.py and
-    the SmolLM2-1.7B shape at 4,096 tokens in tiles of 512: 501 MiB a step, 589 predicted)."""
+    gradient are the checkpointed inputs' term. Measured on the CPU (benchmarks/results/
+    long_context-cpu.md: the demo's shape at 16,384 tokens in tiles of 1,024, 576 MiB a step, 665
+    predicted; SmolLM2-1.7B's at 4,096 tokens in tiles of 512, 501 MiB, 588 predicted)."""
     q, kv = facts.heads * facts.head_dim, facts.kv_heads * facts.head_dim
     throughout = element * ((q + 2 * kv) + 2 * q + facts.hidden)
     attention = element * (q + 2 * kv) + 4 * facts.heads
