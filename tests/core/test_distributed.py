@@ -4,6 +4,7 @@ NCCL and the cards' own memory are for the GPU check). Real steps of the tiny 4-
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -101,8 +102,13 @@ def test_a_killed_worker_fails_the_run_with_the_reason_and_resume_finishes_it(ti
     failures = [e for e in events if isinstance(e, RunFailed)]
     assert len(failures) == 1 and failures[0].reason == failed.reason  # the cause, once
     assert Run(failed.run_dir).verified_checkpoint() is not None
-    finished = resume_training(failed.run_dir)
+    checkpoint = Run(failed.run_dir).verified_checkpoint()
+    saved = json.loads((checkpoint / "state.json").read_text())["step"]
+    resumed = []
+    finished = resume_training(failed.run_dir, resumed.append)
     assert finished.status == "finished" and finished.step == 60, finished.reason
+    steps = [e.step for e in resumed if isinstance(e, StepMetrics)]
+    assert saved >= 5 and steps == list(range(saved + 1, 61))  # from the checkpoint on, once each
     straight = run_training(config(tiny_model, chat_data, gpus=1, accum=2, steps=60))
     assert max_difference(adapter(finished), adapter(straight)) < 1e-4
 

@@ -39,6 +39,8 @@ def run_workers(run: Run, gpus: int, on_event: Callable[[Event], None], stop: th
     message = f"Training on {gpus} processes ({run.plan().reasons.get('gpus', 'torchrun')}); their output: workers.log"
     run.log(message)
     on_event(LogLine(message))
+    checkpoint = run.verified_checkpoint()  # rewound here, not by rank 0, so that the follower reads on
+    run.rewind_metrics(json.loads((checkpoint / "state.json").read_text())["step"] if checkpoint else 0)
     follower = _Follower(run.dir / "metrics.jsonl", on_event)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
                "--nproc-per-node", str(gpus), "--max-restarts", "0", "--monitor-interval", "1",
@@ -132,8 +134,6 @@ class _Follower:
     def read(self) -> None:
         if not self.path.exists():
             return
-        if self.path.stat().st_size < self.offset:  # rewound by a resume: read it again from the start
-            self.offset = 0
         with open(self.path, "rb") as handle:
             handle.seek(self.offset)
             data = handle.read()

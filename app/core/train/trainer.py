@@ -103,7 +103,7 @@ def resume_training(ref: str, on_event: Callable[[Event], None] | None = None,
             if info.get(key) and prepared.data_info[key] != info[key]:
                 raise RunError(f"{info[file]}: changed since run {run.id} started; resume needs the same "
                                "data (restore the file, or start a new run)")
-        if plan is not run.plan() and plan != run.plan():
+        if plan != run.plan():
             run.write_plan(plan)
             on_event(LogLine(f"Resuming on {plan.gpus} process{'es' * (plan.gpus > 1)}: {plan.reasons['gpus']}"))
         run.write_status("running", reason="")
