@@ -5,13 +5,12 @@ No GPU here: the side stream and pinned memory are CUDA-only and run in the GPU 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 
 from app.core.train.offload import offload_checkpoints
-from test_tiled_mlp import loss_and_grads, lora_model
+from test_tiled_mlp import loss_and_grads, lora_model, short_qlora_run
 
 
 @pytest.fixture
@@ -54,21 +53,11 @@ def test_offloaded_checkpoints_and_tiled_mlp_together(tiny_model, ids):
 
 def test_a_qlora_run_with_offloaded_checkpoints_trains_as_one_with_plain_checkpoints(tiny_model, chat_data,
                                                                                      tunesmith_home):
-    from app.core.config import TrainConfig
-    from app.core.runs import Run, read_history
-    from app.core.train.trainer import run_training
-
     losses = {}
     for offload in (False, True):
-        config = TrainConfig(model=str(tiny_model), data=str(chat_data), seq_len=128, micro_batch=4, grad_accum=1,
-                             lr=5e-3, max_steps=4, save_every=100, lora_dropout=0.0, quantize="4bit",
-                             grad_checkpointing=True, offload_checkpoints=offload)
-        result = run_training(config)
-        assert result.status == "finished", result.reason
-        run = Run(result.run_dir)
-        assert run.plan().offload_checkpoints == offload and run.plan().grad_checkpointing
-        losses[offload] = read_history(run).losses
-        log = (Path(result.run_dir) / "train.log").read_text()
+        plan, losses[offload], log = short_qlora_run(tiny_model, chat_data, grad_checkpointing=True,
+                                                     offload_checkpoints=offload)
+        assert plan.offload_checkpoints == offload and plan.grad_checkpointing
         assert ("checkpoints offloaded: 2 layers (kept in place on the CPU)" in log) == offload
     assert len(losses[False]) == 4 and losses[True] == pytest.approx(losses[False], rel=1e-4)
 

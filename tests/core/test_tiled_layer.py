@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_tiled_mlp import lora_model, loss_and_grads
+from test_tiled_mlp import lora_model, loss_and_grads, short_qlora_run
 
 from app.core.train.tiled_layer import NotTileable, tile_layers
 
@@ -175,21 +175,10 @@ def test_tiled_layers_hold_less_at_once_than_a_whole_layers_recompute(tiny_model
 
 
 def test_a_qlora_run_with_tiled_layers_trains_as_one_without(tiny_model, chat_data, tunesmith_home):
-    from app.core.config import TrainConfig
-    from app.core.runs import Run, read_history
-    from app.core.train.trainer import run_training
-
     losses = {}
     for tile in (0, 32):
-        config = TrainConfig(model=str(tiny_model), data=str(chat_data), seq_len=128, micro_batch=4, grad_accum=1,
-                             lr=5e-3, max_steps=4, save_every=100, lora_dropout=0.0, quantize="4bit",
-                             grad_checkpointing=True, layer_tile=tile)
-        result = run_training(config)
-        assert result.status == "finished", result.reason
-        run = Run(result.run_dir)
-        assert run.plan().layer_tile == tile
-        losses[tile] = read_history(run).losses
-        log = (Path(result.run_dir) / "train.log").read_text()
+        plan, losses[tile], log = short_qlora_run(tiny_model, chat_data, grad_checkpointing=True, layer_tile=tile)
+        assert plan.layer_tile == tile
         assert ("layers over tiles of 32 tokens: 2" in log) == bool(tile)
     assert len(losses[0]) == 4 and losses[32] == pytest.approx(losses[0], rel=1e-4)
 

@@ -99,22 +99,26 @@ def test_tiled_mlp_keeps_less_for_backward_and_leaves_short_sequences_and_eval_a
     assert saved_bytes(model) == plain  # 96 tokens fit one tile: the plain MLP runs
 
 
-def test_a_qlora_run_with_a_tiled_mlp_trains_as_one_without(tiny_model, chat_data, tunesmith_home):
-    """Four real steps on the 4-bit tiny model at 128 tokens, the MLP whole and over tiles of 32."""
+def short_qlora_run(tiny_model, chat_data, **setting):
+    """Four real steps of the 4-bit tiny model at 128 tokens with `setting`: (plan, losses, train.log)."""
     from app.core.config import TrainConfig
     from app.core.runs import Run, read_history
     from app.core.train.trainer import run_training
 
+    result = run_training(TrainConfig(model=str(tiny_model), data=str(chat_data), seq_len=128, micro_batch=4,
+                                      grad_accum=1, lr=5e-3, max_steps=4, save_every=100, lora_dropout=0.0,
+                                      quantize="4bit", **setting))
+    assert result.status == "finished", result.reason
+    run = Run(result.run_dir)
+    return run.plan(), read_history(run).losses, (Path(result.run_dir) / "train.log").read_text()
+
+
+def test_a_qlora_run_with_a_tiled_mlp_trains_as_one_without(tiny_model, chat_data, tunesmith_home):
+    """Four real steps on the 4-bit tiny model at 128 tokens, the MLP whole and over tiles of 32."""
     losses = {}
     for tile in (0, 32):
-        config = TrainConfig(model=str(tiny_model), data=str(chat_data), seq_len=128, micro_batch=4, grad_accum=1,
-                             lr=5e-3, max_steps=4, save_every=100, lora_dropout=0.0, quantize="4bit", mlp_tile=tile)
-        result = run_training(config)
-        assert result.status == "finished", result.reason
-        run = Run(result.run_dir)
-        assert run.plan().mlp_tile == tile
-        losses[tile] = read_history(run).losses
-        log = (Path(result.run_dir) / "train.log").read_text()
+        plan, losses[tile], log = short_qlora_run(tiny_model, chat_data, mlp_tile=tile)
+        assert plan.mlp_tile == tile
         assert ("MLP over tiles of 32 tokens in 2 layers" in log) == bool(tile)
     assert len(losses[0]) == 4 and losses[32] == pytest.approx(losses[0], rel=1e-4)
 
