@@ -1,6 +1,7 @@
 """A run on several processes against one, on equal work: the demo model, the same data, the same
 global batch (N processes with accumulation 1 against one process accumulating N micro-batches),
-the same seed and steps, LoRA dropout 0 so that the adapters can be compared.
+the same seed and steps, LoRA dropout 0 so that the adapters can be compared; the N processes
+once per strategy (DDP replicas, FSDP shards).
 
 On a machine without a GPU the N processes are gloo workers sharing the CPU's cores (torchrun
 gives each one thread; the single process uses them all), so this measures the overhead of the
@@ -11,6 +12,7 @@ and the max abs difference of the LoRA weights from the one-process run. Every r
 benchmarks/results/multi_gpu-<device>.json and .md, never replaced.
 
 Usage: python benchmarks/multi_gpu.py [--processes 2] [--steps 6] [--repeats 2] [--seq-len 512]
+                                     [--strategies ddp,fsdp]
 """
 
 from __future__ import annotations
@@ -38,10 +40,12 @@ from app.core.runs import Run, read_history
 from app.core.train.events import StepMetrics
 from app.core.train.trainer import run_training
 gpus, accum, steps, seq = (int(v) for v in sys.argv[1:5])
+strategy = sys.argv[6]
 speeds = []
 started = time.perf_counter()
 result = run_training(TrainConfig(model="demo", data=sys.argv[5], seq_len=seq, micro_batch=1, grad_accum=accum,
-                                  max_steps=steps, save_every=1000, lora_dropout=0.0, quantize="4bit", gpus=gpus),
+                                  max_steps=steps, save_every=1000, lora_dropout=0.0, quantize="4bit", gpus=gpus,
+                                  strategy=strategy),
                       lambda e: speeds.append(e.tokens_per_s) if isinstance(e, StepMetrics) else None)
 wall = time.perf_counter() - started
 rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
@@ -51,11 +55,12 @@ print(json.dumps({"status": result.status, "reason": result.reason, "wall_s": ro
 """
 
 
-def run_one(gpus: int, accum: int, steps: int, seq: int, home: Path) -> dict:
+def run_one(gpus: int, accum: int, steps: int, seq: int, home: Path, strategy: str = "auto") -> dict:
     import os
 
     env = {**os.environ, "TUNESMITH_HOME": str(home)}
-    done = subprocess.run([sys.executable, "-c", CHILD, str(gpus), str(accum), str(steps), str(seq), str(DATA)],
+    done = subprocess.run([sys.executable, "-c", CHILD, str(gpus), str(accum), str(steps), str(seq), str(DATA),
+                           strategy],
                           capture_output=True, text=True, env=env, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"gpus={gpus}: the run failed:\n{done.stderr[-2000:]}")
@@ -85,6 +90,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--strategies", default="ddp,fsdp", help="for the N processes (comma-separated)")
     args = parser.parse_args()
     import torch
 
@@ -96,13 +102,16 @@ def main() -> None:
             home = Path(shared) if shared else Path(tmp)
             convert_demo(home)  # once per home, before either run is timed
             one = run_one(1, args.processes, args.steps, args.seq_len, home)
-            many = run_one(args.processes, 1, args.steps, args.seq_len, home)
-            difference = max_difference(one["adapter"], many["adapter"])
-            for processes, row in ((1, one), (args.processes, many)):
-                rows.append({"repeat": repeat + 1, "processes": processes, "status": row["status"],
+            runs = [(1, "", one)] + [(args.processes, strategy, run_one(args.processes, 1, args.steps, args.seq_len,
+                                                                        home, strategy))
+                                     for strategy in args.strategies.split(",")]
+            for processes, strategy, row in runs:
+                difference = max_difference(one["adapter"], row["adapter"])
+                rows.append({"repeat": repeat + 1, "processes": processes, "strategy": strategy,
+                             "status": row["status"],
                              "wall_s": row["wall_s"], "tokens_per_s": row["tokens_per_s"],
                              "peak_rss_mib": row["peak_rss_mib"], "final_loss": row["losses"][-1],
-                             "max_abs_lora_difference": 0.0 if processes == 1 else difference})
+                             "max_abs_lora_difference": difference})
                 print(rows[-1], flush=True)
     results = ROOT / "benchmarks" / "results" / f"multi_gpu-{device}"
     history = load_history(results)
@@ -117,7 +126,8 @@ def write_markdown(results: Path, history: dict) -> None:
     lines = ["# One process against several, on equal work", "",
              "`python benchmarks/multi_gpu.py`: the demo model (4-bit), the pirate-chef data, packed rows of "
              "`seq_len` tokens, the same global batch (N processes with accumulation 1 against one with "
-             "accumulation N), seed 42, LoRA dropout 0. Without a GPU the N processes are gloo workers "
+             "accumulation N; DDP: each process a replica, FSDP: the 4-bit weights, LoRA and optimizer state "
+             "sharded), seed 42, LoRA dropout 0. Without a GPU the N processes are gloo workers "
              "sharing the same CPU cores (one thread each; the single process uses them all): this shows the "
              "multi-process path's overhead and that the adapters agree, not a speed-up. Wall time includes "
              "start-up (N processes each load the model); tokens/s is the run's own figure at its last step; "
@@ -127,10 +137,13 @@ def write_markdown(results: Path, history: dict) -> None:
         lines += [f"## Run {number}: {run['date']}, commit {run['commit']}", "",
                   f"{m['cpu']}, {m['cores']} cores, AVX-512 {'yes' if m['avx512f'] else 'no'}; {run['device']}, "
                   f"{run['steps']} steps of {run['seq_len']} tokens x {run['processes']}", "",
-                  "| repeat | processes | wall | tokens/s | peak RSS | final loss | max abs LoRA difference |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| repeat | processes | strategy | wall | tokens/s | peak RSS | final loss "
+                  "| max abs LoRA difference |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in run["rows"]:
-            lines.append(f"| {r['repeat']} | {r['processes']} | {r['wall_s']:.1f} s | {r['tokens_per_s']:,.0f} | "
+            strategy = r.get("strategy", "ddp" if r["processes"] > 1 else "")  # runs before FSDP: DDP
+            lines.append(f"| {r['repeat']} | {r['processes']} | {strategy or '-'} | {r['wall_s']:.1f} s | "
+                         f"{r['tokens_per_s']:,.0f} | "
                          f"{r['peak_rss_mib']:,} MiB | {r['final_loss']:.4f} | {r['max_abs_lora_difference']:.2e} |")
         lines.append("")
     results.with_suffix(".md").write_text("\n".join(lines))

@@ -13,7 +13,7 @@ from app.core.config import TrainConfig
 from app.core.units import gib
 
 TRAIN_HIDDEN = ("warmup_ratio", "max_grad_norm", "weight_decay", "lora_dropout", "lora_alpha")
-PLAN_FLAGS = ("model", "data", "preset", "gpu", "gpus", "quantize", "attention", "loss_kernel", "rank", "seq_len",
+PLAN_FLAGS = ("model", "data", "preset", "gpu", "gpus", "strategy", "quantize", "attention", "loss_kernel", "rank", "seq_len",
               "micro_batch", "grad_accum", "epochs", "grad_checkpointing", "mlp_tile", "offload_checkpoints",
               "layer_tile", "packing", "skip_bad", "trust_remote_code")
 

@@ -72,6 +72,9 @@ class TrainConfig(JsonRoundTrip):
     gpus: int = _f(1, "Train on this many GPUs of this machine, one process each (DDP: each a replica of the "
                       "adapter, the micro-batches of a step shared out). On a machine without a GPU, that many "
                       "CPU processes (gloo), the same code.")
+    strategy: str = _f("auto", "With --gpus: auto (each card a replica, DDP, when the 4-bit model and its step fit "
+                               "one; else FSDP-QLoRA), ddp, or fsdp (the 4-bit weights, LoRA and optimizer state "
+                               "sharded over the cards).")
     eval_every: int | None = _f(None, "Evaluate every N steps when there is validation data.")
     save_every: int | None = _f(None, "Save a checkpoint every N steps (and always on stop).")
     seed: int = _f(42, "Seed for data order, split and LoRA initialisation.")

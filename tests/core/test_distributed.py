@@ -20,9 +20,11 @@ from app.core.train.events import RunFailed, StepMetrics
 from app.core.train.trainer import resume_training, run_training
 
 
-def config(model, data, gpus: int, accum: int, steps: int = 6, save_every: int = 100) -> TrainConfig:
+def config(model, data, gpus: int, accum: int, steps: int = 6, save_every: int = 100,
+           strategy: str = "auto") -> TrainConfig:
     return TrainConfig(model=str(model), data=str(data), seq_len=128, micro_batch=2, grad_accum=accum, lr=5e-3,
-                       max_steps=steps, save_every=save_every, lora_dropout=0.0, quantize="4bit", gpus=gpus)
+                       max_steps=steps, save_every=save_every, lora_dropout=0.0, quantize="4bit", gpus=gpus,
+                       strategy=strategy)
 
 
 def adapter(result) -> dict:
@@ -62,6 +64,35 @@ def test_a_stop_reaches_every_worker_and_resume_finishes_the_same_adapter(tiny_m
     assert max_difference(adapter(finished), adapter(straight)) < 1e-4
 
 
+def test_fsdp_shards_the_4_bit_model_over_two_processes_and_trains_the_same_adapter(tiny_model, chat_data,
+                                                                                    tunesmith_home):
+    """FSDP2 over two gloo processes: every decoder layer's NF4 weights, LoRA weights, gradients and
+    optimizer state sharded; the same losses and adapter as one process with the step's micro-batches."""
+    from app.core.atomic import manifest_problem
+    from app.core.errors import RunError
+
+    stop = threading.Event()
+    stopped = run_training(config(tiny_model, chat_data, gpus=2, accum=1, steps=60, strategy="fsdp"),
+                           lambda e: stop.set() if isinstance(e, StepMetrics) and e.step >= 3 else None, stop)
+    assert stopped.status == "stopped", stopped.reason
+    plan, run = Run(stopped.run_dir).plan(), Run(stopped.run_dir)
+    assert (plan.strategy, plan.optimizer) == ("fsdp", "adamw_torch") and "set by you" in plan.reasons["gpus"]
+    assert "FSDP over 2 processes: 2 layers sharded" in (run.dir / "train.log").read_text()
+    checkpoint = run.verified_checkpoint()
+    shards = sorted(p.name for p in (checkpoint / "optimizer").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"] and manifest_problem(checkpoint) == ""
+    listed = json.loads((checkpoint / "manifest.json").read_text())["files"]
+    assert {"optimizer/__0_0.distcp", "optimizer/__1_0.distcp", "adapter_model.safetensors"} <= listed.keys()
+    assert not list(checkpoint.parent.glob(".*"))  # no staging folder left behind
+    with pytest.raises(RunError, match="--gpus 1: this run shards its model over the GPUs"):
+        resume_training(stopped.run_dir, gpus=1)
+    finished = resume_training(stopped.run_dir)
+    assert finished.status == "finished" and finished.step == 60, finished.reason
+    straight = run_training(config(tiny_model, chat_data, gpus=1, accum=2, steps=60))
+    assert read_history(run).losses == pytest.approx(read_history(Run(straight.run_dir)).losses, abs=1e-4)
+    assert max_difference(adapter(finished), adapter(straight)) < 1e-4
+
+
 def _worker_pid(run_dir: Path, rank: int) -> int | None:
     """The pid of the worker of `run_dir` with this rank (from /proc: our own processes)."""
     for entry in Path("/proc").iterdir():
@@ -79,7 +110,8 @@ def _worker_pid(run_dir: Path, rank: int) -> int | None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through /proc")
-def test_a_killed_worker_fails_the_run_with_the_reason_and_resume_finishes_it(tiny_model, chat_data,
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_killed_worker_fails_the_run_with_the_reason_and_resume_finishes_it(tiny_model, chat_data, strategy,
                                                                               tunesmith_home, monkeypatch):
     from app.core.train import launch
 
@@ -95,7 +127,8 @@ def test_a_killed_worker_fails_the_run_with_the_reason_and_resume_finishes_it(ti
                 os.kill(pid, signal.SIGKILL)
                 killed.append(event.step)
 
-    failed = run_training(config(tiny_model, chat_data, gpus=2, accum=1, steps=60, save_every=5), on_event)
+    failed = run_training(config(tiny_model, chat_data, gpus=2, accum=1, steps=60, save_every=5, strategy=strategy),
+                          on_event)
     assert killed, "the run ended before the test could kill a worker"
     assert failed.status == "failed" and Run(failed.run_dir).raw_status()["status"] == "failed"
     assert failed.reason.startswith("worker 1 died (killed by SIGKILL)") and "Resume continues" in failed.reason

@@ -1,7 +1,8 @@
 """Models bigger than one card (app/core/plan/sharding.py): the planner gives every card a replica
 (DDP) while the 4-bit model fits one, shards it (FSDP-QLoRA) when it does not, and keeps the shards
-in host RAM as the last rung; a one-card refusal says how many cards would hold it. Planned only:
-FSDP training is refused in one line, and its estimate terms are not measured (no FSDP run yet)."""
+in host RAM as the last rung; a one-card refusal says how many cards would hold it; --strategy
+forces either. FSDP training itself is tested in test_distributed.py (gloo processes); the FSDP
+terms of the estimate are not measured (no GPU run yet)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,11 @@ from dataclasses import replace
 
 import pytest
 
-from app.core.config import Plan, TrainConfig
+from app.core.config import TrainConfig
 from app.core.errors import ConfigError, PlanError
 from app.core.models.catalog import model_facts
 from app.core.plan.memory import GIB, MemorySetup, estimate_memory
 from app.core.plan.preview import preview_plan
-from app.core.plan.sharding import refuse_untrainable
 
 LLAMA_70B = model_facts("Llama-3.1-70B-Instruct").arch
 
@@ -24,8 +24,8 @@ def test_llama_70b_on_two_3090s_is_planned_as_fsdp_qlora_under_24_gb_a_card():
     plan = preview.plan
     assert plan.gpus == 2 and plan.strategy.startswith("fsdp")
     assert plan.predicted_peak_bytes <= preview.budget.usable_bytes < 24 * GIB
-    assert plan.reasons["gpus"].startswith("FSDP-QLoRA over 2 cards") and "cannot train with FSDP yet" in \
-        plan.reasons["gpus"]
+    assert plan.reasons["gpus"].startswith("FSDP-QLoRA over 2 cards: one card does not hold")
+    assert plan.optimizer == "adamw_torch" and "sharded by FSDP" in plan.reasons["optimizer"]
     assert plan.breakdown["gathered"] > 0
 
 
@@ -54,7 +54,15 @@ def test_sharding_divides_what_is_not_per_token_and_offload_moves_it_to_host_ram
     assert abs(offloaded.host_offload - static) <= 8  # the whole machine's RAM holds every card's share
 
 
-def test_training_an_fsdp_plan_is_refused_in_one_line():
-    with pytest.raises(ConfigError, match="plans but does not train yet"):
-        refuse_untrainable(Plan(gpus=2, strategy="fsdp"))
-    refuse_untrainable(Plan(gpus=2, strategy="ddp"))  # DDP trains
+def test_the_strategy_can_be_chosen_and_a_choice_that_cannot_work_is_refused_in_one_line():
+    ddp = TrainConfig(model="Llama-3.1-70B-Instruct", gpus=2, gpu="RTX 3090", strategy="ddp")
+    with pytest.raises(PlanError, match="--strategy fsdp would shard it over the cards"):
+        preview_plan(ddp)
+    forced = preview_plan(TrainConfig(model="Llama-3.1-8B-Instruct", gpu="RTX 4090", gpus=2, strategy="fsdp")).plan
+    assert forced.strategy == "fsdp" and "set by you" in forced.reasons["gpus"] and forced.quantize == "4bit"
+    for config, message in ((TrainConfig(model="demo", strategy="fsdp"), "--strategy fsdp is for several GPUs"),
+                            (TrainConfig(model="demo", gpus=2, strategy="zero3"), "--strategy zero3: choose one of"),
+                            (TrainConfig(model="demo", gpus=2, strategy="fsdp", quantize="none"),
+                             "--strategy fsdp shards the 4-bit base")):
+        with pytest.raises(ConfigError, match=message):
+            preview_plan(config)

@@ -48,16 +48,17 @@ def load_tokenizer(info: ModelFacts, trust_remote_code: bool = False):
 
 
 def load_base_model(info: ModelFacts, compute_dtype, device: str, trust_remote_code: bool = False,
-                    attention: str = "sdpa", quantize: str = "4bit"):
+                    attention: str = "sdpa", quantize: str = "4bit", quant_storage: str = "uint8"):
     """The base model to put LoRA on: its linear layers in NF4 with double quantisation
-    (`quantize` "4bit", QLoRA's storage) or every weight in `compute_dtype` ("none")."""
+    (`quantize` "4bit", QLoRA's storage) or every weight in `compute_dtype` ("none"). The packed
+    4-bit values are stored as `quant_storage` elements (FSDP shards them in the compute dtype)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quiet_loading()
     quant = None
     if quantize == "4bit":
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage="uint8")
+                                   bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=quant_storage)
     try:
         return AutoModelForCausalLM.from_pretrained(
             info.path, quantization_config=quant, dtype=compute_dtype,

@@ -24,11 +24,12 @@ from app.core.plan.context import Saving
 from app.core.plan.fit import DEFAULT_RANK, MICRO_BATCHES, TARGET_TOKENS_PER_STEP, Fit, choose_fit, round_up
 from app.core.plan.kernel_choice import OPTIMIZER_LABELS, choose_attention, choose_loss
 from app.core.plan.presets import Budget
-from app.core.plan.sharding import four_bit_fit, strategy_of
+from app.core.plan.sharding import SHARDED_OPTIMIZER, four_bit_fit, strategy_of
 from app.core.train.kernels import fused_loss_support, packing_support
 from app.core.units import gib
 
 QUANTIZE_CHOICES = ("auto", "4bit", "none")
+STRATEGIES = ("auto", "ddp", "fsdp")
 ASSUMED_CAPABILITY = (8, 0)  # a preset's card of unknown kind: Ampere, as cards.precision_for assumes
 # An unquantised base is chosen by itself only when its plan keeps this share of the budget or less:
 # room for what the estimate does not see, since a 16-bit base is the larger one.
@@ -78,6 +79,8 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     fit, quantize, fit_reasons = _fit_memory(config, stats, facts, budget, wanted_seq, dtype, optimizer, dropout > 0,
                                              loss, device, card, reasons["seq_len"])
     reasons.update(fit_reasons)
+    if fit.shards > 1:  # sharding.py: the optimizer over FSDP's shards
+        optimizer = SHARDED_OPTIMIZER
     over = count_over(lengths, fit.seq_len)
     if over:
         reasons["seq_len"] += f"; {over} example{'s' * (over != 1)} will be truncated"
@@ -229,6 +232,11 @@ def validate_config(config: TrainConfig) -> None:
         (config.max_grad_norm > 0, "max grad norm must be above 0"),
         (0 <= config.lora_dropout < 1, "LoRA dropout must be from 0 to below 1"),
         (config.gpus >= 1, "--gpus must be at least 1"),
+        (config.strategy in STRATEGIES, f"--strategy {config.strategy}: choose one of {', '.join(STRATEGIES)}"),
+        (config.strategy == "auto" or config.gpus > 1,
+         f"--strategy {config.strategy} is for several GPUs: add --gpus 2 or more"),
+        (config.strategy != "fsdp" or config.quantize != "none", "--strategy fsdp shards the 4-bit base (FSDP-QLoRA): "
+                                                                 "drop --quantize none, or use --strategy ddp"),
         (config.mlp_tile == 0 or config.mlp_tile >= 16, "--mlp-tile is tokens per tile: 0 (off) or at least 16"),
         (config.layer_tile == 0 or config.layer_tile >= 16, "--layer-tile is tokens per tile: 0 (off) or at least 16"),
         (config.grad_checkpointing is not False or not (config.offload_checkpoints or config.layer_tile),
@@ -255,9 +263,11 @@ def _choose_base(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budg
         except PlanError as error:
             raise PlanError(f"{error}; or keep the base in 4 bits (--quantize 4bit or auto)") from None
         return fit, "none", {**reasons, "quantize": f"unquantised ({_dtype_name(dtype)}): set by you"}
-    four, four_reasons = four_bit_fit(choose_fit, args, config.gpus, budget.device)
+    four, four_reasons = four_bit_fit(choose_fit, args, config.gpus, budget.device, config.strategy)
     if config.quantize == "4bit":
         return four, "4bit", {**four_reasons, "quantize": "4-bit NF4 (QLoRA): set by you"}
+    if four.shards > 1:
+        return four, "4bit", {**four_reasons, "quantize": "4-bit NF4 (QLoRA): FSDP shards the 4-bit base"}
     usable = budget.usable_bytes
     try:
         plain, plain_reasons = choose_fit(*args, "none")

@@ -1,46 +1,58 @@
-"""Models bigger than one card: FSDP-QLoRA over several (issue 20), planned.
+"""Models bigger than one card: FSDP-QLoRA over several (issue 20), the plan.
 
 With `--gpus N` the planner first gives every card a whole replica (DDP: the fastest, the same
 plan as one card). When the 4-bit model and its step do not fit one card, FSDP shards the 4-bit
 weights, the LoRA weights, their gradients and the optimizer state over the N cards (each gathers
 one layer whole while it runs, and the lm_head for the loss: memory.py's `gathered` term); the last
 rung keeps the shards in host RAM (FSDP's CPU offload), gathering them to the card when used. On
-one card that does not hold the model, the refusal says how many such cards would.
+one card that does not hold the model, the refusal says how many such cards would. `--strategy
+fsdp` shards whatever the fit (on the CPU too: gloo processes, the same code); `--strategy ddp`
+never does.
 
-Planned and predicted only: Tunesmith does not train with FSDP yet (`refuse_untrainable`), and the
-FSDP terms of the estimate have not been measured.
+Trained by train/sharded.py; the FSDP terms of the estimate have not been measured on a GPU.
 """
 
 from __future__ import annotations
 
-from app.core.errors import ConfigError, PlanError
+from app.core.errors import PlanError
+from app.core.plan.kernel_choice import OPTIMIZER_LABELS
 from app.core.units import gib
 
 CARD_COUNTS = (2, 4, 8)
+SHARDED_OPTIMIZER = "adamw_torch"
 
 
-def four_bit_fit(choose_fit, args: tuple, gpus: int, device: str):
+def four_bit_fit(choose_fit, args: tuple, gpus: int, device: str, wanted: str = "auto"):
     """(fit, reasons) for the 4-bit base: one replica per card, else FSDP, else FSDP with its
-    shards in host RAM; `choose_fit` and `args` as the planner calls it."""
-    try:
-        fit, reasons = choose_fit(*args, "4bit")
-        return fit, reasons
-    except PlanError as error:
-        if device != "cuda":
-            raise
-        if gpus <= 1:
-            raise PlanError(f"{error}{_cards_that_would(choose_fit, args)}") from None
-        replica_error = error
-    for offload in (False, True):
+    shards in host RAM (`wanted`: "auto", or the user's "ddp" or "fsdp"); `choose_fit` and `args`
+    as the planner calls it."""
+    replica_error = None
+    if wanted != "fsdp":
         try:
-            fit, reasons = choose_fit(*args, "4bit", shards=gpus, offload_params=offload)
-        except PlanError:
+            return choose_fit(*args, "4bit")
+        except PlanError as error:
+            if device != "cuda" or wanted == "ddp":
+                fsdp_fits = wanted == "ddp" and device == "cuda"
+                extra = "; --strategy fsdp would shard it over the cards" if fsdp_fits else ""
+                raise PlanError(f"{error}{extra}") from None
+            if gpus <= 1:
+                raise PlanError(f"{error}{_cards_that_would(choose_fit, args)}") from None
+            replica_error = error
+    sharded = (*args[:6], SHARDED_OPTIMIZER, *args[7:])  # args[6]: the optimizer
+    for offload in (False, True) if device == "cuda" else (False,):
+        try:
+            fit, reasons = choose_fit(*sharded, "4bit", shards=gpus, offload_params=offload)
+        except PlanError as error:
+            replica_error = replica_error or error
             continue
         where = (f"; the shards wait in host RAM ({gib(fit.estimate.host_offload)} in all), gathered to the "
                  "cards when used" if offload else "")
-        reasons["gpus"] = (f"FSDP-QLoRA over {gpus} cards: one card does not hold the 4-bit model and its step, "
-                           f"so weights, LoRA and optimizer state are sharded{where}. Predicted only: Tunesmith "
-                           "cannot train with FSDP yet")
+        what = "cards" if device == "cuda" else "processes"
+        why = ("set by you" if wanted == "fsdp" else "one card does not hold the 4-bit model and its step")
+        reasons["gpus"] = (f"FSDP-QLoRA over {gpus} {what}: {why}, so weights, LoRA and optimizer state are "
+                           f"sharded{where}" + ("" if device == "cuda" else " (gloo: the FSDP code path, to try it)"))
+        reasons["optimizer"] = (f"{OPTIMIZER_LABELS[SHARDED_OPTIMIZER]}: its state sharded by FSDP (the 8-bit "
+                                "optimizer does not take FSDP's sharded weights)")
         return fit, reasons
     raise PlanError(f"{replica_error}; even sharded over {gpus} cards (FSDP, its shards in host RAM) it does "
                     "not fit") from None
@@ -48,6 +60,7 @@ def four_bit_fit(choose_fit, args: tuple, gpus: int, device: str):
 
 def _cards_that_would(choose_fit, args: tuple) -> str:
     """"; N such cards would hold it ..." for a one-card refusal, when FSDP over a few would fit."""
+    args = (*args[:6], SHARDED_OPTIMIZER, *args[7:])
     for count in CARD_COUNTS:
         for offload in (False, True):
             try:
@@ -56,7 +69,7 @@ def _cards_that_would(choose_fit, args: tuple) -> str:
                 continue
             ram = f", {gib(fit.estimate.host_offload)} of host RAM" if offload else ""
             return (f"; {count} such cards would hold it sharded (--gpus {count}: FSDP-QLoRA, "
-                    f"{gib(fit.estimate.peak)} a card{ram}; planned, not yet trainable)")
+                    f"{gib(fit.estimate.peak)} a card{ram})")
     return ""
 
 
@@ -67,10 +80,3 @@ def strategy_of(fit, gpus: int) -> str:
     if fit.shards <= 1:
         return "ddp"
     return "fsdp-offload" if fit.offload_params else "fsdp"
-
-
-def refuse_untrainable(plan) -> None:
-    """One line instead of a run Tunesmith cannot train yet."""
-    if plan.strategy.startswith("fsdp"):
-        raise ConfigError(f"--gpus {plan.gpus}: this model needs FSDP-QLoRA over the cards (see `tunesmith plan`), "
-                          "which Tunesmith plans but does not train yet; choose a model that fits one card")

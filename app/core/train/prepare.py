@@ -23,7 +23,6 @@ from app.core.models.facts import ModelFacts
 from app.core.models.resolve import resolve_model
 from app.core.plan.planner import plan_run, validate_config
 from app.core.plan.presets import training_budget
-from app.core.plan.sharding import refuse_untrainable
 
 
 @dataclass
@@ -68,9 +67,7 @@ def prepare_training(config: TrainConfig, log: Callable[[str], None] = lambda m:
     lengths = [len(e.input_ids) for e in train_set]
     stats = length_stats(lengths)
     if plan is None:
-        plan = plan_run(config, stats, lengths, bool(val_set), model.arch,
-                        budget)
-        refuse_untrainable(plan)
+        plan = plan_run(config, stats, lengths, bool(val_set), model.arch, budget)
     train, truncated, dropped = truncate(train_set, plan.seq_len)
     val, _, _ = truncate(val_set, plan.seq_len)
     if not train:

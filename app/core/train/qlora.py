@@ -4,23 +4,28 @@ Recipe: NF4 with double quantisation, bf16 compute on CUDA cards that have it (f
 gradient scaler on Volta and Turing, fp32 on CPU), LoRA on every linear layer of the blocks with
 its weights in fp32, paged 8-bit AdamW on CUDA (torch AdamW on CPU), cosine schedule with warmup,
 gradients clipped to `max_grad_norm`. Before the model loads, the start-up self-test
-(selftest.py) tries the plan's attention, loss kernel and optimizer and replaces any that fail. The loss is the mean over all trained tokens of an optimizer
-step, however they fall across micro-batches. Micro-batches are packed rows or padded batches
-(`Plan.batching`); the loss is fused or plain (`Plan.loss`, see kernels.py).
+(selftest.py) tries the plan's attention, loss kernel and optimizer and replaces any that fail.
+The loss is the mean over all trained tokens of an optimizer step, however they fall across
+micro-batches. Micro-batches are packed rows or padded batches (`Plan.batching`); the loss is
+fused or plain (`Plan.loss`, see kernels.py). In a run on several processes each trains its share
+of a step's micro-batches (distributed.py), as a replica or, under FSDP, sharded (sharded.py).
 """
 
 from __future__ import annotations
 
 import gc
+import os
 from pathlib import Path
 
 from app.core.atomic import staged_dir, write_json, write_manifest
 from app.core.data.packing import Batch, collate_packed, collate_padded
 from app.core.data.tokenize import IGNORE, Tokenized
+from app.core.errors import RunError
 from app.core.train.kernels import apply_liger_kernels, attention_for, linear_cross_entropy, packed_kwargs
 from app.core.train.offload import offload_checkpoints
 from app.core.train.prepare import Prepared
 from app.core.train.selftest import SelfTestResult, Shapes, run_selftest
+from app.core.train.sharded import gradient_scale
 from app.core.train.tiled_layer import NotTileable, tile_layers
 from app.core.train.tiled_mlp import tile_mlps
 
@@ -45,8 +50,10 @@ class QLoraSession:
         liger_works = checked.liger_works
         torch.manual_seed(config.seed)
         self.attention = attention_for(plan.attention, plan.batching == "packed", plan.device)
+        self.sharded = bool(ranks) and plan.strategy.startswith("fsdp")  # FSDP-QLoRA: sharded.py
         base = load_base_model(prepared.model, getattr(torch, plan.compute_dtype), plan.device,
-                               config.trust_remote_code, self.attention, plan.quantize)
+                               config.trust_remote_code, self.attention, plan.quantize,
+                               plan.compute_dtype if self.sharded else "uint8")
         base.config.use_cache = False
         self.notes = [note for note in [f"base: {'NF4' if plan.quantize == '4bit' else plan.compute_dtype}, "
                                         f"attention: {self.attention}, loss: {plan.loss}, "
@@ -66,9 +73,17 @@ class QLoraSession:
                               f"({'to pinned host memory' if to_host else 'kept in place on the CPU'})")
         if plan.layer_tile and plan.grad_checkpointing:
             self.notes.append(self._tile_layers(plan))
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        for param in self.params:  # fp32 LoRA weights whatever the compute dtype (PEFT's default too)
-            param.data = param.data.float()
+        for param in self.model.parameters():  # fp32 LoRA weights whatever the compute dtype (PEFT's too)
+            if param.requires_grad:
+                param.data = param.data.float()
+        self.root = None  # under FSDP: the sharded model's root module, whose forward is the loss
+        if self.sharded:
+            from app.core.train.sharded import shard
+
+            self.root, count = shard(self.model, plan, self.device)
+            self.notes.append(f"FSDP over {ranks.world} processes: {count} layers sharded")
+        self.named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named]
         self.optimizer = make_optimizer(plan.optimizer, self.params, config.lr, config.weight_decay)
         # fp16 compute overflows without loss scaling; bf16 and fp32 have the range to go without.
         self.scaler = (torch.amp.GradScaler(self.device.type) if plan.compute_dtype == "float16" else None)
@@ -112,18 +127,27 @@ class QLoraSession:
         tensors = [self.collate(batch) for batch in batches]
         targets = max(1, sum(batch.trained_tokens for batch in tensors))  # the whole step's, on every rank
         loss_total, tokens = 0.0, 0
-        for batch in (self.ranks.share(tensors) if self.ranks else tensors):
+        mine = self.ranks.share(tensors) if self.ranks else tensors
+        passes = [(batch, 1.0) for batch in mine]
+        if self.sharded:  # every rank the same passes (FSDP's collectives): a short rank's extra weighs 0
+            passes += [(tensors[0], 0.0)] * (-(-len(tensors) // self.ranks.world) - len(mine))
+        scale = gradient_scale(self.ranks) if self.sharded else 1.0
+        for index, (batch, weight) in enumerate(passes):
+            if self.sharded:  # the gradients go over the wire once a step, after its last pass
+                self.root.set_requires_gradient_sync(index == len(passes) - 1)
             loss_sum = self.loss_sum(batch)
-            scaled = loss_sum / targets
+            scaled = loss_sum * (weight * scale / targets)
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            loss_total += float(loss_sum.detach())
-            tokens += batch.real_tokens
+            loss_total += weight * float(loss_sum.detach())
+            tokens += batch.real_tokens if weight else 0
         if self.ranks:  # each rank's share summed: one process's gradient over the whole step
-            self.ranks.sum_gradients(self.params)
+            if not self.sharded:  # (FSDP sums the sharded gradients itself)
+                self.ranks.sum_gradients(self.params)
             loss_total, tokens = self.ranks.sum(loss_total, tokens)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if self.scaler:  # skips the step when the scaled gradients overflowed, and adjusts the scale
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -152,6 +176,8 @@ class QLoraSession:
 
     def loss_sum(self, batch: Batch):
         """Summed cross-entropy of `batch`'s targets, computed the way the plan says."""
+        if self.root is not None:
+            return self.root(batch)
         return loss_sum(self.model, batch, self.device, self.plan.loss)
 
     # -- persistence ---------------------------------------------------------------------------
@@ -160,11 +186,20 @@ class QLoraSession:
         on several processes, the others waiting: every rank holds the same state)."""
         import torch
 
+        from app.core.train import sharded
+
+        lora, staging = None, sharded.staging_for(path)
+        if self.sharded:  # every rank: the LoRA weights gathered, its share of the optimizer written
+            lora = sharded.gathered_lora(self.named, self.ranks.main)
+            sharded.save_optimizer(self.root, self.optimizer, self.ranks, staging)
         if self._not_the_writer():
             return
         with staged_dir(path, replace=True) as tmp:
-            self.model.save_pretrained(tmp)
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            self.model.save_pretrained(tmp, **({"state_dict": lora} if self.sharded else {}))
+            if self.sharded:
+                os.replace(staging, tmp / sharded.OPTIMIZER_DIR)
+            else:
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             if self.scaler:
                 torch.save(self.scaler.state_dict(), tmp / "scaler.pt")
@@ -172,7 +207,8 @@ class QLoraSession:
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state_all()
             torch.save(rng, tmp / "rng.pt")
-            write_json(tmp / "state.json", {**state, "manifest": True})
+            write_json(tmp / "state.json", {**state, "manifest": True,
+                                            **({"optimizer_shards": self.ranks.world} if self.sharded else {})})
             write_manifest(tmp)  # flushed to disk, sizes and checksums: see Run.checkpoints
         if self.ranks:
             self.ranks.barrier()
@@ -183,10 +219,20 @@ class QLoraSession:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        weights = load_file(str(path / "adapter_model.safetensors"), device=str(self.device))
-        set_peft_model_state_dict(self.model, weights)
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True,
-                                                  map_location=self.device))
+        from app.core.train import sharded
+
+        if self.sharded != (path / sharded.OPTIMIZER_DIR).is_dir():
+            raise RunError(f"{path.name}: its optimizer state is {'not ' * self.sharded}sharded with FSDP, "
+                           f"and this plan ({self.plan.strategy or 'one process'}) "
+                           f"{'shards' if self.sharded else 'does not'}; resume with the run's own --gpus")
+        if self.sharded:
+            sharded.load_lora(self.named, load_file(str(path / "adapter_model.safetensors")))
+            sharded.load_optimizer(self.root, self.optimizer, path / sharded.OPTIMIZER_DIR)
+        else:
+            weights = load_file(str(path / "adapter_model.safetensors"), device=str(self.device))
+            set_peft_model_state_dict(self.model, weights)
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True,
+                                                      map_location=self.device))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         if self.scaler and (path / "scaler.pt").exists():
             self.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
@@ -197,10 +243,13 @@ class QLoraSession:
 
     def save_adapter(self, path: Path, tokenizer) -> None:
         """The final PEFT adapter (safetensors + adapter_config.json) with the tokenizer."""
+        from app.core.train.sharded import gathered_lora
+
+        lora = gathered_lora(self.named, self.ranks.main) if self.sharded else None
         if self._not_the_writer():
             return
         with staged_dir(path, replace=True) as tmp:
-            self.model.save_pretrained(tmp)
+            self.model.save_pretrained(tmp, **({"state_dict": lora} if self.sharded else {}))
             tokenizer.save_pretrained(tmp)
         if self.ranks:
             self.ranks.barrier()

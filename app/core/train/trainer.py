@@ -118,6 +118,8 @@ def regrouped(plan: Plan, gpus: int) -> Plan:
     shared out again), so that a run resumes on another number of GPUs as if it had not moved."""
     if gpus == plan.gpus:
         return plan
+    if plan.strategy.startswith("fsdp") and gpus < 2:
+        raise RunError(f"--gpus {gpus}: this run shards its model over the GPUs (FSDP); resume it on 2 or more")
     step = plan.grad_accum * plan.gpus
     if gpus < 1 or step % gpus:
         counts = " or ".join(str(n) for n in range(1, step + 1) if step % n == 0)
