@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 
-from app.core.units import format_duration
+from app.core.units import format_duration, memory_text
 
 
 class Progress:
@@ -46,10 +46,10 @@ class Progress:
         width = 24
         filled = int(width * e.step / max(1, e.total_steps))
         text = (f"step {e.step}/{e.total_steps} [{'#' * filled}{'.' * (width - filled)}] loss {e.loss:.4f} "
-                f"| {e.tokens_per_s:,.0f} tok/s | ETA {format_duration(e.eta_s)}")
+                f"| {e.tokens_per_s:,.0f} tok/s | ETA {format_duration(e.eta_s)}{memory_text(e.memory, ' | ')}")
         now = time.monotonic()
         if self.tty:
-            self.stream.write("\r" + text.ljust(90))
+            self.stream.write("\r" + text.ljust(110))
             self.stream.flush()
             self.bar_open = True
         elif now - self.last_print >= 5 or e.step == e.total_steps or e.step == 1:

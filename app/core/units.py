@@ -17,3 +17,15 @@ def format_duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def memory_text(memory, lead: str = "") -> str:
+    """A step's memory by process (StepMetrics.memory, bytes) in a few characters: "memory 2.1 GiB",
+    "memory 2.1/2.2 GiB" for a run on two processes, the largest of more; "" without figures."""
+    figures = [value / GIB for value in memory or () if value]
+    if not figures:
+        return ""
+    if len(figures) <= 4:
+        return f"{lead}memory {'/'.join(f'{value:.1f}' for value in figures)} GiB"
+    top = max(range(len(figures)), key=figures.__getitem__)
+    return f"{lead}memory up to {figures[top]:.1f} GiB (process {top} of {len(figures)})"

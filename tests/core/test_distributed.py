@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 from pathlib import Path
@@ -46,6 +47,8 @@ def test_two_processes_train_the_adapter_one_process_does_with_double_accumulati
     assert run.plan().gpus == 2 and "2 processes on the CPU (gloo)" in run.plan().reasons["gpus"]
     assert read_history(run).losses == pytest.approx(read_history(Run(one.run_dir)).losses, rel=1e-5)
     assert [e.step for e in events if isinstance(e, StepMetrics)] == [1, 2, 3, 4, 5, 6]  # followed live
+    memory = [e.memory for e in events if isinstance(e, StepMetrics)]
+    assert all(len(m) == 2 and min(m) > 100 * 2**20 for m in memory), memory  # each process's RSS, by rank
     trained, reference = adapter(two), adapter(one)
     assert max(float(v.abs().max()) for k, v in reference.items() if "lora_B" in k) > 0.01  # it learned
     assert max_difference(trained, reference) < 1e-5
@@ -153,6 +156,7 @@ def test_the_cli_trains_on_two_processes_and_says_so(tiny_model, chat_data, tune
                      "--max-steps", "2", "--seq-len", "128", "--batch", "2", "--quantize", "4bit"]) == 0
     out = capsys.readouterr()
     assert "Training on 2 processes (2 processes on the CPU (gloo)" in out.out + out.err
+    assert re.search(r"step 2/2 .* \| memory \d+\.\d/\d+\.\d GiB", out.out + out.err)  # by process
     assert cli.main(["plan", "--model", str(tiny_model), "--gpus", "64"]) == 2
     assert "--gpus 64: no GPU here" in capsys.readouterr().err
 
@@ -192,3 +196,13 @@ def test_a_run_resumes_on_another_number_of_processes_with_the_same_steps(tiny_m
     assert (plan.gpus, plan.grad_accum) == (1, 2) and plan.reasons["gpus"].startswith("resumed on 1 process")
     straight = run_training(config(tiny_model, chat_data, gpus=1, accum=2, steps=60))
     assert max_difference(adapter(finished), adapter(straight)) < 1e-4
+
+
+def test_memory_by_process_reads_in_a_few_characters():
+    from app.core.units import memory_text
+
+    gib = 2**30
+    assert memory_text(()) == "" and memory_text((0,)) == ""  # no figure, nothing shown
+    assert memory_text((2 * gib,)) == "memory 2.0 GiB"
+    assert memory_text((2 * gib, 3 * gib), " | ") == " | memory 2.0/3.0 GiB"
+    assert memory_text([gib] * 7 + [4 * gib]) == "memory up to 4.0 GiB (process 7 of 8)"

@@ -261,3 +261,14 @@ def test_the_gpu_count_shows_only_with_several_cards_and_reaches_the_plan(window
     assert tab.config().gpus == 2
     qtbot.waitUntil(lambda: tab.plan_view.plan is not None and tab.plan_view.plan.gpus == 2, timeout=60_000)
     assert tab.plan_view.plan.reasons["gpus"].startswith("DDP over 2 GPUs")
+
+
+def test_the_status_shows_each_processs_memory_during_a_run_on_several(window):
+    """The step's memory by process, as a run on two processes reports it (StepMetrics.memory)."""
+    from app.core.train.events import StepMetrics
+
+    tab = window.train_tab
+    tab._on_event(StepMetrics(3, 10, 0.3, 2.5, 1e-4, 0.2, 512, 160.0, 9.0, 21.0, (2 * 2**30, 3 * 2**30)))
+    assert tab.status.text().endswith("· memory 2.0/3.0 GiB")
+    tab._on_event(StepMetrics(4, 10, 0.4, 2.4, 1e-4, 0.2, 512, 160.0, 9.0, 21.0))  # an older run's line
+    assert "memory" not in tab.status.text() and "step 4/10" in tab.status.text()

@@ -63,6 +63,16 @@ class Ranks:
         dist.all_reduce(tensor)
         return tuple(float(v) for v in tensor.tolist())
 
+    def gather(self, value: float) -> list[float]:
+        """`value` from every rank, in rank order."""
+        import torch
+        import torch.distributed as dist
+
+        mine = torch.tensor([value], dtype=torch.float64, device=self.device())
+        every = [torch.zeros_like(mine) for _ in range(self.world)]
+        dist.all_gather(every, mine)
+        return [float(v) for v in torch.cat(every).tolist()]
+
     def any(self, flag: bool) -> bool:
         return self.sum(1.0 if flag else 0.0)[0] > 0
 

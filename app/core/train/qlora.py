@@ -89,6 +89,7 @@ class QLoraSession:
         self.scaler = (torch.amp.GradScaler(self.device.type) if plan.compute_dtype == "float16" else None)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, plan.warmup_steps, plan.total_steps)
         self.model.train()
+        self.memory: tuple[int, ...] = ()  # after each step: bytes at its peak, by rank (step_memory)
 
     def _tile_layers(self, plan) -> str:
         """Tile the checkpointed layers (after offloading: the tiled checkpoint offloads too)."""
@@ -155,6 +156,8 @@ class QLoraSession:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        mine = step_memory(self.device)
+        self.memory = tuple(int(v) for v in self.ranks.gather(mine)) if self.ranks else (mine,)
         return loss_total / targets, tokens, grad_norm
 
     def evaluate(self, examples: list[Tokenized]) -> float:
@@ -335,6 +338,20 @@ def self_test(plan, facts, device) -> SelfTestResult:
         capability = tuple(torch.cuda.get_device_capability(device))
     shapes = Shapes(facts.heads, facts.kv_heads, facts.head_dim, facts.hidden, facts.attention_softcap)
     return run_selftest(plan, shapes, capability)
+
+
+def step_memory(device) -> int:
+    """The memory this process held at the peak of the step just taken: on CUDA torch's peak
+    allocation on the card (then reset for the next step), on the CPU the process's resident RAM."""
+    import torch
+
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return int(peak)
+    from app.gpu.machine import process_ram_bytes
+
+    return int(process_ram_bytes() or 0)
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float):

@@ -272,7 +272,8 @@ class _Loop:
         plan, spent = self.plan, time.monotonic() - self.started
         self.emit(StepMetrics(self.step, plan.total_steps, self.step / plan.steps_per_epoch, self.last_loss,
                               self.lr, self.grad_norm, self.step_tokens, self.session_tokens / spent, self.elapsed(),
-                              spent / self.session_steps * (plan.total_steps - self.step)))
+                              spent / self.session_steps * (plan.total_steps - self.step),
+                              tuple(self.session.memory)))
         last = self.step == plan.total_steps
         if plan.eval_every and self.prepared.val and (self.step % plan.eval_every == 0 or last):
             self.evaluate()

@@ -11,7 +11,7 @@ from PySide6.QtWidgets import (QCheckBox, QGroupBox, QHBoxLayout, QScrollArea, Q
                                QVBoxLayout, QWidget)
 
 from app.core.config import TrainConfig, field_help
-from app.core.units import format_duration
+from app.core.units import format_duration, memory_text
 from app.gui.tabs.train_dialogs import ask_resume_consent, error_box
 from app.gui.widgets.controls import button, label
 from app.gui.widgets.dataset_view import DatasetReport, DropZone
@@ -309,7 +309,7 @@ class TrainTab(QWidget):
             self.graphs.lr.add_step(event.step, event.lr)
             self.status.setText(f"step {event.step}/{event.total_steps} · epoch {event.epoch:.2f} · loss "
                                 f"{event.loss:.4f} · {event.tokens_per_s:,.0f} tokens/s · "
-                                f"ETA {format_duration(event.eta_s)}")
+                                f"ETA {format_duration(event.eta_s)}{memory_text(event.memory, ' · ')}")
         elif isinstance(event, ev.EvalMetrics):
             self.graphs.loss.add_eval(event.step, event.eval_loss)
         elif isinstance(event, ev.RunStarted):
