@@ -92,7 +92,7 @@ def run_with_progress(start) -> int:
 
 def report_end(result) -> int:
     if result.status == "finished":
-        print(f"Finished: adapter in {result.adapter_dir}")
+        print(f"Finished: adapter in {result.adapter_dir}" if result.adapter_dir else f"Finished: {result.reason}")
         return 0
     if result.status == "stopped":
         print(f"Stopped at step {result.step}/{result.total_steps}. Continue with: tunesmith resume {result.run_id}")

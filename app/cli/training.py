@@ -13,9 +13,9 @@ from app.core.config import TrainConfig
 from app.core.units import gib
 
 TRAIN_HIDDEN = ("warmup_ratio", "max_grad_norm", "weight_decay", "lora_dropout", "lora_alpha")
-PLAN_FLAGS = ("model", "data", "preset", "gpu", "gpus", "strategy", "quantize", "attention", "loss_kernel", "rank", "seq_len",
-              "micro_batch", "grad_accum", "epochs", "grad_checkpointing", "mlp_tile", "offload_checkpoints",
-              "layer_tile", "packing", "skip_bad", "trust_remote_code")
+PLAN_FLAGS = ("model", "data", "preset", "gpu", "gpus", "nodes", "strategy", "quantize", "attention", "loss_kernel",
+              "rank", "seq_len", "micro_batch", "grad_accum", "epochs", "grad_checkpointing", "mlp_tile",
+              "offload_checkpoints", "layer_tile", "packing", "skip_bad", "trust_remote_code")
 
 
 def add_commands(sub) -> None:
@@ -136,7 +136,7 @@ def cmd_plan(args) -> int:
         rows.append((name, value, plan.reasons.get(name, "")))
     if plan.mlp_tile:
         rows.insert(5, ("mlp_tile", plan.mlp_tile, plan.reasons.get("mlp_tile", "")))
-    if plan.gpus > 1:
+    if plan.gpus > 1 or plan.nodes > 1:
         rows.insert(5, ("gpus", plan.gpus, plan.reasons.get("gpus", "")))
     if plan.layer_tile:
         rows.insert(5, ("layer_tile", plan.layer_tile, plan.reasons.get("layer_tile", "")))

@@ -72,6 +72,12 @@ class TrainConfig(JsonRoundTrip):
     gpus: int = _f(1, "Train on this many GPUs of this machine, one process each (DDP: each a replica of the "
                       "adapter, the micro-batches of a step shared out). On a machine without a GPU, that many "
                       "CPU processes (gloo), the same code.")
+    nodes: int = _f(1, "Machines training together (a rented cluster): start the same command on each, with "
+                       "its own --node-rank and the first machine's --master-addr; --gpus is per machine.")
+    node_rank: int = _f(0, "This machine's place among --nodes: 0 on the first (which keeps the run), 1, 2, ...")
+    master_addr: str = _f("", "With --nodes: the address of the machine with --node-rank 0, reachable from the "
+                              "others.")
+    master_port: int = _f(29500, "With --nodes: a free TCP port on the machine with --node-rank 0.")
     strategy: str = _f("auto", "With --gpus: auto (each card a replica, DDP, when the 4-bit model and its step fit "
                                "one; else FSDP-QLoRA), ddp, or fsdp (the 4-bit weights, LoRA and optimizer state "
                                "sharded over the cards).")
@@ -115,6 +121,7 @@ class Plan(JsonRoundTrip):
     device: str = _f("cpu", "Where training runs.")
     gpus: int = _f(1, "Processes training together (one per GPU; gloo processes on the CPU); each step's "
                       "micro-batches are shared out, grad_accum is per process.")
+    nodes: int = _f(1, "Machines the processes are on (gpus on each); rank 0 on the first keeps the run.")
     strategy: str = _f("", "With several GPUs: ddp (each card a replica), fsdp (the weights sharded over the "
                            "cards), fsdp-offload (the shards in host RAM); empty for one process.")
     gpu: str = _f("", "The card the plan was made for (detected or named), empty on the CPU.")

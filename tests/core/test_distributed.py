@@ -8,6 +8,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -206,3 +208,48 @@ def test_memory_by_process_reads_in_a_few_characters():
     assert memory_text((2 * gib,)) == "memory 2.0 GiB"
     assert memory_text((2 * gib, 3 * gib), " | ") == " | memory 2.0/3.0 GiB"
     assert memory_text([gib] * 7 + [4 * gib]) == "memory up to 4.0 GiB (process 7 of 8)"
+
+
+def _node(rank: int, home: Path, model, data, port: int, *extra: str) -> subprocess.Popen:
+    """One machine of a two-machine cluster: `tunesmith train` with its own home (run store)."""
+    command = [sys.executable, "-m", "app", "train", "--model", str(model), "--data", str(data), "--gpus", "1",
+               "--nodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
+               "--max-steps", "6", "--seq-len", "128", "--batch", "2", "--grad-accum", "1", "--quantize", "4bit",
+               "--lr", "5e-3", *extra]
+    return subprocess.Popen(command, env={**os.environ, "TUNESMITH_HOME": str(home)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_machines_of_a_cluster_train_one_run_and_refuse_to_train_on_different_plans(tiny_model, chat_data,
+                                                                                        tunesmith_home, tmp_path):
+    """Two launchers on this machine stand in for two machines (--nodes 2, static rendezvous on
+    127.0.0.1), each with its own run store: node 0 keeps the run, node 1 records its part."""
+    homes = [tmp_path / "node0", tmp_path / "node1"]
+    port = _free_port()
+    nodes = [_node(rank, homes[rank], tiny_model, chat_data, port) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert "This machine is node 1 of 2" in outputs[1] and "memory" in outputs[0]
+    assert "Finished: node 1 of 2: trained its share; the run's progress, checkpoints and adapter are on node 0" \
+        in outputs[1]
+    first = Run(next((homes[0] / "data" / "runs").iterdir()))
+    second = Run(next((homes[1] / "data" / "runs").iterdir()))
+    assert first.raw_status()["status"] == "finished" and first.plan().nodes == 2
+    assert second.raw_status()["reason"].startswith("node 1 of 2: trained its share")
+    assert len(read_history(first).losses) == 6 and (first.adapter_dir / "adapter_model.safetensors").exists()
+    assert not (second.adapter_dir / "adapter_model.safetensors").exists()  # written on node 0 only
+
+    port = _free_port()
+    nodes = [_node(0, tmp_path / "again0", tiny_model, chat_data, port),
+             _node(1, tmp_path / "again1", tiny_model, chat_data, port, "--rank", "8")]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] != [0, 0]
+    assert "process 1 of 2 has another plan than process 0" in outputs[0], outputs[0][-2000:]

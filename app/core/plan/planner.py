@@ -69,8 +69,8 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     card = budget.card if budget else None
     (dtype, reasons["compute_dtype"]), (optimizer, reasons["optimizer"]) = device_settings(device, card)
     dropout = config.lora_dropout if lora_dropout is None else lora_dropout
-    if config.gpus > 1:
-        reasons["gpus"] = _gpus_reason(config.gpus, device, budget)
+    if config.gpus > 1 or config.nodes > 1:
+        reasons["gpus"] = _gpus_reason(config.gpus, device, budget) + _nodes_reason(config)
     max_positions = facts.max_positions if facts else None
     cap = min(budget.preset.context_cap if budget else 2048, max_positions or 1 << 30)
     wanted_seq, reasons["seq_len"] = _wanted_seq_len(config, stats, cap)
@@ -81,6 +81,10 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     reasons.update(fit_reasons)
     if fit.shards > 1:  # sharding.py: the optimizer over FSDP's shards
         optimizer = SHARDED_OPTIMIZER
+        if config.nodes > 1:
+            raise PlanError("this plan shards the model with FSDP, which Tunesmith runs on one machine only (its "
+                            "checkpoints would be split over the machines' disks); use --strategy ddp where one "
+                            "card holds the model, or the GPUs of one machine")
     over = count_over(lengths, fit.seq_len)
     if over:
         reasons["seq_len"] += f"; {over} example{'s' * (over != 1)} will be truncated"
@@ -114,6 +118,7 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
                 grad_accum=schedule.grad_accum, grad_checkpointing=fit.grad_checkpointing,
                 mlp_tile=fit.saving.mlp_tile, offload_checkpoints=fit.saving.offload_checkpoints,
                 layer_tile=fit.saving.layer_tile, batching=batching, gpus=max(1, config.gpus),
+                nodes=max(1, config.nodes),
                 strategy=strategy_of(fit, config.gpus),
                 loss=loss, attention=attention, quantize=quantize, total_steps=schedule.total_steps,
                 steps_per_epoch=schedule.steps_per_epoch, warmup_steps=schedule.warmup_steps,
@@ -174,7 +179,7 @@ def _schedule(config: TrainConfig, stats: LengthStats, lengths: list[int], fit: 
     micro_batches = micro_batches_per_epoch(lengths, shape, config.seed) if lengths else math.ceil(stats.count / micro)
     per_micro = sum(min(n, seq) for n in lengths) / max(1, micro_batches) if lengths else micro * mean_len
     reasons: dict[str, str] = {}
-    gpus = max(1, config.gpus)
+    gpus = max(1, config.gpus) * max(1, config.nodes)  # every process of the run
     if config.grad_accum:
         accum, reasons["grad_accum"] = config.grad_accum, "set by you"
     else:
@@ -204,7 +209,7 @@ def _gpus_reason(gpus: int, device: str, budget: Budget | None) -> str:
         if gpus > cores:
             raise ConfigError(f"--gpus {gpus}: no GPU here, and this CPU has {cores} cores for {gpus} processes; "
                               f"use --gpus {cores} or fewer")
-        return (f"{gpus} processes on the CPU (gloo): the multi-GPU code path, to try it; "
+        return (f"{gpus} process{'es' * (gpus != 1)} on the CPU (gloo): the multi-GPU code path, to try it; "
                 "not faster than one process here")
     if budget is not None and budget.card is None:  # this machine's cards, not a card named for planning
         from app.core import host
@@ -213,8 +218,17 @@ def _gpus_reason(gpus: int, device: str, budget: Budget | None) -> str:
         if 0 < found < gpus:
             raise ConfigError(f"--gpus {gpus}: this machine has {found} GPU{'s' * (found != 1)}; "
                               f"use --gpus {found} or fewer")
-    return (f"DDP over {gpus} GPUs: each card holds the whole model and adapter (the memory plan is per "
-            "card), each step's micro-batches are shared out")
+    return (f"DDP over {gpus} GPU{'s' * (gpus != 1)}: each card holds the whole model and adapter (the memory "
+            "plan is per card), each step's micro-batches are shared out")
+
+
+def _nodes_reason(config: TrainConfig) -> str:
+    """How the machines of a run on several share it ("" on one)."""
+    if config.nodes <= 1:
+        return ""
+    world = max(1, config.gpus) * config.nodes
+    return (f"; on {config.nodes} machines, {world} processes in all (this one: node {config.node_rank}"
+            f"{', which keeps the run' if config.node_rank == 0 else f', rank 0 at {config.master_addr}'})")
 
 
 def validate_config(config: TrainConfig) -> None:
@@ -232,8 +246,13 @@ def validate_config(config: TrainConfig) -> None:
         (config.max_grad_norm > 0, "max grad norm must be above 0"),
         (0 <= config.lora_dropout < 1, "LoRA dropout must be from 0 to below 1"),
         (config.gpus >= 1, "--gpus must be at least 1"),
+        (config.nodes >= 1, "--nodes must be at least 1"),
+        (0 <= config.node_rank < config.nodes, f"--node-rank {config.node_rank}: from 0 to {config.nodes - 1} "
+                                                f"with --nodes {config.nodes}"),
+        (config.nodes == 1 or config.master_addr, "--nodes: add --master-addr, the address of the machine with "
+                                                  "--node-rank 0"),
         (config.strategy in STRATEGIES, f"--strategy {config.strategy}: choose one of {', '.join(STRATEGIES)}"),
-        (config.strategy == "auto" or config.gpus > 1,
+        (config.strategy == "auto" or config.gpus * config.nodes > 1,
          f"--strategy {config.strategy} is for several GPUs: add --gpus 2 or more"),
         (config.strategy != "fsdp" or config.quantize != "none", "--strategy fsdp shards the 4-bit base (FSDP-QLoRA): "
                                                                  "drop --quantize none, or use --strategy ddp"),

@@ -26,6 +26,7 @@ from typing import Callable
 from app.core.runs import Run
 from app.core.train.distributed import STOP_FILE
 from app.core.train.events import Event, LogLine, RunFailed, event_from_dict
+from app.core.train.worker import MISMATCH
 
 FOLLOW_EVERY_S = 0.5
 
@@ -36,13 +37,17 @@ def run_workers(run: Run, gpus: int, on_event: Callable[[Event], None], stop: th
     from app.core.train.trainer import RunResult
 
     (run.dir / STOP_FILE).unlink(missing_ok=True)
+    config = run.config()
     message = f"Training on {gpus} processes ({run.plan().reasons.get('gpus', 'torchrun')}); their output: workers.log"
+    if config.node_rank > 0:
+        message += (f". This machine is node {config.node_rank} of {config.nodes}: the run's progress, checkpoints "
+                    f"and adapter are on node 0 ({config.master_addr})")
     run.log(message)
     on_event(LogLine(message))
     checkpoint = run.verified_checkpoint()  # rewound here, not by rank 0, so that the follower reads on
     run.rewind_metrics(json.loads((checkpoint / "state.json").read_text())["step"] if checkpoint else 0)
     follower = _Follower(run.dir / "metrics.jsonl", on_event)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+    command = [sys.executable, "-m", "torch.distributed.run", *_rendezvous(config),
                "--nproc-per-node", str(gpus), "--max-restarts", "0", "--monitor-interval", "1",
                "-m", "app.core.train.worker", str(run.dir)]
     with open(run.dir / "workers.log", "ab") as log:
@@ -60,8 +65,9 @@ def run_workers(run: Run, gpus: int, on_event: Callable[[Event], None], stop: th
     follower.read()
     status = run.raw_status()
     root = root_cause(run.dir / "workers.log") if worker.returncode != 0 else None
-    # a worker that died first is the cause, even where rank 0 already failed on the broken collective
-    died = root is not None and (root[0] != 0 or root[1] < 0)
+    # a worker that died first is the cause, even where rank 0 already failed on the broken collective;
+    # processes that disagreed (worker.MISMATCH) have said why in the status themselves
+    died = root is not None and (root[0] != 0 or root[1] < 0) and root[1] != MISMATCH
     if worker.returncode != 0 and (status.get("status") in ("running", None)
                                    or (status.get("status") == "failed" and died)):
         step = status.get("step", 0)
@@ -75,8 +81,18 @@ def run_workers(run: Run, gpus: int, on_event: Callable[[Event], None], stop: th
     if follower.failure is not None:  # one failure reaches the caller: the cause
         on_event(follower.failure)
     plan = run.plan()
+    adapter = str(run.adapter_dir) if config.node_rank == 0 else ""  # another machine's: on node 0
     return RunResult(run.id, str(run.dir), status.get("status", "failed"), status.get("step", 0), plan.total_steps,
-                     status.get("last_loss"), str(run.adapter_dir), status.get("reason", ""))
+                     status.get("last_loss"), adapter, status.get("reason", ""))
+
+
+def _rendezvous(config) -> list[str]:
+    """torchrun's arguments for where the processes meet: this machine alone, or the cluster's
+    first machine (static rendezvous: every machine is started with its own --node-rank)."""
+    if config.nodes <= 1:
+        return ["--standalone", "--nnodes", "1"]
+    return ["--nnodes", str(config.nodes), "--node-rank", str(config.node_rank),
+            "--master-addr", config.master_addr, "--master-port", str(config.master_port)]
 
 
 def _detached() -> dict:

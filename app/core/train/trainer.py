@@ -68,7 +68,7 @@ def train_worker(run: Run, prepared: Prepared, ranks, stop) -> RunResult:
 
 def _train_here_or_on_workers(run: Run, prepared: Prepared, on_event, stop) -> RunResult:
     """In this process, or on the plan's processes (launch.py), this one holding the run's lock."""
-    if prepared.plan.gpus <= 1:
+    if prepared.plan.gpus <= 1 and prepared.plan.nodes <= 1:
         return _train(run, prepared, on_event, stop)
     from app.core.train.launch import run_workers
 
@@ -120,14 +120,15 @@ def regrouped(plan: Plan, gpus: int) -> Plan:
         return plan
     if plan.strategy.startswith("fsdp") and gpus < 2:
         raise RunError(f"--gpus {gpus}: this run shards its model over the GPUs (FSDP); resume it on 2 or more")
-    step = plan.grad_accum * plan.gpus
-    if gpus < 1 or step % gpus:
-        counts = " or ".join(str(n) for n in range(1, step + 1) if step % n == 0)
-        raise RunError(f"--gpus {gpus}: each step of this run has {step} micro-batches, which {gpus} processes "
+    nodes = max(1, plan.nodes)
+    step = plan.grad_accum * plan.gpus * nodes
+    if gpus < 1 or step % (gpus * nodes):
+        counts = " or ".join(str(n) for n in range(1, step // nodes + 1) if step % (n * nodes) == 0)
+        raise RunError(f"--gpus {gpus}: each step of this run has {step} micro-batches, which {gpus * nodes} processes "
                        f"cannot share equally; resume with --gpus {counts}")
-    why = (f"resumed on {gpus} process{'es' * (gpus > 1)}, {step // gpus} micro-batches each a step (the run's "
-           f"{step} a step, as before)")
-    return replace(plan, gpus=gpus, grad_accum=step // gpus, reasons={**plan.reasons, "gpus": why})
+    why = (f"resumed on {gpus} process{'es' * (gpus > 1)}, {step // (gpus * nodes)} micro-batches each a step "
+           f"(the run's {step} a step, as before)")
+    return replace(plan, gpus=gpus, grad_accum=step // (gpus * nodes), reasons={**plan.reasons, "gpus": why})
 
 
 def consent_needed(config: TrainConfig, trust_remote_code: bool, allow_pickle: bool) -> list[str]:
