@@ -38,7 +38,8 @@ def run_workers(run: Run, gpus: int, on_event: Callable[[Event], None], stop: th
 
     (run.dir / STOP_FILE).unlink(missing_ok=True)
     config = run.config()
-    message = f"Training on {gpus} processes ({run.plan().reasons.get('gpus', 'torchrun')}); their output: workers.log"
+    why = run.plan().reasons.get("gpus", "torchrun")
+    message = f"Training on {gpus} process{'es' * (gpus != 1)} ({why}); their output: workers.log"
     if config.node_rank > 0:
         message += (f". This machine is node {config.node_rank} of {config.nodes}: the run's progress, checkpoints "
                     f"and adapter are on node 0 ({config.master_addr})")
