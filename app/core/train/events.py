@@ -34,7 +34,7 @@ class StepMetrics:
     tokens_per_s: float
     elapsed_s: float
     eta_s: float
-    memory: tuple = ()  # bytes each process held at the step's peak, by rank (see QLoraSession.memory)
+    memory: tuple = ()  # bytes each process holds (CUDA: its peak so far), by rank (qlora.step_memory)
 
 
 @dataclass(frozen=True)

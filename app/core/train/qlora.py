@@ -89,7 +89,7 @@ class QLoraSession:
         self.scaler = (torch.amp.GradScaler(self.device.type) if plan.compute_dtype == "float16" else None)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, plan.warmup_steps, plan.total_steps)
         self.model.train()
-        self.memory: tuple[int, ...] = ()  # after each step: bytes at its peak, by rank (step_memory)
+        self.memory: tuple[int, ...] = ()  # after each step: bytes held, by rank (step_memory)
 
     def _tile_layers(self, plan) -> str:
         """Tile the checkpointed layers (after offloading: the tiled checkpoint offloads too)."""
@@ -341,14 +341,13 @@ def self_test(plan, facts, device) -> SelfTestResult:
 
 
 def step_memory(device) -> int:
-    """The memory this process held at the peak of the step just taken: on CUDA torch's peak
-    allocation on the card (then reset for the next step), on the CPU the process's resident RAM."""
+    """The memory this process holds after a step: on CUDA torch's peak allocation on the card so far
+    (never reset here: memory_probe and the app's graph read the same counter), on the CPU the
+    process's resident RAM."""
     import torch
 
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return int(peak)
+        return int(torch.cuda.max_memory_allocated(device))
     from app.gpu.machine import process_ram_bytes
 
     return int(process_ram_bytes() or 0)
