@@ -35,3 +35,8 @@ def gpus() -> nvml.GpuReport:
 def memory_use(index: int = 0) -> nvml.MemoryUse | None:
     """Card `index`'s memory split into this process's, other programs' and free."""
     return nvml.memory_use(index)
+
+
+def process_ram() -> int:
+    """Resident RAM of this process now, in bytes (0 where the machine does not say)."""
+    return int(machine.process_ram_bytes() or 0)

@@ -348,9 +348,9 @@ def step_memory(device) -> int:
 
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    from app.gpu.machine import process_ram_bytes
+    from app.core.host import process_ram
 
-    return int(process_ram_bytes() or 0)
+    return process_ram()
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float):
