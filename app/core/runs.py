@@ -282,6 +282,11 @@ def _run_folders(root: Path) -> list[Path]:
             (p / "status.json").exists()]
 
 
+def checkpoint_step(path: Path | None) -> int:
+    """The step a checkpoint folder was saved at; 0 for none (a run from its start)."""
+    return json.loads((path / "state.json").read_text(encoding="utf-8"))["step"] if path else 0
+
+
 def _checkpoint_problem(path: Path, checksums: bool) -> str:
     try:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))

@@ -38,7 +38,7 @@ def four_bit_fit(choose_fit, args: tuple, gpus: int, device: str, wanted: str = 
             if gpus <= 1:
                 raise PlanError(f"{error}{_cards_that_would(choose_fit, args)}") from None
             replica_error = error
-    sharded = (*args[:6], SHARDED_OPTIMIZER, *args[7:])  # args[6]: the optimizer
+    sharded = _with_sharded_optimizer(args)
     for offload in (False, True) if device == "cuda" else (False,):
         try:
             fit, reasons = choose_fit(*sharded, "4bit", shards=gpus, offload_params=offload)
@@ -60,7 +60,7 @@ def four_bit_fit(choose_fit, args: tuple, gpus: int, device: str, wanted: str = 
 
 def _cards_that_would(choose_fit, args: tuple) -> str:
     """"; N such cards would hold it ..." for a one-card refusal, when FSDP over a few would fit."""
-    args = (*args[:6], SHARDED_OPTIMIZER, *args[7:])
+    args = _with_sharded_optimizer(args)
     for count in CARD_COUNTS:
         for offload in (False, True):
             try:
@@ -71,6 +71,11 @@ def _cards_that_would(choose_fit, args: tuple) -> str:
             return (f"; {count} such cards would hold it sharded (--gpus {count}: FSDP-QLoRA, "
                     f"{gib(fit.estimate.peak)} a card{ram})")
     return ""
+
+
+def _with_sharded_optimizer(args: tuple) -> tuple:
+    """The planner's `choose_fit` arguments with the optimizer (args[6]) FSDP trains with."""
+    return (*args[:6], SHARDED_OPTIMIZER, *args[7:])
 
 
 def strategy_of(fit, gpus: int) -> str:

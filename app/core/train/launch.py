@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from app.core.runs import Run
+from app.core.runs import Run, checkpoint_step
 from app.core.train.distributed import STOP_FILE
 from app.core.train.events import Event, LogLine, RunFailed, event_from_dict
 from app.core.train.worker import MISMATCH
@@ -46,7 +46,7 @@ def run_workers(run: Run, gpus: int, on_event: Callable[[Event], None], stop: th
     run.log(message)
     on_event(LogLine(message))
     checkpoint = run.verified_checkpoint()  # rewound here, not by rank 0, so that the follower reads on
-    run.rewind_metrics(json.loads((checkpoint / "state.json").read_text())["step"] if checkpoint else 0)
+    run.rewind_metrics(checkpoint_step(checkpoint))
     follower = _Follower(run.dir / "metrics.jsonl", on_event)
     command = [sys.executable, "-m", "torch.distributed.run", *_rendezvous(config),
                "--nproc-per-node", str(gpus), "--max-restarts", "0", "--monitor-interval", "1",

@@ -25,7 +25,7 @@ from app.core.train.kernels import apply_liger_kernels, attention_for, linear_cr
 from app.core.train.offload import offload_checkpoints
 from app.core.train.prepare import Prepared
 from app.core.train.selftest import SelfTestResult, Shapes, run_selftest
-from app.core.train.sharded import gradient_scale
+from app.core.train.sharded import full_tensor, gradient_scale
 from app.core.train.tiled_layer import NotTileable, tile_layers
 from app.core.train.tiled_mlp import tile_mlps
 
@@ -148,7 +148,7 @@ class QLoraSession:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        grad_norm = float(full_tensor(norm))  # a DTensor under FSDP
         if self.scaler:  # skips the step when the scaled gradients overflowed, and adjusts the scale
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -156,8 +156,8 @@ class QLoraSession:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        mine = step_memory(self.device)
-        self.memory = tuple(int(v) for v in self.ranks.gather(mine)) if self.ranks else (mine,)
+        held = step_memory(self.device)
+        self.memory = tuple(int(v) for v in self.ranks.gather(held)) if self.ranks else (held,)
         return loss_total / targets, tokens, grad_norm
 
     def evaluate(self, examples: list[Tokenized]) -> float:

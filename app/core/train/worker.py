@@ -55,8 +55,9 @@ def check_the_same(ranks, run, prepared) -> None:
     from app.core.errors import RunError
 
     plan = {k: v for k, v in asdict(prepared.plan).items() if k not in INFORMATIONAL}
-    checkpoint = run.verified_checkpoint()
-    start = json.loads((checkpoint / "state.json").read_text())["step"] if checkpoint else 0
+    from app.core.runs import checkpoint_step
+
+    start = checkpoint_step(run.verified_checkpoint())
     data = [prepared.data_info.get("sha256"), prepared.data_info.get("val_sha256")]
     for what, value, fix in (
             ("plan", _digest(plan), "start every machine with the same command and settings, on the same kind of "
