@@ -22,7 +22,12 @@ def process_age_ms() -> float:
 
 
 def run_gui(smoke: bool = False) -> int:
-    """Open the main window. `smoke`: exit once it is shown and print the ms from process start."""
+    """Open the main window. `smoke`: exit once it is shown and print the ms from process start.
+    Exit 2, with one line that says what to install, when the window cannot open here."""
+    from app.gui import preflight
+
+    if preflight.check():
+        return 2
     from PySide6.QtCore import QSettings, QTimer
     from PySide6.QtWidgets import QApplication
 
