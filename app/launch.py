@@ -9,6 +9,11 @@ from __future__ import annotations
 
 
 def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    from app.core.portable import console_safe
+
+    console_safe(sys.stdout, sys.stderr)  # a cp1252 console prints `?` for what it lacks, never a traceback
     from app.cli import build_parser
     from app.cli import main as cli_main
 

@@ -69,7 +69,8 @@ class Progress:
 
 
 def install_stop_handler(progress: Progress) -> threading.Event:
-    """First Ctrl-C asks the run to stop after this step (saving a checkpoint); a second aborts."""
+    """First Ctrl-C (or Ctrl-Break) asks the run to stop after this step (saving a checkpoint); a
+    second aborts."""
     stop = threading.Event()
 
     def handler(signum, frame):
@@ -79,6 +80,8 @@ def install_stop_handler(progress: Progress) -> threading.Event:
         progress._line("Stopping after this step and saving a checkpoint (Ctrl-C again to abort)...")
 
     signal.signal(signal.SIGINT, handler)
+    if hasattr(signal, "SIGBREAK"):  # Windows: Ctrl-Break, which would otherwise end the process at once
+        signal.signal(signal.SIGBREAK, handler)
     return stop
 
 

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from app.core.portable import replace as _replace
+
 
 def write_text(path: Path, text: str) -> None:
     """Replace `path` with `text` atomically (fsync, then rename)."""
@@ -24,7 +26,7 @@ def write_text(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        _replace(tmp, path)  # retried on Windows while a reader has `path` open
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -132,12 +134,12 @@ def staged_dir(target: Path, replace: bool = False) -> Iterator[Path]:
         if target.exists() and replace:
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             old.rmdir()  # a fresh name of ours: never a folder of the user's
-            os.replace(target, old)
-            os.replace(tmp, target)
+            _replace(target, old)
+            _replace(tmp, target)
             fsync_dir(target.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, target)
+            _replace(tmp, target)
             fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

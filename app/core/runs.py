@@ -24,6 +24,7 @@ from app.core.atomic import append_line, manifest_problem, read_jsonl, staged_di
 from app.core.config import Plan, TrainConfig
 from app.core.errors import RunError
 from app.core.paths import runs_dir
+from app.core.portable import RUN_INNER, path_problem, safe_name
 from app.core.run_lock import RunLock, in_use
 from app.core.train.events import Event, event_to_dict
 
@@ -199,6 +200,9 @@ def create_run(config: TrainConfig, plan: Plan, data_info: dict) -> Run:
     n = 2
     while (root / run_id).exists():
         run_id, n = f"{stamp}-{name}-{n}", n + 1
+    problem = path_problem(root / run_id, reserve=RUN_INNER)
+    if problem:
+        raise RunError(f"cannot create the run: {problem} (runs are kept in {root}; TUNESMITH_HOME moves them)")
     lock = None
     try:
         with staged_dir(root / run_id) as tmp:
@@ -298,5 +302,6 @@ def _checkpoint_problem(path: Path, checksums: bool) -> str:
 
 
 def slug(text: str, fallback: str = "run") -> str:
-    """`text` as a file or folder name: letters, digits and . _ - only, at most 60 characters."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or fallback
+    """`text` as a file or folder name on any system: letters, digits and . _ - only, at most 60
+    characters, no leading or trailing dot (hidden; dropped by Windows), no Windows device name."""
+    return safe_name(re.sub(r"[^A-Za-z0-9._-]+", "-", text)[:60].strip("-."), fallback)

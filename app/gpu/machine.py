@@ -10,22 +10,28 @@ import sys
 from pathlib import Path
 
 GIB = 1024 ** 3
+MEMINFO = Path("/proc/meminfo")  # Linux; elsewhere (Windows, macOS) psutil answers
+STATM = Path("/proc/self/statm")
+
+
+def _read(path: Path) -> str:
+    return path.read_text(encoding="ascii", errors="replace")  # /proc and /sys: ASCII
 
 
 def available_ram() -> int:
     """Bytes of RAM the system could give a new program now: MemAvailable on Linux, less when this
     process runs in a container or cgroup with a memory limit (Docker, a rented box's job slot)."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in _read(MEMINFO).splitlines():
             if line.startswith("MemAvailable:"):
                 return min(int(line.split()[1]) * 1024, cgroup_available() or 2**62)
     except OSError:
         pass
-    import os
-
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+        import psutil  # Windows and macOS: what their memory managers call available
+
+        return int(psutil.virtual_memory().available)
+    except (ImportError, OSError, AttributeError):
         return 8 * GIB  # an unknown system: assume a modest machine
 
 
@@ -33,7 +39,7 @@ def cgroup_available(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path =
     """Bytes left under this process's cgroup memory limit (the tightest of it and its parents),
     counting inactive file cache as free as the kernel would reclaim it; None without a limit."""
     try:
-        lines = proc_cgroup.read_text().splitlines()
+        lines = _read(proc_cgroup).splitlines()
     except OSError:
         return None
     best = None
@@ -58,17 +64,17 @@ def cgroup_available(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path =
 
 def _cgroup_left(folder: Path, v2: bool) -> int | None:
     try:
-        stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines() if " " in line)
+        stat = dict(line.split() for line in _read(folder / "memory.stat").splitlines() if " " in line)
         if v2:
-            limit_text = (folder / "memory.max").read_text().strip()
+            limit_text = _read(folder / "memory.max").strip()
             if limit_text == "max":
                 return None
-            limit, used = int(limit_text), int((folder / "memory.current").read_text())
+            limit, used = int(limit_text), int(_read(folder / "memory.current"))
             cache = int(stat.get("inactive_file", 0))
         else:
-            limit = min(int((folder / "memory.limit_in_bytes").read_text()),
+            limit = min(int(_read(folder / "memory.limit_in_bytes")),
                         int(stat.get("hierarchical_memory_limit", 2**63)))
-            used, cache = int((folder / "memory.usage_in_bytes").read_text()), int(stat.get("total_inactive_file", 0))
+            used, cache = int(_read(folder / "memory.usage_in_bytes")), int(stat.get("total_inactive_file", 0))
     except (OSError, ValueError):
         return None
     if limit >= 2**60:
@@ -104,17 +110,17 @@ def cuda_capability(index: int = 0) -> tuple[int, int] | None:
 
 
 def process_ram_bytes() -> int | None:
-    """Resident memory of this process now (Linux /proc; elsewhere the peak from getrusage)."""
+    """Resident memory of this process now (Linux /proc; elsewhere psutil: the working set on
+    Windows, the resident size on macOS)."""
     try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        pages = int(_read(STATM).split()[1])
 
         return pages * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError, IndexError, AttributeError):
         pass
     try:
-        import resource
+        import psutil
 
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
-    except (ImportError, OSError):
+        return int(psutil.Process().memory_info().rss)
+    except (ImportError, OSError, AttributeError):
         return None

@@ -14,8 +14,8 @@ def process_age_ms() -> float:
     """Milliseconds since this process started (Linux: from /proc; elsewhere since this import)."""
     try:
         ticks = os.sysconf("SC_CLK_TCK")
-        start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / ticks
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        start = int(Path("/proc/self/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()[19]) / ticks
+        uptime = float(Path("/proc/uptime").read_text(encoding="utf-8").split()[0])
         return (uptime - start) * 1000
     except (OSError, ValueError, IndexError, AttributeError):
         return (time.monotonic() - _IMPORTED_AT) * 1000

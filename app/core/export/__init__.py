@@ -27,6 +27,7 @@ from app.core.errors import ExportError
 from app.core.export.card import model_card
 from app.core.export.merged import MERGE_INTO, merge_adapter, parameters
 from app.core.export.modelfile import ollama_modelfile
+from app.core.portable import path_problem
 from app.core.run_lock import RunLock
 from app.core.runs import is_run_folder, slug
 from app.core.units import gib
@@ -35,6 +36,9 @@ FORMATS = ("adapter", "merged", "gguf")
 DTYPES = ("auto", "bf16", "f16", "f32")  # auto: f16 where the activations allow (merged.choose_dtype)
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 DISK_MARGIN = 1.1
+# characters an export writes below --out: the staging folder's longer name (.NAME.xxxxxxxx.tmp) and
+# the longest file in it, a GGUF named after its source (60) and quant
+EXPORT_INNER = 96
 MARKER = ".tunesmith-export"  # in every export folder: the only kind of folder --force replaces
 
 
@@ -64,6 +68,9 @@ def export_run(ref: str, fmt: str, out: str | Path, dtype: str = "auto", quant: 
         from app.core.export.quantize import check_quant
 
         check_quant(quant)  # before anything loads: a K-quant without llama.cpp names the extra to install
+    problem = path_problem(Path(out).expanduser(), reserve=EXPORT_INNER)  # before resolve(): CON stays CON
+    if problem:
+        raise ExportError(f"--out: {problem}; choose another folder")
     out = Path(out).expanduser().resolve()
     source = find_adapter(ref)
     problem = protected_reason(out, [source.adapter_dir, source.run_dir])

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from app.core.errors import ExportError
+from app.core.portable import child_env, python_command
 
 # ours: what the gguf package can write (name -> GGML type name)
 WRITTEN = {"f16": "F16", "bf16": "BF16", "f32": "F32", "q8_0": "Q8_0", "q5_0": "Q5_0", "q4_0": "Q4_0"}
@@ -66,10 +67,10 @@ def llama_quantize(source: Path, target: Path, quant: str,
     check_quant(quant)
     report = progress or (lambda message, fraction: None)
     threads = threads or max(1, os.cpu_count() or 1)
-    command = [sys.executable, "-m", "app.core.export.quantize", str(source), str(target), quant, str(threads)]
+    command = python_command("-m", "app.core.export.quantize", str(source), str(target), quant, str(threads))
     size = max(1, Path(source).stat().st_size)
-    with tempfile.TemporaryFile("w+") as log:
-        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as log:
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env())
         try:
             said = ""
             while child.poll() is None:

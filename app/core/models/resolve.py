@@ -62,7 +62,7 @@ def hf_cache_snapshot(repo_id: str) -> Path | None:
         return None
     ref = entry / "refs" / "main"
     if ref.exists():
-        snapshot = snapshots / ref.read_text().strip()
+        snapshot = snapshots / ref.read_text(encoding="utf-8").strip()
         if snapshot.is_dir():
             return snapshot
     candidates = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)

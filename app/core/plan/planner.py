@@ -204,6 +204,12 @@ def _gpus_reason(gpus: int, device: str, budget: Budget | None) -> str:
     """Why and how `gpus` processes train; ConfigError when this machine cannot run them."""
     import os
 
+    from app.core.portable import on_windows
+
+    if on_windows():
+        raise ConfigError("several processes (--gpus, --nodes) need Linux: PyTorch for Windows has no NCCL, and "
+                          "Tunesmith's multi-process runs are not tried on Windows; train with --gpus 1, or run "
+                          "Tunesmith in WSL2 or on Linux for several GPUs")
     if device != "cuda":
         cores = os.cpu_count() or 1
         if gpus > cores:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from app.core.portable import child_env, python_command
 from app.core.runs import Run, checkpoint_step
 from app.core.train.distributed import STOP_FILE
 from app.core.train.events import Event, LogLine, RunFailed, event_from_dict
@@ -48,11 +49,11 @@ def run_workers(run: Run, gpus: int, on_event: Callable[[Event], None], stop: th
     checkpoint = run.verified_checkpoint()  # rewound here, not by rank 0, so that the follower reads on
     run.rewind_metrics(checkpoint_step(checkpoint))
     follower = _Follower(run.dir / "metrics.jsonl", on_event)
-    command = [sys.executable, "-m", "torch.distributed.run", *_rendezvous(config),
-               "--nproc-per-node", str(gpus), "--max-restarts", "0", "--monitor-interval", "1",
-               "-m", "app.core.train.worker", str(run.dir)]
+    command = python_command("-m", "torch.distributed.run", *_rendezvous(config),
+                             "--nproc-per-node", str(gpus), "--max-restarts", "0", "--monitor-interval", "1",
+                             "-m", "app.core.train.worker", str(run.dir))
     with open(run.dir / "workers.log", "ab") as log:
-        worker = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, **_detached())
+        worker = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env(), **_detached())
         try:
             while worker.poll() is None:
                 if stop.is_set():
