@@ -94,3 +94,20 @@ def test_pyinstaller_build_opens_the_gui_plans_and_trains_the_demo(tmp_path):
     report = run(cli, "check-data", str(examples / "messages.jsonl"))  # converts the demo model's GGUF
     assert "tokenizer of SmolLM2-135M-Instruct" in report
     assert "Adapter saved in" in run(cli, "demo", "--max-steps", "2")  # trains, saves, generates
+
+
+def test_the_windows_build_scripts_torch_check_runs_and_can_fail():
+    """build_windows.ps1 is untried (no PowerShell here); its one line of Python is run here as the
+    script would run it, for a CUDA index (this CPU torch must fail it) and for -Cpu."""
+    import re
+
+    import torch
+
+    script = (PACKAGING / "build_windows.ps1").read_text(encoding="utf-8")
+    code = re.search(r'& \$Py -c "([^"]+)"', script).group(1)
+    assert "$Flavour" in code and '"' not in code  # PowerShell 5.1 mangles double quotes passed to a program
+    for flavour, cuda_build in (("cu128", torch.version.cuda is not None), ("cpu", True)):
+        proc = subprocess.run([sys.executable, "-c", code.replace("$Flavour", flavour)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == (0 if cuda_build else 1), proc.stdout + proc.stderr
+        assert proc.stdout.startswith(f"torch {torch.__version__} CUDA")
