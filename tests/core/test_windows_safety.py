@@ -1,8 +1,8 @@
 """What differs on Windows, tested here on Linux: names and path lengths through PureWindowsPath
 (the checks take `windows=True`, or app.core.portable.on_windows is patched to say so), locks
 across processes started with `spawn` (Windows' only start method), a console whose code page
-is cp1252, a Unicode home with spaces, files opened without an encoding, and the frozen
-launcher's `python -m` stand-in. What only Windows itself can show (its file locking, its
+is cp1252, a Unicode home with spaces, files opened without an encoding, a Notepad file (CRLF
+line ends, a byte-order mark), and the frozen launcher's `python -m` stand-in. What only Windows itself can show (its file locking, its
 registry, nvml.dll) is listed as untried in the README's Windows section."""
 
 from __future__ import annotations
@@ -266,3 +266,17 @@ def test_a_run_in_a_unicode_home_on_a_cp1252_console(tmp_path, tiny_model, chat_
     assert export.returncode == 0, export.stderr.decode("cp1252")[-2000:]
     assert (data.parent / "export ü" / "adapter_model.safetensors").is_file()
 
+
+
+def test_a_notepad_file_with_crlf_and_a_byte_order_mark_is_read_with_its_line_numbers(tmp_path, tiny_model, capsys):
+    from app.cli import main
+
+    lines = (REPO / "resources" / "data" / "examples" / "messages.jsonl").read_text(encoding="utf-8").splitlines()
+    good, bad = tmp_path / "chats.jsonl", tmp_path / "broken.jsonl"
+    good.write_bytes(b"\xef\xbb\xbf" + ("\r\n".join(lines) + "\r\n").encode("utf-8"))
+    bad.write_bytes(b"\xef\xbb\xbf" + ("\r\n".join([*lines[:2], "{not json", *lines[2:]]) + "\r\n").encode("utf-8"))
+    assert main(["check-data", str(good), "--model", str(tiny_model)]) == 0
+    assert f"{len(lines)} usable, 0 with problems" in capsys.readouterr().out
+    assert main(["check-data", str(bad), "--model", str(tiny_model)]) == 2
+    out = capsys.readouterr()
+    assert f"{bad}:3: bad JSON" in out.out + out.err
