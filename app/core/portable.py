@@ -35,6 +35,16 @@ def on_windows() -> bool:
     return sys.platform == "win32"
 
 
+def _windows(asked: bool | None) -> bool:
+    return on_windows() if asked is None else asked
+
+
+def _device(name: str) -> str:
+    """The device `name` opens on Windows (CON for `con.txt`), or ""."""
+    stem = name.split(".")[0].rstrip(" ").upper()
+    return stem if stem in RESERVED else ""
+
+
 def name_problem(name: str) -> str:
     """Why Windows cannot have a file or folder called `name` ("" when it can)."""
     bad = sorted({c for c in name if c in FORBIDDEN})
@@ -43,8 +53,8 @@ def name_problem(name: str) -> str:
         return f"'{name}' has characters Windows does not allow in a name ({shown})"
     if name != name.rstrip(". "):
         return f"'{name}' ends with a dot or a space, which Windows drops"
-    if name.split(".")[0].rstrip(" ").upper() in RESERVED:
-        return f"'{name}' is a device name on Windows ({name.split('.')[0].upper()}), not a file name"
+    if _device(name):
+        return f"'{name}' is a device name on Windows ({_device(name)}), not a file name"
     return ""
 
 
@@ -52,7 +62,7 @@ def path_problem(path: str | Path, windows: bool | None = None, reserve: int = 0
     """Why Windows could not write `path` (or, with `reserve`, files that many characters below
     it): a bad name in it, or a path too long; "" when it could, and always "" off Windows
     unless `windows` is True."""
-    if not (on_windows() if windows is None else windows):
+    if not _windows(windows):
         return ""
     pure = PureWindowsPath(path)
     for part in pure.parts[1:] if pure.anchor else pure.parts:
@@ -83,9 +93,7 @@ def safe_name(name: str, fallback: str) -> str:
     name = name.rstrip(". ").lstrip(".")
     if not name:
         return fallback
-    if name.split(".")[0].upper() in RESERVED:
-        name = "_" + name
-    return name
+    return "_" + name if _device(name) else name
 
 
 def replace(source: str | Path, target: str | Path, windows: bool | None = None) -> None:
@@ -97,7 +105,7 @@ def replace(source: str | Path, target: str | Path, windows: bool | None = None)
             os.replace(source, target)
             return
         except PermissionError:
-            if not (on_windows() if windows is None else windows) or time.monotonic() >= deadline:
+            if not _windows(windows) or time.monotonic() >= deadline:
                 raise
             time.sleep(wait)
             wait = min(0.2, wait * 2)
@@ -130,7 +138,7 @@ def python_command(*args: str) -> list[str]:
     return [str(exe.with_name(f"{stem}-cli{exe.suffix}")), *args]
 
 
-def child_env(**extra: str) -> dict[str, str]:
+def child_env() -> dict[str, str]:
     """The environment for a Python child process whose output goes to a log: UTF-8 whatever the
-    console's code page (the log is read as UTF-8), plus `extra`."""
-    return {**os.environ, "PYTHONIOENCODING": "utf-8", **extra}
+    console's code page (the log is read as UTF-8)."""
+    return {**os.environ, "PYTHONIOENCODING": "utf-8"}

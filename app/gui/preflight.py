@@ -153,7 +153,7 @@ def missing_for(plugin: str, loader: Callable[[str], bool] | None = None) -> lis
         return None
     qt_lib = pyside / "Qt" / "lib"
     plugin_file = pyside / "Qt" / "plugins" / "platforms" / f"libq{plugin}.so"
-    widgets = next(iter(sorted(pyside.glob("QtWidgets*.so"))), None)
+    widgets = next(pyside.glob("QtWidgets*.so"), None)
     if widgets is None or not plugin_file.exists() or not qt_lib.is_dir():
         return None
     bundled = [qt_lib, pyside, pyside.parent / "shiboken6"]
