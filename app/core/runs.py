@@ -263,15 +263,22 @@ def list_runs() -> list[RunSummary]:
 
 
 def delete_run(ref: str) -> None:
-    """Delete a run that no process is using (RunError naming the holder otherwise)."""
+    """Delete a run that no process is using (RunError naming the holder otherwise), whole or not
+    at all: the folder is first renamed out of the run list, which on Windows fails while another
+    program has one of its files open (the run is then left as it was), and only then removed."""
     run = open_run(ref)
     lock = RunLock(run.dir, "deleting").acquire()
-    if sys.platform == "win32":  # an open file cannot be deleted there: let go just before
+    gone = run.dir.with_name(f".{run.dir.name}.deleting")
+    if sys.platform == "win32":  # a folder with an open file in it (our lock's) cannot be renamed there
         lock.release()
     try:
-        shutil.rmtree(run.dir)
+        os.replace(run.dir, gone)
+    except OSError as err:
+        raise RunError(f"run {run.id} was not deleted: {err.strerror or err} ({err.filename}); another program "
+                       "may have one of its files open: close it and delete again. Nothing was removed") from None
     finally:
         lock.release()
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def is_run_folder(path: Path) -> bool:

@@ -280,3 +280,30 @@ def test_a_notepad_file_with_crlf_and_a_byte_order_mark_is_read_with_its_line_nu
     assert main(["check-data", str(bad), "--model", str(tiny_model)]) == 2
     out = capsys.readouterr()
     assert f"{bad}:3: bad JSON" in out.out + out.err
+
+
+def test_a_run_with_a_file_open_elsewhere_is_deleted_whole_or_not_at_all(monkeypatch, tiny_run):
+    """Windows refuses to rename a folder while another program has a file in it open; Linux
+    does not, so the refusal is simulated (os.replace raises what Windows raises)."""
+    from app.core.runs import delete_run, list_runs, open_run
+
+    run = open_run(tiny_run.run_id)
+    before = sorted(p.relative_to(run.dir).as_posix() for p in run.dir.rglob("*"))
+    real = os.replace
+
+    def in_use(source, target):
+        if Path(source) == run.dir:
+            raise PermissionError(13, "The process cannot access the file because it is being used by another "
+                                      "process", str(source))
+        real(source, target)
+
+    monkeypatch.setattr(os, "replace", in_use)
+    with pytest.raises(RunError, match=rf"run {run.id} was not deleted: .*being used by another process.*"
+                                       "Nothing was removed"):
+        delete_run(run.id)
+    after = sorted(p.relative_to(run.dir).as_posix() for p in run.dir.rglob("*") if p.name != ".lock-holder.json")
+    assert after == [name for name in before if name != ".lock-holder.json"]
+    assert [r.id for r in list_runs()] == [run.id]
+    monkeypatch.setattr(os, "replace", real)
+    delete_run(run.id)
+    assert list_runs() == [] and list(run.dir.parent.iterdir()) == []  # no hidden remains either
