@@ -278,7 +278,8 @@ def delete_run(ref: str) -> None:
                        "may have one of its files open: close it and delete again. Nothing was removed") from None
     finally:
         lock.release()
-    shutil.rmtree(gone, ignore_errors=True)
+    for folder in (gone, *run.dir.parent.glob(".*.deleting")):  # and what an earlier delete left (a file held open)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def is_run_folder(path: Path) -> bool:

@@ -305,5 +305,7 @@ def test_a_run_with_a_file_open_elsewhere_is_deleted_whole_or_not_at_all(monkeyp
     assert after == [name for name in before if name != ".lock-holder.json"]
     assert [r.id for r in list_runs()] == [run.id]
     monkeypatch.setattr(os, "replace", real)
+    left = run.dir.parent / ".20261201-000000-old.deleting" / "checkpoints"  # an earlier delete's remains
+    left.mkdir(parents=True)
     delete_run(run.id)
     assert list_runs() == [] and list(run.dir.parent.iterdir()) == []  # no hidden remains either
