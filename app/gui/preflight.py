@@ -211,9 +211,28 @@ def display_problem(env: MutableMapping[str, str] | None = None, os_release: str
 
 
 def check() -> int:
-    """Print the problem, if any, to stderr; the exit status for the launcher (0: go on, 2: stop)."""
+    """Print the problem, if any, to stderr; the exit status for the launcher (0: go on, 2: stop).
+    Started without a terminal (a desktop menu, a file manager), it is also sent as a desktop
+    notification where `notify-send` exists, since no one would read stderr."""
     problem = display_problem()
     if problem is None:
         return 0
     print(problem, file=sys.stderr, flush=True)
+    if not (sys.stderr is not None and sys.stderr.isatty()):
+        _notify(problem)
     return 2
+
+
+def _notify(problem: str) -> None:
+    import shutil
+    import subprocess
+
+    notify = shutil.which("notify-send")
+    if notify is None:
+        return
+    try:
+        subprocess.run([notify, "--app-name=Tunesmith", "Tunesmith cannot open its window",
+                        problem.removeprefix("tunesmith: ")], timeout=5, check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        pass

@@ -134,6 +134,24 @@ def test_the_launcher_exits_2_with_one_line_before_qt_loads():
     assert "Traceback" not in proc.stderr and "Reinstalling" not in proc.stderr
 
 
+def test_without_a_terminal_the_line_is_also_a_desktop_notification(tmp_path):
+    """Started from a desktop menu nobody reads stderr: `notify-send` gets the line too (here a
+    script of that name on PATH that writes down its arguments)."""
+    said = tmp_path / "said.txt"
+    fake = tmp_path / "bin" / "notify-send"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{said}"\n', encoding="utf-8")
+    fake.chmod(0o755)
+    code = ("import sys; from app.gui import preflight; "
+            "preflight.loads = lambda soname: soname != 'libxcb-icccm.so.4'; "
+            "from app.launch import main; sys.exit(main([]))")
+    proc = _launch(code, {"DISPLAY": ":99", "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"})
+    assert proc.returncode == 2, proc.stderr
+    lines = said.read_text(encoding="utf-8").splitlines()
+    assert lines[:2] == ["--app-name=Tunesmith", "Tunesmith cannot open its window"]
+    assert lines[2].startswith("the window needs X11 libraries that are missing (libxcb-icccm.so.4)")
+
+
 def test_the_launcher_without_a_display_exits_2():
     proc = _launch("import sys; from app.launch import main; sys.exit(main(['gui', '--smoke']))", {})
     assert proc.returncode == 2, proc.stderr
