@@ -2,8 +2,9 @@
 (the checks take `windows=True`, or app.core.portable.on_windows is patched to say so), locks
 across processes started with `spawn` (Windows' only start method), a console whose code page
 is cp1252, a Unicode home with spaces, files opened without an encoding, a Notepad file (CRLF
-line ends, a byte-order mark), and the frozen launcher's `python -m` stand-in. What only Windows itself can show (its file locking, its
-registry, nvml.dll) is listed as untried in the README's Windows section."""
+line ends, a byte-order mark), and the frozen launcher's `python -m` stand-in. What only Windows
+itself can show (its file locking, its registry, nvml.dll) is listed as untried in the README's
+Windows section."""
 
 from __future__ import annotations
 
