@@ -166,30 +166,35 @@ def missing_for(plugin: str, loader: Callable[[str], bool] | None = None) -> lis
     return [name for name in needed if not (loader or loads)(name)]
 
 
-def _install_line(what: str, missing: list[str], family: str | None, fallback: str) -> str:
-    libraries = ", ".join(missing)
-    if family is None:
-        fix = "install the packages of your distribution that provide them"
-    else:
-        packages = " ".join(dict.fromkeys(package_for(name, family) for name in missing))
-        fix = f"install them with: {INSTALL[family]} {packages}"
-    return f"tunesmith: the window needs {what} libraries that are missing ({libraries}); {fix}{fallback}"
+FALLBACK = "; or use the command line (tunesmith --help)"
 
 
-def display_problem(env: MutableMapping[str, str] | None = None, os_release: str | None = None,
-                    loader: Callable[[str], bool] | None = None, platform: str = sys.platform) -> str | None:
-    """None when Qt's window can start; else the one line to print. May set QT_QPA_PLATFORM in `env`
-    (os.environ by default) to prefer Wayland on a Wayland session whose plugin loads."""
-    if not platform.startswith("linux"):
-        return None
-    env = os.environ if env is None else env
+def _install_line(what: str, missing: list[str], os_release: str | None) -> str:
+    """The line for missing libraries, with the install command of the distribution that
+    `os_release` (/etc/os-release's text; read here when None) names."""
     if os_release is None:
         try:
             os_release = Path("/etc/os-release").read_text(encoding="utf-8", errors="replace")
         except OSError:
             os_release = ""
     family = family_of(os_release)
-    fallback = "; or use the command line (tunesmith --help)"
+    libraries = ", ".join(missing)
+    if family is None:
+        fix = "install the packages of your distribution that provide them"
+    else:
+        packages = " ".join(dict.fromkeys(package_for(name, family) for name in missing))
+        fix = f"install them with: {INSTALL[family]} {packages}"
+    return f"tunesmith: the window needs {what} libraries that are missing ({libraries}); {fix}{FALLBACK}"
+
+
+def display_problem(env: MutableMapping[str, str] | None = None, os_release: str | None = None,
+                    loader: Callable[[str], bool] | None = None, platform: str = sys.platform) -> str | None:
+    """None when Qt's window can start; else the one line to print. May set QT_QPA_PLATFORM in `env`
+    (os.environ by default) to prefer Wayland on a Wayland session whose plugin loads.
+    `os_release`: /etc/os-release's text, read only when there is a line to write."""
+    if not platform.startswith("linux"):
+        return None
+    env = os.environ if env is None else env
     chosen = env.get("QT_QPA_PLATFORM", "").split(";")[0].split(":")[0].strip().lower()
     if chosen and chosen != "xcb" and not chosen.startswith("wayland"):
         return None  # offscreen, vnc, eglfs, ...: the user chose a platform that needs no desktop
@@ -201,13 +206,13 @@ def display_problem(env: MutableMapping[str, str] | None = None, os_release: str
                 env["QT_QPA_PLATFORM"] = "wayland;xcb" if x11 else "wayland"
             return None
         if chosen or not x11:
-            return _install_line("Wayland", missing, family, fallback)
+            return _install_line("Wayland", missing, os_release)
     if not x11:
         return ("tunesmith: there is no display to open the window on (neither DISPLAY nor "
                 "WAYLAND_DISPLAY is set); start it from your desktop session, or as "
-                "`xvfb-run tunesmith` on a machine without one" + fallback)
+                "`xvfb-run tunesmith` on a machine without one" + FALLBACK)
     missing = missing_for("xcb", loader)
-    return _install_line("X11", missing, family, fallback) if missing else None
+    return _install_line("X11", missing, os_release) if missing else None
 
 
 def check() -> int:
