@@ -45,6 +45,12 @@ def _window_part(image):
     return image.copy(0, 0, right + 1, bottom + 1)
 
 
+def _ended(app_proc) -> int:
+    """`tunesmith` exited before its picture (the pre-flight's line, say): say what it said."""
+    print(app_proc.stderr.read().strip() or f"tunesmith exited {app_proc.returncode}", file=sys.stderr)
+    return app_proc.returncode or 1
+
+
 def wayland(out: Path, settle: float) -> int:
     """The first launch on a Wayland session: headless Weston, its screenshooter."""
     if not shutil.which("weston") or not shutil.which("weston-screenshooter"):
@@ -70,8 +76,7 @@ def wayland(out: Path, settle: float) -> int:
                                         stderr=subprocess.PIPE, text=True)
             time.sleep(settle)
             if app_proc.poll() is not None:
-                print(app_proc.stderr.read().strip() or f"tunesmith exited {app_proc.returncode}", file=sys.stderr)
-                return app_proc.returncode or 1
+                return _ended(app_proc)
             shots = Path(home) / "shots"
             shots.mkdir()
             subprocess.run(["weston-screenshooter"], cwd=shots, env=env, timeout=60, check=True)
@@ -115,8 +120,7 @@ def main() -> int:
         shown = None
         while time.monotonic() - started < args.wait:
             if app_proc.poll() is not None:
-                print(app_proc.stderr.read().strip() or f"tunesmith exited {app_proc.returncode}", file=sys.stderr)
-                return app_proc.returncode or 1
+                return _ended(app_proc)
             time.sleep(0.5)
             if shown is None and _painted(_grab(app)):
                 shown = time.monotonic() - started
