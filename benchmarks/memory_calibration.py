@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import platform
 import sys
@@ -30,11 +31,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if importlib.util.find_spec("app") is None:  # the installed Tunesmith (an offline kit's), else this checkout
+    sys.path.insert(0, str(ROOT))
 
 from app.core.config import Plan, TrainConfig  # noqa: E402
 from app.core.models.architecture import arch_facts  # noqa: E402
-from app.core.models.catalog import find_in_catalog  # noqa: E402
+from app.core.models.random_weights import shape_config as model_config  # noqa: E402,F401 - the benchmarks' name
+from app.core.models.random_weights import write_random_model  # noqa: E402,F401
 from app.core.plan.memory import GIB, MemorySetup, estimate_memory  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -87,16 +90,6 @@ def main() -> int:
     return 0
 
 
-def model_config(model_id: str, layers: int | None = None) -> dict:
-    """The catalogue's config.json of `model_id`, cut to its first `layers` decoder layers (the
-    estimator is per layer, so a shallower model of the same shapes checks the same constants)."""
-    config = find_in_catalog(model_id).config()
-    if layers:
-        config = dict(config, num_hidden_layers=min(layers, config["num_hidden_layers"]))
-        config.pop("layer_types", None)
-    return config
-
-
 def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_batch: int,
             device: str, dtype: str, warm_steps: int, loss: str = "plain", layers: int | None = None,
             folder: Path | None = None, batching: str = "grouped", attention: str = "",
@@ -143,13 +136,10 @@ def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_b
         lora_params = session.trainable_parameters
         ran = session.plan  # the self-test may have replaced the optimizer or attention
         session.release()
-    estimate = estimate_memory(facts, MemorySetup(rank=rank, seq_len=seq_len, micro_batch=micro_batch,
-                                                  grad_checkpointing=checkpointing, mlp_tile=mlp_tile,
-                                                  offload_checkpoints=offload_checkpoints, layer_tile=layer_tile,
-                                                  compute_dtype=dtype,
-                                                  optimizer=ran.optimizer, device=device, loss=loss,
-                                                  attention=ran.attention, quantize=quantize,
-                                                  lora_dropout=lora_dropout > 0))
+    estimate = predict(facts, rank=rank, seq_len=seq_len, micro_batch=micro_batch, checkpointing=checkpointing,
+                       dtype=dtype, optimizer=ran.optimizer, device=device, loss=loss, attention=ran.attention,
+                       quantize=quantize, lora_dropout=lora_dropout, mlp_tile=mlp_tile,
+                       offload_checkpoints=offload_checkpoints, layer_tile=layer_tile)
     static = weights.quantized + weights.kept + weights.lora + state
     measured_peak = static + probe.peak
     predicted_step = (estimate.activations + estimate.logits + estimate.transient + estimate.lora_gradients)
@@ -173,20 +163,16 @@ def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_b
     }
 
 
-def write_random_model(config: dict, folder: Path, dtype: str) -> None:
-    """Random weights of `config` saved as safetensors in `folder` (made on the GPU when there
-    is one: initialising billions of weights on the CPU takes minutes)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    values = {k: v for k, v in config.items() if k not in ("architectures", "torch_dtype", "dtype")}
-    built = AutoConfig.for_model(values.pop("model_type"), **values)
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(built, dtype=getattr(torch, dtype))
-    model.save_pretrained(folder)
-    del model
-    gc.collect()
+def predict(facts, *, rank: int, seq_len: int, micro_batch: int, checkpointing: bool, dtype: str, optimizer: str,
+            device: str, loss: str, attention: str, quantize: str = "4bit", lora_dropout: float = 0.05,
+            mlp_tile: int = 0, offload_checkpoints: bool = False, layer_tile: int = 0):
+    """The estimator's figures for one configuration as `measure` trains it; `.peak -
+    .runtime_overhead` is what `measure` calls peak_predicted."""
+    return estimate_memory(facts, MemorySetup(rank=rank, seq_len=seq_len, micro_batch=micro_batch,
+                                              grad_checkpointing=checkpointing, mlp_tile=mlp_tile,
+                                              offload_checkpoints=offload_checkpoints, layer_tile=layer_tile,
+                                              compute_dtype=dtype, optimizer=optimizer, device=device, loss=loss,
+                                              attention=attention, quantize=quantize, lora_dropout=lora_dropout > 0))
 
 
 def _prepared(folder: Path, config: dict, plan: Plan, lora_dropout: float = 0.05):

