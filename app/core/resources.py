@@ -10,8 +10,9 @@ _ROOT = Path(__file__).resolve().parents[2]
 
 def shipped_dir(name: str) -> Path:
     """`name/` ("resources", "presets") of a source checkout, else the copy installed under
-    `<prefix>/share/tunesmith`."""
-    for candidate in (_ROOT / name, Path(sys.prefix) / "share" / "tunesmith" / name):
+    `<prefix>/share/tunesmith`, or beside the code by `pip install --target DIR` (DIR/share/tunesmith)."""
+    for candidate in (_ROOT / name, Path(sys.prefix) / "share" / "tunesmith" / name,
+                      _ROOT / "share" / "tunesmith" / name):
         if candidate.is_dir():
             return candidate
     return _ROOT / name
