@@ -85,12 +85,16 @@ def check_dataset(path: str, model: str = "demo", seq_len: int | None = None, *,
 
 def _measuring_model(model: str, trust_remote_code: bool, allow_pickle: bool, progress):
     """The model whose tokenizer measures: `model` when it is on disk, the demo model for a
-    catalogued one that is not (its own tokenizer may count 10-20 % differently)."""
+    catalogued one that is not (its own tokenizer may count 10-20 % differently), and where the
+    demo's weights are not installed, the demo's tokenizer that Tunesmith ships."""
+    from app.core.models import demo_model
     from app.core.models.catalog import model_facts
     from app.core.models.resolve import resolve_model
 
     facts = model_facts(model)  # no download: a hub id that is neither cached nor catalogued is refused
     ref = "demo" if facts.kind == "catalogue" else model
+    if ref.strip().lower() == "demo" and not demo_model.is_converted() and not demo_model.is_installed():
+        return demo_model.tokenizer_stand_in()  # the same counts without the demo's weights
     return resolve_model(ref, trust_remote_code, allow_pickle, progress=progress)
 
 

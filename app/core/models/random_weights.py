@@ -16,11 +16,8 @@ from typing import Callable
 
 from app.core.atomic import staged_dir
 from app.core.models.catalog import find_in_catalog
+from app.core.models.demo_model import DEMO_NAME, DEMO_REPO, demo_tokenizer_dir
 from app.core.paths import cache_dir
-from app.core.resources import resources_dir
-
-DEMO_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
-DEMO_TOKENIZER = "SmolLM2-135M-Instruct"  # resources/tokenizers/<this>/
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
@@ -56,11 +53,6 @@ def write_random_model(config: dict, folder: Path, dtype: str, seed: int = 0) ->
     gc.collect()
 
 
-def demo_tokenizer_dir() -> Path:
-    """SmolLM2-135M-Instruct's tokenizer and chat template, as the converted demo model has them."""
-    return resources_dir() / "tokenizers" / DEMO_TOKENIZER
-
-
 def copy_demo_tokenizer(folder: Path) -> None:
     """Put the demo's tokenizer files into a model folder."""
     for name in TOKENIZER_FILES:
@@ -74,10 +66,10 @@ def random_demo_model(layers: int | None = None, dtype: str = "bfloat16",
     """The demo's shape (all 30 layers, or the first `layers`) with random weights and its real
     tokenizer, made once in the cache (seconds) and reused."""
     suffix = f"-{layers}-layers" if layers else ""
-    target = cache_dir() / "models" / f"{DEMO_TOKENIZER}-random{suffix}-{dtype}"
+    target = cache_dir() / "models" / f"{DEMO_NAME}-random{suffix}-{dtype}"
     if (target / "config.json").exists():
         return target
-    progress(f"Building {DEMO_TOKENIZER}'s shape with random weights (once, seconds)...")
+    progress(f"Building {DEMO_NAME}'s shape with random weights (once, seconds)...")
     try:
         with staged_dir(target) as tmp:
             write_random_model(shape_config(DEMO_REPO, layers), tmp, dtype)
