@@ -55,12 +55,13 @@ def load_base_model(info: ModelFacts, compute_dtype, device: str, trust_remote_c
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quiet_loading()
+    check_weight_shapes(info)
     quant = None
     if quantize == "4bit":
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=quant_storage)
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             info.path, quantization_config=quant, dtype=compute_dtype,
             device_map={"": device} if device != "cpu" else None,
             trust_remote_code=trust_remote_code, use_safetensors=not info.pickle_weights,
@@ -69,3 +70,35 @@ def load_base_model(info: ModelFacts, compute_dtype, device: str, trust_remote_c
         if "out of memory" in str(err).lower():
             raise
         raise ModelError(f"{info.path}: cannot load the model ({str(err).splitlines()[0][:200]})") from None
+    return model
+
+
+def check_weight_shapes(info: ModelFacts) -> None:
+    """ModelError when a tensor in the weight files has another shape than the model its config.json
+    builds (the config of another model beside the weights, a size edited by hand). transformers
+    5.17 loads such weights into a 4-bit model without a word (later releases raise), and a run
+    would fail at its first matmul, or train on garbage where the shapes still fit. The model is
+    built on the meta device (no memory, about a second for 8B); names the files and the model
+    spell differently (converted MoE experts), pre-quantised files and models with code of their
+    own are left to transformers."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from app.core.models.files import read_safetensors_header
+
+    files = [file for file in info.weights if file.suffix == ".safetensors"]
+    if not files or info.path is None or info.needs_remote_code or "quantization_config" in info.config:
+        return
+    try:
+        with torch.device("meta"):
+            built = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(info.path))
+    except Exception:  # noqa: BLE001 - a config transformers cannot build: its own load says why
+        return
+    shapes = {name: list(tensor.shape) for name, tensor in built.state_dict().items()}
+    for file in files:
+        for name, entry in read_safetensors_header(file)[1].items():
+            expected = shapes.get(name)
+            if expected is not None and expected != list(entry["shape"]):
+                raise ModelError(f"{info.path}: cannot load the model ({name} is "
+                                 f"{'x'.join(map(str, entry['shape']))} in {file.name} but config.json makes it "
+                                 f"{'x'.join(map(str, expected))}: the config and the weights are of different models)")
