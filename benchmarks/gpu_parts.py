@@ -22,18 +22,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_8B = "meta-llama/Llama-3.1-8B-Instruct"
 LLAMA_8B_LAYER = dict(heads=32, kv_heads=8, head_dim=128, hidden=4096)
-# (catalogue id, layers or None for all, seq, rank, checkpointing, micro-batch, loss): the most
-# telling rows first, so that a grid stopped at its cap has measured the ones that matter most
+# (catalogue id, layers or None for all, seq, rank, checkpointing, micro-batch, loss): grouped by
+# model (one random model on disk at a time, written once), the most telling first, so that a grid
+# stopped at its cap has measured the 8B shape hobbyists train most
 ESTIMATOR_GRID_CUDA = [
     (LLAMA_8B, 8, 2048, 16, True, 1, "chunked"),
-    ("Qwen/Qwen2.5-0.5B-Instruct", None, 2048, 16, False, 1, "chunked"),
-    ("meta-llama/Llama-3.2-1B-Instruct", None, 2048, 16, False, 1, "chunked"),
     (LLAMA_8B, 8, 512, 16, False, 1, "plain"),
     (LLAMA_8B, 8, 4096, 64, False, 1, "chunked"),
     (LLAMA_8B, 8, 8192, 16, True, 1, "chunked"),
+    ("Qwen/Qwen2.5-0.5B-Instruct", None, 2048, 16, False, 1, "chunked"),
     ("Qwen/Qwen2.5-0.5B-Instruct", None, 512, 16, False, 1, "plain"),
     ("Qwen/Qwen2.5-0.5B-Instruct", None, 2048, 64, True, 2, "chunked"),
     ("Qwen/Qwen2.5-0.5B-Instruct", None, 8192, 16, True, 1, "chunked"),
+    ("meta-llama/Llama-3.2-1B-Instruct", None, 2048, 16, False, 1, "chunked"),
     ("meta-llama/Llama-3.2-1B-Instruct", None, 512, 16, False, 1, "plain"),
     ("meta-llama/Llama-3.2-1B-Instruct", None, 4096, 64, True, 1, "chunked"),
     ("Qwen/Qwen2.5-1.5B-Instruct", None, 2048, 16, True, 1, "plain"),

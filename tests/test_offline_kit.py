@@ -45,6 +45,19 @@ def test_a_bad_profile_line_is_refused_with_its_file_and_line(tmp_path):
     assert not (tmp_path / "kit").exists()
 
 
+def test_a_pip_freeze_of_the_node_is_a_profile(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("offline_kit", KIT)
+    kit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kit)
+    profile = tmp_path / "freeze.txt"
+    profile.write_text("Jinja2==3.1.6\ntorch==2.11.0+cu130\nnvidia_ml_py==13.580.82\n\npython==3.12.3  # added\n")
+    have, python = kit.read_profile(profile)
+    assert python == "3.12.3"
+    assert have == {"jinja2": "3.1.6", "torch": "2.11.0+cu130", "nvidia-ml-py": "13.580.82"}
+
+
 def test_a_profile_without_torch_is_refused_the_kit_never_carries_torch(tmp_path):
     profile = tmp_path / "node.txt"
     profile.write_text("python==3.12.3\ntransformers==5.17.0\n")
