@@ -18,6 +18,7 @@ from app.core.atomic import staged_dir
 from app.core.models.catalog import find_in_catalog
 from app.core.models.demo_model import DEMO_NAME, DEMO_REPO, demo_tokenizer_dir
 from app.core.paths import cache_dir
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
