@@ -11,6 +11,15 @@ def gib(value: float, digits: int = 2) -> str:
     return f"{value / GIB:.{digits}f} GiB"
 
 
+def size_text(value: float) -> str:
+    """Bytes as a reader wants them: "3.2 GiB" from 1 GiB up, "374 MiB" below, "12 KiB" below a MiB."""
+    if value >= GIB:
+        return f"{value / GIB:.1f} GiB"
+    if value >= MIB:
+        return f"{value / MIB:.0f} MiB"
+    return f"{max(value, 0) / 1024:.0f} KiB"
+
+
 def format_duration(seconds: float) -> str:
     """An ETA or elapsed time as the CLI and the app show it: 7m05s, 2h13m."""
     seconds = int(max(0, seconds))

@@ -146,13 +146,63 @@ def test_a_folder_of_the_users_is_never_replaced_even_with_force(tiny_run, tmp_p
 def test_an_earlier_export_is_replaced_only_with_force(tiny_run, tmp_path, capsys):
     target = tmp_path / "export"
     assert cli.main(["export", tiny_run.run_id, "--format", "adapter", "--out", str(target)]) == 0
-    assert (target / ".tunesmith-export").is_file()
-    (target / "stale.txt").write_text("left by the earlier export")
+    marker = json.loads((target / ".tunesmith-export").read_text())
+    assert set(marker["files"]) == {p.relative_to(target).as_posix() for p in target.rglob("*")
+                                    if p.is_file() and p.name != ".tunesmith-export"}
+    assert marker["files"]["README.md"]["sha256"] and marker["files"]["adapter_model.safetensors"]["bytes"] > 0
+    first = (target / "adapter_model.safetensors").stat().st_ino
     assert cli.main(["export", tiny_run.run_id, "--format", "adapter", "--out", str(target)]) == 2
-    assert "earlier export" in capsys.readouterr().err and (target / "stale.txt").exists()
+    assert "earlier export; pass --force" in capsys.readouterr().err
     assert cli.main(["export", tiny_run.run_id, "--format", "adapter", "--out", str(target), "--force"]) == 0
-    assert not (target / "stale.txt").exists() and (target / "adapter_config.json").exists()
+    assert (target / "adapter_model.safetensors").stat().st_ino != first  # really written anew
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_force_keeps_every_file_added_to_an_export_and_refuses_in_one_line(tiny_run, tmp_path, capsys):
+    """The audit's reproduction: notes and a GGUF of the user's put into an earlier export."""
+    target = tmp_path / "exp"
+    assert cli.main(["export", tiny_run.run_id, "--format", "adapter", "--out", str(target)]) == 0
+    (target / "NOTES.md").write_text("notes\n")
+    (target / "quants").mkdir()
+    (target / "quants" / "model-q3.gguf").write_text("q\n")
+    before = {p.relative_to(target).as_posix(): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert cli.main(["export", tiny_run.run_id, "--format", "adapter", "--out", str(target), "--force"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "holds NOTES.md, quants/ that the export did not write" in line and "even with --force" in line
+    assert {p.relative_to(target).as_posix(): p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
+    (target / "NOTES.md").unlink()
+    shutil.rmtree(target / "quants")
+    (target / "README.md").write_text((target / "README.md").read_text().replace("rank 16", "rank 61"))
+    assert cli.main(["export", tiny_run.run_id, "--format", "adapter", "--out", str(target), "--force"]) == 2
+    assert "holds README.md changed since it was written" in capsys.readouterr().err
+    assert "rank 61" in (target / "README.md").read_text()
+
+
+def test_a_copied_or_empty_marker_is_no_licence_to_replace(tiny_run, tmp_path, capsys):
+    real = tmp_path / "real"
+    assert cli.main(["export", tiny_run.run_id, "--format", "adapter", "--out", str(real)]) == 0
+    forged = tmp_path / "forged"
+    forged.mkdir()
+    (forged / "thesis.tex").write_text("\\documentclass{article}")
+    shutil.copy2(real / ".tunesmith-export", forged / ".tunesmith-export")
+    assert cli.main(["export", tiny_run.run_id, "--format", "adapter", "--out", str(forged), "--force"]) == 2
+    assert "holds thesis.tex that the export did not write" in capsys.readouterr().err
+    (forged / ".tunesmith-export").write_text("{}")  # a marker that lists nothing (or an older Tunesmith's)
+    assert cli.main(["export", tiny_run.run_id, "--format", "adapter", "--out", str(forged), "--force"]) == 2
+    assert "does not list what the export wrote" in capsys.readouterr().err
+    assert (forged / "thesis.tex").read_text() == "\\documentclass{article}"
+
+
+def test_an_out_inside_a_run_is_refused(tiny_run, capsys):
+    from app.core.paths import runs_dir
+
+    inside = runs_dir() / tiny_run.run_id / "sub" / "inside"
+    capsys.readouterr()
+    assert cli.main(["export", tiny_run.run_id, "--format", "adapter", "--out", str(inside)]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert f"it is inside the run {tiny_run.run_id}" in line
+    assert not (runs_dir() / tiny_run.run_id / "sub").exists()
 
 
 def test_force_never_replaces_home_cwd_the_run_store_a_run_or_their_parents(tiny_run, tmp_path, monkeypatch, capsys):
@@ -178,7 +228,7 @@ def test_force_never_replaces_home_cwd_the_run_store_a_run_or_their_parents(tiny
 
 def test_a_full_disk_is_refused_before_anything_is_written(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(ExportError, match=r"GiB free, but this export needs about"):
+    with pytest.raises(ExportError, match=r"1 KiB free, but this export needs about \d+ KiB"):
         export_run(tiny_run.run_id, "merged", tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
 

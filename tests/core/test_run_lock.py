@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from app.core.errors import RunError
+from app.core.errors import ExportError, RunError
 from app.core.export import export_run
 from app.core.run_lock import RunLock, in_use
 from app.core.runs import delete_run, open_run
@@ -27,11 +27,12 @@ def test_while_another_process_holds_a_run_resume_delete_and_export_into_it_are_
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run.dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        for attempt in (lambda: resume_training(run.id), lambda: delete_run(run.id),
-                        lambda: export_run(run.id, "adapter", run.dir / "exports" / "a")):
+        for attempt in (lambda: resume_training(run.id), lambda: delete_run(run.id)):
             with pytest.raises(RunError, match=rf"run {run.id} is in use by process {holder.pid} \(python, training\) since"):
                 attempt()
-        assert run.dir.is_dir() and not (run.dir / "exports" / "a").exists()
+        with pytest.raises(ExportError, match=f"it is inside the run {run.id}"):  # never into a run, held or not
+            export_run(run.id, "adapter", run.dir / "exports" / "a")
+        assert run.dir.is_dir() and not (run.dir / "exports").exists()
     finally:
         holder.kill()
         holder.wait()

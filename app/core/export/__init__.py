@@ -5,32 +5,35 @@ Here: the target folder's rules and the three formats. merged.py merges (tensor 
 merge.py where the files allow) and checks the result; gguf.py writes GGUF and gguf_check.py reads
 it back; modelfile.py writes Ollama's Modelfile; card.py the model card.
 
-Every export is atomic: it is written into a temporary sibling of `--out` and renamed into place
-only when complete, so a failure or a full disk never leaves half a model behind. Each export
-folder carries a marker file (MARKER); an existing folder is replaced only with `force` and only
-when it is empty or holds that marker, and never when it is (or holds) the home folder, the
-current folder, Tunesmith's own folders, a run, the adapter or the base model being exported.
-Free disk space and RAM are checked before anything is written.
+Every export is atomic: it is written into a staging sibling of `--out` and swapped into place
+only when complete, so a failure or a full disk never leaves half a model behind (target.py: the
+marker that lists what an export wrote, the swap, the repair of one a killed process left half
+done, one export at a time per folder). An existing folder is replaced only with `force` and only
+when it is empty or holds nothing but an earlier export's listed files, and never when it is (or
+holds) the home folder, the current folder, Tunesmith's own folders, a run, the adapter or the base
+model being exported, or lies inside a run. Free disk space and RAM are checked before anything is
+written; a disk that fills up anyway, or any other failure to write, is one line, and nothing stays.
 """
 
 from __future__ import annotations
 
+import errno
+import re
 import shutil
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.core.atomic import staged_dir, write_json, write_text
+from app.core.atomic import write_json, write_text
 from app.core.chat import AdapterSource, adapter_tokenizer, find_adapter
-from app.core.errors import ExportError
+from app.core.errors import ExportError, RunError
 from app.core.export.card import model_card
 from app.core.export.merged import MERGE_INTO, merge_adapter, parameters
 from app.core.export.modelfile import ollama_modelfile
+from app.core.export.target import MARKER, ExportLock, check_target, repair, staging, write_marker
 from app.core.portable import path_problem
-from app.core.run_lock import RunLock
 from app.core.runs import is_run_folder, slug
-from app.core.units import gib
+from app.core.units import size_text
 
 FORMATS = ("adapter", "merged", "gguf")
 DTYPES = ("auto", "bf16", "f16", "f32")  # auto: f16 where the activations allow (merged.choose_dtype)
@@ -39,7 +42,7 @@ DISK_MARGIN = 1.1
 # characters an export writes below --out: the staging folder's longer name (.NAME.xxxxxxxx.tmp) and
 # the longest file in it, a GGUF named after its source (60) and quant
 EXPORT_INNER = 96
-MARKER = ".tunesmith-export"  # in every export folder: the only kind of folder --force replaces
+__all__ = ["MARKER", "ExportResult", "export_run", "protected_reason", "replace_problem"]
 
 
 @dataclass
@@ -76,36 +79,56 @@ def export_run(ref: str, fmt: str, out: str | Path, dtype: str = "auto", quant: 
     problem = protected_reason(out, [source.adapter_dir, source.run_dir])
     if problem:
         raise ExportError(problem)
-    replace = _check_target(out, force)
-    info = resolve_model(source.base, trust_remote_code, progress=progress)
-    problem = protected_reason(out, [Path(info.path)])
-    if problem:
-        raise ExportError(problem)
-    if fmt == "gguf":
-        from app.core.export.gguf import gguf_architecture
+    try:
+        lock = ExportLock(out).acquire()
+    except RunError as err:
+        raise ExportError(str(err)) from None
+    except OSError as err:
+        raise ExportError(_write_failure(out, err)) from None
+    try:
+        for line in repair(out):
+            progress(line)
+        replace = check_target(out, force)
+        info = resolve_model(source.base, trust_remote_code, progress=progress)
+        problem = protected_reason(out, [Path(info.path)])
+        if problem:
+            raise ExportError(problem)
+        if fmt == "gguf":
+            from app.core.export.gguf import gguf_architecture
 
-        gguf_architecture(Path(info.path))  # an architecture the writer does not know is refused before the merge
-    _check_space(out, _needed_bytes(fmt, source, parameters(info), dtype, quant))
-    tokenizer = adapter_tokenizer(source, info, trust_remote_code)
-    run_inside = next((p for p in out.parents if is_run_folder(p)), None)
-    with (RunLock(run_inside, "exporting") if run_inside else nullcontext()), staged_dir(out, replace=replace) as tmp:
-        checks: dict = {}
-        if fmt == "adapter":
-            progress(f"Copying the adapter from {source.adapter_dir}")
-            _write_adapter(source, tokenizer, tmp)
-        elif fmt == "merged":
-            checks.update(merge_adapter(source, info, tokenizer, tmp, dtype, progress, trust_remote_code,
-                                        merge_into))
-        else:
-            checks.update(_write_gguf(source, info, tokenizer, tmp, quant, progress, trust_remote_code,
-                                      pre_tokenizer, merge_into))
-        write_text(tmp / "README.md", model_card(source, info, fmt, dtype, quant, checks))
-        write_json(tmp / MARKER, {"written_by": "tunesmith export", "format": fmt, "source": source.label,
-                                  "base": info.name})
-        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file() and p.name != MARKER)
-        size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+            gguf_architecture(Path(info.path))  # an architecture the writer does not know is refused before the merge
+        needed = _needed_bytes(fmt, source, parameters(info), dtype, quant)
+        _check_space(out, needed)
+        tokenizer = adapter_tokenizer(source, info, trust_remote_code)
+        try:
+            with staging(out, replace) as tmp:
+                checks = _write(fmt, source, info, tokenizer, tmp, dtype, quant, progress, trust_remote_code,
+                                pre_tokenizer, merge_into)
+                write_text(tmp / "README.md", model_card(source, info, fmt, dtype, quant, checks))
+                files = write_marker(tmp, {"format": fmt, "source": source.label, "base": info.name})
+                size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        except OSError as err:
+            raise ExportError(_write_failure(out, err, needed)) from None
+        except Exception as err:  # noqa: BLE001 - safetensors' writer raises its own error for a full disk
+            if "No space left on device" not in str(err):
+                raise
+            raise ExportError(_write_failure(out, OSError(errno.ENOSPC, "No space left on device"), needed)) from None
+    finally:
+        lock.release()
     progress(f"Exported {fmt} to {out}")
     return ExportResult(out, fmt, files, size, checks)
+
+
+def _write(fmt: str, source: AdapterSource, info, tokenizer, tmp: Path, dtype: str, quant: str, progress,
+           trust_remote_code: bool, pre_tokenizer: str, merge_into: str) -> dict:
+    """The export's own files, into the staging folder `tmp`; the checks made on them."""
+    if fmt == "adapter":
+        progress(f"Copying the adapter from {source.adapter_dir}")
+        _write_adapter(source, tokenizer, tmp)
+        return {}
+    if fmt == "merged":
+        return merge_adapter(source, info, tokenizer, tmp, dtype, progress, trust_remote_code, merge_into)
+    return _write_gguf(source, info, tokenizer, tmp, quant, progress, trust_remote_code, pre_tokenizer, merge_into)
 
 
 # -- the formats ------------------------------------------------------------------------------------
@@ -174,25 +197,11 @@ def protected_reason(out: Path, also: list[Path | None] = ()) -> str:
                     "never replaces that. Choose a new folder for --out")
     if out.parent == Path(runs_dir()).resolve() or is_run_folder(out) or out == Path(out.anchor):
         return f"{out}: refused: it is a run folder or a drive's root; choose a new folder for --out"
+    run = next((p for p in out.parents if is_run_folder(p)), None)
+    if run is not None:
+        return (f"{out}: refused: it is inside the run {run.name} ({run}), whose folder holds the run's own "
+                "files; choose a folder outside it for --out")
     return ""
-
-
-def _check_target(out: Path, force: bool) -> bool:
-    """Whether the export replaces `out`: only an empty folder, or one of our exports with
-    `force`; anything else of the user's is refused, even with `force`."""
-    if not out.exists():
-        return False
-    if out.is_file():
-        raise ExportError(f"{out}: is a file; choose a folder for --out")
-    if not any(out.iterdir()):
-        return True
-    if not (out / MARKER).is_file():
-        raise ExportError(f"{out}: already exists and holds files Tunesmith did not write (no {MARKER}); it is "
-                          "never replaced, even with --force. Choose a new folder for --out")
-    if not force:
-        raise ExportError(f"{out}: already holds an earlier export; pass --force to replace it, or choose "
-                          "another --out")
-    return True
 
 
 def replace_problem(out: Path, ref: str) -> str:
@@ -201,7 +210,7 @@ def replace_problem(out: Path, ref: str) -> str:
         source = find_adapter(ref)
         problem = protected_reason(out, [source.adapter_dir, source.run_dir])
         if not problem:
-            _check_target(Path(out).expanduser().resolve(), True)
+            check_target(Path(out).expanduser().resolve(), True)
     except ExportError as err:
         return str(err)
     except Exception:  # noqa: BLE001 - the export itself reports anything else, in full
@@ -228,6 +237,21 @@ def _check_space(out: Path, needed: int) -> None:
         folder = folder.parent
     free = shutil.disk_usage(folder).free
     if needed * DISK_MARGIN > free:
-        raise ExportError(f"{folder}: {gib(free, 1)} free, but this export needs about "
-                          f"{gib(needed * DISK_MARGIN, 1)}; free some space or choose another --out")
+        raise ExportError(f"{folder}: {size_text(free)} free, but this export needs about "
+                          f"{size_text(needed * DISK_MARGIN)}; free some space or choose another --out")
+
+
+def _write_failure(out: Path, err: OSError, needed: int = 0) -> str:
+    """One line for an export that could not be written; the staging folder is already removed. A
+    short write (numpy's "8192 requested and 3440 written", the GGUF writer's) is a full disk too."""
+    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)) or re.search(
+            r"\d+ requested and \d+ written", str(err)):
+        folder = out.parent if out.parent.exists() else Path(out.anchor)
+        free = shutil.disk_usage(folder).free if folder.exists() else 0
+        need = f", and this export needs about {size_text(needed * DISK_MARGIN)}" if needed else ""
+        return (f"{folder}: the disk filled up while the export was written ({size_text(free)} free now{need}); "
+                "nothing was kept. Free some space, or choose another --out, and export again")
+    where = f" ({err.filename})" if err.filename else ""
+    return (f"{out}: the export could not be written: {err.strerror or err}{where}; nothing was kept. "
+            "Check that the folder is writable and export again")
 
