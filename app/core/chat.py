@@ -246,6 +246,9 @@ def adapter_tokenizer(source: AdapterSource, info, trust_remote_code: bool = Fal
         except Exception as err:  # noqa: BLE001 - a damaged tokenizer folder is the user's to fix
             raise ModelError(f"{source.tokenizer_dir}: cannot load the adapter's tokenizer "
                              f"({str(err).splitlines()[0][:160] if str(err) else type(err).__name__})") from None
+        from app.core.models.template_guard import check_template
+
+        check_template(getattr(tokenizer, "chat_template", None), str(source.tokenizer_dir))
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     else:

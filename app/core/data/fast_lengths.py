@@ -13,11 +13,11 @@ tokenizer, so a rare difference moves a plan preview, never a run. Any folder th
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 
 from app.core.data.formats import Example
 from app.core.data.tokenize import DEFAULT_CHAT_TEMPLATE
+from app.core.models.template_guard import check_template, compile_template
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -30,8 +30,13 @@ def fast_lengths(model_dir: str | Path, examples: list[Example]) -> list[int] | 
 
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         settings = _tokenizer_settings(folder)
-        template = _compile(_chat_template(folder, settings))
+        source = _chat_template(folder, settings)
     except Exception:  # noqa: BLE001 - anything unusual: let transformers handle it
+        return None
+    check_template(source, str(folder))  # untrusted: tried within limits first (ModelError past them)
+    try:
+        template = compile_template(source)
+    except Exception:  # noqa: BLE001 - a template jinja cannot compile: the slow path reports it
         return None
     special = {name: _token_text(settings.get(name)) for name in SPECIAL_TOKENS}
     eos = special["eos_token"] or ""
@@ -78,23 +83,3 @@ def _chat_template(folder: Path, settings: dict) -> str:
         named = {item.get("name"): item.get("template") for item in template if isinstance(item, dict)}
         template = named.get("default")
     return template if isinstance(template, str) and template else DEFAULT_CHAT_TEMPLATE
-
-
-def _compile(source: str):
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source)

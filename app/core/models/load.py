@@ -8,6 +8,7 @@ from pathlib import Path
 
 from app.core.errors import ModelError
 from app.core.models.facts import ModelFacts
+from app.core.models.template_guard import check_template
 
 
 def quiet_loading() -> None:
@@ -42,6 +43,7 @@ def load_tokenizer(info: ModelFacts, trust_remote_code: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(info.path, trust_remote_code=trust_remote_code)
     except Exception as err:
         raise ModelError(f"{info.path}: cannot load the tokenizer ({str(err).splitlines()[0][:160]})") from None
+    check_template(getattr(tokenizer, "chat_template", None), str(info.path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
