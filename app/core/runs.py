@@ -16,6 +16,7 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -123,14 +124,17 @@ class Run:
         found = self.checkpoints()
         return found[-1] if found else None
 
-    def verified_checkpoint(self) -> Path | None:
+    def verified_checkpoint(self, say: Callable[[str], None] | None = None) -> Path | None:
         """The newest checkpoint whose files also match their checksums; a damaged newer one is
-        named in train.log and skipped for the one before."""
-        for path in reversed(self.checkpoints()):
+        named in train.log (and to `say`: the terminal, the window) and skipped for the one before."""
+        for path in sorted(self.checkpoints_dir.glob("step-*"), reverse=True):
             problem = _checkpoint_problem(path, checksums=True)
             if not problem:
                 return path
-            self.log(f"Checkpoint {path.name} is damaged ({problem}); using the one before")
+            message = f"Checkpoint {path.name} is damaged ({problem}); using the one before"
+            self.log(message)
+            if say is not None:
+                say(message)
         return None
 
     def prune_checkpoints(self) -> None:

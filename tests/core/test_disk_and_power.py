@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 
 import app.core.train.failures as failures
 from app.core.runs import open_run
-from app.core.train.events import CheckpointSaved
+from app.core.train.events import CheckpointSaved, LogLine
 from app.core.train.trainer import resume_training
 from conftest import REPO
 
@@ -30,8 +31,8 @@ def test_too_little_free_space_for_a_checkpoint_ends_the_run_failed_and_resumabl
     monkeypatch.setattr(shutil, "disk_usage", full)
     result = _train(tiny_model, chat_data, steps=6, save_every=2)
     assert result.status == "failed" and result.step == 2
-    assert result.reason.startswith("disk full: a checkpoint needs about 0.02 GB free at ")
-    assert "there are 0.01 GB; free some space, then resume (the last checkpoint is intact)" in result.reason
+    assert re.match(r"disk full: a checkpoint needs about \d+ MiB free at ", result.reason), result.reason
+    assert "there are 5 MiB; free some space, then resume (the last checkpoint is intact)" in result.reason
     run = open_run(result.run_id)
     assert run.status()["status"] == "failed" and run.checkpoints() == []
     assert "Traceback" not in run.status()["reason"]
@@ -92,14 +93,20 @@ def test_a_torn_checkpoint_is_skipped_for_the_one_before(tiny_model, chat_data):
     optimizer = newest / "optimizer.pt"
     size = optimizer.stat().st_size
     optimizer.write_bytes(b"\0" * size)
-    assert run.verified_checkpoint().name == "step-0000002"
+    said = []
+    assert run.verified_checkpoint(said.append).name == "step-0000002"
+    assert said == ["Checkpoint step-0000004 is damaged (optimizer.pt does not match its checksum); using the "
+                    "one before"]
     truncated = newest / "adapter_model.safetensors"
     truncated.write_bytes(truncated.read_bytes()[:100])
     assert [p.name for p in run.checkpoints()] == ["step-0000002"]  # sizes are checked even when listing
     events = []
     resumed = resume_training(run.id, events.append)
     assert (resumed.status, resumed.step) == ("finished", 6)
-    assert "Resuming from step-0000002" in [getattr(e, "message", "") for e in events]
+    lines = [(e.message, e.level) for e in events if isinstance(e, LogLine)]
+    assert ("Resuming from step-0000002", "info") in lines
+    [(damaged, level)] = [line for line in lines if "is damaged" in line[0]]  # said on the terminal and the window
+    assert damaged.startswith("Checkpoint step-0000004 is damaged (adapter_model.safetensors has ") and level == "warning"
 
 
 def test_kill_9_at_twenty_random_moments_then_resume_always_finishes(tiny_model, chat_data, tunesmith_home):

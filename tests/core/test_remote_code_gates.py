@@ -99,3 +99,50 @@ def test_resume_asks_again_for_the_consent_a_copied_in_run_folder_claims(tiny_mo
     proc = tunesmith("resume", run.id, "--trust-remote-code", "--allow-pickle")
     assert proc.returncode == 0, proc.stderr
     assert open_run(run.id).status()["status"] == "finished"
+
+
+def test_a_model_whose_tokenizer_maps_to_its_own_code_is_refused_alike_by_train_plan_and_check_data(
+        tiny_model, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    marker = tmp_path / "CODE_RAN"
+    _plant(model, marker, ["tokenization_evil"])
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.update(auto_map={"AutoTokenizer": ["tokenization_evil.Evil", None]}, tokenizer_class="Evil")
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    data = str(EXAMPLES / "messages.jsonl")
+    for command in (["train", "--data", data, "--max-steps", "1"], ["plan", "--data", data], ["check-data", data]):
+        done = tunesmith(*command, "--model", str(model))
+        assert done.returncode == 2, (command, done.stderr[-2000:])
+        [line] = done.stderr.strip().splitlines()
+        assert line == (f"tunesmith: error: {model}: its tokenizer names its own Python code (tokenization_evil.py); "
+                        "Tunesmith does not run it unless you pass --trust-remote-code for files you trust"), command
+    assert not marker.exists()
+
+
+def test_own_code_without_a_causal_lm_is_named_as_both(tiny_model, tmp_path):
+    from app.core.errors import ModelError
+    from app.core.models.files import inspect_folder
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="evilmodel", architectures=["EvilModel"],
+                  auto_map={"AutoConfig": "configuration_evil.EvilConfig", "AutoModel": "modeling_evil.EvilModel"})
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=r"needs the model's own Python code \(auto_map in config.json\), and that "
+                                         r"code names no causal language model \(it maps AutoConfig, AutoModel, not "
+                                         r"AutoModelForCausalLM\)"):
+        inspect_folder(model)
+
+
+def test_an_absurd_size_in_the_config_is_blamed_on_the_config_not_the_tokenizer(tiny_model, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    config["hidden_size"] = 10**9
+    (model / "config.json").write_text(json.dumps(config))
+    done = tunesmith("train", "--model", str(model), "--data", str(EXAMPLES / "messages.jsonl"), "--max-steps", "1")
+    assert done.returncode == 2
+    line = done.stderr.strip().splitlines()[-1]
+    assert "the model alone needs" in line and "tokenizer" not in line, line

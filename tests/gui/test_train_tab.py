@@ -272,3 +272,14 @@ def test_the_status_shows_each_processs_memory_during_a_run_on_several(window):
     assert tab.status.text().endswith("· memory 2.0/3.0 GiB")
     tab._on_event(StepMetrics(4, 10, 0.4, 2.4, 1e-4, 0.2, 512, 160.0, 9.0, 21.0))  # an older run's line
     assert "memory" not in tab.status.text() and "step 4/10" in tab.status.text()
+
+
+def test_a_damaged_checkpoint_skipped_on_resume_stays_in_view(window):
+    from app.core.train.events import LogLine
+
+    tab = window.train_tab
+    tab._on_event(LogLine("Checkpoint step-0000004 is damaged (optimizer.pt does not match its checksum); "
+                          "using the one before", "warning"))
+    tab._on_event(LogLine("Resuming from step-0000002"))  # the next line replaces the status, not the notice
+    assert tab.notice.isVisible() and "⚠ Checkpoint step-0000004 is damaged" in tab.notice.text()
+    assert tab.status.text() == "Resuming from step-0000002"

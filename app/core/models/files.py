@@ -34,6 +34,8 @@ def inspect_folder(path: Path, trust_remote_code: bool = False, allow_pickle: bo
     if needs_code and not trust_remote_code:
         raise ModelError(f"{path}: model type '{model_type}' needs the model's own Python code; "
                          "Tunesmith does not run it unless you pass --trust-remote-code for a model you trust")
+    # the same gate for every command that reads the folder (train, plan, check-data, chat, export)
+    refuse_own_code(path, "tokenizer_config.json", "its tokenizer", trust_remote_code)
     weights, pickle_only = _weight_files(path, allow_pickle)
     parameters = None
     if check_weights:
@@ -70,21 +72,27 @@ def _needs_remote_code(path: Path, config: dict, model_type: str, architecture: 
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    auto_map = config.get("auto_map") or {}
+    if not isinstance(auto_map, dict):
+        auto_map = {}
     if model_type in CONFIG_MAPPING_NAMES:
         causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
         declared = config.get("architectures") or []
         declared_causal = not declared or any(a in causal_classes or a.endswith("ForCausalLM") for a in declared)
         if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not declared_causal:
+            if "AutoModelForCausalLM" in auto_map:  # its causal LM is its own code, not transformers'
+                return True
             raise ModelError(f"{path}: '{model_type}' ({architecture}) is not a causal language model; "
                              "Tunesmith fine-tunes text-generation models such as Llama, Qwen or Mistral")
         return False
-    auto_map = config.get("auto_map") or {}
     if not auto_map:
         raise ModelError(f"{path}: model type '{model_type}' is not known to this transformers version; "
                          "upgrade transformers or choose another model")
     if "AutoModelForCausalLM" not in auto_map:
-        raise ModelError(f"{path}: '{model_type}' ({architecture}) is not a causal language model; "
-                         "Tunesmith fine-tunes text-generation models such as Llama, Qwen or Mistral")
+        raise ModelError(f"{path}: model type '{model_type}' needs the model's own Python code (auto_map in "
+                         f"config.json), and that code names no causal language model (it maps "
+                         f"{', '.join(sorted(auto_map))}, not AutoModelForCausalLM); Tunesmith fine-tunes "
+                         "text-generation models such as Llama, Qwen or Mistral")
     return True
 
 
@@ -158,3 +166,18 @@ def _numel(shape) -> int:
     for dim in shape:
         numel *= int(dim)
     return numel
+
+
+def refuse_own_code(folder: Path, config_name: str, what: str, trust_remote_code: bool) -> None:
+    """ModelError when `folder`'s `config_name` maps classes to Python files of its own (auto_map)
+    and the user has not passed --trust-remote-code: that code would run on loading, and
+    transformers would otherwise ask [y/N] on the terminal or fail with a long message."""
+    try:
+        config = json.loads((Path(folder) / config_name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if trust_remote_code or not (isinstance(config, dict) and config.get("auto_map")):
+        return
+    files = sorted(p.name for p in Path(folder).glob("*.py"))
+    raise ModelError(f"{folder}: {what} names its own Python code ({', '.join(files) or 'auto_map in ' + config_name}); "
+                     "Tunesmith does not run it unless you pass --trust-remote-code for files you trust")

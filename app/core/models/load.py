@@ -3,11 +3,11 @@ folders whose config would run their own code without --trust-remote-code."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from app.core.errors import ModelError
 from app.core.models.facts import ModelFacts
+from app.core.models.files import refuse_own_code  # noqa: F401 - its callers' name for it
 from app.core.models.template_guard import check_template
 
 
@@ -17,21 +17,6 @@ def quiet_loading() -> None:
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-
-
-def refuse_own_code(folder: Path, config_name: str, what: str, trust_remote_code: bool) -> None:
-    """ModelError when `folder`'s `config_name` maps classes to Python files of its own (auto_map)
-    and the user has not passed --trust-remote-code: that code would run on loading, and
-    transformers would otherwise ask [y/N] on the terminal or fail with a long message."""
-    try:
-        config = json.loads((Path(folder) / config_name).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    if trust_remote_code or not (isinstance(config, dict) and config.get("auto_map")):
-        return
-    files = sorted(p.name for p in Path(folder).glob("*.py"))
-    raise ModelError(f"{folder}: {what} names its own Python code ({', '.join(files) or 'auto_map in ' + config_name}); "
-                     "Tunesmith does not run it unless you pass --trust-remote-code for files you trust")
 
 
 def load_tokenizer(info: ModelFacts, trust_remote_code: bool = False):

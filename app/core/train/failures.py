@@ -9,7 +9,7 @@ from app.core.config import Plan
 from app.core.errors import DiskFullError, UserError
 from app.core.runs import Run
 from app.core.train.oom import is_out_of_memory, next_backoff
-from app.core.units import gib
+from app.core.units import gib, size_text
 
 DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 CHECKPOINT_SPACE_FACTOR = 1.5  # the new checkpoint is written beside the last one, then renamed
@@ -31,8 +31,8 @@ def check_checkpoint_space(run: Run, session) -> None:
     needed = int(CHECKPOINT_SPACE_FACTOR * checkpoint_bytes(run, session)) + CHECKPOINT_SPACE_SLACK
     free = shutil.disk_usage(run.dir).free
     if free < needed:
-        raise DiskFullError(f"disk full: a checkpoint needs about {needed / 1e9:.2f} GB free at {run.dir}, "
-                            f"there are {free / 1e9:.2f} GB; free some space, then resume (the last "
+        raise DiskFullError(f"disk full: a checkpoint needs about {size_text(needed)} free at {run.dir}, "
+                            f"there are {size_text(free)}; free some space, then resume (the last "
                             "checkpoint is intact)")
 
 
@@ -54,7 +54,7 @@ def failure_reason(err: Exception, step: int, plan: Plan, session, run: Run | No
     if isinstance(err, UserError):
         return str(err)
     if is_disk_full(err):
-        needed = (f"about {CHECKPOINT_SPACE_FACTOR * checkpoint_bytes(run, session) / 1e9:.2f} GB"
+        needed = (f"about {size_text(CHECKPOINT_SPACE_FACTOR * checkpoint_bytes(run, session))}"
                   if run is not None and session is not None else "more space")
         where = getattr(err, "filename", None) or (run.dir if run is not None else "the run folder")
         return (f"disk full at step {step} (needs {needed} free at {where}); free some space, then resume "

@@ -46,7 +46,7 @@ def run_workers(run: Run, gpus: int, on_event: Callable[[Event], None], stop: th
                     f"and adapter are on node 0 ({config.master_addr})")
     run.log(message)
     on_event(LogLine(message))
-    checkpoint = run.verified_checkpoint()  # rewound here, not by rank 0, so that the follower reads on
+    checkpoint = run.verified_checkpoint(lambda note: on_event(LogLine(note, "warning")))  # rewound here, not by rank 0, so that the follower reads on
     run.rewind_metrics(checkpoint_step(checkpoint))
     follower = _Follower(run.dir / "metrics.jsonl", on_event)
     command = python_command("-m", "torch.distributed.run", *_rendezvous(config),

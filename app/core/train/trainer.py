@@ -226,7 +226,7 @@ class _Loop:
     def start(cls, run: Run, prepared: Prepared, session, emit) -> "_Loop":
         """Restore the latest verified checkpoint, if any, and announce the run."""
         loop = cls(run, prepared, session, emit, _epoch_batches(prepared))
-        checkpoint = run.verified_checkpoint()
+        checkpoint = run.verified_checkpoint(lambda message: emit(LogLine(message, "warning")))
         if checkpoint is not None:
             session.restore(checkpoint)
             state = _read_state(checkpoint)

@@ -316,8 +316,8 @@ class TrainTab(QWidget):
             self.graphs.rewind(event.start_step)
             self.status.setText(f"Run {event.run_id}: {event.total_steps} steps on {event.device}")
             self.graphs.show_predicted_peak(_run_plan(event.run_dir))
-        elif isinstance(event, ev.PlanAdjusted):
-            self.status.setText(event.message)
+        elif isinstance(event, ev.PlanAdjusted) or (isinstance(event, ev.LogLine) and event.level == "warning"):
+            self.status.setText(event.message)  # a change to the plan, a damaged checkpoint skipped: kept in view
             lines = [line for line in self.notice.text().split("\n") if line] + [f"⚠ {event.message}"]
             self.notice.setText("\n".join(lines[-4:]))
             self.notice.show()
