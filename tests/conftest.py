@@ -202,3 +202,16 @@ def window(qtbot):
     qtbot.waitUntil(lambda: not (win.train_tab.running or win.chat_tab.answering or win.export_tab.exporting),
                     timeout=120_000)
     win.threads.wait_all()
+
+
+def adapter_of_a_hub_base(tiny_run, tmp_path: Path) -> Path:
+    """A downloaded-looking adapter whose base is a hub id with no copy on this machine."""
+    import json
+    import shutil
+
+    adapter = tmp_path / "downloaded-adapter"
+    shutil.copytree(tiny_run.adapter_dir, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "someone/not-here-7b"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    return adapter

@@ -29,6 +29,8 @@ def add_commands(sub) -> None:
             chat.add_argument(flag, dest=f.name, type=type(f.default), default=f.default, help=help_text)
     chat.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (only for "
                       "models you trust)")
+    chat.add_argument("--download", action="store_true",
+                      help="download the base model from the Hugging Face Hub if it is not on this machine")
     chat.set_defaults(func=cmd_chat)
 
 
@@ -38,7 +40,7 @@ def cmd_chat(args) -> int:
     settings = GenerationSettings(system_prompt=args.system_prompt, temperature=args.temperature,
                                   top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                                   repetition_penalty=args.repetition_penalty, stop=args.stop)
-    chat = load_chat(args.run, args.trust_remote_code, progress=info)
+    chat = load_chat(args.run, args.trust_remote_code, progress=info, download=args.download)
     if args.prompt is not None:
         messages = [{"role": "user", "content": args.prompt}]
         if args.compare:

@@ -29,6 +29,8 @@ def add_commands(sub) -> None:
     export.add_argument("--pre-tokenizer", default="", metavar="NAME",
                         help="gguf: llama.cpp's pre-tokenizer name, for a tokenizer Tunesmith cannot identify")
     export.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code")
+    export.add_argument("--download", action="store_true",
+                        help="download the base model from the Hugging Face Hub if it is not on this machine")
     export.set_defaults(func=cmd_export)
 
 
@@ -37,7 +39,7 @@ def cmd_export(args) -> int:
 
     result = export_run(args.run, args.format, args.out, dtype=args.dtype, quant=args.quant, force=args.force,
                         progress=info, trust_remote_code=args.trust_remote_code, pre_tokenizer=args.pre_tokenizer,
-                        merge_into=args.merge_into)
+                        merge_into=args.merge_into, download=args.download)
     print(f"Wrote {result.out_dir} ({result.bytes / 2**20:,.1f} MiB):")
     for name in result.files:
         print(f"  {name}")

@@ -80,6 +80,18 @@ def find_adapter(ref: str) -> AdapterSource:
     return AdapterSource(checkpoint, run.config().model, f"{run.id} ({checkpoint.name})", run_dir=run.dir)
 
 
+def base_to_download(ref: str) -> str:
+    """The hub id of the base model `ref`'s adapter names when no copy of it is on this machine
+    (loading or exporting would download it: the window asks first), else ""."""
+    from app.core.models.resolve import is_missing_hub_model
+
+    try:
+        base = find_adapter(ref).base
+    except Exception:  # noqa: BLE001 - the load or export itself reports a bad reference
+        return ""
+    return base if is_missing_hub_model(base) else ""
+
+
 def runs_with_adapter() -> list:
     """The runs `find_adapter` can use (a final adapter or a checkpoint), newest first, as RunSummary rows."""
     from app.core.runs import list_runs, open_run
@@ -189,9 +201,10 @@ class ChatSession:
 
 
 def load_chat(ref: str, trust_remote_code: bool = False,
-              progress: Callable[[str], None] = lambda message: None) -> ChatSession:
+              progress: Callable[[str], None] = lambda message: None, download: bool = False) -> ChatSession:
     """Load the base model as the adapter was trained on it (in 4-bit, or unquantised for a run
-    trained on a 16-bit base) and the adapter `ref` names (see `find_adapter`)."""
+    trained on a 16-bit base) and the adapter `ref` names (see `find_adapter`); a base that is not
+    on this machine is downloaded only with `download`."""
     import torch
     from peft import PeftModel
 
@@ -202,7 +215,7 @@ def load_chat(ref: str, trust_remote_code: bool = False,
     source = find_adapter(ref)
     device, dtype, _ = detect_device()
     quantize = _trained_quantize(source)
-    info = resolve_model(source.base, trust_remote_code, progress=progress)
+    info = resolve_model(source.base, trust_remote_code, progress=progress, download=download)
     how = "in 4-bit" if quantize == "4bit" else f"unquantised ({dtype})"
     progress(f"Loading {info.name} {how} on {device} with the adapter {source.label}")
     base = load_base_model(info, getattr(torch, dtype), device, trust_remote_code, quantize=quantize)

@@ -14,6 +14,7 @@ import pytest
 from app import cli
 from app.core.errors import ExportError
 from app.core.export import export_run, ollama_modelfile
+from conftest import adapter_of_a_hub_base
 
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
@@ -484,3 +485,18 @@ def test_the_demo_exports_4_bit_gguf_that_llama_cpp_runs_in_the_pirate_voice(dem
         finally:
             llm.close()
 
+
+
+def test_an_adapters_hub_base_is_downloaded_only_with_download(tiny_run, tmp_path, capsys):
+    """The tests run with HF_HUB_OFFLINE=1: the size cannot be read, and a download would fail."""
+    adapter = adapter_of_a_hub_base(tiny_run, tmp_path)
+    for command in (["export", str(adapter), "--format", "adapter", "--out", str(tmp_path / "out")],
+                    ["chat", str(adapter), "--prompt", "Hi"]):
+        assert cli.main(command) == 2
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert line == ("tunesmith: error: someone/not-here-7b: the base model is not on this machine (its size "
+                        "could not be read from the Hub); pass --download to download it from the Hugging Face "
+                        "Hub, or copy it into the Hugging Face cache"), command
+    assert cli.main(["export", str(adapter), "--format", "adapter", "--out", str(tmp_path / "out"), "--download"]) == 2
+    assert "could not download from the Hugging Face Hub" in capsys.readouterr().err  # asked, so it tried
+    assert not (tmp_path / "out").exists()

@@ -108,3 +108,19 @@ def test_a_merged_export_says_its_agreement_and_the_precision_it_chose(window, q
     assert "stored in f16: the largest activation on the check prompts" in text, text
     config = (tmp_path / "merged" / "config.json").read_text()
     assert '"float16"' in config
+
+
+def test_loading_an_adapter_whose_base_is_not_here_asks_before_downloading(window, tiny_run, tmp_path, monkeypatch):
+    from conftest import adapter_of_a_hub_base
+
+    adapter = adapter_of_a_hub_base(tiny_run, tmp_path)
+    asked = []
+    monkeypatch.setattr(QMessageBox, "question", lambda parent, title, text, *rest: asked.append(text)
+                        or QMessageBox.Cancel)
+    tab = window.chat_tab
+    tab.source_box.addItem(adapter.name, str(adapter))
+    tab.source_box.setCurrentIndex(tab.source_box.count() - 1)
+    tab.load()
+    assert asked == ["The adapter was trained on someone/not-here-7b, which is not on this machine. Download it "
+                     "from the Hugging Face Hub (its size could not be read from the Hub)?"]
+    assert tab._loading is None and tab.session is None  # declined: nothing loads, nothing downloads

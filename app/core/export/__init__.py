@@ -56,9 +56,11 @@ class ExportResult:
 
 def export_run(ref: str, fmt: str, out: str | Path, dtype: str = "auto", quant: str = "f16", force: bool = False,
                progress: Callable[[str], None] = lambda message: None,
-               trust_remote_code: bool = False, pre_tokenizer: str = "", merge_into: str = "trained") -> ExportResult:
+               trust_remote_code: bool = False, pre_tokenizer: str = "", merge_into: str = "trained",
+               download: bool = False) -> ExportResult:
     """Export the adapter `ref` names (a run, a checkpoint or an adapter folder) as `fmt` into `out`;
-    `merge_into` "trained" or "original" (merged.merge_adapter) for the merged and GGUF formats."""
+    `merge_into` "trained" or "original" (merged.merge_adapter) for the merged and GGUF formats; a
+    base model that is not on this machine is downloaded only with `download`."""
     from app.core.models.resolve import resolve_model
 
     if fmt not in FORMATS:
@@ -89,7 +91,7 @@ def export_run(ref: str, fmt: str, out: str | Path, dtype: str = "auto", quant: 
         for line in repair(out):
             progress(line)
         replace = check_target(out, force)
-        info = resolve_model(source.base, trust_remote_code, progress=progress)
+        info = resolve_model(source.base, trust_remote_code, progress=progress, download=download)
         problem = protected_reason(out, [Path(info.path)])
         if problem:
             raise ExportError(problem)

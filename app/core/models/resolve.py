@@ -20,6 +20,7 @@ from app.core.models import demo_model
 from app.core.models.facts import ModelFacts, arch_or_none
 from app.core.models.files import inspect_folder, read_config
 from app.core.paths import recent_models_file
+from app.core.units import size_text
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
@@ -27,8 +28,10 @@ RECENT_LIMIT = 10
 
 
 def resolve_model(source: str, trust_remote_code: bool = False, allow_pickle: bool = False,
-                  progress: Callable[[str], None] = lambda message: None) -> ModelFacts:
-    """Find and check the model named `source`; download a hub id that is not cached."""
+                  progress: Callable[[str], None] = lambda message: None, download: bool = True) -> ModelFacts:
+    """Find and check the model named `source`; download a hub id that is not cached, only with
+    `download` (else ModelError saying how large it is and how to agree: the base an adapter or a
+    copied run names is not a model the user asked for)."""
     source = (source or "demo").strip()
     if source.lower() == "demo":
         path = demo_model.ensure_demo_model(progress)
@@ -45,6 +48,11 @@ def resolve_model(source: str, trust_remote_code: bool = False, allow_pickle: bo
     cached = hf_cache_snapshot(source)
     if cached is not None:
         return _named(inspect_folder(cached, trust_remote_code, allow_pickle), "hf-cache", source)
+    if not download:
+        size = hub_download_size(source)
+        how_big = f"{size_text(size)} to download" if size else "its size could not be read from the Hub"
+        raise ModelError(f"{source}: the base model is not on this machine ({how_big}); pass --download to "
+                         "download it from the Hugging Face Hub, or copy it into the Hugging Face cache")
     path = download_model(source, progress)
     return _named(inspect_folder(path, trust_remote_code, allow_pickle), "hub", source)
 
@@ -67,6 +75,28 @@ def hf_cache_snapshot(repo_id: str) -> Path | None:
             return snapshot
     candidates = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
     return candidates[0] if candidates else None
+
+
+def is_missing_hub_model(source: str) -> bool:
+    """Whether `source` is a hub id with no copy on this machine (resolving it would download)."""
+    source = (source or "").strip()
+    if source.lower() == "demo" or not HUB_ID.match(source) or Path(source).expanduser().exists():
+        return False
+    return hf_cache_snapshot(source) is None
+
+
+def hub_download_size(repo_id: str, timeout: float = 10.0) -> int | None:
+    """Bytes `download_model` would fetch for `repo_id` (the Hub's file list), or None offline."""
+    import fnmatch
+
+    try:
+        from huggingface_hub import HfApi
+
+        info = HfApi().model_info(repo_id, files_metadata=True, timeout=timeout)
+    except Exception:  # noqa: BLE001 - offline, unknown or gated: the size is simply not known
+        return None
+    return sum(f.size or 0 for f in info.siblings or []
+               if any(fnmatch.fnmatch(f.rfilename.split("/")[-1], pattern) for pattern in DOWNLOAD_PATTERNS)) or None
 
 
 def download_model(repo_id: str, progress: Callable[[str], None]) -> Path:

@@ -141,9 +141,15 @@ class ChatTab(QWidget):
         ref = self.source_box.currentData()
         if not ref or self._busy():
             return
+        from app.gui.widgets.download_prompt import agree_to_download
+
+        agreed = agree_to_download(self, ref)
+        if agreed is False:
+            return
+        download = bool(agreed)
         self.session = None  # the old model is released before the new one loads
         self.loaded_label.setText(f"Loading {html.escape(str(ref))}…")
-        worker = TaskWorker(lambda: load_chat(ref), ref)
+        worker = TaskWorker(lambda: load_chat(ref, download=download), ref)
         worker.done.connect(self._loaded)
         worker.failed.connect(self._load_failed)
         self._loading = worker

@@ -150,6 +150,7 @@ class ExportTab(QWidget):
         if not run_id or not out or self.worker is not None:
             return
         from app.core.export import replace_problem
+        from app.gui.widgets.download_prompt import agree_to_download
 
         force = False
         target = Path(out).expanduser()
@@ -165,9 +166,13 @@ class ExportTab(QWidget):
             if answer != QMessageBox.Yes:
                 return
             force = True
+        agreed = agree_to_download(self, run_id)
+        if agreed is False:
+            return
+        download = bool(agreed)
         dtype, quant, into = self.dtype_box.currentData(), self.quant_box.currentData(), self.into_box.currentData()
         self.worker = StreamWorker(lambda emit: export_run(run_id, fmt, out, dtype=dtype, quant=quant, force=force,
-                                                           progress=emit, merge_into=into))
+                                                           progress=emit, merge_into=into, download=download))
         self.worker.item.connect(self._progress)
         self.worker.done.connect(self._done)
         self.worker.failed.connect(self._failed)
