@@ -141,6 +141,21 @@ class Run:
         for old in self.checkpoints()[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
 
+    def remove_leftovers(self) -> int:
+        """Remove what a process killed while writing left behind: a checkpoint's staging or swapped-out
+        folder (.step-N.*.tmp, .step-N.*.old) and the run's half-written files (.NAME.*.tmp); the
+        caller holds the run's lock, so nobody is writing them. The number removed."""
+        removed = 0
+        for pattern, folder in ((".step-*.tmp", self.checkpoints_dir), (".step-*.old", self.checkpoints_dir),
+                                (".*.tmp", self.dir)):
+            for path in folder.glob(pattern) if folder.is_dir() else []:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
 
 @dataclass
 class RunSummary:

@@ -96,6 +96,9 @@ def resume_training(ref: str, on_event: Callable[[Event], None] | None = None,
     try:
         if run.raw_status().get("status") == "finished":  # "running" while we hold the lock: killed
             raise RunError(f"run {run.id} has already finished; start a new run to train further")
+        leftovers = run.remove_leftovers()  # before any worker starts: nobody else writes the run now
+        if leftovers:
+            run.log(f"Removed {leftovers} half-written file(s) or folder(s) a stopped process had left")
         config, info = run.config(), run.data_info()
         plan = regrouped(run.plan(), gpus) if gpus else run.plan()
         prepared = prepare_training(config, log=lambda message: on_event(LogLine(message)), plan=plan)
