@@ -8,7 +8,7 @@ the Nth call whose arguments, written `SRC -> DST|` (`PATH|` for one argument), 
 ACTION `kill` ends the process there with SIGKILL, before the call runs (as a power cut or the
 OOM killer would); `pause` touches the file named by $FAULT_FLAG and sleeps 60 s before the call
 (for a second process to meet the first mid-way). Nothing else is changed: the CLI runs as
-`python -m app ARGS` would.
+`python -m app ARGS` would; `-- -c CODE` runs CODE instead (what only the window does).
 """
 
 from __future__ import annotations
@@ -49,6 +49,9 @@ if __name__ == "__main__":
     fault, separator, *argv = sys.argv[1:]
     assert separator == "--", __doc__
     install(fault)
+    if argv[:1] == ["-c"]:  # what the window does and the CLI has no command for (deleting a run)
+        exec(argv[1], {"__name__": "__main__"})
+        sys.exit(0)
     from app.launch import main
 
     sys.exit(main(argv))

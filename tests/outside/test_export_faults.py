@@ -22,7 +22,8 @@ FAULTS = Path(__file__).with_name("faults.py")
 
 
 def tunesmith(*args: str, fault: str = "", flag: Path | None = None, wait: bool = True):
-    command = [sys.executable, str(FAULTS), fault, "--", *args] if fault else [sys.executable, "-m", "app", *args]
+    plain = [sys.executable, *args] if args[:1] == ("-c",) else [sys.executable, "-m", "app", *args]
+    command = [sys.executable, str(FAULTS), fault, "--", *args] if fault else plain
     env = dict(os.environ, FAULT_FLAG=str(flag or ""))
     if not wait:
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
