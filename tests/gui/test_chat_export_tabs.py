@@ -93,6 +93,13 @@ def test_export_shows_progress_and_asks_before_replacing_a_folder(window, qtbot,
     assert warned and "did not write" in warned[0] and not asked and not tab.exporting
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
 
+    (target / "NOTES.md").write_text("my notes")  # a file of the user's in the earlier export
+    warned[:] = []
+    tab.out_edit.setText(str(target))
+    qtbot.mouseClick(tab.export_button, Qt.LeftButton)
+    assert warned and "holds NOTES.md that the export did not write" in warned[0] and not asked
+    assert (target / "NOTES.md").read_text() == "my notes" and not tab.exporting
+
 
 def test_a_merged_export_says_its_agreement_and_the_precision_it_chose(window, qtbot, tiny_run, tmp_path):
     window.tabs.setCurrentWidget(window.export_tab)
