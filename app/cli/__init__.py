@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ntunesmith: aborted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `tunesmith plan | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

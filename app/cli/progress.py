@@ -22,12 +22,16 @@ class Progress:
 
     def __call__(self, event) -> None:
         from app.core.train.events import (CheckpointSaved, EvalMetrics, LogLine, PlanAdjusted, RunFailed,
-                                           RunFinished, RunStarted, StepMetrics)
+                                           RunCreated, RunFinished, RunStarted, StepMetrics)
 
         if isinstance(event, StepMetrics):
             self._step(event)
         elif isinstance(event, (LogLine, PlanAdjusted)):
             self._line(event.message)
+        elif isinstance(event, RunCreated):
+            device = _run_device_line(event.run_dir)
+            if device:
+                self._line(f"Device: {device}")  # as `tunesmith plan` says it
         elif isinstance(event, RunStarted):
             start = f" from step {event.start_step}" if event.start_step else ""
             self._line(f"Run {event.run_id}: {event.total_steps} steps{start}, {event.examples} examples"
@@ -66,6 +70,17 @@ class Progress:
         if self.bar_open:
             self.stream.write("\n")
             self.bar_open = False
+
+
+def _run_device_line(run_dir: str) -> str:
+    """The device line of a run's own plan ("planned for this CPU: ..."), "" if unreadable."""
+    from app.core.errors import UserError
+    from app.core.runs import open_run
+
+    try:
+        return open_run(run_dir).plan().reasons.get("device", "")
+    except UserError:
+        return ""
 
 
 def install_stop_handler(progress: Progress) -> threading.Event:

@@ -115,6 +115,7 @@ def cmd_plan(args) -> int:
         print(json.dumps(preview.to_dict(), indent=2))
         return 0
     facts, plan, budget = preview.model.arch, preview.plan, preview.budget
+    print(f"Device  {plan.reasons['device']}")
     print(f"Model   {preview.model.name} ({preview.model.kind}): {facts.total_params / 1e9:.2f}B parameters, "
           f"{facts.layers} layers, hidden {facts.hidden}, vocabulary {facts.vocab:,}")
     print(f"Budget  {budget.preset.id}: {gib(budget.usable_bytes)} usable ({budget.source})")

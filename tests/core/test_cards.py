@@ -3,6 +3,7 @@ that leaves other programs' GPU memory alone. No GPU exists here: NVML's reading
 a test needs a card, and say so."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from app.core.plan.memory import GIB
 
 LLAMA_8B = "meta-llama/Llama-3.1-8B-Instruct"
 ISSUE_CARDS = ["RTX 2060", "RTX 2070", "RTX 2080", "RTX 2080 Ti", "RTX 3060", "RTX 3070", "RTX 3080",
-               "RTX 3080 12GB", "RTX 3090", "RTX 4060 Ti 16GB", "RTX 4070", "RTX 4070 Ti", "RTX 4080",
+               "RTX 3080 12GB", "RTX 3090", "RTX 4060 Ti", "RTX 4060 Ti 16GB", "RTX 4070", "RTX 4070 Ti", "RTX 4080",
                "RTX 4090", "RTX 5070", "RTX 5080", "RTX 5090", "T4", "V100", "A10", "L4", "A100 40GB",
                "A100 80GB", "H100", "H200"]
 
@@ -34,6 +35,8 @@ def test_the_catalogue_has_every_card_the_issue_names_with_consistent_facts():
         assert 5 * GIB < card.memory_bytes < 150 * GIB, card.name
     assert find_card("RTX 3060").memory_bytes == 12 * 1024 ** 3
     assert find_card("rtx4090").capability == (8, 9)
+    assert find_card("RTX 4060 Ti").memory_bytes == 8188 * 2**20  # the 8 GB one the preset table names
+    assert find_card("RTX 4060 Ti 16GB").memory_bytes == 16380 * 2**20
 
 
 def test_driver_names_match_catalogue_rows():
@@ -129,3 +132,17 @@ def test_the_budget_on_this_card_leaves_other_programs_memory_alone(monkeypatch)
     assert preset.usable_bytes == 16 * GIB - 1 * GIB  # the preset fits in what is free
     big = presets.resolve_budget(presets.get_preset("24gb"))
     assert big.usable_bytes == int(21 * GIB - 1.5 * GIB) and "more than is free" in big.source
+
+
+def test_a_counterfactual_in_a_reason_is_the_estimators_own_figure_for_that_setting(capsys):
+    fixed = ["--gpu", "RTX 4090", "--batch", "2", "--seq-len", "2048", "--rank", "16"]
+    reason = plan_json(capsys, *fixed)["plan"]["reasons"]["grad_checkpointing"]
+    without = re.search(r"without it the peak would be ([\d.]+ GiB)", reason)[1]
+    assert main(["plan", "--model", LLAMA_8B, *fixed, "--no-grad-checkpointing"]) == 2
+    error = capsys.readouterr().err
+    assert f"the settings you fixed need at least {without} " in error
+    assert "--batch 1" in error and "--grad-checkpointing" in error  # neither was given: both are ways out
+    assert main(["plan", "--model", LLAMA_8B, *fixed[:2], "--batch", "1", "--seq-len", "65536",
+                 "--no-grad-checkpointing", "--rank", "16"]) == 2
+    error = capsys.readouterr().err
+    assert "--batch 1" not in error.split("try ")[1]  # never suggests what was already given

@@ -61,7 +61,24 @@ def test_auto_without_a_gpu_uses_the_available_ram():
     assert budget.device == "cpu" and 0 < budget.usable_bytes < budget.total_bytes
     assert "RAM" in budget.source
     card = training_budget("24gb")  # training on this machine cannot use a card it lacks
-    assert card.device == "cpu" and "the 24gb preset is for GPUs" in card.source
+    assert card.device == "cpu" and "the 24gb preset is for NVIDIA cards" in card.source
+
+
+def test_the_device_line_says_what_a_plan_is_for_and_what_train_will_do_here():
+    import torch
+
+    from app.core.plan.cards import find_card
+    from app.core.plan.presets import device_line
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert device_line(resolve_budget(get_preset("8gb"))) == (
+        "planned for a card with 8 GiB (the 8gb preset); this machine has no NVIDIA card: Train will plan for this CPU")
+    assert device_line(resolve_budget(get_preset("24gb"), card=find_card("RTX 4090"))) == (
+        "planned for the RTX 4090 you chose; this machine has no NVIDIA card: Train will plan for this CPU")
+    line = device_line(training_budget("8gb"))
+    assert line.startswith("planned for this CPU: ") and line.endswith(
+        " of RAM available; the 8gb preset is for NVIDIA cards")
 
 
 def test_a_user_preset_is_listed_and_overrides_a_shipped_one():

@@ -120,8 +120,7 @@ def _parse_line(name: str, number: int, raw: bytes) -> Iterator[Row | Problem]:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as err:
-        yield Problem(name, number, "", f"bad JSON: {err.msg} at column {err.colno}; "
-                                        "each line must be one JSON object")
+        yield Problem(name, number, "", f"bad JSON: {json_error(err)}; each line must be one JSON object")
         return
     except RecursionError:
         yield Problem(name, number, "", "JSON nested too deeply to read (over about 1,000 levels); a chat "
@@ -146,7 +145,7 @@ def _read_json_array(name: str, data: bytes) -> Iterator[Row | Problem]:
         try:
             record, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
-            raise DatasetError(f"bad JSON: {err.msg} at column {err.colno}; the rest of the array "
+            raise DatasetError(f"bad JSON: {json_error(err)}; the rest of the array "
                                "cannot be read", file=name, line=err.lineno)
         except RecursionError:
             raise DatasetError("JSON nested too deeply to read (over about 1,000 levels); the rest of the "
@@ -177,3 +176,8 @@ def _read_parquet(path: Path) -> Iterator[Row | Problem]:
         raise DatasetError("the file has no rows", file=str(path))
     for number, record in enumerate(table.to_pylist(), start=1):
         yield Row(number, record)
+
+
+def json_error(err: json.JSONDecodeError) -> str:
+    """"Expecting value at column 3"; json's own "Unterminated string starting at" ends in "at"."""
+    return f"{err.msg.removesuffix(' at')} at column {err.colno}"

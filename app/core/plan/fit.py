@@ -180,7 +180,7 @@ def _explain(fit: Fit, config: TrainConfig, budget: Budget, wanted_seq: int, tra
     elif fit.rank < DEFAULT_RANK:
         why["rank"] = f"lowered from {DEFAULT_RANK} to keep the context length within {usable}"
     else:
-        why["rank"] = f"default rank {DEFAULT_RANK}"
+        why["rank"] = "the default"
     if config.layer_tile:
         why["grad_checkpointing"] = "on: tiled layers are a way of checkpointing (--layer-tile)"
     elif config.offload_checkpoints:
@@ -188,8 +188,11 @@ def _explain(fit: Fit, config: TrainConfig, budget: Budget, wanted_seq: int, tra
     elif config.grad_checkpointing is not None:
         why["grad_checkpointing"] = "set by you"
     elif fit.grad_checkpointing:
-        without = estimate(fit.seq_len, fit.rank, Saving(mlp_tile=config.mlp_tile), 1).peak
-        why["grad_checkpointing"] = (f"on: without it the peak would be {gib(without)}, over {usable} "
+        # the planner tries every micro-batch without checkpointing first: so even the smallest missed
+        micro = config.micro_batch or MICRO_BATCHES[-1]
+        without = estimate(fit.seq_len, fit.rank, Saving(mlp_tile=config.mlp_tile), micro).peak
+        even = "" if micro == fit.micro_batch else f" even with micro-batch {micro}"
+        why["grad_checkpointing"] = (f"on: without it the peak would be {gib(without)}{even}, over {usable} "
                                      "(costs ~20-30% speed)")
     else:
         why["grad_checkpointing"] = "off: the plan fits without it, ~20-30% faster"
@@ -234,7 +237,17 @@ def _nothing_fits(facts: ArchFacts, budget: Budget, seqs, ranks, ckpts, estimate
         return (f"the model alone needs {gib(static)} and {gib(usable)} is usable ({budget.source}); "
                 f"choose a smaller model or {bigger}")
     if config.seq_len or config.micro_batch or config.grad_checkpointing is False:
+        tries = [option for option, given in (("a shorter --seq-len",
+                                               not config.seq_len or config.seq_len // 2 < MIN_SEQ_LEN),
+                                              ("--batch 1", config.micro_batch in (None, 1)),
+                                              ("--grad-checkpointing", config.grad_checkpointing is not False))
+                 if not given]  # never what is already so
         return (f"the settings you fixed need at least {gib(smallest.peak)} and {gib(usable)} is usable "
-                f"({budget.source}); try a shorter --seq-len, --batch 1 or --grad-checkpointing, or {bigger}")
+                f"({budget.source}); try {_listed(tries + [bigger])}")
     return (f"even {seqs[-1]} tokens need {gib(smallest.peak)} and {gib(usable)} is usable "
             f"({budget.source}); choose a smaller model or {bigger}")
+
+
+def _listed(items: list[str]) -> str:
+    """"a", "a or b", "a, b or c"."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} or {items[-1]}"

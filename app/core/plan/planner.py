@@ -23,7 +23,7 @@ from app.core.plan.cards import Card, precision_for
 from app.core.plan.context import Saving
 from app.core.plan.fit import DEFAULT_RANK, MICRO_BATCHES, TARGET_TOKENS_PER_STEP, Fit, choose_fit, round_up
 from app.core.plan.kernel_choice import OPTIMIZER_LABELS, choose_attention, choose_loss
-from app.core.plan.presets import Budget
+from app.core.plan.presets import Budget, device_line
 from app.core.plan.sharding import SHARDED_OPTIMIZER, four_bit_fit, strategy_of
 from app.core.train.kernels import fused_loss_support, packing_support
 from app.core.units import gib
@@ -34,6 +34,7 @@ ASSUMED_CAPABILITY = (8, 0)  # a preset's card of unknown kind: Ampere, as cards
 # An unquantised base is chosen by itself only when its plan keeps this share of the budget or less:
 # room for what the estimate does not see, since a 16-bit base is the larger one.
 UNQUANTISED_ROOM = 0.8
+SAVE_EVERY_LEAST = 5  # steps between checkpoints at least, unless the user says otherwise
 
 
 def detect_device() -> tuple[str, str, str]:
@@ -64,7 +65,7 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     Without data (`with_data` False; `lengths` then holds the one length to plan for) the plan has
     no steps: the memory it needs, and "depends on the data" for the rest."""
     validate_config(config)
-    reasons: dict[str, str] = {}
+    reasons: dict[str, str] = {"device": device_line(budget)}
     device = budget.device if budget else detect_device()[0]
     card = budget.card if budget else None
     (dtype, reasons["compute_dtype"]), (optimizer, reasons["optimizer"]) = device_settings(device, card)
@@ -155,7 +156,7 @@ def _packed_rows_reason(config: TrainConfig, fit: Fit) -> str:
     micro, seq = fit.micro_batch, fit.seq_len
     why = ("set by you" if config.micro_batch else "the longest row planned" if micro == MICRO_BATCHES[0]
            or micro * seq >= TARGET_TOKENS_PER_STEP else "the longest row that fits")
-    return f"packed rows of {micro} x {seq} = {micro * seq:,} tokens: {why}"
+    return f"packed row{'s' * (micro != 1)} of {seq:,} tokens ({micro * seq:,} tokens a pass): {why}"
 
 
 @dataclass(frozen=True)
@@ -190,13 +191,15 @@ def _schedule(config: TrainConfig, stats: LengthStats, lengths: list[int], fit: 
             f" in each of {gpus} processes)" if gpus > 1 else ")")
     steps_per_epoch = max(1, math.ceil(micro_batches / (accum * gpus)))
     if config.max_steps:
-        total, reasons["total_steps"] = config.max_steps, "set by you (--max-steps)"
+        total, reasons["total_steps"] = config.max_steps, "set by you (max steps)"
     else:
         total = max(1, math.ceil(config.epochs * steps_per_epoch))
         reasons["total_steps"] = f"{config.epochs:g} epoch(s) of {steps_per_epoch} steps"
     warmup = math.ceil(config.warmup_ratio * total) if config.warmup_ratio > 0 else 0
     eval_every = (config.eval_every or max(1, total // 10)) if has_validation else 0
-    save_every = config.save_every or max(1, min(200, total // 10))
+    # about ten checkpoints a run, between every 5 and every 200 steps: a 6-step run is not saved at
+    # every step (the end and a stop save anyway)
+    save_every = config.save_every or min(200, max(SAVE_EVERY_LEAST, total // 10))
     return _Schedule(accum, steps_per_epoch, total, warmup, eval_every, save_every, reasons)
 
 

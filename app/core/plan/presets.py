@@ -55,6 +55,7 @@ class Budget:
     usable_bytes: int
     source: str  # e.g. "RTX 4090: 24.0 GiB, 1.3 GiB used by other programs" or "preset 24gb"
     card: Card | None = None  # the card planned for; None on the CPU or for a preset alone
+    local: bool = False  # this machine's own device (what training here uses), not a card named or a preset alone
 
 
 def preset_dirs() -> list[Path]:
@@ -138,7 +139,7 @@ def resolve_budget(preset: Preset, device: str | None = None, card: Card | None 
         return Budget(preset, device or "cuda", fixed, fixed - margin, f"preset {preset.id}")
     available = host.available_ram()
     return Budget(preset, "cpu", available, max(0, available - margin),
-                  f"no CUDA GPU: {gib(available, 1)} of RAM available")
+                  f"no CUDA GPU: {gib(available, 1)} of RAM available", local=True)
 
 
 def training_budget(name: str, gpu: str = "") -> Budget:
@@ -153,7 +154,7 @@ def training_budget(name: str, gpu: str = "") -> Budget:
     if host.local_device() == "cuda" or preset.budget_gib is None:
         return resolve_budget(preset)
     budget = resolve_budget(replace(preset, budget_gib=None), device="cpu")
-    return replace(budget, source=f"{budget.source}; the {preset.id} preset is for GPUs")
+    return replace(budget, source=f"{budget.source}; the {preset.id} preset is for NVIDIA cards")
 
 
 def _local_cuda_budget(preset: Preset, fixed: int | None, margin: int) -> Budget:
@@ -176,7 +177,24 @@ def _local_cuda_budget(preset: Preset, fixed: int | None, margin: int) -> Budget
     source = f"{name}: {gib(total, 1)}{note}"
     if fixed is not None:
         source += f"; preset {preset.id}" + (" (more than is free)" if fixed > free_for_us else "")
-    return Budget(preset, "cuda", allowed, max(0, allowed - margin), source, card)
+    return Budget(preset, "cuda", allowed, max(0, allowed - margin), source, card, local=True)
+
+
+def device_line(budget: Budget | None) -> str:
+    """What a plan is for, said first: this machine's GPU or CPU, or a card it does not have (and
+    then what Train here will plan for instead)."""
+    here = "this machine's GPU" if host.local_device() == "cuda" else "this CPU"
+    if budget is None:
+        return f"planned for {here}, without a memory check"
+    if budget.local and budget.device == "cpu":
+        return f"planned for this CPU: {budget.source.removeprefix('no CUDA GPU: ')}"
+    if budget.local:
+        return f"planned for this machine's {budget.card.name if budget.card else 'GPU 0'} ({budget.source})"
+    what = (f"the {budget.card.name} you chose" if budget.card is not None
+            else f"a card with {gib(budget.total_bytes, 0)} (the {budget.preset.id} preset)")
+    if host.local_device() != "cuda":
+        return f"planned for {what}; this machine has no NVIDIA card: Train will plan for this CPU"
+    return f"planned for {what}; Train plans for this machine's GPU within that memory"
 
 
 def local_card() -> Card | None:

@@ -10,6 +10,15 @@ from dataclasses import asdict, dataclass, fields
 
 
 @dataclass(frozen=True)
+class RunCreated:
+    """The run's folder and plan exist (plan.json, made for this machine's device); the model is not
+    loaded yet. Said to the caller only, not kept in metrics.jsonl."""
+
+    run_id: str
+    run_dir: str
+
+
+@dataclass(frozen=True)
 class RunStarted:
     run_id: str
     run_dir: str
@@ -79,7 +88,7 @@ class LogLine:
     level: str = "info"
 
 
-Event = (RunStarted | StepMetrics | EvalMetrics | CheckpointSaved | RunFinished | RunFailed | PlanAdjusted
+Event = (RunCreated | RunStarted | StepMetrics | EvalMetrics | CheckpointSaved | RunFinished | RunFailed | PlanAdjusted
          | LogLine)
 _KINDS = {cls.__name__: cls for cls in (RunStarted, StepMetrics, EvalMetrics, CheckpointSaved,
                                          RunFinished, RunFailed, PlanAdjusted, LogLine)}

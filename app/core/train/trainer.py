@@ -19,8 +19,8 @@ from typing import Callable
 from app.core.config import Plan, TrainConfig
 from app.core.data.batches import EpochBatches
 from app.core.errors import RunError
-from app.core.train.events import (CheckpointSaved, EvalMetrics, Event, LogLine, PlanAdjusted, RunFailed,
-                                   RunFinished, RunStarted, StepMetrics)
+from app.core.train.events import (CheckpointSaved, EvalMetrics, Event, LogLine, PlanAdjusted, RunCreated,
+                                   RunFailed, RunFinished, RunStarted, StepMetrics)
 from app.core.models.resolve import remember_model
 from app.core.run_lock import RunLock
 from app.core.runs import Run, create_run, open_run
@@ -68,6 +68,7 @@ def train_worker(run: Run, prepared: Prepared, ranks, stop) -> RunResult:
 
 def _train_here_or_on_workers(run: Run, prepared: Prepared, on_event, stop) -> RunResult:
     """In this process, or on the plan's processes (launch.py), this one holding the run's lock."""
+    on_event(RunCreated(run.id, str(run.dir)))  # the window shows the plan that runs before anything loads
     if prepared.plan.gpus <= 1 and prepared.plan.nodes <= 1:
         return _train(run, prepared, on_event, stop)
     from app.core.train.launch import run_workers

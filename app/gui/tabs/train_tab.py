@@ -18,6 +18,7 @@ from app.gui.widgets.dataset_view import DatasetReport, DropZone
 from app.gui.widgets.live_graphs import LiveGraphs
 from app.gui.widgets.pickers import BudgetPicker, ModelPicker
 from app.gui.widgets.plan_view import PlanView
+from app.gui.words import plain
 from app.gui.workers import TaskWorker, Threads, TrainingWorker
 
 REPLAN_DELAY_MS = 250
@@ -36,6 +37,8 @@ class TrainTab(QWidget):
         self.last_run = None  # RunResult of the latest run, for Resume and the error dialog
         self.error_dialog = None
         self.engine_ready = False
+        self.run_changes: dict[str, str] = {}  # plan field -> what the running run changed, for the panel
+        self.run_dir = ""  # of the run the plan panel shows
         self._plan_request = self._data_request = 0
         self.graphs = LiveGraphs()
         self.loss_plot = self.graphs.loss
@@ -170,7 +173,8 @@ class TrainTab(QWidget):
                            gpus=self.budget.gpus(), skip_bad=self.skip_bad.isChecked(), **self.plan_view.fixed())
 
     def schedule_replan(self) -> None:
-        self._replan_timer.start()
+        if not self.running:  # while a run trains, the panel shows that run's plan
+            self._replan_timer.start()
 
     def replan(self) -> None:
         """Make the plan on a worker thread (token lengths, estimator)."""
@@ -180,10 +184,14 @@ class TrainTab(QWidget):
 
         if self.preset_box.currentData():
             self._remember("last_preset", self.preset_box.currentData())
+        if self.running:
+            return
         try:
             config = self.config()
         except Exception as err:  # noqa: BLE001 - e.g. a setting out of range
+            self._plan_request += 1  # a preview on its way is of settings no longer shown
             self.plan_view.show_error(str(err))
+            self._update_buttons()
             return
         if self.summary is None:
             config = replace(config, data="")  # plan for the model alone until the data is checked
@@ -198,12 +206,12 @@ class TrainTab(QWidget):
         self.threads.start(worker, worker.done, worker.failed)
 
     def _planned(self, request: int, preview) -> None:
-        if request == self._plan_request:
+        if request == self._plan_request and not self.running:
             self.plan_view.show_plan(preview)
             self._update_buttons()
 
     def _plan_failed(self, request: int, message: str) -> None:
-        if request == self._plan_request:
+        if request == self._plan_request and not self.running:
             self.plan_view.show_error(message)
             self._update_buttons()
 
@@ -291,6 +299,10 @@ class TrainTab(QWidget):
         if self.threads.start(self.worker, self.worker.done, self.worker.failed) is None:
             self.worker = None  # the window is closing
             return
+        self._plan_request += 1  # a preview still on its way is not shown over the run's plan
+        self._replan_timer.stop()
+        self.run_changes, self.run_dir = {}, ""
+        self.plan_view.set_locked(True)
         self.status.setText(message)
         self._update_buttons()
         self.running_changed.emit(True)
@@ -304,7 +316,10 @@ class TrainTab(QWidget):
     def _on_event(self, event) -> None:
         from app.core.train import events as ev
 
-        if isinstance(event, ev.StepMetrics):
+        if isinstance(event, ev.RunCreated):
+            self.run_dir = event.run_dir
+            self._show_run_plan()
+        elif isinstance(event, ev.StepMetrics):
             self.graphs.loss.add_step(event.step, event.loss)
             self.graphs.lr.add_step(event.step, event.lr)
             self.status.setText(f"step {event.step}/{event.total_steps} · epoch {event.epoch:.2f} · loss "
@@ -315,19 +330,31 @@ class TrainTab(QWidget):
         elif isinstance(event, ev.RunStarted):
             self.graphs.rewind(event.start_step)
             self.status.setText(f"Run {event.run_id}: {event.total_steps} steps on {event.device}")
+            self.run_dir = event.run_dir
+            self._show_run_plan()
             self.graphs.show_predicted_peak(_run_plan(event.run_dir))
         elif isinstance(event, ev.PlanAdjusted) or (isinstance(event, ev.LogLine) and event.level == "warning"):
-            self.status.setText(event.message)  # a change to the plan, a damaged checkpoint skipped: kept in view
-            lines = [line for line in self.notice.text().split("\n") if line] + [f"⚠ {event.message}"]
+            if isinstance(event, ev.PlanAdjusted) and self.run_dir:
+                self.run_changes[event.change] = event.message
+                self._show_run_plan()
+            self.status.setText(plain(event.message))  # a change to the plan, a damaged checkpoint skipped: kept
+            lines = [line for line in self.notice.text().split("\n") if line] + [f"⚠ {plain(event.message)}"]
             self.notice.setText("\n".join(lines[-4:]))
             self.notice.show()
         elif isinstance(event, ev.LogLine):
-            self.status.setText(event.message)
+            self.status.setText(plain(event.message))
         elif isinstance(event, ev.RunFailed):
-            self.status.setText(f"Failed at step {event.step}: {event.reason}")
+            self.status.setText(f"Failed at step {event.step}: {plain(event.reason)}")
+
+    def _show_run_plan(self) -> None:
+        """The plan panel shows the run's own plan (plan.json) and what the run changed in it."""
+        plan = _run_plan(self.run_dir)
+        if plan is not None:
+            self.plan_view.show_run_plan(plan, Path(self.run_dir).name, self.run_changes)
 
     def _finished(self, result) -> None:
         self.worker = None
+        self.plan_view.set_locked(False)
         self.last_run = result
         if result.status == "finished":
             self.status.setText(f"Finished {result.step} steps, final loss {result.final_loss:.4f}. "
@@ -336,13 +363,16 @@ class TrainTab(QWidget):
             self.status.setText(f"Stopped at step {result.step}/{result.total_steps}; Resume continues from "
                                 "the checkpoint.")
         else:
-            self.status.setText(f"Failed: {result.reason}")
+            self.status.setText(f"Failed: {plain(result.reason)}")
             self.show_error(result.reason, Path(result.run_dir) / "train.log")
         self._update_buttons()
         self.running_changed.emit(False)
 
     def _could_not_start(self, message: str) -> None:
+        message = plain(message)
         self.worker = None
+        self.plan_view.set_locked(False)
+        self.schedule_replan()  # the panel may show no run's plan: the preview again
         self.status.setText(message)
         self.show_error(message, None)
         self._update_buttons()
@@ -350,7 +380,7 @@ class TrainTab(QWidget):
 
     def show_error(self, message: str, log: Path | None) -> None:
         """A dialog with the one-line reason, and a button that opens the run's log (non-blocking)."""
-        self.error_dialog = error_box(self, message, log)
+        self.error_dialog = error_box(self, plain(message), log)
 
 
 def _run_plan(run_dir: str):

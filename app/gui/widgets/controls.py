@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QLabel, QPushButton
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import QLabel, QLineEdit, QPushButton
 
 from app.gui.icons import icon
 
@@ -26,3 +26,46 @@ def label(text: str = "", tip: str = "", selectable: bool = False) -> QLabel:
     if tip:
         widget.setToolTip(tip)
     return widget
+
+
+class NumberEdit(QLineEdit):
+    """A number typed as the user writes it ("0.05", "2e-4"), never replaced behind their back: a
+    value outside (low, high] or not a number is shown in red and `value()` raises ConfigError
+    naming the field, so the plan panel says what is wrong instead of reverting the text."""
+
+    changed = Signal()
+
+    def __init__(self, name: str, low: float, high: float, value: float, example: str):
+        super().__init__(f"{value:g}")
+        self.name, self.low, self.high, self.example = name, low, high, example
+        self.help = ""  # the tooltip while the value is fine
+        self.setMaximumWidth(110)
+        self.textChanged.connect(self._edited)
+
+    def value(self) -> float:
+        problem = self.problem()
+        if problem:
+            from app.core.errors import ConfigError
+
+            raise ConfigError(problem)
+        return float(self.text().strip())
+
+    def setValue(self, value: float) -> None:  # noqa: N802 - Qt's spelling, as QDoubleSpinBox
+        self.setText(f"{value:g}")
+
+    def problem(self) -> str:
+        """Why the text is not a value ("" when it is)."""
+        text = self.text().strip()
+        try:
+            number = float(text)
+        except ValueError:
+            number = None
+        if number is None or not (self.low < number <= self.high) or number != number:
+            return (f"{self.name}: “{text}” is not a number above {self.low:g} and at most {self.high:g} "
+                    f"(e.g. {self.example})")
+        return ""
+
+    def _edited(self) -> None:
+        self.setStyleSheet("border: 1px solid #c0392b" if self.problem() else "")
+        self.setToolTip(self.problem() or self.help)
+        self.changed.emit()

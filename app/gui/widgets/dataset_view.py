@@ -14,6 +14,7 @@ from PySide6.QtWidgets import (QFileDialog, QFrame, QHBoxLayout, QLabel, QListWi
                                QPushButton, QTextEdit, QVBoxLayout, QWidget)
 
 from app.gui.icons import icon
+from app.gui.words import plain
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 FILE_FILTER = "Datasets (*.jsonl *.json *.parquet);;All files (*)"
@@ -85,6 +86,19 @@ def _dropped_file(mime) -> str | None:
     return None
 
 
+class StillPlot(pg.PlotWidget):
+    """A chart that does not move: no zoom or pan by mouse, and the wheel scrolls the page it is on
+    (pyqtgraph's own wheel zoomed the histogram to -4000..4000 tokens)."""
+
+    def __init__(self):
+        super().__init__()
+        self.setMouseEnabled(x=False, y=False)
+        self.hideButtons()
+
+    def wheelEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        event.ignore()  # to the scroll area around the set-up
+
+
 class DatasetReport(QWidget):
     """Summary line, token-length histogram, problem list and the tokenised preview."""
 
@@ -93,7 +107,7 @@ class DatasetReport(QWidget):
         self.summary = QLabel("No dataset yet.")
         self.summary.setWordWrap(True)
         self.summary.setTextInteractionFlags(Qt.TextSelectableByMouse)
-        self.histogram = pg.PlotWidget()
+        self.histogram = StillPlot()
         self.histogram.setMenuEnabled(False)
         self.histogram.setMaximumHeight(130)
         self.histogram.setLabel("bottom", "tokens per example")
@@ -119,7 +133,7 @@ class DatasetReport(QWidget):
         self.summary.setText(f"Checking {html.escape(Path(path).name)}…")
 
     def show_error(self, message: str) -> None:
-        self.summary.setText(f"<span style='color:#c0392b'>{html.escape(message)}</span>")
+        self.summary.setText(f"<span style='color:#c0392b'>{html.escape(plain(message))}</span>")
         for widget in (self.histogram, self.problems, self.preview):
             widget.hide()
 
@@ -138,7 +152,7 @@ class DatasetReport(QWidget):
         self.problems.clear()
         for problem in summary.problems:
             where = f"line {problem.line}" if problem.line else "file"
-            item = QListWidgetItem(f"{where}: {problem.field + ': ' if problem.field else ''}{problem.message}")
+            item = QListWidgetItem(f"{where}: {problem.field + ': ' if problem.field else ''}{plain(problem.message)}")
             item.setData(Qt.UserRole, problem.line)
             self.problems.addItem(item)
         self.problems.setVisible(bool(report.problems))

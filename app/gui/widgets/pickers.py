@@ -30,6 +30,7 @@ class ModelPicker(QGroupBox):
         super().__init__("Model")
         self.box = QComboBox()
         self.box.setEditable(True)
+        self.box.setInsertPolicy(QComboBox.NoInsert)  # a typed name or path is looked up, not kept in the list
         self.box.setToolTip(field_help(TrainConfig, "model"))
         self.box.addItem(first)
         self.info = QLabel("")

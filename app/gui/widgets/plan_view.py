@@ -7,13 +7,14 @@ import html
 
 from PySide6.QtCore import Signal
 from PySide6.QtGui import QPalette
-from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QGridLayout, QLabel, QProgressBar, QSpinBox,
+from PySide6.QtWidgets import (QComboBox, QGridLayout, QLabel, QProgressBar, QSpinBox,
                                QVBoxLayout, QWidget)
 
 from app.core.config import Plan, TrainConfig, field_help
 from app.core.plan.context import LAYER_TILE
 from app.core.units import gib
-from app.gui.widgets.controls import label
+from app.gui.widgets.controls import NumberEdit, label
+from app.gui.words import plain
 
 AUTO = "auto"
 BASE_CHOICES = [(AUTO, "auto"), ("4-bit (QLoRA)", "4bit"), ("unquantised (LoRA)", "none")]
@@ -27,6 +28,7 @@ CHECKPOINT_CHOICES = [(AUTO, None), ("on", {"grad_checkpointing": True}), ("off"
                       ("on, long context", {"grad_checkpointing": True, "offload_checkpoints": True,
                                             "layer_tile": LAYER_TILE})]
 LONG_CONTEXT_KEYS = ("offload_checkpoints", "mlp_tile", "layer_tile")
+TECHNICAL = ("compute_dtype", "attention", "loss", "optimizer")  # rows whose reason names the choice
 
 
 def checkpointing_text(plan) -> str:
@@ -48,6 +50,10 @@ class PlanView(QWidget):
         super().__init__()
         self.inputs: dict[str, QWidget] = {}
         self.reasons: dict[str, QLabel] = {}
+        # what the plan is for (this CPU, this GPU, a card this machine lacks), and whose plan it is
+        self.device = label("", "The device this plan is for; Train always plans for the device it trains on")
+        self.device.setObjectName("planDevice")
+        self.device.setStyleSheet("font-weight: bold")
         grid = QGridLayout()
         grid.setColumnStretch(2, 1)
         for row, (name, text, widget, help_text) in enumerate(self._fields()):
@@ -67,10 +73,12 @@ class PlanView(QWidget):
         self.export_note.hide()
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.device)
         layout.addLayout(grid)
         for widget in (self.peak, self.memory_reason, self.export_note, self.error):
             layout.addWidget(widget)
         self.plan = None
+        self.run_id = ""  # set while the panel shows a run's own plan (its plan.json)
 
     def _fields(self) -> list[tuple[str, str, QWidget, str]]:
         """(field, label, input, help) for each row: the user's settings, then what the planner picks."""
@@ -90,9 +98,19 @@ class PlanView(QWidget):
         rows.append(("quantize", "Base weights", self._choices(BASE_CHOICES), field_help(TrainConfig, "quantize")))
         for name, text in (("compute_dtype", "Precision"), ("attention", "Attention"), ("loss", "Loss"),
                            ("optimizer", "Optimizer")):
-            rows.append((name, text, QLabel(""), field_help(Plan, name)))
-        rows.append(("epochs", "Epochs", self._number(0.1, 100, 0.5, TrainConfig.epochs), ""))
-        rows.append(("lr", "Learning rate", self._number(0.000001, 0.1, 0.00005, TrainConfig.lr, decimals=6), ""))
+            box = QLabel("")
+            box.setProperty("help", field_help(Plan, name))
+            rows.append((name, text, box, field_help(Plan, name)))
+        rows.append(("epochs", "Epochs", self._number("Epochs", 0, 100, TrainConfig.epochs, "0.25 for a quarter"),
+                     "Passes over the data; a fraction trains on part of it (at least one step). Max steps, "
+                     "when set, decides instead"))
+        steps = QSpinBox()
+        steps.setRange(0, 10_000_000)
+        steps.setSpecialValueText(AUTO)  # 0: the epochs decide
+        steps.valueChanged.connect(self.changed)
+        rows.append(("max_steps", "Max steps", steps, "Stop after this many optimizer steps; auto: the epochs "
+                                                       "decide"))
+        rows.append(("lr", "Learning rate", self._number("Learning rate", 0, 0.1, TrainConfig.lr, "2e-4"), ""))
         return rows
 
     def _choices(self, items: list[tuple[str, object]]) -> QComboBox:
@@ -102,19 +120,17 @@ class PlanView(QWidget):
         box.currentIndexChanged.connect(self.changed)
         return box
 
-    def _number(self, low: float, high: float, step: float, value: float, decimals: int = 2) -> QDoubleSpinBox:
-        box = QDoubleSpinBox()
-        box.setDecimals(decimals)
-        box.setRange(low, high)
-        box.setSingleStep(step)
-        box.setValue(value)
-        box.valueChanged.connect(self.changed)
+    def _number(self, name: str, low: float, high: float, value: float, example: str) -> NumberEdit:
+        box = NumberEdit(name, low, high, value, example)
+        box.changed.connect(self.changed)
         return box
 
     def _add(self, grid: QGridLayout, row: int, name: str, text: str, widget: QWidget,
              help_text: str = "") -> None:
         help_text = help_text or field_help(TrainConfig, name)
         widget.setToolTip(help_text)
+        if isinstance(widget, NumberEdit):
+            widget.help = help_text
         reason = QLabel("")
         reason.setWordWrap(True)
         reason.setForegroundRole(QPalette.PlaceholderText)  # dimmed, in light and dark themes
@@ -138,13 +154,32 @@ class PlanView(QWidget):
             values["packing"] = choice == "on"
         if self.inputs["quantize"].currentData() != "auto":
             values["quantize"] = self.inputs["quantize"].currentData()
-        values["epochs"] = self.inputs["epochs"].value()
+        if self.inputs["max_steps"].value():
+            values["max_steps"] = self.inputs["max_steps"].value()
+        values["epochs"] = self.inputs["epochs"].value()  # ConfigError naming the field when not a number
         values["lr"] = self.inputs["lr"].value()
         return values
 
     def show_plan(self, preview) -> None:
-        """Planned values and reasons from a `PlanPreview`."""
-        plan, budget = preview.plan, preview.budget
+        """Planned values and reasons from a `PlanPreview` (before a run)."""
+        self.run_id = ""
+        self._show(preview.plan, preview.budget.usable_bytes, preview.export_note, {})
+        self.device.setText(html.escape(_first_upper(plain(preview.plan.reasons.get("device", "")))))
+
+    def show_run_plan(self, plan, run_id: str, changes: dict[str, str]) -> None:
+        """The plan run `run_id` trains with (its plan.json, re-planned for this machine's device),
+        each setting the run changed (`changes`: field -> what happened) marked."""
+        self.run_id = run_id
+        self._show(plan, plan.budget_bytes, "", changes)
+        self.device.setText(html.escape(f"Run {run_id} trains with this plan, "
+                                        f"{plan.reasons.get('device', f'planned for {plan.device}')}"))
+
+    def set_locked(self, locked: bool) -> None:
+        """No edits while a run trains (the panel shows that run's plan)."""
+        for widget in self.inputs.values():
+            widget.setEnabled(not locked)
+
+    def _show(self, plan, usable: int, export_note: str, changes: dict[str, str]) -> None:
         self.plan = plan
         self.error.hide()
         shown = {"rank": plan.rank, "seq_len": plan.seq_len, "micro_batch": plan.micro_batch,
@@ -153,29 +188,42 @@ class PlanView(QWidget):
                  "compute_dtype": plan.compute_dtype,
                  "quantize": "4-bit" if plan.quantize == "4bit" else "unquantised", "attention": plan.attention,
                  "optimizer": plan.optimizer,
-                 "epochs": f"{plan.total_steps} steps" if plan.total_steps else "", "lr": ""}
+                 "epochs": f"{plan.total_steps} step{'s' * (plan.total_steps != 1)}" if plan.total_steps else "", "lr": "", "max_steps": ""}
         for name, reason_label in self.reasons.items():
-            key = {"epochs": "total_steps", "packing": "batching"}.get(name, name)
-            reason = plan.reasons.get(key, "")
+            key = {"epochs": "total_steps", "packing": "batching", "max_steps": ""}.get(name, name)
+            reason = plain(plan.reasons.get(key, ""))
             if name == "grad_checkpointing":  # and the long-context rungs that came with it
-                reason = "; ".join(plan.reasons[k] for k in (key, *LONG_CONTEXT_KEYS) if plan.reasons.get(k))
+                reason = plain("; ".join(plan.reasons[k] for k in (key, *LONG_CONTEXT_KEYS) if plan.reasons.get(k)))
             value = shown.get(name, "")
-            reason_label.setText(f"<b>{html.escape(str(value))}</b> {html.escape(reason)}" if value != "" else
-                                 html.escape(reason))
-        usable = max(1, budget.usable_bytes)
+            if name in TECHNICAL:  # the reason leads with the choice in words; its name for searching
+                self.inputs[name].setToolTip(f"{self.inputs[name].property('help')}\n\nTechnical name: {value}")
+                value = ""
+            text = (f"<b>{html.escape(str(value))}</b> {html.escape(reason)}" if value != "" else
+                    html.escape(reason))
+            changed = changes.get(key) or (name == "grad_checkpointing" and changes.get("grad_checkpointing"))
+            if changed:  # amber, as the Train tab's notice: what the run changed, and why
+                text = f"<span style='color:#d97706'>⚠ changed by the run: {html.escape(changed)}</span><br>{text}"
+            reason_label.setText(text)
+        usable = max(1, usable)
         fraction = plan.predicted_peak_bytes / usable
         self.peak.setValue(min(1000, int(1000 * fraction)))
         self.peak.setFormat(f"predicted peak {gib(plan.predicted_peak_bytes)} of "
                             f"{gib(usable)} usable")
-        self.memory_reason.setText(html.escape(plan.reasons.get("memory", "")))
-        self.export_note.setText(html.escape(preview.export_note))
-        self.export_note.setVisible(bool(preview.export_note))
+        self.memory_reason.setText(html.escape(plain(plan.reasons.get("memory", ""))))
+        self.export_note.setText(html.escape(plain(export_note)))
+        self.export_note.setVisible(bool(export_note))
 
     def show_error(self, message: str) -> None:
         self.plan = None
-        self.error.setText(message)
+        self.run_id = ""
+        self.device.setText("")
+        self.error.setText(plain(message))
         self.error.show()
         self.peak.setValue(0)
         self.peak.setFormat("no plan fits")
         for reason_label in self.reasons.values():
             reason_label.setText("")
+
+
+def _first_upper(text: str) -> str:
+    return text[:1].upper() + text[1:]
