@@ -217,7 +217,7 @@ def create_run(config: TrainConfig, plan: Plan, data_info: dict) -> Run:
     name = slug(config.name or f"{Path(config.model.rstrip('/')).name}-{Path(config.data).stem}")
     run_id = f"{stamp}-{name}"
     n = 2
-    while (root / run_id).exists():
+    while (root / run_id).exists() or (root / f".{run_id}.deleting").exists():  # nor a killed delete's name
         run_id, n = f"{stamp}-{name}-{n}", n + 1
     problem = path_problem(root / run_id, reserve=RUN_INNER)
     if problem:
@@ -287,7 +287,9 @@ def delete_run(ref: str) -> None:
     program has one of its files open (the run is then left as it was), and only then removed."""
     run = open_run(ref)
     lock = RunLock(run.dir, "deleting").acquire()
-    gone = run.dir.with_name(f".{run.dir.name}.deleting")
+    gone, n = run.dir.with_name(f".{run.dir.name}.deleting"), 2
+    while gone.exists():  # what a killed delete of a run of the same name left: removed below
+        gone, n = run.dir.with_name(f".{run.dir.name}.{n}.deleting"), n + 1
     if sys.platform == "win32":  # a folder with an open file in it (our lock's) cannot be renamed there
         lock.release()
     try:

@@ -109,3 +109,30 @@ def test_runs_started_in_the_same_second_get_their_own_folders_each_locked(monke
     finally:
         first.lock.release()
         second.lock.release()
+
+
+def test_a_run_named_like_a_killed_delete_gets_its_own_name_and_deletes(monkeypatch):
+    """CI's case: a delete killed while removing run X leaves `.X.deleting`; a run started in the same
+    second as X (the clock is stopped) must not be named X, and deleting a run X must not trip on it."""
+    from datetime import datetime
+
+    import app.core.runs as runs
+    from app.core.config import Plan, TrainConfig
+    from app.core.runs import create_run, delete_run, runs_dir
+
+    class Clock(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 12, 7, 5, 57, 29)
+
+    monkeypatch.setattr(runs, "datetime", Clock)
+    config = TrainConfig(model="demo", data="chats.jsonl", name="chats")
+    left = runs_dir() / ".20261207-055729-chats.deleting"
+    (left / "adapter").mkdir(parents=True)
+    (left / "adapter" / "weights").write_text("what the killed delete had not removed")
+    run = create_run(config, Plan(), {})
+    run.lock.release()
+    assert run.id == "20261207-055729-chats-2"
+    run.dir.rename(runs_dir() / "20261207-055729-chats")  # as if named so before the fix
+    delete_run("20261207-055729-chats")
+    assert sorted(p.name for p in runs_dir().iterdir()) == []

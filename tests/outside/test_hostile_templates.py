@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -29,19 +29,46 @@ HOSTILE = {
 }
 
 
+# A process's peak RSS (ru_maxrss) starts at its parent's: Linux carries the high-water mark across
+# fork and exec, so a child of pytest "reaches" whatever pytest reached after the tests before it (CI
+# saw 3.3 GiB for every template). This small launcher, started fresh, forks the command itself and
+# reports wait4's figure for it: the command's own peak and that of the processes it waited for.
+LAUNCHER = """
+import os, signal, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as out:
+    out.write(str(usage.ru_maxrss))
+if os.WIFSIGNALED(status):
+    os.kill(os.getpid(), os.WTERMSIG(status))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_measured(args, folder, timeout):
-    """Run `args` to its end; its exit code, stderr and the peak resident memory of it and the
-    processes it waited for (wait4's own figure: not that of any other test's children)."""
+    """Run `args` to its end; its exit code, stderr and the peak resident memory (KiB) of it and the
+    processes it waited for, not of pytest or any other test's children."""
+    peak = folder / "peak_kib"
     with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:
-        process = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=err)
-        timer = threading.Timer(timeout, process.kill)
-        timer.start()
+        process = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(peak), *args], cwd=REPO,
+                                   stdout=out, stderr=err, start_new_session=True)
         try:
-            _, status, usage = os.wait4(process.pid, 0)
-        finally:
-            timer.cancel()
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return process.returncode, (folder / "stderr").read_text(), usage.ru_maxrss  # Linux: KiB
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode, (folder / "stderr").read_text(), int(peak.read_text())
+
+
+def test_the_measure_is_the_commands_own_not_its_parents(tmp_path):
+    ballast = bytearray(1024 * 2**20)  # pytest itself now holds 1 GiB
+    ballast[::4096] = b"\x01" * len(ballast[::4096])
+    touch_300_mib = "x = bytearray(300 * 2**20); x[::4096] = b'1' * len(x[::4096])"
+    code, _, peak_kib = run_measured([sys.executable, "-c", touch_300_mib], tmp_path, timeout=60)
+    del ballast
+    assert code == 0 and 300 * 2**10 < peak_kib < 600 * 2**10, peak_kib
 
 
 @pytest.mark.parametrize("name", list(HOSTILE))
