@@ -150,8 +150,10 @@ def cmd_plan(args) -> int:
     print()
     rows = [("MEMORY", "PREDICTED", "WHAT")]
     for name, label, what in COMPONENTS:
+        if name in ("runtime_overhead", "process_baseline", "gathered") and not plan.breakdown.get(name):
+            continue  # no CUDA context on the CPU; the process counted only where the plan is for this CPU
         if name == "runtime_overhead" and budget.device != "cuda":
-            continue  # no CUDA context on the CPU
+            label, what = "heap beyond tensors", "freed memory the C allocator keeps, thread arenas"
         rows.append((label, gib(plan.breakdown.get(name, 0)),
                      what.format(lora_params=plan.breakdown.get("lora_params", 0))))
     rows.append(("peak", gib(plan.predicted_peak_bytes), f"of {gib(budget.usable_bytes)} usable"))

@@ -40,3 +40,19 @@ def memory_use(index: int = 0) -> nvml.MemoryUse | None:
 def process_ram() -> int:
     """Resident RAM of this process now, in bytes (0 where the machine does not say)."""
     return int(machine.process_ram_bytes() or 0)
+
+
+def process_peak_ram() -> int:
+    """The most resident RAM this process has held since it started or since `reset_peak_ram`
+    (0 where the machine does not say): what a CPU plan's predicted peak predicts."""
+    return int(machine.process_peak_ram_bytes() or 0)
+
+
+def reset_peak_ram() -> bool:
+    """Count this process's peak RAM from now (Linux); False where it cannot be reset."""
+    return machine.reset_process_peak_ram()
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free memory back to the system now (glibc); see machine.trim_heap."""
+    return machine.trim_heap()

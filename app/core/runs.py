@@ -173,6 +173,8 @@ class RunSummary:
     created: float
     updated: float
     elapsed_s: float | None  # training time, resumed sessions added up
+    peak_bytes: int = 0  # measured peak memory (the measure the plan predicts), 0 before a step
+    predicted_bytes: int = 0  # the plan's predicted peak
 
 
 @dataclass
@@ -277,8 +279,17 @@ def list_runs() -> list[RunSummary]:
         rows.append(RunSummary(run.id, status.get("status", "?"), status.get("reason", ""),
                                status.get("step", 0), status.get("total_steps", 0), status.get("last_loss"),
                                status.get("eval_loss"), config.model, config.data,
-                               status.get("created", 0.0), status.get("updated", 0.0), status.get("elapsed_s")))
+                               status.get("created", 0.0), status.get("updated", 0.0), status.get("elapsed_s"),
+                               int(status.get("peak_bytes") or 0), _predicted(run)))
     return sorted(rows, key=lambda r: r.created, reverse=True)
+
+
+def _predicted(run: Run) -> int:
+    """The predicted peak of a run's plan (0 when its plan.json cannot be read)."""
+    try:
+        return int(run._json("plan.json").get("predicted_peak_bytes") or 0)
+    except (RunError, AttributeError, TypeError, ValueError):
+        return 0
 
 
 def delete_run(ref: str) -> None:

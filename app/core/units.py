@@ -29,12 +29,36 @@ def format_duration(seconds: float) -> str:
 
 
 def memory_text(memory, lead: str = "") -> str:
-    """A step's memory by process (StepMetrics.memory, bytes) in a few characters: "memory 2.1 GiB",
-    "memory 2.1/2.2 GiB" for a run on two processes, the largest of more; "" without figures."""
+    """A step's memory by process (StepMetrics.memory, bytes: the peak so far, the measure a plan
+    predicts) in a few characters: "peak 2.1 GiB", "peak 2.1/2.2 GiB" for a run on two processes,
+    the largest of more; "" without figures."""
     figures = [value / GIB for value in memory or () if value]
     if not figures:
         return ""
     if len(figures) <= 4:
-        return f"{lead}memory {'/'.join(f'{value:.1f}' for value in figures)} GiB"
+        return f"{lead}peak {'/'.join(f'{value:.1f}' for value in figures)} GiB"
     top = max(range(len(figures)), key=figures.__getitem__)
-    return f"{lead}memory up to {figures[top]:.1f} GiB (process {top} of {len(figures)})"
+    return f"{lead}peak up to {figures[top]:.1f} GiB (process {top} of {len(figures)})"
+
+
+def peak_text(peak: int, predicted: int) -> str:
+    """A run's measured peak against its plan's prediction: "2.92 of 3.10 GiB predicted (94 %)";
+    "" before the first step."""
+    if not peak:
+        return ""
+    if not predicted:
+        return f"{peak / GIB:.2f} GiB"
+    return f"{peak / GIB:.2f} of {predicted / GIB:.2f} GiB predicted ({100 * peak / predicted:.0f} %)"
+
+
+def step_progress_text(progress) -> str:
+    """Where a long step is (a StepProgress): "step 4/20 in progress · micro-batch 2 of 3 · backward,
+    layer 12 of 30 · 236 tokens through · 1m04s so far"."""
+    parts = [f"step {progress.step}/{progress.total_steps} in progress"]
+    if progress.micro_batches > 1:
+        parts.append(f"micro-batch {progress.micro_batch} of {progress.micro_batches}")
+    parts.append(f"{progress.phase}, layer {progress.layer} of {progress.layers}")
+    if progress.tokens_done:
+        parts.append(f"{progress.tokens_done:,} tokens through")
+    parts.append(f"{format_duration(progress.elapsed_s)} so far")
+    return " · ".join(parts)

@@ -158,7 +158,7 @@ def test_the_cli_trains_on_two_processes_and_says_so(tiny_model, chat_data, tune
                      "--max-steps", "2", "--seq-len", "128", "--batch", "2", "--quantize", "4bit"]) == 0
     out = capsys.readouterr()
     assert "Training on 2 processes (2 processes on the CPU (gloo)" in out.out + out.err
-    assert re.search(r"step 2/2 .* \| memory \d+\.\d/\d+\.\d GiB", out.out + out.err)  # by process
+    assert re.search(r"step 2/2 .* \| peak \d+\.\d/\d+\.\d GiB", out.out + out.err)  # by process
     assert cli.main(["plan", "--model", str(tiny_model), "--gpus", "64"]) == 2
     assert "--gpus 64: no GPU here" in capsys.readouterr().err
 
@@ -205,9 +205,9 @@ def test_memory_by_process_reads_in_a_few_characters():
 
     gib = 2**30
     assert memory_text(()) == "" and memory_text((0,)) == ""  # no figure, nothing shown
-    assert memory_text((2 * gib,)) == "memory 2.0 GiB"
-    assert memory_text((2 * gib, 3 * gib), " | ") == " | memory 2.0/3.0 GiB"
-    assert memory_text([gib] * 7 + [4 * gib]) == "memory up to 4.0 GiB (process 7 of 8)"
+    assert memory_text((2 * gib,)) == "peak 2.0 GiB"
+    assert memory_text((2 * gib, 3 * gib), " | ") == " | peak 2.0/3.0 GiB"
+    assert memory_text([gib] * 7 + [4 * gib]) == "peak up to 4.0 GiB (process 7 of 8)"
 
 
 def _node(rank: int, home: Path, model, data, port: int, *extra: str) -> subprocess.Popen:

@@ -50,7 +50,7 @@ def choose_fit(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budget
         return estimate_memory(facts, MemorySetup(
             rank=rank, seq_len=seq, micro_batch=micro, compute_dtype=dtype, optimizer=optimizer,
             device=budget.device, lora_dropout=dropout, loss=loss, attention=attention, quantize=quantize,
-            shards=shards, offload_params=offload_params, **asdict(saving)))
+            shards=shards, offload_params=offload_params, process_baseline=budget.baseline_bytes, **asdict(saving)))
 
     seqs = [config.seq_len] if config.seq_len else _shorter_seqs(wanted_seq, stats)
     trained_tokens = stats.total

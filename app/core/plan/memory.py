@@ -96,6 +96,19 @@ DEQUANTISED_COPIES = {"cpu": 1, "cuda": 2}
 # GPU calibration grid fits it).
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)
 ALLOCATOR_SLACK = 0.08
+# On the CPU a plan predicts the process's peak resident RAM (what the memory graph draws): the
+# process as it is when planned (Python, torch and the libraries, the window, the tokenised data:
+# `process_baseline`, measured then) plus what training adds. glibc's heap keeps far more resident
+# than torch's tensors need at once: freed blocks are reused but not given back (a sampled malloc
+# in-use peak of 1.2 GiB beside 5.3 GiB resident, demo with checkpointing), so the heap is a fixed
+# part plus what grows with one layer's activations (tokens x per-layer bytes): the same layer-sized
+# temporaries recur in every layer's forward, backward and recompute, so the heap beyond the tensors
+# is alike with and without checkpointing (3.3 and 3.5 GiB at 2,944 tokens), not a share of all
+# layers' activations (an earlier fit, 0.4 x varying, predicted 2.2 GiB for 4.6 with checkpointing).
+# Fitted on the demo (benchmarks/estimator_rss.py, results/estimator_rss-cpu.md) to the upper edge of
+# every run: 1.35-1.74 GiB beyond the tensors at 768 tokens, 2.94-3.57 at 2,944; one model only.
+CPU_HEAP_FIXED = int(1.1 * GIB)
+CPU_HEAP_LAYERS = 12.5
 # FSDP (the weights sharded over the cards): each card keeps its share of the weights, LoRA weights,
 # gradients and optimizer state, and gathers one layer's weights whole while it runs, prefetching
 # the next (torch FSDP's default), and the lm_head for the loss. Not yet measured: no FSDP run yet.
@@ -122,6 +135,7 @@ class MemorySetup:
     loss: str = "plain"  # "plain": full fp32 logits; "chunked", "cce", "liger": fused, see kernels.py
     attention: str = ""  # kernel_choice's name: repeated kv heads, the block-diagonal mask, eager's softmax
     quantize: str = "4bit"  # "4bit": NF4 base (QLoRA); "none": the base in the compute dtype (LoRA)
+    process_baseline: int = 0  # CPU: this process's resident RAM when planned (0: not counted)
 
 
 @dataclass(frozen=True)
@@ -140,17 +154,19 @@ class MemoryEstimate:
     lora_params: int
     host_offload: int = 0  # offloaded checkpoints: bytes in host RAM, not on the card (not in `peak`)
     gathered: int = 0  # FSDP: weights gathered whole from the other cards while they are used
+    process_baseline: int = 0  # CPU: the process when planned (libraries, window, data), measured
 
     @property
     def peak(self) -> int:
         return (self.quantized_weights + self.kept_weights + self.lora_weights + self.lora_gradients
                 + self.optimizer_state + self.activations + self.logits + self.transient
-                + self.runtime_overhead + self.gathered)
+                + self.runtime_overhead + self.gathered + self.process_baseline)
 
     def rows(self) -> list[tuple[str, int, str]]:
         """(component, bytes, what it is) for tables and the GUI's breakdown (FSDP's row only when sharded)."""
         return [(label, getattr(self, name), what.format(lora_params=self.lora_params))
-                for name, label, what in COMPONENTS if name != "gathered" or self.gathered]
+                for name, label, what in COMPONENTS if name not in ("gathered", "process_baseline")
+                or getattr(self, name)]
 
     def to_dict(self) -> dict:
         """Bytes by component name, the peak, and the LoRA parameter count."""
@@ -170,6 +186,7 @@ COMPONENTS = [
     ("transient", "dequantised weights", "the largest layer unpacked for a matmul, beyond the loss phase"),
     ("runtime_overhead", "CUDA context, allocator", "outside PyTorch's tensors"),
     ("gathered", "gathered weights (FSDP)", "layers gathered whole from the other cards, and the lm_head"),
+    ("process_baseline", "this program", "Python, torch, the libraries and the data, measured when planned"),
 ]
 
 
@@ -181,7 +198,8 @@ def setup_for(plan, lora_dropout: bool = True) -> MemorySetup:
                        layer_tile=getattr(plan, "layer_tile", 0) or 0,
                        compute_dtype=plan.compute_dtype,
                        optimizer=plan.optimizer, device=plan.device, lora_dropout=lora_dropout, loss=plan.loss,
-                       attention=plan.attention, quantize=getattr(plan, "quantize", "4bit") or "4bit")
+                       attention=plan.attention, quantize=getattr(plan, "quantize", "4bit") or "4bit",
+                       process_baseline=int((getattr(plan, "breakdown", None) or {}).get("process_baseline", 0)))
 
 
 def lora_parameter_count(facts: ArchFacts, rank: int) -> int:
@@ -252,7 +270,8 @@ def estimate_memory(facts: ArchFacts, setup: MemorySetup) -> MemoryEstimate:
         transient = max(0.0, max(down, up_moment) - logits)  # never beside the loss phase
     gathered = _fsdp_gathered(facts, setup, quantized, lora, element) if setup.shards > 1 else 0
     varying = activations + logits + transient + gathered
-    overhead = CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK * varying if setup.device == "cuda" else 0
+    overhead = (CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK * varying if setup.device == "cuda" else
+                CPU_HEAP_FIXED + CPU_HEAP_LAYERS * tokens * per_layer if setup.process_baseline else 0)
     optimizer_state = lora * OPTIMIZER_BYTES_PER_PARAM.get(setup.optimizer, 8.0)
     static = {"quantized_weights": quantized * NF4_BYTES_PER_PARAM, "kept_weights": kept * element,
               "lora_weights": lora * LORA_BYTES_PER_PARAM, "lora_gradients": lora * LORA_BYTES_PER_PARAM,
@@ -264,7 +283,8 @@ def estimate_memory(facts: ArchFacts, setup: MemorySetup) -> MemoryEstimate:
     return MemoryEstimate(
         **{name: int(value / share) for name, value in static.items()},
         activations=int(activations), logits=int(logits), transient=int(transient),
-        runtime_overhead=int(overhead), lora_params=lora, host_offload=int(host), gathered=int(gathered))
+        runtime_overhead=int(overhead), lora_params=lora, host_offload=int(host), gathered=int(gathered),
+        process_baseline=setup.process_baseline if setup.device != "cuda" else 0)
 
 
 def _fsdp_gathered(facts: ArchFacts, setup: MemorySetup, quantized: int, lora: int, element: int) -> float:

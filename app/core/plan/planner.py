@@ -23,7 +23,7 @@ from app.core.plan.cards import Card, precision_for
 from app.core.plan.context import Saving
 from app.core.plan.fit import DEFAULT_RANK, MICRO_BATCHES, TARGET_TOKENS_PER_STEP, Fit, choose_fit, round_up
 from app.core.plan.kernel_choice import OPTIMIZER_LABELS, choose_attention, choose_loss
-from app.core.plan.presets import Budget, device_line
+from app.core.plan.presets import Budget, at_plan_time, device_line
 from app.core.plan.sharding import SHARDED_OPTIMIZER, four_bit_fit, strategy_of
 from app.core.train.kernels import fused_loss_support, packing_support
 from app.core.units import gib
@@ -65,6 +65,7 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     Without data (`with_data` False; `lengths` then holds the one length to plan for) the plan has
     no steps: the memory it needs, and "depends on the data" for the rest."""
     validate_config(config)
+    budget = at_plan_time(budget) if budget else None  # this machine's RAM: as the process is now
     reasons: dict[str, str] = {"device": device_line(budget)}
     device = budget.device if budget else detect_device()[0]
     card = budget.card if budget else None

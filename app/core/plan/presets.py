@@ -56,6 +56,7 @@ class Budget:
     source: str  # e.g. "RTX 4090: 24.0 GiB, 1.3 GiB used by other programs" or "preset 24gb"
     card: Card | None = None  # the card planned for; None on the CPU or for a preset alone
     local: bool = False  # this machine's own device (what training here uses), not a card named or a preset alone
+    baseline_bytes: int = 0  # CPU: this process's resident RAM when planned, part of every estimate (at_plan_time)
 
 
 def preset_dirs() -> list[Path]:
@@ -178,6 +179,19 @@ def _local_cuda_budget(preset: Preset, fixed: int | None, margin: int) -> Budget
     if fixed is not None:
         source += f"; preset {preset.id}" + (" (more than is free)" if fixed > free_for_us else "")
     return Budget(preset, "cuda", allowed, max(0, allowed - margin), source, card, local=True)
+
+
+def at_plan_time(budget: Budget) -> Budget:
+    """A budget of this machine's RAM measured again as the plan is made: what this process holds
+    now is the estimate's baseline, and the process may grow to that plus the available RAM (less
+    the margin). Other budgets are returned as they are."""
+    if not (budget.local and budget.device == "cpu"):
+        return budget
+    host.trim_heap()  # what the data check freed is not this process's to keep
+    baseline, available = host.process_ram(), host.available_ram()
+    total = baseline + available
+    margin = int(budget.preset.safety_margin_gib * GIB)
+    return replace(budget, total_bytes=total, usable_bytes=max(0, total - margin), baseline_bytes=baseline)
 
 
 def device_line(budget: Budget | None) -> str:

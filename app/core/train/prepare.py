@@ -18,6 +18,7 @@ from app.core.data.stats import LengthStats, length_stats
 from app.core.data.tokenize import Tokenized, TokenizedSet, ensure_chat_template
 from app.core.data.validate import DataReport, check_file
 from app.core.errors import DatasetError
+from app.core.host import reset_peak_ram
 from app.core.models.load import load_tokenizer
 from app.core.models.facts import ModelFacts
 from app.core.models.resolve import resolve_model
@@ -46,6 +47,7 @@ def prepare_training(config: TrainConfig, log: Callable[[str], None] = lambda m:
         raise DatasetError("no training data given; pass --data FILE (.jsonl, .json or .parquet)")
     validate_config(config)  # cheap checks first: settings, then data, then the model
     budget = training_budget(config.preset, config.gpu) if plan is None else None  # a bad preset fails early
+    log(f"Reading {Path(config.data).name}…")
     report = check_file(config.data)
     report.raise_if_unusable(config.skip_bad)
     val_report = None
@@ -58,6 +60,7 @@ def prepare_training(config: TrainConfig, log: Callable[[str], None] = lambda m:
     tokenizer = load_tokenizer(model, config.trust_remote_code)
     if ensure_chat_template(tokenizer):
         log("The model has no chat template; using the default ChatML template")
+    log(f"Measuring {len(report.examples):,} examples with {model.name}'s tokenizer…")
     measured = _tokenize(tokenizer, report, config.skip_bad)
     if val_report is not None:
         val_measured = _tokenize(tokenizer, val_report, config.skip_bad)
@@ -67,7 +70,8 @@ def prepare_training(config: TrainConfig, log: Callable[[str], None] = lambda m:
     lengths = [len(e.input_ids) for e in train_set]
     stats = length_stats(lengths)
     if plan is None:
-        plan = plan_run(config, stats, lengths, bool(val_set), model.arch, budget)
+        plan = plan_run(config, stats, lengths, bool(val_set), model.arch, budget)  # measures this process
+    reset_peak_ram()  # the run's measured peak counts from here, as its prediction does
     train, truncated, dropped = truncate(train_set, plan.seq_len)
     val, _, _ = truncate(val_set, plan.seq_len)
     if not train:

@@ -42,6 +42,7 @@ class QLoraSession:
 
         config = prepared.config
         self.config, self.ranks = config, ranks  # ranks: this worker's place in a run on several (distributed.py)
+        self.on_pass = None  # called as each micro-batch of a step starts: (index, passes, tokens before it)
         self.device = torch.device(prepared.plan.device)
         self.pad_id = prepared.tokenizer.pad_token_id
         checked = self_test(prepared.plan, prepared.model.arch, self.device)
@@ -134,6 +135,8 @@ class QLoraSession:
             passes += [(tensors[0], 0.0)] * (-(-len(tensors) // self.ranks.world) - len(mine))
         scale = gradient_scale(self.ranks) if self.sharded else 1.0
         for index, (batch, weight) in enumerate(passes):
+            if self.on_pass is not None:  # the step's progress (train/interrupt.StepWatch)
+                self.on_pass(index, len(passes), tokens)
             if self.sharded:  # the gradients go over the wire once a step, after its last pass
                 self.root.set_requires_gradient_sync(index == len(passes) - 1)
             loss_sum = self.loss_sum(batch)
@@ -341,16 +344,16 @@ def self_test(plan, facts, device) -> SelfTestResult:
 
 
 def step_memory(device) -> int:
-    """The memory this process holds after a step: on CUDA torch's peak allocation on the card so far
-    (never reset here: memory_probe and the app's graph read the same counter), on the CPU the
-    process's resident RAM."""
+    """The measure a plan's predicted peak predicts, after a step: on CUDA torch's peak allocation
+    on the card so far (never reset here: memory_probe and the app's graph read the same counter),
+    on the CPU the process's peak resident RAM since the run was planned (prepare.py resets it)."""
     import torch
 
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    from app.core.host import process_ram
+    from app.core.host import process_peak_ram, process_ram
 
-    return process_ram()
+    return process_peak_ram() or process_ram()
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float):

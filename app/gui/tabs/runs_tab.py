@@ -12,11 +12,11 @@ from PySide6.QtCore import Qt, QUrl, Signal
 from PySide6.QtGui import QDesktopServices, QKeySequence, QShortcut
 from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLabel, QMessageBox, QSplitter, QStackedWidget, QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget)
 
-from app.core.units import format_duration, gib
+from app.core.units import format_duration, gib, peak_text
 from app.gui.widgets.controls import button, label
 from app.gui.widgets.plots import ComparePlot, LearningRatePlot, LossPlot
 
-COLUMNS = ("Run", "Status", "Model", "Dataset", "Steps", "Loss", "Eval loss", "Duration", "Started")
+COLUMNS = ("Run", "Status", "Model", "Dataset", "Steps", "Loss", "Eval loss", "Peak memory", "Duration", "Started")
 RESUMABLE = ("stopped", "failed", "interrupted")
 STATUS_COLORS = {"finished": "#2e9e5b", "running": "#2f7ed8", "stopped": "#c08a1e", "interrupted": "#c08a1e",
                  "failed": "#d9534f"}
@@ -257,9 +257,16 @@ def _cell(row, column: str) -> tuple[str, object]:
         return _num(row.last_loss), row.last_loss if row.last_loss is not None else float("inf")
     if column == "Eval loss":
         return _num(row.eval_loss), row.eval_loss if row.eval_loss is not None else float("inf")
+    if column == "Peak memory":  # measured against predicted: the plan's promise, kept or not
+        return _peak_text(row.peak_bytes, row.predicted_bytes), (row.peak_bytes / row.predicted_bytes
+                                                                 if row.peak_bytes and row.predicted_bytes else 0.0)
     if column == "Duration":
         return (format_duration(row.elapsed_s) if row.elapsed_s else "–"), row.elapsed_s or 0.0
     return datetime.fromtimestamp(row.created).strftime("%Y-%m-%d %H:%M"), row.created
+
+
+def _peak_text(peak: int, predicted: int) -> str:
+    return peak_text(peak, predicted) or "–"
 
 
 def _num(value) -> str:

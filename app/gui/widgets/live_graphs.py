@@ -64,6 +64,9 @@ class MemoryPlot(pg.PlotWidget):
         else:
             self.addLegend(offset=(-10, 10))
             self.used = curve(self, OURS_COLOR, 2, name="in use")
+            # the measure the predicted peak predicts: the most this program has held since the plan
+            self.peak = curve(self, OURS_COLOR, 1.3, Qt.DashLine, name="peak since planned")
+        self.peaks: list[float] = []
         self._dirty = True
 
     def _set_up_gpu_curves(self) -> None:
@@ -108,10 +111,12 @@ class MemoryPlot(pg.PlotWidget):
                 self.setYRange(0, gib * 1.15, padding=0)
         self._dirty = True
 
-    def add_sample(self, seconds: float, used_gib: float) -> None:
-        """One reading of the single "in use" curve (this program's RAM, without a GPU)."""
+    def add_sample(self, seconds: float, used_gib: float, peak_gib: float | None = None) -> None:
+        """One reading of this program's RAM (without a GPU): in use now, and its peak since the
+        run was planned (the figure the predicted peak is read against)."""
         self.times.append(seconds)
         self.values.append(used_gib)
+        self.peaks.append(np.nan if peak_gib is None else peak_gib)
         self._dirty = True
 
     def add_gpu_sample(self, seconds: float, use, counters=None, utilisation_pct: int | None = None) -> None:
@@ -144,6 +149,12 @@ class MemoryPlot(pg.PlotWidget):
         times = np.asarray(self.times, dtype=float)
         self.used.setData(times, np.asarray(self.values, dtype=float))
         if not self.gpu:
+            self.peak.setData(times, np.asarray(self.peaks, dtype=float))
+            tops = [value for value in (*self.values[-1:], *self.peaks[-1:]) if value == value]
+            if self.predicted.isVisible():
+                tops.append(self.predicted.value())
+            if tops:  # room above the highest line for the legend, which the curve never runs over
+                self.setYRange(0, max(tops) * 1.35, padding=0)
             return
         others = np.asarray(self.others, dtype=float)
         if self.total_gib:  # hanging from the total: the band's lower edge is the room left to us
@@ -210,17 +221,19 @@ class LiveGraphs(QSplitter):
         self.lr.show_history(history)
 
     def show_predicted_peak(self, plan) -> None:
-        """The plan's predicted peak as a line, when the graph shows the GPU the plan is for; it is
-        this process's own memory, so it is read against the "Tunesmith" curve."""
-        if plan is not None and plan.predicted_peak_bytes and plan.device == "cuda" and self._poller:
-            self.memory.set_predicted(plan.predicted_peak_bytes / GIB)
+        """The plan's predicted peak as a line, when the graph shows the device the plan is for: on
+        a GPU read against the "Tunesmith" curve, on the CPU against "peak since planned" (both
+        this process's own memory, the measure the estimate predicts)."""
+        shows = (plan is not None and plan.predicted_peak_bytes and
+                 (plan.device == "cuda" and self._poller is not None or plan.device == "cpu" and not self.memory.gpu))
+        self.memory.set_predicted(plan.predicted_peak_bytes / GIB if shows else None)
 
     def refresh(self) -> None:
         for plot in (self.loss, self.lr, self.memory):
             plot.refresh()
 
     def sample_memory(self) -> None:
-        from app.gpu.machine import process_ram_bytes
+        from app.gpu.machine import process_peak_ram_bytes, process_ram_bytes
         from app.gpu.torch_memory import torch_counters
 
         seconds = time.monotonic() - self._started
@@ -230,9 +243,9 @@ class LiveGraphs(QSplitter):
                 sample = self._poller.poll()
                 self.memory.add_gpu_sample(seconds, use, torch_counters(0), sample and sample.utilization_pct)
             return
-        ram = process_ram_bytes()
+        ram, peak = process_ram_bytes(), process_peak_ram_bytes()
         if ram:
-            self.memory.add_sample(seconds, ram / GIB)
+            self.memory.add_sample(seconds, ram / GIB, peak / GIB if peak else None)
 
     def close_poller(self) -> None:
         """Stop sampling memory and close NVML (the window is closing)."""
