@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 
-from app.core.units import format_duration, memory_text
+from app.core.units import format_duration, memory_text, peak_text, step_progress_text
 
 
 class Progress:
@@ -19,17 +19,21 @@ class Progress:
         self.tty = self.stream.isatty()
         self.last_print = 0.0
         self.bar_open = False
+        self.predicted, self.peak = 0, 0  # the run's predicted peak, and the measured one so far
 
     def __call__(self, event) -> None:
         from app.core.train.events import (CheckpointSaved, EvalMetrics, LogLine, PlanAdjusted, RunFailed,
-                                           RunCreated, RunFinished, RunStarted, StepMetrics)
+                                           RunCreated, RunFinished, RunStarted, StepMetrics, StepProgress)
 
-        if isinstance(event, StepMetrics):
+        if isinstance(event, StepProgress):
+            self._in_step(event)
+        elif isinstance(event, StepMetrics):
+            self.peak = max(self.peak, *event.memory, 0)
             self._step(event)
         elif isinstance(event, (LogLine, PlanAdjusted)):
             self._line(event.message)
         elif isinstance(event, RunCreated):
-            device = _run_device_line(event.run_dir)
+            device, self.predicted = _run_plan_facts(event.run_dir)
             if device:
                 self._line(f"Device: {device}")  # as `tunesmith plan` says it
         elif isinstance(event, RunStarted):
@@ -42,7 +46,8 @@ class Progress:
             self._line(f"checkpoint saved at step {event.step}")
         elif isinstance(event, RunFinished):
             self._line(f"Run {event.status} at step {event.step}/{event.total_steps}"
-                       + (f", loss {event.final_loss:.4f}" if event.final_loss is not None else ""))
+                       + (f", loss {event.final_loss:.4f}" if event.final_loss is not None else "")
+                       + peak_line(self.peak, self.predicted))
         elif isinstance(event, RunFailed):
             self._line(f"Run failed at step {event.step}: {event.reason}")
 
@@ -61,6 +66,19 @@ class Progress:
             self.stream.flush()
             self.last_print = now
 
+    def _in_step(self, e) -> None:
+        """A long step's progress: redrawn on a terminal, a line every 30 s otherwise."""
+        text = step_progress_text(e)
+        now = time.monotonic()
+        if self.tty:
+            self.stream.write("\r" + text.ljust(110))
+            self.stream.flush()
+            self.bar_open = True
+        elif now - self.last_print >= 30:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+            self.last_print = now
+
     def _line(self, message: str) -> None:
         self.close()
         self.stream.write(message + "\n")
@@ -72,15 +90,21 @@ class Progress:
             self.bar_open = False
 
 
-def _run_device_line(run_dir: str) -> str:
-    """The device line of a run's own plan ("planned for this CPU: ..."), "" if unreadable."""
+def _run_plan_facts(run_dir: str) -> tuple[str, int]:
+    """(the device line of a run's own plan, its predicted peak); ("", 0) if unreadable."""
     from app.core.errors import UserError
     from app.core.runs import open_run
 
     try:
-        return open_run(run_dir).plan().reasons.get("device", "")
+        plan = open_run(run_dir).plan()
     except UserError:
-        return ""
+        return "", 0
+    return plan.reasons.get("device", ""), plan.predicted_peak_bytes
+
+
+def peak_line(peak: int, predicted: int) -> str:
+    """", peak memory 2.92 of 3.10 GiB predicted (94 %)"; "" before any step."""
+    return f", peak memory {peak_text(peak, predicted)}" if peak else ""
 
 
 def install_stop_handler(progress: Progress) -> threading.Event:

@@ -26,16 +26,19 @@ class TaskWorker(QObject):
 
     done = Signal(object, object)
     failed = Signal(object, str)
+    progress = Signal(object, str)  # (tag, message): what a slow task is doing, with `reports`
 
-    def __init__(self, function: Callable[[], object], tag: object = None):
+    def __init__(self, function: Callable[..., object], tag: object = None, reports: bool = False):
         super().__init__()
         self._function = function
         self.tag = tag
+        self.reports = reports  # `function(say)` is given `say(message)` for its progress
 
     @Slot()
     def run(self) -> None:
         try:
-            result = self._function()
+            result = self._function(lambda message: self.progress.emit(self.tag, message)) if self.reports \
+                else self._function()
         except Exception as err:  # noqa: BLE001 - reported to the window, never raised into Qt
             self.failed.emit(self.tag, error_message(err))
         else:
@@ -52,8 +55,10 @@ class TrainingWorker(QObject):
 
     def __init__(self, start: Callable):
         super().__init__()
+        from app.core.train.interrupt import StopRequest
+
         self._start = start
-        self.stop_requested = threading.Event()
+        self.stop_requested = StopRequest()
 
     @Slot()
     def run(self) -> None:
@@ -67,6 +72,10 @@ class TrainingWorker(QObject):
     def stop(self) -> None:
         """Ask the run to save a checkpoint and stop after the current step (any thread)."""
         self.stop_requested.set()
+
+    def stop_now(self) -> None:
+        """Ask the run to stop within the step in progress, dropping it (the last checkpoint stays)."""
+        self.stop_requested.set_now()
 
 
 class StreamWorker(QObject):

@@ -16,7 +16,7 @@ import pytest
 
 from app.core.config import TrainConfig
 from app.core.runs import list_runs, open_run
-from app.core.train.events import CheckpointSaved, RunFailed, RunFinished, RunStarted, StepMetrics
+from app.core.train.events import CheckpointSaved, RunFailed, RunFinished, RunStarted, StepMetrics, StepProgress
 from app.core.train.trainer import resume_training, run_training
 from conftest import REPO
 
@@ -93,6 +93,67 @@ def test_stop_then_resume_matches_an_uninterrupted_run(tiny_model, chat_data):
     assert got == pytest.approx(expected, rel=1e-3)
 
 
+def test_stop_now_leaves_a_long_step_within_seconds_and_resume_matches_an_uninterrupted_run(tiny_model, chat_data,
+                                                                                           monkeypatch):
+    """A long step is made by a pause in each layer's forward once step 3 is done (a slow machine,
+    which this one is not: a step of 3 micro-batches x 2 layers x 1.5 s = 9 s)."""
+    from app.core.train import trainer
+    from app.core.train.interrupt import StopRequest
+    from app.core.train.sharded import decoder_layers
+
+    settings = dict(lora_dropout=0.1, grad_accum=8, max_steps=6, save_every=2)
+    straight = []
+    run_training(_config(tiny_model, chat_data, **settings), straight.append)
+    slow = threading.Event()
+
+    class SlowWatch(trainer.StepWatch):
+        def _hook(self, model):
+            watched = super()._hook(model)
+            for layer in decoder_layers(model.get_base_model()):
+                layer.register_forward_pre_hook(lambda module, args: time.sleep(1.5) if slow.is_set() else None)
+            return watched
+
+    monkeypatch.setattr(trainer, "StepWatch", SlowWatch)
+    stop, first, result = StopRequest(), [], []
+
+    def on_event(event):
+        first.append(event)
+        if isinstance(event, StepMetrics) and event.step == 3:
+            slow.set()
+
+    worker = threading.Thread(target=lambda: result.append(run_training(_config(tiny_model, chat_data, **settings),
+                                                                        on_event, stop)))
+    worker.start()
+    assert slow.wait(120)
+    time.sleep(5)  # well inside step 4 (9 s)
+    asked = time.monotonic()
+    stop.set_now()
+    worker.join(60)
+    assert time.monotonic() - asked < 5, "stop now took as long as a step"
+    [stopped] = result
+    assert (stopped.status, stopped.step) == ("stopped", 2)  # step 4 dropped, step 3 not saved: from 2
+    assert "during step 4; the step was dropped and resume continues from step 2" in stopped.reason
+    assert open_run(stopped.run_id).status()["step"] == 2
+    assert not any(isinstance(e, StepMetrics) and e.step == 4 for e in first)
+    # the long step said where it was, from 2 s into it, about every second; to the caller only
+    where = [e for e in first if isinstance(e, StepProgress)]
+    assert where and all((e.step, e.total_steps, e.layers) == (4, 6, 2) and e.micro_batches >= 2 for e in where), where
+    assert all(e.elapsed_s >= 2 for e in where) and len(where) <= 5
+    assert {e.phase for e in where} <= {"forward", "backward"} and where[-1].micro_batch >= 2
+    assert where[-1].tokens_done > 0 and [e.tokens_done for e in where] == sorted(e.tokens_done for e in where)
+    assert "StepProgress" not in (open_run(stopped.run_id).dir / "metrics.jsonl").read_text()
+
+    slow.clear()
+    second = []
+    resumed = resume_training(stopped.run_id, second.append)
+    assert (resumed.status, resumed.step) == ("finished", 6)
+    assert next(e for e in second if isinstance(e, RunStarted)).start_step == 2
+    expected = [e.loss for e in straight if isinstance(e, StepMetrics)]
+    got = [e.loss for e in first if isinstance(e, StepMetrics) and e.step <= 2] + [
+        e.loss for e in second if isinstance(e, StepMetrics)]
+    assert got == pytest.approx(expected, rel=1e-3)
+
+
 def test_resume_refuses_a_finished_run_and_changed_data(tiny_model, chat_data):
     from app.core.errors import RunError
 
@@ -135,7 +196,7 @@ def _wait_for(predicate, timeout: float):
 def test_sigkill_then_resume_finishes_at_the_planned_step(tiny_model, chat_data, tunesmith_home):
     env = os.environ.copy()
     cmd = [sys.executable, "-m", "app", "train", "--model", str(tiny_model), "--data", str(chat_data),
-           "--max-steps", "300", "--save-every", "3", "--batch", "2", "--seq-len", "96", "--lr", "1e-3"]
+           "--max-steps", "60", "--save-every", "3", "--batch", "2", "--seq-len", "96", "--lr", "1e-3"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     runs_root = tunesmith_home / "data" / "runs"
     try:
@@ -150,14 +211,14 @@ def test_sigkill_then_resume_finishes_at_the_planned_step(tiny_model, chat_data,
                              text=True, timeout=120)
     assert run_dir.name in listing.stdout and "interrupted" in listing.stdout
     killed_at = open_run(run_dir.name).status()["step"]
-    assert killed_at < 300
+    assert killed_at < 60
     resumed = subprocess.run([sys.executable, "-m", "app", "resume", run_dir.name], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     status = open_run(run_dir.name).status()
-    assert (status["status"], status["step"], status["total_steps"]) == ("finished", 300, 300)
+    assert (status["status"], status["step"], status["total_steps"]) == ("finished", 60, 60)
     steps = [e["step"] for e in open_run(run_dir.name).events() if e["event"] == "StepMetrics"]
-    assert steps == list(range(1, 301))  # steps redone after the kill are logged once
+    assert steps == list(range(1, 61))  # steps redone after the kill are logged once
 
 
 def test_an_unquantised_base_trains_resumes_and_is_chosen_where_it_fits(tiny_model, chat_data):

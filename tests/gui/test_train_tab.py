@@ -35,6 +35,34 @@ def test_dropping_a_bad_file_lists_every_problem_with_its_line(window, qtbot, tm
     assert "{not json" in tab.report.preview.toPlainText()
 
 
+def test_the_dataset_check_says_what_it_is_doing_until_the_report(window, qtbot, tmp_path, monkeypatch):
+    """The first check loads a tokenizer (10-20 s on a slow machine): the report says so, and on a
+    long file how many lines are read, instead of a bare "Checking"."""
+    good = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ahoy"}]}\n'
+    data = tmp_path / "long.jsonl"
+    data.write_text(good * 5_000)
+    tab, seen = window.train_tab, []
+    show_busy = tab.report.show_busy
+    monkeypatch.setattr(tab.report, "show_busy", lambda path, doing="": (seen.append(doing), show_busy(path, doing)))
+    import app.core.data.validate as validate
+
+    monkeypatch.setattr(validate, "PROGRESS_EVERY_S", 0)  # a fast machine reads these lines in under 0.5 s
+    tab.load_dataset(str(data))
+    qtbot.waitUntil(lambda: "5000 rows" in tab.report.summary.text().replace(",", ""), timeout=120_000)
+    assert seen[0] == "" and any(doing.startswith("Reading long.jsonl: ") and "lines" in doing for doing in seen)
+    assert any("loading the tokenizer" in doing for doing in seen), seen
+    assert any(doing.startswith("Measuring 5,000 examples") for doing in seen), seen
+
+
+def test_a_long_step_shows_where_it_is_in_the_status(window):
+    from app.core.train.events import StepProgress
+
+    tab = window.train_tab
+    tab._on_event(StepProgress(1, 20, 2, 4, "backward", 12, 30, 1536, 200.0))
+    assert tab.status.text() == ("step 1/20 in progress · micro-batch 2 of 4 · backward, layer 12 of 30 · "
+                                 "1,536 tokens through · 3m20s so far")
+
+
 def test_changing_the_preset_changes_the_plan(window, qtbot):
     from app.core.resources import sample_dataset
 
@@ -137,7 +165,7 @@ def test_stop_leaves_a_resumable_run_and_resume_continues_the_curve(window, qtbo
     qtbot.mouseClick(tab.train_button, Qt.LeftButton)
     with qtbot.waitSignal(tab.worker.event, timeout=120_000, check_params_cb=lambda e: isinstance(e, StepMetrics)):
         pass
-    qtbot.mouseClick(tab.stop_button, Qt.LeftButton)
+    tab.stop_after_action.trigger()  # Stop ▸ After this step (the button opens the menu)
     qtbot.waitUntil(lambda: not tab.running, timeout=120_000)
     stopped = tab.last_run
     assert stopped.status == "stopped" and 0 < stopped.step < stopped.total_steps
@@ -147,6 +175,26 @@ def test_stop_leaves_a_resumable_run_and_resume_continues_the_curve(window, qtbo
     qtbot.waitUntil(lambda: not tab.running, timeout=300_000)
     assert tab.last_run.status == "finished" and tab.last_run.run_id == stopped.run_id
     assert tab.loss_plot.steps == list(range(1, stopped.total_steps + 1))  # one continuous curve
+
+
+def test_stop_offers_after_this_step_and_now_and_now_leaves_a_resumable_run(window, qtbot, tiny_model, chat_data):
+    from app.core.runs import open_run
+    from app.core.train.events import StepMetrics
+
+    tab = window.train_tab
+    _ready(tab, qtbot, tiny_model, chat_data, epochs=6)
+    assert [action.text() for action in tab.stop_button.menu().actions()] == [
+        "After this step, with a checkpoint (Esc)", "Now: drop the step in progress, keep the last checkpoint"]
+    qtbot.mouseClick(tab.train_button, Qt.LeftButton)
+    with qtbot.waitSignal(tab.worker.event, timeout=120_000, check_params_cb=lambda e: isinstance(e, StepMetrics)):
+        pass
+    tab.stop_now_action.trigger()
+    assert tab.worker.stop_requested.now and not tab.stop_button.isEnabled()
+    qtbot.waitUntil(lambda: not tab.running, timeout=120_000)
+    stopped = tab.last_run
+    assert stopped.status == "stopped" and open_run(stopped.run_id).status()["status"] == "stopped"
+    assert tab.resume_button.isEnabled() and tab.status.text().startswith("Stopped")
+    assert "resume continues" in tab.status.text().lower()
 
 
 def test_a_failing_run_shows_the_reason_with_a_log_button(window, qtbot, tiny_model, chat_data, monkeypatch):
@@ -336,7 +384,7 @@ def test_the_status_shows_each_processs_memory_during_a_run_on_several(window):
 
     tab = window.train_tab
     tab._on_event(StepMetrics(3, 10, 0.3, 2.5, 1e-4, 0.2, 512, 160.0, 9.0, 21.0, (2 * 2**30, 3 * 2**30)))
-    assert tab.status.text().endswith("· memory 2.0/3.0 GiB")
+    assert tab.status.text().endswith("· peak 2.0/3.0 GiB")
     tab._on_event(StepMetrics(4, 10, 0.4, 2.4, 1e-4, 0.2, 512, 160.0, 9.0, 21.0))  # an older run's line
     assert "memory" not in tab.status.text() and "step 4/10" in tab.status.text()
 

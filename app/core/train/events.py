@@ -32,6 +32,23 @@ class RunStarted:
 
 
 @dataclass(frozen=True)
+class StepProgress:
+    """Where a long step is: said once a step has run STEP_PROGRESS_AFTER_S, then every second or
+    so, so that a step of minutes (a CPU, a long row) is never a still screen. To the caller only,
+    not kept in metrics.jsonl."""
+
+    step: int  # the step in progress, from 1
+    total_steps: int
+    micro_batch: int  # from 1, of micro_batches (this process's share of the step)
+    micro_batches: int
+    phase: str  # "forward" or "backward" (a checkpointed layer's recompute is backward's)
+    layer: int  # from 1, of layers
+    layers: int
+    tokens_done: int  # real tokens of this step's micro-batches already through
+    elapsed_s: float  # in this step so far
+
+
+@dataclass(frozen=True)
 class StepMetrics:
     step: int
     total_steps: int
@@ -88,7 +105,7 @@ class LogLine:
     level: str = "info"
 
 
-Event = (RunCreated | RunStarted | StepMetrics | EvalMetrics | CheckpointSaved | RunFinished | RunFailed | PlanAdjusted
+Event = (RunCreated | RunStarted | StepProgress | StepMetrics | EvalMetrics | CheckpointSaved | RunFinished | RunFailed | PlanAdjusted
          | LogLine)
 _KINDS = {cls.__name__: cls for cls in (RunStarted, StepMetrics, EvalMetrics, CheckpointSaved,
                                          RunFinished, RunFailed, PlanAdjusted, LogLine)}

@@ -25,6 +25,7 @@ from app.core.models.resolve import remember_model
 from app.core.run_lock import RunLock
 from app.core.runs import Run, create_run, open_run
 from app.core.train.failures import check_checkpoint_space, failure_reason
+from app.core.train.interrupt import StepInterrupted, StepWatch
 from app.core.train.oom import is_out_of_memory, next_backoff
 from app.core.train.prepare import Prepared, prepare_training, truncate
 
@@ -157,11 +158,17 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
         session = QLoraSession(prepared, ranks)
         prepared = _adopt_self_test(run, prepared, session, emit)
         loop = _Loop.start(run, prepared, session, emit)
-        while loop.step < loop.plan.total_steps:
-            if stop.is_set():
-                return loop.stop()
-            if loop.train_one_step():
-                loop.after_step()
+        if ranks is None:  # one process: "stop now" within a layer, a long step's progress (workers: per step)
+            loop.watch = StepWatch(session.model, stop, on_event)  # progress to the caller, not metrics.jsonl
+            session.on_pass = loop.watch.on_pass
+        try:
+            while loop.step < loop.plan.total_steps:
+                if stop.is_set():
+                    return loop.stop()
+                if loop.train_one_step():
+                    loop.after_step()
+        except StepInterrupted:
+            return loop.stop_now()
         return loop.finish()
     except KeyboardInterrupt:  # a second Ctrl-C: no time to save, resume from the last checkpoint
         step = loop.step if loop else 0
@@ -221,6 +228,8 @@ class _Loop:
     lr: float = 0.0  # of the step being taken
     grad_norm: float = 0.0
     step_tokens: int = 0
+    peak_bytes: int = 0  # the measured peak (plan's measure: CUDA peak allocation, CPU peak RSS), any process
+    watch: StepWatch | None = None  # stop now and a long step's progress (one process only)
 
     @property
     def plan(self) -> Plan:
@@ -238,6 +247,7 @@ class _Loop:
             loop.before_s, loop.saved_step = state["elapsed_s"], state["step"]
             emit(LogLine(f"Resuming from {checkpoint.name}"))
         run.rewind_metrics(loop.step)
+        loop.peak_bytes = int(run.raw_status().get("peak_bytes") or 0)  # earlier sessions' peak, if resumed
         plan, info = prepared.plan, prepared.data_info
         emit(RunStarted(run.id, str(run.dir), plan.total_steps, loop.step, len(prepared.train), len(prepared.val),
                         info["truncated"], info["skipped"], plan.device))
@@ -258,12 +268,17 @@ class _Loop:
         batches = [[self.prepared.train[i] for i in batch] for batch in self.order.for_step(self.step)]
         self.lr = self.session.current_lr()
         backoff = None
+        if self.watch:
+            self.watch.begin_step(self.step + 1, self.plan.total_steps)
         try:
             loss, step_tokens, self.grad_norm = self.session.train_step(batches)
         except Exception as err:  # noqa: BLE001 - only out-of-memory is handled here
             backoff = next_backoff(self.plan) if is_out_of_memory(err) else None
             if backoff is None:
                 raise
+        finally:
+            if self.watch:
+                self.watch.end_step()
         if backoff is not None:  # outside `except`, so the failed step's tensors are freed
             self._back_off(backoff, f"Out of GPU memory at step {self.step + 1}")
             return False
@@ -279,11 +294,13 @@ class _Loop:
                               self.lr, self.grad_norm, self.step_tokens, self.session_tokens / spent, self.elapsed(),
                               spent / self.session_steps * (plan.total_steps - self.step),
                               tuple(self.session.memory)))
+        self.peak_bytes = max(self.peak_bytes, *self.session.memory, 0)
         last = self.step == plan.total_steps
         if plan.eval_every and self.prepared.val and (self.step % plan.eval_every == 0 or last):
             self.evaluate()
         if time.monotonic() - self.status_written > STATUS_EVERY_S or last:
-            self.run.write_status("running", step=self.step, last_loss=self.last_loss, elapsed_s=self.elapsed())
+            self.run.write_status("running", step=self.step, last_loss=self.last_loss, elapsed_s=self.elapsed(),
+                                  peak_bytes=self.peak_bytes)
             self.status_written = time.monotonic()
         if self.step % self.plan.save_every == 0 and not last:
             self.save()
@@ -318,14 +335,28 @@ class _Loop:
         if self.saved_step != self.step:
             self.save()
         self.run.write_status("stopped", step=self.step, last_loss=self.last_loss, elapsed_s=self.elapsed(),
-                              reason="stopped by the user")
+                              reason="stopped by the user", peak_bytes=self.peak_bytes)
         self.emit(RunFinished("stopped", self.step, self.plan.total_steps, self.last_loss, ""))
         return self.result("stopped")
+
+    def stop_now(self) -> RunResult:
+        """The user's "Stop now", asked during a step: the step is dropped (its gradients were never
+        applied), the last checkpoint kept; a resume repeats the steps after it."""
+        self.session.free_step_memory()
+        kept = self.saved_step or 0
+        dropped = self.step + 1
+        where = f"from step {kept} (the last checkpoint)" if kept else "from the start (no checkpoint yet)"
+        reason = f"stopped by the user during step {dropped}; the step was dropped and resume continues {where}"
+        self.run.write_status("stopped", step=kept, last_loss=self.last_loss, elapsed_s=self.elapsed(),
+                              reason=reason, peak_bytes=self.peak_bytes)
+        self.emit(LogLine(reason[:1].upper() + reason[1:]))
+        self.emit(RunFinished("stopped", kept, self.plan.total_steps, self.last_loss, ""))
+        return replace(self.result("stopped", reason), step=kept)
 
     def finish(self) -> RunResult:
         self.session.save_adapter(self.run.adapter_dir, self.prepared.tokenizer)
         self.run.write_status("finished", step=self.step, last_loss=self.last_loss, elapsed_s=self.elapsed(),
-                              reason="")
+                              reason="", peak_bytes=self.peak_bytes)
         self.emit(RunFinished("finished", self.step, self.plan.total_steps, self.last_loss, str(self.run.adapter_dir)))
         return self.result("finished")
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import QSettings, Qt, QTimer, Signal
-from PySide6.QtWidgets import (QCheckBox, QGroupBox, QHBoxLayout, QScrollArea, QSplitter,
+from PySide6.QtWidgets import (QCheckBox, QGroupBox, QHBoxLayout, QMenu, QScrollArea, QSplitter,
                                QVBoxLayout, QWidget)
 
 from app.core.config import TrainConfig, field_help
-from app.core.units import format_duration, memory_text
+from app.core.units import format_duration, memory_text, step_progress_text
 from app.gui.tabs.train_dialogs import ask_resume_consent, error_box
 from app.gui.widgets.controls import button, label
 from app.gui.widgets.dataset_view import DatasetReport, DropZone
@@ -54,7 +54,12 @@ class TrainTab(QWidget):
         self.plan_view = PlanView()
         self.train_button = button("train", "Train", "Start training with this plan (Ctrl+Enter)")
         self.train_button.setDefault(True)
-        self.stop_button = button("stop", "Stop", "Save a checkpoint and stop after this step (Esc)")
+        self.stop_button = button("stop", "Stop", "Stop after this step with a checkpoint (Esc), or now")
+        stop_menu = QMenu(self.stop_button)
+        self.stop_after_action = stop_menu.addAction("After this step, with a checkpoint (Esc)", self.stop_training)
+        self.stop_now_action = stop_menu.addAction("Now: drop the step in progress, keep the last checkpoint",
+                                                   self.stop_now)
+        self.stop_button.setMenu(stop_menu)
         self.resume_button = button("resume", "Resume", "Continue the stopped run from its last checkpoint")
         self.status = label("Choose a dataset to train on.", selectable=True)
         # What the run changed in its plan (a kernel that failed the self-test, an OOM back-off):
@@ -108,7 +113,6 @@ class TrainTab(QWidget):
         self.skip_bad.toggled.connect(self._update_buttons)
         self.plan_view.changed.connect(self.schedule_replan)
         self.train_button.clicked.connect(self.start_training)
-        self.stop_button.clicked.connect(self.stop_training)
         self.resume_button.clicked.connect(self.resume_training)
 
     # -- setup ----------------------------------------------------------------------------------
@@ -144,11 +148,16 @@ class TrainTab(QWidget):
         self.report.show_busy(path)
         self._data_request += 1
         request, model = self._data_request, self.model_box.currentText()
-        worker = TaskWorker(lambda: check_dataset(path, model, preview=True), request)
+        worker = TaskWorker(lambda say: check_dataset(path, model, preview=True, progress=say), request, reports=True)
+        worker.progress.connect(self._dataset_progress)
         worker.done.connect(self._dataset_checked)
         worker.failed.connect(self._dataset_failed)
         self.threads.start(worker, worker.done, worker.failed)
         self._update_buttons()
+
+    def _dataset_progress(self, request: int, message: str) -> None:
+        if request == self._data_request:
+            self.report.show_busy(self.data_path, message)
 
     def _dataset_checked(self, request: int, summary) -> None:
         if request != self._data_request:
@@ -235,7 +244,8 @@ class TrainTab(QWidget):
             not self.summary.problems or self.skip_bad.isChecked())
         self.train_button.setEnabled(not self.running and self.engine_ready and data_ok
                                      and self.plan_view.plan is not None)
-        self.stop_button.setEnabled(self.running and not self.worker.stop_requested.is_set())
+        self.stop_button.setEnabled(self.running and not self.worker.stop_requested.now)
+        self.stop_after_action.setEnabled(self.running and not self.worker.stop_requested.is_set())
         resumable = self.last_run is not None and self.last_run.status in ("stopped", "failed")
         self.resume_button.setEnabled(not self.running and self.engine_ready and resumable)
         if self.running or self.last_run is not None:
@@ -308,9 +318,16 @@ class TrainTab(QWidget):
         self.running_changed.emit(True)
 
     def stop_training(self) -> None:
-        if self.worker is not None:
+        if self.worker is not None and not self.worker.stop_requested.is_set():
             self.worker.stop()
-            self.status.setText("Stopping after this step and saving a checkpoint…")
+            self.status.setText("Stopping after this step and saving a checkpoint… (Stop ▸ Now to stop sooner)")
+            self._update_buttons()
+
+    def stop_now(self) -> None:
+        """Stop within the step in progress: it is dropped, the last checkpoint kept (seconds, not a step)."""
+        if self.worker is not None and not self.worker.stop_requested.now:
+            self.worker.stop_now()
+            self.status.setText("Stopping now: the step in progress is dropped, the last checkpoint kept…")
             self._update_buttons()
 
     def _on_event(self, event) -> None:
@@ -325,11 +342,15 @@ class TrainTab(QWidget):
             self.status.setText(f"step {event.step}/{event.total_steps} · epoch {event.epoch:.2f} · loss "
                                 f"{event.loss:.4f} · {event.tokens_per_s:,.0f} tokens/s · "
                                 f"ETA {format_duration(event.eta_s)}{memory_text(event.memory, ' · ')}")
+        elif isinstance(event, ev.StepProgress):  # a long step: where it is, every second or so
+            if not self.worker or not self.worker.stop_requested.is_set():  # "Stopping…" stays in view
+                self.status.setText(step_progress_text(event))
         elif isinstance(event, ev.EvalMetrics):
             self.graphs.loss.add_eval(event.step, event.eval_loss)
         elif isinstance(event, ev.RunStarted):
             self.graphs.rewind(event.start_step)
-            self.status.setText(f"Run {event.run_id}: {event.total_steps} steps on {event.device}")
+            self.status.setText(f"Run {event.run_id}: {event.total_steps} steps on {event.device} · step "
+                                f"{event.start_step + 1} under way (its progress shows here once it runs long)")
             self.run_dir = event.run_dir
             self._show_run_plan()
             self.graphs.show_predicted_peak(_run_plan(event.run_dir))
@@ -359,6 +380,8 @@ class TrainTab(QWidget):
         if result.status == "finished":
             self.status.setText(f"Finished {result.step} steps, final loss {result.final_loss:.4f}. "
                                 f"Adapter: {result.adapter_dir}")
+        elif result.status == "stopped" and result.reason:  # stopped now: the reason says from where it resumes
+            self.status.setText(f"{plain(result.reason)[:1].upper()}{plain(result.reason)[1:]}.")
         elif result.status == "stopped":
             self.status.setText(f"Stopped at step {result.step}/{result.total_steps}; Resume continues from "
                                 "the checkpoint.")

@@ -129,8 +129,10 @@ class DatasetReport(QWidget):
             layout.addWidget(widget)
         self._lines: list[str] = []
 
-    def show_busy(self, path: str) -> None:
-        self.summary.setText(f"Checking {html.escape(Path(path).name)}…")
+    def show_busy(self, path: str, doing: str = "") -> None:
+        """The check under way; `doing` says where it is (lines read, the tokenizer loading)."""
+        said = f"<br><span style='color:gray'>{html.escape(plain(doing))}</span>" if doing else ""
+        self.summary.setText(f"Checking {html.escape(Path(path).name)}…{said}")
 
     def show_error(self, message: str) -> None:
         self.summary.setText(f"<span style='color:#c0392b'>{html.escape(plain(message))}</span>")
