@@ -143,7 +143,7 @@ def reset_process_peak_ram() -> bool:
     """Start this process's peak resident memory again from what it holds now (Linux: writing 5 to
     /proc/self/clear_refs); False where it cannot be reset."""
     try:
-        with open(CLEAR_REFS, "w") as handle:
+        with open(CLEAR_REFS, "w", encoding="ascii") as handle:
             handle.write("5")
         return True
     except OSError:

@@ -52,21 +52,24 @@ class DatasetSummary:
 
 def check_dataset(path: str, model: str = "demo", seq_len: int | None = None, *, preview: bool = False,
                   tokenizer=None, report: DataReport | None = None, trust_remote_code: bool = False,
-                  allow_pickle: bool = False, progress=lambda message: None) -> DatasetSummary:
+                  allow_pickle: bool = False, progress=lambda message: None,
+                  doing=lambda message: None) -> DatasetSummary:
     """Check `path` and measure its rows with `model`'s tokenizer (or `tokenizer`, which also keeps
     the tokenised examples in `.tokenized`); with `preview`, render one example. `report` is the
-    file's check when the caller made it already. Raises DatasetError only for whole-file problems
-    (missing, empty, unreadable) and ModelError for a model that cannot be used."""
-    report = report if report is not None else check_file(path, progress)
+    file's check when the caller made it already. `progress` hears what a download or conversion of
+    the model says; `doing` where the check is (lines read, the tokenizer loading: the window's).
+    Raises DatasetError only for whole-file problems (missing, empty, unreadable) and ModelError for
+    a model that cannot be used."""
+    report = report if report is not None else check_file(path, doing)
     summary = DatasetSummary(report)
     if not report.examples:
         return summary
     exact = tokenizer is not None  # the caller's tokenizer: the lengths training will use
     if not exact:
-        progress(f"Read {report.rows:,} lines; loading the tokenizer to measure them…")
+        doing(f"Read {report.rows:,} lines; loading the tokenizer to measure them…")
         info = _measuring_model(model, trust_remote_code, allow_pickle, progress)
         summary.tokenizer_of = info.name
-        progress(f"Measuring {len(report.examples):,} examples with {info.name}'s tokenizer…")
+        doing(f"Measuring {len(report.examples):,} examples with {info.name}'s tokenizer…")
         fast = _fast_lengths(info, report)
         summary.lengths, exact = fast or [], fast is None
         if exact or preview:
@@ -74,7 +77,7 @@ def check_dataset(path: str, model: str = "demo", seq_len: int | None = None, *,
     if exact:
         from app.core.data.tokenize import tokenize_examples
 
-        progress(f"Measuring {len(report.examples):,} examples with the chat template…")
+        doing(f"Measuring {len(report.examples):,} examples with the chat template…")
         summary.tokenized = tokenize_examples(tokenizer, report.examples, report.file)
         summary.lengths = [len(example.input_ids) for example in summary.tokenized.examples]
         summary.tokenizer_problems = summary.tokenized.problems

@@ -47,7 +47,6 @@ def prepare_training(config: TrainConfig, log: Callable[[str], None] = lambda m:
         raise DatasetError("no training data given; pass --data FILE (.jsonl, .json or .parquet)")
     validate_config(config)  # cheap checks first: settings, then data, then the model
     budget = training_budget(config.preset, config.gpu) if plan is None else None  # a bad preset fails early
-    log(f"Reading {Path(config.data).name}…")
     report = check_file(config.data)
     report.raise_if_unusable(config.skip_bad)
     val_report = None

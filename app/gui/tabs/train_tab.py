@@ -148,7 +148,7 @@ class TrainTab(QWidget):
         self.report.show_busy(path)
         self._data_request += 1
         request, model = self._data_request, self.model_box.currentText()
-        worker = TaskWorker(lambda say: check_dataset(path, model, preview=True, progress=say), request, reports=True)
+        worker = TaskWorker(lambda say: check_dataset(path, model, preview=True, progress=say, doing=say), request, reports=True)
         worker.progress.connect(self._dataset_progress)
         worker.done.connect(self._dataset_checked)
         worker.failed.connect(self._dataset_failed)
