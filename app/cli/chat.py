@@ -111,6 +111,6 @@ def _answer(chat, messages: list[dict], settings: GenerationSettings, adapter: b
         print(" [stopped]", end="")
     print()
     last = chat.last
-    print(f"({last.tokens} tokens, {last.tokens_per_s:.1f} tokens/s{', stopped' if last.stopped else ''})",
-          file=sys.stderr)
+    ended = ", stopped" if last.stopped else f", cut at {last.tokens} tokens: --max-new-tokens for more" if last.cut else ""
+    print(f"({last.tokens} tokens, {last.tokens_per_s:.1f} tokens/s{ended})", file=sys.stderr)
     return text

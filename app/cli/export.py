@@ -36,6 +36,7 @@ def add_commands(sub) -> None:
 
 def cmd_export(args) -> int:
     from app.core.export import export_run
+    from app.core.export.usage import how_to_run
 
     result = export_run(args.run, args.format, args.out, dtype=args.dtype, quant=args.quant, force=args.force,
                         progress=info, trust_remote_code=args.trust_remote_code, pre_tokenizer=args.pre_tokenizer,
@@ -51,4 +52,7 @@ def cmd_export(args) -> int:
     if "gguf_tensors" in result.checks:
         print(f"GGUF read back: {result.checks['gguf_tensors']} tensors match the merged model "
               f"(largest difference {result.checks['gguf_max_abs_diff']:.3g})")
+    print("Run it:")
+    for what, command in how_to_run(result.format, result.out_dir, result.files):
+        print(f"  {what}: {command}")
     return 0

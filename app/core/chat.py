@@ -42,6 +42,7 @@ class AnswerStats:
     tokens: int = 0
     seconds: float = 0.0
     stopped: bool = False  # stopped by the user before the model finished
+    cut: bool = False  # ended by the token limit (max_new_tokens), not by the model: mid-answer
 
     @property
     def tokens_per_s(self) -> float:
@@ -163,7 +164,8 @@ class ChatSession:
             worker.join()
         if "error" in outcome:
             raise outcome["error"]
-        self._record(inputs, outcome.get("output"), started, stop.is_set() and not cut_short)
+        self._record(inputs, outcome.get("output"), started, stop.is_set() and not cut_short,
+                     0 if cut_short else settings.max_new_tokens)
 
     def reply(self, messages: list[dict], settings: GenerationSettings | None = None, adapter: bool = True) -> str:
         """The whole next turn at once (greedy when the temperature is 0)."""
@@ -171,7 +173,7 @@ class ChatSession:
         inputs = self.prompt_ids(messages, settings)
         started = time.monotonic()
         output = self._generate(inputs, settings, adapter, threading.Event(), None)
-        self._record(inputs, output, started, False)
+        self._record(inputs, output, started, False, settings.max_new_tokens)
         text = self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         cut = _stop_at(text, settings.stop)
         return text if cut is None else text[:cut]
@@ -195,9 +197,12 @@ class ChatSession:
             with self.model.disable_adapter():
                 return self.model.generate(**inputs, **options)
 
-    def _record(self, inputs, output, started: float, stopped: bool) -> None:
+    def _record(self, inputs, output, started: float, stopped: bool, limit: int = 0) -> None:
+        """The answer's stats; `limit` the token limit it ran under (0: ended by a stop string)."""
         tokens = 0 if output is None else int(output.shape[1] - inputs["input_ids"].shape[1])
-        self.last = AnswerStats(tokens, time.monotonic() - started, stopped)
+        ended = output is not None and tokens and int(output[0, -1]) in _end_ids(self.tokenizer, self.model)
+        self.last = AnswerStats(tokens, time.monotonic() - started, stopped,
+                                cut=bool(limit and not stopped and tokens >= limit and not ended))
 
 
 def load_chat(ref: str, trust_remote_code: bool = False,
@@ -282,6 +287,15 @@ def save_conversation(path: str | Path, messages: list[dict], system_prompt: str
     path.parent.mkdir(parents=True, exist_ok=True)
     append_line(path, json.dumps({"messages": turns}, ensure_ascii=False))
     return path
+
+
+def _end_ids(tokenizer, model) -> set[int]:
+    """The token ids that end an answer (the tokenizer's and the generation config's EOS)."""
+    ids = {tokenizer.eos_token_id}
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    return {i for i in ids if i is not None}
 
 
 def _stop_at(text: str, stops: list[str]) -> int | None:

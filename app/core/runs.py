@@ -30,6 +30,7 @@ from app.core.run_lock import RunLock, in_use
 from app.core.train.events import Event, event_to_dict
 
 KEEP_CHECKPOINTS = 2
+LABEL_MAX = 80
 PROGRESS_EVENTS = ("StepMetrics", "EvalMetrics", "CheckpointSaved")
 
 
@@ -109,6 +110,25 @@ class Run:
         with open(self.log_file, "a", encoding="utf-8") as handle:
             handle.write(f"{stamp} {message.rstrip()}\n")
 
+    # -- the user's name for it --------------------------------------------------------------
+    def label(self) -> str:
+        """The name given in the Runs tab (label.txt), "" for none; the id never changes."""
+        try:
+            return (self.dir / "label.txt").read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            return ""
+
+    def set_label(self, text: str) -> None:
+        """Name the run (or, with "", take its name away). The folder keeps its id: exports, resumes
+        and the command line still find it by that."""
+        text = " ".join(text.split())
+        if len(text) > LABEL_MAX:
+            raise RunError(f"a run's name has at most {LABEL_MAX} characters; this one has {len(text)}")
+        if text:
+            write_text(self.dir / "label.txt", text + "\n")
+        else:
+            (self.dir / "label.txt").unlink(missing_ok=True)
+
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoint_path(self, step: int) -> Path:
         return self.checkpoints_dir / f"step-{step:07d}"
@@ -175,6 +195,7 @@ class RunSummary:
     elapsed_s: float | None  # training time, resumed sessions added up
     peak_bytes: int = 0  # measured peak memory (the measure the plan predicts), 0 before a step
     predicted_bytes: int = 0  # the plan's predicted peak
+    label: str = ""  # the name the user gave it (Runs tab ▸ Rename), "" for none
 
 
 @dataclass
@@ -188,6 +209,7 @@ class RunHistory:
     eval_losses: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
     tokens: int = 0
+    tokens_through: list[int] = field(default_factory=list)  # real tokens trained up to each of `steps`
 
 
 def read_history(run: Run) -> RunHistory:
@@ -203,6 +225,7 @@ def read_history(run: Run) -> RunHistory:
                 history.lrs.append(lr)
                 history.elapsed_s = float(row.get("elapsed_s") or history.elapsed_s)
                 history.tokens += int(row.get("tokens") or 0)
+                history.tokens_through.append(history.tokens)
             elif row.get("event") == "EvalMetrics":
                 step, loss = int(row["step"]), float(row["eval_loss"])
                 history.eval_steps.append(step)
@@ -280,8 +303,38 @@ def list_runs() -> list[RunSummary]:
                                status.get("step", 0), status.get("total_steps", 0), status.get("last_loss"),
                                status.get("eval_loss"), config.model, config.data,
                                status.get("created", 0.0), status.get("updated", 0.0), status.get("elapsed_s"),
-                               int(status.get("peak_bytes") or 0), _predicted(run)))
+                               int(status.get("peak_bytes") or 0), _predicted(run), run.label()))
     return sorted(rows, key=lambda r: r.created, reverse=True)
+
+
+def display_names(rows: list[RunSummary]) -> dict[str, str]:
+    """What the window calls each run: the name the user gave it, else the id without its date
+    ("demo-pirate_chef"), numbered by start where several share one ("demo-pirate_chef #2")."""
+    short = {row.id: row.label or short_id(row.id) for row in rows}
+    names, seen = {}, {}
+    for row in sorted(rows, key=lambda r: r.created):
+        name = short[row.id]
+        seen[name] = seen.get(name, 0) + 1
+        names[row.id] = name
+        if seen[name] > 1:
+            names[row.id] = f"{name} #{seen[name]}"
+    firsts = {name for name, count in seen.items() if count > 1}
+    for row in rows:  # the first of a repeated name is #1, so that none of them reads as the only one
+        if names[row.id] in firsts:
+            names[row.id] = f"{names[row.id]} #1"
+    return names
+
+
+def newest_finished(rows: list[RunSummary]) -> str:
+    """The id of the newest finished run among `rows` (any order), "" for none."""
+    done = [row for row in rows if row.status == "finished"]
+    return max(done, key=lambda row: row.created).id if done else ""
+
+
+def short_id(run_id: str) -> str:
+    """Runs are named `YYYYmmdd-HHMMSS-model-data`: the part after the date."""
+    parts = run_id.split("-", 2)
+    return parts[2] if len(parts) == 3 and parts[0].isdigit() else run_id
 
 
 def _predicted(run: Run) -> int:

@@ -26,6 +26,24 @@ def test_streamed_text_equals_the_greedy_reply(tiny_chat):
     pieces = list(tiny_chat.stream(QUESTION, GREEDY))
     assert len(pieces) > 1 and "".join(pieces) == whole
     assert tiny_chat.last.tokens == 16 and tiny_chat.last.tokens_per_s > 0 and not tiny_chat.last.stopped
+    assert tiny_chat.last.cut  # the random tiny model never ends by itself: 16 tokens is the limit's end
+
+
+def test_an_answer_the_model_ends_is_not_marked_cut(tiny_chat, monkeypatch):
+    """The tiny model's next token is forced to its end token after 3 tokens (a model that ends)."""
+    end = tiny_chat.tokenizer.eos_token_id
+    generate = tiny_chat.model.generate
+
+    def ends_early(**kwargs):
+        out = generate(**{**kwargs, "max_new_tokens": 3})
+        import torch
+        return torch.cat([out, torch.tensor([[end]])], dim=1)
+
+    monkeypatch.setattr(tiny_chat.model, "generate", ends_early)
+    tiny_chat.reply(QUESTION, GenerationSettings(temperature=0, max_new_tokens=4))
+    assert tiny_chat.last.tokens == 4 and not tiny_chat.last.cut
+    tiny_chat.reply(QUESTION, GenerationSettings(temperature=0, max_new_tokens=40))
+    assert tiny_chat.last.tokens == 4 and not tiny_chat.last.cut
 
 
 def test_stop_ends_the_answer_after_the_current_token(tiny_chat):
@@ -35,7 +53,7 @@ def test_stop_ends_the_answer_after_the_current_token(tiny_chat):
     for piece in tiny_chat.stream(QUESTION, settings, stop=stop):
         pieces.append(piece)
         stop.set()
-    assert tiny_chat.last.stopped and tiny_chat.last.tokens < 10
+    assert tiny_chat.last.stopped and tiny_chat.last.tokens < 10 and not tiny_chat.last.cut
 
 
 def test_a_stop_string_cuts_the_answer_where_it_starts(tiny_chat):

@@ -57,12 +57,32 @@ def test_the_merged_model_loads_in_plain_transformers_and_matches_base_plus_adap
     assert "largest logit difference" in (tmp_path / "merged" / "README.md").read_text()
 
 
+@pytest.mark.parametrize("fmt", ["merged", "adapter"])
+def test_the_run_it_command_after_an_export_runs_it(fmt, tiny_run, tmp_path, capsys):
+    """What `export` prints under "Run it:" (and the Export tab shows) is run here in a shell, in a
+    folder with a space and a quote in its name: it loads the export and answers."""
+    import subprocess
+
+    out = tmp_path / "my export's folder" / fmt
+    assert cli.main(["export", tiny_run.run_id, "--format", fmt, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    [command] = [line.split(": ", 1)[1] for line in printed.split("Run it:\n")[1].splitlines()]
+    done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip(), done.stderr[-2000:]
+
+
 def test_the_gguf_export_reads_back_and_comes_with_a_valid_modelfile(tiny_run, tmp_path):
     from app.core.export.gguf_check import verify_gguf
 
     result = export_run(tiny_run.run_id, "gguf", tmp_path / "gguf", quant="q8_0")
     [name] = [f for f in result.files if f.endswith(".gguf")]
     assert set(result.files) == {name, "Modelfile", "README.md", "export.json"}  # no merged leftovers
+    from app.core.export.usage import how_to_run
+
+    commands = dict(how_to_run("gguf", result.out_dir, result.files))
+    assert commands["Ollama"] == f"ollama create gguf -f {tmp_path / 'gguf' / 'Modelfile'} && ollama run gguf"
+    assert commands["llama.cpp"] == f"llama-cli -m {tmp_path / 'gguf' / name} -cnv"
+    assert commands["LM Studio"] == f"lms import {tmp_path / 'gguf' / name}"
     assert result.checks["gguf_tensors"] == 21
     assert verify_gguf(tmp_path / "gguf" / name, _merged_for_check(tiny_run, tmp_path)).ok
     instructions = parse_modelfile((tmp_path / "gguf" / "Modelfile").read_text())

@@ -79,7 +79,7 @@ def test_the_export_tab_greys_out_what_this_machine_cannot_write(qtbot, monkeypa
     enabled = {box.itemData(i): box.model().item(i).isEnabled() for i in range(box.count())}
     assert enabled == {q: q not in quantize.BY_LLAMA_CPP for q in quantize.ALL_QUANTS}
     assert "tunesmith[gguf]" in note.text() and not note.isHidden()
-    assert "4.9 GB" in box.itemText(box.findData("q4_k_m"))  # an 8B model at q4_k_m
+    assert "8B model: 4.6 GiB" in box.itemText(box.findData("q4_k_m"))  # 8.03e9 x 0.61 bytes
     monkeypatch.setattr(quantize, "llama_cpp_installed", lambda: True)
     box, note = quant_picker()
     qtbot.addWidget(box)

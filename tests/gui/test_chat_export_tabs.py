@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QMessageBox
+from PySide6.QtGui import QGuiApplication
+from PySide6.QtWidgets import QMessageBox, QPushButton
+
+from conftest import train_tiny
 
 
 
@@ -32,6 +35,9 @@ def test_chat_streams_an_answer_compares_with_base_and_saves(window, qtbot, tiny
     assert answer["role"] == "assistant" and answer["content"]
     assert "tokens/s" in tab.stats.text()
     qtbot.waitUntil(lambda: "keep bread fresh" in tab.views["tuned"].toPlainText(), timeout=5_000)
+    # the random tiny model never ends an answer: it stops at Max tokens, and says so
+    assert "(cut at 12 tokens)" in tab.stats.text() and answer["cut_at"] == 12
+    assert "(cut at 12 tokens: raise Max tokens" in tab.views["tuned"].toPlainText()
 
     tab.compare.setChecked(True)
     assert tab.views["base"].isVisibleTo(tab)
@@ -73,6 +79,14 @@ def test_export_shows_progress_and_asks_before_replacing_a_folder(window, qtbot,
     qtbot.waitUntil(lambda: not tab.exporting, timeout=300_000)
     assert "Exported" in tab.summary.text() and "GGUF read back" in tab.summary.text()
     assert (target / "Modelfile").exists() and tab.log.count() >= 3 and tab.open_button.isEnabled()
+    assert "(this model: " in tab.quant_box.currentText()  # the tiny model's size, not an 8B one's
+    # how to run it, for this folder, each command a click from the clipboard
+    assert tab.run_it.isVisibleTo(tab) and [what for what, _ in tab.commands] == ["Ollama", "llama.cpp", "LM Studio"]
+    assert f"-f {target / 'Modelfile'}" in tab.commands[0][1]
+    copy = [b for b in tab.run_it.findChildren(QPushButton) if b.text() == "Copy"]
+    assert len(copy) == 3
+    qtbot.mouseClick(copy[1], Qt.LeftButton)
+    assert QGuiApplication.clipboard().text() == tab.commands[1][1]
 
     asked = []
     monkeypatch.setattr(QMessageBox, "question", lambda *args, **kwargs: asked.append(args[2]) or QMessageBox.Cancel)
@@ -131,3 +145,21 @@ def test_loading_an_adapter_whose_base_is_not_here_asks_before_downloading(windo
     assert asked == ["The adapter was trained on someone/not-here-7b, which is not on this machine. Download it "
                      "from the Hugging Face Hub (its size could not be read from the Hub)?"]
     assert tab._loading is None and tab.session is None  # declined: nothing loads, nothing downloads
+
+
+def test_chat_and_export_select_a_run_that_finished_since_and_otherwise_keep_the_choice(window, tiny_run, tiny_model,
+                                                                                       chat_data):
+    chat, export = window.chat_tab, window.export_tab
+    for refresh, box in ((chat.refresh_sources, chat.source_box), (export.refresh_runs, export.run_box)):
+        refresh()
+        assert box.currentData() == tiny_run.run_id
+    newer = train_tiny(tiny_model, chat_data, steps=2)
+    for refresh, box in ((chat.refresh_sources, chat.source_box), (export.refresh_runs, export.run_box)):
+        refresh()
+        assert box.currentData() == newer.run_id  # it just finished: the one to try
+        names = {box.itemText(i).split(" (")[0] for i in range(box.count())}
+        assert len(names) == 2 and all(name.startswith("tiny-llama0-chats") for name in names)  # never two alike
+        box.setCurrentIndex(box.findData(tiny_run.run_id))  # the user goes back to the older one
+        refresh()
+        assert box.currentData() == tiny_run.run_id  # kept: nothing finished since
+    assert export.out_edit.text().endswith(f"{tiny_run.run_id}-{export.format_box.currentData()}")

@@ -26,10 +26,41 @@ def test_the_runs_tab_lists_runs_redraws_one_and_compares_two(window, tiny_model
     assert tab.loss.losses == read_history(open_run(first.run_id)).losses
     assert first.run_id in tab.details.text() and "LoRA rank" in tab.details.text()
     assert tab.curves.currentIndex() == 0 and not tab.resume_button.isEnabled()  # finished: nothing to resume
+    # the same model and data: two names, numbered by start, never two alike
+    names = {tab.table.topLevelItem(i).text(0) for i in range(2)}
+    assert names == {"tiny-llama0-chats #1", "tiny-llama0-chats #2"}, names
     tab.select(first.run_id, second.run_id)
-    assert tab.curves.currentWidget() is tab.compare and len(tab.compare.names) == 2
+    assert tab.curves.currentIndex() == 1 and tab.compare.isVisibleTo(tab) and len(tab.compare.names) == 2
+    assert sorted(tab.compare.names) == sorted(names)
     drawn = [item for item in tab.compare.listDataItems() if item.opts["pen"] is not None]
     assert sorted(len(item.xData) for item in drawn) == [4, 6]
+    assert sorted(list(item.xData) for item in drawn) == [[1, 2, 3, 4], [1, 2, 3, 4, 5, 6]]
+    tab.compare_axis.setCurrentIndex(tab.compare_axis.findData("tokens"))  # by tokens trained
+    drawn = [item for item in tab.compare.listDataItems() if item.opts["pen"] is not None]
+    expected = sorted(read_history(open_run(r.run_id)).tokens_through for r in (first, second))
+    assert sorted(list(item.xData) for item in drawn) == expected and expected[0][-1] > 4
+    assert tab.compare.getAxis("bottom").labelText == "tokens trained"
+
+
+def test_rename_gives_a_run_a_name_of_its_own_and_empty_takes_it_back(window, tiny_model, chat_data, monkeypatch):
+    from PySide6.QtWidgets import QInputDialog
+
+    run = train_tiny(tiny_model, chat_data, steps=2)
+    tab = _show_runs(window)
+    tab.select(run.run_id)
+    answers = iter([("  pirate   chef, take 2 ", True), ("x" * 81, True), ("", True)])
+    monkeypatch.setattr(QInputDialog, "getText", lambda *args, **kwargs: next(answers))
+    warned = []
+    monkeypatch.setattr(QMessageBox, "warning", lambda parent, title, text: warned.append(text))
+    tab.rename_selected()
+    assert tab.table.topLevelItem(0).text(0) == "pirate chef, take 2"
+    assert open_run(run.run_id).label() == "pirate chef, take 2" and list_runs()[0].id == run.run_id  # id kept
+    tab.select(run.run_id)
+    tab.rename_selected()  # too long: said, the name kept
+    assert "at most 80 characters" in warned[0] and tab.table.topLevelItem(0).text(0) == "pirate chef, take 2"
+    tab.select(run.run_id)
+    tab.rename_selected()
+    assert tab.table.topLevelItem(0).text(0) == "tiny-llama0-chats" and open_run(run.run_id).label() == ""
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ MERGED_INTO = {"trained": "the NF4-rounded weights the adapter was trained again
 CHECK_LINES = {  # what the card says of each check an export made
     "merged_into": lambda c: (f"Merged into {MERGED_INTO[c['merged_into']]}: W + scale x B x A per adapted "
                               "weight, in fp32, cast once."),
+    "merged_into_why": lambda c: f"({c['merged_into_why'][:1].upper()}{c['merged_into_why'][1:]}.)",
     "max_logit_diff": lambda c: (f"Merged model vs base + adapter as tested ({c.get('checked_against', '?')}; "
                                  f"{len(CHECK_PROMPTS)} held-out prompts and the answers it gives): largest logit "
                                  f"difference {c['max_logit_diff']:.3g}; the same next token at "

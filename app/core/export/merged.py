@@ -71,7 +71,10 @@ def merge_adapter(source: AdapterSource, info, tokenizer, out: Path, dtype: str 
         _check_ram(int(parameters(info) * DTYPE_BYTES[dtype] * 1.25) + 2**30, f"loading the model whole: {why}")
         progress(f"Loading {info.name} in {dtype} (not 4-bit) to merge the adapter (whole: {why})")
         checks = _merge_whole(source, info, tokenizer, out, dtype, progress, trust_remote_code)
-        return {**checks, "merged_into": "original", "dtype": dtype, **({"dtype_choice": choice} if choice else {})}
+        why_original = f"it could not be merged layer by layer ({why}), so it was merged whole into the base's " \
+            "original weights" if into == "trained" and storage == "4bit" else ""
+        return {**checks, "merged_into": "original", "dtype": dtype, **({"dtype_choice": choice} if choice else {}),
+                **({"merged_into_why": why_original} if why_original else {})}
     reference = tested_reference(source, info, tokenizer, progress, trust_remote_code)
     dtype, choice = choose_dtype(dtype, reference)
     while True:
@@ -82,8 +85,10 @@ def merge_adapter(source: AdapterSource, info, tokenizer, out: Path, dtype: str 
         progress("In f16 the merged model's logits overflowed on the check prompts; merging again in bf16")
         _empty(out)
         dtype, choice = "bf16", "bf16: in f16 the merged model overflowed on the check prompts"
+    why_original = "the run trained on the base's unquantised weights: those are the weights it trained " \
+        "against" if into == "trained" and not nf4 else ""
     return {**checks, "merged_into": "trained" if nf4 else "original", "dtype": dtype,
-            **({"dtype_choice": choice} if choice else {})}
+            **({"dtype_choice": choice} if choice else {}), **({"merged_into_why": why_original} if why_original else {})}
 
 
 def _write_streamed(plan, info, tokenizer, out: Path, dtype: str, nf4: str, progress: Callable[[str], None],

@@ -33,6 +33,7 @@ class ChatTab(QWidget):
         self.session = None
         self._loading: TaskWorker | None = None
         self.worker: StreamWorker | None = None
+        self._newest_seen = ""  # the newest finished run at the last refresh: a newer one is selected
         self.stop_event = threading.Event()
         self.turns: dict[str, list[dict]] = {side: [] for side in SIDES}
         self.partial: dict[str, str] = {side: "" for side in SIDES}
@@ -116,11 +117,20 @@ class ChatTab(QWidget):
         """Runs that have something to chat with: a final adapter or a checkpoint."""
         from app.core.chat import runs_with_adapter
 
+        from app.core.runs import display_names, newest_finished
+
         current = self.source_box.currentData()
         self.source_box.clear()
-        for row in runs_with_adapter():
+        rows = runs_with_adapter()
+        names = display_names(rows)
+        for row in rows:
             what = "adapter" if row.status == "finished" else f"step {row.step} checkpoint"
-            self.source_box.addItem(f"{row.id} ({what})", row.id)
+            self.source_box.addItem(f"{names[row.id]} ({what})", row.id)
+            self.source_box.setItemData(self.source_box.count() - 1, row.id, Qt.ToolTipRole)
+        newest = newest_finished(rows)
+        if newest and newest != self._newest_seen:  # a run finished since: it is what one wants to try
+            current = newest
+        self._newest_seen = newest or self._newest_seen
         if current:
             index = self.source_box.findData(current)
             if index < 0:
@@ -185,7 +195,7 @@ class ChatTab(QWidget):
             self.partial[side] = ""
         session, settings = self.session, self.settings()
         # both sides answer the same prompt: the conversation as the tuned adapter has it
-        histories = {side: list(self.turns["tuned"]) for side in sides}
+        histories = {side: [{"role": t["role"], "content": t["content"]} for t in self.turns["tuned"]] for side in sides}
         self.stop_event = threading.Event()
         stop = self.stop_event
 
@@ -195,7 +205,7 @@ class ChatTab(QWidget):
                 for piece in session.stream(histories[side], settings, adapter=side == "tuned", stop=stop):
                     emit((side, piece))
                 stats[side] = session.last
-                emit((side, None))  # this side's answer is complete
+                emit((side, session.last))  # this side's answer is complete (its stats)
                 if stop.is_set():
                     break
             return stats
@@ -211,8 +221,11 @@ class ChatTab(QWidget):
 
     def _piece(self, item) -> None:
         side, piece = item
-        if piece is None:
-            self.turns[side].append({"role": "assistant", "content": self.partial[side]})
+        if not isinstance(piece, str):  # the answer is complete: AnswerStats
+            turn = {"role": "assistant", "content": self.partial[side]}
+            if piece.cut:  # shown, never sent back to the model nor saved
+                turn["cut_at"] = piece.tokens
+            self.turns[side].append(turn)
             self.partial[side] = ""
         else:
             self.partial[side] += piece
@@ -220,7 +233,8 @@ class ChatTab(QWidget):
 
     def _answered(self, stats: dict) -> None:
         self.worker = None
-        parts = [f"{side}: {s.tokens} tokens, {s.tokens_per_s:.1f} tokens/s" + (" (stopped)" if s.stopped else "")
+        parts = [f"{side}: {s.tokens} tokens, {s.tokens_per_s:.1f} tokens/s"
+                 + (" (stopped)" if s.stopped else f" (cut at {s.tokens} tokens)" if s.cut else "")
                  for side, s in stats.items()]
         self.stats.setText(" · ".join(parts))
         self._dirty = True
@@ -306,7 +320,8 @@ def _transcript(turns: list[dict], side: str) -> str:
         if turn["role"] == "user":
             parts.append("> **You:** " + turn["content"].replace("\n", "\n> "))
         else:
-            parts.append(turn["content"])
+            cut = f" … *(cut at {turn['cut_at']} tokens: raise Max tokens for longer answers)*" if turn.get("cut_at") else ""
+            parts.append(turn["content"] + cut)
     return "\n\n".join(parts)
 
 

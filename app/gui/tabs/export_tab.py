@@ -7,12 +7,14 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from PySide6.QtCore import QUrl, Signal
-from PySide6.QtGui import QDesktopServices
-from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget,
-                               QMessageBox, QProgressBar, QVBoxLayout, QWidget)
+from PySide6.QtCore import Qt, QUrl, Signal
+from PySide6.QtGui import QDesktopServices, QGuiApplication
+from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
+                               QListWidget, QMessageBox, QProgressBar, QVBoxLayout, QWidget)
 
+from app.core.units import size_text
 from app.gui.widgets.controls import button, label
+from app.gui.words import plain
 from app.gui.workers import StreamWorker, Threads
 
 FORMATS = {"adapter": "Adapter (PEFT: small, needs the base model)",
@@ -20,29 +22,47 @@ FORMATS = {"adapter": "Adapter (PEFT: small, needs the base model)",
            "gguf": "GGUF + Ollama Modelfile (llama.cpp, Ollama, LM Studio)"}
 
 
+EXAMPLE_PARAMETERS = 8.03e9  # before a run is chosen, sizes are those of an 8B model
+GGUF_COMMAND = "pip install 'tunesmith[gguf]'"
+
+
 def quant_picker() -> tuple[QComboBox, QLabel]:
-    """The GGUF types, each with its size for an 8B model; those this machine cannot write are
-    greyed out, and the note under the box says why (llama.cpp's quantizer is not installed)."""
-    from app.core.export.quantize import ALL_QUANTS, BYTES_PER_PARAM, DESCRIPTION, quant_problem
+    """The GGUF types, each with its size (of an 8B model until `show_sizes` names the model);
+    those this machine cannot write are greyed out, and the note under the box says why (llama.cpp's
+    quantizer is not installed) with a link that copies the command that installs it."""
+    from app.core.export.quantize import ALL_QUANTS, quant_problem
 
     box = QComboBox()
     missing = []
     for quant in ALL_QUANTS:
-        box.addItem(f"{quant}: {DESCRIPTION[quant]} (8B model: {8.03 * BYTES_PER_PARAM[quant]:.1f} GB)", quant)
+        box.addItem(quant, quant)
         problem = quant_problem(quant)
         if problem:
             item = box.model().item(box.count() - 1)
             item.setEnabled(False)
-            item.setToolTip(problem)
+            item.setToolTip(plain(problem))
             missing.append(quant)
+    show_sizes(box, EXAMPLE_PARAMETERS, "8B model")
     box.setToolTip("GGUF tensor type: f16 keeps full quality, q8_0 is half the size with little loss, "
                    "q4_k_m is what Ollama usually runs")
     note = label()
     if missing:
-        note.setText(f"{', '.join(missing)} greyed out: they need llama.cpp's quantizer "
-                     "(pip install 'tunesmith[gguf]')")
+        note.setText(f"{', '.join(missing)} greyed out: they need llama.cpp's quantizer, the Python package "
+                     f"“tunesmith[gguf]” (<a href='copy'>copy the command that installs it</a>, then restart "
+                     "Tunesmith)")
+        note.setTextFormat(Qt.RichText)
+        note.linkActivated.connect(lambda _: QGuiApplication.clipboard().setText(GGUF_COMMAND))
     note.setVisible(bool(missing))
     return box, note
+
+
+def show_sizes(box: QComboBox, parameters: float, what: str) -> None:
+    """Each GGUF type's text with its file size for a model of `parameters` ("this model: 82 MiB")."""
+    from app.core.export.quantize import BYTES_PER_PARAM, DESCRIPTION
+
+    for i in range(box.count()):
+        quant = box.itemData(i)
+        box.setItemText(i, f"{quant}: {DESCRIPTION[quant]} ({what}: {size_text(parameters * BYTES_PER_PARAM[quant])})")
 
 
 class ExportTab(QWidget):
@@ -54,12 +74,15 @@ class ExportTab(QWidget):
         super().__init__()
         self.threads = threads
         self.worker: StreamWorker | None = None
+        self._newest_seen = ""  # the newest finished run at the last refresh: a newer one is selected
         self.result = None
+        self.commands: list[tuple[str, str]] = []  # how to run the last export (what, command)
 
         self._build_controls()
         self._build_layout()
         self.format_box.currentIndexChanged.connect(self._suggest_folder)
         self.run_box.currentIndexChanged.connect(self._suggest_folder)
+        self.run_box.currentIndexChanged.connect(self._show_model_sizes)
         self.format_box.currentIndexChanged.connect(self._update_buttons)
         self._update_buttons()
 
@@ -97,6 +120,10 @@ class ExportTab(QWidget):
         self.log = QListWidget()
         self.log.setToolTip("What the export did, step by step")
         self.summary = label()
+        self.run_it = QGroupBox("Run it")
+        self.run_it.setToolTip("The commands that run this export, for this folder; Copy puts one on the clipboard")
+        QFormLayout(self.run_it)
+        self.run_it.hide()
 
     def _build_layout(self) -> None:
         out_row = QHBoxLayout()
@@ -115,21 +142,48 @@ class ExportTab(QWidget):
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.summary)
+        layout.addWidget(self.run_it)
         layout.addWidget(self.log, 1)
 
     def refresh_runs(self) -> None:
         from app.core.chat import runs_with_adapter
 
+        from app.core.runs import display_names, newest_finished
+
         current = self.run_box.currentData()
         self.run_box.blockSignals(True)
         self.run_box.clear()
-        for row in runs_with_adapter():
-            self.run_box.addItem(f"{row.id} ({row.status}, step {row.step}/{row.total_steps})", row.id)
+        rows = runs_with_adapter()
+        names = display_names(rows)
+        for row in rows:
+            self.run_box.addItem(f"{names[row.id]} ({row.status}, step {row.step}/{row.total_steps})", row.id)
+            self.run_box.setItemData(self.run_box.count() - 1, row.id, Qt.ToolTipRole)
+        newest = newest_finished(rows)
+        if newest and newest != self._newest_seen:  # a run finished since: the one to export
+            current = newest
+        self._newest_seen = newest or self._newest_seen
         self.run_box.setCurrentIndex(max(0, self.run_box.findData(current)))
         self.run_box.blockSignals(False)
-        if not self.out_edit.text():
-            self._suggest_folder()
+        self._suggest_folder()  # for the run now chosen (a folder the user picked is kept)
+        self._show_model_sizes()
         self._update_buttons()
+
+    def _show_model_sizes(self) -> None:
+        """The GGUF sizes of the chosen run's model (its config alone; nothing is loaded)."""
+        from app.core.errors import UserError
+        from app.core.models.catalog import model_facts
+        from app.core.runs import open_run
+
+        run_id = self.run_box.currentData()
+        try:
+            facts = model_facts(open_run(run_id).config().model) if run_id else None
+        except (UserError, OSError, ValueError):
+            facts = None
+        parameters = (facts.parameters or (facts.arch.total_params if facts.arch else 0)) if facts else 0
+        if parameters:
+            show_sizes(self.quant_box, parameters, "this model")
+        else:
+            show_sizes(self.quant_box, EXAMPLE_PARAMETERS, "8B model")
 
     def _suggest_folder(self) -> None:
         from app.core.paths import data_dir
@@ -177,6 +231,7 @@ class ExportTab(QWidget):
         self.worker.done.connect(self._done)
         self.worker.failed.connect(self._failed)
         self.log.clear()
+        self.run_it.hide()
         self.summary.setText(f"Exporting {html.escape(run_id)} as {fmt}…")
         self.progress.setRange(0, 0)  # busy
         self.threads.start(self.worker, self.worker.done, self.worker.failed)
@@ -196,8 +251,10 @@ class ExportTab(QWidget):
         self.progress.setValue(1)
         checks = []
         if "max_logit_diff" in result.checks:
-            checks.append(f"merged ({result.checks.get('merged_into', 'original')} weights) vs base + adapter "
-                          f"as tested: the same next token at "
+            into = result.checks.get("merged_into", "original")
+            why = f" ({html.escape(result.checks['merged_into_why'])})" if result.checks.get("merged_into_why") else ""
+            checks.append(f"merged into the {'weights it trained against' if into == 'trained' else 'original weights'}"
+                          f"{why} vs base + adapter as tested: the same next token at "
                           f"{result.checks['top_token_agreement']:.1%} of positions (logits within "
                           f"{result.checks['max_logit_diff']:.3g})")
         if "logit_check" in result.checks:
@@ -208,8 +265,30 @@ class ExportTab(QWidget):
             checks.append(f"GGUF read back: {result.checks['gguf_tensors']} tensors match")
         self.summary.setText(f"<b>Exported</b> {len(result.files)} files, {result.bytes / 2**20:,.1f} MiB, to "
                              f"{html.escape(str(result.out_dir))}" + ("<br>" + "; ".join(checks) if checks else ""))
+        self._show_commands(result)
         self._update_buttons()
         self.finished.emit()
+
+    def _show_commands(self, result) -> None:
+        """The exact commands that run the export just written, each with a Copy button."""
+        from app.core.export.usage import how_to_run
+
+        form = self.run_it.layout()
+        while form.rowCount():
+            form.removeRow(0)
+        self.commands = how_to_run(result.format, result.out_dir, result.files)
+        for what, command in self.commands:
+            line = QLineEdit(command)
+            line.setReadOnly(True)
+            line.setCursorPosition(0)
+            line.setToolTip(command)
+            copy = button("", "Copy", f"Copy the {what} command", lambda _=False, c=command:
+                          QGuiApplication.clipboard().setText(c))
+            row = QHBoxLayout()
+            row.addWidget(line, 1)
+            row.addWidget(copy)
+            form.addRow(what, row)
+        self.run_it.setVisible(bool(self.commands))
 
     def _failed(self, message: str) -> None:
         self.worker = None

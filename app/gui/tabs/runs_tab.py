@@ -10,8 +10,11 @@ from datetime import datetime
 
 from PySide6.QtCore import Qt, QUrl, Signal
 from PySide6.QtGui import QDesktopServices, QKeySequence, QShortcut
-from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLabel, QMessageBox, QSplitter, QStackedWidget, QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QHBoxLayout, QHeaderView, QInputDialog, QLabel,
+                               QLineEdit, QMessageBox, QSplitter, QStackedWidget, QTreeWidget, QTreeWidgetItem,
+                               QVBoxLayout, QWidget)
 
+from app.core.runs import display_names, short_id as short_id_of
 from app.core.units import format_duration, gib, peak_text
 from app.gui.widgets.controls import button, label
 from app.gui.widgets.plots import ComparePlot, LearningRatePlot, LossPlot
@@ -52,6 +55,15 @@ class RunsTab(QWidget):
                                   "checkpoints, adapter)", self.open_folder)
         self.delete_button = button("delete", "Delete…", "Delete the selected runs with their checkpoints and "
                                     "adapters (asks first)", self.delete_selected)
+        self.rename_button = button("edit", "Rename…", "Give the selected run a name of your own (its folder "
+                                    "keeps its id, which the command line uses)", self.rename_selected)
+        self.compare_axis = QComboBox()
+        self.compare_axis.addItem("by step", "step")
+        self.compare_axis.addItem("by tokens trained", "tokens")
+        self.compare_axis.setToolTip("Compare runs step by step, or by the tokens each has trained on (fair "
+                                     "between runs whose steps hold different numbers of tokens)")
+        self.compare_axis.currentIndexChanged.connect(lambda _: self._selection_changed())
+        self.names: dict[str, str] = {}
         self.empty = QLabel("No runs yet. Train one on the Train tab; it appears here.")
         self.details = label(selectable=True)
         self.details.setAlignment(Qt.AlignTop | Qt.AlignLeft)
@@ -73,9 +85,19 @@ class RunsTab(QWidget):
         single.addWidget(self.lr)
         single.setSizes([400, 160])
         self.curves.addWidget(single)
-        self.curves.addWidget(self.compare)
+        compare = QWidget()
+        compare_box = QVBoxLayout(compare)
+        compare_box.setContentsMargins(0, 0, 0, 0)
+        axis_row = QHBoxLayout()
+        axis_row.addWidget(QLabel("Compare"))
+        axis_row.addWidget(self.compare_axis)
+        axis_row.addStretch(1)
+        compare_box.addLayout(axis_row)
+        compare_box.addWidget(self.compare, 1)
+        self.curves.addWidget(compare)
         buttons = QHBoxLayout()
-        for widget in (self.refresh_button, self.resume_button, self.open_button, self.delete_button):
+        for widget in (self.refresh_button, self.resume_button, self.rename_button, self.open_button,
+                       self.delete_button):
             buttons.addWidget(widget)
         buttons.addStretch(1)
         left = QWidget()
@@ -98,15 +120,17 @@ class RunsTab(QWidget):
 
         chosen = set(self.selected_ids())
         self.rows = list_runs()
+        self.names = display_names(self.rows)
         self.table.setSortingEnabled(False)
         self.table.clear()
         for row in self.rows:
-            item = RunItem([_cell(row, column)[0] for column in COLUMNS])
-            for i, column in enumerate(COLUMNS):
-                item.setData(i, Qt.UserRole, _cell(row, column)[1])
+            cells = [_cell(row, column, self.names) for column in COLUMNS]
+            item = RunItem([text for text, _ in cells])
+            for i, (_, key) in enumerate(cells):
+                item.setData(i, Qt.UserRole, key)
             item.setData(0, Qt.UserRole + 1, row.id)
             item.setForeground(1, _color(STATUS_COLORS.get(row.status)))
-            item.setToolTip(0, row.id)
+            item.setToolTip(0, f"{row.id} (its folder; the command line takes this id)")
             item.setToolTip(1, row.reason or row.status)
             item.setToolTip(2, row.model)
             item.setToolTip(3, row.data)
@@ -144,6 +168,7 @@ class RunsTab(QWidget):
         rows = self._selected_rows()
         self.resume_button.setEnabled(len(rows) == 1 and rows[0].status in RESUMABLE and not self.training)
         self.open_button.setEnabled(len(rows) == 1)
+        self.rename_button.setEnabled(len(rows) == 1)
         self.delete_button.setEnabled(bool(rows) and all(r.status != "running" for r in rows))
 
     # -- curves and details -----------------------------------------------------------------------
@@ -151,8 +176,9 @@ class RunsTab(QWidget):
         rows = self._selected_rows()
         self._update_buttons()
         if len(rows) >= 2:
-            self.compare.show_runs([(_legend(r), self._history(r)) for r in rows])
-            self.curves.setCurrentWidget(self.compare)
+            self.compare.show_runs([(self.names.get(r.id, r.id), self._history(r)) for r in rows],
+                                   by=self.compare_axis.currentData())
+            self.curves.setCurrentIndex(1)
             self.details.setText(f"Comparing {len(rows)} runs. Select one run to see its plan.")
             return
         self.curves.setCurrentIndex(0)
@@ -185,7 +211,7 @@ class RunsTab(QWidget):
         from app.core.errors import RunError
         from app.core.runs import open_run
 
-        lines = [f"<b>{html.escape(row.id)}</b> — {html.escape(row.status)}"
+        lines = [f"<b>{html.escape(self.names.get(row.id, row.id))}</b> ({html.escape(row.id)}) — {html.escape(row.status)}"
                  + (f": {html.escape(row.reason)}" if row.reason else "")]
         try:
             run = open_run(row.id)
@@ -208,6 +234,25 @@ class RunsTab(QWidget):
         rows = self._selected_rows()
         if self.resume_button.isEnabled() and len(rows) == 1:
             self.resume_requested.emit(rows[0].id)
+
+    def rename_selected(self) -> None:
+        from app.core.errors import UserError
+        from app.core.runs import open_run
+
+        rows = self._selected_rows()
+        if len(rows) != 1:
+            return
+        row = rows[0]
+        text, ok = QInputDialog.getText(self, "Rename the run", f"A name for {row.id}\n(empty: back to "
+                                        f"{short_id_of(row.id)})", QLineEdit.Normal, row.label or self.names.get(row.id, ""))
+        if not ok:
+            return
+        try:
+            open_run(row.id).set_label(text)
+        except (UserError, OSError) as err:
+            QMessageBox.warning(self, "The run was not renamed", str(err))
+            return
+        self.refresh()
 
     def open_folder(self) -> None:
         from app.core.paths import runs_dir
@@ -241,10 +286,11 @@ class RunsTab(QWidget):
             QMessageBox.warning(self, "Some runs were not deleted", "\n".join(problems))
 
 
-def _cell(row, column: str) -> tuple[str, object]:
+def _cell(row, column: str, names: dict[str, str]) -> tuple[str, object]:
     """The text a column shows for a run, and the key it sorts by."""
     if column == "Run":
-        return _short_id(row.id), row.id
+        name = names.get(row.id, row.id)
+        return name, name
     if column == "Status":
         return row.status, row.status
     if column == "Model":
@@ -271,16 +317,6 @@ def _peak_text(peak: int, predicted: int) -> str:
 
 def _num(value) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "–"
-
-
-def _short_id(run_id: str) -> str:
-    """Runs are named `YYYYmmdd-HHMMSS-model-data`; the list shows the name after the date."""
-    parts = run_id.split("-", 2)
-    return parts[2] if len(parts) == 3 and parts[0].isdigit() else run_id
-
-
-def _legend(row) -> str:
-    return f"{_short_id(row.id)} · {datetime.fromtimestamp(row.created).strftime('%m-%d %H:%M')}"
 
 
 def _color(value: str | None):

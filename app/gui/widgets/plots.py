@@ -151,17 +151,24 @@ class ComparePlot(pg.PlotWidget):
         self.legend = self.addLegend(offset=(-10, 10))
         self.names: list[str] = []
 
-    def show_runs(self, runs) -> None:
-        """`runs`: (name, RunHistory) pairs."""
+    def show_runs(self, runs, by: str = "step") -> None:
+        """`runs`: (name, RunHistory) pairs; `by` "step" or "tokens" (real tokens trained so far:
+        fair between runs whose steps hold 192 tokens and 4,096)."""
         self.clear()
         self.legend.clear()
         self.names = []
+        self.by = by
+        self.setLabel("bottom", "tokens trained" if by == "tokens" else "step")
         for i, (name, history) in enumerate(runs):
             color = self.COLORS[i % len(self.COLORS)]
-            curve(self, color, 2, name=name).setData(np.asarray(history.steps, dtype=float),
+            tokens = dict(zip(history.steps, history.tokens_through))
+            xs = history.tokens_through if by == "tokens" else history.steps
+            curve(self, color, 2, name=name).setData(np.asarray(xs, dtype=float),
                                                         np.asarray(smoothed(history.losses), dtype=float))
-            if history.eval_steps:
-                self.plot(np.asarray(history.eval_steps, dtype=float), np.asarray(history.eval_losses, dtype=float),
+            evals = [(tokens[s] if by == "tokens" else s, loss) for s, loss in zip(history.eval_steps, history.eval_losses)
+                     if by != "tokens" or s in tokens]
+            if evals:
+                self.plot(np.asarray([x for x, _ in evals], dtype=float), np.asarray([y for _, y in evals], dtype=float),
                           pen=None, symbol="o", symbolSize=6, symbolBrush=color)
             self.names.append(name)
 
