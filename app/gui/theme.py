@@ -29,6 +29,10 @@ def apply_theme(app: QApplication, choice: str = "system") -> bool:
     for widget in app.allWidgets():
         if isinstance(widget, pg.PlotWidget):
             restyle_plot(widget, dark)
+        elif widget.styleSheet():
+            # a widget with its own style sheet (and its children) keeps the palette it was polished
+            # with: dark text stayed on the dark theme's dark panels until set again
+            widget.setStyleSheet(widget.styleSheet())
     return dark
 
 

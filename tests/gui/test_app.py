@@ -46,7 +46,7 @@ def test_every_control_explains_itself_with_a_tooltip(qtbot):
 
 
 def test_the_dark_theme_darkens_the_window_and_the_graphs_and_light_brings_them_back(qtbot):
-    from PySide6.QtWidgets import QApplication
+    from PySide6.QtWidgets import QApplication, QWidget
 
     from app.gui.main_window import MainWindow
     from app.gui.theme import apply_theme
@@ -54,14 +54,22 @@ def test_the_dark_theme_darkens_the_window_and_the_graphs_and_light_brings_them_
     app = QApplication.instance()
     window = MainWindow(None, load_engine=False)
     qtbot.addWidget(window)
+    from PySide6.QtGui import QPalette
+
     graph = window.train_tab.graphs.loss
+    # labels inside widgets with a style sheet of their own (the drop zone, the plan's device line)
+    # kept the light theme's dark text on the dark panels: the walk-through's dark picture
+    styled = [window.train_tab.findChild(QWidget, "dropZone").label, window.train_tab.plan_view.device]
+    window.show()
     try:
         assert apply_theme(app, "dark") is True
         assert app.palette().window().color().lightness() < 80
         assert graph.backgroundBrush().color().lightness() < 80
+        assert [w.palette().color(QPalette.WindowText).lightness() > 200 for w in styled] == [True, True]
         assert apply_theme(app, "light") is False
         assert app.palette().window().color().lightness() > 200
         assert graph.backgroundBrush().color().lightness() > 200
+        assert [w.palette().color(QPalette.WindowText).lightness() < 60 for w in styled] == [True, True]
     finally:
         apply_theme(app, "light")
 

@@ -50,9 +50,10 @@ class MemoryPlot(pg.PlotWidget):
         self.getAxis("left").enableAutoSIPrefix(False)
         self.predicted = pg.InfiniteLine(angle=0, pen=pg.mkPen(PREDICTED_COLOR, width=1.5, style=Qt.DashLine),
                                          label="predicted peak {value:.1f} GiB",
-                                         labelOpts={"position": 0.12, "color": PREDICTED_COLOR})
+                                         labelOpts={"position": 0.02, "color": PREDICTED_COLOR,
+                                                    "anchors": [(0, 0), (0, 0)]})  # starts in view
         self.ceiling = pg.InfiniteLine(angle=0, pen=pg.mkPen(TOTAL_COLOR, width=1.5), label="total {value:.1f} GiB",
-                                       labelOpts={"position": 0.12, "color": TOTAL_COLOR, "anchors": [(0, 1), (0, 1)]})
+                                       labelOpts={"position": 0.02, "color": TOTAL_COLOR, "anchors": [(0, 1), (0, 1)]})
         for line in (self.predicted, self.ceiling):
             line.setVisible(False)
             self.addItem(line)
