@@ -10,7 +10,7 @@ from app.cli.flags import add_config_flags, config_values
 from app.cli.output import EXIT_USER_ERROR, info, num, print_table, short, yes
 from app.cli.progress import Progress, install_stop_handler, report_end, run_with_progress
 from app.core.config import TrainConfig
-from app.core.units import gib
+from app.core.units import format_duration, gib
 
 TRAIN_HIDDEN = ("warmup_ratio", "max_grad_norm", "weight_decay", "lora_dropout", "lora_alpha")
 PLAN_FLAGS = ("model", "data", "preset", "gpu", "gpus", "nodes", "strategy", "quantize", "attention", "loss_kernel",
@@ -138,6 +138,10 @@ def cmd_plan(args) -> int:
                         ("compute_dtype", plan.compute_dtype), ("attention", plan.attention), ("loss", plan.loss),
                         ("optimizer", plan.optimizer), ("total_steps", plan.total_steps or "-")]:
         rows.append((name, value, plan.reasons.get(name, "")))
+    if plan.reasons.get("time"):
+        rows.append(("time", format_duration(plan.estimated_s) if plan.estimated_s else "-", plan.reasons["time"]))
+    if plan.threads:
+        rows.insert(len(rows) - 1, ("threads", plan.threads, plan.reasons.get("threads", "")))
     if plan.mlp_tile:
         rows.insert(5, ("mlp_tile", plan.mlp_tile, plan.reasons.get("mlp_tile", "")))
     if plan.gpus > 1 or plan.nodes > 1:

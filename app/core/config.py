@@ -81,6 +81,8 @@ class TrainConfig(JsonRoundTrip):
     strategy: str = _f("auto", "With --gpus: auto (each card a replica, DDP, when the 4-bit model and its step fit "
                                "one; else FSDP-QLoRA), ddp, or fsdp (the 4-bit weights, LoRA and optimizer state "
                                "sharded over the cards).")
+    threads: int | None = _f(None, "CPU threads torch computes with (CPU runs). Default: the cores other "
+                                   "programs leave free, measured as the run is planned.")
     eval_every: int | None = _f(None, "Evaluate every N steps when there is validation data.")
     save_every: int | None = _f(None, "Save a checkpoint every N steps (and always on stop).")
     seed: int = _f(42, "Seed for data order, split and LoRA initialisation.")
@@ -119,6 +121,7 @@ class Plan(JsonRoundTrip):
     compute_dtype: str = _f("float32", "Dtype of the 4-bit layers' compute.")
     optimizer: str = _f("adamw_torch", "Optimizer implementation.")
     device: str = _f("cpu", "Where training runs.")
+    threads: int = _f(0, "CPU threads torch computes with (each process's); 0 on a GPU.")
     gpus: int = _f(1, "Processes training together (one per GPU; gloo processes on the CPU); each step's "
                       "micro-batches are shared out, grad_accum is per process.")
     nodes: int = _f(1, "Machines the processes are on (gpus on each); rank 0 on the first keeps the run.")
@@ -129,6 +132,8 @@ class Plan(JsonRoundTrip):
     preset: str = _f("", "The memory preset the plan was made for.")
     budget_bytes: int = _f(0, "Memory the plan may use: the budget less the safety margin.")
     predicted_peak_bytes: int = _f(0, "The estimator's predicted peak memory of a training step.")
+    estimated_s: float = _f(0.0, "How long the run should take (its tokens at the speed a run of this model trained "
+                                 "this way measured here); 0: not yet measured.")
     breakdown: dict = field(default_factory=dict, metadata={"help": "Predicted bytes by component."})
     reasons: dict = field(default_factory=dict, metadata={"help": "Why each value was chosen."})
 

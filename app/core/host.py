@@ -4,6 +4,8 @@ machine they do not have by replacing these functions (monkeypatch host.local_de
 
 from __future__ import annotations
 
+import time
+
 from app.gpu import machine, nvml
 
 
@@ -56,3 +58,17 @@ def reset_peak_ram() -> bool:
 def trim_heap() -> bool:
     """Give the C heap's free memory back to the system now (glibc); see machine.trim_heap."""
     return machine.trim_heap()
+
+
+_cores_seen: tuple[float, tuple[int, float | None]] | None = None
+CORES_FRESH_S = 5.0  # plans made within this of a measure reuse it (a preview replans per keystroke)
+
+
+def cpu_cores() -> tuple[int, float | None]:
+    """(the cores this process may use, how many of them other programs keep busy now: None where
+    it cannot be measured). Measured over 0.3 s, then reused for CORES_FRESH_S."""
+    global _cores_seen
+    now = time.monotonic()
+    if _cores_seen is None or now - _cores_seen[0] > CORES_FRESH_S:
+        _cores_seen = (now, (machine.usable_cores(), machine.cores_busy_elsewhere()))
+    return _cores_seen[1]

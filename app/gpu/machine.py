@@ -181,3 +181,54 @@ def process_ram_bytes() -> int | None:
         return int(psutil.Process().memory_info().rss)
     except (ImportError, OSError, AttributeError):
         return None
+
+
+PROC_STAT = Path("/proc/stat")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a container's or taskset's share), else all."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def cores_busy_elsewhere(sample_s: float = 0.3) -> float | None:
+    """How many of the cores this process may use other programs keep busy now: those cores' CPU
+    time over `sample_s` less this process's own, in cores (Linux /proc/stat); None where it
+    cannot be measured."""
+    import time
+
+    try:
+        mine = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        mine = None
+
+    def busy_and_total() -> tuple[float, float]:
+        busy = total = 0.0
+        for line in _read(PROC_STAT).splitlines():
+            name, *fields = line.split()
+            if not name.startswith("cpu") or name == "cpu":
+                continue
+            if mine is not None and int(name[3:]) not in mine:
+                continue
+            values = [float(v) for v in fields[:8]]
+            total += sum(values)
+            busy += sum(values) - values[3] - values[4]  # less idle and iowait
+        return busy, total
+
+    try:
+        busy0, total0 = busy_and_total()
+        own0, wall0 = sum(os.times()[:2]), time.monotonic()
+        time.sleep(sample_s)
+        busy1, total1 = busy_and_total()
+        own1, wall1 = sum(os.times()[:2]), time.monotonic()
+    except (OSError, IndexError, ValueError):
+        return None
+    if total1 <= total0:
+        return None
+    cores = len(mine) if mine is not None else (os.cpu_count() or 1)
+    busy_cores = (busy1 - busy0) / (total1 - total0) * cores  # every process, this one included
+    own_cores = (own1 - own0) / max(1e-6, wall1 - wall0)
+    return max(0.0, busy_cores - own_cores)

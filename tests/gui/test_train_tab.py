@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from PySide6.QtCore import QMimeData, QPointF, Qt, QTimer, QUrl
+from PySide6.QtCore import QMimeData, QObject, QPointF, Qt, QTimer, QUrl, Slot
 from PySide6.QtGui import QDropEvent
 
 
@@ -255,14 +255,17 @@ def test_a_card_preset_without_a_card_shows_the_cpu_plan_that_runs_before_step_o
     seen = {}
     on_event = tab._on_event
 
-    def watch(event):  # what the panel shows when the first step arrives, before drawing it
-        if isinstance(event, ev.StepMetrics) and not seen:
-            seen.update(plan=tab.plan_view.plan, device=tab.plan_view.device.text(),
-                        peak=tab.plan_view.peak.text(), optimizer=tab.plan_view.reasons["optimizer"].text(),
-                        locked=not tab.plan_view.inputs["rank"].isEnabled())
-        on_event(event)
+    class Watch(QObject):  # a slot of a window-thread QObject, so Qt queues each event to that thread
+        @Slot(object)   # (a plain function as the slot ran in the training thread: a segfault in Qt)
+        def forward(self, event):  # what the panel shows when the first step arrives, before drawing it
+            if isinstance(event, ev.StepMetrics) and not seen:
+                seen.update(plan=tab.plan_view.plan, device=tab.plan_view.device.text(),
+                            peak=tab.plan_view.peak.text(), optimizer=tab.plan_view.reasons["optimizer"].text(),
+                            locked=not tab.plan_view.inputs["rank"].isEnabled())
+            on_event(event)
 
-    tab._on_event = watch
+    watch = Watch()
+    tab._on_event = watch.forward
     qtbot.mouseClick(tab.train_button, Qt.LeftButton)
     qtbot.waitUntil(lambda: not tab.running, timeout=300_000)
     assert tab.last_run.status == "finished", tab.last_run.reason
@@ -294,6 +297,15 @@ def test_epochs_take_any_fraction_max_steps_decides_and_a_bad_entry_is_shown_not
     tab.plan_view.inputs["max_steps"].setValue(3)  # either decides: max steps, when set
     qtbot.waitUntil(lambda: tab.plan_view.plan is not None and tab.plan_view.plan.total_steps == 3, timeout=30_000)
     assert "set by you (max steps)" in tab.plan_view.reasons["epochs"].text() and epochs.styleSheet() == ""
+    # and how long: nothing trained like it here yet, so the first steps will tell
+    assert "measured from the first steps" in tab.plan_view.reasons["epochs"].text()
+    if tab.plan_view.plan.device == "cpu":  # the CPU threads, and why that many
+        threads = tab.plan_view.reasons["threads"].text()
+        assert f"<b>{tab.plan_view.plan.threads}</b>" in threads and "core" in threads, threads
+        tab.plan_view.inputs["threads"].setValue(1)
+        qtbot.waitUntil(lambda: tab.plan_view.plan is not None and tab.plan_view.plan.reasons.get("threads") ==
+                        "set by you", timeout=30_000)
+        assert tab.plan_view.plan.threads == 1 and tab.config().threads == 1
     tab.plan_view.inputs["lr"].setText("2e-4")  # as papers write it
     qtbot.waitUntil(lambda: tab.plan_view.plan is not None and tab.config().lr == 2e-4, timeout=30_000)
     assert tab.train_button.isEnabled()
@@ -398,3 +410,17 @@ def test_a_damaged_checkpoint_skipped_on_resume_stays_in_view(window):
     tab._on_event(LogLine("Resuming from step-0000002"))  # the next line replaces the status, not the notice
     assert tab.notice.isVisible() and "⚠ Checkpoint step-0000004 is damaged" in tab.notice.text()
     assert tab.status.text() == "Resuming from step-0000002"
+
+
+def test_choosing_another_model_measures_the_dataset_again_with_its_tokenizer(window, qtbot, tiny_model,
+                                                                              demo_model_path, chat_data):
+    """Token lengths belong to a tokenizer: the report and the plan follow the model chosen."""
+    tab = window.train_tab
+    tab.model_box.setCurrentText(str(tiny_model))
+    tab.load_dataset(str(chat_data))
+    qtbot.waitUntil(lambda: tab.summary is not None, timeout=60_000)
+    tiny = (tab.summary.tokenizer_of, tab.summary.stats.total)
+    tab.model_box.setCurrentText(str(demo_model_path))  # as typed or picked: chosen once its facts are read
+    qtbot.waitUntil(lambda: tab.summary is not None and tab.summary.tokenizer_of != tiny[0], timeout=60_000)
+    assert tab.summary.stats.total != tiny[1]  # measured again, not relabelled
+    assert f"tokenizer of {tab.summary.tokenizer_of}" in tab.report.summary.text()

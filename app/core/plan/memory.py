@@ -186,7 +186,8 @@ COMPONENTS = [
     ("transient", "dequantised weights", "the largest layer unpacked for a matmul, beyond the loss phase"),
     ("runtime_overhead", "CUDA context, allocator", "outside PyTorch's tensors"),
     ("gathered", "gathered weights (FSDP)", "layers gathered whole from the other cards, and the lm_head"),
-    ("process_baseline", "this program", "Python, torch, the libraries and the data, measured when planned"),
+    ("process_baseline", "this program",
+     "Python, torch, the libraries and the data: measured when planned, at least a training process's"),
 ]
 
 

@@ -26,7 +26,7 @@ from app.core.plan.kernel_choice import OPTIMIZER_LABELS, choose_attention, choo
 from app.core.plan.presets import Budget, at_plan_time, device_line
 from app.core.plan.sharding import SHARDED_OPTIMIZER, four_bit_fit, strategy_of
 from app.core.train.kernels import fused_loss_support, packing_support
-from app.core.units import gib
+from app.core.units import format_duration, gib
 
 QUANTIZE_CHOICES = ("auto", "4bit", "none")
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -56,6 +56,28 @@ def device_settings(device: str, card: Card | None) -> tuple[tuple[str, str], tu
                 ("adamw_torch", f"{OPTIMIZER_LABELS['adamw_torch']}: the paged 8-bit optimizer needs CUDA"))
     return (precision_for(card),
             ("paged_adamw_8bit", f"{OPTIMIZER_LABELS['paged_adamw_8bit']}: 2 bytes of state per LoRA weight"))
+
+
+def cpu_threads(config: TrainConfig) -> tuple[int, str]:
+    """(torch's threads on the CPU, why): the cores other programs leave free now, shared by the
+    run's processes. A busy core shared with torch's threads makes every step wait for the slowest
+    thread (benchmarks/cpu_threads.py: 2 threads beside one busy program ran several times slower
+    than 1)."""
+    from app.core import host
+
+    processes = max(1, config.gpus)  # the gloo processes of a run on several share the cores
+    if config.threads:
+        return config.threads, "set by you"
+    cores, busy = host.cpu_cores()
+    if busy is None:
+        return max(1, cores // processes), f"this machine's {cores} core{'s' * (cores != 1)}" + (
+            f", shared by {processes} processes" if processes > 1 else "")
+    free = max(1, int(cores - busy + 0.6))  # a core over 40 % busy elsewhere is not taken
+    each = max(1, free // processes)
+    busy_text = f"other programs keep {busy:.1f} of its {cores} cores busy" if busy >= 0.4 else \
+        f"all {cores} of its cores are free"
+    shared = f", shared by {processes} processes" if processes > 1 else ""
+    return each, f"{busy_text} (measured as planned){shared}"
 
 
 def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_validation: bool,
@@ -91,6 +113,9 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     if over:
         reasons["seq_len"] += f"; {over} example{'s' * (over != 1)} will be truncated"
 
+    threads, reason = cpu_threads(config) if device == "cpu" else (0, "")
+    if reason:
+        reasons["threads"] = reason
     rank = fit.rank
     alpha = config.lora_alpha or 2 * rank
     reasons["lora_alpha"] = "set by you" if config.lora_alpha else "2 x rank"
@@ -116,7 +141,7 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     if config.offload_checkpoints:
         reasons["offload_checkpoints"] = "set by you: checkpointed layers' inputs wait in CPU RAM" + (
             "" if device == "cuda" else " (on the CPU they stay where they are)")
-    return Plan(rank=rank, lora_alpha=alpha, seq_len=fit.seq_len, micro_batch=micro,
+    plan = Plan(rank=rank, lora_alpha=alpha, seq_len=fit.seq_len, micro_batch=micro,
                 grad_accum=schedule.grad_accum, grad_checkpointing=fit.grad_checkpointing,
                 mlp_tile=fit.saving.mlp_tile, offload_checkpoints=fit.saving.offload_checkpoints,
                 layer_tile=fit.saving.layer_tile, batching=batching, gpus=max(1, config.gpus),
@@ -125,11 +150,31 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
                 loss=loss, attention=attention, quantize=quantize, total_steps=schedule.total_steps,
                 steps_per_epoch=schedule.steps_per_epoch, warmup_steps=schedule.warmup_steps,
                 eval_every=schedule.eval_every, save_every=schedule.save_every, compute_dtype=dtype,
-                optimizer=optimizer, device=device,
+                optimizer=optimizer, device=device, threads=threads,
                 gpu=card.name if card else "", gpu_capability=card.capability_text if card else "",
                 preset=budget.preset.id if budget else "", budget_bytes=budget.usable_bytes if budget else 0,
                 predicted_peak_bytes=estimate.peak if estimate else 0,
                 breakdown=estimate.to_dict() if estimate else {}, reasons=reasons)
+    return _with_time(plan, config, lengths) if with_data else plan
+
+
+def _with_time(plan: Plan, config: TrainConfig, lengths: list[int]) -> Plan:
+    """The plan with how long it will take: its real tokens at the speed the last run of this model
+    trained this way measured here (speeds.py); without one, it says the first steps will tell."""
+    from app.core.speeds import known_speed
+
+    if not plan.total_steps or not plan.steps_per_epoch:
+        return plan
+    tokens = sum(min(length, plan.seq_len) for length in lengths) * plan.total_steps / plan.steps_per_epoch
+    known = known_speed(config.model, plan)
+    if known is None:
+        plan.reasons["time"] = (f"{tokens:,.0f} tokens to train; how long: measured from the first steps (no run "
+                                "of this model trained this way here yet)")
+        return plan
+    plan.estimated_s = tokens / known["tokens_per_s"]
+    plan.reasons["time"] = (f"about {format_duration(plan.estimated_s)}: {tokens:,.0f} tokens at "
+                            f"{known['tokens_per_s']:,.0f} tokens/s, the speed of run {known['run']} here")
+    return plan
 
 
 def _fit_memory(config: TrainConfig, stats: LengthStats, facts: ArchFacts | None, budget: Budget | None,
@@ -256,6 +301,7 @@ def validate_config(config: TrainConfig) -> None:
         (config.max_grad_norm > 0, "max grad norm must be above 0"),
         (0 <= config.lora_dropout < 1, "LoRA dropout must be from 0 to below 1"),
         (config.gpus >= 1, "--gpus must be at least 1"),
+        (config.threads is None or 1 <= config.threads <= 1024, "--threads must be between 1 and 1024"),
         (config.nodes >= 1, "--nodes must be at least 1"),
         (0 <= config.node_rank < config.nodes, f"--node-rank {config.node_rank}: from 0 to {config.nodes - 1} "
                                                 f"with --nodes {config.nodes}"),

@@ -181,6 +181,12 @@ def _local_cuda_budget(preset: Preset, fixed: int | None, margin: int) -> Budget
     return Budget(preset, "cuda", allowed, max(0, allowed - margin), source, card, local=True)
 
 
+# A training process's resident RAM as it plans, measured by benchmarks/estimator_rss.py (0.33-0.43
+# GiB for the demo, in every case of results/estimator_rss-cpu.md): the baseline of a plan made by a
+# lighter process, so that `tunesmith plan` predicts what `train` will.
+TRAINING_PROCESS_FLOOR = int(0.35 * GIB)
+
+
 def at_plan_time(budget: Budget) -> Budget:
     """A budget of this machine's RAM measured again as the plan is made: what this process holds
     now is the estimate's baseline, and the process may grow to that plus the available RAM (less
@@ -188,7 +194,9 @@ def at_plan_time(budget: Budget) -> Budget:
     if not (budget.local and budget.device == "cpu"):
         return budget
     host.trim_heap()  # what the data check freed is not this process's to keep
-    baseline, available = host.process_ram(), host.available_ram()
+    # at least what a training process holds when it plans (torch, transformers, the tokenizer):
+    # `tunesmith plan` itself may not have loaded them
+    baseline, available = max(host.process_ram(), TRAINING_PROCESS_FLOOR), host.available_ram()
     total = baseline + available
     margin = int(budget.preset.safety_margin_gib * GIB)
     return replace(budget, total_bytes=total, usable_bytes=max(0, total - margin), baseline_bytes=baseline)

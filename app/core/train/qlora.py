@@ -44,6 +44,9 @@ class QLoraSession:
         self.config, self.ranks = config, ranks  # ranks: this worker's place in a run on several (distributed.py)
         self.on_pass = None  # called as each micro-batch of a step starts: (index, passes, tokens before it)
         self.device = torch.device(prepared.plan.device)
+        self.threads_before = torch.get_num_threads()  # given back on release (the window chats after)
+        if prepared.plan.device == "cpu" and getattr(prepared.plan, "threads", 0):
+            torch.set_num_threads(prepared.plan.threads)  # the free cores (planner.cpu_threads)
         self.pad_id = prepared.tokenizer.pad_token_id
         checked = self_test(prepared.plan, prepared.model.arch, self.device)
         self.plan = plan = checked.plan
@@ -275,6 +278,7 @@ class QLoraSession:
 
         self.model = self.optimizer = self.scheduler = self.scaler = None
         self.params = []
+        torch.set_num_threads(self.threads_before)
         clear_mask_cache()
         gc.collect()
         if torch.cuda.is_available():

@@ -223,6 +223,7 @@ class _Loop:
     before_s: float = 0.0  # training time of earlier sessions of this run
     started: float = field(default_factory=time.monotonic)
     session_tokens: int = 0
+    session_spent: float = 0.0  # seconds from this session's start to its last finished step
     session_steps: int = 0
     status_written: float = 0.0
     lr: float = 0.0  # of the step being taken
@@ -290,6 +291,7 @@ class _Loop:
     def after_step(self) -> None:
         """Report the step, then evaluate, write the status and save a checkpoint when each is due."""
         plan, spent = self.plan, time.monotonic() - self.started
+        self.session_spent = spent
         self.emit(StepMetrics(self.step, plan.total_steps, self.step / plan.steps_per_epoch, self.last_loss,
                               self.lr, self.grad_norm, self.step_tokens, self.session_tokens / spent, self.elapsed(),
                               spent / self.session_steps * (plan.total_steps - self.step),
@@ -332,6 +334,7 @@ class _Loop:
 
     def stop(self) -> RunResult:
         """The user's Stop: a checkpoint at this step (unless there is one), then "stopped"."""
+        self.remember_speed()
         if self.saved_step != self.step:
             self.save()
         self.run.write_status("stopped", step=self.step, last_loss=self.last_loss, elapsed_s=self.elapsed(),
@@ -342,6 +345,7 @@ class _Loop:
     def stop_now(self) -> RunResult:
         """The user's "Stop now", asked during a step: the step is dropped (its gradients were never
         applied), the last checkpoint kept; a resume repeats the steps after it."""
+        self.remember_speed()  # of the steps it finished
         self.session.free_step_memory()
         kept = self.saved_step or 0
         dropped = self.step + 1
@@ -353,7 +357,14 @@ class _Loop:
         self.emit(RunFinished("stopped", kept, self.plan.total_steps, self.last_loss, ""))
         return replace(self.result("stopped", reason), step=kept)
 
+    def remember_speed(self) -> None:
+        """This session's speed, for the next plan of this model trained this way (speeds.py)."""
+        from app.core.speeds import remember_speed
+
+        remember_speed(self.prepared.config.model, self.plan, self.session_tokens, self.session_spent, self.run.id)
+
     def finish(self) -> RunResult:
+        self.remember_speed()
         self.session.save_adapter(self.run.adapter_dir, self.prepared.tokenizer)
         self.run.write_status("finished", step=self.step, last_loss=self.last_loss, elapsed_s=self.elapsed(),
                               reason="", peak_bytes=self.peak_bytes)

@@ -20,7 +20,8 @@ AUTO = "auto"
 BASE_CHOICES = [(AUTO, "auto"), ("4-bit (QLoRA)", "4bit"), ("unquantised (LoRA)", "none")]
 # (config field, label, lowest, highest)
 INT_FIELDS = [("rank", "LoRA rank", 1, 512), ("seq_len", "Sequence length", 16, 131072),
-              ("micro_batch", "Micro-batch", 1, 256), ("grad_accum", "Accumulation", 1, 1024)]
+              ("micro_batch", "Micro-batch", 1, 256), ("grad_accum", "Accumulation", 1, 1024),
+              ("threads", "CPU threads", 1, 1024)]
 
 
 # The checkpointing box: what each choice fixes in the TrainConfig (auto: nothing)
@@ -187,11 +188,13 @@ class PlanView(QWidget):
                  "packing": "on" if plan.batching == "packed" else "off", "loss": plan.loss,
                  "compute_dtype": plan.compute_dtype,
                  "quantize": "4-bit" if plan.quantize == "4bit" else "unquantised", "attention": plan.attention,
-                 "optimizer": plan.optimizer,
+                 "optimizer": plan.optimizer, "threads": getattr(plan, "threads", 0) or "",
                  "epochs": f"{plan.total_steps} step{'s' * (plan.total_steps != 1)}" if plan.total_steps else "", "lr": "", "max_steps": ""}
         for name, reason_label in self.reasons.items():
             key = {"epochs": "total_steps", "packing": "batching", "max_steps": ""}.get(name, name)
             reason = plain(plan.reasons.get(key, ""))
+            if name == "epochs" and plan.reasons.get("time"):  # and how long those steps take
+                reason = f"{reason}; {plain(plan.reasons['time'])}" if reason else plain(plan.reasons["time"])
             if name == "grad_checkpointing":  # and the long-context rungs that came with it
                 reason = plain("; ".join(plan.reasons[k] for k in (key, *LONG_CONTEXT_KEYS) if plan.reasons.get(k)))
             value = shown.get(name, "")
