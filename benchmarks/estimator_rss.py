@@ -39,6 +39,8 @@ CASES = {  # name: (data set, preset, fixed settings)
     "longtail-auto": ("longtail", "auto", {}),
     "longtail-8gb": ("longtail", "8gb", {}),
     "longtail-checkpointing": ("longtail", "auto", {"grad_checkpointing": True}),
+    # the demo's and the walk-through's shape: one 256-token row a step (a first run's)
+    "sample-256x1": ("sample", "auto", {"seq_len": 256, "micro_batch": 1, "grad_accum": 1}),
 }
 LONG_TAIL_CHATS = 400
 
