@@ -41,6 +41,12 @@ CASES = {  # name: (data set, preset, fixed settings)
     "longtail-checkpointing": ("longtail", "auto", {"grad_checkpointing": True}),
     # the demo's and the walk-through's shape: one 256-token row a step (a first run's)
     "sample-256x1": ("sample", "auto", {"seq_len": 256, "micro_batch": 1, "grad_accum": 1}),
+    # between the two: how the heap beyond the tensors grows with a step's tokens
+    "sample-128x1": ("sample", "auto", {"seq_len": 128, "micro_batch": 1, "grad_accum": 1}),
+    "sample-256x2": ("sample", "auto", {"seq_len": 256, "micro_batch": 2, "grad_accum": 1}),
+    "sample-512x1": ("sample", "auto", {"seq_len": 512, "micro_batch": 1, "grad_accum": 1}),
+    "sample-256x4": ("sample", "auto", {"seq_len": 256, "micro_batch": 4, "grad_accum": 1}),
+    "longtail-1024x1": ("longtail", "auto", {"seq_len": 1024, "micro_batch": 1, "grad_accum": 1}),
 }
 LONG_TAIL_CHATS = 400
 
@@ -123,7 +129,7 @@ def child(spec: dict) -> dict:
     predicted = plan.predicted_peak_bytes
     return {"status": result.status, "device": plan.device, "seq_len": plan.seq_len, "micro_batch": plan.micro_batch,
             "batching": plan.batching, "grad_checkpointing": plan.grad_checkpointing, "quantize": plan.quantize,
-            "threads": _threads(), "baseline_bytes": plan.breakdown.get("process_baseline", 0),
+            "threads": plan.threads or _threads(), "baseline_bytes": plan.breakdown.get("process_baseline", 0),
             "predicted_bytes": predicted, "steps_peak_bytes": max(step_peaks, default=0), "run_peak_bytes": whole,
             "ratio": round(whole / predicted, 4), "in_range": LOW <= whole / predicted <= HIGH,
             "breakdown": plan.breakdown}
