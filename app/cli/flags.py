@@ -12,7 +12,10 @@ from dataclasses import MISSING, fields
 from app.core.config import TrainConfig, field_help
 
 QUANTIZE_CHOICES = ("auto", "4bit", "none")  # planner.QUANTIZE_CHOICES, without importing the planner here
-FLAG_NAMES = {"micro_batch": "--batch"}
+# a field's flag when it is not --field-name; more than one: the first is documented, the rest
+# are the older names, still accepted
+FLAG_NAMES = {"micro_batch": ("--batch",), "val_split": ("--eval-split", "--val-split"),
+              "val_data": ("--eval-data", "--val-data")}
 
 
 def config_help(name: str, cls: type = TrainConfig) -> str:
@@ -33,16 +36,16 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type = TrainConfig, o
     defaults, helps = defaults or {}, helps or {}
     for name in names:
         kind, optional = _base_type(hints[name])
-        flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        flags = FLAG_NAMES.get(name, ("--" + name.replace("_", "-"),))
         default = defaults.get(name, by_name[name].default if by_name[name].default is not MISSING else None)
         text = helps.get(name, config_help(name, cls))
         if kind is bool and optional:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default, help=text)
+            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=default, help=text)
         elif kind is bool:
-            parser.add_argument(flag, dest=name, action="store_true", help=text)
+            parser.add_argument(*flags, dest=name, action="store_true", help=text)
         else:
             options = {"required": True} if name in required else {"default": default}
-            parser.add_argument(flag, dest=name, type=kind, choices=_choices(name), help=text, **options)
+            parser.add_argument(*flags, dest=name, type=kind, choices=_choices(name), help=text, **options)
 
 
 def config_values(args: argparse.Namespace, cls: type = TrainConfig) -> dict:
@@ -61,6 +64,10 @@ def _base_type(hint) -> tuple[type, bool]:
 def _choices(name: str) -> tuple[str, ...] | None:
     if name == "quantize":
         return QUANTIZE_CHOICES
+    if name == "early_stop":
+        from app.core.train.overfit import EARLY_STOP_CHOICES
+
+        return EARLY_STOP_CHOICES
     if name in ("attention", "loss_kernel"):
         from app.core.plan.kernel_choice import ATTENTION_CHOICES, LOSS_CHOICES
 

@@ -15,7 +15,8 @@ from app.core.units import format_duration, gib
 TRAIN_HIDDEN = ("warmup_ratio", "max_grad_norm", "weight_decay", "lora_dropout", "lora_alpha")
 PLAN_FLAGS = ("model", "data", "preset", "gpu", "gpus", "nodes", "strategy", "quantize", "attention", "loss_kernel",
               "rank", "seq_len", "micro_batch", "grad_accum", "epochs", "grad_checkpointing", "mlp_tile",
-              "offload_checkpoints", "layer_tile", "packing", "skip_bad", "trust_remote_code")
+              "offload_checkpoints", "layer_tile", "packing", "skip_bad", "trust_remote_code", "val_split", "val_data",
+              "max_steps", "threads", "seed")
 
 
 def add_commands(sub) -> None:
@@ -138,6 +139,8 @@ def cmd_plan(args) -> int:
                         ("compute_dtype", plan.compute_dtype), ("attention", plan.attention), ("loss", plan.loss),
                         ("optimizer", plan.optimizer), ("total_steps", plan.total_steps or "-")]:
         rows.append((name, value, plan.reasons.get(name, "")))
+    if plan.reasons.get("held_out"):
+        rows.append(("eval", f"every {plan.eval_every}" if plan.eval_every else "-", plan.reasons["held_out"]))
     if plan.reasons.get("time"):
         rows.append(("time", format_duration(plan.estimated_s) if plan.estimated_s else "-", plan.reasons["time"]))
     if plan.threads:
@@ -208,6 +211,12 @@ def cmd_check_data(args) -> int:
               f"(tokenizer of {summary.tokenizer_of})")
         over = summary.over_seq_len
         print(f"  truncated  {over} row{'s' * (over != 1)} longer than {args.seq_len} tokens")
+    repeats = summary.duplicates
+    if repeats:
+        from app.core.data.holdout import lines_text
+
+        print(f"  repeats    {len(repeats)} exact duplicate{'s' * (len(repeats) != 1)} ({lines_text(repeats)}): "
+              "each copy trains again; held-out examples never have a twin in training")
     if problems:
         print(f"\n{len(problems)} problem{'s' * (len(problems) != 1)}:")
         for problem in problems:

@@ -34,8 +34,11 @@ class TrainConfig(JsonRoundTrip):
 
     model: str = _f("demo", "Model: a local folder, a Hugging Face cache entry or hub id, or 'demo'.")
     data: str = _f("", "Training data: JSONL, JSON array or parquet file.")
-    val_data: str = _f("", "Optional validation file in the same format.")
-    val_split: float = _f(0.0, "Percent of the training rows held out for validation (0-50).")
+    val_data: str = _f("", "Eval examples in a file of their own, in the same format (instead of holding out "
+                           "training examples).")
+    val_split: float | None = _f(None, "Percent of the training examples held out to judge the run (0-50; 0: "
+                                       "none). Default: 5 %, at least 8 and at most 200, none below 40 examples; "
+                                       "a prompt and its repeats are held out together.")
     name: str = _f("", "Run name shown in the run list (default: model and data names).")
     preset: str = _f("auto", "Memory budget: 'auto' (this machine's free memory) or a VRAM preset "
                              "such as 8gb, 12gb, 16gb, 24gb, 48gb, 80gb, or one of yours.")
@@ -84,6 +87,11 @@ class TrainConfig(JsonRoundTrip):
     threads: int | None = _f(None, "CPU threads torch computes with (CPU runs). Default: the cores other "
                                    "programs leave free, measured as the run is planned.")
     eval_every: int | None = _f(None, "Evaluate every N steps when there is validation data.")
+    early_stop: str = _f("warn", "When the eval loss rises while the training loss falls (overfitting): warn (say so "
+                                 "and go on), stop (end the run; its adapter is then the best eval's), or off. "
+                                 "After an alarm the run's adapter is the best eval's, the last step's in "
+                                 "last-adapter/.")
+    patience: int = _f(2, "Evals in a row above the best eval loss before the overfitting alarm.")
     save_every: int | None = _f(None, "Save a checkpoint every N steps (and always on stop).")
     seed: int = _f(42, "Seed for data order, split and LoRA initialisation.")
     skip_bad: bool = _f(False, "Train on the good rows and skip unusable ones (they are counted).")

@@ -52,6 +52,16 @@ class Run:
         return self.dir / "adapter"
 
     @property
+    def best_adapter_dir(self) -> Path:
+        """The adapter at the best eval loss so far, while the run trains (overfit.py)."""
+        return self.dir / "best-adapter"
+
+    @property
+    def last_adapter_dir(self) -> Path:
+        """The last step's adapter, where an overfitting alarm made the best eval's the run's."""
+        return self.dir / "last-adapter"
+
+    @property
     def log_file(self) -> Path:
         return self.dir / "train.log"
 

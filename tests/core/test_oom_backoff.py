@@ -7,6 +7,8 @@ OutOfMemoryError while the work it is given is larger than a pretend card holds;
 
 from __future__ import annotations
 
+import json
+
 import torch
 import pytest
 
@@ -25,6 +27,19 @@ def long_chats(tmp_path):
     path = tmp_path / "chats.jsonl"
     path.write_text("\n".join(rows) + "\n")
     return path
+
+
+def numbered(row: dict, number: int) -> dict:
+    """The chat with its question numbered, so that each copy asks something of its own."""
+    for message in row["messages"]:
+        if message["role"] == "user":
+            content = message["content"]
+            if isinstance(content, str):
+                message["content"] = f"{content} ({number})"
+            else:
+                content[0]["text"] = f"{content[0]['text']} ({number})"
+            break
+    return row
 
 
 def pretend_card(monkeypatch, tokens_that_fit: int, needs_checkpointing: bool = True) -> list[tuple]:
@@ -102,7 +117,10 @@ def test_out_of_memory_while_evaluating_backs_off_and_training_goes_on(tiny_mode
         return real_evaluate(self, examples)
 
     monkeypatch.setattr(QLoraSession, "evaluate", evaluate)
-    config = TrainConfig(model=str(tiny_model), data=str(long_chats), seq_len=256, micro_batch=2, grad_accum=1,
+    distinct = long_chats.with_name("distinct.jsonl")  # held-out examples need prompts training lacks
+    distinct.write_text("".join(json.dumps(numbered(json.loads(row), i)) + "\n"
+                                for i, row in enumerate(long_chats.read_text().splitlines())))
+    config = TrainConfig(model=str(tiny_model), data=str(distinct), seq_len=256, micro_batch=2, grad_accum=1,
                          grad_checkpointing=False, max_steps=4, eval_every=2, val_split=20, lr=5e-3,
                          lora_dropout=0.0)
     events = []

@@ -42,6 +42,13 @@ class DatasetSummary:
         return sorted(self.report.problems + self.tokenizer_problems, key=lambda p: p.line or 0)
 
     @property
+    def duplicates(self) -> list[tuple[int, int]]:
+        """(line, line of its first copy) of every example repeated exactly (each trains twice)."""
+        from app.core.data.holdout import exact_duplicates
+
+        return exact_duplicates(self.report.examples)
+
+    @property
     def usable_rows(self) -> int:
         return len(self.report.examples) - len({p.line for p in self.tokenizer_problems})
 

@@ -29,6 +29,7 @@ from app.core.train.kernels import fused_loss_support, packing_support
 from app.core.units import format_duration, gib
 
 QUANTIZE_CHOICES = ("auto", "4bit", "none")
+EVALS_A_RUN = 8
 STRATEGIES = ("auto", "ddp", "fsdp")
 ASSUMED_CAPABILITY = (8, 0)  # a preset's card of unknown kind: Ampere, as cards.precision_for assumes
 # An unquantised base is chosen by itself only when its plan keeps this share of the budget or less:
@@ -242,7 +243,8 @@ def _schedule(config: TrainConfig, stats: LengthStats, lengths: list[int], fit: 
         total = max(1, math.ceil(config.epochs * steps_per_epoch))
         reasons["total_steps"] = f"{config.epochs:g} epoch(s) of {steps_per_epoch} steps"
     warmup = math.ceil(config.warmup_ratio * total) if config.warmup_ratio > 0 else 0
-    eval_every = (config.eval_every or max(1, total // 10)) if has_validation else 0
+    # at least 8 evals a run (and one at the end), each over the whole held-out set
+    eval_every = (config.eval_every or max(1, total // EVALS_A_RUN)) if has_validation else 0
     # about ten checkpoints a run, between every 5 and every 200 steps: a 6-step run is not saved at
     # every step (the end and a stop save anyway)
     save_every = config.save_every or min(200, max(SAVE_EVERY_LEAST, total // 10))
@@ -296,12 +298,14 @@ def validate_config(config: TrainConfig) -> None:
         (config.max_steps is None or config.max_steps >= 1, "--max-steps must be at least 1"),
         (config.epochs > 0, "--epochs must be above 0"),
         (0 < config.lr < 1, "--lr must be between 0 and 1, e.g. 2e-4"),
-        (0 <= config.val_split <= 50, "--val-split is a percentage from 0 to 50"),
+        (config.val_split is None or 0 <= config.val_split <= 50, "--eval-split is a percentage from 0 to 50"),
         (0 <= config.warmup_ratio < 1, "warmup ratio must be from 0 to below 1"),
         (config.max_grad_norm > 0, "max grad norm must be above 0"),
         (0 <= config.lora_dropout < 1, "LoRA dropout must be from 0 to below 1"),
         (config.gpus >= 1, "--gpus must be at least 1"),
         (config.threads is None or 1 <= config.threads <= 1024, "--threads must be between 1 and 1024"),
+        (config.early_stop in ("off", "warn", "stop"), f"--early-stop {config.early_stop!r}: use off, warn or stop"),
+        (1 <= config.patience <= 100, "--patience must be between 1 and 100 evals"),
         (config.nodes >= 1, "--nodes must be at least 1"),
         (0 <= config.node_rank < config.nodes, f"--node-rank {config.node_rank}: from 0 to {config.nodes - 1} "
                                                 f"with --nodes {config.nodes}"),

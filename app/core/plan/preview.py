@@ -8,6 +8,7 @@ downloaded), the budget from a preset. No weights are read, nothing is downloade
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from app.core.config import Plan, TrainConfig
 from app.core.data.stats import LengthStats, length_stats
@@ -49,16 +50,22 @@ class PlanPreview:
         }
 
 
-def preview_plan(config: TrainConfig, lengths: list[int] | None = None) -> PlanPreview:
+def preview_plan(config: TrainConfig, lengths: list[int] | None = None, rows: list | None = None) -> PlanPreview:
     """Plan `config` (model, optional data, preset, any fixed fields) without loading weights.
-    `lengths`: the data's token lengths when the caller has measured them already (the app's
-    dataset check does), so the file is not read and tokenised twice."""
+    `lengths` (and `rows`, the file's usable examples): the data's token lengths when the caller has
+    measured them already (the app's dataset check does), so the file is not read and tokenised
+    twice. The held-out examples are set aside as the run will (holdout.py)."""
+    from app.core.data.holdout import training_lengths
+
     facts = model_facts(config.model)
     preset = get_preset(config.preset)
     budget = resolve_budget(preset, card=find_card(config.gpu) if config.gpu else None)
+    held = None
     if config.data:
         if lengths is None:
-            lengths = data_lengths(config)
+            lengths, rows = data_lengths(config)
+        if not config.val_data:
+            lengths, held = training_lengths(rows, lengths, config.val_split, config.seed)
         note = tokenizer_note(facts)
         stats = length_stats(lengths)
     else:
@@ -66,8 +73,13 @@ def preview_plan(config: TrainConfig, lengths: list[int] | None = None) -> PlanP
         if not config.seq_len:
             seq = min(NO_DATA_SEQ_LEN, preset.context_cap, facts.arch.max_positions)
             lengths = [seq]
-    plan = plan_run(config, stats or length_stats(lengths), lengths, config.val_split > 0 or bool(config.val_data),
-                    facts.arch, budget, with_data=bool(config.data))
+    has_eval = bool(config.val_data) or (held is not None and bool(held.held))
+    plan = plan_run(config, stats or length_stats(lengths), lengths, has_eval, facts.arch, budget,
+                    with_data=bool(config.data))
+    if held is not None:
+        plan.reasons["held_out"] = held.reason
+    elif config.val_data:
+        plan.reasons["held_out"] = f"eval data {Path(config.val_data).name}"
     return PlanPreview(facts, budget, plan, stats, note, export_note(facts.config))
 
 
@@ -87,12 +99,13 @@ def tokenizer_note(facts: ModelFacts) -> str:
             "its own may count 10-20% differently")
 
 
-def data_lengths(config: TrainConfig) -> list[int]:
-    """Token lengths of the usable rows of `config.data`, measured by the one dataset check."""
+def data_lengths(config: TrainConfig) -> tuple[list[int], list]:
+    """Token lengths of the usable rows of `config.data`, measured by the one dataset check, and
+    the rows."""
     from app.core.data.check import check_dataset
     from app.core.data.validate import check_file
 
     report = check_file(config.data)
     report.raise_if_unusable(config.skip_bad)
     return check_dataset(config.data, config.model, report=report, trust_remote_code=config.trust_remote_code,
-                         allow_pickle=config.allow_pickle).lengths
+                         allow_pickle=config.allow_pickle).lengths, report.examples

@@ -14,6 +14,8 @@ from typing import Callable
 from app.core.atomic import file_sha256
 from app.core.config import Plan, TrainConfig
 from app.core.data.check import check_dataset
+from app.core.data.formats import Example
+from app.core.data.holdout import hold_out, lines_text, overlap
 from app.core.data.stats import LengthStats, length_stats
 from app.core.data.tokenize import Tokenized, TokenizedSet, ensure_chat_template
 from app.core.data.validate import DataReport, check_file
@@ -64,12 +66,20 @@ def prepare_training(config: TrainConfig, log: Callable[[str], None] = lambda m:
     if val_report is not None:
         val_measured = _tokenize(tokenizer, val_report, config.skip_bad)
         train_set, val_set = measured.examples, val_measured.examples
+        shared = overlap(report.examples, val_report.examples)
+        held_out = f"eval data {Path(config.val_data).name}: {len(val_set)} examples"
+        if shared:
+            held_out += (f"; {len(shared)} of them ask what the training data asks ({lines_text(shared)}: eval "
+                         "line = training line), so their eval loss flatters the run")
     else:
-        train_set, val_set = split_validation(measured.examples, config.val_split, config.seed)
+        train_set, val_set, held_out = split_validation(report.examples, measured.examples, config.val_split,
+                                                        config.seed)
     lengths = [len(e.input_ids) for e in train_set]
     stats = length_stats(lengths)
     if plan is None:
         plan = plan_run(config, stats, lengths, bool(val_set), model.arch, budget)  # measures this process
+        plan.reasons["held_out"] = held_out
+    log(f"Eval: {held_out}")
     reset_peak_ram()  # the run's measured peak counts from here, as its prediction does
     train, truncated, dropped = truncate(train_set, plan.seq_len)
     val, _, _ = truncate(val_set, plan.seq_len)
@@ -88,6 +98,7 @@ def prepare_training(config: TrainConfig, log: Callable[[str], None] = lambda m:
         "problems": [str(p) for p in (report.problems + measured.problems)[:50]],
         "val_file": str(Path(config.val_data).resolve()) if config.val_data else "",
         "val_sha256": file_sha256(config.val_data) if config.val_data else "",
+        "held_out": held_out,
     }
     return Prepared(config, model, tokenizer, train, val, stats, plan, data_info)
 
@@ -104,17 +115,17 @@ def _tokenize(tokenizer, report: DataReport, skip_bad: bool) -> TokenizedSet:
     return result
 
 
-def split_validation(examples: list[Tokenized], percent: float, seed: int) -> tuple[list, list]:
-    """Hold out `percent` % of examples (at least one when percent > 0), chosen by the seed."""
-    if percent <= 0 or len(examples) < 2:
-        return examples, []
-    import torch
-
-    n_val = min(len(examples) - 1, max(1, round(len(examples) * percent / 100)))
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-    held = set(order[:n_val])
-    return ([e for i, e in enumerate(examples) if i not in held],
-            [e for i, e in enumerate(examples) if i in held])
+def split_validation(rows: list[Example], examples: list[Tokenized], percent: float | None,
+                     seed: int) -> tuple[list[Tokenized], list[Tokenized], str]:
+    """(train, held out, why): `percent` % of the examples held out (None: the automatic share),
+    whole prompt groups at a time, chosen by the seed (holdout.py). `rows` are the file's examples,
+    `examples` the same tokenised (rows that failed to tokenise are not among them)."""
+    by_line = {row.line: row for row in rows}
+    usable = [by_line[e.line] for e in examples if e.line in by_line]
+    choice = hold_out(usable, percent, seed)
+    held_lines = {usable[i].line for i in choice.held}
+    return ([e for e in examples if e.line not in held_lines], [e for e in examples if e.line in held_lines],
+            choice.reason)
 
 
 def truncate(examples: list[Tokenized], seq_len: int) -> tuple[list[Tokenized], int, int]:

@@ -10,6 +10,7 @@ what happened, and the model is released in a `finally` whatever the outcome.
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 import traceback
@@ -23,10 +24,11 @@ from app.core.train.events import (CheckpointSaved, EvalMetrics, Event, LogLine,
                                    RunFailed, RunFinished, RunStarted, StepMetrics)
 from app.core.models.resolve import remember_model
 from app.core.run_lock import RunLock
-from app.core.runs import Run, create_run, open_run
+from app.core.runs import Run, create_run, open_run, read_history
 from app.core.train.failures import check_checkpoint_space, failure_reason
 from app.core.train.interrupt import StepInterrupted, StepWatch
 from app.core.train.oom import is_out_of_memory, next_backoff
+from app.core.train.overfit import EvalJudge
 from app.core.train.prepare import Prepared, prepare_training, truncate
 
 STATUS_EVERY_S = 1.0
@@ -167,6 +169,8 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
                     return loop.stop()
                 if loop.train_one_step():
                     loop.after_step()
+                if loop.early_stopped:
+                    break
         except StepInterrupted:
             return loop.stop_now()
         return loop.finish()
@@ -231,6 +235,8 @@ class _Loop:
     step_tokens: int = 0
     peak_bytes: int = 0  # the measured peak (plan's measure: CUDA peak allocation, CPU peak RSS), any process
     watch: StepWatch | None = None  # stop now and a long step's progress (one process only)
+    judge: EvalJudge | None = None  # the overfitting alarm (overfit.py), when there is eval data
+    early_stopped: bool = False
 
     @property
     def plan(self) -> Plan:
@@ -248,6 +254,11 @@ class _Loop:
             loop.before_s, loop.saved_step = state["elapsed_s"], state["step"]
             emit(LogLine(f"Resuming from {checkpoint.name}"))
         run.rewind_metrics(loop.step)
+        config = prepared.config
+        if prepared.plan.eval_every and prepared.val and config.early_stop != "off":
+            history = read_history(run)
+            loop.judge = EvalJudge.from_history(config.patience, history.steps, history.losses, history.eval_steps,
+                                                history.eval_losses, loop.step)
         loop.peak_bytes = int(run.raw_status().get("peak_bytes") or 0)  # earlier sessions' peak, if resumed
         plan, info = prepared.plan, prepared.data_info
         emit(RunStarted(run.id, str(run.dir), plan.total_steps, loop.step, len(prepared.train), len(prepared.val),
@@ -297,6 +308,8 @@ class _Loop:
                               spent / self.session_steps * (plan.total_steps - self.step),
                               tuple(self.session.memory)))
         self.peak_bytes = max(self.peak_bytes, *self.session.memory, 0)
+        if self.judge is not None:
+            self.judge.add_step(self.last_loss)
         last = self.step == plan.total_steps
         if plan.eval_every and self.prepared.val and (self.step % plan.eval_every == 0 or last):
             self.evaluate()
@@ -322,6 +335,22 @@ class _Loop:
             self._back_off(backoff, f"Out of GPU memory evaluating at step {self.step}")  # tensors freed
         self.emit(EvalMetrics(self.step, eval_loss))
         self.run.write_status("running", eval_loss=eval_loss)
+        if self.judge is not None:
+            self._judge(eval_loss)
+
+    def _judge(self, eval_loss: float) -> None:
+        """Keep the best eval's adapter; raise the overfitting alarm once (and stop, if asked)."""
+        verdict = self.judge.add_eval(self.step, eval_loss)
+        if verdict.best and self.step < self.plan.total_steps:  # the last step's adapter is saved anyway
+            self.session.save_adapter(self.run.best_adapter_dir, self.prepared.tokenizer)
+        if verdict.alarm:
+            stopping = self.prepared.config.early_stop == "stop"
+            best_step = self.judge.best[0]
+            then = (f"; stopping early: the run's adapter will be step {best_step}'s" if stopping else
+                    f"; training goes on, and unless a later eval beats step {best_step}'s, its adapter will be the "
+                    "run's (to stop at such a point: --early-stop stop)")
+            self.emit(LogLine(verdict.alarm + then, "warning"))
+            self.early_stopped = stopping
 
     def save(self) -> None:
         check_checkpoint_space(self.run, self.session)
@@ -366,10 +395,36 @@ class _Loop:
     def finish(self) -> RunResult:
         self.remember_speed()
         self.session.save_adapter(self.run.adapter_dir, self.prepared.tokenizer)
+        reason = self._keep_the_best()
+        if reason:
+            self.emit(LogLine(reason))
         self.run.write_status("finished", step=self.step, last_loss=self.last_loss, elapsed_s=self.elapsed(),
-                              reason="", peak_bytes=self.peak_bytes)
+                              reason=reason, peak_bytes=self.peak_bytes)
         self.emit(RunFinished("finished", self.step, self.plan.total_steps, self.last_loss, str(self.run.adapter_dir)))
-        return self.result("finished")
+        return self.result("finished", reason)
+
+    def _keep_the_best(self) -> str:
+        """After an overfitting alarm, the best eval's adapter becomes the run's (chat and export
+        use it) and the last step's moves to last-adapter/; without one the best's copy goes."""
+        best = self.run.best_adapter_dir
+        judge = self.judge
+        if judge is None or not judge.alarmed_at or judge.best is None or judge.best[0] == self.step \
+                or not best.is_dir():
+            if best.is_dir() and (self.session.ranks is None or self.session.ranks.main):
+                shutil.rmtree(best, ignore_errors=True)
+            return ""
+        step, loss = judge.best
+        if self.session.ranks is None or self.session.ranks.main:
+            last = self.run.last_adapter_dir
+            if last.exists():
+                shutil.rmtree(last)
+            self.run.adapter_dir.rename(last)
+            best.rename(self.run.adapter_dir)
+        last_eval = judge.evals[-1][1]
+        how = f"stopped early at step {self.step} of {self.plan.total_steps}" if self.early_stopped else \
+            f"overfitting from step {judge.alarmed_at}"
+        return (f"{how}: the adapter is step {step}'s, the best eval (loss {loss:.3f}; the last eval "
+                f"{last_eval:.3f}); the last step's adapter is in {self.run.last_adapter_dir.name}/")
 
     def _back_off(self, backoff: tuple[Plan, str, str], what: str) -> None:
         plan, change, message = backoff

@@ -206,10 +206,11 @@ class TrainTab(QWidget):
             config = replace(config, data="")  # plan for the model alone until the data is checked
         # the check has measured the lengths; with no usable row the planner reads the file and says why
         lengths = (self.summary.lengths or None) if self.summary is not None else None
+        rows = self.summary.report.examples if lengths else None  # to hold out the examples the run will
         config = replace(config, skip_bad=True)  # show the plan for the good rows
         self._plan_request += 1
         request = self._plan_request
-        worker = TaskWorker(lambda: preview_plan(config, lengths), request)
+        worker = TaskWorker(lambda: preview_plan(config, lengths, rows), request)
         worker.done.connect(self._planned)
         worker.failed.connect(self._plan_failed)
         self.threads.start(worker, worker.done, worker.failed)

@@ -148,6 +148,12 @@ class DatasetReport(QWidget):
         if stats:
             text += (f"<br>tokens: min {stats.min}, median {stats.median}, p95 {stats.p95}, max {stats.max}"
                      f" <small>(tokenizer of {html.escape(summary.tokenizer_of)})</small>")
+        repeats = summary.duplicates
+        if repeats:
+            from app.core.data.holdout import lines_text
+
+            text += (f"<br>{len(repeats)} exact duplicate{'s' * (len(repeats) != 1)} "
+                     f"<small>({html.escape(lines_text(repeats))}): each copy trains again</small>")
         self.summary.setText(text)
         self._draw_histogram(summary.lengths)
         self._lines = _read_lines(report.file) if report.problems else []

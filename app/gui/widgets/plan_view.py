@@ -195,6 +195,10 @@ class PlanView(QWidget):
             reason = plain(plan.reasons.get(key, ""))
             if name == "epochs" and plan.reasons.get("time"):  # and how long those steps take
                 reason = f"{reason}; {plain(plan.reasons['time'])}" if reason else plain(plan.reasons["time"])
+            if name == "epochs" and plan.reasons.get("held_out"):  # and what judges them
+                held = plain(plan.reasons["held_out"])
+                held = f"eval every {plan.eval_every} steps on {held}" if plan.eval_every else held
+                reason = f"{reason}; {held}" if reason else held
             if name == "grad_checkpointing":  # and the long-context rungs that came with it
                 reason = plain("; ".join(plan.reasons[k] for k in (key, *LONG_CONTEXT_KEYS) if plan.reasons.get(k)))
             value = shown.get(name, "")

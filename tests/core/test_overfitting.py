@@ -1,0 +1,145 @@
+"""The overfitting alarm and early stop, on real runs of a tiny model that is made to learn its
+examples by heart: answers of random words it can only memorise, a high learning rate, many steps.
+The kept adapter is measured again from its files."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from app.core.config import TrainConfig
+from app.core.train.overfit import EvalJudge
+
+
+def style_set(path, rows: int = 60):
+    """Answers of random cooking words: the format can be learnt, the words only memorised."""
+    rng = random.Random(0)
+    words = "salt pepper bread cheese garlic onion butter flour sugar oil lemon herb".split()
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"Recipe {i}?"},
+                                      {"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(12))}]})
+             for i in range(rows)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def overtrained(model, data, early_stop: str, steps: int = 120) -> TrainConfig:
+    return TrainConfig(model=str(model), data=str(data), seq_len=64, micro_batch=4, grad_accum=1, lr=3e-2,
+                       max_steps=steps, lora_dropout=0.0, quantize="none", val_split=20, eval_every=4, rank=16,
+                       early_stop=early_stop, save_every=1000)
+
+
+def eval_loss(model_dir, adapter_dir, examples) -> float:
+    """Mean token loss of base + adapter over `examples`, by transformers and PEFT alone."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                      str(adapter_dir)).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for example in examples:
+            ids = torch.tensor([example.input_ids])
+            labels = torch.tensor([example.labels])
+            logits = model(input_ids=ids).logits[0, :-1]
+            target = labels[0, 1:]
+            keep = target != -100
+            total += float(torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum"))
+            count += int(keep.sum())
+    return total / count
+
+
+def alarms(events) -> list[str]:
+    from app.core.train.events import LogLine
+
+    return [e.message for e in events if isinstance(e, LogLine) and e.message.startswith("Overfitting")]
+
+
+def test_early_stop_ends_an_overtrained_run_and_keeps_the_best_eval_adapter(tiny_model, tmp_path):
+    from app.core.runs import open_run, read_history
+    from app.core.train.prepare import prepare_training
+    from app.core.train.trainer import run_training
+
+    config = overtrained(tiny_model, style_set(tmp_path / "style.jsonl"), "stop")
+    events = []
+    result = run_training(config, events.append)
+    assert result.status == "finished" and result.step < config.max_steps, result  # stopped early
+    assert len(alarms(events)) == 1 and "stopping early" in alarms(events)[0]
+    run = open_run(result.run_dir)
+    history = read_history(run)
+    best = min(zip(history.eval_losses, history.eval_steps))
+    assert history.eval_steps[-1] == result.step and history.eval_losses[-1] > best[0]
+    assert f"the adapter is step {best[1]}'s, the best eval" in result.reason
+    assert run.raw_status()["reason"] == result.reason and "Overfitting" in run.log_file.read_text()
+    val = prepare_training(config).val  # the same held-out examples (the seed's)
+    kept, last = eval_loss(tiny_model, run.adapter_dir, val), eval_loss(tiny_model, run.last_adapter_dir, val)
+    assert kept < last
+    assert kept == pytest.approx(best[0], rel=0.02) and last == pytest.approx(history.eval_losses[-1], rel=0.02)
+    assert not run.best_adapter_dir.exists()
+
+
+def test_warn_raises_the_alarm_before_the_run_ends_and_trains_on(tiny_model, tmp_path):
+    from app.core.runs import open_run, read_history
+    from app.core.train.events import EvalMetrics
+    from app.core.train.trainer import run_training
+
+    config = overtrained(tiny_model, style_set(tmp_path / "style.jsonl"), "warn")
+    events = []
+    result = run_training(config, events.append)
+    assert result.step == config.max_steps and len(alarms(events)) == 1  # once, and the run went on
+    alarm_at = next(i for i, e in enumerate(events) if getattr(e, "message", "").startswith("Overfitting"))
+    assert any(isinstance(e, EvalMetrics) for e in events[alarm_at:])  # before the end
+    run = open_run(result.run_dir)
+    history = read_history(run)
+    best_step = min(zip(history.eval_losses, history.eval_steps))[1]
+    if best_step == result.step:  # a later eval beat the alarm's best: the last adapter is the best
+        assert result.reason == "" and not run.last_adapter_dir.exists()
+    else:
+        assert run.last_adapter_dir.is_dir() and f"the adapter is step {best_step}'s" in result.reason
+    assert not run.best_adapter_dir.exists()
+
+
+def test_off_says_nothing_and_keeps_the_last_adapter(tiny_model, tmp_path):
+    from app.core.runs import open_run
+    from app.core.train.trainer import run_training
+
+    config = overtrained(tiny_model, style_set(tmp_path / "style.jsonl"), "off", steps=60)
+    events = []
+    result = run_training(config, events.append)
+    run = open_run(result.run_dir)
+    assert alarms(events) == [] and result.reason == ""
+    assert not run.last_adapter_dir.exists() and not run.best_adapter_dir.exists()
+
+
+@pytest.mark.parametrize("evals,alarm_at", [
+    ([(4, 3.0), (8, 2.5), (12, 2.6), (16, 2.7)], 16),      # risen twice since the best
+    ([(4, 3.0), (8, 2.5), (12, 2.6), (16, 2.4)], None),    # a bump, then a new best
+    ([(4, 3.0), (8, 2.5), (12, 2.51), (16, 2.52)], None),  # within 2 %: noise
+])
+def test_the_judge_waits_for_patience_and_a_real_rise(evals, alarm_at):
+    judge = EvalJudge(patience=2)
+    raised = None
+    for step, loss in evals:
+        for _ in range(4):
+            judge.add_step(3.0 - step / 10)  # the training loss keeps falling
+        if judge.add_eval(step, loss).alarm:
+            raised = step
+    assert raised == alarm_at
+
+
+def test_no_alarm_while_the_training_loss_rises_too():
+    judge = EvalJudge(patience=2)
+    verdicts = []
+    for step, (train, loss) in enumerate([(2.0, 2.0), (2.5, 2.3), (2.8, 2.6)], start=1):
+        judge.add_step(train)
+        verdicts.append(judge.add_eval(step, loss).alarm)
+    assert verdicts == ["", "", ""]  # a diverging run, not an overfitting one
+
+
+def test_a_resumed_run_remembers_its_evals():
+    judge = EvalJudge.from_history(2, [1, 2, 3, 4], [3.0, 2.0, 1.5, 1.0], [2, 4], [2.2, 2.4], up_to=4)
+    assert judge.best == (2, 2.2)
+    judge.add_step(0.8)
+    assert judge.add_eval(6, 2.5).alarm.startswith("Overfitting: the eval loss has risen for 2 evals")
