@@ -72,6 +72,7 @@ def test_early_stop_ends_an_overtrained_run_and_keeps_the_best_eval_adapter(tiny
     best = min(zip(history.eval_losses, history.eval_steps))
     assert history.eval_steps[-1] == result.step and history.eval_losses[-1] > best[0]
     assert f"the adapter is step {best[1]}'s, the best eval" in result.reason
+    assert json.loads((run.adapter_dir / "tunesmith.json").read_text())["step"] == best[1]  # which step it is
     assert run.raw_status()["reason"] == result.reason and "Overfitting" in run.log_file.read_text()
     val = prepare_training(config).val  # the same held-out examples (the seed's)
     kept, last = eval_loss(tiny_model, run.adapter_dir, val), eval_loss(tiny_model, run.last_adapter_dir, val)

@@ -14,6 +14,7 @@ of a step's micro-batches (distributed.py), as a replica or, under FSDP, sharded
 from __future__ import annotations
 
 import gc
+import json
 import os
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from app.core.train.selftest import SelfTestResult, Shapes, run_selftest
 from app.core.train.sharded import full_tensor, gradient_scale
 from app.core.train.tiled_layer import NotTileable, tile_layers
 from app.core.train.tiled_mlp import tile_mlps
+
+ADAPTER_NOTE = "tunesmith.json"  # beside an adapter kept mid-run: its step and eval loss
 
 
 class QLoraSession:
@@ -250,8 +253,9 @@ class QLoraSession:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
 
-    def save_adapter(self, path: Path, tokenizer) -> None:
-        """The final PEFT adapter (safetensors + adapter_config.json) with the tokenizer."""
+    def save_adapter(self, path: Path, tokenizer, note: dict | None = None) -> None:
+        """The final PEFT adapter (safetensors + adapter_config.json) with the tokenizer; `note`, as
+        tunesmith.json in the same folder, written in the same piece (which step it is)."""
         from app.core.train.sharded import gathered_lora
 
         lora = gathered_lora(self.named, self.ranks.main) if self.sharded else None
@@ -260,6 +264,8 @@ class QLoraSession:
         with staged_dir(path, replace=True) as tmp:
             self.model.save_pretrained(tmp, **({"state_dict": lora} if self.sharded else {}))
             tokenizer.save_pretrained(tmp)
+            if note is not None:
+                (Path(tmp) / ADAPTER_NOTE).write_text(json.dumps(note), encoding="utf-8")
         if self.ranks:
             self.ranks.barrier()
 

@@ -342,7 +342,8 @@ class _Loop:
         """Keep the best eval's adapter; raise the overfitting alarm once (and stop, if asked)."""
         verdict = self.judge.add_eval(self.step, eval_loss)
         if verdict.best and self.step < self.plan.total_steps:  # the last step's adapter is saved anyway
-            self.session.save_adapter(self.run.best_adapter_dir, self.prepared.tokenizer)
+            self.session.save_adapter(self.run.best_adapter_dir, self.prepared.tokenizer,
+                                      {"step": self.step, "eval_loss": eval_loss})
         if verdict.alarm:
             stopping = self.prepared.config.early_stop == "stop"
             best_step = self.judge.best[0]
@@ -414,6 +415,9 @@ class _Loop:
                 shutil.rmtree(best, ignore_errors=True)
             return ""
         step, loss = judge.best
+        if _kept_step(best) != step:  # the best's copy is of another step (a resume went back past it)
+            shutil.rmtree(best, ignore_errors=True)
+            return ""
         if self.session.ranks is None or self.session.ranks.main:
             last = self.run.last_adapter_dir
             if last.exists():
@@ -431,6 +435,16 @@ class _Loop:
         self.prepared, self.order = _backed_off(self.session, self.prepared, plan, change)
         self.run.write_plan(plan)
         self.emit(PlanAdjusted(self.step, change, f"{what}: {message}; retrying"))
+
+
+def _kept_step(adapter) -> int | None:
+    """The step of an adapter kept mid-run (its tunesmith.json), or None."""
+    from app.core.train.qlora import ADAPTER_NOTE
+
+    try:
+        return int(json.loads((adapter / ADAPTER_NOTE).read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _backed_off(session, prepared: Prepared, plan: Plan, change: str) -> tuple[Prepared, EpochBatches]:
