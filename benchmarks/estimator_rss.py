@@ -47,6 +47,9 @@ CASES = {  # name: (data set, preset, fixed settings)
     "sample-512x1": ("sample", "auto", {"seq_len": 512, "micro_batch": 1, "grad_accum": 1}),
     "sample-256x4": ("sample", "auto", {"seq_len": 256, "micro_batch": 4, "grad_accum": 1}),
     "longtail-1024x1": ("longtail", "auto", {"seq_len": 1024, "micro_batch": 1, "grad_accum": 1}),
+    # the same passes, six of them a step (the auto plans accumulate): does the heap grow with them?
+    "sample-256x1-accum6": ("sample", "auto", {"seq_len": 256, "micro_batch": 1, "grad_accum": 6}),
+    "sample-192x4-accum1": ("sample", "auto", {"seq_len": 192, "micro_batch": 4, "grad_accum": 1}),
 }
 LONG_TAIL_CHATS = 400
 
