@@ -100,15 +100,19 @@ ALLOCATOR_SLACK = 0.08
 # process as it is when planned (Python, torch and the libraries, the window, the tokenised data:
 # `process_baseline`, measured then) plus what training adds. glibc's heap keeps far more resident
 # than torch's tensors need at once: freed blocks are reused but not given back (a sampled malloc
-# in-use peak of 1.2 GiB beside 5.3 GiB resident, demo with checkpointing), so the heap is a fixed
-# part plus what grows with one layer's activations (tokens x per-layer bytes): the same layer-sized
-# temporaries recur in every layer's forward, backward and recompute, so the heap beyond the tensors
-# is alike with and without checkpointing (3.3 and 3.5 GiB at 2,944 tokens), not a share of all
-# layers' activations (an earlier fit, 0.4 x varying, predicted 2.2 GiB for 4.6 with checkpointing).
-# Fitted on the demo (benchmarks/estimator_rss.py, results/estimator_rss-cpu.md) to the upper edge of
-# every run: 1.35-1.74 GiB beyond the tensors at 768 tokens, 2.94-3.57 at 2,944; one model only.
-CPU_HEAP_FIXED = int(1.1 * GIB)
-CPU_HEAP_LAYERS = 12.5
+# in-use peak of 1.2 GiB beside 5.3 GiB resident, demo with checkpointing), so the heap grows with
+# one layer's activations (tokens x per-layer bytes): the same layer-sized temporaries recur in every
+# layer's forward, backward and recompute, so the heap beyond the tensors is alike with and without
+# checkpointing (3.3 and 3.5 GiB at 2,944 tokens), not a share of all layers' activations (an earlier
+# fit, 0.4 x varying, predicted 2.2 GiB for 4.6 with checkpointing), and it grows with the passes of
+# a step (accumulation: 1.9 x with 6 at 256 and at 768 tokens) but not with the steps (the same
+# after 20). Fitted on the demo (benchmarks/estimator_rss.py, results/estimator_rss-cpu.md): 9-17
+# layers' worth with one pass from 128 to 2,944 tokens, 19-33 with six; one model only. (An earlier
+# fixed 1.1 GiB part overestimated small steps: 0.55-0.84 of the prediction at 128-1,024 tokens.)
+CPU_HEAP_FLOOR = 64 * 2**20  # the allocator's own arenas: one 128-token step of the demo went 5 MiB over without
+CPU_HEAP_LAYERS = 19.0
+CPU_HEAP_PER_PASS = 0.18  # more heap for each micro-batch of a step beyond the first ...
+CPU_HEAP_PASSES = 6  # ... up to this many (measured to 6)
 # FSDP (the weights sharded over the cards): each card keeps its share of the weights, LoRA weights,
 # gradients and optimizer state, and gathers one layer's weights whole while it runs, prefetching
 # the next (torch FSDP's default), and the lm_head for the loss. Not yet measured: no FSDP run yet.
@@ -136,6 +140,22 @@ class MemorySetup:
     attention: str = ""  # kernel_choice's name: repeated kv heads, the block-diagonal mask, eager's softmax
     quantize: str = "4bit"  # "4bit": NF4 base (QLoRA); "none": the base in the compute dtype (LoRA)
     process_baseline: int = 0  # CPU: this process's resident RAM when planned (0: not counted)
+    passes: int = 1  # micro-batches of a step in this process (accumulation): the CPU heap grows with them
+
+
+def heap_passes(passes: int) -> float:
+    """How much more the CPU heap keeps with `passes` micro-batches a step than with one."""
+    return 1 + CPU_HEAP_PER_PASS * (min(max(1, passes), CPU_HEAP_PASSES) - 1)
+
+
+def with_passes(estimate: "MemoryEstimate", device: str, passes: int) -> "MemoryEstimate":
+    """`estimate` (made for one micro-batch a step) for a step of `passes` micro-batches: on the CPU
+    the heap beyond the tensors grows with them (the fit chooses the micro-batch before the
+    accumulation is known); on CUDA nothing changes."""
+    if device != "cpu" or passes <= 1 or not estimate.process_baseline:
+        return estimate
+    grows = estimate.runtime_overhead - CPU_HEAP_FLOOR
+    return replace(estimate, runtime_overhead=int(CPU_HEAP_FLOOR + grows * heap_passes(passes)))
 
 
 @dataclass(frozen=True)
@@ -272,7 +292,8 @@ def estimate_memory(facts: ArchFacts, setup: MemorySetup) -> MemoryEstimate:
     gathered = _fsdp_gathered(facts, setup, quantized, lora, element) if setup.shards > 1 else 0
     varying = activations + logits + transient + gathered
     overhead = (CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK * varying if setup.device == "cuda" else
-                CPU_HEAP_FIXED + CPU_HEAP_LAYERS * tokens * per_layer if setup.process_baseline else 0)
+                CPU_HEAP_FLOOR + CPU_HEAP_LAYERS * tokens * per_layer * heap_passes(setup.passes)
+                if setup.process_baseline else 0)
     optimizer_state = lora * OPTIMIZER_BYTES_PER_PARAM.get(setup.optimizer, 8.0)
     static = {"quantized_weights": quantized * NF4_BYTES_PER_PARAM, "kept_weights": kept * element,
               "lora_weights": lora * LORA_BYTES_PER_PARAM, "lora_gradients": lora * LORA_BYTES_PER_PARAM,

@@ -25,6 +25,7 @@ from app.core.plan.fit import DEFAULT_RANK, MICRO_BATCHES, TARGET_TOKENS_PER_STE
 from app.core.plan.kernel_choice import OPTIMIZER_LABELS, choose_attention, choose_loss
 from app.core.plan.presets import Budget, at_plan_time, device_line
 from app.core.plan.sharding import SHARDED_OPTIMIZER, four_bit_fit, strategy_of
+from app.core.plan.memory import with_passes
 from app.core.train.kernels import fused_loss_support, packing_support
 from app.core.units import format_duration, gib
 
@@ -135,6 +136,14 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
         reasons["total_steps"] = "depends on the data"
         reasons.pop("grad_accum", None)
     estimate = fit.estimate
+    if estimate is not None and budget is not None:  # the CPU heap grows with a step's micro-batches
+        estimate = with_passes(estimate, device, schedule.grad_accum)
+        if estimate.peak != fit.estimate.peak:
+            reasons["memory"] = reasons["memory"].replace(gib(fit.estimate.peak), gib(estimate.peak), 1)
+            if estimate.peak > budget.usable_bytes:
+                raise PlanError(f"with {schedule.grad_accum} micro-batches a step this plan needs "
+                                f"{gib(estimate.peak)} of RAM and {gib(budget.usable_bytes)} is usable; set a "
+                                "smaller accumulation, or close programs")
     if config.mlp_tile:
         reasons["mlp_tile"] = f"set by you: the MLP over tiles of {config.mlp_tile} tokens"
     if config.layer_tile:
