@@ -137,13 +137,13 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
         reasons.pop("grad_accum", None)
     estimate = fit.estimate
     if estimate is not None and budget is not None:  # the CPU heap grows with a step's micro-batches
-        estimate = with_passes(estimate, device, schedule.grad_accum)
-        if estimate.peak != fit.estimate.peak:
-            reasons["memory"] = reasons["memory"].replace(gib(fit.estimate.peak), gib(estimate.peak), 1)
-            if estimate.peak > budget.usable_bytes:
-                raise PlanError(f"with {schedule.grad_accum} micro-batches a step this plan needs "
-                                f"{gib(estimate.peak)} of RAM and {gib(budget.usable_bytes)} is usable; set a "
-                                "smaller accumulation, or close programs")
+        passes = with_passes(estimate, device, schedule.grad_accum)
+        if passes.peak <= budget.usable_bytes:
+            reasons["memory"] = reasons["memory"].replace(gib(estimate.peak), gib(passes.peak), 1)
+            estimate = passes
+        else:  # the fit chose its length for one micro-batch a step: say what accumulating may take
+            reasons["memory"] += (f"; with {schedule.grad_accum} micro-batches a step the C heap may take it to "
+                                  f"{gib(passes.peak)}: set a lower accumulation to stay within")
     if config.mlp_tile:
         reasons["mlp_tile"] = f"set by you: the MLP over tiles of {config.mlp_tile} tokens"
     if config.layer_tile:
