@@ -35,24 +35,37 @@ def main() -> int:
     parser.add_argument("--theme", choices=("light", "dark"), default="light")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args()
-    if not os.environ.get("DISPLAY") and not os.environ.get("QT_QPA_PLATFORM"):
-        if shutil.which("xvfb-run"):
-            command = ["xvfb-run", "-a", "-s", f"-screen 0 {SIZE[0] + 200}x{SIZE[1] + 200}x24",
-                       sys.executable, *sys.argv]
-            return subprocess.call(command)
-        print("no display and no xvfb-run: using Qt's offscreen platform", file=sys.stderr)
-        os.environ["QT_QPA_PLATFORM"] = "offscreen"
-    return take_screenshots(args)
+    again = rerun_on_a_display(SIZE)
+    return again if again is not None else take_screenshots(args)
 
 
-def take_screenshots(args) -> int:
+def rerun_on_a_display(size: tuple[int, int]) -> int | None:
+    """Without a display, this script again under `xvfb-run` (its exit status), else None after
+    choosing Qt's offscreen platform where there is no xvfb-run either."""
+    if os.environ.get("DISPLAY") or os.environ.get("QT_QPA_PLATFORM"):
+        return None
+    if shutil.which("xvfb-run"):
+        return subprocess.call(["xvfb-run", "-a", "-s", f"-screen 0 {size[0] + 200}x{size[1] + 200}x24",
+                                sys.executable, *sys.argv])
+    print("no display and no xvfb-run: using Qt's offscreen platform", file=sys.stderr)
+    os.environ["QT_QPA_PLATFORM"] = "offscreen"
+    return None
+
+
+def throwaway_home(prefix: str) -> Path:
+    """A new TUNESMITH_HOME for this process that shares the user's model cache."""
     from app.core.paths import cache_dir
 
-    home = Path(tempfile.mkdtemp(prefix="tunesmith-shots-"))
+    home = Path(tempfile.mkdtemp(prefix=prefix))
     cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     (home / "cache").symlink_to(cache, target_is_directory=True)
     os.environ["TUNESMITH_HOME"] = str(home)
+    return home
+
+
+def take_screenshots(args) -> int:
+    home = throwaway_home("tunesmith-shots-")
     past_runs(args.past_steps)
 
     from PySide6.QtCore import QSettings, Qt

@@ -23,9 +23,7 @@ import html
 import os
 import re
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -34,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "docs"))
 
-from make_screenshots import BROKEN_LINES, settle, wait  # noqa: E402
+from make_screenshots import BROKEN_LINES, rerun_on_a_display, settle, throwaway_home, wait  # noqa: E402
 
 SIZE = (1480, 940)
 SMALL = (1000, 700)
@@ -84,24 +82,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6, help="demo steps of the run trained in the window")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "walkthrough")
     args = parser.parse_args()
-    if not os.environ.get("DISPLAY") and not os.environ.get("QT_QPA_PLATFORM"):
-        if shutil.which("xvfb-run"):
-            command = ["xvfb-run", "-a", "-s", f"-screen 0 {SIZE[0] + 200}x{SIZE[1] + 200}x24",
-                       sys.executable, *sys.argv]
-            return subprocess.call(command)
-        print("no display and no xvfb-run: using Qt's offscreen platform", file=sys.stderr)
-        os.environ["QT_QPA_PLATFORM"] = "offscreen"
-    return walk(args)
+    again = rerun_on_a_display(SIZE)
+    return again if again is not None else walk(args)
 
 
 def walk(args) -> int:
-    from app.core.paths import cache_dir
-
-    home = Path(tempfile.mkdtemp(prefix="tunesmith-walk-"))
-    cache = cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    (home / "cache").symlink_to(cache, target_is_directory=True)
-    os.environ["TUNESMITH_HOME"] = str(home)
+    home = throwaway_home("tunesmith-walk-")
     earlier = earlier_run()
 
     from PySide6.QtCore import QSettings
