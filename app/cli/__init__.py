@@ -1,5 +1,5 @@
 """The command line: `tunesmith train|resume|plan|runs|check-data|demo` (training.py),
-`models|gpu` (machine.py), `chat` (chat.py) and `export` (export.py). `gui` is listed for --help;
+`models|gpu` (machine.py), `chat` (chat.py), `eval` (evaluate.py) and `export` (export.py). `gui` is listed for --help;
 app.launch starts the window (for `tunesmith` alone and `tunesmith gui`) before this parser runs.
 
 A thin face over app.core. User errors print one line on stderr and exit 2 (`--debug` shows the
@@ -14,7 +14,7 @@ import sys
 import warnings
 
 from app import __version__
-from app.cli import chat, export, machine, training
+from app.cli import chat, evaluate, export, machine, training
 from app.cli.output import EXIT_USER_ERROR
 from app.core.errors import UserError
 
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="open the window, print the ms from start to shown, and exit")
     machine.add_commands(sub)
     chat.add_commands(sub)
+    evaluate.add_commands(sub)
     export.add_commands(sub)
     return parser
 

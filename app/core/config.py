@@ -92,6 +92,12 @@ class TrainConfig(JsonRoundTrip):
                                  "After an alarm the run's adapter is the best eval's, the last step's in "
                                  "last-adapter/.")
     patience: int = _f(2, "Evals in a row above the best eval loss before the overfitting alarm.")
+    report: str = _f("loss,answers,probes", "The before/after report written when a run finishes or stops "
+                                            "(report.md in its folder), base and tuned side by side; any of: loss "
+                                            "(each held-out example's), answers (8 held-out prompts, greedy), probes "
+                                            "(50 general questions: has it forgotten?); or off.")
+    probes: str = _f("", "A probe file of yours (JSONL: prompt, answer, match), scored in the report beside the "
+                         "built-in general questions.")
     save_every: int | None = _f(None, "Save a checkpoint every N steps (and always on stop).")
     seed: int = _f(42, "Seed for data order, split and LoRA initialisation.")
     skip_bad: bool = _f(False, "Train on the good rows and skip unusable ones (they are counted).")

@@ -1,5 +1,8 @@
 """`tunesmith demo`: train the demo model on the pirate-chef sample and compare answers.
 
+The demo ends with the run's before/after report (eval/report.py), which also asks base and tuned
+the demo's own question: held-out loss, answers side by side, the forgetting probes.
+
 The demo is sized for a slow 2-core laptop: about 1.3 minutes of work on a 2-core AVX-512 CPU,
 so that a CPU three times slower still finishes well within 6 minutes. It trains 56 packed rows
 of 256 tokens (~14,000 tokens, three quarters of the 189 chats; many small steps learn more from
@@ -12,13 +15,14 @@ visible change of voice.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field, replace
 from statistics import mean
 from typing import Callable
 
 from app.core.config import TrainConfig
 from app.core.resources import sample_dataset
-from app.core.train.events import Event, StepMetrics
+from app.core.train.events import Event, LogLine, StepMetrics
 from app.core.train.trainer import RunResult, run_training
 
 DEMO_QUESTION = "How do I make garlic bread?"
@@ -27,7 +31,7 @@ DEMO_QUESTION = "How do I make garlic bread?"
 def demo_config() -> TrainConfig:
     return TrainConfig(model="demo", data=str(sample_dataset()), name="demo-pirate-chef", rank=16,
                        seq_len=256, epochs=1, micro_batch=1, grad_accum=1, max_steps=56, lr=1e-3,
-                       lora_dropout=0.0, val_split=0)  # sized for time; its held-out judge comes with the report
+                       lora_dropout=0.0)
 
 
 @dataclass
@@ -37,6 +41,8 @@ class DemoResult:
     last_losses: list[float]
     base_answer: str = ""
     tuned_answer: str = ""
+    report: dict = field(default_factory=dict)  # the before/after report (eval/report.py), once judged
+    seconds: float = 0.0  # from the start to the end of training (the report's own time is in `report`)
 
     @property
     def loss_drop(self) -> float:
@@ -47,8 +53,10 @@ class DemoResult:
 
 def run_demo(on_event: Callable[[Event], None] | None = None, stop: threading.Event | None = None,
              config: TrainConfig | None = None, question: str = DEMO_QUESTION) -> DemoResult:
-    """Train the demo run, then ask base and tuned model the same new question."""
-    from app.core.chat import GenerationSettings, load_chat
+    """Train the demo run, then judge it (the before/after report), which asks base and tuned
+    model the same new question too: the demo's one comparison."""
+    from app.core.eval.run_report import report_after_run
+    from app.core.runs import open_run
 
     losses: list[float] = []
 
@@ -59,12 +67,29 @@ def run_demo(on_event: Callable[[Event], None] | None = None, stop: threading.Ev
             on_event(event)
 
     config = config or demo_config()
-    result = DemoResult(run_training(config, record, stop), losses[:10], losses[-10:])
+    stop = stop or threading.Event()
+    started = time.monotonic()
+    result = DemoResult(run_training(replace(config, report="off"), record, stop), losses[:10], losses[-10:])
+    result.seconds = time.monotonic() - started
     if result.run.status != "finished":
         return result
-    chat = load_chat(result.run.run_dir)
+    report = report_after_run(open_run(result.run.run_dir), config, lambda message, level: record(LogLine(message, level)),
+                              lambda: stop.is_set(), questions=(question,))
+    answers = (report or {}).get("answers") or []
+    if answers and not answers[0]["line"]:
+        first = answers[0]
+        result.base_answer = first["base"] + (" …" if first["base_cut"] else "")
+        result.tuned_answer = first["tuned"] + (" …" if first["tuned_cut"] else "")
+        result.report = report
+    elif not stop.is_set():  # no report (it failed, or its answers were cut short): ask them here
+        result.base_answer, result.tuned_answer = _ask_both(result.run.run_dir, question)
+    return result
+
+
+def _ask_both(run_dir: str, question: str) -> tuple[str, str]:
+    from app.core.chat import GenerationSettings, load_chat
+
+    chat = load_chat(run_dir)
     messages = [{"role": "user", "content": question}]
     greedy = GenerationSettings(temperature=0, max_new_tokens=120)
-    result.base_answer = chat.reply(messages, greedy, adapter=False).strip()
-    result.tuned_answer = chat.reply(messages, greedy, adapter=True).strip()
-    return result
+    return (chat.reply(messages, greedy, adapter=False).strip(), chat.reply(messages, greedy, adapter=True).strip())

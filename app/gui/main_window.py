@@ -22,7 +22,7 @@ class MainWindow(QMainWindow):
         self.settings = settings
         self.threads = Threads()
         self.train_tab = TrainTab(self.threads, settings)
-        self.runs_tab = RunsTab()
+        self.runs_tab = RunsTab(self.threads)
         self.tabs = QTabWidget()
         self.tabs.addTab(self.train_tab, icon("train"), "Train")
         self.tabs.addTab(self.runs_tab, icon("runs"), "Runs")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from app.core.data.formats import Example
 from app.core.data.tokenize import (DEFAULT_CHAT_TEMPLATE, IGNORE, Tokenized, ensure_chat_template,
                                     tokenize_example)
-from app.core.train.prepare import truncate
+from app.core.data.tokenize import truncate
 
 
 def _trained_text(tokenizer, ids, labels) -> str:

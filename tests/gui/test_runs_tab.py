@@ -102,3 +102,30 @@ def test_delete_asks_first_and_keeps_the_run_when_cancelled(window, tiny_model, 
     monkeypatch.setattr(QMessageBox, "question", answer(QMessageBox.Yes))
     tab.delete_selected()
     assert list_runs() == [] and tab.table.topLevelItemCount() == 0 and tab.empty.isVisibleTo(tab)
+
+
+def test_the_report_view_shows_a_runs_report_and_makes_one_for_a_run_without(window, qtbot, tiny_model, chat_data):
+    from dataclasses import replace
+
+    from app.core.config import TrainConfig
+    from app.core.train.trainer import run_training
+
+    judged = train_tiny(tiny_model, chat_data, steps=3)
+    config = TrainConfig(model=str(tiny_model), data=str(chat_data), seq_len=128, micro_batch=4, max_steps=3,
+                         quantize="none")
+    unjudged = run_training(replace(config, report="off"))
+    tab = _show_runs(window)
+    tab.select(judged.run_id)
+    tab.views.setCurrentWidget(tab.report)
+    page = tab.report.page.toPlainText()
+    assert "Before and after" in page and "General questions" in page and "kept what it knew" in page
+    assert tab.report.make_button.text() == "Make again" and tab.report.make_button.isEnabled()
+    tab.select(unjudged.run_id)
+    assert "No report for this run yet" in tab.report.page.toPlainText()
+    assert tab.report.make_button.text() == "Make report"
+    qtbot.mouseClick(tab.report.make_button, Qt.LeftButton)
+    assert tab.report.make_button.text() == "Stop"
+    qtbot.waitUntil(lambda: not tab.report.making, timeout=120_000)
+    assert "General questions" in tab.report.page.toPlainText()
+    assert tab.report.note.text().startswith("Made in ")
+    assert (open_run(unjudged.run_id).dir / "report.md").exists()

@@ -12,6 +12,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from app.core.data.formats import Example
+from app.core.data.tokenize import Tokenized
 
 AUTO_PERCENT = 5.0
 AUTO_MIN, AUTO_MAX = 8, 200
@@ -132,3 +133,16 @@ def training_lengths(rows: list[Example] | None, lengths: list[int], percent: fl
         return [n for i, n in enumerate(lengths) if i not in choice.held], choice
     count = len(hold_out(rows or [], percent, seed).held) if rows else 0
     return (lengths[:-count] if count else lengths), None
+
+
+def split_tokenized(rows: list[Example], examples: list[Tokenized], percent: float | None,
+                    seed: int) -> tuple[list[Tokenized], list[Tokenized], str]:
+    """(train, held out, why): `percent` % of the examples held out (None: the automatic share),
+    whole prompt groups at a time, chosen by the seed (hold_out). `rows` are the file's examples,
+    `examples` the same tokenised (rows that failed to tokenise are not among them)."""
+    by_line = {row.line: row for row in rows}
+    usable = [by_line[e.line] for e in examples if e.line in by_line]
+    choice = hold_out(usable, percent, seed)
+    held_lines = {usable[i].line for i in choice.held}
+    return ([e for e in examples if e.line not in held_lines], [e for e in examples if e.line in held_lines],
+            choice.reason)

@@ -124,3 +124,19 @@ def _render_chat(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, 
         spans.append(span)
         cursor = span[1]
     return full, spans
+
+
+def truncate(examples: list[Tokenized], seq_len: int) -> tuple[list[Tokenized], int, int]:
+    """Examples cut to `seq_len`, how many were cut, and how many were dropped (nothing to learn)."""
+    kept, cut, dropped = [], 0, 0
+    for example in examples:
+        if len(example.input_ids) <= seq_len:
+            kept.append(example)
+            continue
+        cut += 1
+        short = Tokenized(example.line, example.input_ids[:seq_len], example.labels[:seq_len])
+        if short.trained_tokens:
+            kept.append(short)
+        else:
+            dropped += 1
+    return kept, cut, dropped

@@ -14,12 +14,13 @@ from typing import Callable
 from app.core.atomic import file_sha256
 from app.core.config import Plan, TrainConfig
 from app.core.data.check import check_dataset
-from app.core.data.formats import Example
-from app.core.data.holdout import hold_out, lines_text, overlap
+from app.core.data.holdout import lines_text, overlap, split_tokenized
 from app.core.data.stats import LengthStats, length_stats
-from app.core.data.tokenize import Tokenized, TokenizedSet, ensure_chat_template
+from app.core.data.tokenize import Tokenized, TokenizedSet, ensure_chat_template, truncate
 from app.core.data.validate import DataReport, check_file
 from app.core.errors import DatasetError
+from app.core.eval.probes import load_probes
+from app.core.eval.report import parse_parts
 from app.core.host import reset_peak_ram
 from app.core.models.load import load_tokenizer
 from app.core.models.facts import ModelFacts
@@ -48,6 +49,9 @@ def prepare_training(config: TrainConfig, log: Callable[[str], None] = lambda m:
     if not config.data:
         raise DatasetError("no training data given; pass --data FILE (.jsonl, .json or .parquet)")
     validate_config(config)  # cheap checks first: settings, then data, then the model
+    parse_parts(config.report)  # the report's settings and probe file, before any minute is spent
+    if config.probes:
+        load_probes(config.probes)
     budget = training_budget(config.preset, config.gpu) if plan is None else None  # a bad preset fails early
     report = check_file(config.data)
     report.raise_if_unusable(config.skip_bad)
@@ -72,7 +76,7 @@ def prepare_training(config: TrainConfig, log: Callable[[str], None] = lambda m:
             held_out += (f"; {len(shared)} of them ask what the training data asks ({lines_text(shared)}: eval "
                          "line = training line), so their eval loss flatters the run")
     else:
-        train_set, val_set, held_out = split_validation(report.examples, measured.examples, config.val_split,
+        train_set, val_set, held_out = split_tokenized(report.examples, measured.examples, config.val_split,
                                                         config.seed)
     lengths = [len(e.input_ids) for e in train_set]
     stats = length_stats(lengths)
@@ -113,32 +117,3 @@ def _tokenize(tokenizer, report: DataReport, skip_bad: bool) -> TokenizedSet:
     if not result.examples:
         raise DatasetError("no usable rows after tokenising", file=report.file)
     return result
-
-
-def split_validation(rows: list[Example], examples: list[Tokenized], percent: float | None,
-                     seed: int) -> tuple[list[Tokenized], list[Tokenized], str]:
-    """(train, held out, why): `percent` % of the examples held out (None: the automatic share),
-    whole prompt groups at a time, chosen by the seed (holdout.py). `rows` are the file's examples,
-    `examples` the same tokenised (rows that failed to tokenise are not among them)."""
-    by_line = {row.line: row for row in rows}
-    usable = [by_line[e.line] for e in examples if e.line in by_line]
-    choice = hold_out(usable, percent, seed)
-    held_lines = {usable[i].line for i in choice.held}
-    return ([e for e in examples if e.line not in held_lines], [e for e in examples if e.line in held_lines],
-            choice.reason)
-
-
-def truncate(examples: list[Tokenized], seq_len: int) -> tuple[list[Tokenized], int, int]:
-    """Examples cut to `seq_len`, how many were cut, and how many were dropped (nothing to learn)."""
-    kept, cut, dropped = [], 0, 0
-    for example in examples:
-        if len(example.input_ids) <= seq_len:
-            kept.append(example)
-            continue
-        cut += 1
-        short = Tokenized(example.line, example.input_ids[:seq_len], example.labels[:seq_len])
-        if short.trained_tokens:
-            kept.append(short)
-        else:
-            dropped += 1
-    return kept, cut, dropped

@@ -29,7 +29,8 @@ from app.core.train.failures import check_checkpoint_space, failure_reason
 from app.core.train.interrupt import StepInterrupted, StepWatch
 from app.core.train.oom import is_out_of_memory, next_backoff
 from app.core.train.overfit import EvalJudge
-from app.core.train.prepare import Prepared, prepare_training, truncate
+from app.core.data.tokenize import truncate
+from app.core.train.prepare import Prepared, prepare_training
 
 STATUS_EVERY_S = 1.0
 
@@ -70,17 +71,35 @@ def train_worker(run: Run, prepared: Prepared, ranks, stop) -> RunResult:
 
 
 def _train_here_or_on_workers(run: Run, prepared: Prepared, on_event, stop) -> RunResult:
-    """In this process, or on the plan's processes (launch.py), this one holding the run's lock."""
+    """In this process, or on the plan's processes (launch.py), this one holding the run's lock;
+    then, the run finished or stopped and its model released, the before/after report."""
     on_event(RunCreated(run.id, str(run.dir)))  # the window shows the plan that runs before anything loads
-    if prepared.plan.gpus <= 1 and prepared.plan.nodes <= 1:
-        return _train(run, prepared, on_event, stop)
-    from app.core.train.launch import run_workers
-
     try:
-        return run_workers(run, prepared.plan.gpus, on_event, stop)
+        if prepared.plan.gpus <= 1 and prepared.plan.nodes <= 1:
+            result = _train(run, prepared, on_event, stop)
+        else:
+            from app.core.train.launch import run_workers
+
+            result = run_workers(run, prepared.plan.gpus, on_event, stop)
+        if result.status in ("finished", "stopped"):
+            _report(run, prepared.config, result, _emitter(run, on_event), stop)
+        return result
     finally:
         if run.lock is not None:
             run.lock.release()
+
+
+def _report(run: Run, config: TrainConfig, result: RunResult, emit, stop) -> None:
+    """The report (eval/run_report.py); "Stop now" skips the rest of it, and so does Stop pressed
+    once the run had finished."""
+    from app.core.eval.run_report import report_after_run
+
+    if getattr(stop, "now", False):
+        emit(LogLine(f"No report for a run stopped now; `tunesmith eval {run.id}` makes one"))
+        return
+    stopped_before = stop.is_set()
+    report_after_run(run, config, lambda message, level: emit(LogLine(message, level)),
+                     lambda: getattr(stop, "now", False) or (stop.is_set() and not stopped_before))
 
 
 def resume_training(ref: str, on_event: Callable[[Event], None] | None = None,
@@ -184,7 +203,7 @@ def _train(run: Run, prepared: Prepared, on_event: Callable[[Event], None], stop
     finally:
         if session is not None:
             session.release()
-        if run.lock is not None:
+        if ranks is not None and run.lock is not None:  # a worker's; the main process's goes after the report
             run.lock.release()
 
 

@@ -1,6 +1,7 @@
 """The Runs tab: every run in the run store as a sortable list; select one to draw its curves and
-see its plan, select several to compare their loss; resume an interrupted run, open its folder, or
-delete it after a confirmation. The list is read again whenever the tab is shown and when a run ends."""
+see its plan and its before/after report (Report: made when a run ends, or here with Make report),
+select several to compare their loss; resume an interrupted run, open its folder, or delete it
+after a confirmation. The list is read again whenever the tab is shown and when a run ends."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from datetime import datetime
 from PySide6.QtCore import Qt, QUrl, Signal
 from PySide6.QtGui import QDesktopServices, QKeySequence, QShortcut
 from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QHBoxLayout, QHeaderView, QInputDialog, QLabel,
-                               QLineEdit, QMessageBox, QSplitter, QStackedWidget, QTreeWidget, QTreeWidgetItem,
-                               QVBoxLayout, QWidget)
+                               QLineEdit, QMessageBox, QSplitter, QStackedWidget, QTabWidget, QTreeWidget,
+                               QTreeWidgetItem, QVBoxLayout, QWidget)
 
 from app.core.runs import display_names, short_id as short_id_of
 from app.core.units import format_duration, gib, peak_text
 from app.gui.widgets.controls import button, label
 from app.gui.widgets.plots import ComparePlot, LearningRatePlot, LossPlot
+from app.gui.widgets.report_view import ReportView
 
 COLUMNS = ("Run", "Status", "Model", "Dataset", "Steps", "Loss", "Eval loss", "Peak memory", "Duration", "Started")
 RESUMABLE = ("stopped", "failed", "interrupted")
@@ -41,8 +43,11 @@ class RunsTab(QWidget):
 
     resume_requested = Signal(str)  # a run id; the window resumes it on the Train tab
 
-    def __init__(self):
+    def __init__(self, threads=None):
         super().__init__()
+        from app.gui.workers import Threads
+
+        self.threads = threads or Threads()
         self.rows = []
         self.training = False  # the Train tab is running a run: no resume from here meanwhile
         self._histories: dict[tuple[str, float], object] = {}
@@ -70,6 +75,9 @@ class RunsTab(QWidget):
         self.loss = LossPlot()
         self.lr = LearningRatePlot()
         self.compare = ComparePlot()
+        self.report = ReportView(self.threads)
+        self.report.made.connect(self.refresh)
+        self.views = QTabWidget()  # one run: its curves, its report
         self.curves = QStackedWidget()
         self._build_layout()
         self.table.itemSelectionChanged.connect(self._selection_changed)
@@ -84,7 +92,11 @@ class RunsTab(QWidget):
         single.addWidget(self.loss)
         single.addWidget(self.lr)
         single.setSizes([400, 160])
-        self.curves.addWidget(single)
+        self.views.addTab(single, "Curves")
+        self.views.addTab(self.report, "Report")
+        self.views.setTabToolTip(1, "Did training help? Base and tuned side by side: held-out loss, answers, general "
+                                    "questions (has it forgotten?)")
+        self.curves.addWidget(self.views)
         compare = QWidget()
         compare_box = QVBoxLayout(compare)
         compare_box.setContentsMargins(0, 0, 0, 0)
@@ -187,12 +199,14 @@ class RunsTab(QWidget):
 
             self.loss.show_history(RunHistory())
             self.lr.show_history(RunHistory())
+            self.report.show_run(None)
             self.details.setText("Select a run to draw its curves; select two or more to compare their loss."
                                  if self.rows else "")
             return
         history = self._history(rows[0])
         self.loss.show_history(history)
         self.lr.show_history(history)
+        self.report.show_run(rows[0], busy=self.training and rows[0].status == "running")
         self.details.setText(self._describe(rows[0], history))
 
     def _history(self, row):

@@ -1,0 +1,156 @@
+"""The report of a run, a checkpoint or any PEFT adapter, end to end: load it as chat does, find
+the examples to judge it on (the run's own held-out examples, found again from its data file, seed
+and split; or a file the user gives), build the report and write it where it belongs.
+
+`report_after_run` is what the trainer calls once a run has finished or stopped; `make_report` is
+`tunesmith eval` and the Runs tab's Make report.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from app.core.atomic import file_sha256
+from app.core.errors import UserError
+from app.core.eval.report import HeldOut, ReportRequest, build_report, write_report
+
+
+def make_report(ref: str, request: ReportRequest, progress: Callable[[str], None] = lambda m: None,
+                cancelled: Callable[[], bool] = lambda: False, out: str = "", trust_remote_code: bool = False,
+                download: bool = False) -> tuple[dict, Path, Path]:
+    """Judge the adapter `ref` names (chat.find_adapter) and write report.json and report.md:
+    into `out` when given, else the run's folder (report-CHECKPOINT for a checkpoint), else the
+    adapter's own folder."""
+    from app.core.chat import find_adapter, load_chat
+    from app.core.eval.choices import load_choices
+    from app.core.eval.probes import load_probes
+
+    if request.probes:  # a bad file is said before minutes of loading
+        load_probes(request.probes)
+    if request.choices:
+        load_choices(request.choices)
+    source = find_adapter(ref)
+    folder, stem = _where(source, out)
+    session = load_chat(ref, trust_remote_code, progress=progress, download=download)
+    try:
+        held = held_out_of(session, request.data) if {"loss", "answers"} & set(request.parts) else HeldOut()
+        report = build_report(session, request, held, progress, cancelled, alarm=_alarm(source.run_dir))
+    finally:
+        del session
+        _free()
+    paths = write_report(folder, report, stem)
+    return report, *paths
+
+
+def report_after_run(run, config, say: Callable[[str, str], None], cancelled: Callable[[], bool],
+                     questions: tuple[str, ...] = ()) -> dict | None:
+    """The run's report at its end (finished or stopped), its lines said; None when it is off or
+    failed (a failure is only warned of: the run itself is kept either way, and `tunesmith eval
+    RUN` tries again). `questions` are asked first in the answers part (which they turn on)."""
+    from app.core.eval.report import REPORT_PARTS, parse_parts
+
+    parts = parse_parts(config.report)
+    if questions:
+        parts = tuple(p for p in REPORT_PARTS if p in parts or p == "answers")
+    if not parts:
+        return None
+    say(f"Judging the run against the base model ({', '.join(parts)}); Stop now skips it", "info")
+    try:
+        report, _, md_path = make_report(str(run.dir), ReportRequest(parts, config.probes, questions=questions),
+                                         progress=lambda m: say(m, "info"), cancelled=cancelled,
+                                         trust_remote_code=config.trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - a report must never cost the run
+        run.log(traceback.format_exc())
+        first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        say(f"The report could not be made ({first}); `tunesmith eval {run.id}` tries again", "warning")
+        return None
+    forgotten = any(p.get("verdict") == "forgotten" for p in report.get("probes", []))
+    for line in report["lines"]:
+        say(line[:1].upper() + line[1:], "warning" if forgotten and "forgotten" in line else "info")
+    for note in report["notes"]:
+        say(f"Report: {note}", "info")
+    say(f"Report: {md_path} ({report['seconds']['total']:.1f} s)", "info")
+    return report
+
+
+def held_out_of(session, data: str = "") -> HeldOut:
+    """The examples to judge `session`'s adapter on: every example of `data`, else its run's eval
+    file or held-out slice (the run's seed and split on the same file, cut to its sequence length),
+    else none (with the reason)."""
+    from app.core.runs import open_run
+
+    if data:
+        return _examples(session.tokenizer, data, f"every example of {Path(data).name}")
+    if session.source.run_dir is None:
+        return HeldOut(where="an adapter outside a run has no held-out examples; pass --data FILE to judge it on "
+                             "examples of yours")
+    run = open_run(str(session.source.run_dir))
+    config, info, seq_len = run.config(), run.data_info(), run.plan().seq_len
+    file, key = (config.val_data, "val_sha256") if config.val_data else (config.data, "sha256")
+    if not Path(file).is_file() or (info.get(key) and file_sha256(file) != info[key]):
+        return HeldOut(where=f"{file} is gone or changed since the run, so its held-out examples cannot be found "
+                             "again; pass --data FILE")
+    if config.val_data:
+        return _examples(session.tokenizer, file, f"the run's eval file {Path(file).name}", seq_len)
+    return _examples(session.tokenizer, file, "", seq_len, split=(config.val_split, config.seed))
+
+
+def _examples(tokenizer, file: str, where: str, seq_len: int | None = None, split=None) -> HeldOut:
+    from app.core.data.holdout import split_tokenized
+    from app.core.data.tokenize import tokenize_examples, truncate
+    from app.core.data.validate import check_file
+
+    checked = check_file(file)
+    if not checked.examples:
+        raise UserError(f"{file}: no usable rows to judge on; see `tunesmith check-data {file}`")
+    examples = tokenize_examples(tokenizer, checked.examples, checked.file).examples
+    if split is not None:
+        _, examples, why = split_tokenized(checked.examples, examples, *split)
+        where = f"held out of {Path(file).name}: {why}"
+        if not examples:
+            return HeldOut(where=why)
+    if seq_len:
+        examples = truncate(examples, seq_len)[0]
+    return HeldOut(examples, {row.line: row for row in checked.examples}, where)
+
+
+def _where(source, out: str) -> tuple[Path, str]:
+    if out:
+        return Path(out).expanduser(), "report"
+    if source.run_dir is None:
+        return source.adapter_dir, "report"
+    if source.adapter_dir.resolve() == (source.run_dir / "adapter").resolve():
+        return source.run_dir, "report"
+    return source.run_dir, f"report-{source.adapter_dir.name}"
+
+
+def _alarm(run_dir) -> str:
+    """The run's overfitting alarm, if it raised one (its metrics.jsonl)."""
+    if run_dir is None:
+        return ""
+    try:
+        lines = Path(run_dir, "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        if '"Overfitting' in line:
+            try:
+                return json.loads(line).get("message", "")
+            except json.JSONDecodeError:
+                continue
+    return ""
+
+
+def _free() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
