@@ -65,15 +65,31 @@ def run_demo(kind: str) -> dict:
         began = time.monotonic()
         done = subprocess.run(["tunesmith", "demo"], env=env, capture_output=True, text=True)
         wall = time.monotonic() - began
+        judged = _report(Path(home))
     out = done.stdout
-    trained = re.search(r"Trained \d+ steps in [\d.]+ min\. .*lower\)\.", out)
+    trained = re.search(r"Trained \d+ steps in [\d.]+ min(?: \(then judged in \d+ s\))?\. .*lower\)\.", out)
     tuned = out.split("Tuned adapter:", 1)[-1].split("Adapter saved in", 1)[0]
     base = out.split("Base model:", 1)[-1].split("Tuned adapter:", 1)[0]
     score = lambda text: sum(text.lower().count(word) for word in PIRATE)  # noqa: E731
     return {"exit": done.returncode, "wall_s": round(wall, 1), "load_average_at_start": round(load, 2),
             "trained": trained.group(0) if trained else "(no summary line)", "tuned_pirate": score(tuned),
             "base_pirate": score(base), "tuned_answer": tuned.strip(), "stderr_lines": len(done.stderr.splitlines()),
-            "error": done.stderr[-2000:] if done.returncode else ""}
+            "error": done.stderr[-2000:] if done.returncode else ""} | judged
+
+
+def _report(home: Path) -> dict:
+    """The run's before/after report: its time by part, against the run's training time (status.json)."""
+    import json
+
+    for folder in (home / "data" / "runs").glob("*"):
+        try:
+            report = json.loads((folder / "report.json").read_text())
+            trained_s = json.loads((folder / "status.json").read_text())["elapsed_s"]
+        except (OSError, ValueError, KeyError):
+            continue
+        return {"report_s": report["seconds"], "training_s": round(trained_s, 1),
+                "report_share": round(report["seconds"]["total"] / trained_s, 3), "report_lines": report["lines"]}
+    return {}
 
 
 def write(history: dict, stem: Path) -> None:
@@ -83,14 +99,23 @@ def write(history: dict, stem: Path) -> None:
              "model is converted again), wall time from the command to its exit. *avx2* runs set "
              "ATEN_CPU_CAPABILITY=avx2 on the same machine (torch's kernels without AVX-512; the matmul "
              "libraries choose their own code), which is not the same as an AVX2-only laptop.", "",
-             "| started | commit | kind | CPU (cores, AVX-512) | load at start | wall s | what it printed | pirate words: tuned / base | exit |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "*report s* is the before/after report's own time (from 2026-12-07: held-out loss, answers, probes) and "
+             "its share of the run's training time (steps and evals, status.json's elapsed_s).", "",
+             "| started | commit | kind | CPU (cores, AVX-512) | load at start | wall s | report s (of training) | what it printed | pirate words: tuned / base | exit |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in history["runs"]:
         m = r["machine"]
         lines.append(f"| {r['started']} | {r['commit']} | {r['kind']} | {m['cpu']} ({m['cores']}, "
                      f"{'yes' if m['avx512f'] else 'no'}) | {r['load_average_at_start']} | {r['wall_s']} | "
-                     f"{r.get('note') or r['trained']} | {r['tuned_pirate']} / {r['base_pirate']} | {r['exit']} |")
+                     f"{_share(r)} | {r.get('note') or r['trained']} | {r['tuned_pirate']} / {r['base_pirate']} | {r['exit']} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def _share(row: dict) -> str:
+    if "report_s" not in row:
+        return "–"
+    parts = ", ".join(f"{k} {v:g}" for k, v in row["report_s"].items() if k != "total")
+    return f"{row['report_s']['total']:g} ({row['report_share']:.0%} of {row['training_s']:g}; {parts})"
 
 
 if __name__ == "__main__":

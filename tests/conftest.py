@@ -156,10 +156,12 @@ def chat_data(tmp_path) -> Path:
     return path
 
 
-def train_tiny(model, data, steps: int = 6, stop_at: int | None = None, lr: float = 5e-3, quantize: str = "4bit"):
+def train_tiny(model, data, steps: int = 6, stop_at: int | None = None, lr: float = 5e-3, quantize: str = "4bit",
+               report: str = "off"):
     """A real run of a tiny model (128 tokens, micro-batch 4, on a 4-bit base unless `quantize`
     says otherwise); with `stop_at`, stopped after that step with a checkpoint, as the Stop
-    button does."""
+    button does. Without its before/after report unless `report` asks (tests/core/test_report.py
+    tests it; the other tests keep its seconds)."""
     import threading
 
     from app.core.config import TrainConfig
@@ -173,7 +175,7 @@ def train_tiny(model, data, steps: int = 6, stop_at: int | None = None, lr: floa
             stop.set()
 
     config = TrainConfig(model=str(model), data=str(data), seq_len=128, micro_batch=4, grad_accum=1, lr=lr,
-                         max_steps=steps, save_every=100, lora_dropout=0.0, quantize=quantize)
+                         max_steps=steps, save_every=100, lora_dropout=0.0, quantize=quantize, report=report)
     return run_training(config, on_event, stop)
 
 

@@ -75,7 +75,7 @@ def test_demo_model_trains_through_the_cli_and_its_adapter_loads(demo_model_path
     from transformers import AutoModelForCausalLM
 
     proc = tunesmith("train", "--model", "demo", "--data", str(EXAMPLES / "messages.jsonl"),
-                     "--max-steps", "3", "--batch", "2", "--val-split", "25")
+                     "--max-steps", "3", "--batch", "2", "--val-split", "25", "--report", "off")
     assert proc.returncode == 0, proc.stderr
     assert "eval loss" in proc.stderr
     adapter = next((tunesmith_home / "data" / "runs").glob("*/adapter"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -131,7 +132,11 @@ def test_answers_that_share_a_prompt_start_are_the_answers_left_padding_gives(ti
     system = {"role": "system", "content": "You are a careful assistant who answers in one word."}  # a common start
     prompts = [[system, {"role": "user", "content": p.prompt}] for p in builtin_probes().probes[:12]]
     assert ask._common_start([ask._prompt_ids(session.tokenizer, p) for p in prompts]) >= ask.MIN_SHARED
+    calls = []
+    generate = session.model.generate
+    monkeypatch.setattr(session.model, "generate", lambda **kw: calls.append("past_key_values" in kw) or generate(**kw))
     shared = [a.text for a in ask.greedy_answers(session, prompts, 12, adapter=True)]
+    assert calls == [True]  # the shared start was computed once and taken, not fallen back from
     monkeypatch.setattr(ask, "MIN_SHARED", 10_000)  # never share: pad on the left
     padded = [a.text for a in ask.greedy_answers(session, prompts, 12, adapter=True)]
     alone = [ask.greedy_answers(session, [p], 12, adapter=True)[0].text for p in prompts[:3]]
@@ -139,6 +144,7 @@ def test_answers_that_share_a_prompt_start_are_the_answers_left_padding_gives(ti
     assert len(set(shared)) > 1  # the prompts got answers of their own
 
 
+@pytest.mark.slow  # the demo run (minutes on a CPU)
 def test_the_demo_run_report_shows_held_out_loss_eight_answers_and_probe_scores(demo_run):
     from app.core.runs import open_run, read_history
 
@@ -235,7 +241,8 @@ def test_a_stopped_report_keeps_the_run_finished_and_says_what_is_missing(tiny_r
 
     run = open_run(tiny_run.run_dir)
     said = []
-    report = report_after_run(run, run.config(), lambda message, level: said.append(message), lambda: True)
+    config = replace(run.config(), report="loss,answers,probes")  # tiny_run itself was trained without one
+    report = report_after_run(run, config, lambda message, level: said.append(message), lambda: True)
     assert report["notes"][-1].startswith("stopped by the user before the")
     assert run.status()["status"] == "finished"
     assert "stopped by the user" in (Path(tiny_run.run_dir) / "report.md").read_text()

@@ -110,7 +110,7 @@ def test_the_report_view_shows_a_runs_report_and_makes_one_for_a_run_without(win
     from app.core.config import TrainConfig
     from app.core.train.trainer import run_training
 
-    judged = train_tiny(tiny_model, chat_data, steps=3)
+    judged = train_tiny(tiny_model, chat_data, steps=3, report="loss,answers,probes")
     config = TrainConfig(model=str(tiny_model), data=str(chat_data), seq_len=128, micro_batch=4, max_steps=3,
                          quantize="none")
     unjudged = run_training(replace(config, report="off"))

@@ -3,6 +3,7 @@ failure dialog, and an event loop that keeps turning while a real tiny model tra
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -152,6 +153,8 @@ def test_train_runs_to_the_end_with_live_loss_and_a_responsive_window(window, qt
     assert tab.loss_plot.point_count == result.total_steps == result.step
     assert tab.train_button.isEnabled() and not tab.stop_button.isEnabled()
     assert "Finished" in tab.status.text()
+    assert re.search(r"Before/after: general questions \d+/50 -> \d+/50, (kept|better|forgotten) \(Runs ▸ Report\)\.",
+                     tab.status.text()), tab.status.text()  # the report, made on the run's thread, in a few words
     assert max(gaps) < 0.2, f"the event loop stalled {max(gaps) * 1000:.0f} ms"
 
 

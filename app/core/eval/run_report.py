@@ -77,6 +77,23 @@ def report_after_run(run, config, say: Callable[[str, str], None], cancelled: Ca
     return report
 
 
+def report_summary(run_dir) -> str:
+    """The run's report in a few words ("held-out loss 3.76 -> 1.72; general questions 23/50 -> 11/50,
+    forgotten"), "" when it has none."""
+    try:
+        report = json.loads(Path(run_dir, "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    words = []
+    held = report.get("held_out")
+    if held:
+        words.append(f"held-out loss {held['base_loss']:.2f} -> {held['tuned_loss']:.2f}")
+    for probes in report.get("probes", []):
+        words.append(f"{probes['name']} {probes['base']}/{probes['total']} -> {probes['tuned']}/{probes['total']}, "
+                     f"{probes['verdict']}")
+    return "; ".join(words)
+
+
 def held_out_of(session, data: str = "") -> HeldOut:
     """The examples to judge `session`'s adapter on: every example of `data`, else its run's eval
     file or held-out slice (the run's seed and split on the same file, cut to its sequence length),

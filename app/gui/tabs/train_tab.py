@@ -378,14 +378,19 @@ class TrainTab(QWidget):
         self.worker = None
         self.plan_view.set_locked(False)
         self.last_run = result
+        from app.core.eval.run_report import report_summary
+
+        judged = result.status == "finished" or result.status == "stopped" and not result.reason  # not "stopped now"
+        judged = report_summary(result.run_dir) if judged else ""
+        judged = f" Before/after: {judged} (Runs ▸ Report)." if judged else ""
         if result.status == "finished":
             self.status.setText(f"Finished {result.step} steps, final loss {result.final_loss:.4f}. "
-                                f"Adapter: {result.adapter_dir}")
+                                f"Adapter: {result.adapter_dir}.{judged}")
         elif result.status == "stopped" and result.reason:  # stopped now: the reason says from where it resumes
             self.status.setText(f"{plain(result.reason)[:1].upper()}{plain(result.reason)[1:]}.")
         elif result.status == "stopped":
             self.status.setText(f"Stopped at step {result.step}/{result.total_steps}; Resume continues from "
-                                "the checkpoint.")
+                                f"the checkpoint.{judged}")
         else:
             self.status.setText(f"Failed: {plain(result.reason)}")
             self.show_error(result.reason, Path(result.run_dir) / "train.log")
