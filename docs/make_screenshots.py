@@ -1,6 +1,6 @@
 """Take the README's screenshots: start the app under Xvfb as a new user would, check a broken file,
 load the sample dataset, train the demo model a few steps, chat with a past run and export it as
-GGUF, and save a PNG of each tab into docs/.
+GGUF, and save a PNG of each tab (and of a run's before/after report) into docs/.
 
     python docs/make_screenshots.py [--steps 10] [--theme light|dark] [--out docs]
 
@@ -120,6 +120,11 @@ def take_screenshots(args) -> int:
     runs.select(*[row.id for row in runs.rows])
     settle(1.0)
     save(window, args.out / "runs.png")
+    runs.select(next(row.id for row in runs.rows if row.status == "finished"))
+    runs.views.setCurrentWidget(runs.report)
+    settle(1.0)
+    save(window, args.out / "report.png")
+    runs.views.setCurrentIndex(0)
 
     window.tabs.setCurrentWidget(window.chat_tab)
     chat = window.chat_tab

@@ -86,7 +86,8 @@ class TrainConfig(JsonRoundTrip):
                                "sharded over the cards).")
     threads: int | None = _f(None, "CPU threads torch computes with (CPU runs). Default: the cores other "
                                    "programs leave free, measured as the run is planned.")
-    eval_every: int | None = _f(None, "Evaluate every N steps when there is validation data.")
+    eval_every: int | None = _f(None, "Evaluate every N steps when there is eval data (default: 8 evals a run), and "
+                                      "at least every 15 minutes.")
     early_stop: str = _f("warn", "When the eval loss rises while the training loss falls (overfitting): warn (say so "
                                  "and go on), stop (end the run; its adapter is then the best eval's), or off. "
                                  "After an alarm the run's adapter is the best eval's, the last step's in "

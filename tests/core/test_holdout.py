@@ -109,3 +109,23 @@ def test_eval_data_that_repeats_training_prompts_is_said_when_training_starts(ti
                      "--max-steps", "1")
     assert proc.returncode == 0, proc.stderr
     assert "1 of them ask what the training data asks (line 2 = line 4" in proc.stdout + proc.stderr
+
+
+def test_evals_come_every_n_steps_and_also_when_too_long_has_passed_since_the_last(tiny_model, tmp_path,
+                                                                                   monkeypatch):
+    from app.core.train import trainer
+    from app.core.train.events import EvalMetrics
+
+    data = tmp_path / "many.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
+                                                     {"role": "assistant", "content": f"Answer {i}."}]}) + "\n"
+                            for i in range(48)))
+    config = TrainConfig(model=str(tiny_model), data=str(data), seq_len=64, micro_batch=4, max_steps=16,
+                         quantize="none", report="off")
+    steps = []
+    trainer.run_training(config, lambda e: steps.append(e.step) if isinstance(e, EvalMetrics) else None)
+    assert steps == [2, 4, 6, 8, 10, 12, 14, 16]  # 8 a run: every 2 of 16 steps
+    monkeypatch.setattr(trainer, "EVAL_AT_LEAST_EVERY_S", 0.0)  # a machine so slow that every step is overdue
+    steps.clear()
+    trainer.run_training(config, lambda e: steps.append(e.step) if isinstance(e, EvalMetrics) else None)
+    assert steps == list(range(1, 17))

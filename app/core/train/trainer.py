@@ -33,6 +33,7 @@ from app.core.data.tokenize import truncate
 from app.core.train.prepare import Prepared, prepare_training
 
 STATUS_EVERY_S = 1.0
+EVAL_AT_LEAST_EVERY_S = 15 * 60  # on a slow machine the plan's every-N-steps can be an hour apart: eval sooner
 
 
 @dataclass
@@ -245,6 +246,7 @@ class _Loop:
     saved_step: int | None = None  # the step of the checkpoint on disk, if any
     before_s: float = 0.0  # training time of earlier sessions of this run
     started: float = field(default_factory=time.monotonic)
+    evaluated: float = field(default_factory=time.monotonic)  # the last eval's end (or this session's start)
     session_tokens: int = 0
     session_spent: float = 0.0  # seconds from this session's start to its last finished step
     session_steps: int = 0
@@ -284,7 +286,7 @@ class _Loop:
                         info["truncated"], info["skipped"], plan.device))
         run.log(f"LoRA rank {plan.rank}: {session.trainable_parameters:,} trainable parameters; "
                 + "; ".join(session.notes))
-        loop.started = time.monotonic()  # this session's clock: tokens/s and the ETA count from here
+        loop.started = loop.evaluated = time.monotonic()  # this session's clock: tokens/s and the ETA count from here
         return loop
 
     def elapsed(self) -> float:
@@ -330,7 +332,8 @@ class _Loop:
         if self.judge is not None:
             self.judge.add_step(self.last_loss)
         last = self.step == plan.total_steps
-        if plan.eval_every and self.prepared.val and (self.step % plan.eval_every == 0 or last):
+        overdue = time.monotonic() - self.evaluated >= EVAL_AT_LEAST_EVERY_S
+        if plan.eval_every and self.prepared.val and (self.step % plan.eval_every == 0 or last or overdue):
             self.evaluate()
         if time.monotonic() - self.status_written > STATUS_EVERY_S or last:
             self.run.write_status("running", step=self.step, last_loss=self.last_loss, elapsed_s=self.elapsed(),
@@ -352,6 +355,7 @@ class _Loop:
                 if backoff is None:
                     raise
             self._back_off(backoff, f"Out of GPU memory evaluating at step {self.step}")  # tensors freed
+        self.evaluated = time.monotonic()
         self.emit(EvalMetrics(self.step, eval_loss))
         self.run.write_status("running", eval_loss=eval_loss)
         if self.judge is not None:
