@@ -262,3 +262,19 @@ def test_an_adapter_outside_a_run_is_judged_on_the_probes_and_asks_for_data(tiny
            "pass --data FILE" in out
     assert re.search(r"General questions: base \d+/50, tuned \d+/50", out)
     assert (adapter / "report.md").exists()
+
+
+def test_judging_a_run_holds_its_lock_so_a_run_in_use_is_refused_in_one_line(tiny_run, capsys):
+    from app.cli import main
+    from app.core.run_lock import RunLock
+
+    holder = RunLock(Path(tiny_run.run_dir), "resuming").acquire()  # as another window's resume would
+    try:
+        assert main(["eval", tiny_run.run_dir, "--parts", "probes"]) == 2
+    finally:
+        holder.release()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tunesmith: error: ") and "in use" in err and "\n" not in err
+    assert not (Path(tiny_run.run_dir) / "report.md").exists()
+    assert main(["eval", tiny_run.run_dir, "--parts", "probes"]) == 0  # free again: judged
+    assert (Path(tiny_run.run_dir) / "report.md").exists()

@@ -21,10 +21,11 @@ from app.core.eval.report import HeldOut, ReportRequest, build_report, write_rep
 
 def make_report(ref: str, request: ReportRequest, progress: Callable[[str], None] = lambda m: None,
                 cancelled: Callable[[], bool] = lambda: False, out: str = "", trust_remote_code: bool = False,
-                download: bool = False) -> tuple[dict, Path, Path]:
+                download: bool = False, lock: bool = True) -> tuple[dict, Path, Path]:
     """Judge the adapter `ref` names (chat.find_adapter) and write report.json and report.md:
     into `out` when given, else the run's folder (report-CHECKPOINT for a checkpoint), else the
-    adapter's own folder."""
+    adapter's own folder. Writing into a run, it holds the run's lock (`lock`; the trainer, which
+    holds it already, says False): a run being trained, resumed or deleted is refused in one line."""
     from app.core.chat import find_adapter, load_chat
     from app.core.eval.choices import load_choices
     from app.core.eval.probes import load_probes
@@ -35,14 +36,23 @@ def make_report(ref: str, request: ReportRequest, progress: Callable[[str], None
         load_choices(request.choices)
     source = find_adapter(ref)
     folder, stem = _where(source, out)
-    session = load_chat(ref, trust_remote_code, progress=progress, download=download)
+    held_lock = None
+    if lock and source.run_dir is not None and folder.resolve() == source.run_dir.resolve():
+        from app.core.run_lock import RunLock
+
+        held_lock = RunLock(source.run_dir, "judging").acquire()  # RunError naming the holder when in use
     try:
-        held = held_out_of(session, request.data) if {"loss", "answers"} & set(request.parts) else HeldOut()
-        report = build_report(session, request, held, progress, cancelled, alarm=_alarm(source.run_dir))
+        session = load_chat(ref, trust_remote_code, progress=progress, download=download)
+        try:
+            held = held_out_of(session, request.data) if {"loss", "answers"} & set(request.parts) else HeldOut()
+            report = build_report(session, request, held, progress, cancelled, alarm=_alarm(source.run_dir))
+        finally:
+            del session
+            _free()
+        paths = write_report(folder, report, stem)
     finally:
-        del session
-        _free()
-    paths = write_report(folder, report, stem)
+        if held_lock is not None:
+            held_lock.release()
     return report, *paths
 
 
@@ -62,7 +72,7 @@ def report_after_run(run, config, say: Callable[[str, str], None], cancelled: Ca
     try:
         report, _, md_path = make_report(str(run.dir), ReportRequest(parts, config.probes, questions=questions),
                                          progress=lambda m: say(m, "info"), cancelled=cancelled,
-                                         trust_remote_code=config.trust_remote_code)
+                                         trust_remote_code=config.trust_remote_code, lock=run.lock is None)
     except Exception as err:  # noqa: BLE001 - a report must never cost the run
         run.log(traceback.format_exc())
         first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
