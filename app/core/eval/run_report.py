@@ -42,6 +42,7 @@ def make_report(ref: str, request: ReportRequest, progress: Callable[[str], None
 
         held_lock = RunLock(source.run_dir, "judging").acquire()  # RunError naming the holder when in use
     try:
+        _free()  # what the training session let go of goes back to the system before the model loads again
         session = load_chat(ref, trust_remote_code, progress=progress, download=download)
         try:
             held = held_out_of(session, request.data) if {"loss", "answers"} & set(request.parts) else HeldOut()
@@ -76,7 +77,8 @@ def report_after_run(run, config, say: Callable[[str, str], None], cancelled: Ca
     except Exception as err:  # noqa: BLE001 - a report must never cost the run
         run.log(traceback.format_exc())
         first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        say(f"The report could not be made ({first}); `tunesmith eval {run.id}` tries again", "warning")
+        say(f"The report could not be made ({first}); Make report in the Runs tab (tunesmith eval {run.id}) tries "
+            "again", "warning")
         return None
     forgotten = any(p.get("verdict") == "forgotten" for p in report.get("probes", []))
     for line in report["lines"]:
@@ -173,7 +175,10 @@ def _alarm(run_dir) -> str:
 
 
 def _free() -> None:
+    from app.core.host import trim_heap
+
     gc.collect()
+    trim_heap()
     try:
         import torch
 

@@ -96,7 +96,8 @@ def _report(run: Run, config: TrainConfig, result: RunResult, emit, stop) -> Non
     from app.core.eval.run_report import report_after_run
 
     if getattr(stop, "now", False):
-        emit(LogLine(f"No report for a run stopped now; `tunesmith eval {run.id}` makes one"))
+        emit(LogLine(f"No report for a run stopped now; Make report in the Runs tab (tunesmith eval {run.id}) makes "
+                     "one"))
         return
     stopped_before = stop.is_set()
     report_after_run(run, config, lambda message, level: emit(LogLine(message, level)),

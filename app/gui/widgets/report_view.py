@@ -61,8 +61,8 @@ class ReportView(QWidget):
         elif busy or row.status == "running":
             self.page.setMarkdown("The run is training; its report is made when it finishes or is stopped.")
         else:
-            self.page.setMarkdown("No report for this run yet. Runs that finish or stop get one at their end (unless "
-                                  "`--report off`); **Make report** makes it now.")
+            self.page.setMarkdown("No report for this run yet. Runs that finish or stop get one at their end, unless "
+                                  "it was switched off; **Make report** makes it now.")
         if not same:  # the same run shown again (the list refreshed) keeps what was said of it
             self.note.setText("")
         self._update_button(busy)
