@@ -333,7 +333,8 @@ class _Loop:
         if self.judge is not None:
             self.judge.add_step(self.last_loss)
         last = self.step == plan.total_steps
-        overdue = time.monotonic() - self.evaluated >= EVAL_AT_LEAST_EVERY_S
+        # by time too, in one process only: the processes of a run must agree on every eval, and clocks do not
+        overdue = self.session.ranks is None and time.monotonic() - self.evaluated >= EVAL_AT_LEAST_EVERY_S
         if plan.eval_every and self.prepared.val and (self.step % plan.eval_every == 0 or last or overdue):
             self.evaluate()
         if time.monotonic() - self.status_written > STATUS_EVERY_S or last:
