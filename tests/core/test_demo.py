@@ -51,6 +51,9 @@ def test_demo_trains_and_changes_the_models_voice(demo_model_path, tunesmith_hom
     tuned = out.split("Tuned adapter:", 1)[1].split("Adapter saved in", 1)[0]
     assert _pirate_score(tuned) >= 2, tuned
     assert _pirate_score(base) == 0, base
+    assert re.search(r"Held-out loss: base \d\.\d+, tuned \d\.\d+ \(-\d+%\) on 9 examples", proc.stderr), proc.stderr[-2000:]
+    assert re.search(r"General questions: base \d+/50, tuned \d+/50 — ", proc.stderr)
+    assert "(then judged in " in out and "Before/after report: " in out
     runs = list((tunesmith_home / "data" / "runs").iterdir())
     status = json.loads((runs[0] / "status.json").read_text())
     assert status["status"] == "finished" and status["step"] == status["total_steps"]
