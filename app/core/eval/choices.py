@@ -12,13 +12,12 @@ An optional `system` is put before the question. No download: the user brings th
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from app.core.errors import DatasetError
+from app.core.eval.lines import read_objects
 
 Z95 = 1.959964
 
@@ -38,33 +37,11 @@ class Question:
 
 def load_choices(path: str | Path) -> list[Question]:
     """Every question of the file; a bad line raises one DatasetError naming it (and how many more)."""
-    path = Path(path).expanduser()
-    name = str(path)
-    if not path.is_file():
-        raise DatasetError("no such file; give a JSONL file of questions with 'question', 'choices' and 'answer'",
-                           file=name)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise DatasetError(f"cannot read the file ({err})", file=name) from None
-    questions, problems = [], []
-    for number, text in enumerate(lines, 1):
-        if not text.strip():
-            continue
-        try:
-            questions.append(_question(json.loads(text), number))
-        except json.JSONDecodeError as err:
-            problems.append((number, f"not valid JSON ({err.msg} at column {err.colno})"))
-        except ValueError as err:
-            problems.append((number, str(err)))
-    if problems:
-        line, message = problems[0]
-        more = f" (and {len(problems) - 1} more bad line{'s' * (len(problems) > 2)})" if len(problems) > 1 else ""
-        raise DatasetError(message + more, file=name, line=line)
-    if not questions:
-        raise DatasetError('no questions in the file; one JSON object a line: {"question": "...", "choices": '
-                           '["...", "..."], "answer": 0}', file=name)
-    return questions
+    return read_objects(path, _question,
+                        "no such file; give a JSONL file of questions with 'question', 'choices' and 'answer'",
+                        "cannot read the file ({err})",
+                        'no questions in the file; one JSON object a line: {"question": "...", "choices": '
+                        '["...", "..."], "answer": 0}')
 
 
 def wilson(right: int, total: int) -> tuple[float, float]:

@@ -21,13 +21,12 @@ conversion, capitals, spelling, following a format, not refusing harmless reques
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.core.errors import DatasetError
+from app.core.eval.lines import read_objects
 
 MATCHES = ("number", "word", "exact", "regex", "no_refusal")
 BUILTIN_NAME = "general questions"
@@ -91,32 +90,10 @@ def probe_sets(extra: str = "") -> list[ProbeSet]:
 
 def load_probes(path: str | Path) -> list[Probe]:
     """Every probe of a JSONL file; a bad line raises one DatasetError naming it (and how many more)."""
-    path = Path(path).expanduser()
-    name = str(path)
-    if not path.is_file():
-        raise DatasetError("no such probe file; give a JSONL file of probes (see `tunesmith eval --help`)", file=name)
-    probes, problems = [], []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise DatasetError(f"cannot read the probe file ({err})", file=name) from None
-    for number, text in enumerate(lines, 1):
-        if not text.strip():
-            continue
-        try:
-            probes.append(_probe(json.loads(text), number))
-        except json.JSONDecodeError as err:
-            problems.append((number, f"not valid JSON ({err.msg} at column {err.colno})"))
-        except ValueError as err:
-            problems.append((number, str(err)))
-    if problems:
-        line, message = problems[0]
-        more = f" (and {len(problems) - 1} more bad line{'s' * (len(problems) > 2)})" if len(problems) > 1 else ""
-        raise DatasetError(message + more, file=name, line=line)
-    if not probes:
-        raise DatasetError("no probes in the file; one JSON object a line: "
-                           '{"prompt": "...", "answer": "...", "match": "word"}', file=name)
-    return probes
+    return read_objects(path, _probe, "no such probe file; give a JSONL file of probes (see `tunesmith eval --help`)",
+                        "cannot read the probe file ({err})",
+                        'no probes in the file; one JSON object a line: {"prompt": "...", "answer": "...", '
+                        '"match": "word"}')
 
 
 @dataclass
