@@ -21,11 +21,13 @@ from app.core.eval.report import HeldOut, ReportRequest, build_report, write_rep
 
 def make_report(ref: str, request: ReportRequest, progress: Callable[[str], None] = lambda m: None,
                 cancelled: Callable[[], bool] = lambda: False, out: str = "", trust_remote_code: bool = False,
-                download: bool = False, lock: bool = True) -> tuple[dict, Path, Path]:
+                download: bool = False, lock: bool = True, held: HeldOut | None = None) -> tuple[dict, Path, Path]:
     """Judge the adapter `ref` names (chat.find_adapter) and write report.json and report.md:
     into `out` when given, else the run's folder (report-CHECKPOINT for a checkpoint), else the
     adapter's own folder. Writing into a run, it holds the run's lock (`lock`; the trainer, which
-    holds it already, says False): a run being trained, resumed or deleted is refused in one line."""
+    holds it already, says False): a run being trained, resumed or deleted is refused in one line.
+    `held`: the examples to judge on when the caller has them (the trainer: its own eval examples,
+    not the data file tokenised again)."""
     from app.core.chat import find_adapter, load_chat
     from app.core.eval.choices import load_choices
     from app.core.eval.probes import load_probes
@@ -45,7 +47,8 @@ def make_report(ref: str, request: ReportRequest, progress: Callable[[str], None
         _free()  # what the training session let go of goes back to the system before the model loads again
         session = load_chat(ref, trust_remote_code, progress=progress, download=download)
         try:
-            held = held_out_of(session, request.data) if {"loss", "answers"} & set(request.parts) else HeldOut()
+            if held is None:
+                held = held_out_of(session, request.data) if {"loss", "answers"} & set(request.parts) else HeldOut()
             report = build_report(session, request, held, progress, cancelled, alarm=_alarm(source.run_dir))
         finally:
             del session
@@ -58,7 +61,7 @@ def make_report(ref: str, request: ReportRequest, progress: Callable[[str], None
 
 
 def report_after_run(run, config, say: Callable[[str, str], None], cancelled: Callable[[], bool],
-                     questions: tuple[str, ...] = ()) -> dict | None:
+                     questions: tuple[str, ...] = (), held: HeldOut | None = None) -> dict | None:
     """The run's report at its end (finished or stopped), its lines said; None when it is off or
     failed (a failure is only warned of: the run itself is kept either way, and `tunesmith eval
     RUN` tries again). `questions` are asked first in the answers part (which they turn on)."""
@@ -73,7 +76,7 @@ def report_after_run(run, config, say: Callable[[str, str], None], cancelled: Ca
     try:
         report, _, md_path = make_report(str(run.dir), ReportRequest(parts, config.probes, questions=questions),
                                          progress=lambda m: say(m, "info"), cancelled=cancelled,
-                                         trust_remote_code=config.trust_remote_code, lock=run.lock is None)
+                                         trust_remote_code=config.trust_remote_code, lock=run.lock is None, held=held)
     except Exception as err:  # noqa: BLE001 - a report must never cost the run
         run.log(traceback.format_exc())
         first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
@@ -158,20 +161,13 @@ def _where(source, out: str) -> tuple[Path, str]:
 
 
 def _alarm(run_dir) -> str:
-    """The run's overfitting alarm, if it raised one (its metrics.jsonl)."""
+    """The run's overfitting alarm, if it raised one (a LogLine of its metrics.jsonl)."""
     if run_dir is None:
         return ""
-    try:
-        lines = Path(run_dir, "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return ""
-    for line in lines:
-        if '"Overfitting' in line:
-            try:
-                return json.loads(line).get("message", "")
-            except json.JSONDecodeError:
-                continue
-    return ""
+    from app.core.atomic import read_jsonl
+
+    return next((e.get("message", "") for e in read_jsonl(Path(run_dir) / "metrics.jsonl")
+                 if e.get("event") == "LogLine" and str(e.get("message", "")).startswith("Overfitting")), "")
 
 
 def _free() -> None:

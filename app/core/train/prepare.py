@@ -7,7 +7,7 @@ so bad input never leaves a half-made run behind.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +41,7 @@ class Prepared:
     stats: LengthStats
     plan: Plan
     data_info: dict
+    val_rows: dict = field(default_factory=dict)  # line -> Example of each eval example (the report's text)
 
 
 def prepare_training(config: TrainConfig, log: Callable[[str], None] = lambda m: None,
@@ -104,7 +105,9 @@ def prepare_training(config: TrainConfig, log: Callable[[str], None] = lambda m:
         "val_sha256": file_sha256(config.val_data) if config.val_data else "",
         "held_out": held_out,
     }
-    return Prepared(config, model, tokenizer, train, val, stats, plan, data_info)
+    held = {example.line for example in val}
+    val_rows = {row.line: row for row in (val_report or report).examples if row.line in held}
+    return Prepared(config, model, tokenizer, train, val, stats, plan, data_info, val_rows)
 
 
 def _tokenize(tokenizer, report: DataReport, skip_bad: bool) -> TokenizedSet:

@@ -14,6 +14,7 @@ import shutil
 import threading
 import time
 import traceback
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -83,25 +84,29 @@ def _train_here_or_on_workers(run: Run, prepared: Prepared, on_event, stop) -> R
 
             result = run_workers(run, prepared.plan.gpus, on_event, stop)
         if result.status in ("finished", "stopped"):
-            _report(run, prepared.config, result, _emitter(run, on_event), stop)
+            _report(run, prepared, _emitter(run, on_event), stop)
         return result
     finally:
         if run.lock is not None:
             run.lock.release()
 
 
-def _report(run: Run, config: TrainConfig, result: RunResult, emit, stop) -> None:
-    """The report (eval/run_report.py); "Stop now" skips the rest of it, and so does Stop pressed
-    once the run had finished."""
+def _report(run: Run, prepared: Prepared, emit, stop) -> None:
+    """The report (eval/run_report.py) on the run's own eval examples; "Stop now" skips the rest of
+    it, and so does Stop pressed once the run had finished."""
+    from app.core.eval.report import HeldOut
     from app.core.eval.run_report import report_after_run
 
     if getattr(stop, "now", False):
         emit(LogLine(f"No report for a run stopped now; Make report in the Runs tab (tunesmith eval {run.id}) makes "
                      "one"))
         return
+    config, why = prepared.config, prepared.data_info.get("held_out", "")
+    where = why if config.val_data else f"held out of {Path(config.data).name}: {why}"
+    held = HeldOut(prepared.val, prepared.val_rows, where) if prepared.val else HeldOut(where=why)
     stopped_before = stop.is_set()
     report_after_run(run, config, lambda message, level: emit(LogLine(message, level)),
-                     lambda: getattr(stop, "now", False) or (stop.is_set() and not stopped_before))
+                     lambda: getattr(stop, "now", False) or (stop.is_set() and not stopped_before), held=held)
 
 
 def resume_training(ref: str, on_event: Callable[[Event], None] | None = None,
