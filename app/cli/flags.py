@@ -9,9 +9,8 @@ import types
 import typing
 from dataclasses import MISSING, fields
 
-from app.core.config import TrainConfig, field_help
+from app.core.config import QUANTIZE_CHOICES, TrainConfig, field_help
 
-QUANTIZE_CHOICES = ("auto", "4bit", "none")  # planner.QUANTIZE_CHOICES, without importing the planner here
 # a field's flag when it is not --field-name; more than one: the first is documented, the rest
 # are the older names, still accepted
 FLAG_NAMES = {"micro_batch": ("--batch",), "val_split": ("--eval-split", "--val-split"),

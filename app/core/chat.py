@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.core import host
 from app.core.atomic import append_line
 from app.core.errors import ModelError, RunError
 
@@ -215,10 +216,9 @@ def load_chat(ref: str, trust_remote_code: bool = False,
 
     from app.core.models.load import load_base_model
     from app.core.models.resolve import resolve_model
-    from app.core.plan.planner import detect_device
 
     source = find_adapter(ref)
-    device, dtype, _ = detect_device()
+    device, dtype = host.compute_device()
     quantize = _trained_quantize(source)
     info = resolve_model(source.base, trust_remote_code, progress=progress, download=download)
     how = "in 4-bit" if quantize == "4bit" else f"unquantised ({dtype})"

@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
+QUANTIZE_CHOICES = ("auto", "4bit", "none")  # TrainConfig.quantize: the planner's and the flag's
+
+
 def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 

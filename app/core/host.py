@@ -29,6 +29,16 @@ def cuda_capability(index: int = 0) -> tuple[int, int] | None:
     return machine.cuda_capability(index)
 
 
+def compute_device() -> tuple[str, str]:
+    """(where training and generation run here, the dtype they compute in): bf16 on CUDA from
+    Ampere on (fp16 before: is_bf16_supported() also says yes for Turing, where bf16 is emulated
+    and slow), fp32 on the CPU."""
+    capability = cuda_capability(0) if local_device() == "cuda" else None
+    if capability is None:
+        return "cpu", "float32"
+    return "cuda", "bfloat16" if capability >= (8, 0) else "float16"
+
+
 def gpus() -> nvml.GpuReport:
     """Every NVIDIA card NVML reports (none, with the reason, without a driver)."""
     return nvml.detect_gpus()

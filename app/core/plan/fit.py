@@ -4,7 +4,6 @@ order of preference, with the reason for each choice; when nothing fits, what wo
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, replace
 
 from app.core.config import TrainConfig
@@ -14,7 +13,7 @@ from app.core.models.architecture import ArchFacts
 from app.core.plan.context import LADDER, Saving, on_device
 from app.core.plan.memory import CUDA_CONTEXT_BYTES, GIB, MemoryEstimate, MemorySetup, estimate_memory
 from app.core.plan.presets import Budget
-from app.core.train.oom import MIN_SEQ_LEN
+from app.core.plan.seq_len import SHORTEST_TRIED, SeqChoice
 from app.core.units import gib
 
 DEFAULT_RANK = 16
@@ -40,52 +39,75 @@ class Fit:
     offload_params: bool = False  # FSDP's shards in host RAM
 
 
-def choose_fit(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budget: Budget, wanted_seq: int,
-               dtype: str, optimizer: str, dropout: bool, seq_reason: str, loss: str = "plain",
-               attention: str = "", quantize: str = "4bit", shards: int = 1,
-               offload_params: bool = False) -> tuple[Fit, dict[str, str]]:
-    """The fastest, longest-context settings whose predicted peak fits `budget`, and why each of
-    them (`seq_reason`: why the wanted length, kept unless the fit is shorter)."""
-    def estimate(seq: int, rank: int, saving: Saving, micro: int) -> MemoryEstimate:
-        return estimate_memory(facts, MemorySetup(
-            rank=rank, seq_len=seq, micro_batch=micro, compute_dtype=dtype, optimizer=optimizer,
-            device=budget.device, lora_dropout=dropout, loss=loss, attention=attention, quantize=quantize,
-            shards=shards, offload_params=offload_params, process_baseline=budget.baseline_bytes, **asdict(saving)))
+@dataclass(frozen=True)
+class FitRequest:
+    """What a fit is asked: the user's fixed settings, the data, the model, the budget, the
+    lengths it may choose from and the run's kernels. Variants are `replace(request, ...)`: the
+    base's storage (`quantize`), FSDP's shards and their optimizer."""
 
-    seqs = [config.seq_len] if config.seq_len else _shorter_seqs(wanted_seq, stats)
-    trained_tokens = stats.total
-    preferred = budget.preset.preferred_rank
-    if config.rank:
-        ranks = [config.rank]
-    elif preferred > DEFAULT_RANK and trained_tokens >= LARGE_DATA_TOKENS:
-        ranks = [preferred, DEFAULT_RANK, *LOWER_RANKS]
-    else:
-        ranks = [DEFAULT_RANK, *LOWER_RANKS]
+    config: TrainConfig
+    stats: LengthStats
+    facts: ArchFacts
+    budget: Budget
+    seq: SeqChoice
+    dtype: str
+    optimizer: str
+    dropout: bool
+    loss: str = "plain"
+    attention: str = ""
+    quantize: str = "4bit"
+    shards: int = 1
+    offload_params: bool = False
+
+    def estimate(self, seq: int, rank: int, saving: Saving, micro: int) -> MemoryEstimate:
+        """The estimator's peak of these settings with this request's model, kernels and budget."""
+        return estimate_memory(self.facts, MemorySetup(
+            rank=rank, seq_len=seq, micro_batch=micro, compute_dtype=self.dtype, optimizer=self.optimizer,
+            device=self.budget.device, lora_dropout=self.dropout, loss=self.loss, attention=self.attention,
+            quantize=self.quantize, shards=self.shards, offload_params=self.offload_params,
+            process_baseline=self.budget.baseline_bytes, **asdict(saving)))
+
+
+def choose_fit(request: FitRequest) -> tuple[Fit, dict[str, str]]:
+    """The fastest, longest-context settings whose predicted peak fits the request's budget, and
+    why each of them (the length's reason kept unless the fit is shorter)."""
+    config, budget = request.config, request.budget
+    ranks = _ranks(config, budget, request.stats.total)
     ckpts = savings_to_try(config, budget.device)
     host_free = _HostRam(checked=not (budget.card is not None and budget.card.source == "catalogue"))
-    covering = 2 if len(seqs) > 1 and seqs[1] == round_up(stats.p95) else 1  # p99 and p95
 
     def fits():
         """Every candidate in the order of preference (context, then rank, then no checkpointing,
         then the biggest micro-batch) whose predicted peak is within the budget."""
-        for seq, rank in _candidates(seqs, ranks, covering):
+        for seq, rank in _candidates(list(request.seq.tries), ranks, request.seq.covering):
             micros = [config.micro_batch] if config.micro_batch else \
                 [m for m in MICRO_BATCHES if m * seq <= max(seq, TARGET_TOKENS_PER_STEP)]
             for saving in ckpts:
                 for micro in micros:
-                    guess = estimate(seq, rank, saving, micro)
+                    guess = request.estimate(seq, rank, saving, micro)
                     if guess.peak <= budget.usable_bytes and host_free.holds(guess.host_offload):
-                        yield Fit(seq, rank, saving.grad_checkpointing, micro, guess, saving, shards, offload_params)
+                        yield Fit(seq, rank, saving.grad_checkpointing, micro, guess, saving, request.shards,
+                                  request.offload_params)
 
     fit = next(fits(), None)
     if fit is None and host_free.short:
-        kept = "FSDP shards and offloaded checkpoints" if offload_params else "offloaded checkpoints"
-        raise PlanError(f"{config.seq_len or seqs[-1]:,} tokens need {gib(host_free.short)} of RAM for {kept} "
+        kept = "FSDP shards and offloaded checkpoints" if request.offload_params else "offloaded checkpoints"
+        raise PlanError(f"{request.seq.shortest:,} tokens need {gib(host_free.short)} of RAM for {kept} "
                         f"and this machine has {gib(host_free.free)} free; close programs, or use a shorter --seq-len")
     if fit is None:
-        raise PlanError(_nothing_fits(facts, budget, seqs, ranks, ckpts, estimate, config))
-    why = _explain(fit, config, budget, wanted_seq, trained_tokens, estimate, seq_reason)
-    return fit, {**why, **_climbed(fit, config, estimate, budget)}
+        raise PlanError(_nothing_fits(request, ranks, ckpts))
+    return fit, {**_explain(fit, request), **_climbed(fit, request)}
+
+
+def _ranks(config: TrainConfig, budget: Budget, trained_tokens: int) -> list[int]:
+    """The LoRA ranks to try, best first: the user's; the preset's preferred one when the data is
+    large enough to use it; the default, then lower before giving up context."""
+    if config.rank:
+        return [config.rank]
+    preferred = budget.preset.preferred_rank
+    if preferred > DEFAULT_RANK and trained_tokens >= LARGE_DATA_TOKENS:
+        return [preferred, DEFAULT_RANK, *LOWER_RANKS]
+    return [DEFAULT_RANK, *LOWER_RANKS]
 
 
 def savings_to_try(config: TrainConfig, device: str) -> list[Saving]:
@@ -125,10 +147,6 @@ class _HostRam:
         return False
 
 
-def round_up(value: int, step: int = 64) -> int:
-    return step * max(1, math.ceil(value / step))
-
-
 def _candidates(seqs: list[int], ranks: list[int], covering: int) -> list[tuple[int, int]]:
     """(sequence length, rank) pairs in the order the planner tries them, best first.
 
@@ -150,26 +168,12 @@ def _candidates(seqs: list[int], ranks: list[int], covering: int) -> list[tuple[
     return pairs
 
 
-def _shorter_seqs(wanted: int, stats: LengthStats) -> list[int]:
-    """`wanted`, then p95, then halvings: the lengths to try, longest first."""
-    seqs = [wanted]
-    p95 = round_up(stats.p95)
-    if MIN_SEQ_LEN <= p95 < wanted:
-        seqs.append(p95)
-    length = seqs[-1]
-    while length // 2 >= MIN_SEQ_LEN:
-        length = round_up(length // 2)
-        if length < seqs[-1]:
-            seqs.append(length)
-    return seqs
-
-
-def _explain(fit: Fit, config: TrainConfig, budget: Budget, wanted_seq: int, trained_tokens: int,
-             estimate, seq_reason: str) -> dict[str, str]:
+def _explain(fit: Fit, request: FitRequest) -> dict[str, str]:
     """Why the fit has its sequence length, rank, checkpointing and micro-batch."""
-    usable = gib(budget.usable_bytes)
-    why = {"seq_len": seq_reason}
-    if not config.seq_len and fit.seq_len < wanted_seq:
+    config, wanted_seq, trained_tokens = request.config, request.seq.wanted, request.stats.total
+    usable = gib(request.budget.usable_bytes)
+    why = {"seq_len": request.seq.reason}
+    if not request.seq.fixed and fit.seq_len < wanted_seq:
         why["seq_len"] = (f"{wanted_seq} tokens would not fit in {usable}; the longest that fits"
                           if fit.rank == LOWER_RANKS[-1] or fit.grad_checkpointing else
                           f"shortened from {wanted_seq} to fit in {usable}")
@@ -190,7 +194,7 @@ def _explain(fit: Fit, config: TrainConfig, budget: Budget, wanted_seq: int, tra
     elif fit.grad_checkpointing:
         # the planner tries every micro-batch without checkpointing first: so even the smallest missed
         micro = config.micro_batch or MICRO_BATCHES[-1]
-        without = estimate(fit.seq_len, fit.rank, Saving(mlp_tile=config.mlp_tile), micro).peak
+        without = request.estimate(fit.seq_len, fit.rank, Saving(mlp_tile=config.mlp_tile), micro).peak
         even = "" if micro == fit.micro_batch else f" even with micro-batch {micro}"
         why["grad_checkpointing"] = (f"on: without it the peak would be {gib(without)}{even}, over {usable} "
                                      "(costs ~20-30% speed)")
@@ -205,9 +209,9 @@ def _explain(fit: Fit, config: TrainConfig, budget: Budget, wanted_seq: int, tra
     return why
 
 
-def _climbed(fit: Fit, config: TrainConfig, estimate, budget: Budget) -> dict[str, str]:
+def _climbed(fit: Fit, request: FitRequest) -> dict[str, str]:
     """Why each long-context rung the planner (not the user) turned on: the peak without it."""
-    saving, usable = fit.saving, budget.usable_bytes
+    config, saving, usable = request.config, fit.saving, request.budget.usable_bytes
     why = {}
     parts = (("offload_checkpoints", config.offload_checkpoints, False,
               f"{gib(fit.estimate.host_offload)} of layer inputs wait in host RAM"),
@@ -217,15 +221,18 @@ def _climbed(fit: Fit, config: TrainConfig, estimate, budget: Budget) -> dict[st
     for key, mine, off, what in parts:
         if not getattr(saving, key) or mine:
             continue
-        without = estimate(fit.seq_len, fit.rank, replace(saving, **{key: off}), fit.micro_batch).peak
+        without = request.estimate(fit.seq_len, fit.rank, replace(saving, **{key: off}), fit.micro_batch).peak
         why[key] = (f"on: without it the peak at {fit.seq_len:,} tokens would be {gib(without)}, over {gib(usable)}; "
                     if without > usable else "on: the ladder offloads before it tiles; ") + what
     return why
 
 
-def _nothing_fits(facts: ArchFacts, budget: Budget, seqs, ranks, ckpts, estimate, config: TrainConfig) -> str:
-    smallest = estimate(seqs[-1], ranks[-1], ckpts[-1], config.micro_batch or 1)
-    wanted = estimate(seqs[0], ranks[0], ckpts[-1], config.micro_batch or 1)  # the most saving rung
+def _nothing_fits(request: FitRequest, ranks: list[int], ckpts: list[Saving]) -> str:
+    """What would fit, for a request nothing fits: a smaller model or a bigger card, or what to
+    change of the settings the user fixed."""
+    config, budget, seqs = request.config, request.budget, request.seq.tries
+    smallest = request.estimate(seqs[-1], ranks[-1], ckpts[-1], config.micro_batch or 1)
+    wanted = request.estimate(seqs[0], ranks[0], ckpts[-1], config.micro_batch or 1)  # the most saving rung
     usable = budget.usable_bytes
     context = CUDA_CONTEXT_BYTES if budget.device == "cuda" else 0
     static = (smallest.quantized_weights + smallest.kept_weights + smallest.lora_weights
@@ -236,9 +243,9 @@ def _nothing_fits(facts: ArchFacts, budget: Budget, seqs, ranks, ckpts, estimate
     if static >= usable:
         return (f"the model alone needs {gib(static)} and {gib(usable)} is usable ({budget.source}); "
                 f"choose a smaller model or {bigger}")
-    if config.seq_len or config.micro_batch or config.grad_checkpointing is False:
+    if request.seq.fixed or config.micro_batch or config.grad_checkpointing is False:
         tries = [option for option, given in (("a shorter --seq-len",
-                                               not config.seq_len or config.seq_len // 2 < MIN_SEQ_LEN),
+                                               not request.seq.fixed or seqs[0] // 2 < SHORTEST_TRIED),
                                               ("--batch 1", config.micro_batch in (None, 1)),
                                               ("--grad-checkpointing", config.grad_checkpointing is not False))
                  if not given]  # never what is already so

@@ -14,22 +14,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from app.core.config import Plan, TrainConfig
+from app.core import host
+from app.core.config import QUANTIZE_CHOICES, Plan, TrainConfig
 from app.core.data.batches import micro_batches_per_epoch
 from app.core.data.stats import LengthStats, count_over
 from app.core.errors import ConfigError, PlanError
 from app.core.models.architecture import ArchFacts
 from app.core.plan.cards import Card, precision_for
 from app.core.plan.context import Saving
-from app.core.plan.fit import DEFAULT_RANK, MICRO_BATCHES, TARGET_TOKENS_PER_STEP, Fit, choose_fit, round_up
+from app.core.plan.fit import DEFAULT_RANK, MICRO_BATCHES, TARGET_TOKENS_PER_STEP, Fit, FitRequest, choose_fit
 from app.core.plan.kernel_choice import OPTIMIZER_LABELS, choose_attention, choose_loss
 from app.core.plan.presets import Budget, at_plan_time, device_line
 from app.core.plan.sharding import SHARDED_OPTIMIZER, four_bit_fit, strategy_of
 from app.core.plan.memory import with_passes
+from app.core.plan.seq_len import SEQ_LEN_LEAST, PlannedData, SeqChoice, choose_seq_len, context_cap, planned_data
 from app.core.train.kernels import fused_loss_support, packing_support
 from app.core.units import format_duration, gib
 
-QUANTIZE_CHOICES = ("auto", "4bit", "none")
 EVALS_A_RUN = 8
 STRATEGIES = ("auto", "ddp", "fsdp")
 ASSUMED_CAPABILITY = (8, 0)  # a preset's card of unknown kind: Ampere, as cards.precision_for assumes
@@ -37,18 +38,6 @@ ASSUMED_CAPABILITY = (8, 0)  # a preset's card of unknown kind: Ampere, as cards
 # room for what the estimate does not see, since a 16-bit base is the larger one.
 UNQUANTISED_ROOM = 0.8
 SAVE_EVERY_LEAST = 5  # steps between checkpoints at least, unless the user says otherwise
-
-
-def detect_device() -> tuple[str, str, str]:
-    """(device, compute dtype, optimizer) for this machine: bf16 (fp16 before Ampere) + paged
-    8-bit AdamW on CUDA, fp32 + torch AdamW on the CPU."""
-    from app.core import host
-
-    capability = host.cuda_capability(0) if host.local_device() == "cuda" else None
-    if capability is not None:
-        # is_bf16_supported() also says yes for Turing, where bf16 is emulated and slow
-        return "cuda", "bfloat16" if capability >= (8, 0) else "float16", "paged_adamw_8bit"
-    return "cpu", "float32", "adamw_torch"
 
 
 def device_settings(device: str, card: Card | None) -> tuple[tuple[str, str], tuple[str, str]]:
@@ -65,8 +54,6 @@ def cpu_threads(config: TrainConfig) -> tuple[int, str]:
     run's processes. A busy core shared with torch's threads makes every step wait for the slowest
     thread (benchmarks/cpu_threads.py: 2 threads beside one busy program ran several times slower
     than 1)."""
-    from app.core import host
-
     processes = max(1, config.gpus)  # the gloo processes of a run on several share the cores
     if config.threads:
         return config.threads, "set by you"
@@ -86,64 +73,157 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
              facts: ArchFacts | None, budget: Budget | None, lora_dropout: float | None = None,
              with_data: bool = True) -> Plan:
     """A Plan for `config` on data with these token lengths, within `budget` (None: no memory check).
-    Without data (`with_data` False; `lengths` then holds the one length to plan for) the plan has
-    no steps: the memory it needs, and "depends on the data" for the rest."""
+    Without data (`with_data` False) the plan has no steps: the memory it needs for --seq-len, or
+    for a common chat context, and "depends on the data" for the rest.
+
+    Top to bottom: the budget (device, dtype, optimizer), the facts (the lengths to plan for and the
+    one sequence-length decision), the fit (memory: length, rank, checkpointing, micro-batch, the
+    base's storage), the kernels (batching, attention, threads), the schedule; each step returns
+    its reasons."""
     validate_config(config)
-    budget = at_plan_time(budget) if budget else None  # this machine's RAM: as the process is now
-    reasons: dict[str, str] = {"device": device_line(budget)}
-    device = budget.device if budget else detect_device()[0]
+    where = _budget_step(config, budget)
+    cap = context_cap(facts, where.budget)
+    data = planned_data(config, stats, lengths, cap, with_data)
+    seq = choose_seq_len(config, data, cap, with_data)
+    loss, loss_reason = choose_loss(where.device, fused_loss_support(facts), config.loss_kernel)
+    fitted = _fit_step(config, data, facts, where, seq, loss, config.lora_dropout if lora_dropout is None
+                       else lora_dropout)
+    kernels = _kernels_step(config, facts, where, fitted.fit)
+    schedule = _schedule(config, data.stats, data.lengths, fitted.fit, kernels.batching, has_validation)
+    reasons = {**where.reasons, "seq_len": seq.reason, "loss": loss_reason, **fitted.reasons, **kernels.reasons,
+               **schedule.reasons}
+    if not with_data:  # a plan for the model alone: the data decides the steps
+        schedule = replace(schedule, total_steps=0, steps_per_epoch=0, warmup_steps=0, eval_every=0, save_every=0)
+        reasons.update(seq_len="set by you" if seq.fixed else
+                       f"no data given: {fitted.fit.seq_len} tokens (pass --data to fit your examples)",
+                       total_steps="depends on the data")
+        reasons.pop("grad_accum", None)
+    estimate, reasons["memory"] = _with_step_passes(fitted, where, schedule.grad_accum)
+    reasons.update(_tiles_reasons(config, where.device))
+    plan = _assemble(config, where, fitted, kernels, schedule, loss, estimate, reasons)
+    return _with_time(plan, config, data.lengths) if with_data else plan
+
+
+@dataclass(frozen=True)
+class _Where:
+    """The budget step: where the run trains, in what dtype, with which optimizer."""
+
+    budget: Budget | None  # as at plan time (this machine's RAM as the process is now)
+    device: str
+    card: Card | None
+    dtype: str
+    optimizer: str
+    reasons: dict[str, str]
+
+
+def _budget_step(config: TrainConfig, budget: Budget | None) -> _Where:
+    budget = at_plan_time(budget) if budget else None
+    device = budget.device if budget else host.compute_device()[0]
     card = budget.card if budget else None
-    (dtype, reasons["compute_dtype"]), (optimizer, reasons["optimizer"]) = device_settings(device, card)
-    dropout = config.lora_dropout if lora_dropout is None else lora_dropout
+    (dtype, dtype_reason), (optimizer, optimizer_reason) = device_settings(device, card)
+    reasons = {"device": device_line(budget), "compute_dtype": dtype_reason, "optimizer": optimizer_reason}
     if config.gpus > 1 or config.nodes > 1:
         reasons["gpus"] = _gpus_reason(config.gpus, device, budget) + _nodes_reason(config)
-    max_positions = facts.max_positions if facts else None
-    cap = min(budget.preset.context_cap if budget else 2048, max_positions or 1 << 30)
-    wanted_seq, reasons["seq_len"] = _wanted_seq_len(config, stats, cap)
-    loss, reasons["loss"] = choose_loss(device, fused_loss_support(facts), config.loss_kernel)
+    return _Where(budget, device, card, dtype, optimizer, reasons)
 
-    fit, quantize, fit_reasons = _fit_memory(config, stats, facts, budget, wanted_seq, dtype, optimizer, dropout > 0,
-                                             loss, device, card, reasons["seq_len"])
-    reasons.update(fit_reasons)
+
+@dataclass(frozen=True)
+class _Fitted:
+    """The fit step: the memory-feasible settings, the base's storage and the optimizer they
+    train with (FSDP's when sharded)."""
+
+    fit: Fit
+    quantize: str
+    optimizer: str
+    reasons: dict[str, str]
+
+
+def _fit_step(config: TrainConfig, data: PlannedData, facts: ArchFacts | None, where: _Where, seq: SeqChoice,
+              loss: str, dropout: float) -> _Fitted:
+    """The fit within the budget; without the model's facts or a budget, the settings asked for
+    (or the defaults) unchecked, and a reason that says so."""
+    if facts is None or where.budget is None:
+        fitted = _unchecked_fit(config, seq, where.optimizer)
+    else:
+        request = FitRequest(config, data.stats, facts, where.budget, seq, where.dtype, where.optimizer, dropout > 0,
+                             loss, _rows_attention(config, facts, where.device, where.card))
+        fitted = _checked_fit(request)
+    over = count_over(data.lengths, fitted.fit.seq_len)
+    if over:
+        fitted.reasons["seq_len"] = fitted.reasons.get("seq_len", seq.reason) + (
+            f"; {over} example{'s' * (over != 1)} will be truncated")
+    return fitted
+
+
+def _checked_fit(request: FitRequest) -> _Fitted:
+    """The fit within the request's budget, the base's storage, and the optimizer (FSDP's own
+    when the fit shards the model)."""
+    fit, quantize, reasons = _choose_base(request)
+    budget, optimizer = request.budget, request.optimizer
+    reasons["memory"] = (f"predicted peak {gib(fit.estimate.peak)} of {gib(budget.usable_bytes)} usable "
+                         f"({budget.source}, {budget.preset.safety_margin_gib:g} GiB kept free)")
     if fit.shards > 1:  # sharding.py: the optimizer over FSDP's shards
         optimizer = SHARDED_OPTIMIZER
-        if config.nodes > 1:
+        if request.config.nodes > 1:
             raise PlanError("this plan shards the model with FSDP, which Tunesmith runs on one machine only (its "
                             "checkpoints would be split over the machines' disks); use --strategy ddp where one "
                             "card holds the model, or the GPUs of one machine")
-    over = count_over(lengths, fit.seq_len)
-    if over:
-        reasons["seq_len"] += f"; {over} example{'s' * (over != 1)} will be truncated"
+    return _Fitted(fit, quantize, optimizer, reasons)
 
-    threads, reason = cpu_threads(config) if device == "cpu" else (0, "")
+
+def _unchecked_fit(config: TrainConfig, seq: SeqChoice, optimizer: str) -> _Fitted:
+    """The fit of a plan made without the model's architecture or a budget: what was asked."""
+    reasons = {"quantize": "set by you" if config.quantize != "auto" else "4-bit: the model's size is not known",
+               "memory": "not planned: the model's architecture could not be read from config.json"}
+    checkpointing = bool(config.grad_checkpointing or config.offload_checkpoints or config.layer_tile)
+    saving = Saving(checkpointing, config.offload_checkpoints, max(0, config.mlp_tile), max(0, config.layer_tile))
+    fit = Fit(seq.wanted, config.rank or DEFAULT_RANK, checkpointing, config.micro_batch or MICRO_BATCHES[0], None,
+              saving)
+    return _Fitted(fit, config.quantize if config.quantize in ("4bit", "none") else "4bit", optimizer, reasons)
+
+
+@dataclass(frozen=True)
+class _Kernels:
+    """The kernels step: how rows are batched, the attention that runs over them, CPU threads."""
+
+    batching: str
+    attention: str
+    threads: int
+    reasons: dict[str, str]
+
+
+def _kernels_step(config: TrainConfig, facts: ArchFacts | None, where: _Where, fit: Fit) -> _Kernels:
+    reasons: dict[str, str] = {}
+    threads, reason = cpu_threads(config) if where.device == "cpu" else (0, "")
     if reason:
         reasons["threads"] = reason
-    rank = fit.rank
-    alpha = config.lora_alpha or 2 * rank
     reasons["lora_alpha"] = "set by you" if config.lora_alpha else "2 x rank"
-    micro = fit.micro_batch
     batching, reasons["batching"] = _choose_batching(config, facts, fit.seq_len)
-    attention, reasons["attention"] = choose_attention(batching == "packed", device, _capability(card, device),
-                                                       config.attention, bool(facts and facts.attention_softcap))
+    attention, reasons["attention"] = choose_attention(batching == "packed", where.device,
+                                                       _capability(where.card, where.device), config.attention,
+                                                       bool(facts and facts.attention_softcap))
     if batching == "packed":
         reasons["micro_batch"] = _packed_rows_reason(config, fit)
-    schedule = _schedule(config, stats, lengths, fit, batching, has_validation)
-    reasons.update(schedule.reasons)
-    if not with_data:  # a plan for the model alone: the data decides the steps
-        schedule = replace(schedule, total_steps=0, steps_per_epoch=0, warmup_steps=0, eval_every=0, save_every=0)
-        reasons["seq_len"] = ("set by you" if config.seq_len else
-                              f"no data given: {fit.seq_len} tokens (pass --data to fit your examples)")
-        reasons["total_steps"] = "depends on the data"
-        reasons.pop("grad_accum", None)
-    estimate = fit.estimate
-    if estimate is not None and budget is not None:  # the CPU heap grows with a step's micro-batches
-        passes = with_passes(estimate, device, schedule.grad_accum)
-        if passes.peak <= budget.usable_bytes:
-            reasons["memory"] = reasons["memory"].replace(gib(estimate.peak), gib(passes.peak), 1)
-            estimate = passes
-        else:  # the fit chose its length for one micro-batch a step: say what accumulating may take
-            reasons["memory"] += (f"; with {schedule.grad_accum} micro-batches a step the C heap may take it to "
-                                  f"{gib(passes.peak)}: set a lower accumulation to stay within")
+    return _Kernels(batching, attention, threads, reasons)
+
+
+def _with_step_passes(fitted: _Fitted, where: _Where, grad_accum: int):
+    """(the estimate, the memory reason) once the step's accumulation is known: on the CPU the C
+    heap grows with a step's micro-batches."""
+    estimate, reason = fitted.fit.estimate, fitted.reasons["memory"]
+    if estimate is None or where.budget is None:
+        return estimate, reason
+    passes = with_passes(estimate, where.device, grad_accum)
+    if passes.peak <= where.budget.usable_bytes:
+        return passes, reason.replace(gib(estimate.peak), gib(passes.peak), 1)
+    # the fit chose its length for one micro-batch a step: say what accumulating may take
+    return estimate, reason + (f"; with {grad_accum} micro-batches a step the C heap may take it to "
+                               f"{gib(passes.peak)}: set a lower accumulation to stay within")
+
+
+def _tiles_reasons(config: TrainConfig, device: str) -> dict[str, str]:
+    """Why the long-context settings the user fixed are on."""
+    reasons = {}
     if config.mlp_tile:
         reasons["mlp_tile"] = f"set by you: the MLP over tiles of {config.mlp_tile} tokens"
     if config.layer_tile:
@@ -151,21 +231,26 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     if config.offload_checkpoints:
         reasons["offload_checkpoints"] = "set by you: checkpointed layers' inputs wait in CPU RAM" + (
             "" if device == "cuda" else " (on the CPU they stay where they are)")
-    plan = Plan(rank=rank, lora_alpha=alpha, seq_len=fit.seq_len, micro_batch=micro,
-                grad_accum=schedule.grad_accum, grad_checkpointing=fit.grad_checkpointing,
-                mlp_tile=fit.saving.mlp_tile, offload_checkpoints=fit.saving.offload_checkpoints,
-                layer_tile=fit.saving.layer_tile, batching=batching, gpus=max(1, config.gpus),
-                nodes=max(1, config.nodes),
-                strategy=strategy_of(fit, config.gpus),
-                loss=loss, attention=attention, quantize=quantize, total_steps=schedule.total_steps,
-                steps_per_epoch=schedule.steps_per_epoch, warmup_steps=schedule.warmup_steps,
-                eval_every=schedule.eval_every, save_every=schedule.save_every, compute_dtype=dtype,
-                optimizer=optimizer, device=device, threads=threads,
+    return reasons
+
+
+def _assemble(config: TrainConfig, where: _Where, fitted: _Fitted, kernels: _Kernels, schedule: "_Schedule",
+              loss: str, estimate, reasons: dict[str, str]) -> Plan:
+    """The Plan of the steps' choices."""
+    fit, budget, card = fitted.fit, where.budget, where.card
+    return Plan(rank=fit.rank, lora_alpha=config.lora_alpha or 2 * fit.rank, seq_len=fit.seq_len,
+                micro_batch=fit.micro_batch, grad_accum=schedule.grad_accum,
+                grad_checkpointing=fit.grad_checkpointing, mlp_tile=fit.saving.mlp_tile,
+                offload_checkpoints=fit.saving.offload_checkpoints, layer_tile=fit.saving.layer_tile,
+                batching=kernels.batching, gpus=max(1, config.gpus), nodes=max(1, config.nodes),
+                strategy=strategy_of(fit, config.gpus), loss=loss, attention=kernels.attention,
+                quantize=fitted.quantize, total_steps=schedule.total_steps, steps_per_epoch=schedule.steps_per_epoch,
+                warmup_steps=schedule.warmup_steps, eval_every=schedule.eval_every, save_every=schedule.save_every,
+                compute_dtype=where.dtype, optimizer=fitted.optimizer, device=where.device, threads=kernels.threads,
                 gpu=card.name if card else "", gpu_capability=card.capability_text if card else "",
                 preset=budget.preset.id if budget else "", budget_bytes=budget.usable_bytes if budget else 0,
                 predicted_peak_bytes=estimate.peak if estimate else 0,
                 breakdown=estimate.to_dict() if estimate else {}, reasons=reasons)
-    return _with_time(plan, config, lengths) if with_data else plan
 
 
 def _with_time(plan: Plan, config: TrainConfig, lengths: list[int]) -> Plan:
@@ -185,27 +270,6 @@ def _with_time(plan: Plan, config: TrainConfig, lengths: list[int]) -> Plan:
     plan.reasons["time"] = (f"about {format_duration(plan.estimated_s)}: {tokens:,.0f} tokens at "
                             f"{known['tokens_per_s']:,.0f} tokens/s, the speed of run {known['run']} here")
     return plan
-
-
-def _fit_memory(config: TrainConfig, stats: LengthStats, facts: ArchFacts | None, budget: Budget | None,
-                wanted_seq: int, dtype: str, optimizer: str, dropout: bool, loss: str, device: str,
-                card: Card | None, seq_reason: str) -> tuple[Fit, str, dict[str, str]]:
-    """(fit, base storage, reasons) within the budget; without the model's facts or a budget, the
-    settings asked for (or the defaults) unchecked, and a reason that says so."""
-    if facts is None or budget is None:
-        reasons = {"quantize": "set by you" if config.quantize != "auto" else "4-bit: the model's size is not known",
-                   "memory": "not planned: the model's architecture could not be read from config.json"}
-        checkpointing = bool(config.grad_checkpointing or config.offload_checkpoints or config.layer_tile)
-        fit = Fit(wanted_seq, config.rank or DEFAULT_RANK, checkpointing, config.micro_batch or MICRO_BATCHES[0], None,
-                  Saving(checkpointing, config.offload_checkpoints, max(0, config.mlp_tile), max(0, config.layer_tile)))
-        return (fit,
-                config.quantize if config.quantize in ("4bit", "none") else "4bit", reasons)
-    attention_guess = _rows_attention(config, facts, device, card)
-    fit, quantize, reasons = _choose_base(config, stats, facts, budget, wanted_seq, dtype, optimizer, dropout,
-                                          seq_reason, loss, attention_guess)
-    reasons["memory"] = (f"predicted peak {gib(fit.estimate.peak)} of {gib(budget.usable_bytes)} usable "
-                         f"({budget.source}, {budget.preset.safety_margin_gib:g} GiB kept free)")
-    return fit, quantize, reasons
 
 
 def _packed_rows_reason(config: TrainConfig, fit: Fit) -> str:
@@ -278,8 +342,6 @@ def _gpus_reason(gpus: int, device: str, budget: Budget | None) -> str:
         return (f"{gpus} process{'es' * (gpus != 1)} on the CPU (gloo): the multi-GPU code path, to try it; "
                 "not faster than one process here")
     if budget is not None and budget.card is None:  # this machine's cards, not a card named for planning
-        from app.core import host
-
         found = len(host.gpus().gpus)
         if 0 < found < gpus:
             raise ConfigError(f"--gpus {gpus}: this machine has {found} GPU{'s' * (found != 1)}; "
@@ -301,7 +363,7 @@ def validate_config(config: TrainConfig) -> None:
     """Raise ConfigError for a setting no plan can honour."""
     checks = [
         (config.rank is None or config.rank >= 1, "--rank must be at least 1"),
-        (config.seq_len is None or config.seq_len >= 16, "--seq-len must be at least 16"),
+        (config.seq_len is None or config.seq_len >= SEQ_LEN_LEAST, f"--seq-len must be at least {SEQ_LEN_LEAST}"),
         (config.micro_batch is None or config.micro_batch >= 1, "--batch must be at least 1"),
         (config.grad_accum is None or config.grad_accum >= 1, "--grad-accum must be at least 1"),
         (config.max_steps is None or config.max_steps >= 1, "--max-steps must be at least 1"),
@@ -336,29 +398,28 @@ def validate_config(config: TrainConfig) -> None:
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def _choose_base(config: TrainConfig, stats: LengthStats, facts: ArchFacts, budget: Budget, wanted_seq: int,
-                 dtype: str, optimizer: str, dropout: bool, seq_reason: str, loss: str,
-                 attention: str) -> tuple[Fit, str, dict[str, str]]:
+def _choose_base(request: FitRequest) -> tuple[Fit, str, dict[str, str]]:
     """The fit and the base's storage: unquantised when asked, or (auto) when it fits with the same
     context, rank, checkpointing and batch as 4-bit and leaves room (dequantising NF4 weights at
     every matmul costs time: on a CPU most of the step); 4-bit (QLoRA) otherwise."""
+    config, dtype = request.config, request.dtype
     if config.quantize not in QUANTIZE_CHOICES:
         raise ConfigError(f"--quantize {config.quantize}: choose one of {', '.join(QUANTIZE_CHOICES)}")
-    args = (config, stats, facts, budget, wanted_seq, dtype, optimizer, dropout, seq_reason, loss, attention)
+    unquantised = replace(request, quantize="none")
     if config.quantize == "none":
         try:
-            fit, reasons = choose_fit(*args, "none")
+            fit, reasons = choose_fit(unquantised)
         except PlanError as error:
             raise PlanError(f"{error}; or keep the base in 4 bits (--quantize 4bit or auto)") from None
         return fit, "none", {**reasons, "quantize": f"unquantised ({_dtype_name(dtype)}): set by you"}
-    four, four_reasons = four_bit_fit(choose_fit, args, config.gpus, budget.device, config.strategy)
+    four, four_reasons = four_bit_fit(request)
     if config.quantize == "4bit":
         return four, "4bit", {**four_reasons, "quantize": "4-bit NF4 (QLoRA): set by you"}
     if four.shards > 1:
         return four, "4bit", {**four_reasons, "quantize": "4-bit NF4 (QLoRA): FSDP shards the 4-bit base"}
-    usable = budget.usable_bytes
+    usable = request.budget.usable_bytes
     try:
-        plain, plain_reasons = choose_fit(*args, "none")
+        plain, plain_reasons = choose_fit(unquantised)
     except PlanError:
         plain = None
     same = plain is not None and (plain.seq_len, plain.rank, plain.saving, plain.micro_batch) == \
@@ -407,15 +468,3 @@ def _choose_batching(config: TrainConfig, facts: ArchFacts | None, seq_len: int)
             raise ConfigError(f"--packing is not available for this model: {why_not}; leave it off")
         return "grouped", f"padded batches of similar lengths: {why_not}"
     return "packed", "packed: several examples per row, no padding tokens"
-
-
-def _wanted_seq_len(config: TrainConfig, stats: LengthStats, cap: int) -> tuple[int, str]:
-    """(the sequence length to aim for, why): the user's, else p99 of the data within the cap."""
-    if config.seq_len:
-        return config.seq_len, "set by you"
-    wanted = max(64, min(cap, round_up(stats.p99)))
-    if wanted < round_up(stats.p99):
-        return wanted, f"the context cap {cap} (p99 of the data is {stats.p99} tokens)"
-    return wanted, f"covers 99% of examples (p99 {stats.p99} tokens)"
-
-

@@ -18,9 +18,6 @@ from app.core.plan.cards import find_card
 from app.core.plan.planner import plan_run
 from app.core.plan.presets import Budget, get_preset, resolve_budget
 
-NO_DATA_SEQ_LEN = 2048  # planned for when no data is given: a common chat context
-
-
 @dataclass
 class PlanPreview:
     """The plan with everything it was made from."""
@@ -68,13 +65,10 @@ def preview_plan(config: TrainConfig, lengths: list[int] | None = None, rows: li
             lengths, held = training_lengths(rows, lengths, config.val_split, config.seed)
         note = tokenizer_note(facts)
         stats = length_stats(lengths)
-    else:
+    else:  # the planner picks the length to plan for (seq_len.py)
         lengths, note, stats = [], "no data given: planned for full-length examples", None
-        if not config.seq_len:
-            seq = min(NO_DATA_SEQ_LEN, preset.context_cap, facts.arch.max_positions)
-            lengths = [seq]
     has_eval = bool(config.val_data) or (held is not None and bool(held.held))
-    plan = plan_run(config, stats or length_stats(lengths), lengths, has_eval, facts.arch, budget,
+    plan = plan_run(config, stats or length_stats([]), lengths, has_eval, facts.arch, budget,
                     with_data=bool(config.data))
     if held is not None:
         plan.reasons["held_out"] = held.reason

@@ -14,7 +14,10 @@ Trained by train/sharded.py; the FSDP terms of the estimate have not been measur
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from app.core.errors import PlanError
+from app.core.plan.fit import Fit, FitRequest, choose_fit
 from app.core.plan.kernel_choice import OPTIMIZER_LABELS
 from app.core.units import gib
 
@@ -22,26 +25,26 @@ CARD_COUNTS = (2, 4, 8)
 SHARDED_OPTIMIZER = "adamw_torch"
 
 
-def four_bit_fit(choose_fit, args: tuple, gpus: int, device: str, wanted: str = "auto"):
+def four_bit_fit(request: FitRequest) -> tuple[Fit, dict[str, str]]:
     """(fit, reasons) for the 4-bit base: one replica per card, else FSDP, else FSDP with its
-    shards in host RAM (`wanted`: "auto", or the user's "ddp" or "fsdp"); `choose_fit` and `args`
-    as the planner calls it."""
+    shards in host RAM, as the user's --strategy allows ("auto", "ddp" or "fsdp")."""
+    request = replace(request, quantize="4bit")
+    gpus, device, wanted = request.config.gpus, request.budget.device, request.config.strategy
     replica_error = None
     if wanted != "fsdp":
         try:
-            return choose_fit(*args, "4bit")
+            return choose_fit(request)
         except PlanError as error:
             if device != "cuda" or wanted == "ddp":
                 fsdp_fits = wanted == "ddp" and device == "cuda"
                 extra = "; --strategy fsdp would shard it over the cards" if fsdp_fits else ""
                 raise PlanError(f"{error}{extra}") from None
             if gpus <= 1:
-                raise PlanError(f"{error}{_cards_that_would(choose_fit, args)}") from None
+                raise PlanError(f"{error}{_cards_that_would(request)}") from None
             replica_error = error
-    sharded = _with_sharded_optimizer(args)
     for offload in (False, True) if device == "cuda" else (False,):
         try:
-            fit, reasons = choose_fit(*sharded, "4bit", shards=gpus, offload_params=offload)
+            fit, reasons = choose_fit(sharded(request, gpus, offload))
         except PlanError as error:
             replica_error = replica_error or error
             continue
@@ -58,13 +61,12 @@ def four_bit_fit(choose_fit, args: tuple, gpus: int, device: str, wanted: str = 
                     "not fit") from None
 
 
-def _cards_that_would(choose_fit, args: tuple) -> str:
+def _cards_that_would(request: FitRequest) -> str:
     """"; N such cards would hold it ..." for a one-card refusal, when FSDP over a few would fit."""
-    args = _with_sharded_optimizer(args)
     for count in CARD_COUNTS:
         for offload in (False, True):
             try:
-                fit, _ = choose_fit(*args, "4bit", shards=count, offload_params=offload)
+                fit, _ = choose_fit(sharded(request, count, offload))
             except PlanError:
                 continue
             ram = f", {gib(fit.estimate.host_offload)} of host RAM" if offload else ""
@@ -73,9 +75,10 @@ def _cards_that_would(choose_fit, args: tuple) -> str:
     return ""
 
 
-def _with_sharded_optimizer(args: tuple) -> tuple:
-    """The planner's `choose_fit` arguments with the optimizer (args[6]) FSDP trains with."""
-    return (*args[:6], SHARDED_OPTIMIZER, *args[7:])
+def sharded(request: FitRequest, shards: int, offload: bool) -> FitRequest:
+    """The request sharded by FSDP over `shards` processes (`offload`: the shards in host RAM),
+    with the optimizer FSDP trains with."""
+    return replace(request, optimizer=SHARDED_OPTIMIZER, shards=shards, offload_params=offload)
 
 
 def strategy_of(fit, gpus: int) -> str:

@@ -12,6 +12,7 @@ from PySide6.QtWidgets import (QComboBox, QGridLayout, QLabel, QProgressBar, QSp
 
 from app.core.config import Plan, TrainConfig, field_help
 from app.core.plan.context import LAYER_TILE
+from app.core.plan.seq_len import SEQ_LEN_LEAST
 from app.core.units import gib
 from app.gui.widgets.controls import NumberEdit, label
 from app.gui.words import plain
@@ -19,7 +20,7 @@ from app.gui.words import plain
 AUTO = "auto"
 BASE_CHOICES = [(AUTO, "auto"), ("4-bit (QLoRA)", "4bit"), ("unquantised (LoRA)", "none")]
 # (config field, label, lowest, highest)
-INT_FIELDS = [("rank", "LoRA rank", 1, 512), ("seq_len", "Sequence length", 16, 131072),
+INT_FIELDS = [("rank", "LoRA rank", 1, 512), ("seq_len", "Sequence length", SEQ_LEN_LEAST, 131072),
               ("micro_batch", "Micro-batch", 1, 256), ("grad_accum", "Accumulation", 1, 1024),
               ("threads", "CPU threads", 1, 1024)]
 
