@@ -86,7 +86,7 @@ def child(spec: dict) -> dict:
     """The demo on the sample set, 256-token rows of 2, in this fresh process: its step times."""
     from app.core.config import TrainConfig
     from app.core.resources import sample_dataset
-    from app.core.train.events import StepMetrics
+    from app.core.events import StepMetrics
     from app.core.train.prepare import prepare_training
     from app.core.train.trainer import train_prepared
 

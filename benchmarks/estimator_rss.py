@@ -117,7 +117,7 @@ def child(spec: dict) -> dict:
     """One run in this fresh process: the plan, the peaks, the ratio."""
     from app.core import host
     from app.core.config import TrainConfig
-    from app.core.train.events import StepMetrics
+    from app.core.events import StepMetrics
     from app.core.train.prepare import prepare_training
     from app.core.train.trainer import train_prepared
 

@@ -99,7 +99,7 @@ def selftest_all(device: str, rows: list):
 
 def steps(device: str, rows: list):
     """A few real steps of the demo model for each precision x batching x checkpointing."""
-    from app.core.train.events import StepMetrics
+    from app.core.events import StepMetrics
     from app.core.train.trainer import train_prepared
 
     dtypes = ["bfloat16", "float16"] if device == "cuda" else ["float32", "float16"]
@@ -132,7 +132,7 @@ def restore(device: str, rows: list):
 
     from safetensors.torch import load_file
 
-    from app.core.train.events import StepMetrics
+    from app.core.events import StepMetrics
     from app.core.train.trainer import resume_training, train_prepared
 
     def run(stop_at: int | None):
@@ -171,7 +171,7 @@ def oom(device: str, rows: list):
         return "skipped", "needs CUDA (the CPU test suite covers the ladder with a pretend card)"
     import torch
 
-    from app.core.train.events import PlanAdjusted, RunFinished
+    from app.core.events import PlanAdjusted, RunFinished
     from app.core.train.trainer import train_prepared
 
     prepared = _demo_prepared(device, seq_len=2048, packing=False, steps=3)

@@ -104,7 +104,7 @@ def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_b
 
     from app.core.plan.kernel_choice import PACKED_LOOP, choose_attention
     from app.core.train.memory_probe import PeakMemory, optimizer_bytes, weight_bytes
-    from app.core.train.qlora import QLoraSession
+    from app.core.train.session import QLoraSession
 
     config = model_config(model_id, layers)
     facts = arch_facts(config)

@@ -52,9 +52,9 @@ def fp32_compute(run_dir: str, merged_dir: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from app.core.chat import find_adapter
-    from app.core.export import adapter_tokenizer
-    from app.core.export.merged import _agreement, tested_reference
+    from app.core.adapters import find_adapter
+    from app.core.adapters import adapter_tokenizer
+    from app.core.export.merged_model import _agreement, tested_reference
     from app.core.models.resolve import resolve_model
 
     source = find_adapter(run_dir)
@@ -67,10 +67,10 @@ def fp32_compute(run_dir: str, merged_dir: Path) -> dict:
 
 
 def export(run_dir: str, out: Path, dtype: str, into: str = "trained") -> dict:
-    from app.core.export import export_run
+    from app.core.export.exporter import ExportOptions, export_run
 
     started = time.perf_counter()
-    result = export_run(run_dir, "merged", out, dtype=dtype, merge_into=into, force=True)
+    result = export_run(run_dir, "merged", out, ExportOptions(dtype=dtype, merge_into=into, force=True))
     checks = result.checks
     return {"dtype": checks.get("dtype", dtype), "asked": dtype, "merge_into": checks.get("merged_into"),
             "top_token_agreement": checks.get("top_token_agreement"), "max_logit_diff": checks.get("max_logit_diff"),

@@ -37,7 +37,7 @@ CHILD = r"""
 import json, resource, sys, time
 from app.core.config import TrainConfig
 from app.core.runs import Run, read_history
-from app.core.train.events import StepMetrics
+from app.core.events import StepMetrics
 from app.core.train.trainer import run_training
 gpus, accum, steps, seq = (int(v) for v in sys.argv[1:5])
 strategy = sys.argv[6]

@@ -54,7 +54,7 @@ def main() -> int:
 
 
 def measure(torch, heads: int, kv_heads: int, dim: int, tokens: int, count: int, repeats: int) -> dict:
-    from app.core.train import packed_attention
+    from app.core.train.memory_savers import packed_attention
 
     generator = torch.Generator().manual_seed(tokens * 100 + count)
     q, k, v = (torch.randn(1, h, tokens, dim, generator=generator) for h in (heads, kv_heads, kv_heads))
@@ -140,7 +140,7 @@ def write(rows: list[dict], args, seconds: float, load_before: list[float]) -> N
     lines += ["", f"Rows of several examples: the masked call takes {min(ratios)}x-{max(ratios)}x the loop's time "
               "(it computes the whole tokens x tokens square; the loop only each example's own triangle). "
               "With one example the masked path is plain causal SDPA, the same work as the loop. Hence "
-              "`batched_path_for('cpu', None) == 'loop'` in app/core/train/packed_attention.py.",
+              "`batched_path_for('cpu', None) == 'loop'` in app/core/train/memory_savers/packed_attention.py.",
               f"Total benchmark time: {data['seconds']} s.", ""]
     (RESULTS / "packed_attention-cpu.md").write_text("\n".join(lines))
 

@@ -318,7 +318,7 @@ def train_tunesmith(job: dict) -> dict:
     import torch
 
     from app.core.config import Plan, TrainConfig
-    from app.core.train.events import PlanAdjusted, StepMetrics
+    from app.core.events import PlanAdjusted, StepMetrics
     from app.core.train.prepare import prepare_training
     from app.core.train.trainer import train_prepared
 
@@ -354,7 +354,7 @@ def evaluate_adapters(job: dict) -> dict:
     from app.core.models.load import load_base_model, load_tokenizer
     from app.core.models.resolve import resolve_model
     from app.core.train.prepare import truncate
-    from app.core.train.qlora import loss_sum
+    from app.core.train.loss import loss_sum
 
     plan = Plan.from_dict(job["plan"])
     info = resolve_model(job["model"])

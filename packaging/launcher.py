@@ -2,7 +2,7 @@
 desktop app (both built from this one script by `tunesmith.spec`, so they share one bundle).
 
 The engine starts helper processes as `python -m module ...` (llama.cpp's quantizer; torchrun,
-which starts its workers as `python -u -m app.core.train.worker ...`); in the frozen app that
+which starts its workers as `python -u -m app.core.train.parallel.worker ...`); in the frozen app that
 `python` is `tunesmith-cli` (app.core.portable.python_command), so `-m module` runs the module
 here as python would, after the interpreter flags torchrun passes."""
 

@@ -165,7 +165,7 @@ def train_tiny(model, data, steps: int = 6, stop_at: int | None = None, lr: floa
     import threading
 
     from app.core.config import TrainConfig
-    from app.core.train.events import StepMetrics
+    from app.core.events import StepMetrics
     from app.core.train.trainer import run_training
 
     stop = threading.Event()

@@ -35,12 +35,12 @@ def add_commands(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from app.core.export import export_run
+    from app.core.export.exporter import ExportOptions, export_run
     from app.core.export.usage import how_to_run
 
-    result = export_run(args.run, args.format, args.out, dtype=args.dtype, quant=args.quant, force=args.force,
-                        progress=info, trust_remote_code=args.trust_remote_code, pre_tokenizer=args.pre_tokenizer,
-                        merge_into=args.merge_into, download=args.download)
+    options = ExportOptions(dtype=args.dtype, quant=args.quant, force=args.force, trust_remote_code=args.trust_remote_code,
+                            pre_tokenizer=args.pre_tokenizer, merge_into=args.merge_into, download=args.download)
+    result = export_run(args.run, args.format, args.out, options, progress=info)
     print(f"Wrote {result.out_dir} ({result.bytes / 2**20:,.1f} MiB):")
     for name in result.files:
         print(f"  {name}")

@@ -22,7 +22,7 @@ class Progress:
         self.predicted, self.peak = 0, 0  # the run's predicted peak, and the measured one so far
 
     def __call__(self, event) -> None:
-        from app.core.train.events import (CheckpointSaved, EvalMetrics, LogLine, PlanAdjusted, RunFailed,
+        from app.core.events import (CheckpointSaved, EvalMetrics, LogLine, PlanAdjusted, RunFailed,
                                            RunCreated, RunFinished, RunStarted, StepMetrics, StepProgress)
 
         if isinstance(event, StepProgress):

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.core import host
+from app.core.adapters import AdapterSource, adapter_tokenizer, find_adapter, trained_storage
 from app.core.atomic import append_line
-from app.core.errors import ModelError, RunError
+from app.core.errors import RunError
 
 
 @dataclass
@@ -48,62 +49,6 @@ class AnswerStats:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
-
-
-@dataclass
-class AdapterSource:
-    """Where an adapter and its base model are."""
-
-    adapter_dir: Path
-    base: str  # a model reference `resolve_model` understands: "demo", a folder or a hub id
-    label: str
-    tokenizer_dir: Path | None = None  # a tokenizer saved with the adapter (its chat template)
-    run_dir: Path | None = None  # the run the adapter belongs to, if any
-
-
-def find_adapter(ref: str) -> AdapterSource:
-    """The adapter `ref` names: a run (id, prefix or folder), a run's checkpoint, or a PEFT adapter folder."""
-    from app.core.runs import open_run
-
-    path = Path(ref).expanduser()
-    if (path / "adapter_config.json").exists():
-        run_dir = _run_of(path)
-        if run_dir is not None:
-            run = open_run(str(run_dir))
-            tokenizer = run.adapter_dir if (run.adapter_dir / "tokenizer_config.json").exists() else None
-            return AdapterSource(path, run.config().model, f"{run.id} ({path.name})", tokenizer or path, run.dir)
-        return AdapterSource(path, _base_of(path), path.name, path)
-    run = open_run(ref)
-    if (run.adapter_dir / "adapter_config.json").exists():
-        return AdapterSource(run.adapter_dir, run.config().model, run.id, run.adapter_dir, run.dir)
-    checkpoint = run.latest_checkpoint()
-    if checkpoint is None:
-        raise RunError(f"run {run.id} has no adapter yet and no checkpoint; train it for a few steps first")
-    return AdapterSource(checkpoint, run.config().model, f"{run.id} ({checkpoint.name})", run_dir=run.dir)
-
-
-def base_to_download(ref: str) -> str:
-    """The hub id of the base model `ref`'s adapter names when no copy of it is on this machine
-    (loading or exporting would download it: the window asks first), else ""."""
-    from app.core.models.resolve import is_missing_hub_model
-
-    try:
-        base = find_adapter(ref).base
-    except Exception:  # noqa: BLE001 - the load or export itself reports a bad reference
-        return ""
-    return base if is_missing_hub_model(base) else ""
-
-
-def runs_with_adapter() -> list:
-    """The runs `find_adapter` can use (a final adapter or a checkpoint), newest first, as RunSummary rows."""
-    from app.core.runs import list_runs, open_run
-
-    rows = []
-    for row in list_runs():
-        run = open_run(row.id)
-        if (run.adapter_dir / "adapter_config.json").exists() or run.latest_checkpoint() is not None:
-            rows.append(row)
-    return rows
 
 
 class ChatSession:
@@ -219,7 +164,7 @@ def load_chat(ref: str, trust_remote_code: bool = False,
 
     source = find_adapter(ref)
     device, dtype = host.compute_device()
-    quantize = _trained_quantize(source)
+    quantize = trained_storage(source)[0]
     info = resolve_model(source.base, trust_remote_code, progress=progress, download=download)
     how = "in 4-bit" if quantize == "4bit" else f"unquantised ({dtype})"
     progress(f"Loading {info.name} {how} on {device} with the adapter {source.label}")
@@ -227,52 +172,6 @@ def load_chat(ref: str, trust_remote_code: bool = False,
     model = PeftModel.from_pretrained(base, source.adapter_dir)
     model.eval()
     return ChatSession(model, adapter_tokenizer(source, info, trust_remote_code), device, source)
-
-
-def _trained_quantize(source: AdapterSource) -> str:
-    return trained_storage(source)[0]
-
-
-def trained_storage(source: AdapterSource) -> tuple[str, str]:
-    """(how the base was stored, the compute dtype) when the adapter was trained, as the run's plan
-    says: ("4bit", "bfloat16") for runs from before the plan recorded it and for adapters from
-    elsewhere (QLoRA's defaults)."""
-    if source.run_dir is None:
-        return "4bit", "bfloat16"
-    from app.core.runs import open_run
-
-    try:
-        plan = open_run(str(source.run_dir)).plan()
-    except Exception:  # noqa: BLE001 - an unreadable plan: the QLoRA default
-        return "4bit", "bfloat16"
-    return plan.quantize or "4bit", plan.compute_dtype or "bfloat16"
-
-
-def adapter_tokenizer(source: AdapterSource, info, trust_remote_code: bool = False):
-    """The tokenizer trained with (saved beside the adapter), else the base model's; with a chat template."""
-    from app.core.data.tokenize import ensure_chat_template
-    from app.core.models.load import load_tokenizer
-
-    if source.tokenizer_dir is not None and (source.tokenizer_dir / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
-
-        from app.core.models.load import refuse_own_code
-
-        refuse_own_code(source.tokenizer_dir, "tokenizer_config.json", "the adapter's tokenizer", trust_remote_code)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir, trust_remote_code=trust_remote_code)
-        except Exception as err:  # noqa: BLE001 - a damaged tokenizer folder is the user's to fix
-            raise ModelError(f"{source.tokenizer_dir}: cannot load the adapter's tokenizer "
-                             f"({str(err).splitlines()[0][:160] if str(err) else type(err).__name__})") from None
-        from app.core.models.template_guard import check_template
-
-        check_template(getattr(tokenizer, "chat_template", None), str(source.tokenizer_dir))
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    else:
-        tokenizer = load_tokenizer(info, trust_remote_code)
-    ensure_chat_template(tokenizer)
-    return tokenizer
 
 
 def save_conversation(path: str | Path, messages: list[dict], system_prompt: str = "") -> Path:
@@ -302,23 +201,3 @@ def _stop_at(text: str, stops: list[str]) -> int | None:
     """Where the first stop string starts in `text`, or None."""
     found = [text.find(s) for s in stops if s and s in text]
     return min(found) if found else None
-
-
-def _run_of(path: Path) -> Path | None:
-    """The run folder an adapter or checkpoint folder belongs to, if any."""
-    for parent in (path.parent, path.parent.parent):
-        if (parent / "status.json").exists() and (parent / "config.json").exists():
-            return parent
-    return None
-
-
-def _base_of(adapter_dir: Path) -> str:
-    try:
-        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise RunError(f"{adapter_dir / 'adapter_config.json'}: cannot read ({err})") from None
-    base = config.get("base_model_name_or_path")
-    if not base:
-        raise RunError(f"{adapter_dir / 'adapter_config.json'}: no base_model_name_or_path; cannot tell which "
-                       "model the adapter belongs to")
-    return base

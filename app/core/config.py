@@ -119,9 +119,9 @@ class Plan(JsonRoundTrip):
     micro_batch: int = _f(1, "Examples per forward pass.")
     grad_accum: int = _f(1, "Micro-batches per optimizer step.")
     grad_checkpointing: bool = _f(False, "Gradient checkpointing on or off.")
-    mlp_tile: int = _f(0, "Tokens per MLP tile (train/tiled_mlp.py); 0: the MLP runs over the whole sequence.")
-    offload_checkpoints: bool = _f(False, "Checkpointed layers' inputs kept in host RAM (train/offload.py).")
-    layer_tile: int = _f(0, "Tokens per tile of the checkpointed layers (train/tiled_layer.py); 0: untiled.")
+    mlp_tile: int = _f(0, "Tokens per MLP tile (train/memory_savers/tiled_mlp.py); 0: the MLP runs over the whole sequence.")
+    offload_checkpoints: bool = _f(False, "Checkpointed layers' inputs kept in host RAM (train/memory_savers/offload.py).")
+    layer_tile: int = _f(0, "Tokens per tile of the checkpointed layers (train/memory_savers/tiled_layer.py); 0: untiled.")
     batching: str = _f("grouped", "packed: examples packed into padding-free rows of micro_batch x "
                                   "seq_len tokens; grouped: padded batches of similar lengths; "
                                   "random: padded batches in plain shuffled order.")

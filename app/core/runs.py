@@ -27,7 +27,7 @@ from app.core.errors import RunError
 from app.core.paths import runs_dir
 from app.core.portable import RUN_INNER, path_problem, safe_name
 from app.core.run_lock import RunLock, in_use
-from app.core.train.events import Event, event_to_dict
+from app.core.events import Event, event_to_dict
 
 KEEP_CHECKPOINTS = 2
 LABEL_MAX = 80

@@ -8,7 +8,8 @@ import pytest
 
 from app.core.errors import ModelError
 from app.core.models.architecture import arch_facts
-from app.core.models.catalog import catalog, find_in_catalog, model_facts
+from app.core.models.catalog import catalog, find_in_catalog
+from app.core.models.resolve import model_facts
 
 ENTRIES = catalog()
 REQUIRED = ["meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-70B-Instruct",

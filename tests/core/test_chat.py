@@ -8,7 +8,8 @@ import threading
 
 import pytest
 
-from app.core.chat import GenerationSettings, find_adapter, load_chat, save_conversation
+from app.core.adapters import find_adapter
+from app.core.chat import GenerationSettings, load_chat, save_conversation
 from app.core.errors import RunError
 from conftest import train_tiny
 

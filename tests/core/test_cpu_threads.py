@@ -13,7 +13,7 @@ import torch
 from app.core import host
 from app.core.config import TrainConfig
 from app.core.plan.planner import cpu_threads
-from app.core.train.events import StepMetrics
+from app.core.events import StepMetrics
 from app.core.train.trainer import run_training
 
 

@@ -18,7 +18,7 @@ import pytest
 
 import app.core.train.failures as failures
 from app.core.runs import open_run
-from app.core.train.events import CheckpointSaved, LogLine
+from app.core.events import CheckpointSaved, LogLine
 from app.core.train.trainer import resume_training
 from conftest import REPO
 
@@ -161,7 +161,7 @@ def _train(model, data, steps: int, save_every: int, stop_at: int | None = None,
     import threading
 
     from app.core.config import TrainConfig
-    from app.core.train.events import StepMetrics
+    from app.core.events import StepMetrics
     from app.core.train.trainer import run_training
 
     stop = threading.Event()

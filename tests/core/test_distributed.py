@@ -1,4 +1,4 @@
-"""A run on several processes (app/core/train/launch.py, worker.py, distributed.py): torchrun starts
+"""A run on several processes (app/core/train/parallel/launch.py, worker.py, distributed.py): torchrun starts
 two gloo workers on this CPU machine, the same code that runs one worker per GPU (no GPU here:
 NCCL and the cards' own memory are for the GPU check). Real steps of the tiny 4-bit model."""
 
@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from app.core.config import TrainConfig
 from app.core.runs import Run, read_history
-from app.core.train.events import RunFailed, StepMetrics
+from app.core.events import RunFailed, StepMetrics
 from app.core.train.trainer import resume_training, run_training
 
 
@@ -109,7 +109,7 @@ def _worker_pid(run_dir: Path, rank: int) -> int | None:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"app.core.train.worker" in command and str(run_dir).encode() in command \
+        if b"app.core.train.parallel.worker" in command and str(run_dir).encode() in command \
                 and f"RANK={rank}".encode() in environ:
             return int(entry.name)
     return None
@@ -119,7 +119,7 @@ def _worker_pid(run_dir: Path, rank: int) -> int | None:
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_a_killed_worker_fails_the_run_with_the_reason_and_resume_finishes_it(tiny_model, chat_data, strategy,
                                                                               tunesmith_home, monkeypatch):
-    from app.core.train import launch
+    from app.core.train.parallel import launch
 
     runs, killed, events = [], [], []
     original = launch.run_workers
@@ -168,7 +168,7 @@ def test_gradients_of_ranks_without_a_micro_batch_count_as_zeros():
     """Ranks.sum_gradients with one process (gloo, world 1): None gradients become zeros."""
     import torch.distributed as dist
 
-    from app.core.train.distributed import Ranks
+    from app.core.train.parallel.distributed import Ranks
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29731")

@@ -13,7 +13,8 @@ import pytest
 
 from app import cli
 from app.core.errors import ExportError
-from app.core.export import export_run, ollama_modelfile
+from app.core.export.exporter import ExportOptions, export_run
+from app.core.export.modelfile import ollama_modelfile
 from conftest import adapter_of_a_hub_base
 
 LLAMA3_TEMPLATE = (
@@ -36,9 +37,9 @@ def test_the_merged_model_loads_in_plain_transformers_and_matches_base_plus_adap
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from app.core.export.merge import as_trained, was_quantised
+    from app.core.export.tensor_merge import as_trained, was_quantised
 
-    result = export_run(tiny_run.run_id, "merged", tmp_path / "merged", dtype="f32")
+    result = export_run(tiny_run.run_id, "merged", tmp_path / "merged", ExportOptions(dtype="f32"))
     assert result.checks["max_logit_diff"] < 1e-4 and result.checks["top_token_agreement"] == 1.0
     assert {"config.json", "generation_config.json", "tokenizer.json", "README.md"} <= set(result.files)
     assert any(name.endswith(".safetensors") for name in result.files)
@@ -74,7 +75,7 @@ def test_the_run_it_command_after_an_export_runs_it(fmt, tiny_run, tmp_path, cap
 def test_the_gguf_export_reads_back_and_comes_with_a_valid_modelfile(tiny_run, tmp_path):
     from app.core.export.gguf_check import verify_gguf
 
-    result = export_run(tiny_run.run_id, "gguf", tmp_path / "gguf", quant="q8_0")
+    result = export_run(tiny_run.run_id, "gguf", tmp_path / "gguf", ExportOptions(quant="q8_0"))
     [name] = [f for f in result.files if f.endswith(".gguf")]
     assert set(result.files) == {name, "Modelfile", "README.md", "export.json"}  # no merged leftovers
     from app.core.export.usage import how_to_run
@@ -92,7 +93,7 @@ def test_the_gguf_export_reads_back_and_comes_with_a_valid_modelfile(tiny_run, t
 
 
 def _merged_for_check(run, tmp_path) -> Path:
-    export_run(run.run_id, "merged", tmp_path / "merged-check", dtype="bf16")
+    export_run(run.run_id, "merged", tmp_path / "merged-check", ExportOptions(dtype="bf16"))
     return tmp_path / "merged-check"
 
 
@@ -276,7 +277,7 @@ def test_the_merged_demo_model_answers_in_the_sample_datas_voice(demo_run, tmp_p
     from app.core.export.gguf_check import verify_gguf
     from test_demo import _pirate_score
 
-    export_run(str(demo_run), "merged", tmp_path / "merged", dtype="f32")
+    export_run(str(demo_run), "merged", tmp_path / "merged", ExportOptions(dtype="f32"))
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "How do I make garlic bread?"}],
@@ -284,7 +285,7 @@ def test_the_merged_demo_model_answers_in_the_sample_datas_voice(demo_run, tmp_p
     output = model.generate(**prompt, max_new_tokens=60, do_sample=False, repetition_penalty=1.1)
     answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert _pirate_score(answer) >= 1, answer
-    result = export_run(str(demo_run), "gguf", tmp_path / "gguf", dtype="f32", quant="f16")
+    result = export_run(str(demo_run), "gguf", tmp_path / "gguf", ExportOptions(dtype="f32", quant="f16"))
     [name] = [f for f in result.files if f.endswith(".gguf")]
     check = verify_gguf(tmp_path / "gguf" / name, tmp_path / "merged")
     assert check.ok and check.tensor_count == 272, check.problems
@@ -304,13 +305,13 @@ def test_the_demo_merged_by_default_is_the_model_that_was_tested(demo_run, tmp_p
     card = (tmp_path / "merged" / "README.md").read_text()
     assert f"{result.checks['top_token_agreement']:.1%} of positions" in card
     assert "merged model (f16 safetensors)" in card and "Stored in f16: the largest activation" in card
-    bf16 = export_run(str(demo_run), "merged", tmp_path / "bf16", dtype="bf16")
+    bf16 = export_run(str(demo_run), "merged", tmp_path / "bf16", ExportOptions(dtype="bf16"))
     assert bf16.checks["dtype"] == "bf16" and "dtype_choice" not in bf16.checks
     assert bf16.checks["max_logit_diff"] > result.checks["max_logit_diff"]
 
 
 def test_the_automatic_precision_is_bf16_where_activations_near_f16s_range_or_unmeasured():
-    from app.core.export.merged import _Reference, choose_dtype
+    from app.core.export.merged_model import _Reference, choose_dtype
 
     def reference(largest: float) -> _Reference:
         return _Reference([], [], largest, "NF4-rounded base")
@@ -342,8 +343,9 @@ def test_a_model_whose_activations_overflow_f16_is_merged_in_bf16(headroom, tiny
     """Measured before the merge (the residual stream reaches ~1e5), or, with the measurement made
     to say f16 (headroom 0), found by the check after it: the f16 merge's logits overflow, and it is
     merged again in bf16."""
-    from app.core.chat import find_adapter
-    from app.core.export import adapter_tokenizer, merged
+    from app.core.adapters import find_adapter
+    from app.core.adapters import adapter_tokenizer
+    from app.core.export import merged_model as merged
     from app.core.models.resolve import resolve_model
 
     monkeypatch.setattr(merged, "F16_HEADROOM", headroom)
@@ -481,7 +483,7 @@ def test_the_demo_exports_4_bit_gguf_that_llama_cpp_runs_in_the_pirate_voice(dem
 
     quants = ["q4_0"] + (["q4_k_m"] if importlib.util.find_spec("llama_cpp") else [])
     for quant in quants:
-        result = export_run(str(demo_run), "gguf", tmp_path / quant, quant=quant)
+        result = export_run(str(demo_run), "gguf", tmp_path / quant, ExportOptions(quant=quant))
         assert result.checks["top_token_agreement"] >= 0.995 and result.checks["merged_into"] == "original"
         [name] = [f for f in result.files if f.endswith(".gguf")]
         assert (tmp_path / quant / name).stat().st_size < 0.45 * 2 * 134_515_008  # under half of f16

@@ -195,7 +195,7 @@ def test_olmo2_and_moe_models_export_with_their_own_tensors_and_read_back_equal(
 
 
 def test_moe_models_llama_cpp_would_compute_differently_are_refused_in_the_plan(tmp_path):
-    from app.core.export.gguf_arch import gguf_problem
+    from app.core.models.support import gguf_problem
 
     qwen3 = {"architectures": ["Qwen3MoeForCausalLM"], "num_experts": 128, "num_experts_per_tok": 8}
     assert gguf_problem({**qwen3, "norm_topk_prob": True}) == ""

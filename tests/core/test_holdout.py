@@ -113,8 +113,8 @@ def test_eval_data_that_repeats_training_prompts_is_said_when_training_starts(ti
 
 def test_evals_come_every_n_steps_and_also_when_too_long_has_passed_since_the_last(tiny_model, tmp_path,
                                                                                    monkeypatch):
-    from app.core.train import trainer
-    from app.core.train.events import EvalMetrics
+    from app.core.events import EvalMetrics
+    from app.core.train import loop, trainer
 
     data = tmp_path / "many.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
@@ -125,7 +125,7 @@ def test_evals_come_every_n_steps_and_also_when_too_long_has_passed_since_the_la
     steps = []
     trainer.run_training(config, lambda e: steps.append(e.step) if isinstance(e, EvalMetrics) else None)
     assert steps == [2, 4, 6, 8, 10, 12, 14, 16]  # 8 a run: every 2 of 16 steps
-    monkeypatch.setattr(trainer, "EVAL_AT_LEAST_EVERY_S", 0.0)  # a machine so slow that every step is overdue
+    monkeypatch.setattr(loop, "EVAL_AT_LEAST_EVERY_S", 0.0)  # a machine so slow that every step is overdue
     steps.clear()
     trainer.run_training(config, lambda e: steps.append(e.step) if isinstance(e, EvalMetrics) else None)
     assert steps == list(range(1, 17))

@@ -20,7 +20,7 @@ SEQ = 256
 def demo_session(demo_model_path):
     """The demo model loaded in NF4 with LoRA rank 16, as training loads it, and one step taken."""
     from app.core.train.prepare import prepare_training
-    from app.core.train.qlora import QLoraSession
+    from app.core.train.session import QLoraSession
 
     config = TrainConfig(model="demo", data=str(sample_dataset()), seq_len=SEQ, rank=16, micro_batch=2,
                          grad_accum=1, grad_checkpointing=False, max_steps=3, preset="auto", quantize="4bit")

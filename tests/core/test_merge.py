@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from app.core.export import merge
+from app.core.export import tensor_merge as merge
 from app.core.errors import ExportError
-from app.core.export import export_run
+from app.core.export.exporter import ExportOptions, export_run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -160,7 +160,7 @@ def test_the_export_falls_back_to_the_whole_model_merge_and_still_matches(tiny_r
 
     monkeypatch.setattr(merge, "plan_merge", refuse)
     messages = []
-    result = export_run(tiny_run.run_id, "merged", tmp_path / "merged", dtype="f32", progress=messages.append)
+    result = export_run(tiny_run.run_id, "merged", tmp_path / "merged", ExportOptions(dtype="f32"), progress=messages.append)
     assert any("whole: the adapter uses DoRA" in m for m in messages)
     assert result.checks["max_logit_diff"] < 1e-4 and result.checks["top_token_agreement"] == 1.0
 
@@ -177,7 +177,7 @@ def test_the_logit_check_is_skipped_with_its_reason_when_the_model_does_not_fit(
     """available_ram is patched to 0.6 GiB: enough for the streamed merge, not for the check's
     whole model plus its 1 GiB margin."""
     monkeypatch.setattr("app.core.host.available_ram", lambda: int(0.6 * 2**30))
-    result = export_run(tiny_run.run_id, "merged", tmp_path / "merged", dtype="bf16")
+    result = export_run(tiny_run.run_id, "merged", tmp_path / "merged", ExportOptions(dtype="bf16"))
     assert result.checks["logit_check"].startswith("skipped: comparing with base + adapter loads the model whole")
     assert "max_logit_diff" not in result.checks
     card = (tmp_path / "merged" / "README.md").read_text()
@@ -188,7 +188,7 @@ PEAK_SCRIPT = r"""
 import json, sys
 from pathlib import Path
 import torch, safetensors.torch  # imported before the baseline: what a merge needs anyway
-from app.core.export import merge
+from app.core.export import tensor_merge as merge
 
 def status(key):
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key))
@@ -260,8 +260,8 @@ def test_the_nf4_rounding_is_what_the_4bit_base_holds_in_training(tiny_model):
 def test_merging_into_the_trained_weights_matches_the_4bit_run_better(tiny_run, tmp_path):
     """A QLoRA run: the default merge (into the NF4-rounded weights) gives, at f32, the logits of
     base + adapter as tested; the merge into the original weights is measurably further away."""
-    trained = export_run(tiny_run.run_id, "merged", tmp_path / "trained", dtype="f32")
-    original = export_run(tiny_run.run_id, "merged", tmp_path / "original", dtype="f32", merge_into="original")
+    trained = export_run(tiny_run.run_id, "merged", tmp_path / "trained", ExportOptions(dtype="f32"))
+    original = export_run(tiny_run.run_id, "merged", tmp_path / "original", ExportOptions(dtype="f32", merge_into="original"))
     assert trained.checks["merged_into"] == "trained" and original.checks["merged_into"] == "original"
     assert trained.checks["checked_against"].startswith("NF4-rounded base")
     assert trained.checks["max_logit_diff"] < 1e-3 and trained.checks["top_token_agreement"] == 1.0

@@ -1,4 +1,4 @@
-"""Offloaded activation checkpoints (app/core/train/offload.py): the same loss and LoRA gradients
+"""Offloaded activation checkpoints (app/core/train/memory_savers/offload.py): the same loss and LoRA gradients
 as torch's checkpointing, LoRA dropout included, with the input kept in place (the CPU's path) or
 copied (the path a GPU takes, into pinned memory there); and a real QLoRA run trains the same.
 No GPU here: the side stream and pinned memory are CUDA-only and run in the GPU check."""
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.core.train.offload import offload_checkpoints
+from app.core.train.memory_savers.offload import offload_checkpoints
 from test_tiled_mlp import loss_and_grads, lora_model, short_qlora_run
 
 
@@ -23,7 +23,7 @@ def ids():
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_offloaded_checkpoints_give_torchs_checkpointing_loss_and_gradients(tiny_model, ids, to_host, dropout,
                                                                            monkeypatch):
-    from app.core.train import offload
+    from app.core.train.memory_savers import offload
 
     model = lora_model(tiny_model, dropout=dropout, checkpointing=True)
     plain_loss, plain = loss_and_grads(model, ids)
@@ -39,7 +39,7 @@ def test_offloaded_checkpoints_give_torchs_checkpointing_loss_and_gradients(tiny
 
 
 def test_offloaded_checkpoints_and_tiled_mlp_together(tiny_model, ids):
-    from app.core.train.tiled_mlp import tile_mlps
+    from app.core.train.memory_savers.tiled_mlp import tile_mlps
 
     model = lora_model(tiny_model, dropout=0.0, checkpointing=True)
     plain_loss, plain = loss_and_grads(model, ids)

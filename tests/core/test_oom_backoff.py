@@ -14,9 +14,9 @@ import pytest
 
 from app.core.config import TrainConfig
 from app.core.runs import open_run
-from app.core.train.events import PlanAdjusted, RunFailed
+from app.core.events import PlanAdjusted, RunFailed
 from app.core.train.oom import next_backoff
-from app.core.train.qlora import QLoraSession
+from app.core.train.session import QLoraSession
 from app.core.train.trainer import run_training
 from conftest import EXAMPLES
 

@@ -52,7 +52,7 @@ def eval_loss(model_dir, adapter_dir, examples) -> float:
 
 
 def alarms(events) -> list[str]:
-    from app.core.train.events import LogLine
+    from app.core.events import LogLine
 
     return [e.message for e in events if isinstance(e, LogLine) and e.message.startswith("Overfitting")]
 
@@ -83,7 +83,7 @@ def test_early_stop_ends_an_overtrained_run_and_keeps_the_best_eval_adapter(tiny
 
 def test_warn_raises_the_alarm_before_the_run_ends_and_trains_on(tiny_model, tmp_path):
     from app.core.runs import open_run, read_history
-    from app.core.train.events import EvalMetrics
+    from app.core.events import EvalMetrics
     from app.core.train.trainer import run_training
 
     config = overtrained(tiny_model, style_set(tmp_path / "style.jsonl"), "warn")

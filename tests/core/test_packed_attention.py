@@ -10,8 +10,8 @@ import torch
 
 from app.core.data.packing import collate_packed
 from app.core.data.tokenize import IGNORE, Tokenized
-from app.core.train import packed_attention
-from app.core.train.packed_attention import (PACKED_ATTENTION, batched_path_for, block_causal_mask, packed_loop,
+from app.core.train.memory_savers import packed_attention
+from app.core.train.memory_savers.packed_attention import (PACKED_ATTENTION, batched_path_for, block_causal_mask, packed_loop,
                                              packed_masked_sdpa, packed_torch_flash, register_packed_attention,
                                              torch_flash_available)
 from test_packing import session  # noqa: F401 - the tiny 4-bit Llama with LoRA, as a packed run trains it
@@ -173,7 +173,7 @@ def packed_row(count: int, seed: int = 0):
 
 
 def loss_and_lora_grads(session, batch, short_name: str):
-    from app.core.train.qlora import loss_sum
+    from app.core.train.loss import loss_sum
 
     register_packed_attention()
     session.model.get_base_model().set_attn_implementation(PACKED_ATTENTION[short_name])

@@ -11,7 +11,7 @@ from app.core.config import Plan, TrainConfig
 from app.core.data.batches import EpochBatches, step_bounds
 from app.core.data.packing import collate_packed, collate_padded, pack_examples
 from app.core.data.tokenize import IGNORE, Tokenized
-from app.core.train.kernels import linear_cross_entropy
+from app.core.train.memory_savers.fused_loss import linear_cross_entropy
 
 
 def long_tail(count: int, seed: int = 0) -> list[int]:
@@ -69,7 +69,7 @@ def test_fused_linear_cross_entropy_matches_plain_loss_and_gradients(rows):
     targets = torch.randint(0, 300, (37,))
     plain = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
     (expected,) = torch.autograd.grad(plain * 0.5, hidden)
-    from app.core.train import kernels
+    from app.core.plan import kernel_choice as kernels  # the fused loss reads its chunk size there
 
     kernels.CHUNK_BYTES, old = rows * 4 * 300, kernels.CHUNK_BYTES  # force `rows` per chunk
     try:
@@ -87,7 +87,7 @@ def test_fused_linear_cross_entropy_matches_plain_loss_and_gradients(rows):
 def session(tiny_model, chat_data, tunesmith_home):
     """The tiny model in 4-bit with LoRA, as a packed, fused-loss run trains it."""
     from app.core.train.prepare import prepare_training
-    from app.core.train.qlora import QLoraSession
+    from app.core.train.session import QLoraSession
 
     prepared = prepare_training(TrainConfig(model=str(tiny_model), data=str(chat_data), seq_len=128,
                                             micro_batch=4, lora_dropout=0.0, max_steps=1))
@@ -100,7 +100,7 @@ def session(tiny_model, chat_data, tunesmith_home):
 
 
 def test_packed_batch_loss_equals_the_mean_of_the_unpacked_examples_losses(session):
-    from app.core.train.qlora import loss_sum
+    from app.core.train.loss import loss_sum
 
     session, examples = session
     examples = examples[:4]
@@ -123,7 +123,7 @@ def test_packed_batch_loss_equals_the_mean_of_the_unpacked_examples_losses(sessi
 
 
 def test_packed_training_gradients_equal_unpacked_gradients(session):
-    from app.core.train.qlora import loss_sum
+    from app.core.train.loss import loss_sum
 
     session, examples = session
     examples = examples[:3]

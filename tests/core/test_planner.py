@@ -13,7 +13,7 @@ import pytest
 from app.core.config import TrainConfig
 from app.core.data.stats import length_stats
 from app.core.errors import PlanError
-from app.core.models.catalog import model_facts
+from app.core.models.resolve import model_facts
 from app.core.plan.memory import GIB, MemorySetup, estimate_memory, setup_for
 from app.core.plan.planner import DEFAULT_RANK, plan_run
 from app.core.plan.presets import get_preset, resolve_budget

@@ -6,7 +6,7 @@ import threading
 from dataclasses import replace
 
 from app.core.config import TrainConfig
-from app.core.train.events import StepMetrics
+from app.core.events import StepMetrics
 from app.core.train.prepare import prepare_training
 from app.core.train.trainer import resume_training, train_prepared
 
@@ -20,7 +20,7 @@ def fp16_prepared(tiny_model, chat_data, steps: int):
 
 
 def test_fp16_runs_scale_the_loss_keep_lora_in_fp32_and_resume_exactly(tiny_model, chat_data):
-    from app.core.train.qlora import QLoraSession
+    from app.core.train.session import QLoraSession
 
     session = QLoraSession(fp16_prepared(tiny_model, chat_data, 4))
     try:

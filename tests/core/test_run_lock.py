@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from app.core.errors import ExportError, RunError
-from app.core.export import export_run
+from app.core.export.exporter import export_run
 from app.core.run_lock import RunLock, in_use
 from app.core.runs import delete_run, open_run
 from app.core.train.trainer import resume_training

@@ -39,7 +39,7 @@ def test_working_cpu_paths_pass_unchanged():
 
 
 def test_a_kernel_giving_wrong_numbers_is_replaced(monkeypatch):
-    from app.core.train import packed_attention
+    from app.core.train.memory_savers import packed_attention
 
     loop = packed_attention.packed_loop
 
@@ -55,8 +55,8 @@ def test_a_kernel_giving_wrong_numbers_is_replaced(monkeypatch):
 
 
 def test_each_chain_falls_back_to_a_path_that_works(monkeypatch):
-    from app.core.train import kernels
-    from app.core.train import qlora
+    from app.core.train import optimizer as qlora  # where the self-test finds them
+    from app.core.train.memory_savers import fused_loss as kernels
 
     def broken_loss(*args, **kwargs):
         raise RuntimeError("triton: out of resources")
@@ -83,7 +83,7 @@ def test_paged_8bit_adamw_passes_where_bitsandbytes_runs_it():
 
 def test_a_kernel_that_raises_on_its_first_call_is_replaced_before_step_1(monkeypatch, tiny_model, chat_data):
     from app.core.runs import open_run
-    from app.core.train import packed_attention
+    from app.core.train.memory_savers import packed_attention
 
     broken = raising_once(packed_attention.packed_loop)
     monkeypatch.setattr(packed_attention, "packed_loop", broken)
@@ -104,7 +104,7 @@ def test_a_kernel_that_raises_on_its_first_call_is_replaced_before_step_1(monkey
 
 
 def test_no_working_path_is_a_bug_not_a_silent_success(monkeypatch):
-    from app.core.train import qlora
+    from app.core.train import optimizer as qlora  # where the self-test finds it
 
     def nothing_works(*args, **kwargs):
         raise RuntimeError("broken")

@@ -12,7 +12,7 @@ import pytest
 
 from app.core.config import TrainConfig
 from app.core.errors import ConfigError, PlanError
-from app.core.models.catalog import model_facts
+from app.core.models.resolve import model_facts
 from app.core.plan.memory import GIB, MemorySetup, estimate_memory
 from app.core.plan.preview import preview_plan
 

@@ -1,4 +1,4 @@
-"""Checkpointed decoder layers over sequence tiles (app/core/train/tiled_layer.py): the same loss and
+"""Checkpointed decoder layers over sequence tiles (app/core/train/memory_savers/tiled_layer.py): the same loss and
 LoRA gradients as torch's checkpointing on the tiny Llama, Qwen3 (q/k norms), Phi-3 (fused q/k/v
 and gate/up) and Gemma 3 (four norms, sliding window), over packed rows, with the input copied
 (the path a GPU takes) or kept; LoRA dropout's masks drawn again the same in backward; less on
@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_tiled_mlp import lora_model, loss_and_grads, short_qlora_run
 
-from app.core.train.tiled_layer import NotTileable, tile_layers
+from app.core.train.memory_savers.tiled_layer import NotTileable, tile_layers
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def assert_same(got, expected, rtol=1e-5, atol=1e-6):
 
 @pytest.mark.parametrize("to_host", [False, True])
 def test_tiled_layers_give_torchs_checkpointing_loss_and_gradients(tiny_model, ids, to_host, monkeypatch):
-    from app.core.train import offload
+    from app.core.train.memory_savers import offload
 
     model = lora_model(tiny_model, dropout=0.0, checkpointing=True)
     plain_loss, plain = loss_and_grads(model, ids)
@@ -37,7 +37,7 @@ def test_tiled_layers_give_torchs_checkpointing_loss_and_gradients(tiny_model, i
     copies = []  # a spy on the copy (it still copies)
     monkeypatch.setattr(offload, "_to_host", lambda hidden, copy=offload._to_host: copies.append(1) or copy(hidden))
     calls = []  # and on the tiles: 96 tokens in tiles of 32 run 3 captures + 3 replays a layer in forward
-    from app.core.train import tiled_layer
+    from app.core.train.memory_savers import tiled_layer
 
     monkeypatch.setattr(tiled_layer._Layer, "_run", lambda self, *a, run=tiled_layer._Layer._run:
                         calls.append(a[1]) or run(self, *a))
@@ -66,7 +66,7 @@ def test_short_sequences_and_eval_run_the_plain_layer(tiny_model, ids):
 def test_with_lora_dropout_backward_draws_the_forwards_masks(tiny_model, ids):
     """Against autograd through the very same passes (the same random draws in the same order): a
     backward that drew new dropout masks would give other gradients."""
-    from app.core.train import tiled_layer
+    from app.core.train.memory_savers import tiled_layer
 
     model = lora_model(tiny_model, dropout=0.3, checkpointing=True)
     tile_layers(model, 32, to_host=False)
@@ -93,8 +93,8 @@ def test_with_lora_dropout_backward_draws_the_forwards_masks(tiny_model, ids):
 
 
 def test_packed_rows_attend_within_each_example_as_untiled(tiny_model):
-    from app.core.train.kernels import packed_kwargs, register_attention_functions
-    from app.core.train.packed_attention import PACKED_ATTENTION
+    from app.core.train.memory_savers.packed_attention import packed_kwargs, register_attention_functions
+    from app.core.train.memory_savers.packed_attention import PACKED_ATTENTION
 
     register_attention_functions()
     model = lora_model(tiny_model, dropout=0.0, checkpointing=True)

@@ -1,4 +1,4 @@
-"""The MLP over sequence tiles (app/core/train/tiled_mlp.py): the same loss and LoRA gradients as
+"""The MLP over sequence tiles (app/core/train/memory_savers/tiled_mlp.py): the same loss and LoRA gradients as
 the plain MLP, with and without checkpointing, the same dropout masks in backward's rerun, and
 less kept for backward. Real training steps of the tiny Llama with LoRA on every linear layer."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.core.train.tiled_mlp import tile_mlps
+from app.core.train.memory_savers.tiled_mlp import tile_mlps
 
 
 def lora_model(tiny_model, dropout: float, checkpointing: bool = False):

@@ -16,7 +16,7 @@ import pytest
 
 from app.core.config import TrainConfig
 from app.core.runs import list_runs, open_run
-from app.core.train.events import CheckpointSaved, RunFailed, RunFinished, RunStarted, StepMetrics, StepProgress
+from app.core.events import CheckpointSaved, RunFailed, RunFinished, RunStarted, StepMetrics, StepProgress
 from app.core.train.trainer import resume_training, run_training
 from conftest import REPO
 
@@ -46,7 +46,7 @@ def test_the_base_is_nf4_double_quantised_with_lora_on_every_linear(tiny_model, 
     import bitsandbytes as bnb
 
     from app.core.train.prepare import prepare_training
-    from app.core.train.qlora import QLoraSession
+    from app.core.train.session import QLoraSession
 
     session = QLoraSession(prepare_training(_config(tiny_model, chat_data)))
     quantised = [m for m in session.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -97,9 +97,9 @@ def test_stop_now_leaves_a_long_step_within_seconds_and_resume_matches_an_uninte
                                                                                            monkeypatch):
     """A long step is made by a pause in each layer's forward once step 3 is done (a slow machine,
     which this one is not: a step of 3 micro-batches x 2 layers x 1.5 s = 9 s)."""
-    from app.core.train import trainer
+    from app.core.train import loop as trainer  # where the loop makes its StepWatch
     from app.core.train.interrupt import StopRequest
-    from app.core.train.sharded import decoder_layers
+    from app.core.train.parallel.sharded import decoder_layers
 
     settings = dict(lora_dropout=0.1, grad_accum=8, max_steps=6, save_every=2)
     straight = []
@@ -229,7 +229,7 @@ def test_an_unquantised_base_trains_resumes_and_is_chosen_where_it_fits(tiny_mod
     import bitsandbytes as bnb
 
     from app.core.train.prepare import prepare_training
-    from app.core.train.qlora import QLoraSession
+    from app.core.train.session import QLoraSession
 
     auto = prepare_training(_config(tiny_model, chat_data, quantize="auto")).plan
     assert auto.quantize == "none" and "skips dequantising" in auto.reasons["quantize"]

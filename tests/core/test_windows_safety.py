@@ -101,7 +101,7 @@ def test_a_run_fits_in_what_the_path_check_reserves(tiny_run):
 
 def test_export_to_a_device_name_is_refused_before_anything_is_written(monkeypatch, tmp_path, tiny_run, capsys):
     from app.cli import main
-    from app.core.export import export_run
+    from app.core.export.exporter import export_run
 
     monkeypatch.setattr(portable, "on_windows", lambda: True)
     with pytest.raises(ExportError, match="device name"):

@@ -29,7 +29,7 @@ def test_the_plan_on_this_card_follows_its_capability(tiny_model, chat_data):
 def test_every_chosen_cuda_path_passes_the_self_test(tiny_model, chat_data):
     from app.core.config import TrainConfig
     from app.core.train.prepare import prepare_training
-    from app.core.train.qlora import self_test
+    from app.core.train.session import self_test
 
     import torch
 
@@ -41,7 +41,7 @@ def test_every_chosen_cuda_path_passes_the_self_test(tiny_model, chat_data):
 def test_forced_fp16_trains_with_a_gradient_scaler_and_resumes(tiny_model, chat_data):
     from app.core.config import TrainConfig
     from app.core.train.prepare import prepare_training
-    from app.core.train.qlora import QLoraSession
+    from app.core.train.session import QLoraSession
 
     prepared = prepare_training(TrainConfig(model=str(tiny_model), data=str(chat_data), seq_len=128,
                                             micro_batch=4, grad_accum=1, max_steps=3))

@@ -56,7 +56,7 @@ def test_the_dataset_check_says_what_it_is_doing_until_the_report(window, qtbot,
 
 
 def test_a_long_step_shows_where_it_is_in_the_status(window):
-    from app.core.train.events import StepProgress
+    from app.core.events import StepProgress
 
     tab = window.train_tab
     tab._on_event(StepProgress(1, 20, 2, 4, "backward", 12, 30, 1536, 200.0))
@@ -161,7 +161,7 @@ def test_train_runs_to_the_end_with_live_loss_and_a_responsive_window(window, qt
 @pytest.mark.slow
 def test_stop_leaves_a_resumable_run_and_resume_continues_the_curve(window, qtbot, tiny_model, chat_data):
     from app.core.runs import open_run
-    from app.core.train.events import StepMetrics
+    from app.core.events import StepMetrics
 
     tab = window.train_tab
     _ready(tab, qtbot, tiny_model, chat_data, epochs=6)
@@ -182,7 +182,7 @@ def test_stop_leaves_a_resumable_run_and_resume_continues_the_curve(window, qtbo
 
 def test_stop_offers_after_this_step_and_now_and_now_leaves_a_resumable_run(window, qtbot, tiny_model, chat_data):
     from app.core.runs import open_run
-    from app.core.train.events import StepMetrics
+    from app.core.events import StepMetrics
 
     tab = window.train_tab
     _ready(tab, qtbot, tiny_model, chat_data, epochs=6)
@@ -201,7 +201,7 @@ def test_stop_offers_after_this_step_and_now_and_now_leaves_a_resumable_run(wind
 
 
 def test_a_failing_run_shows_the_reason_with_a_log_button(window, qtbot, tiny_model, chat_data, monkeypatch):
-    from app.core.train.qlora import QLoraSession
+    from app.core.train.session import QLoraSession
 
     def broken_step(self, batches):
         raise RuntimeError("the GPU fell off the bus")
@@ -221,7 +221,7 @@ def test_a_failing_run_shows_the_reason_with_a_log_button(window, qtbot, tiny_mo
 
 
 def test_a_kernel_replaced_by_the_self_test_stays_in_view(window, qtbot, tiny_model, chat_data, monkeypatch):
-    from app.core.train import packed_attention
+    from app.core.train.memory_savers import packed_attention
     from tests.core.test_selftest import raising_once
 
     monkeypatch.setattr(packed_attention, "packed_loop", raising_once(packed_attention.packed_loop))
@@ -243,7 +243,7 @@ def test_a_card_preset_without_a_card_shows_the_cpu_plan_that_runs_before_step_o
                                                                                     chat_data):
     from app.core import host
     from app.core.runs import open_run
-    from app.core.train import events as ev
+    from app.core import events as ev
 
     if host.local_device() == "cuda":
         pytest.skip("needs a machine without an NVIDIA card")
@@ -395,7 +395,7 @@ def test_the_gpu_count_shows_only_with_several_cards_and_reaches_the_plan(window
 
 def test_the_status_shows_each_processs_memory_during_a_run_on_several(window):
     """The step's memory by process, as a run on two processes reports it (StepMetrics.memory)."""
-    from app.core.train.events import StepMetrics
+    from app.core.events import StepMetrics
 
     tab = window.train_tab
     tab._on_event(StepMetrics(3, 10, 0.3, 2.5, 1e-4, 0.2, 512, 160.0, 9.0, 21.0, (2 * 2**30, 3 * 2**30)))
@@ -405,7 +405,7 @@ def test_the_status_shows_each_processs_memory_during_a_run_on_several(window):
 
 
 def test_a_damaged_checkpoint_skipped_on_resume_stays_in_view(window):
-    from app.core.train.events import LogLine
+    from app.core.events import LogLine
 
     tab = window.train_tab
     tab._on_event(LogLine("Checkpoint step-0000004 is damaged (optimizer.pt does not match its checksum); "

@@ -99,7 +99,7 @@ def test_a_second_export_into_the_same_folder_is_refused_while_the_first_writes(
     assert export_state(out) == "adapter" and leftovers(out) == []
 
 
-@pytest.mark.parametrize("fmt, size", [("merged", "256k"),  # safetensors' writer fails (merge.py)
+@pytest.mark.parametrize("fmt, size", [("merged", "256k"),  # safetensors' writer fails (tensor_merge.py)
                                        ("gguf", "448k")])  # the merge fits, the GGUF writer fails
 def test_a_disk_that_fills_up_while_an_export_is_written_is_one_line_and_nothing_stays(tiny_run, tmp_path, fmt,
                                                                                         size):

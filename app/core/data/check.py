@@ -101,7 +101,7 @@ def _measuring_model(model: str, trust_remote_code: bool, allow_pickle: bool, pr
     catalogued one that is not (its own tokenizer may count 10-20 % differently), and where the
     demo's weights are not installed, the demo's tokenizer that Tunesmith ships."""
     from app.core.models import demo_model
-    from app.core.models.catalog import model_facts
+    from app.core.models.resolve import model_facts
     from app.core.models.resolve import resolve_model
 
     facts = model_facts(model)  # no download: a hub id that is neither cached nor catalogued is refused

@@ -22,13 +22,14 @@ from app.core.eval.report import HeldOut, ReportRequest, build_report, write_rep
 def make_report(ref: str, request: ReportRequest, progress: Callable[[str], None] = lambda m: None,
                 cancelled: Callable[[], bool] = lambda: False, out: str = "", trust_remote_code: bool = False,
                 download: bool = False, lock: bool = True, held: HeldOut | None = None) -> tuple[dict, Path, Path]:
-    """Judge the adapter `ref` names (chat.find_adapter) and write report.json and report.md:
+    """Judge the adapter `ref` names (adapters.find_adapter) and write report.json and report.md:
     into `out` when given, else the run's folder (report-CHECKPOINT for a checkpoint), else the
     adapter's own folder. Writing into a run, it holds the run's lock (`lock`; the trainer, which
     holds it already, says False): a run being trained, resumed or deleted is refused in one line.
     `held`: the examples to judge on when the caller has them (the trainer: its own eval examples,
     not the data file tokenised again)."""
-    from app.core.chat import find_adapter, load_chat
+    from app.core.adapters import find_adapter
+    from app.core.chat import load_chat
     from app.core.eval.choices import load_choices
     from app.core.eval.probes import load_probes
 

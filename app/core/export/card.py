@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.core.chat import AdapterSource
-from app.core.export.merged import CHECK_PROMPTS, parameters
+from app.core.adapters import AdapterSource
+from app.core.export.merged_model import CHECK_PROMPTS, parameters
 
 
 MERGED_INTO = {"trained": "the NF4-rounded weights the adapter was trained against (base + adapter as tested)",

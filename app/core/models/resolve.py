@@ -17,6 +17,8 @@ from typing import Callable
 from app.core.atomic import write_json
 from app.core.errors import ModelError
 from app.core.models import demo_model
+from app.core.models.architecture import arch_facts
+from app.core.models.catalog import CatalogEntry, catalog, find_in_catalog
 from app.core.models.facts import ModelFacts, arch_or_none
 from app.core.models.files import inspect_folder, read_config
 from app.core.paths import recent_models_file
@@ -141,12 +143,48 @@ def _listed(name: str, kind: str, path: Path) -> ModelFacts | None:
     return replace(facts, name=name, kind=kind, source=name)
 
 
+def model_facts(source: str) -> ModelFacts:
+    """Facts of the model named `source` from its config.json alone: a local folder or HF cache
+    entry when there is one, else the catalogue. Nothing is downloaded and no weights are read."""
+    source = (source or "demo").strip()
+    if source.lower() == "demo":
+        if demo_model.is_converted():
+            return _from_folder(demo_model.DEMO_NAME, "demo", demo_model.demo_model_dir())
+        return _from_entry(find_in_catalog(demo_model.DEMO_REPO), demo_model.DEMO_NAME, "demo", source)
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return _from_folder(source, "folder", local)
+    if HUB_ID.match(source):
+        snapshot = hf_cache_snapshot(source)
+        if snapshot is not None and (snapshot / "config.json").exists():
+            return _from_folder(source, "hf-cache", snapshot)
+    entry = find_in_catalog(source)
+    if entry is not None:
+        return _from_entry(entry, entry.id, "catalogue", source)
+    known = ", ".join(e.id.split("/")[-1] for e in catalog())
+    raise ModelError(f"{source}: not a model folder, not in the Hugging Face cache and not in the "
+                     f"catalogue; download it first, or plan with a catalogued model ({known})")
+
+
+def _from_entry(entry: CatalogEntry, name: str, kind: str, source: str) -> ModelFacts:
+    config = entry.config()
+    return ModelFacts(name, kind, source, None, entry.config_path, config, arch_facts(config))
+
+
+def _from_folder(name: str, kind: str, folder: Path) -> ModelFacts:
+    config = read_config(folder)
+    try:
+        arch = arch_facts(config)
+    except (KeyError, ValueError, TypeError, ZeroDivisionError) as err:
+        raise ModelError(f"{folder / 'config.json'}: cannot read the architecture ({err!s} missing or "
+                         "invalid); is this a decoder-only causal LM?") from None
+    return ModelFacts(name, kind, name, folder, folder / "config.json", config, arch)
+
+
 def _demo_row() -> ModelFacts:
     path = demo_model.demo_model_dir()
     if demo_model.is_converted():
         return replace(inspect_folder(path), name="demo", kind="demo", source="demo")
-    from app.core.models.catalog import find_in_catalog
-
     config_path = find_in_catalog(demo_model.DEMO_REPO).config_path
     config = read_config(config_path)
     return ModelFacts("demo", "demo (converted on first use)", "demo", path, config_path, config,

@@ -36,6 +36,9 @@ ATTENTION_LABELS = {
     "sdpa": "PyTorch SDPA",
     "eager": "eager attention",
 }
+VARLEN_ATTENTION = "tunesmith_varlen"  # the per-example loop, as plans before 0.2 name it
+# Rows of logits per chunk of the fused loss: the fp32 chunk stays under ~128 MB for a 150k vocabulary.
+CHUNK_BYTES = 128 * 2 ** 20
 SHORT_LABELS = {FLASH: "flash-attn", PACKED_FLASH: "torch varlen"}
 ATTENTION_CHOICES = ("auto", "flash", "sdpa", "varlen")
 LOSS_CHOICES = ("auto", "cce", "liger", "chunked")
@@ -169,3 +172,8 @@ def _torch_varlen_problem() -> str:
     except (PackageNotFoundError, ValueError):
         return "torch is not installed"
     return "" if release >= (2, 9) else f"torch {'.'.join(map(str, release))} has no varlen attention (2.9+)"
+
+
+def chunk_rows(vocab: int) -> int:
+    """Rows of the fused loss's chunks (memory_savers/fused_loss.py), for the estimator too."""
+    return max(16, CHUNK_BYTES // (4 * max(1, vocab)))

@@ -18,7 +18,7 @@ from app.core.models.architecture import (
     ArchFacts,
 )
 from app.core.plan.kernel_choice import FLASH, PACKED_FLASH, PACKED_LOOP, PACKED_MASKED
-from app.core.train.kernels import VARLEN_ATTENTION, chunk_rows
+from app.core.plan.kernel_choice import VARLEN_ATTENTION, chunk_rows
 from app.core.units import GIB
 
 # NF4 storage (QLoRA paper §2): 4 bits per weight, one 8-bit absmax per block of 64 (double
@@ -64,11 +64,11 @@ SOFTCAP_LOGITS_COPIES = 1
 # for backward: Gemma's post-attention and post-MLP norms (2 x hidden), and the per-head query and
 # key norms of Qwen3 / Gemma 3 / OLMo 2 (query width + key width). Bytes per element.
 EXTRA_NORM_BYTES = 4
-# The fused loss (app/core/train/kernels.py) never holds the full logits: one chunk of fp32 logits at a
+# The fused loss (app/core/train/memory_savers/fused_loss.py) never holds the full logits: one chunk of fp32 logits at a
 # time and the temporary of the same size torch.logsumexp makes of it (measured 2.0-2.1 chunks
 # on CPU for vocabularies of 33k-152k, benchmarks/estimator_grid.py), plus per token the selected
 # hidden state, the gradient it keeps for backward and that gradient scattered back: 3 hidden-size
-# vectors. A chunk is `kernels.chunk_rows(vocab)` rows, or all of them when there are fewer.
+# vectors. A chunk is `kernel_choice.chunk_rows(vocab)` rows, or all of them when there are fewer.
 FUSED_LOSS_CHUNKS = 2
 FUSED_LOSS_HIDDEN_COPIES = 3
 # Attention that repeats each key/value head for its group of query heads keeps the repeated
@@ -127,16 +127,16 @@ class MemorySetup:
     seq_len: int = 1024
     micro_batch: int = 1
     grad_checkpointing: bool = False
-    mlp_tile: int = 0  # tokens per MLP tile (train/tiled_mlp.py), 0: the MLP over the whole sequence
-    offload_checkpoints: bool = False  # checkpointed layers' inputs in host RAM (train/offload.py; CUDA only)
-    layer_tile: int = 0  # tokens per tile of the checkpointed layers (train/tiled_layer.py), 0: untiled
+    mlp_tile: int = 0  # tokens per MLP tile (train/memory_savers/tiled_mlp.py), 0: the MLP over the whole sequence
+    offload_checkpoints: bool = False  # checkpointed layers' inputs in host RAM (train/memory_savers/offload.py; CUDA only)
+    layer_tile: int = 0  # tokens per tile of the checkpointed layers (train/memory_savers/tiled_layer.py), 0: untiled
     shards: int = 1  # FSDP: weights, LoRA and optimizer state sharded over this many cards (1: not sharded)
     offload_params: bool = False  # FSDP's CPU offload: those shards in host RAM, gathered to the card when used
     compute_dtype: str = "bfloat16"
     optimizer: str = "paged_adamw_8bit"
     device: str = "cuda"
     lora_dropout: bool = True
-    loss: str = "plain"  # "plain": full fp32 logits; "chunked", "cce", "liger": fused, see kernels.py
+    loss: str = "plain"  # "plain": full fp32 logits; "chunked", "cce", "liger": fused, see memory_savers/fused_loss.py
     attention: str = ""  # kernel_choice's name: repeated kv heads, the block-diagonal mask, eager's softmax
     quantize: str = "4bit"  # "4bit": NF4 base (QLoRA); "none": the base in the compute dtype (LoRA)
     process_baseline: int = 0  # CPU: this process's resident RAM when planned (0: not counted)
@@ -341,7 +341,7 @@ def _tiled_mlp_terms(facts: ArchFacts, setup: MemorySetup, element: int, per_lay
 
 
 def tiles_layers(facts: ArchFacts, setup: MemorySetup) -> bool:
-    """Whether `setup`'s checkpointed layers run over tiles (train/tiled_layer.py: dense layers,
+    """Whether `setup`'s checkpointed layers run over tiles (train/memory_savers/tiled_layer.py: dense layers,
     an attention function it can meet, a sequence longer than one tile)."""
     return bool(setup.layer_tile) and setup.layer_tile < setup.seq_len and not facts.experts \
         and setup.attention != "eager"

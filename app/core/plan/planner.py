@@ -28,7 +28,7 @@ from app.core.plan.presets import Budget, at_plan_time, device_line
 from app.core.plan.sharding import SHARDED_OPTIMIZER, four_bit_fit, strategy_of
 from app.core.plan.memory import with_passes
 from app.core.plan.seq_len import SEQ_LEN_LEAST, PlannedData, SeqChoice, choose_seq_len, context_cap, planned_data
-from app.core.train.kernels import fused_loss_support, packing_support
+from app.core.models.support import fused_loss_support, packing_support
 from app.core.units import format_duration, gib
 
 EVALS_A_RUN = 8

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from app.core.config import Plan, TrainConfig
 from app.core.data.stats import LengthStats, length_stats
-from app.core.models.catalog import model_facts
+from app.core.models.resolve import model_facts
 from app.core.models.facts import ModelFacts
+from app.core.models.support import gguf_problem
 from app.core.plan.cards import find_card
 from app.core.plan.planner import plan_run
 from app.core.plan.presets import Budget, get_preset, resolve_budget
@@ -79,8 +80,6 @@ def preview_plan(config: TrainConfig, lengths: list[int] | None = None, rows: li
 
 def export_note(config: dict) -> str:
     """What the trained adapter will not export as, from the model's config alone."""
-    from app.core.export.gguf_arch import gguf_problem
-
     problem = gguf_problem(config)
     return f"{problem}; the adapter and merged exports work" if problem else ""
 

@@ -9,7 +9,7 @@ one card that does not hold the model, the refusal says how many such cards woul
 fsdp` shards whatever the fit (on the CPU too: gloo processes, the same code); `--strategy ddp`
 never does.
 
-Trained by train/sharded.py; the FSDP terms of the estimate have not been measured on a GPU.
+Trained by train/parallel/sharded.py; the FSDP terms of the estimate have not been measured on a GPU.
 """
 
 from __future__ import annotations

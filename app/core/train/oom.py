@@ -11,8 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from app.core.config import Plan
-
-MIN_SEQ_LEN = 128
+from app.core.plan.seq_len import SHORTEST_TRIED as MIN_SEQ_LEN  # the planner tries nothing shorter either
 
 
 def is_out_of_memory(err: BaseException) -> bool:

@@ -75,12 +75,12 @@ def check_attention(name: str, packed: bool, shapes: Shapes, dtype: str, device:
     """"" when attention `name` matches causal SDPA per example, else what went wrong."""
     import torch
 
-    from app.core.train.kernels import packed_kwargs, register_attention_functions
+    from app.core.train.memory_savers.packed_attention import packed_kwargs, register_attention_functions
 
     if name == "eager":
         return ""  # transformers' own matmul-softmax-matmul: nothing to go wrong
     if name == PACKED_FLASH:  # it hands unsupported inputs to the masked call: say so here instead
-        from app.core.train.packed_attention import torch_flash_available
+        from app.core.train.memory_savers.packed_attention import torch_flash_available
 
         if not torch_flash_available():
             return "this torch has no FlashAttention varlen kernel"
@@ -107,7 +107,7 @@ def check_loss(kernel: str, hidden: int, dtype: str, device: str) -> str:
     import torch
     import torch.nn.functional as F
 
-    from app.core.train.kernels import linear_cross_entropy
+    from app.core.train.memory_savers.fused_loss import linear_cross_entropy
 
     if kernel == "plain":
         return ""
@@ -131,7 +131,7 @@ def check_optimizer(name: str, device: str) -> str:
     """"" when two steps of optimizer `name` move a parameter and keep it finite."""
     import torch
 
-    from app.core.train.qlora import make_optimizer
+    from app.core.train.optimizer import make_optimizer
 
     param = torch.nn.Parameter(torch.zeros(OPTIMIZER_PARAMS, device=device))
     optimizer = make_optimizer(name, [param], lr=1e-3, weight_decay=0.0)

@@ -115,7 +115,7 @@ class ChatTab(QWidget):
     # -- choosing and loading ---------------------------------------------------------------------
     def refresh_sources(self) -> None:
         """Runs that have something to chat with: a final adapter or a checkpoint."""
-        from app.core.chat import runs_with_adapter
+        from app.core.adapters import runs_with_adapter
 
         from app.core.runs import display_names, newest_finished
 

@@ -146,7 +146,7 @@ class ExportTab(QWidget):
         layout.addWidget(self.log, 1)
 
     def refresh_runs(self) -> None:
-        from app.core.chat import runs_with_adapter
+        from app.core.adapters import runs_with_adapter
 
         from app.core.runs import display_names, newest_finished
 
@@ -171,7 +171,7 @@ class ExportTab(QWidget):
     def _show_model_sizes(self) -> None:
         """The GGUF sizes of the chosen run's model (its config alone; nothing is loaded)."""
         from app.core.errors import UserError
-        from app.core.models.catalog import model_facts
+        from app.core.models.resolve import model_facts
         from app.core.runs import open_run
 
         run_id = self.run_box.currentData()
@@ -198,12 +198,12 @@ class ExportTab(QWidget):
             self.out_edit.setText(str(Path(folder) / f"{self.run_box.currentData()}-{self.format_box.currentData()}"))
 
     def export(self) -> None:
-        from app.core.export import export_run
+        from app.core.export.exporter import ExportOptions, export_run
 
         run_id, fmt, out = self.run_box.currentData(), self.format_box.currentData(), self.out_edit.text().strip()
         if not run_id or not out or self.worker is not None:
             return
-        from app.core.export import replace_problem
+        from app.core.export.target import replace_problem
         from app.gui.widgets.download_prompt import agree_to_download
 
         force = False
@@ -225,8 +225,8 @@ class ExportTab(QWidget):
             return
         download = bool(agreed)
         dtype, quant, into = self.dtype_box.currentData(), self.quant_box.currentData(), self.into_box.currentData()
-        self.worker = StreamWorker(lambda emit: export_run(run_id, fmt, out, dtype=dtype, quant=quant, force=force,
-                                                           progress=emit, merge_into=into, download=download))
+        options = ExportOptions(dtype=dtype, quant=quant, force=force, merge_into=into, download=download)
+        self.worker = StreamWorker(lambda emit: export_run(run_id, fmt, out, options, progress=emit))
         self.worker.item.connect(self._progress)
         self.worker.done.connect(self._done)
         self.worker.failed.connect(self._failed)

@@ -332,7 +332,7 @@ class TrainTab(QWidget):
             self._update_buttons()
 
     def _on_event(self, event) -> None:
-        from app.core.train import events as ev
+        from app.core import events as ev
 
         if isinstance(event, ev.RunCreated):
             self.run_dir = event.run_dir

@@ -10,7 +10,7 @@ from PySide6.QtWidgets import QApplication, QMessageBox, QWidget
 def agree_to_download(parent: QWidget, ref: str) -> bool | None:
     """None when `ref`'s base model is on this machine; else whether the user agreed to download it
     (the dialog gives its size where the Hub can be asked, within 5 s)."""
-    from app.core.chat import base_to_download
+    from app.core.adapters import base_to_download
     from app.core.models.resolve import hub_download_size
     from app.core.units import size_text
 

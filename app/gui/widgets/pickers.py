@@ -61,7 +61,7 @@ class ModelPicker(QGroupBox):
     def look_up(self) -> None:
         """Read the chosen model's facts (files and catalogue only, no weights) and say them."""
         from app.core.errors import UserError
-        from app.core.models.catalog import model_facts
+        from app.core.models.resolve import model_facts
 
         name = self.box.currentText()
         try:

@@ -11,13 +11,15 @@ AttentionInterface by `register_packed_attention` under the names in `PACKED_ATT
 - `packed_torch_flash`: torch's own FlashAttention varlen kernel (torch.nn.attention.varlen), which
   reads the examples' boundaries and needs no mask: one launch, no wasted work; CUDA sm80+ only.
 `batched_path_for` says which one a device uses. Each reads `segments` ((start, end) per example)
-or else `cu_seq_lens_q` from the forward kwargs (kernels.packed_kwargs); without either (not a
+or else `cu_seq_lens_q` from the forward kwargs (packed_kwargs); without either (not a
 packed batch, e.g. generation) it is transformers' plain SDPA over the row.
 """
 
 from __future__ import annotations
 
 import functools
+
+from app.core.plan.kernel_choice import VARLEN_ATTENTION
 
 # Short name (what batched_path_for returns) -> the name registered with transformers.
 PACKED_ATTENTION = {
@@ -58,6 +60,28 @@ def register_packed_attention() -> None:
         current = AttentionInterface._global_mapping.get(name)
         if getattr(current, "__wrapped__", current) is not functions[short]:  # tiled_layer wraps ours
             AttentionInterface.register(name, functions[short])
+
+
+def register_attention_functions() -> None:
+    """Register our packed-row attention functions (packed_attention.py) with transformers, and
+    the per-example loop under the name plans of earlier versions recorded."""
+    from transformers import AttentionInterface
+
+    register_packed_attention()
+    current = AttentionInterface._global_mapping.get(VARLEN_ATTENTION)
+    if getattr(current, "__wrapped__", current) is not packed_loop:  # tiled_layer wraps it
+        AttentionInterface.register(VARLEN_ATTENTION, packed_loop)
+
+
+def packed_kwargs(segments: tuple[tuple[int, int], ...], device) -> dict:
+    """Forward kwargs telling the attention where each example of a packed row lies: our
+    `segments`, and the cumulative lengths flash-attn's varlen kernel reads."""
+    import torch
+
+    bounds = torch.tensor([0] + [end for _, end in segments], dtype=torch.int32, device=device)
+    longest = max(end - start for start, end in segments)
+    return {"segments": segments, "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds,
+            "max_length_q": longest, "max_length_k": longest}
 
 
 def torch_flash_available() -> bool:
@@ -115,7 +139,7 @@ def packed_torch_flash(module, query, key, value, attention_mask, dropout: float
                        segments: tuple[tuple[int, int], ...] = (), **kwargs):
     """torch's FlashAttention varlen kernel over the packed row, causal within each example;
     arguments and result as `packed_loop`'s. Reads `cu_seq_lens_q` and `max_length_q` when given
-    (kernels.packed_kwargs puts them on the device once per batch), else derives them.
+    (packed_kwargs puts them on the device once per batch), else derives them.
 
     Inputs the kernel cannot take go to `packed_masked_sdpa`, which gives the same result: a
     tensor not on CUDA, fp32, attention dropout (the kernel has none), a head dim over 256 or not

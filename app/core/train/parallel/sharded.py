@@ -40,7 +40,7 @@ def gradient_scale(ranks) -> float:
 def StepLoss(model, device, loss: str):  # noqa: N802 - a module class, built lazily (torch imports)
     import torch
 
-    from app.core.train.qlora import loss_sum
+    from app.core.train.loss import loss_sum
 
     class _StepLoss(torch.nn.Module):
         """The root FSDP module: the summed loss of one micro-batch."""

@@ -1,4 +1,4 @@
-"""One worker of a run on several processes: `python -m app.core.train.worker RUN_DIR`, started by
+"""One worker of a run on several processes: `python -m app.core.train.parallel.worker RUN_DIR`, started by
 torchrun (launch.py), never by hand. It joins the others (distributed.py), reads the run's config
 and plan, checks and tokenizes the data as the launcher did, checks that every process has the
 same plan, data and starting step (machines of a cluster each plan for themselves), and trains its
@@ -22,10 +22,10 @@ INFORMATIONAL = ("reasons", "breakdown", "predicted_peak_bytes", "budget_bytes",
 def main(argv: list[str]) -> int:
     from app.core.errors import RunError
     from app.core.runs import open_run
-    from app.core.train import distributed
-    from app.core.train.events import RunFailed
+    from app.core.train.parallel import distributed
+    from app.core.events import RunFailed
     from app.core.train.prepare import prepare_training
-    from app.core.train.trainer import train_worker
+    from app.core.train.loop import train_worker
 
     ranks = distributed.join()
     try:

@@ -7,7 +7,7 @@ gradients clipped to `max_grad_norm`. Before the model loads, the start-up self-
 (selftest.py) tries the plan's attention, loss kernel and optimizer and replaces any that fail.
 The loss is the mean over all trained tokens of an optimizer step, however they fall across
 micro-batches. Micro-batches are packed rows or padded batches (`Plan.batching`); the loss is
-fused or plain (`Plan.loss`, see kernels.py). In a run on several processes each trains its share
+fused or plain (`Plan.loss`, see memory_savers/fused_loss.py). In a run on several processes each trains its share
 of a step's micro-batches (distributed.py), as a replica or, under FSDP, sharded (sharded.py).
 """
 
@@ -20,15 +20,17 @@ from pathlib import Path
 
 from app.core.atomic import staged_dir, write_json, write_manifest
 from app.core.data.packing import Batch, collate_packed, collate_padded
-from app.core.data.tokenize import IGNORE, Tokenized
+from app.core.data.tokenize import Tokenized
 from app.core.errors import RunError
-from app.core.train.kernels import apply_liger_kernels, attention_for, linear_cross_entropy, packed_kwargs
-from app.core.train.offload import offload_checkpoints
+from app.core.train.kernels import apply_liger_kernels, attention_for
+from app.core.train.loss import loss_sum
+from app.core.train.memory_savers.offload import offload_checkpoints
+from app.core.train.memory_savers.tiled_layer import NotTileable, tile_layers
+from app.core.train.memory_savers.tiled_mlp import tile_mlps
+from app.core.train.optimizer import make_optimizer
+from app.core.train.parallel.sharded import full_tensor, gradient_scale
 from app.core.train.prepare import Prepared
 from app.core.train.selftest import SelfTestResult, Shapes, run_selftest
-from app.core.train.sharded import full_tensor, gradient_scale
-from app.core.train.tiled_layer import NotTileable, tile_layers
-from app.core.train.tiled_mlp import tile_mlps
 
 ADAPTER_NOTE = "tunesmith.json"  # beside an adapter kept mid-run: its step and eval loss
 
@@ -85,7 +87,7 @@ class QLoraSession:
                 param.data = param.data.float()
         self.root = None  # under FSDP: the sharded model's root module, whose forward is the loss
         if self.sharded:
-            from app.core.train.sharded import shard
+            from app.core.train.parallel.sharded import shard
 
             self.root, count = shard(self.model, plan, self.device)
             self.notes.append(f"FSDP over {ranks.world} processes: {count} layers sharded")
@@ -198,7 +200,7 @@ class QLoraSession:
         on several processes, the others waiting: every rank holds the same state)."""
         import torch
 
-        from app.core.train import sharded
+        from app.core.train.parallel import sharded
 
         lora, staging = None, sharded.staging_for(path)
         if self.sharded:  # every rank: the LoRA weights gathered, its share of the optimizer written
@@ -231,7 +233,7 @@ class QLoraSession:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        from app.core.train import sharded
+        from app.core.train.parallel import sharded
 
         if self.sharded != (path / sharded.OPTIMIZER_DIR).is_dir():
             raise RunError(f"{path.name}: its optimizer state is {'not ' * self.sharded}sharded with FSDP, "
@@ -256,7 +258,7 @@ class QLoraSession:
     def save_adapter(self, path: Path, tokenizer, note: dict | None = None) -> None:
         """The final PEFT adapter (safetensors + adapter_config.json) with the tokenizer; `note`, as
         tunesmith.json in the same folder, written in the same piece (which step it is)."""
-        from app.core.train.sharded import gathered_lora
+        from app.core.train.parallel.sharded import gathered_lora
 
         lora = gathered_lora(self.named, self.ranks.main) if self.sharded else None
         if self._not_the_writer():
@@ -280,7 +282,7 @@ class QLoraSession:
         """Free the model and optimizer, and the GPU memory they held."""
         import torch
 
-        from app.core.train.packed_attention import clear_mask_cache
+        from app.core.train.memory_savers.packed_attention import clear_mask_cache
 
         self.model = self.optimizer = self.scheduler = self.scaler = None
         self.params = []
@@ -289,32 +291,6 @@ class QLoraSession:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def loss_sum(model, batch: Batch, device, loss: str = "plain"):
-    """Summed next-token cross-entropy of `batch` under `model` (a PEFT causal LM).
-
-    plain: the model's logits at every position, in fp32. Fused ("chunked", "cce", "liger"): the
-    decoder's hidden states at the positions with a target only, through the lm_head and the loss
-    together (kernels.linear_cross_entropy)."""
-    import torch.nn.functional as F
-
-    inputs = {"input_ids": batch.input_ids.to(device)}
-    if batch.attention_mask is not None:
-        inputs["attention_mask"] = batch.attention_mask.to(device)
-    if batch.position_ids is not None:
-        inputs["position_ids"] = batch.position_ids.to(device)
-    if batch.packed:
-        inputs |= packed_kwargs(batch.segments, device)
-    targets = batch.targets.to(device)
-    if loss == "plain":
-        logits = model(**inputs).logits.float()
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=IGNORE, reduction="sum")
-    causal_lm = model.get_base_model()
-    hidden = causal_lm.get_decoder()(**inputs).last_hidden_state
-    keep = targets != IGNORE
-    return linear_cross_entropy(hidden[keep], causal_lm.get_output_embeddings().weight, targets[keep], loss)
 
 
 def freeze_for_lora(model, grad_checkpointing: bool) -> None:
@@ -364,14 +340,3 @@ def step_memory(device) -> int:
     from app.core.host import process_peak_ram, process_ram
 
     return process_peak_ram() or process_ram()
-
-
-def make_optimizer(name: str, params, lr: float, weight_decay: float):
-    """The optimizer called `name` (Plan.optimizer) over `params`."""
-    import torch
-
-    if name == "paged_adamw_8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

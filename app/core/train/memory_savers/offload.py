@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 from functools import partial
 
-from app.core.train.tiled_mlp import restored_rng, rng_state
+from app.core.train.memory_savers.tiled_mlp import restored_rng, rng_state
 
 
 def offload_checkpoints(model, to_host: bool) -> int:

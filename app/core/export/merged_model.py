@@ -1,5 +1,5 @@
 """The merged model: the adapter merged into the base model's 16-bit weights, tensor by tensor
-where the files allow (`merge.py`), else by PEFT with the whole model loaded; and the check of the
+where the files allow (`tensor_merge.py`), else by PEFT with the whole model loaded; and the check of the
 result against base + adapter on a few prompts, one model in RAM at a time."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.core.chat import AdapterSource
+from app.core.adapters import AdapterSource
 from app.core.errors import ExportError
-from app.core.export.merge import DTYPE_BYTES, TORCH_DTYPES
+from app.core.export.tensor_merge import DTYPE_BYTES, TORCH_DTYPES
 from app.core.units import gib
 
 # not in the sample data; the check runs over each prompt and the answer base + adapter gives it
@@ -45,7 +45,7 @@ def merge_adapter(source: AdapterSource, info, tokenizer, out: Path, dtype: str 
     """Merge the adapter into the base model's 16-bit weights and save the result (sharded
     safetensors, config, generation config, tokenizer) into `out`.
 
-    Tensor by tensor when the files allow (`app.core.export.merge`: RAM holds one shard, not the model),
+    Tensor by tensor when the files allow (`app.core.export.tensor_merge`: RAM holds one shard, not the model),
     else by loading the model whole with PEFT; either way the RAM it needs is checked first.
     Returns the checks against base + adapter over a few prompts: the largest logit difference and
     how often both pick the same next token (16-bit rounding moves logits a little and near-ties can
@@ -55,8 +55,8 @@ def merge_adapter(source: AdapterSource, info, tokenizer, out: Path, dtype: str 
     `into` "trained" (the default) merges into the weights the adapter was trained against: for a
     QLoRA run, the base's linear weights rounded to NF4 and back as in training, so that the merged
     model is base + adapter as tested; "original" merges into the base's own 16-bit weights."""
-    from app.core.chat import trained_storage
-    from app.core.export import merge  # read at call time: tests replace merge.plan_merge
+    from app.core.adapters import trained_storage
+    from app.core.export import tensor_merge as merge  # read at call time: tests replace merge.plan_merge
 
     if into not in MERGE_INTO:
         raise ExportError(f"unknown --merge-into '{into}'; use one of {', '.join(MERGE_INTO)}")
@@ -94,7 +94,7 @@ def merge_adapter(source: AdapterSource, info, tokenizer, out: Path, dtype: str 
 def _write_streamed(plan, info, tokenizer, out: Path, dtype: str, nf4: str, progress: Callable[[str], None],
                     trust_remote_code: bool, choice: str) -> None:
     """The tensor-by-tensor merge into `out`, with config, generation config and tokenizer."""
-    from app.core.export import merge
+    from app.core.export import tensor_merge as merge
 
     base_dir = Path(info.path)
     _check_ram(merge.merge_ram(plan, dtype), "merging tensor by tensor")
@@ -144,7 +144,7 @@ def tested_reference(source: AdapterSource, info, tokenizer, progress: Callable[
     import torch
 
     from app.core import host
-    from app.core.chat import trained_storage
+    from app.core.adapters import trained_storage
     from app.core.models.load import quiet_loading
 
     storage, compute = trained_storage(source)
@@ -221,7 +221,7 @@ def _tested_model(source: AdapterSource, info, storage: str, compute: str, dtype
     import torch
     from peft import PeftModel
 
-    from app.core.export.merge import as_trained, was_quantised
+    from app.core.export.tensor_merge import as_trained, was_quantised
 
     base = _load_plain(info, dtype, trust_remote_code)
     if storage == "4bit":

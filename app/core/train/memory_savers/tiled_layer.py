@@ -37,8 +37,8 @@ import functools
 from contextvars import ContextVar
 from functools import partial
 
-from app.core.train.offload import offloaded_checkpoint, restored_host_input, to_host_if
-from app.core.train.tiled_mlp import restored_rng, rng_state
+from app.core.train.memory_savers.offload import offloaded_checkpoint, restored_host_input, to_host_if
+from app.core.train.memory_savers.tiled_mlp import restored_rng, rng_state
 
 _PASS: ContextVar = ContextVar("tiled_layer_pass", default=None)
 

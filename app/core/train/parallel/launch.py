@@ -2,7 +2,7 @@
 
 The run folder is created (or reopened for a resume) here, in the process the user started, which
 holds the run's lock throughout. `torch.distributed.run` (torchrun, PyTorch's own launcher) starts
-`--gpus` workers of `app.core.train.worker` on this machine with no restarts: when one dies,
+`--gpus` workers of `app.core.train.parallel.worker` on this machine with no restarts: when one dies,
 torchrun ends the others and exits non-zero. Rank 0 writes the run's events, status and
 checkpoints as a one-process run does; this process reads the new lines of metrics.jsonl and
 passes them on as events (the CLI's progress, the GUI's graphs), turns a stop into the stop
@@ -25,9 +25,10 @@ from typing import Callable
 
 from app.core.portable import child_env, python_command
 from app.core.runs import Run, checkpoint_step
-from app.core.train.distributed import STOP_FILE
-from app.core.train.events import Event, LogLine, RunFailed, event_from_dict
-from app.core.train.worker import MISMATCH
+from app.core.events import Event, LogLine, RunFailed, event_from_dict
+from app.core.train.loop import RunResult
+from app.core.train.parallel.distributed import STOP_FILE
+from app.core.train.parallel.worker import MISMATCH
 
 FOLLOW_EVERY_S = 0.5
 
@@ -35,8 +36,6 @@ FOLLOW_EVERY_S = 0.5
 def run_workers(run: Run, gpus: int, on_event: Callable[[Event], None], stop: threading.Event):
     """Train `run` (its folder written, its lock held) on `gpus` workers; returns the RunResult
     its status.json ends with."""
-    from app.core.train.trainer import RunResult
-
     (run.dir / STOP_FILE).unlink(missing_ok=True)
     config = run.config()
     why = run.plan().reasons.get("gpus", "torchrun")
@@ -51,7 +50,7 @@ def run_workers(run: Run, gpus: int, on_event: Callable[[Event], None], stop: th
     follower = _Follower(run.dir / "metrics.jsonl", on_event)
     command = python_command("-m", "torch.distributed.run", *_rendezvous(config),
                              "--nproc-per-node", str(gpus), "--max-restarts", "0", "--monitor-interval", "1",
-                             "-m", "app.core.train.worker", str(run.dir))
+                             "-m", "app.core.train.parallel.worker", str(run.dir))
     with open(run.dir / "workers.log", "ab") as log:
         worker = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env(), **_detached())
         try:
