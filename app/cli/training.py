@@ -200,10 +200,10 @@ def cmd_runs(args) -> int:
 
 
 def cmd_check_data(args) -> int:
-    from app.core.data.check import check_dataset
+    from app.core.data.check import DataCheck, check_dataset
 
-    summary = check_dataset(args.file, args.model, args.seq_len, trust_remote_code=args.trust_remote_code,
-                            progress=info)
+    check = DataCheck(args.file, args.model, args.seq_len, trust_remote_code=args.trust_remote_code)
+    summary = check_dataset(check, "report", progress=info)
     report, problems = summary.report, summary.problems
     print(f"{report.file}")
     print(f"  format     {report.format_label}")

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from app.core.data.check import check_dataset
+from app.core.data.check import DataCheck, check_dataset
 from conftest import EXAMPLES, REPO
 
 NO_SYSTEM = ("{% for message in messages %}{% if message['role'] == 'system' %}"
@@ -43,7 +43,7 @@ def mixed_data(tmp_path):
 
 def test_a_row_the_template_rejects_is_a_problem_on_its_line_for_every_face(strict_model, mixed_data, window,
                                                                            qtbot):
-    summary = check_dataset(str(mixed_data), str(strict_model), preview=True)
+    summary = check_dataset(DataCheck(str(mixed_data), str(strict_model)), "preview")
     assert [p.line for p in summary.problems] == [3, 4]
     assert "this model takes no system turn" in str(summary.problems[0])
     assert summary.usable_rows == 2 and len(summary.lengths) == 2 and summary.preview_line == 1
@@ -68,10 +68,10 @@ def test_training_reads_the_same_lengths_the_check_reported(tiny_model):
     from app.core.models.resolve import resolve_model
 
     for name in ("messages.jsonl", "sharegpt.jsonl", "alpaca.json", "text.jsonl"):
-        fast = check_dataset(str(EXAMPLES / name), str(tiny_model))
+        fast = check_dataset(DataCheck(str(EXAMPLES / name), str(tiny_model)))
         tokenizer = load_tokenizer(resolve_model(str(tiny_model)))
         ensure_chat_template(tokenizer)
-        exact = check_dataset(str(EXAMPLES / name), tokenizer=tokenizer)
+        exact = check_dataset(DataCheck(str(EXAMPLES / name)), "train", tokenizer=tokenizer)
         assert fast.tokenized is None and exact.tokenized is not None
         assert fast.lengths == exact.lengths and len(fast.lengths) == fast.usable_rows > 0, name
 
@@ -86,6 +86,7 @@ def test_the_tokenizer_is_loaded_at_most_once(tiny_model, strict_model, mixed_da
     real = models.load_tokenizer
     monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: calls.append(1) or real(*a, **k))
     data = mixed_data if strict else EXAMPLES / "messages.jsonl"
-    summary = check_dataset(str(data), str(strict_model if strict else tiny_model), preview=preview)
+    summary = check_dataset(DataCheck(str(data), str(strict_model if strict else tiny_model)),
+                            "preview" if preview else "report")
     assert len(calls) == loads and summary.lengths
     assert bool(summary.preview) == preview

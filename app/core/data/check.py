@@ -13,12 +13,14 @@ everywhere else. Nothing is downloaded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from app.core.data.read import Problem
 from app.core.data.stats import LengthStats, count_over, length_stats
 from app.core.data.tokenize import TokenizedSet
 from app.core.data.validate import DataReport, check_file
+from app.core.errors import DatasetError
 
 PREVIEW_ROWS = 20  # the first row among these that renders is previewed
 
@@ -57,43 +59,96 @@ class DatasetSummary:
         return len({(p.line, p.file) for p in self.report.problems + self.tokenizer_problems})
 
 
-def check_dataset(path: str, model: str = "demo", seq_len: int | None = None, *, preview: bool = False,
-                  tokenizer=None, report: DataReport | None = None, trust_remote_code: bool = False,
-                  allow_pickle: bool = False, progress=lambda message: None,
-                  doing=lambda message: None) -> DatasetSummary:
-    """Check `path` and measure its rows with `model`'s tokenizer (or `tokenizer`, which also keeps
-    the tokenised examples in `.tokenized`); with `preview`, render one example. `report` is the
-    file's check when the caller made it already. `progress` hears what a download or conversion of
-    the model says; `doing` where the check is (lines read, the tokenizer loading: the window's).
-    Raises DatasetError only for whole-file problems (missing, empty, unreadable) and ModelError for
-    a model that cannot be used."""
-    report = report if report is not None else check_file(path, doing)
-    summary = DatasetSummary(report)
-    if not report.examples:
-        return summary
-    exact = tokenizer is not None  # the caller's tokenizer: the lengths training will use
-    if not exact:
-        doing(f"Read {report.rows:,} lines; loading the tokenizer to measure them…")
-        info = _measuring_model(model, trust_remote_code, allow_pickle, progress)
-        summary.tokenizer_of = info.name
-        doing(f"Measuring {len(report.examples):,} examples with {info.name}'s tokenizer…")
-        fast = _fast_lengths(info, report)
-        summary.lengths, exact = fast or [], fast is None
-        if exact or preview:
-            tokenizer = _load_tokenizer(info, trust_remote_code)
-    if exact:
-        from app.core.data.tokenize import tokenize_examples
+MODES = ("report", "preview", "rows", "plan", "train")
 
-        doing(f"Measuring {len(report.examples):,} examples with the chat template…")
-        summary.tokenized = tokenize_examples(tokenizer, report.examples, report.file)
-        summary.lengths = [len(example.input_ids) for example in summary.tokenized.examples]
-        summary.tokenizer_problems = summary.tokenized.problems
+
+@dataclass(frozen=True)
+class DataCheck:
+    """What a dataset check is asked about."""
+
+    path: str
+    model: str = "demo"  # whose tokenizer measures the rows
+    seq_len: int | None = None  # count the rows longer than this
+    skip_bad: bool = False  # the strict modes: bad rows are left out instead of refused
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+def _quiet(message: str) -> None:
+    return None
+
+
+def check_dataset(check: DataCheck, mode: str = "report", *, tokenizer=None, report: DataReport | None = None,
+                  progress: Callable[[str], None] = _quiet, doing: Callable[[str], None] = _quiet) -> DatasetSummary:
+    """The one check of a dataset file, in the mode its caller needs:
+
+    - "report": every bad line listed, the rows measured (`tunesmith check-data`);
+    - "preview": the same, and one example rendered with the tokens it trains on marked (the Train tab);
+    - "rows": the file read and validated only, refused (DatasetError) unless it can be trained on
+      as asked: training's first, cheap check, before the model loads;
+    - "plan": refused the same way, then measured (`tunesmith plan --data`);
+    - "train": refused the same way (or the `report` of its "rows" check), then tokenised with the
+      `tokenizer` training uses, and refused for rows its chat template rejects, unless skip_bad.
+
+    `progress` hears what a download or conversion of the model says; `doing` where the check is
+    (lines read, the tokenizer loading: the window's). Whole-file problems (missing, empty,
+    unreadable) raise DatasetError in every mode, a model that cannot be used ModelError."""
+    if mode not in MODES:
+        raise ValueError(f"check_dataset mode {mode!r}: one of {', '.join(MODES)}")
+    report = report if report is not None else check_file(check.path, doing)
+    if mode in ("rows", "plan", "train"):
+        report.raise_if_unusable(check.skip_bad)
+    summary = DatasetSummary(report)
+    if mode == "rows" or not report.examples:
+        return summary
+    if mode == "train":
+        _tokenize_into(summary, tokenizer, doing)
+        _refuse_untokenizable(summary, check.skip_bad)
+    else:
+        _measure(summary, check, mode == "preview", progress, doing)
+    summary.stats = length_stats(summary.lengths) if summary.lengths else None
+    if check.seq_len:
+        summary.over_seq_len = count_over(summary.lengths, check.seq_len)
+    return summary
+
+
+def _measure(summary: DatasetSummary, check: DataCheck, preview: bool, progress, doing) -> None:
+    """The rows' token lengths with the measuring model's tokenizer (its fast path where it reads
+    the folder), and with `preview` one example rendered."""
+    report = summary.report
+    doing(f"Read {report.rows:,} lines; loading the tokenizer to measure them…")
+    info = _measuring_model(check.model, check.trust_remote_code, check.allow_pickle, progress)
+    summary.tokenizer_of = info.name
+    doing(f"Measuring {len(report.examples):,} examples with {info.name}'s tokenizer…")
+    fast = _fast_lengths(info, report)
+    summary.lengths = fast or []
+    tokenizer = _load_tokenizer(info, check.trust_remote_code) if fast is None or preview else None
+    if fast is None:
+        _tokenize_into(summary, tokenizer, doing)
     if preview:
         summary.preview, summary.preview_line = _preview(tokenizer, report)
-    summary.stats = length_stats(summary.lengths) if summary.lengths else None
-    if seq_len:
-        summary.over_seq_len = count_over(summary.lengths, seq_len)
-    return summary
+
+
+def _tokenize_into(summary: DatasetSummary, tokenizer, doing) -> None:
+    """The rows as training sees them: ids and labels by the chat template, their lengths, and
+    the rows the template rejects as problems on their lines."""
+    from app.core.data.tokenize import tokenize_examples
+
+    report = summary.report
+    doing(f"Measuring {len(report.examples):,} examples with the chat template…")
+    summary.tokenized = tokenize_examples(tokenizer, report.examples, report.file)
+    summary.lengths = [len(example.input_ids) for example in summary.tokenized.examples]
+    summary.tokenizer_problems = summary.tokenized.problems
+
+
+def _refuse_untokenizable(summary: DatasetSummary, skip_bad: bool) -> None:
+    result = summary.tokenized
+    if result.problems and not skip_bad:
+        more = len(result.problems) - 1
+        tail = f" (and {more} more)" if more else ""
+        raise DatasetError(f"{result.problems[0]}{tail}; fix the rows or pass --skip-bad")
+    if not result.examples:
+        raise DatasetError("no usable rows after tokenising", file=summary.report.file)
 
 
 def _measuring_model(model: str, trust_remote_code: bool, allow_pickle: bool, progress):
@@ -101,8 +156,7 @@ def _measuring_model(model: str, trust_remote_code: bool, allow_pickle: bool, pr
     catalogued one that is not (its own tokenizer may count 10-20 % differently), and where the
     demo's weights are not installed, the demo's tokenizer that Tunesmith ships."""
     from app.core.models import demo_model
-    from app.core.models.resolve import model_facts
-    from app.core.models.resolve import resolve_model
+    from app.core.models.resolve import model_facts, resolve_model
 
     facts = model_facts(model)  # no download: a hub id that is neither cached nor catalogued is refused
     ref = "demo" if facts.kind == "catalogue" else model

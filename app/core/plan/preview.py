@@ -95,10 +95,9 @@ def tokenizer_note(facts: ModelFacts) -> str:
 def data_lengths(config: TrainConfig) -> tuple[list[int], list]:
     """Token lengths of the usable rows of `config.data`, measured by the one dataset check, and
     the rows."""
-    from app.core.data.check import check_dataset
-    from app.core.data.validate import check_file
+    from app.core.data.check import DataCheck, check_dataset
 
-    report = check_file(config.data)
-    report.raise_if_unusable(config.skip_bad)
-    return check_dataset(config.data, config.model, report=report, trust_remote_code=config.trust_remote_code,
-                         allow_pickle=config.allow_pickle).lengths, report.examples
+    summary = check_dataset(DataCheck(config.data, config.model, skip_bad=config.skip_bad,
+                                      trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle),
+                            "plan")
+    return summary.lengths, summary.report.examples

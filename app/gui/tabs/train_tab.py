@@ -140,7 +140,7 @@ class TrainTab(QWidget):
     # -- dataset and plan -------------------------------------------------------------------------
     def load_dataset(self, path: str) -> None:
         """Check `path` on a worker thread and show the report."""
-        from app.core.data.check import check_dataset
+        from app.core.data.check import DataCheck, check_dataset
 
         self.data_path = path
         self._remember("last_data_folder", str(Path(path).parent))
@@ -148,7 +148,9 @@ class TrainTab(QWidget):
         self.report.show_busy(path)
         self._data_request += 1
         request, model = self._data_request, self.model_box.currentText()
-        worker = TaskWorker(lambda say: check_dataset(path, model, preview=True, progress=say, doing=say), request, reports=True)
+        check = DataCheck(path, model)
+        worker = TaskWorker(lambda say: check_dataset(check, "preview", progress=say, doing=say), request,
+                            reports=True)
         worker.progress.connect(self._dataset_progress)
         worker.done.connect(self._dataset_checked)
         worker.failed.connect(self._dataset_failed)
