@@ -36,8 +36,8 @@ DATA = ROOT / "resources" / "data" / "pirate_chef.jsonl"
 CHILD = r"""
 import json, resource, sys, time
 from app.core.config import TrainConfig
-from app.core.runs import Run, read_history
 from app.core.events import StepMetrics
+from app.core.runs import Run, read_history
 from app.core.train.trainer import run_training
 gpus, accum, steps, seq = (int(v) for v in sys.argv[1:5])
 strategy = sys.argv[6]

@@ -37,9 +37,9 @@ def cmd_eval(args) -> int:
     from app.core.eval.report import ReportRequest, parse_parts
     from app.core.eval.run_report import make_report
 
-    request = ReportRequest(parse_parts(args.parts, "--parts"), args.probes, args.choices, args.data)
-    report, json_path, md_path = make_report(args.run, request, progress=info, out=args.out,
-                                             trust_remote_code=args.trust_remote_code, download=args.download)
+    request = ReportRequest(parse_parts(args.parts, "--parts"), args.probes, args.choices, args.data, out=args.out,
+                            trust_remote_code=args.trust_remote_code, download=args.download)
+    report, json_path, md_path = make_report(args.run, request, progress=info)
     for line in report["lines"]:
         print(line[:1].upper() + line[1:])
     for note in report["notes"]:

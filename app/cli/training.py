@@ -109,7 +109,6 @@ def print_max_context(preview, as_json: bool) -> int:
 def cmd_plan(args) -> int:
     import json
 
-    from app.core.plan.memory import COMPONENTS
     from app.core.plan.preview import preview_plan
 
     preview = preview_plan(TrainConfig(**config_values(args)))
@@ -118,6 +117,16 @@ def cmd_plan(args) -> int:
     if args.json:
         print(json.dumps(preview.to_dict(), indent=2))
         return 0
+    _print_plan_header(preview)
+    print()
+    print_table(_settings_rows(preview.plan))
+    print()
+    print_table(_memory_rows(preview.plan, preview.budget))
+    return 0
+
+
+def _print_plan_header(preview) -> None:
+    """The device, model, budget, card, data and notes a plan was made for."""
     facts, plan, budget = preview.model.arch, preview.plan, preview.budget
     print(f"Device  {plan.reasons['device']}")
     print(f"Model   {preview.model.name} ({preview.model.kind}): {facts.total_params / 1e9:.2f}B parameters, "
@@ -134,7 +143,10 @@ def cmd_plan(args) -> int:
         print(f"Note    {preview.tokenizer_note}")
     if preview.export_note:
         print(f"Export  {preview.export_note}")
-    print()
+
+
+def _settings_rows(plan) -> list[tuple]:
+    """The plan's settings, each with why."""
     rows = [("SETTING", "VALUE", "WHY")]
     for name, value in [("quantize", plan.quantize), ("seq_len", plan.seq_len), ("rank", plan.rank), ("grad_checkpointing",
                         "on" if plan.grad_checkpointing else "off"), ("micro_batch", plan.micro_batch),
@@ -156,8 +168,13 @@ def cmd_plan(args) -> int:
         rows.insert(5, ("layer_tile", plan.layer_tile, plan.reasons.get("layer_tile", "")))
     if plan.offload_checkpoints:
         rows.insert(5, ("offload_checkpoints", "on", plan.reasons.get("offload_checkpoints", "")))
-    print_table(rows)
-    print()
+    return rows
+
+
+def _memory_rows(plan, budget) -> list[tuple]:
+    """The predicted peak by component, and what waits in host RAM."""
+    from app.core.plan.memory import COMPONENTS
+
     rows = [("MEMORY", "PREDICTED", "WHAT")]
     for name, label, what in COMPONENTS:
         if name in ("runtime_overhead", "process_baseline", "gathered") and not plan.breakdown.get(name):
@@ -172,8 +189,7 @@ def cmd_plan(args) -> int:
         what += (" and " if what and plan.offload_checkpoints else "") + (
             "offloaded checkpoints (pinned)" if plan.offload_checkpoints else "")
         rows.append(("in host RAM", gib(plan.breakdown["host_offload"]), f"{what}, beside the card"))
-    print_table(rows)
-    return 0
+    return rows
 
 
 def cmd_resume(args) -> int:

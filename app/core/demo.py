@@ -21,8 +21,8 @@ from statistics import mean
 from typing import Callable
 
 from app.core.config import TrainConfig
-from app.core.resources import sample_dataset
 from app.core.events import Event, LogLine, StepMetrics
+from app.core.resources import sample_dataset
 from app.core.train.trainer import RunResult, run_training
 
 DEMO_QUESTION = "How do I make garlic bread?"

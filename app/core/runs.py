@@ -24,10 +24,10 @@ from pathlib import Path
 from app.core.atomic import append_line, manifest_problem, read_jsonl, staged_dir, write_json, write_text
 from app.core.config import Plan, TrainConfig
 from app.core.errors import RunError
+from app.core.events import Event, event_to_dict
 from app.core.paths import runs_dir
 from app.core.portable import RUN_INNER, path_problem, safe_name
 from app.core.run_lock import RunLock, in_use
-from app.core.events import Event, event_to_dict
 
 KEEP_CHECKPOINTS = 2
 LABEL_MAX = 80

@@ -12,7 +12,7 @@ import pytest
 from app.cli import main
 from app.core.errors import ConfigError
 from app.core.plan.cards import card_catalog, find_card, match_card, precision_for
-from app.core.plan.memory import GIB
+from app.core.units import GIB
 
 LLAMA_8B = "meta-llama/Llama-3.1-8B-Instruct"
 ISSUE_CARDS = ["RTX 2060", "RTX 2070", "RTX 2080", "RTX 2080 Ti", "RTX 3060", "RTX 3070", "RTX 3080",

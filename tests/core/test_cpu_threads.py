@@ -12,8 +12,8 @@ import torch
 
 from app.core import host
 from app.core.config import TrainConfig
-from app.core.plan.planner import cpu_threads
 from app.core.events import StepMetrics
+from app.core.plan.planner import cpu_threads
 from app.core.train.trainer import run_training
 
 

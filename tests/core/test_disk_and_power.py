@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 import app.core.train.failures as failures
-from app.core.runs import open_run
 from app.core.events import CheckpointSaved, LogLine
+from app.core.runs import open_run
 from app.core.train.trainer import resume_training
 from conftest import REPO
 

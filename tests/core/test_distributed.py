@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from app.core.config import TrainConfig
-from app.core.runs import Run, read_history
 from app.core.events import RunFailed, StepMetrics
+from app.core.runs import Run, read_history
 from app.core.train.trainer import resume_training, run_training
 
 

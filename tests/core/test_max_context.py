@@ -11,7 +11,8 @@ import pytest
 from app.core.models.architecture import arch_facts
 from app.core.models.catalog import find_in_catalog
 from app.core.plan.context import STEP, best, longest_context
-from app.core.plan.memory import GIB, MemorySetup, estimate_memory
+from app.core.plan.memory import MemorySetup, estimate_memory
+from app.core.units import GIB
 
 LLAMA_8B = arch_facts(find_in_catalog("Llama-3.1-8B-Instruct").config())
 SETUP = MemorySetup(rank=16, compute_dtype="bfloat16", loss="chunked", device="cuda", optimizer="paged_adamw_8bit",

@@ -9,9 +9,10 @@ import pytest
 from app.core.config import TrainConfig
 from app.core.models.architecture import arch_facts
 from app.core.models.files import read_config
-from app.core.plan.memory import GIB, MemorySetup, estimate_memory, lora_parameter_count
+from app.core.plan.memory import MemorySetup, estimate_memory, lora_parameter_count
 from app.core.resources import sample_dataset
 from app.core.train.memory_probe import PeakMemory, optimizer_bytes, weight_bytes
+from app.core.units import GIB
 
 SEQ = 256
 

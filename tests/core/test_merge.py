@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from app.core.export import tensor_merge as merge
 from app.core.errors import ExportError
+from app.core.export import tensor_merge as merge
 from app.core.export.exporter import ExportOptions, export_run
 
 REPO = Path(__file__).resolve().parents[2]

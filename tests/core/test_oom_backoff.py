@@ -13,8 +13,8 @@ import torch
 import pytest
 
 from app.core.config import TrainConfig
-from app.core.runs import open_run
 from app.core.events import PlanAdjusted, RunFailed
+from app.core.runs import open_run
 from app.core.train.oom import next_backoff
 from app.core.train.session import QLoraSession
 from app.core.train.trainer import run_training

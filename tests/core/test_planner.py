@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -14,9 +16,10 @@ from app.core.config import TrainConfig
 from app.core.data.stats import length_stats
 from app.core.errors import PlanError
 from app.core.models.resolve import model_facts
-from app.core.plan.memory import GIB, MemorySetup, estimate_memory, setup_for
+from app.core.plan.memory import MemorySetup, estimate_memory, setup_for
 from app.core.plan.planner import DEFAULT_RANK, plan_run
 from app.core.plan.presets import get_preset, resolve_budget
+from app.core.units import GIB
 from conftest import REPO
 
 LLAMA_8B = model_facts("Llama-3.1-8B-Instruct").arch
@@ -227,3 +230,33 @@ def test_tiles_and_offloading_need_checkpointing():
         plan_for(chat_lengths(), grad_checkpointing=False, layer_tile=2048)
     with pytest.raises(Exception, match="--layer-tile is tokens per tile"):
         plan_for(chat_lengths(), layer_tile=8)
+
+
+def test_the_flag_seq_len_is_read_once_by_the_planner_on_its_way_to_the_batches(tiny_model, chat_data):
+    """--seq-len from the flag to the batches: only the planner reads it from the config (its
+    validation, and the one decision in plan/seq_len.py); the rest reads the plan."""
+    from app.cli.flags import add_config_flags, config_values
+    from app.core.data.batches import EpochBatches
+    from app.core.train.prepare import prepare_training
+
+    readers = []
+
+    class Watched(TrainConfig):
+        def __getattribute__(self, name):
+            if name == "seq_len":
+                code = sys._getframe(1).f_code
+                readers.append((Path(code.co_filename).as_posix(), code.co_name))
+            return object.__getattribute__(self, name)
+
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    args = parser.parse_args(["--model", str(tiny_model), "--data", str(chat_data), "--seq-len", "48",
+                              "--max-steps", "2"])
+    config = Watched(**config_values(args))
+    prepared = prepare_training(config)
+    batches = EpochBatches([len(e.input_ids) for e in prepared.train], prepared.plan, prepared.config.seed)
+    ours = sorted({(file.split("/app/", 1)[-1], name) for file, name in readers if "/app/" in file})
+    assert ours == [("core/plan/planner.py", "validate_config"), ("core/plan/seq_len.py", "choose_seq_len")]
+    assert prepared.plan.seq_len == 48 and prepared.plan.reasons["seq_len"].startswith("set by you")
+    first = batches.for_step(0)  # the loop's first step: rows of the plan's length at most
+    assert first and max(batches.lengths) <= 48 and all(len(e.input_ids) <= 48 for e in prepared.train)

@@ -9,9 +9,9 @@ import pytest
 
 from app.core.errors import ConfigError
 from app.core.paths import config_dir
-from app.core.plan.memory import GIB
 from app.core.plan.presets import get_preset, list_presets, read_preset, resolve_budget, training_budget
 from app.core.resources import shipped_dir
+from app.core.units import GIB
 from conftest import REPO
 
 SHIPPED = sorted(shipped_dir("presets").glob("*.toml"))

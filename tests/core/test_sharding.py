@@ -13,8 +13,9 @@ import pytest
 from app.core.config import TrainConfig
 from app.core.errors import ConfigError, PlanError
 from app.core.models.resolve import model_facts
-from app.core.plan.memory import GIB, MemorySetup, estimate_memory
+from app.core.plan.memory import MemorySetup, estimate_memory
 from app.core.plan.preview import preview_plan
+from app.core.units import GIB
 
 LLAMA_70B = model_facts("Llama-3.1-70B-Instruct").arch
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from app.core.config import TrainConfig
-from app.core.runs import list_runs, open_run
 from app.core.events import CheckpointSaved, RunFailed, RunFinished, RunStarted, StepMetrics, StepProgress
+from app.core.runs import list_runs, open_run
 from app.core.train.trainer import resume_training, run_training
 from conftest import REPO
 

@@ -89,7 +89,7 @@ def test_changing_the_preset_changes_the_plan(window, qtbot):
 
 def test_a_long_sequence_shows_the_long_context_rungs_the_planner_chose(window, qtbot, monkeypatch):
     from app.core import host
-    from app.core.plan.memory import GIB
+    from app.core.units import GIB
     from app.core.resources import sample_dataset
 
     monkeypatch.setattr(host, "available_ram", lambda: 64 * GIB)  # the test's machine, not this one

@@ -35,13 +35,17 @@ HELD_OUT_LIMIT = 200
 @dataclass(frozen=True)
 class ReportRequest:
     """What a report holds: `parts` of REPORT_PARTS, the user's probe and multiple-choice files, an
-    eval file to use instead of the run's held-out examples, and questions of the user's own."""
+    eval file to use instead of the run's held-out examples, and questions of the user's own; and
+    where it goes and what loading the models may do."""
 
     parts: tuple[str, ...] = REPORT_PARTS
     probes: str = ""
     choices: str = ""
     data: str = ""
     questions: tuple[str, ...] = ()  # asked first in the answers part (the demo's own question)
+    out: str = ""  # the folder for report.json and report.md ("": the run's or the adapter's)
+    trust_remote_code: bool = False
+    download: bool = False  # a base model that is not on this machine may be downloaded
 
 
 def parse_parts(text: str, flag: str = "--report") -> tuple[str, ...]:

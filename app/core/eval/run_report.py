@@ -20,10 +20,10 @@ from app.core.eval.report import HeldOut, ReportRequest, build_report, write_rep
 
 
 def make_report(ref: str, request: ReportRequest, progress: Callable[[str], None] = lambda m: None,
-                cancelled: Callable[[], bool] = lambda: False, out: str = "", trust_remote_code: bool = False,
-                download: bool = False, lock: bool = True, held: HeldOut | None = None) -> tuple[dict, Path, Path]:
+                cancelled: Callable[[], bool] = lambda: False, lock: bool = True,
+                held: HeldOut | None = None) -> tuple[dict, Path, Path]:
     """Judge the adapter `ref` names (adapters.find_adapter) and write report.json and report.md:
-    into `out` when given, else the run's folder (report-CHECKPOINT for a checkpoint), else the
+    into the request's `out` when given, else the run's folder (report-CHECKPOINT for a checkpoint), else the
     adapter's own folder. Writing into a run, it holds the run's lock (`lock`; the trainer, which
     holds it already, says False): a run being trained, resumed or deleted is refused in one line.
     `held`: the examples to judge on when the caller has them (the trainer: its own eval examples,
@@ -38,7 +38,7 @@ def make_report(ref: str, request: ReportRequest, progress: Callable[[str], None
     if request.choices:
         load_choices(request.choices)
     source = find_adapter(ref)
-    folder, stem = _where(source, out)
+    folder, stem = _where(source, request.out)
     held_lock = None
     if lock and source.run_dir is not None and folder.resolve() == source.run_dir.resolve():
         from app.core.run_lock import RunLock
@@ -46,7 +46,7 @@ def make_report(ref: str, request: ReportRequest, progress: Callable[[str], None
         held_lock = RunLock(source.run_dir, "judging").acquire()  # RunError naming the holder when in use
     try:
         _free()  # what the training session let go of goes back to the system before the model loads again
-        session = load_chat(ref, trust_remote_code, progress=progress, download=download)
+        session = load_chat(ref, request.trust_remote_code, progress=progress, download=request.download)
         try:
             if held is None:
                 held = held_out_of(session, request.data) if {"loss", "answers"} & set(request.parts) else HeldOut()
@@ -75,9 +75,9 @@ def report_after_run(run, config, say: Callable[[str, str], None], cancelled: Ca
         return None
     say(f"Judging the run against the base model ({', '.join(parts)}); Stop now skips it", "info")
     try:
-        report, _, md_path = make_report(str(run.dir), ReportRequest(parts, config.probes, questions=questions),
-                                         progress=lambda m: say(m, "info"), cancelled=cancelled,
-                                         trust_remote_code=config.trust_remote_code, lock=run.lock is None, held=held)
+        request = ReportRequest(parts, config.probes, questions=questions, trust_remote_code=config.trust_remote_code)
+        report, _, md_path = make_report(str(run.dir), request, progress=lambda m: say(m, "info"),
+                                         cancelled=cancelled, lock=run.lock is None, held=held)
     except Exception as err:  # noqa: BLE001 - a report must never cost the run
         run.log(traceback.format_exc())
         first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__

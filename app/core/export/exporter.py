@@ -20,7 +20,7 @@ from app.core.export.gguf import gguf_architecture, write_gguf
 from app.core.export.gguf_check import verify_gguf
 from app.core.export.merged_model import MERGE_INTO, merge_adapter, parameters
 from app.core.export.modelfile import ollama_modelfile
-from app.core.export.quantize import BY_LLAMA_CPP, BYTES_PER_PARAM, check_quant
+from app.core.export.quantize import BYTES_PER_PARAM, BY_LLAMA_CPP, check_quant
 from app.core.export.target import ExportLock, check_target, protected_reason, repair, staging, write_marker
 from app.core.models.resolve import resolve_model
 from app.core.portable import path_problem

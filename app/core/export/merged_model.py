@@ -78,7 +78,11 @@ def merge_adapter(source: AdapterSource, info, tokenizer, out: Path, dtype: str 
     reference = tested_reference(source, info, tokenizer, progress, trust_remote_code)
     dtype, choice = choose_dtype(dtype, reference)
     while True:
-        _write_streamed(plan, info, tokenizer, out, dtype, nf4, progress, trust_remote_code, choice)
+        _check_ram(merge.merge_ram(plan, dtype), "merging tensor by tensor")
+        into_text = "the NF4-rounded weights it trained against" if nf4 else "the original weights"
+        progress(f"Merging the adapter into {info.name}'s {into_text}, saved in {dtype}, one tensor at a time"
+                 + (f" ({choice})" if choice else ""))
+        _write_streamed(plan, info, tokenizer, out, dtype, nf4, progress, trust_remote_code)
         checks = compare_with_reference(reference, out, dtype, progress, trust_remote_code)
         if checks.pop("finite", True) or not choice or dtype != "f16":
             break
@@ -92,15 +96,11 @@ def merge_adapter(source: AdapterSource, info, tokenizer, out: Path, dtype: str 
 
 
 def _write_streamed(plan, info, tokenizer, out: Path, dtype: str, nf4: str, progress: Callable[[str], None],
-                    trust_remote_code: bool, choice: str) -> None:
+                    trust_remote_code: bool) -> None:
     """The tensor-by-tensor merge into `out`, with config, generation config and tokenizer."""
     from app.core.export import tensor_merge as merge
 
     base_dir = Path(info.path)
-    _check_ram(merge.merge_ram(plan, dtype), "merging tensor by tensor")
-    into_text = "the NF4-rounded weights it trained against" if nf4 else "the original weights"
-    progress(f"Merging the adapter into {info.name}'s {into_text}, saved in {dtype}, one tensor at a time"
-             + (f" ({choice})" if choice else ""))
     summary = merge.merge_shards(plan, out, dtype, progress, nf4_compute=nf4)
     merge.write_merged_config(base_dir, out, dtype, trust_remote_code)
     if not (out / "generation_config.json").exists():

@@ -11,10 +11,11 @@ from app.core.data.stats import LengthStats
 from app.core.errors import PlanError
 from app.core.models.architecture import ArchFacts
 from app.core.plan.context import LADDER, Saving, on_device
-from app.core.plan.memory import CUDA_CONTEXT_BYTES, GIB, MemoryEstimate, MemorySetup, estimate_memory
+from app.core.plan.memory import MemoryEstimate, MemorySetup, estimate_memory
+from app.core.plan.memory_constants import CUDA_CONTEXT_BYTES
 from app.core.plan.presets import Budget
 from app.core.plan.seq_len import SHORTEST_TRIED, SeqChoice
-from app.core.units import gib
+from app.core.units import GIB, gib
 
 DEFAULT_RANK = 16
 LOWER_RANKS = (8,)  # rank 4 would cost much quality for a few hundred MB; context goes first

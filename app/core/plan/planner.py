@@ -20,15 +20,15 @@ from app.core.data.batches import micro_batches_per_epoch
 from app.core.data.stats import LengthStats, count_over
 from app.core.errors import ConfigError, PlanError
 from app.core.models.architecture import ArchFacts
+from app.core.models.support import fused_loss_support, packing_support
 from app.core.plan.cards import Card, precision_for
 from app.core.plan.context import Saving
 from app.core.plan.fit import DEFAULT_RANK, MICRO_BATCHES, TARGET_TOKENS_PER_STEP, Fit, FitRequest, choose_fit
 from app.core.plan.kernel_choice import OPTIMIZER_LABELS, choose_attention, choose_loss
-from app.core.plan.presets import Budget, at_plan_time, device_line
-from app.core.plan.sharding import SHARDED_OPTIMIZER, four_bit_fit, strategy_of
 from app.core.plan.memory import with_passes
+from app.core.plan.presets import Budget, at_plan_time, device_line
 from app.core.plan.seq_len import SEQ_LEN_LEAST, PlannedData, SeqChoice, choose_seq_len, context_cap, planned_data
-from app.core.models.support import fused_loss_support, packing_support
+from app.core.plan.sharding import SHARDED_OPTIMIZER, four_bit_fit, strategy_of
 from app.core.units import format_duration, gib
 
 EVALS_A_RUN = 8

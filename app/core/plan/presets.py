@@ -15,10 +15,9 @@ from app.core import host
 from app.core.errors import ConfigError
 from app.core.paths import config_dir
 from app.core.plan.cards import Card, card_from_capability, detected_card, find_card
-from app.core.plan.memory import GIB
 from app.core.resources import shipped_dir
 from app.core.toml import load_toml
-from app.core.units import gib
+from app.core.units import GIB, gib
 
 # key: (type, required, lowest allowed value)
 KEYS = {

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from app.core.config import Plan, TrainConfig
 from app.core.data.stats import LengthStats, length_stats
-from app.core.models.resolve import model_facts
 from app.core.models.facts import ModelFacts
+from app.core.models.resolve import model_facts
 from app.core.models.support import gguf_problem
 from app.core.plan.cards import find_card
 from app.core.plan.planner import plan_run

@@ -22,8 +22,8 @@ from app.core.errors import DatasetError
 from app.core.eval.probes import load_probes
 from app.core.eval.report import parse_parts
 from app.core.host import reset_peak_ram
-from app.core.models.load import load_tokenizer
 from app.core.models.facts import ModelFacts
+from app.core.models.load import load_tokenizer
 from app.core.models.resolve import resolve_model
 from app.core.plan.planner import plan_run, validate_config
 from app.core.plan.presets import training_budget

@@ -72,16 +72,7 @@ class QLoraSession:
         lora = LoraConfig(r=plan.rank, lora_alpha=plan.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules="all-linear", task_type="CAUSAL_LM")
         self.model = get_peft_model(base, lora)
-        if plan.mlp_tile:
-            tiled = tile_mlps(self.model, plan.mlp_tile)
-            self.notes.append(f"MLP over tiles of {plan.mlp_tile} tokens in {tiled} layers")
-        if plan.offload_checkpoints and plan.grad_checkpointing:
-            to_host = self.device.type == "cuda"
-            count = offload_checkpoints(self.model, to_host)
-            self.notes.append(f"checkpoints offloaded: {count} layers "
-                              f"({'to pinned host memory' if to_host else 'kept in place on the CPU'})")
-        if plan.layer_tile and plan.grad_checkpointing:
-            self.notes.append(self._tile_layers(plan))
+        self.notes += self._save_memory(plan)
         for param in self.model.parameters():  # fp32 LoRA weights whatever the compute dtype (PEFT's too)
             if param.requires_grad:
                 param.data = param.data.float()
@@ -99,6 +90,21 @@ class QLoraSession:
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, plan.warmup_steps, plan.total_steps)
         self.model.train()
         self.memory: tuple[int, ...] = ()  # after each step: bytes held, by rank (step_memory)
+
+    def _save_memory(self, plan) -> list[str]:
+        """The plan's memory savers on the LoRA model (memory_savers/), each said in a note."""
+        notes = []
+        if plan.mlp_tile:
+            tiled = tile_mlps(self.model, plan.mlp_tile)
+            notes.append(f"MLP over tiles of {plan.mlp_tile} tokens in {tiled} layers")
+        if plan.offload_checkpoints and plan.grad_checkpointing:
+            to_host = self.device.type == "cuda"
+            count = offload_checkpoints(self.model, to_host)
+            notes.append(f"checkpoints offloaded: {count} layers "
+                         f"({'to pinned host memory' if to_host else 'kept in place on the CPU'})")
+        if plan.layer_tile and plan.grad_checkpointing:
+            notes.append(self._tile_layers(plan))
+        return notes
 
     def _tile_layers(self, plan) -> str:
         """Tile the checkpointed layers (after offloading: the tiled checkpoint offloads too)."""

@@ -90,8 +90,7 @@ def torch_flash_available() -> bool:
     return _torch_flash_available()
 
 
-def packed_loop(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                segments: tuple[tuple[int, int], ...] = (), **kwargs):
+def packed_loop(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """Causal SDPA within each example of a one-row packed batch, one call per example.
 
     query: (1, heads, tokens, dim); key/value: (1, kv_heads, tokens, dim). Returns the output as
@@ -99,7 +98,7 @@ def packed_loop(module, query, key, value, attention_mask, dropout: float = 0.0,
     import torch
     import torch.nn.functional as F
 
-    segments = _segments(query.shape[2], segments, kwargs)
+    segments = _segments(query.shape[2], kwargs.pop("segments", ()), kwargs)
     if not segments:
         return _plain_sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     key, value = _repeat_kv(key, value, query.shape[1])
@@ -110,8 +109,7 @@ def packed_loop(module, query, key, value, attention_mask, dropout: float = 0.0,
     return out.transpose(1, 2).contiguous(), None
 
 
-def packed_masked_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                       segments: tuple[tuple[int, int], ...] = (), **kwargs):
+def packed_masked_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """One SDPA call over the whole packed row with a block-diagonal causal mask; arguments and
     result as `packed_loop`'s. A row holding one example needs no mask (plain causal SDPA).
 
@@ -121,7 +119,7 @@ def packed_masked_sdpa(module, query, key, value, attention_mask, dropout: float
     scores; transformers' own SDPA path repeats them whenever there is a mask for the same reason."""
     import torch.nn.functional as F
 
-    segments = _segments(query.shape[2], segments, kwargs)
+    segments = _segments(query.shape[2], kwargs.pop("segments", ()), kwargs)
     if not segments:
         return _plain_sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     key, value = _repeat_kv(key, value, query.shape[1])
@@ -135,8 +133,7 @@ def packed_masked_sdpa(module, query, key, value, attention_mask, dropout: float
     return out.transpose(1, 2).contiguous(), None
 
 
-def packed_torch_flash(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                       segments: tuple[tuple[int, int], ...] = (), **kwargs):
+def packed_torch_flash(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """torch's FlashAttention varlen kernel over the packed row, causal within each example;
     arguments and result as `packed_loop`'s. Reads `cu_seq_lens_q` and `max_length_q` when given
     (packed_kwargs puts them on the device once per batch), else derives them.
@@ -144,7 +141,7 @@ def packed_torch_flash(module, query, key, value, attention_mask, dropout: float
     Inputs the kernel cannot take go to `packed_masked_sdpa`, which gives the same result: a
     tensor not on CUDA, fp32, attention dropout (the kernel has none), a head dim over 256 or not
     a multiple of 8, or a non-default scale on a torch whose varlen_attn has no `scale`."""
-    segments = _segments(query.shape[2], segments, kwargs)
+    segments = _segments(query.shape[2], kwargs.pop("segments", ()), kwargs)
     if not segments:
         return _plain_sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     options = _flash_options(query, key, dropout, scaling)

@@ -213,24 +213,62 @@ def _cut(embeddings, start: int, end: int, tokens: int):
     return embeddings
 
 
+def _gather(layer, hidden, args, states):
+    """Capture every tile: in forward (`states` empty) keeping the random state each starts
+    from, in backward from the state kept."""
+    import torch
+
+    parts, recording = [], not states
+    for index, start in enumerate(layer.starts):
+        part = hidden[:, layer.rows(start)]
+        if recording:
+            states.append(rng_state(hidden.device))
+            parts.append(layer.capture(part, start, args))
+        else:
+            with restored_rng(states[index], hidden.device):
+                parts.append(layer.capture(part, start, args))
+    return [torch.cat(column, dim=2) for column in zip(*parts)]  # (batch, heads, tokens, dim)
+
+
+def _replay_backward(ctx, hidden, out, grad):
+    """Backward of o_proj, the residual, the norm and the MLP, tile by tile: (the gradient of the
+    layer's input so far, the gradient of the attention output)."""
+    import torch
+
+    layer, args = ctx.layer, ctx.args
+    grad_out, grad_hidden = torch.empty_like(out), torch.empty_like(hidden)
+    for start, state in zip(layer.starts, ctx.replays):
+        rows = layer.rows(start)
+        part = hidden[:, rows].detach().requires_grad_(True)
+        part_out = out[:, rows].detach().requires_grad_(True)
+        with torch.enable_grad(), restored_rng(state, ctx.device):
+            output = layer.replay(part, part_out, start, args)
+        torch.autograd.backward(output, grad[:, rows])
+        grad_hidden[:, rows].copy_(part.grad)
+        grad_out[:, rows].copy_(part_out.grad)
+        del output, part, part_out
+    return grad_hidden, grad_out
+
+
+def _capture_backward(ctx, hidden, grads, grad_hidden) -> None:
+    """Backward of the norm, the q/k/v projections and RoPE, tile by tile, added into `grad_hidden`."""
+    import torch
+
+    layer, args = ctx.layer, ctx.args
+    for start, state in zip(layer.starts, ctx.captures):
+        rows = layer.rows(start)
+        part = hidden[:, rows].detach().requires_grad_(True)
+        with torch.enable_grad(), restored_rng(state, ctx.device):
+            tile_qkv = layer.capture(part, start, args)
+        torch.autograd.backward(list(tile_qkv), [g[:, :, rows] for g in grads])
+        grad_hidden[:, rows].add_(part.grad)
+        del tile_qkv, part
+
+
 @functools.cache
 def _tiled_layer_function():
     """Built on first use so that importing this module does not import torch."""
     import torch
-
-    def gather(layer, hidden, args, states):
-        """Capture every tile: in forward (`states` empty) keeping the random state each starts
-        from, in backward from the state kept."""
-        parts, recording = [], not states
-        for index, start in enumerate(layer.starts):
-            part = hidden[:, layer.rows(start)]
-            if recording:
-                states.append(rng_state(hidden.device))
-                parts.append(layer.capture(part, start, args))
-            else:
-                with restored_rng(states[index], hidden.device):
-                    parts.append(layer.capture(part, start, args))
-        return [torch.cat(column, dim=2) for column in zip(*parts)]  # (batch, heads, tokens, dim)
 
     class _TiledLayer(torch.autograd.Function):
         @staticmethod
@@ -238,7 +276,7 @@ def _tiled_layer_function():
             ctx.layer, ctx.args, ctx.device = layer, args, hidden.device
             ctx.captures, ctx.replays = [], []
             with torch.no_grad():
-                query, key, value = gather(layer, hidden, args, ctx.captures)
+                query, key, value = _gather(layer, hidden, args, ctx.captures)
                 ctx.attention = rng_state(hidden.device)
                 out = layer.attend(query, key, value)
                 del query, key, value
@@ -252,35 +290,17 @@ def _tiled_layer_function():
 
         @staticmethod
         def backward(ctx, grad):
-            layer, args = ctx.layer, ctx.args
             hidden = restored_host_input(ctx)
             with torch.no_grad():
-                qkv = gather(layer, hidden, args, ctx.captures)
+                qkv = _gather(ctx.layer, hidden, ctx.args, ctx.captures)
             qkv = [t.detach().requires_grad_(True) for t in qkv]
             with torch.enable_grad(), restored_rng(ctx.attention, ctx.device):
-                out = layer.attend(*qkv)
-            grad_out, grad_hidden = torch.empty_like(out), torch.empty_like(hidden)
-            for start, state in zip(layer.starts, ctx.replays):  # o_proj, residual, norm, MLP
-                rows = layer.rows(start)
-                part = hidden[:, rows].detach().requires_grad_(True)
-                part_out = out[:, rows].detach().requires_grad_(True)
-                with torch.enable_grad(), restored_rng(state, ctx.device):
-                    output = layer.replay(part, part_out, start, args)
-                torch.autograd.backward(output, grad[:, rows])
-                grad_hidden[:, rows].copy_(part.grad)
-                grad_out[:, rows].copy_(part_out.grad)
-                del output, part, part_out
+                out = ctx.layer.attend(*qkv)
+            grad_hidden, grad_out = _replay_backward(ctx, hidden, out, grad)
             torch.autograd.backward(out, grad_out)  # the attention core, over the whole sequence
             grads = [t.grad for t in qkv]
             del out, grad_out, qkv
-            for start, state in zip(layer.starts, ctx.captures):  # norm, q/k/v projections, RoPE
-                rows = layer.rows(start)
-                part = hidden[:, rows].detach().requires_grad_(True)
-                with torch.enable_grad(), restored_rng(state, ctx.device):
-                    tile_qkv = layer.capture(part, start, args)
-                torch.autograd.backward(list(tile_qkv), [g[:, :, rows] for g in grads])
-                grad_hidden[:, rows].add_(part.grad)
-                del tile_qkv, part
-            return (None, None, grad_hidden) + (None,) * len(args)
+            _capture_backward(ctx, hidden, grads, grad_hidden)
+            return (None, None, grad_hidden) + (None,) * len(ctx.args)
 
     return _TiledLayer

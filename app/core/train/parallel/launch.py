@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from app.core.events import Event, LogLine, RunFailed, event_from_dict
 from app.core.portable import child_env, python_command
 from app.core.runs import Run, checkpoint_step
-from app.core.events import Event, LogLine, RunFailed, event_from_dict
 from app.core.train.loop import RunResult
 from app.core.train.parallel.distributed import STOP_FILE
 from app.core.train.parallel.worker import MISMATCH
