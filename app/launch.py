@@ -7,19 +7,17 @@ with the command line's own parser (which lists `gui` and its --smoke for --help
 
 from __future__ import annotations
 
+import sys
+
+from app.cli import build_parser, main as cli_main
+from app.core.portable import console_safe
+
 
 def main(argv: list[str] | None = None) -> int:
-    import sys
-
-    from app.core.portable import console_safe
-
     console_safe(sys.stdout, sys.stderr)  # a cp1252 console prints `?` for what it lacks, never a traceback
-    from app.cli import build_parser
-    from app.cli import main as cli_main
-
     args = build_parser().parse_args(argv)
     if getattr(args, "command", None) in (None, "gui"):
-        from app.gui.application import run_gui
+        from app.gui.application import run_gui  # here: the CLI never loads the window's modules
 
         return run_gui(smoke=getattr(args, "smoke", False))
     return cli_main(argv)

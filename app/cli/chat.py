@@ -7,7 +7,8 @@ import threading
 from dataclasses import fields
 
 from app.cli.output import info
-from app.core.chat import GenerationSettings
+from app.core.chat import GenerationSettings, load_chat, save_conversation
+from app.core.errors import UserError
 
 CHAT_COMMANDS = ("/base  switch the adapter off or on", "/compare  answer the last question with both",
                  "/clear  forget the conversation", "/save FILE  append the conversation to a JSONL dataset",
@@ -35,8 +36,6 @@ def add_commands(sub) -> None:
 
 
 def cmd_chat(args) -> int:
-    from app.core.chat import load_chat
-
     settings = GenerationSettings(system_prompt=args.system_prompt, temperature=args.temperature,
                                   top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                                   repetition_penalty=args.repetition_penalty, stop=args.stop)
@@ -55,9 +54,6 @@ def cmd_chat(args) -> int:
 
 
 def _conversation(chat, settings: GenerationSettings, adapter: bool) -> int:
-    from app.core.chat import save_conversation
-    from app.core.errors import UserError
-
     messages: list[dict] = []
     print(f"Chatting with {chat.source.label}. " + "; ".join(CHAT_COMMANDS) + ".", file=sys.stderr)
     while True:

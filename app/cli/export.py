@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from app.cli.output import info
 from app.core.export.quantize import ALL_QUANTS
+from app.core.export.usage import how_to_run
 
 
 def add_commands(sub) -> None:
@@ -35,8 +36,7 @@ def add_commands(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from app.core.export.exporter import ExportOptions, export_run
-    from app.core.export.usage import how_to_run
+    from app.core.export.exporter import ExportOptions, export_run  # lazy: imports numpy (heavy) only when used
 
     options = ExportOptions(dtype=args.dtype, quant=args.quant, force=args.force, trust_remote_code=args.trust_remote_code,
                             pre_tokenizer=args.pre_tokenizer, merge_into=args.merge_into, download=args.download)

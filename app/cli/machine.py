@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from app.cli.output import gib_or_unknown, maybe, print_table, yes
+from app.core.models.resolve import list_models
 from app.core.units import gib
 
 
@@ -18,8 +19,6 @@ def add_commands(sub) -> None:
 
 
 def cmd_models(args) -> int:
-    from app.core.models.resolve import list_models
-
     table = [("MODEL", "SOURCE", "ARCHITECTURE", "PARAMS", "SIZE", "PATH")]
     for m in list_models():
         params = f"{m.parameters / 1e6:,.0f}M" if m.parameters else "?"
@@ -30,8 +29,8 @@ def cmd_models(args) -> int:
 
 
 def cmd_gpu(args) -> int:
-    from app.core.plan.cards import card_catalog, detected_card
-    from app.gpu.nvml import detect_gpus, torch_cuda
+    from app.core.plan.cards import card_catalog, detected_card  # at call time: tests replace detected_card there
+    from app.gpu.nvml import detect_gpus, torch_cuda  # at call time: tests replace detect_gpus there
 
     if args.list:
         table = [("CARD", "MEMORY", "COMPUTE", "BF16", "FLASH-ATTN 2", "ALSO CALLED")]

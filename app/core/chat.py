@@ -20,6 +20,8 @@ from app.core import host
 from app.core.adapters import AdapterSource, adapter_tokenizer, find_adapter, trained_storage
 from app.core.atomic import append_line
 from app.core.errors import RunError
+from app.core.models.load import load_base_model
+from app.core.models.resolve import resolve_model
 
 
 @dataclass
@@ -158,9 +160,6 @@ def load_chat(ref: str, trust_remote_code: bool = False,
     on this machine is downloaded only with `download`."""
     import torch
     from peft import PeftModel
-
-    from app.core.models.load import load_base_model
-    from app.core.models.resolve import resolve_model
 
     source = find_adapter(ref)
     device, dtype = host.compute_device()

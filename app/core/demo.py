@@ -20,9 +20,12 @@ from dataclasses import dataclass, field, replace
 from statistics import mean
 from typing import Callable
 
+from app.core.chat import GenerationSettings, load_chat
 from app.core.config import TrainConfig
+from app.core.eval.run_report import report_after_run
 from app.core.events import Event, LogLine, StepMetrics
 from app.core.resources import sample_dataset
+from app.core.runs import open_run
 from app.core.train.trainer import RunResult, run_training
 
 DEMO_QUESTION = "How do I make garlic bread?"
@@ -55,9 +58,6 @@ def run_demo(on_event: Callable[[Event], None] | None = None, stop: threading.Ev
              config: TrainConfig | None = None, question: str = DEMO_QUESTION) -> DemoResult:
     """Train the demo run, then judge it (the before/after report), which asks base and tuned
     model the same new question too: the demo's one comparison."""
-    from app.core.eval.run_report import report_after_run
-    from app.core.runs import open_run
-
     losses: list[float] = []
 
     def record(event: Event) -> None:
@@ -87,8 +87,6 @@ def run_demo(on_event: Callable[[Event], None] | None = None, stop: threading.Ev
 
 
 def _ask_both(run_dir: str, question: str) -> tuple[str, str]:
-    from app.core.chat import GenerationSettings, load_chat
-
     chat = load_chat(run_dir)
     messages = [{"role": "user", "content": question}]
     greedy = GenerationSettings(temperature=0, max_new_tokens=120)

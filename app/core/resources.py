@@ -26,9 +26,3 @@ def resources_dir() -> Path:
 def sample_dataset() -> Path:
     """The pirate-chef chat dataset that `tunesmith demo` trains on."""
     return resources_dir() / "data" / "pirate_chef.jsonl"
-
-
-def example_files() -> dict[str, Path]:
-    """One small example file per supported format, by file name."""
-    folder = resources_dir() / "data" / "examples"
-    return {p.name: p for p in sorted(folder.iterdir()) if p.is_file()}

@@ -389,14 +389,19 @@ def _run_folders(root: Path) -> list[Path]:
             (p / "status.json").exists()]
 
 
+def checkpoint_state(path: Path) -> dict:
+    """A checkpoint's state.json: its step, loss, tokens and time so far (session.py writes it)."""
+    return json.loads((path / "state.json").read_text(encoding="utf-8"))
+
+
 def checkpoint_step(path: Path | None) -> int:
     """The step a checkpoint folder was saved at; 0 for none (a run from its start)."""
-    return json.loads((path / "state.json").read_text(encoding="utf-8"))["step"] if path else 0
+    return checkpoint_state(path)["step"] if path else 0
 
 
 def _checkpoint_problem(path: Path, checksums: bool) -> str:
     try:
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        state = checkpoint_state(path)
     except (OSError, ValueError):
         return "no readable state.json"
     if not isinstance(state, dict) or not state.get("manifest"):

@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from app.gpu.nvml import nvidia_gpu_count
+
 GIB = 1024 ** 3
 MEMINFO = Path("/proc/meminfo")  # Linux; elsewhere (Windows, macOS) psutil answers
 STATM = Path("/proc/self/statm")
@@ -87,8 +89,6 @@ def _cgroup_left(folder: Path, v2: bool) -> int | None:
 def local_device() -> str:
     """Where training would run here. Without an NVIDIA driver that is the CPU, which NVML tells
     in milliseconds; with one, torch decides (a CPU build of torch cannot use the card)."""
-    from app.gpu.nvml import nvidia_gpu_count
-
     if "torch" not in sys.modules and nvidia_gpu_count() == 0:
         return "cpu"
     import torch

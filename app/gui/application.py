@@ -24,13 +24,14 @@ def process_age_ms() -> float:
 def run_gui(smoke: bool = False) -> int:
     """Open the main window. `smoke`: exit once it is shown and print the ms from process start.
     Exit 2, with one line that says what to install, when the window cannot open here."""
-    from app.gui import preflight
+    from app.gui import preflight  # Qt-free; the modules below import Qt, so they load after its check
 
     if preflight.check():
         return 2
     from PySide6.QtCore import QSettings, QTimer
     from PySide6.QtWidgets import QApplication
 
+    # here, not at the top: Qt loads only once the preflight check knows its libraries are there
     from app.gui.icons import app_icon
     from app.gui.main_window import MainWindow
     from app.gui.theme import apply_theme

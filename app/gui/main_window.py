@@ -12,6 +12,7 @@ from app.gui.tabs.chat_tab import ChatTab
 from app.gui.tabs.export_tab import ExportTab
 from app.gui.tabs.runs_tab import RunsTab
 from app.gui.tabs.train_tab import TrainTab
+from app.gui.theme import THEMES, apply_theme
 from app.gui.workers import TaskWorker, Threads
 
 
@@ -61,8 +62,6 @@ class MainWindow(QMainWindow):
 
     def _add_theme_menu(self, menu) -> None:
         """System (follows the desktop's light/dark setting, live), Light or Dark; remembered."""
-        from app.gui.theme import THEMES
-
         chosen = self.settings.value("theme", "system") if self.settings is not None else "system"
         self.theme_actions = QActionGroup(self)
         for name in THEMES:
@@ -74,8 +73,6 @@ class MainWindow(QMainWindow):
         QApplication.instance().styleHints().colorSchemeChanged.connect(self._system_scheme_changed)
 
     def _theme_chosen(self, action: QAction) -> None:
-        from app.gui.theme import apply_theme
-
         if self.settings is not None:
             self.settings.setValue("theme", action.data())
         apply_theme(QApplication.instance(), action.data())
@@ -102,7 +99,7 @@ class MainWindow(QMainWindow):
         QMessageBox.critical(self, "Tunesmith", f"The training engine could not load: {message}")
 
     def _scan_models(self) -> None:
-        from app.core.models.resolve import list_models
+        from app.core.models.resolve import list_models  # here: the window opens before the engine's modules load
 
         worker = TaskWorker(list_models, "models")
         worker.done.connect(self._models_found)  # a bound slot: Qt calls it on this (the GUI) thread

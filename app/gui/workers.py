@@ -55,7 +55,7 @@ class TrainingWorker(QObject):
 
     def __init__(self, start: Callable):
         super().__init__()
-        from app.core.train.interrupt import StopRequest
+        from app.core.train.interrupt import StopRequest  # here: the window opens before the engine's modules load
 
         self._start = start
         self.stop_requested = StopRequest()
@@ -103,7 +103,7 @@ class StreamWorker(QObject):
 def error_message(err: Exception) -> str:
     """One line for the user: the message of a UserError; for anything else its type and text
     (the traceback goes to the log)."""
-    from app.core.errors import UserError
+    from app.core.errors import UserError  # here: the window opens before the engine's modules load
 
     if isinstance(err, UserError):
         return str(err)

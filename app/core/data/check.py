@@ -16,11 +16,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from app.core.data.fast_lengths import fast_lengths
+from app.core.data.holdout import exact_duplicates
 from app.core.data.read import Problem
 from app.core.data.stats import LengthStats, count_over, length_stats
-from app.core.data.tokenize import TokenizedSet
+from app.core.data.tokenize import IGNORE, TemplateError, TokenizedSet, ensure_chat_template, tokenize_example, tokenize_examples
 from app.core.data.validate import DataReport, check_file
 from app.core.errors import DatasetError
+from app.core.models import demo_model
+from app.core.models.resolve import model_facts, resolve_model
 
 PREVIEW_ROWS = 20  # the first row among these that renders is previewed
 
@@ -46,8 +50,6 @@ class DatasetSummary:
     @property
     def duplicates(self) -> list[tuple[int, int]]:
         """(line, line of its first copy) of every example repeated exactly (each trains twice)."""
-        from app.core.data.holdout import exact_duplicates
-
         return exact_duplicates(self.report.examples)
 
     @property
@@ -132,8 +134,6 @@ def _measure(summary: DatasetSummary, check: DataCheck, preview: bool, progress,
 def _tokenize_into(summary: DatasetSummary, tokenizer, doing) -> None:
     """The rows as training sees them: ids and labels by the chat template, their lengths, and
     the rows the template rejects as problems on their lines."""
-    from app.core.data.tokenize import tokenize_examples
-
     report = summary.report
     doing(f"Measuring {len(report.examples):,} examples with the chat template…")
     summary.tokenized = tokenize_examples(tokenizer, report.examples, report.file)
@@ -155,9 +155,6 @@ def _measuring_model(model: str, trust_remote_code: bool, allow_pickle: bool, pr
     """The model whose tokenizer measures: `model` when it is on disk, the demo model for a
     catalogued one that is not (its own tokenizer may count 10-20 % differently), and where the
     demo's weights are not installed, the demo's tokenizer that Tunesmith ships."""
-    from app.core.models import demo_model
-    from app.core.models.resolve import model_facts, resolve_model
-
     facts = model_facts(model)  # no download: a hub id that is neither cached nor catalogued is refused
     ref = "demo" if facts.kind == "catalogue" else model
     if ref.strip().lower() == "demo" and not demo_model.is_converted() and not demo_model.is_installed():
@@ -168,14 +165,11 @@ def _measuring_model(model: str, trust_remote_code: bool, allow_pickle: bool, pr
 def _fast_lengths(info, report: DataReport) -> list[int] | None:
     from pathlib import Path
 
-    from app.core.data.fast_lengths import fast_lengths
-
     return fast_lengths(Path(info.path), report.examples)
 
 
 def _load_tokenizer(info, trust_remote_code: bool):
-    from app.core.data.tokenize import ensure_chat_template
-    from app.core.models.load import load_tokenizer
+    from app.core.models.load import load_tokenizer  # at call time: tests replace load_tokenizer there
 
     tokenizer = load_tokenizer(info, trust_remote_code)
     ensure_chat_template(tokenizer)
@@ -183,8 +177,6 @@ def _load_tokenizer(info, trust_remote_code: bool):
 
 
 def _preview(tokenizer, report: DataReport) -> tuple[list[tuple[str, bool]], int | None]:
-    from app.core.data.tokenize import IGNORE, TemplateError, tokenize_example
-
     for example in report.examples[:PREVIEW_ROWS]:
         try:
             ids, labels = tokenize_example(tokenizer, example)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from app.core.eval.ask import Cancelled, choice_logliks
 from app.core.eval.lines import read_objects
 
 Z95 = 1.959964
@@ -57,8 +58,6 @@ def wilson(right: int, total: int) -> tuple[float, float]:
 def score_choices(session, questions: list[Question], file: str,
                   cancelled: Callable[[], bool] = lambda: False) -> dict:
     """Base and tuned accuracy on `questions`, each with its interval and the choices picked."""
-    from app.core.eval.ask import Cancelled, choice_logliks
-
     picks = {"base": [], "tuned": []}
     for question in questions:
         if cancelled():

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.core.eval.lines import read_objects
+from app.core.resources import resources_dir
 
 MATCHES = ("number", "word", "exact", "regex", "no_refusal")
 BUILTIN_NAME = "general questions"
@@ -74,8 +75,6 @@ class ProbeSet:
 
 
 def builtin_probes() -> ProbeSet:
-    from app.core.resources import resources_dir
-
     path = resources_dir() / "probes" / "general.jsonl"
     return ProbeSet(BUILTIN_NAME, str(path), load_probes(path))
 

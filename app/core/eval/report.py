@@ -22,7 +22,9 @@ from typing import Callable
 from app.core.atomic import write_json, write_text
 from app.core.errors import ConfigError
 from app.core.eval.ask import Cancelled, example_losses, greedy_answers
+from app.core.eval.choices import load_choices, score_choices
 from app.core.eval.probes import PROBE_TOKENS, SetScore, probe_sets
+from app.core.eval.report_text import report_markdown
 
 REPORT_PARTS = ("loss", "answers", "probes")
 ANSWERS = 8
@@ -105,8 +107,6 @@ def build_report(session, request: ReportRequest, held: HeldOut, progress: Calla
 
 def write_report(folder: Path, report: dict, stem: str = "report") -> tuple[Path, Path]:
     """report.json and report.md in `folder`, each written whole."""
-    from app.core.eval.report_text import report_markdown
-
     folder = Path(folder)
     json_path, md_path = folder / f"{stem}.json", folder / f"{stem}.md"
     write_json(json_path, report)
@@ -205,8 +205,6 @@ def _probes_part(session, request, held, report, progress, cancelled) -> None:
 
 
 def _choices_part(session, request, held, report, progress, cancelled) -> None:
-    from app.core.eval.choices import load_choices, score_choices
-
     questions = load_choices(request.choices)
     progress(f"Report: {len(questions)} multiple-choice questions, base and tuned")
     report["choices"] = score_choices(session, questions, str(Path(request.choices).resolve()), cancelled)

@@ -14,9 +14,19 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from app.core.atomic import file_sha256
+from app.core.adapters import find_adapter
+from app.core.atomic import file_sha256, read_jsonl
+from app.core.chat import load_chat
+from app.core.data.holdout import split_tokenized
+from app.core.data.tokenize import tokenize_examples, truncate
+from app.core.data.validate import check_file
 from app.core.errors import UserError
-from app.core.eval.report import HeldOut, ReportRequest, build_report, write_report
+from app.core.eval.choices import load_choices
+from app.core.eval.probes import load_probes
+from app.core.eval.report import REPORT_PARTS, HeldOut, ReportRequest, build_report, parse_parts, write_report
+from app.core.host import trim_heap
+from app.core.run_lock import RunLock
+from app.core.runs import open_run
 
 
 def make_report(ref: str, request: ReportRequest, progress: Callable[[str], None] = lambda m: None,
@@ -28,11 +38,6 @@ def make_report(ref: str, request: ReportRequest, progress: Callable[[str], None
     holds it already, says False): a run being trained, resumed or deleted is refused in one line.
     `held`: the examples to judge on when the caller has them (the trainer: its own eval examples,
     not the data file tokenised again)."""
-    from app.core.adapters import find_adapter
-    from app.core.chat import load_chat
-    from app.core.eval.choices import load_choices
-    from app.core.eval.probes import load_probes
-
     if request.probes:  # a bad file is said before minutes of loading
         load_probes(request.probes)
     if request.choices:
@@ -41,8 +46,6 @@ def make_report(ref: str, request: ReportRequest, progress: Callable[[str], None
     folder, stem = _where(source, request.out)
     held_lock = None
     if lock and source.run_dir is not None and folder.resolve() == source.run_dir.resolve():
-        from app.core.run_lock import RunLock
-
         held_lock = RunLock(source.run_dir, "judging").acquire()  # RunError naming the holder when in use
     try:
         _free()  # what the training session let go of goes back to the system before the model loads again
@@ -66,8 +69,6 @@ def report_after_run(run, config, say: Callable[[str, str], None], cancelled: Ca
     """The run's report at its end (finished or stopped), its lines said; None when it is off or
     failed (a failure is only warned of: the run itself is kept either way, and `tunesmith eval
     RUN` tries again). `questions` are asked first in the answers part (which they turn on)."""
-    from app.core.eval.report import REPORT_PARTS, parse_parts
-
     parts = parse_parts(config.report)
     if questions:
         parts = tuple(p for p in REPORT_PARTS if p in parts or p == "answers")
@@ -114,8 +115,6 @@ def held_out_of(session, data: str = "") -> HeldOut:
     """The examples to judge `session`'s adapter on: every example of `data`, else its run's eval
     file or held-out slice (the run's seed and split on the same file, cut to its sequence length),
     else none (with the reason)."""
-    from app.core.runs import open_run
-
     if data:
         return _examples(session.tokenizer, data, f"every example of {Path(data).name}")
     if session.source.run_dir is None:
@@ -133,10 +132,6 @@ def held_out_of(session, data: str = "") -> HeldOut:
 
 
 def _examples(tokenizer, file: str, where: str, seq_len: int | None = None, split=None) -> HeldOut:
-    from app.core.data.holdout import split_tokenized
-    from app.core.data.tokenize import tokenize_examples, truncate
-    from app.core.data.validate import check_file
-
     checked = check_file(file)
     if not checked.examples:
         raise UserError(f"{file}: no usable rows to judge on; see `tunesmith check-data {file}`")
@@ -165,15 +160,12 @@ def _alarm(run_dir) -> str:
     """The run's overfitting alarm, if it raised one (a LogLine of its metrics.jsonl)."""
     if run_dir is None:
         return ""
-    from app.core.atomic import read_jsonl
 
     return next((e.get("message", "") for e in read_jsonl(Path(run_dir) / "metrics.jsonl")
                  if e.get("event") == "LogLine" and str(e.get("message", "")).startswith("Overfitting")), "")
 
 
 def _free() -> None:
-    from app.core.host import trim_heap
-
     gc.collect()
     trim_heap()
     try:

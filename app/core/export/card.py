@@ -7,6 +7,7 @@ from pathlib import Path
 
 from app.core.adapters import AdapterSource
 from app.core.export.merged_model import CHECK_PROMPTS, parameters
+from app.core.runs import Run, read_history
 
 
 MERGED_INTO = {"trained": "the NF4-rounded weights the adapter was trained against (base + adapter as tested)",
@@ -50,8 +51,6 @@ def model_card(source: AdapterSource, info, fmt: str, dtype: str, quant: str, ch
 
 
 def _run_details(source: AdapterSource) -> dict:
-    from app.core.runs import Run, read_history
-
     if source.run_dir is None:
         return {}
     run = Run(source.run_dir)

@@ -27,8 +27,10 @@ from app.core.errors import ExportError
 from app.core.models.support import GGUF_ARCHITECTURES, declared_architecture, experts, gguf_problem
 from app.core.export.gguf_arch import (EXPERT_PARTS, EXPERT_RE, NORM_PLUS_ONE, add_architecture, block_parts,
                                        llama3_rope_factors, rope_parameters)
+from app.core.errors import ModelError
 from app.core.export.gguf_tokenizer import add_tokenizer
 from app.core.export.quantize import BY_LLAMA_CPP, WRITTEN, check_quant, llama_quantize
+from app.core.models.files import read_config, read_safetensors_header, safetensors_files
 
 
 QUANTS = {name: gguf.GGMLQuantizationType[kind] for name, kind in WRITTEN.items()}  # what we write ourselves
@@ -151,8 +153,6 @@ _BLOCK_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 def gguf_architecture(model_dir: Path) -> tuple[dict, str]:
     """(config.json, llama.cpp's architecture name) of a model folder the writer supports; an
     ExportError naming the architecture for one it does not."""
-    from app.core.models.files import read_config
-
     config = read_config(Path(model_dir))
     problem = gguf_problem(config)
     if problem:
@@ -161,9 +161,6 @@ def gguf_architecture(model_dir: Path) -> tuple[dict, str]:
 
 
 def safetensors_headers(model_dir: Path) -> dict[Path, dict]:
-    from app.core.errors import ModelError
-    from app.core.models.files import read_safetensors_header, safetensors_files
-
     try:
         files = safetensors_files(model_dir)
         if not files:

@@ -8,9 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.core.adapters import AdapterSource
+from app.core import host
+from app.core.adapters import AdapterSource, trained_storage
 from app.core.errors import ExportError
-from app.core.export.tensor_merge import DTYPE_BYTES, TORCH_DTYPES
+from app.core.export import tensor_merge as merge
+from app.core.export.tensor_merge import DTYPE_BYTES, TORCH_DTYPES, as_trained, was_quantised
+from app.core.models.load import quiet_loading
 from app.core.units import gib
 
 # not in the sample data; the check runs over each prompt and the answer base + adapter gives it
@@ -55,9 +58,6 @@ def merge_adapter(source: AdapterSource, info, tokenizer, out: Path, dtype: str 
     `into` "trained" (the default) merges into the weights the adapter was trained against: for a
     QLoRA run, the base's linear weights rounded to NF4 and back as in training, so that the merged
     model is base + adapter as tested; "original" merges into the base's own 16-bit weights."""
-    from app.core.adapters import trained_storage
-    from app.core.export import tensor_merge as merge  # read at call time: tests replace merge.plan_merge
-
     if into not in MERGE_INTO:
         raise ExportError(f"unknown --merge-into '{into}'; use one of {', '.join(MERGE_INTO)}")
     base_dir = Path(info.path)
@@ -98,8 +98,6 @@ def merge_adapter(source: AdapterSource, info, tokenizer, out: Path, dtype: str 
 def _write_streamed(plan, info, tokenizer, out: Path, dtype: str, nf4: str, progress: Callable[[str], None],
                     trust_remote_code: bool) -> None:
     """The tensor-by-tensor merge into `out`, with config, generation config and tokenizer."""
-    from app.core.export import tensor_merge as merge
-
     base_dir = Path(info.path)
     summary = merge.merge_shards(plan, out, dtype, progress, nf4_compute=nf4)
     merge.write_merged_config(base_dir, out, dtype, trust_remote_code)
@@ -142,10 +140,6 @@ def tested_reference(source: AdapterSource, info, tokenizer, progress: Callable[
     import gc
 
     import torch
-
-    from app.core import host
-    from app.core.adapters import trained_storage
-    from app.core.models.load import quiet_loading
 
     storage, compute = trained_storage(source)
     free = host.available_ram()
@@ -221,8 +215,6 @@ def _tested_model(source: AdapterSource, info, storage: str, compute: str, dtype
     import torch
     from peft import PeftModel
 
-    from app.core.export.tensor_merge import as_trained, was_quantised
-
     base = _load_plain(info, dtype, trust_remote_code)
     if storage == "4bit":
         with torch.no_grad():
@@ -235,8 +227,6 @@ def _tested_model(source: AdapterSource, info, storage: str, compute: str, dtype
 def _load_plain(info, dtype: str, trust_remote_code: bool):
     import torch
     from transformers import AutoModelForCausalLM
-
-    from app.core.models.load import quiet_loading
 
     quiet_loading()
     return AutoModelForCausalLM.from_pretrained(info.path, dtype=getattr(torch, TORCH_DTYPES[dtype]),
@@ -285,8 +275,6 @@ def _merge_whole(source: AdapterSource, info, tokenizer, out: Path, dtype: str, 
 
 
 def _check_ram(needed: int, how: str) -> None:
-    from app.core import host
-
     free = host.available_ram()
     if needed > free:
         raise ExportError(f"this export needs about {gib(needed, 1)} of RAM ({how}) and {gib(free, 1)} is free; "

@@ -27,7 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.core.atomic import write_json
 from app.core.errors import ExportError, ModelError
+from app.core.models.files import read_config, read_safetensors_header, safetensors_files
 from app.core.units import gib
 
 SHARD_BYTES = 2 * 2**30  # as save_pretrained(max_shard_size="2GB")
@@ -76,8 +78,6 @@ class MergeSummary:
 def plan_merge(base_dir: Path, adapter_dir: Path) -> MergePlan:
     """Read the safetensors headers of the base and the adapter and pair each LoRA factor with the
     base weight it adapts; CannotStream says why not."""
-    from app.core.models.files import read_safetensors_header
-
     base_dir, adapter_dir = Path(base_dir), Path(adapter_dir)
     try:
         config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
@@ -215,9 +215,6 @@ def as_trained(weight, compute: str):
 def write_merged_config(base_dir: Path, out_dir: Path, dtype: str, trust_remote_code: bool = False) -> None:
     """config.json with the output dtype, the generation config, and (for a model with its own code,
     when allowed) its Python files."""
-    from app.core.atomic import write_json
-    from app.core.models.files import read_config
-
     config = read_config(base_dir)
     name = TORCH_DTYPES[dtype]
     config.pop("quantization_config", None)
@@ -231,8 +228,6 @@ def write_merged_config(base_dir: Path, out_dir: Path, dtype: str, trust_remote_
 
 # -- helpers ------------------------------------------------------------------------------------------
 def _weight_files(base_dir: Path) -> list[Path]:
-    from app.core.models.files import safetensors_files
-
     files = safetensors_files(base_dir)
     if not files:
         raise CannotStream("the base model's weights are not safetensors files")
@@ -269,8 +264,6 @@ def _natural(name: str) -> list:
 
 def _name_shards(out_dir: Path, shards: list[tuple[str, list[str], int]]) -> list[str]:
     """Rename the written shards as save_pretrained names them and write the index."""
-    from app.core.atomic import write_json
-
     if len(shards) == 1:
         os.replace(out_dir / shards[0][0], out_dir / "model.safetensors")
         return ["model.safetensors"]

@@ -14,6 +14,7 @@ from app.core.atomic import staged_dir
 from app.core.errors import ModelError
 from app.core.models.catalog import find_in_catalog
 from app.core.models.facts import ModelFacts, arch_or_none
+from app.core.models.load import quiet_loading
 from app.core.paths import cache_dir
 from app.core.resources import resources_dir
 
@@ -84,8 +85,6 @@ def _convert(target: Path, progress: Callable[[str], None]) -> Path:
     progress(f"Converting the demo model {DEMO_NAME} to a Hugging Face folder (once, a few seconds)...")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    from app.core.models.load import quiet_loading
 
     quiet_loading()  # one line of ours instead of transformers' bars for 272 tensors, twice
 

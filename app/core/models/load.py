@@ -7,7 +7,7 @@ from pathlib import Path
 
 from app.core.errors import ModelError
 from app.core.models.facts import ModelFacts
-from app.core.models.files import refuse_own_code  # noqa: F401 - its callers' name for it
+from app.core.models.files import read_safetensors_header, refuse_own_code  # noqa: F401 - its callers' name for it
 from app.core.models.template_guard import check_template
 
 
@@ -70,8 +70,6 @@ def check_weight_shapes(info: ModelFacts) -> None:
     own are left to transformers."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from app.core.models.files import read_safetensors_header
 
     files = [file for file in info.weights if file.suffix == ".safetensors"]
     if not files or info.path is None or info.needs_remote_code or "quantization_config" in info.config:

@@ -17,6 +17,7 @@ from typing import Callable
 from app.core.atomic import staged_dir
 from app.core.models.catalog import find_in_catalog
 from app.core.models.demo_model import DEMO_NAME, DEMO_REPO, demo_tokenizer_dir
+from app.core.models.load import quiet_loading
 from app.core.paths import cache_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
@@ -40,8 +41,6 @@ def write_random_model(config: dict, folder: Path, dtype: str, seed: int = 0) ->
     there is one: initialising billions of weights on the CPU takes minutes."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from app.core.models.load import quiet_loading
 
     quiet_loading()  # transformers' "Writing model shards" bar: the caller says what is being made
     values = {k: v for k, v in config.items() if k not in ("architectures", "torch_dtype", "dtype")}

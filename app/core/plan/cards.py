@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, replace
 from functools import cache
 
+from app.core import host
 from app.core.errors import ConfigError
 from app.core.resources import resources_dir
 from app.core.toml import load_toml
@@ -91,8 +92,6 @@ def match_card(name: str) -> Card | None:
 def detected_card(index: int = 0) -> Card | None:
     """This machine's card `index` as NVML reports it (memory, compute capability), completed from
     the catalogue row of the same name; None without an NVIDIA driver. No torch import."""
-    from app.core import host
-
     report = host.gpus()
     if not report.available or index >= len(report.gpus):
         return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from app.core import host
 from app.core.config import TrainConfig
 from app.core.data.stats import LengthStats
 from app.core.errors import PlanError
@@ -139,8 +140,6 @@ class _HostRam:
         if not needed or not self.checked:
             return True
         if self.free is None:
-            from app.core import host
-
             self.free = host.available_ram()
         if needed <= self.free:
             return True

@@ -29,6 +29,7 @@ from app.core.plan.memory import with_passes
 from app.core.plan.presets import Budget, at_plan_time, device_line
 from app.core.plan.seq_len import SEQ_LEN_LEAST, PlannedData, SeqChoice, choose_seq_len, context_cap, planned_data
 from app.core.plan.sharding import SHARDED_OPTIMIZER, four_bit_fit, strategy_of
+from app.core.speeds import known_speed
 from app.core.units import format_duration, gib
 
 EVALS_A_RUN = 8
@@ -256,8 +257,6 @@ def _assemble(config: TrainConfig, where: _Where, fitted: _Fitted, kernels: _Ker
 def _with_time(plan: Plan, config: TrainConfig, lengths: list[int]) -> Plan:
     """The plan with how long it will take: its real tokens at the speed the last run of this model
     trained this way measured here (speeds.py); without one, it says the first steps will tell."""
-    from app.core.speeds import known_speed
-
     if not plan.total_steps or not plan.steps_per_epoch:
         return plan
     tokens = sum(min(length, plan.seq_len) for length in lengths) * plan.total_steps / plan.steps_per_epoch
@@ -328,7 +327,7 @@ def _gpus_reason(gpus: int, device: str, budget: Budget | None) -> str:
     """Why and how `gpus` processes train; ConfigError when this machine cannot run them."""
     import os
 
-    from app.core.portable import on_windows
+    from app.core.portable import on_windows  # at call time: tests replace on_windows there
 
     if on_windows():
         raise ConfigError("several processes (--gpus, --nodes) need Linux: PyTorch for Windows has no NCCL, and "

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.core.config import Plan, TrainConfig
+from app.core.data.check import DataCheck, check_dataset
+from app.core.data.holdout import training_lengths
 from app.core.data.stats import LengthStats, length_stats
 from app.core.models.facts import ModelFacts
 from app.core.models.resolve import model_facts
@@ -53,8 +55,6 @@ def preview_plan(config: TrainConfig, lengths: list[int] | None = None, rows: li
     `lengths` (and `rows`, the file's usable examples): the data's token lengths when the caller has
     measured them already (the app's dataset check does), so the file is not read and tokenised
     twice. The held-out examples are set aside as the run will (holdout.py)."""
-    from app.core.data.holdout import training_lengths
-
     facts = model_facts(config.model)
     preset = get_preset(config.preset)
     budget = resolve_budget(preset, card=find_card(config.gpu) if config.gpu else None)
@@ -95,8 +95,6 @@ def tokenizer_note(facts: ModelFacts) -> str:
 def data_lengths(config: TrainConfig) -> tuple[list[int], list]:
     """Token lengths of the usable rows of `config.data`, measured by the one dataset check, and
     the rows."""
-    from app.core.data.check import DataCheck, check_dataset
-
     summary = check_dataset(DataCheck(config.data, config.model, skip_bad=config.skip_bad,
                                       trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle),
                             "plan")

@@ -18,7 +18,9 @@ import threading
 import time
 from typing import Callable
 
+from app.core.errors import ConfigError
 from app.core.events import StepProgress
+from app.core.train.parallel.sharded import decoder_layers
 
 STEP_PROGRESS_AFTER_S = 2.0  # a step shorter than this says nothing (the per-step line is enough)
 STEP_PROGRESS_EVERY_S = 1.0
@@ -79,9 +81,6 @@ class StepWatch:
 
     def _hook(self, model) -> int:
         import torch
-
-        from app.core.errors import ConfigError
-        from app.core.train.parallel.sharded import decoder_layers
 
         try:
             layers = decoder_layers(model.get_base_model() if hasattr(model, "get_base_model") else model)

@@ -22,12 +22,14 @@ from app.core.data.batches import EpochBatches
 from app.core.data.tokenize import truncate
 from app.core.events import (CheckpointSaved, EvalMetrics, Event, LogLine, PlanAdjusted, RunFailed, RunFinished,
                              RunStarted, StepMetrics)
-from app.core.runs import Run, read_history
+from app.core.runs import Run, checkpoint_state, read_history
+from app.core.speeds import remember_speed
 from app.core.train.failures import check_checkpoint_space, failure_reason
 from app.core.train.interrupt import StepInterrupted, StepWatch
 from app.core.train.oom import is_out_of_memory, next_backoff
 from app.core.train.overfit import EvalJudge
 from app.core.train.prepare import Prepared
+from app.core.train.session import ADAPTER_NOTE, QLoraSession
 
 STATUS_EVERY_S = 1.0
 EVAL_AT_LEAST_EVERY_S = 15 * 60  # on a slow machine the plan's every-N-steps can be an hour apart: eval sooner
@@ -56,8 +58,6 @@ def train_here(run: Run, prepared: Prepared, on_event: Callable[[Event], None], 
            ranks=None) -> RunResult:
     """Load, restore, train to the planned step (or until `stop`), save; every outcome ends as an
     honest status in the run folder and a RunResult, and the model and the run's lock are released."""
-    from app.core.train.session import QLoraSession
-
     emit = emitter(run, on_event)
     session, loop = None, None
     try:
@@ -157,7 +157,7 @@ class _Loop:
         checkpoint = run.verified_checkpoint(lambda message: emit(LogLine(message, "warning")))
         if checkpoint is not None:
             session.restore(checkpoint)
-            state = _read_state(checkpoint)
+            state = checkpoint_state(checkpoint)
             loop.step, loop.last_loss, loop.tokens = state["step"], state["last_loss"], state["tokens"]
             loop.before_s, loop.saved_step = state["elapsed_s"], state["step"]
             emit(LogLine(f"Resuming from {checkpoint.name}"))
@@ -300,8 +300,6 @@ class _Loop:
 
     def remember_speed(self) -> None:
         """This session's speed, for the next plan of this model trained this way (speeds.py)."""
-        from app.core.speeds import remember_speed
-
         remember_speed(self.prepared.config.model, self.plan, self.session_tokens, self.session_spent, self.run.id)
 
     def finish(self) -> RunResult:
@@ -350,8 +348,6 @@ class _Loop:
 
 def _kept_step(adapter) -> int | None:
     """The step of an adapter kept mid-run (its tunesmith.json), or None."""
-    from app.core.train.session import ADAPTER_NOTE
-
     try:
         return int(json.loads((adapter / ADAPTER_NOTE).read_text(encoding="utf-8"))["step"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -392,7 +388,3 @@ def _failed(run: Run, err: Exception, loop: _Loop | None, plan: Plan, session, o
 def _epoch_batches(prepared: Prepared) -> EpochBatches:
     """The micro-batches of each epoch for the current plan and data (after any back-off)."""
     return EpochBatches([len(e.input_ids) for e in prepared.train], prepared.plan, prepared.config.seed)
-
-
-def _read_state(checkpoint) -> dict:
-    return json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))

@@ -17,6 +17,8 @@ from typing import Callable
 from app.core.config import Plan
 from app.core.plan.kernel_choice import (ATTENTION_LABELS, LOSS_LABELS, OPTIMIZER_LABELS, PACKED_FLASH,
                                          attention_fallbacks, loss_fallbacks, optimizer_fallbacks)
+from app.core.plan.kernel_choice import import_problem
+from app.core.train.memory_savers.packed_attention import packed_kwargs, register_attention_functions, torch_flash_available
 
 TOKENS = 64
 SEGMENTS = ((0, 7), (7, 40), (40, 64))  # three packed examples of uneven lengths
@@ -75,12 +77,9 @@ def check_attention(name: str, packed: bool, shapes: Shapes, dtype: str, device:
     """"" when attention `name` matches causal SDPA per example, else what went wrong."""
     import torch
 
-    from app.core.train.memory_savers.packed_attention import packed_kwargs, register_attention_functions
-
     if name == "eager":
         return ""  # transformers' own matmul-softmax-matmul: nothing to go wrong
     if name == PACKED_FLASH:  # it hands unsupported inputs to the masked call: say so here instead
-        from app.core.train.memory_savers.packed_attention import torch_flash_available
 
         if not torch_flash_available():
             return "this torch has no FlashAttention varlen kernel"
@@ -107,7 +106,7 @@ def check_loss(kernel: str, hidden: int, dtype: str, device: str) -> str:
     import torch
     import torch.nn.functional as F
 
-    from app.core.train.memory_savers.fused_loss import linear_cross_entropy
+    from app.core.train.memory_savers.fused_loss import linear_cross_entropy  # at call time: tests replace linear_cross_entropy there
 
     if kernel == "plain":
         return ""
@@ -131,7 +130,7 @@ def check_optimizer(name: str, device: str) -> str:
     """"" when two steps of optimizer `name` move a parameter and keep it finite."""
     import torch
 
-    from app.core.train.optimizer import make_optimizer
+    from app.core.train.optimizer import make_optimizer  # at call time: tests replace make_optimizer there
 
     param = torch.nn.Parameter(torch.zeros(OPTIMIZER_PARAMS, device=device))
     optimizer = make_optimizer(name, [param], lr=1e-3, weight_decay=0.0)
@@ -151,8 +150,6 @@ def check_optimizer(name: str, device: str) -> str:
 def _liger_works(result: SelfTestResult, shapes: Shapes, plan: Plan) -> bool:
     """Whether Liger's Triton kernels run on this card (tried through its fused loss), when it is
     installed on CUDA; the answer decides whether its model kernels are applied."""
-    from app.core.plan.kernel_choice import import_problem
-
     if plan.device != "cuda" or import_problem("liger_kernel"):
         return False
     try:

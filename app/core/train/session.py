@@ -22,13 +22,17 @@ from app.core.atomic import staged_dir, write_json, write_manifest
 from app.core.data.packing import Batch, collate_packed, collate_padded
 from app.core.data.tokenize import Tokenized
 from app.core.errors import RunError
+from app.core.host import process_peak_ram, process_ram
+from app.core.models.load import load_base_model
 from app.core.train.kernels import apply_liger_kernels, attention_for
 from app.core.train.loss import loss_sum
 from app.core.train.memory_savers.offload import offload_checkpoints
+from app.core.train.memory_savers.packed_attention import clear_mask_cache
 from app.core.train.memory_savers.tiled_layer import NotTileable, tile_layers
 from app.core.train.memory_savers.tiled_mlp import tile_mlps
 from app.core.train.optimizer import make_optimizer
-from app.core.train.parallel.sharded import full_tensor, gradient_scale
+from app.core.train.parallel import sharded
+from app.core.train.parallel.sharded import full_tensor, gathered_lora, gradient_scale, shard
 from app.core.train.prepare import Prepared
 from app.core.train.selftest import SelfTestResult, Shapes, run_selftest
 
@@ -42,8 +46,6 @@ class QLoraSession:
         import torch
         from peft import LoraConfig, get_peft_model
         from transformers import get_cosine_schedule_with_warmup
-
-        from app.core.models.load import load_base_model
 
         config = prepared.config
         self.config, self.ranks = config, ranks  # ranks: this worker's place in a run on several (distributed.py)
@@ -78,8 +80,6 @@ class QLoraSession:
                 param.data = param.data.float()
         self.root = None  # under FSDP: the sharded model's root module, whose forward is the loss
         if self.sharded:
-            from app.core.train.parallel.sharded import shard
-
             self.root, count = shard(self.model, plan, self.device)
             self.notes.append(f"FSDP over {ranks.world} processes: {count} layers sharded")
         self.named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
@@ -206,8 +206,6 @@ class QLoraSession:
         on several processes, the others waiting: every rank holds the same state)."""
         import torch
 
-        from app.core.train.parallel import sharded
-
         lora, staging = None, sharded.staging_for(path)
         if self.sharded:  # every rank: the LoRA weights gathered, its share of the optimizer written
             lora = sharded.gathered_lora(self.named, self.ranks.main)
@@ -239,8 +237,6 @@ class QLoraSession:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        from app.core.train.parallel import sharded
-
         if self.sharded != (path / sharded.OPTIMIZER_DIR).is_dir():
             raise RunError(f"{path.name}: its optimizer state is {'not ' * self.sharded}sharded with FSDP, "
                            f"and this plan ({self.plan.strategy or 'one process'}) "
@@ -264,8 +260,6 @@ class QLoraSession:
     def save_adapter(self, path: Path, tokenizer, note: dict | None = None) -> None:
         """The final PEFT adapter (safetensors + adapter_config.json) with the tokenizer; `note`, as
         tunesmith.json in the same folder, written in the same piece (which step it is)."""
-        from app.core.train.parallel.sharded import gathered_lora
-
         lora = gathered_lora(self.named, self.ranks.main) if self.sharded else None
         if self._not_the_writer():
             return
@@ -287,8 +281,6 @@ class QLoraSession:
     def release(self) -> None:
         """Free the model and optimizer, and the GPU memory they held."""
         import torch
-
-        from app.core.train.memory_savers.packed_attention import clear_mask_cache
 
         self.model = self.optimizer = self.scheduler = self.scaler = None
         self.params = []
@@ -343,6 +335,5 @@ def step_memory(device) -> int:
 
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    from app.core.host import process_peak_ram, process_ram
 
     return process_peak_ram() or process_ram()

@@ -12,6 +12,8 @@ from typing import Callable
 
 from app.core.config import Plan, TrainConfig
 from app.core.errors import RunError
+from app.core.eval.report import HeldOut
+from app.core.eval.run_report import report_after_run
 from app.core.events import Event, LogLine, RunCreated
 from app.core.models.resolve import remember_model
 from app.core.run_lock import RunLock
@@ -44,7 +46,7 @@ def _train_here_or_on_workers(run: Run, prepared: Prepared, on_event, stop) -> R
         if prepared.plan.gpus <= 1 and prepared.plan.nodes <= 1:
             result = train_here(run, prepared, on_event, stop)
         else:
-            from app.core.train.parallel.launch import run_workers
+            from app.core.train.parallel.launch import run_workers  # at call time: tests replace run_workers there
 
             result = run_workers(run, prepared.plan.gpus, on_event, stop)
         if result.status in ("finished", "stopped"):
@@ -58,9 +60,6 @@ def _train_here_or_on_workers(run: Run, prepared: Prepared, on_event, stop) -> R
 def _report(run: Run, prepared: Prepared, emit, stop) -> None:
     """The report (eval/run_report.py) on the run's own eval examples; "Stop now" skips the rest of
     it, and so does Stop pressed once the run had finished."""
-    from app.core.eval.report import HeldOut
-    from app.core.eval.run_report import report_after_run
-
     if getattr(stop, "now", False):
         emit(LogLine(f"No report for a run stopped now; Make report in the Runs tab (tunesmith eval {run.id}) makes "
                      "one"))

@@ -18,6 +18,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog
 from app.core.chat import GenerationSettings
 from app.core.config import field_help
 from app.gui.widgets.controls import button, label
+from app.gui.widgets.download_prompt import agree_to_download
 from app.gui.workers import StreamWorker, TaskWorker, Threads
 
 REDRAW_MS = 100
@@ -115,9 +116,9 @@ class ChatTab(QWidget):
     # -- choosing and loading ---------------------------------------------------------------------
     def refresh_sources(self) -> None:
         """Runs that have something to chat with: a final adapter or a checkpoint."""
-        from app.core.adapters import runs_with_adapter
+        from app.core.adapters import runs_with_adapter  # here: the window opens before the engine's modules load
 
-        from app.core.runs import display_names, newest_finished
+        from app.core.runs import display_names, newest_finished  # here: the window opens before the engine's modules load
 
         current = self.source_box.currentData()
         self.source_box.clear()
@@ -146,12 +147,11 @@ class ChatTab(QWidget):
             self.source_box.setCurrentIndex(self.source_box.count() - 1)
 
     def load(self) -> None:
-        from app.core.chat import load_chat
+        from app.core.chat import load_chat  # here: the window opens before the engine's modules load
 
         ref = self.source_box.currentData()
         if not ref or self._busy():
             return
-        from app.gui.widgets.download_prompt import agree_to_download
 
         agreed = agree_to_download(self, ref)
         if agreed is False:
@@ -262,8 +262,8 @@ class ChatTab(QWidget):
         self._dirty = True
 
     def save(self) -> None:
-        from app.core.chat import save_conversation
-        from app.core.errors import UserError
+        from app.core.chat import save_conversation  # here: the window opens before the engine's modules load
+        from app.core.errors import UserError  # here: the window opens before the engine's modules load
 
         path, _ = QFileDialog.getSaveFileName(self, "Append the conversation to", "conversations.jsonl",
                                               "JSON lines (*.jsonl)")

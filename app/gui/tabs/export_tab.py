@@ -14,6 +14,7 @@ from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, Q
 
 from app.core.units import size_text
 from app.gui.widgets.controls import button, label
+from app.gui.widgets.download_prompt import agree_to_download
 from app.gui.words import plain
 from app.gui.workers import StreamWorker, Threads
 
@@ -30,7 +31,7 @@ def quant_picker() -> tuple[QComboBox, QLabel]:
     """The GGUF types, each with its size (of an 8B model until `show_sizes` names the model);
     those this machine cannot write are greyed out, and the note under the box says why (llama.cpp's
     quantizer is not installed) with a link that copies the command that installs it."""
-    from app.core.export.quantize import ALL_QUANTS, quant_problem
+    from app.core.export.quantize import ALL_QUANTS, quant_problem  # here: the window opens before the engine's modules load
 
     box = QComboBox()
     missing = []
@@ -58,7 +59,7 @@ def quant_picker() -> tuple[QComboBox, QLabel]:
 
 def show_sizes(box: QComboBox, parameters: float, what: str) -> None:
     """Each GGUF type's text with its file size for a model of `parameters` ("this model: 82 MiB")."""
-    from app.core.export.quantize import BYTES_PER_PARAM, DESCRIPTION
+    from app.core.export.quantize import BYTES_PER_PARAM, DESCRIPTION  # here: the window opens before the engine's modules load
 
     for i in range(box.count()):
         quant = box.itemData(i)
@@ -146,9 +147,9 @@ class ExportTab(QWidget):
         layout.addWidget(self.log, 1)
 
     def refresh_runs(self) -> None:
-        from app.core.adapters import runs_with_adapter
+        from app.core.adapters import runs_with_adapter  # here: the window opens before the engine's modules load
 
-        from app.core.runs import display_names, newest_finished
+        from app.core.runs import display_names, newest_finished  # here: the window opens before the engine's modules load
 
         current = self.run_box.currentData()
         self.run_box.blockSignals(True)
@@ -170,9 +171,9 @@ class ExportTab(QWidget):
 
     def _show_model_sizes(self) -> None:
         """The GGUF sizes of the chosen run's model (its config alone; nothing is loaded)."""
-        from app.core.errors import UserError
-        from app.core.models.resolve import model_facts
-        from app.core.runs import open_run
+        from app.core.errors import UserError  # here: the window opens before the engine's modules load
+        from app.core.models.resolve import model_facts  # here: the window opens before the engine's modules load
+        from app.core.runs import open_run  # here: the window opens before the engine's modules load
 
         run_id = self.run_box.currentData()
         try:
@@ -186,7 +187,7 @@ class ExportTab(QWidget):
             show_sizes(self.quant_box, EXAMPLE_PARAMETERS, "8B model")
 
     def _suggest_folder(self) -> None:
-        from app.core.paths import data_dir
+        from app.core.paths import data_dir  # here: the window opens before the engine's modules load
 
         run_id, fmt = self.run_box.currentData(), self.format_box.currentData()
         if run_id and (not self.out_edit.text() or self.out_edit.text().startswith(str(data_dir() / "exports"))):
@@ -198,13 +199,12 @@ class ExportTab(QWidget):
             self.out_edit.setText(str(Path(folder) / f"{self.run_box.currentData()}-{self.format_box.currentData()}"))
 
     def export(self) -> None:
-        from app.core.export.exporter import ExportOptions, export_run
+        from app.core.export.exporter import ExportOptions, export_run  # lazy: imports numpy (heavy) only when used
 
         run_id, fmt, out = self.run_box.currentData(), self.format_box.currentData(), self.out_edit.text().strip()
         if not run_id or not out or self.worker is not None:
             return
-        from app.core.export.target import replace_problem
-        from app.gui.widgets.download_prompt import agree_to_download
+        from app.core.export.target import replace_problem  # here: the window opens before the engine's modules load
 
         force = False
         target = Path(out).expanduser()
@@ -271,7 +271,7 @@ class ExportTab(QWidget):
 
     def _show_commands(self, result) -> None:
         """The exact commands that run the export just written, each with a Copy button."""
-        from app.core.export.usage import how_to_run
+        from app.core.export.usage import how_to_run  # here: the window opens before the engine's modules load
 
         form = self.run_it.layout()
         while form.rowCount():

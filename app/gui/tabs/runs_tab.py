@@ -20,6 +20,7 @@ from app.core.units import format_duration, gib, peak_text
 from app.gui.widgets.controls import button, label
 from app.gui.widgets.plots import ComparePlot, LearningRatePlot, LossPlot
 from app.gui.widgets.report_view import ReportView
+from app.gui.workers import Threads
 
 COLUMNS = ("Run", "Status", "Model", "Dataset", "Steps", "Loss", "Eval loss", "Peak memory", "Duration", "Started")
 RESUMABLE = ("stopped", "failed", "interrupted")
@@ -45,7 +46,6 @@ class RunsTab(QWidget):
 
     def __init__(self, threads=None):
         super().__init__()
-        from app.gui.workers import Threads
 
         self.threads = threads or Threads()
         self.rows = []
@@ -128,7 +128,7 @@ class RunsTab(QWidget):
     # -- the list ---------------------------------------------------------------------------------
     def refresh(self) -> None:
         """Read the run store again, keeping the selection."""
-        from app.core.runs import list_runs
+        from app.core.runs import list_runs  # here: the window opens before the engine's modules load
 
         chosen = set(self.selected_ids())
         self.rows = list_runs()
@@ -195,7 +195,7 @@ class RunsTab(QWidget):
             return
         self.curves.setCurrentIndex(0)
         if not rows:
-            from app.core.runs import RunHistory
+            from app.core.runs import RunHistory  # here: the window opens before the engine's modules load
 
             self.loss.show_history(RunHistory())
             self.lr.show_history(RunHistory())
@@ -211,7 +211,7 @@ class RunsTab(QWidget):
 
     def _history(self, row):
         """The run's curves, read once per change of the run (metrics.jsonl can hold 10k+ steps)."""
-        from app.core.runs import RunHistory, open_run, read_history
+        from app.core.runs import RunHistory, open_run, read_history  # here: the window opens before the engine's modules load
 
         key = (row.id, row.updated)
         if key not in self._histories:
@@ -222,8 +222,8 @@ class RunsTab(QWidget):
         return self._histories[key]
 
     def _describe(self, row, history) -> str:
-        from app.core.errors import RunError
-        from app.core.runs import open_run
+        from app.core.errors import RunError  # here: the window opens before the engine's modules load
+        from app.core.runs import open_run  # here: the window opens before the engine's modules load
 
         lines = [f"<b>{html.escape(self.names.get(row.id, row.id))}</b> ({html.escape(row.id)}) — {html.escape(row.status)}"
                  + (f": {html.escape(row.reason)}" if row.reason else "")]
@@ -250,8 +250,8 @@ class RunsTab(QWidget):
             self.resume_requested.emit(rows[0].id)
 
     def rename_selected(self) -> None:
-        from app.core.errors import UserError
-        from app.core.runs import open_run
+        from app.core.errors import UserError  # here: the window opens before the engine's modules load
+        from app.core.runs import open_run  # here: the window opens before the engine's modules load
 
         rows = self._selected_rows()
         if len(rows) != 1:
@@ -269,14 +269,14 @@ class RunsTab(QWidget):
         self.refresh()
 
     def open_folder(self) -> None:
-        from app.core.paths import runs_dir
+        from app.core.paths import runs_dir  # here: the window opens before the engine's modules load
 
         for run_id in self.selected_ids()[:1]:
             QDesktopServices.openUrl(QUrl.fromLocalFile(str(runs_dir() / run_id)))
 
     def delete_selected(self) -> None:
-        from app.core.errors import UserError
-        from app.core.runs import delete_run
+        from app.core.errors import UserError  # here: the window opens before the engine's modules load
+        from app.core.runs import delete_run  # here: the window opens before the engine's modules load
 
         rows = self._selected_rows()
         if not rows or not self.delete_button.isEnabled():

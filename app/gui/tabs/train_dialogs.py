@@ -16,8 +16,8 @@ FLAG_WORDS = {"--trust-remote-code": "the model's own Python code",
 def ask_resume_consent(parent: QWidget, run_id: str) -> dict | None:
     """The consent resuming `run_id` needs again, asked in a dialog that names the files; {} when
     none is needed, None when the user declines."""
-    from app.core.runs import open_run
-    from app.core.train.trainer import consent_needed
+    from app.core.runs import open_run  # here: the window opens before the engine's modules load
+    from app.core.train.trainer import consent_needed  # here: the window opens before the engine's modules load
 
     config = open_run(run_id).config()
     missing = consent_needed(config, False, False)

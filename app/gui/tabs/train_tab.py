@@ -125,7 +125,7 @@ class TrainTab(QWidget):
 
     def add_models(self, rows) -> None:
         """Models found by the background scan (HF cache, recent folders), then the catalogue."""
-        from app.core.models.catalog import catalog
+        from app.core.models.catalog import catalog  # here: the window opens before the engine's modules load
 
         self.model_picker.add_models([row.name if row.kind != "recent" else str(row.path) for row in rows]
                                      + [entry.id for entry in catalog()])
@@ -140,7 +140,7 @@ class TrainTab(QWidget):
     # -- dataset and plan -------------------------------------------------------------------------
     def load_dataset(self, path: str) -> None:
         """Check `path` on a worker thread and show the report."""
-        from app.core.data.check import DataCheck, check_dataset
+        from app.core.data.check import DataCheck, check_dataset  # here: the window opens before the engine's modules load
 
         self.data_path = path
         self._remember("last_data_folder", str(Path(path).parent))
@@ -191,7 +191,7 @@ class TrainTab(QWidget):
         """Make the plan on a worker thread (token lengths, estimator)."""
         from dataclasses import replace
 
-        from app.core.plan.preview import preview_plan
+        from app.core.plan.preview import preview_plan  # here: the window opens before the engine's modules load
 
         if self.preset_box.currentData():
             self._remember("last_preset", self.preset_box.currentData())
@@ -261,7 +261,7 @@ class TrainTab(QWidget):
             self.status.setText(f"Ready to train on {self.summary.usable_rows} examples: press Train (Ctrl+Enter).")
 
     def start_training(self) -> None:
-        from app.core.train.trainer import run_training
+        from app.core.train.trainer import run_training  # here: the window opens before the engine's modules load
 
         if not self.train_button.isEnabled():
             return
@@ -272,7 +272,7 @@ class TrainTab(QWidget):
         self._start_worker(lambda on_event, stop: run_training(config, on_event, stop), "Starting…")
 
     def resume_training(self) -> None:
-        from app.core.train.trainer import resume_training
+        from app.core.train.trainer import resume_training  # here: the window opens before the engine's modules load
 
         if self.last_run is None or not self.resume_button.isEnabled():
             return
@@ -284,9 +284,9 @@ class TrainTab(QWidget):
 
     def resume_run(self, run_id: str) -> None:
         """Resume a past run (asked from the Runs tab), drawing its curve so far first."""
-        from app.core.errors import UserError
-        from app.core.runs import open_run, read_history
-        from app.core.train.trainer import resume_training
+        from app.core.errors import UserError  # here: the window opens before the engine's modules load
+        from app.core.runs import open_run, read_history  # here: the window opens before the engine's modules load
+        from app.core.train.trainer import resume_training  # here: the window opens before the engine's modules load
 
         if self.running:
             return
@@ -334,7 +334,7 @@ class TrainTab(QWidget):
             self._update_buttons()
 
     def _on_event(self, event) -> None:
-        from app.core import events as ev
+        from app.core import events as ev  # here: the window opens before the engine's modules load
 
         if isinstance(event, ev.RunCreated):
             self.run_dir = event.run_dir
@@ -380,7 +380,7 @@ class TrainTab(QWidget):
         self.worker = None
         self.plan_view.set_locked(False)
         self.last_run = result
-        from app.core.eval.run_report import report_summary
+        from app.core.eval.run_report import report_summary  # here: the window opens before the engine's modules load
 
         judged = result.status == "finished" or result.status == "stopped" and not result.reason  # not "stopped now"
         judged = report_summary(result.run_dir) if judged else ""
@@ -416,8 +416,8 @@ class TrainTab(QWidget):
 
 def _run_plan(run_dir: str):
     """The plan a run uses (a resumed run keeps its own, whatever the plan panel shows now)."""
-    from app.core.errors import UserError
-    from app.core.runs import open_run
+    from app.core.errors import UserError  # here: the window opens before the engine's modules load
+    from app.core.runs import open_run  # here: the window opens before the engine's modules load
 
     try:
         return open_run(run_dir).plan()

@@ -45,7 +45,7 @@ class NumberEdit(QLineEdit):
     def value(self) -> float:
         problem = self.problem()
         if problem:
-            from app.core.errors import ConfigError
+            from app.core.errors import ConfigError  # here: the window opens before the engine's modules load
 
             raise ConfigError(problem)
         return float(self.text().strip())

@@ -16,7 +16,6 @@ from PySide6.QtWidgets import (QFileDialog, QFrame, QHBoxLayout, QLabel, QListWi
 from app.gui.icons import icon
 from app.gui.words import plain
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 FILE_FILTER = "Datasets (*.jsonl *.json *.parquet);;All files (*)"
 
 
@@ -150,7 +149,7 @@ class DatasetReport(QWidget):
                      f" <small>(tokenizer of {html.escape(summary.tokenizer_of)})</small>")
         repeats = summary.duplicates
         if repeats:
-            from app.core.data.holdout import lines_text
+            from app.core.data.holdout import lines_text  # here: the window opens before the engine's modules load
 
             text += (f"<br>{len(repeats)} exact duplicate{'s' * (len(repeats) != 1)} "
                      f"<small>({html.escape(lines_text(repeats))}): each copy trains again</small>")

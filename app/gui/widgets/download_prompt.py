@@ -10,9 +10,9 @@ from PySide6.QtWidgets import QApplication, QMessageBox, QWidget
 def agree_to_download(parent: QWidget, ref: str) -> bool | None:
     """None when `ref`'s base model is on this machine; else whether the user agreed to download it
     (the dialog gives its size where the Hub can be asked, within 5 s)."""
-    from app.core.adapters import base_to_download
-    from app.core.models.resolve import hub_download_size
-    from app.core.units import size_text
+    from app.core.adapters import base_to_download  # here: the window opens before the engine's modules load
+    from app.core.models.resolve import hub_download_size  # here: the window opens before the engine's modules load
+    from app.core.units import size_text  # here: the window opens before the engine's modules load
 
     base = base_to_download(ref)
     if not base:

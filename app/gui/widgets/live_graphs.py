@@ -14,6 +14,8 @@ from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import QSplitter
 
 from app.core.units import GIB
+from app.gpu.machine import process_peak_ram_bytes, process_ram_bytes
+from app.gpu.nvml import GpuPoller
 from app.gui.widgets.plots import REDRAW_MS, LearningRatePlot, LossPlot, curve, set_up
 
 MEMORY_SAMPLE_MS = 1000
@@ -177,7 +179,7 @@ class LiveGraphs(QSplitter):
     GUI thread; NVML answers in microseconds) from the first GPU or, without one, this process's RAM."""
 
     def __init__(self):
-        from app.gpu.nvml import detect_gpus
+        from app.gpu.nvml import detect_gpus  # at call time: tests replace detect_gpus there
 
         super().__init__(Qt.Vertical)
         self._poller = None
@@ -196,8 +198,6 @@ class LiveGraphs(QSplitter):
 
     def _choose_memory_source(self, report) -> str:
         """Set up the memory graph; returns a line (HTML) saying what it shows."""
-        from app.gpu.nvml import GpuPoller
-
         if not report.available:
             self.memory.set_source("RAM of this program (no GPU)")
             return (f"No NVIDIA GPU ({html.escape(report.message)}): training runs on the CPU, slowly. "
@@ -234,8 +234,7 @@ class LiveGraphs(QSplitter):
             plot.refresh()
 
     def sample_memory(self) -> None:
-        from app.gpu.machine import process_peak_ram_bytes, process_ram_bytes
-        from app.gpu.torch_memory import torch_counters
+        from app.gpu.torch_memory import torch_counters  # at call time: tests replace torch_counters there
 
         seconds = time.monotonic() - self._started
         if self.memory.gpu:

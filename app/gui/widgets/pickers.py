@@ -60,8 +60,8 @@ class ModelPicker(QGroupBox):
 
     def look_up(self) -> None:
         """Read the chosen model's facts (files and catalogue only, no weights) and say them."""
-        from app.core.errors import UserError
-        from app.core.models.resolve import model_facts
+        from app.core.errors import UserError  # here: the window opens before the engine's modules load
+        from app.core.models.resolve import model_facts  # here: the window opens before the engine's modules load
 
         name = self.box.currentText()
         try:
@@ -124,8 +124,8 @@ class BudgetPicker(QGroupBox):
         return self.gpu_count.value()
 
     def _fill(self, last: str) -> None:
-        from app.core.plan.cards import card_catalog
-        from app.core.plan.presets import list_presets
+        from app.core.plan.cards import card_catalog  # here: the window opens before the engine's modules load
+        from app.core.plan.presets import list_presets  # here: the window opens before the engine's modules load
 
         try:
             presets = list_presets()

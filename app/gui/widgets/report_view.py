@@ -74,9 +74,9 @@ class ReportView(QWidget):
             return
         if not self.run_id:
             return
-        from app.core.eval.report import ReportRequest
-        from app.core.eval.run_report import make_report
-        from app.core.paths import runs_dir
+        from app.core.eval.report import ReportRequest  # here: the window opens before the engine's modules load
+        from app.core.eval.run_report import make_report  # here: the window opens before the engine's modules load
+        from app.core.paths import runs_dir  # here: the window opens before the engine's modules load
 
         run_dir, cancel = str(runs_dir() / self.run_id), threading.Event()
         self.cancel = cancel
@@ -117,7 +117,7 @@ class ReportView(QWidget):
     def _path(self) -> Path | None:
         if not self.run_id:
             return None
-        from app.core.paths import runs_dir
+        from app.core.paths import runs_dir  # here: the window opens before the engine's modules load
 
         return runs_dir() / self.run_id / "report.md"
 

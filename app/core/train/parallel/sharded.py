@@ -29,6 +29,9 @@ import os
 import shutil
 from pathlib import Path
 
+from app.core.errors import ConfigError
+from app.core.train.loss import loss_sum
+
 OPTIMIZER_DIR = "optimizer"
 
 
@@ -39,8 +42,6 @@ def gradient_scale(ranks) -> float:
 
 def StepLoss(model, device, loss: str):  # noqa: N802 - a module class, built lazily (torch imports)
     import torch
-
-    from app.core.train.loss import loss_sum
 
     class _StepLoss(torch.nn.Module):
         """The root FSDP module: the summed loss of one micro-batch."""
@@ -85,8 +86,6 @@ def decoder_layers(base) -> list:
     names = set(getattr(base, "_no_split_modules", None) or ())
     layers = [module for module in base.modules() if type(module).__name__ in names]
     if not layers:
-        from app.core.errors import ConfigError
-
         raise ConfigError(f"{type(base).__name__}: its decoder layers are not known to transformers, so FSDP "
                           "cannot shard it; train it on one card")
     return layers

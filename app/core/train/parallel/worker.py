@@ -14,19 +14,19 @@ import json
 import sys
 from dataclasses import asdict
 
+from app.core.errors import RunError
+from app.core.events import RunFailed
+from app.core.runs import checkpoint_step, open_run
+from app.core.train.loop import train_worker
+from app.core.train.parallel import distributed
+from app.core.train.prepare import prepare_training
+
 MISMATCH = 3
 # What a plan holds that does not change the training: the machines may differ in these.
 INFORMATIONAL = ("reasons", "breakdown", "predicted_peak_bytes", "budget_bytes", "gpu", "gpu_capability", "preset")
 
 
 def main(argv: list[str]) -> int:
-    from app.core.errors import RunError
-    from app.core.runs import open_run
-    from app.core.train.parallel import distributed
-    from app.core.events import RunFailed
-    from app.core.train.prepare import prepare_training
-    from app.core.train.loop import train_worker
-
     ranks = distributed.join()
     try:
         local = open_run(argv[0])  # this machine's run folder
@@ -52,10 +52,7 @@ def main(argv: list[str]) -> int:
 
 def check_the_same(ranks, run, prepared) -> None:
     """RunError naming the first process whose plan, data or starting checkpoint differs from rank 0's."""
-    from app.core.errors import RunError
-
     plan = {k: v for k, v in asdict(prepared.plan).items() if k not in INFORMATIONAL}
-    from app.core.runs import checkpoint_step
 
     start = checkpoint_step(run.verified_checkpoint())
     data = [prepared.data_info.get("sha256"), prepared.data_info.get("val_sha256")]
