@@ -7,8 +7,7 @@ import threading
 from dataclasses import fields
 
 from app.cli.output import info
-from app.core.chat import GenerationSettings, load_chat, save_conversation
-from app.core.errors import UserError
+from app.core.chat import GenerationSettings
 
 CHAT_COMMANDS = ("/base  switch the adapter off or on", "/compare  answer the last question with both",
                  "/clear  forget the conversation", "/save FILE  append the conversation to a JSONL dataset",
@@ -36,6 +35,8 @@ def add_commands(sub) -> None:
 
 
 def cmd_chat(args) -> int:
+    from app.core.chat import load_chat  # here: each command loads its own part of the engine (the window starts without them)
+
     settings = GenerationSettings(system_prompt=args.system_prompt, temperature=args.temperature,
                                   top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                                   repetition_penalty=args.repetition_penalty, stop=args.stop)
@@ -54,6 +55,9 @@ def cmd_chat(args) -> int:
 
 
 def _conversation(chat, settings: GenerationSettings, adapter: bool) -> int:
+    from app.core.chat import save_conversation  # here: each command loads its own part of the engine (the window starts without them)
+    from app.core.errors import UserError  # here: each command loads its own part of the engine (the window starts without them)
+
     messages: list[dict] = []
     print(f"Chatting with {chat.source.label}. " + "; ".join(CHAT_COMMANDS) + ".", file=sys.stderr)
     while True:

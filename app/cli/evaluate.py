@@ -5,8 +5,6 @@ multiple-choice questions."""
 from __future__ import annotations
 
 from app.cli.output import info
-from app.core.eval.report import ReportRequest, parse_parts
-from app.core.eval.run_report import make_report
 
 
 def add_commands(sub) -> None:
@@ -36,6 +34,9 @@ def add_commands(sub) -> None:
 
 
 def cmd_eval(args) -> int:
+    from app.core.eval.report import ReportRequest, parse_parts  # here: each command loads its own part of the engine (the window starts without them)
+    from app.core.eval.run_report import make_report  # here: each command loads its own part of the engine (the window starts without them)
+
     request = ReportRequest(parse_parts(args.parts, "--parts"), args.probes, args.choices, args.data, out=args.out,
                             trust_remote_code=args.trust_remote_code, download=args.download)
     report, json_path, md_path = make_report(args.run, request, progress=info)

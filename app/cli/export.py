@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from app.cli.output import info
 from app.core.export.quantize import ALL_QUANTS
-from app.core.export.usage import how_to_run
 
 
 def add_commands(sub) -> None:
@@ -36,7 +35,8 @@ def add_commands(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from app.core.export.exporter import ExportOptions, export_run  # lazy: imports numpy (heavy) only when used
+    from app.core.export.exporter import ExportOptions, export_run  # lazy: imports gguf (heavy) only when used
+    from app.core.export.usage import how_to_run  # here: each command loads its own part of the engine (the window starts without them)
 
     options = ExportOptions(dtype=args.dtype, quant=args.quant, force=args.force, trust_remote_code=args.trust_remote_code,
                             pre_tokenizer=args.pre_tokenizer, merge_into=args.merge_into, download=args.download)

@@ -10,8 +10,6 @@ import typing
 from dataclasses import MISSING, fields
 
 from app.core.config import QUANTIZE_CHOICES, TrainConfig, field_help
-from app.core.plan.kernel_choice import ATTENTION_CHOICES, LOSS_CHOICES
-from app.core.train.overfit import EARLY_STOP_CHOICES
 
 # a field's flag when it is not --field-name; more than one: the first is documented, the rest
 # are the older names, still accepted
@@ -66,7 +64,11 @@ def _choices(name: str) -> tuple[str, ...] | None:
     if name == "quantize":
         return QUANTIZE_CHOICES
     if name == "early_stop":
+        from app.core.train.overfit import EARLY_STOP_CHOICES  # here: each command loads its own part of the engine (the window starts without them)
+
         return EARLY_STOP_CHOICES
     if name in ("attention", "loss_kernel"):
+        from app.core.plan.kernel_choice import ATTENTION_CHOICES, LOSS_CHOICES  # here: each command loads its own part of the engine (the window starts without them)
+
         return ATTENTION_CHOICES if name == "attention" else LOSS_CHOICES
     return None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 from app.cli.output import gib_or_unknown, maybe, print_table, yes
-from app.core.models.resolve import list_models
 from app.core.units import gib
 
 
@@ -19,6 +18,8 @@ def add_commands(sub) -> None:
 
 
 def cmd_models(args) -> int:
+    from app.core.models.resolve import list_models  # here: each command loads its own part of the engine (the window starts without them)
+
     table = [("MODEL", "SOURCE", "ARCHITECTURE", "PARAMS", "SIZE", "PATH")]
     for m in list_models():
         params = f"{m.parameters / 1e6:,.0f}M" if m.parameters else "?"

@@ -8,9 +8,6 @@ import sys
 import threading
 import time
 
-from app.core.errors import UserError
-from app.core.events import CheckpointSaved, EvalMetrics, LogLine, PlanAdjusted, RunCreated, RunFailed, RunFinished, RunStarted, StepMetrics, StepProgress
-from app.core.runs import open_run
 from app.core.units import format_duration, memory_text, peak_text, step_progress_text
 
 
@@ -25,6 +22,9 @@ class Progress:
         self.predicted, self.peak = 0, 0  # the run's predicted peak, and the measured one so far
 
     def __call__(self, event) -> None:
+        from app.core.events import (CheckpointSaved, EvalMetrics, LogLine, PlanAdjusted, RunFailed,
+                                           RunCreated, RunFinished, RunStarted, StepMetrics, StepProgress)  # here: each command loads its own part of the engine (the window starts without them)
+
         if isinstance(event, StepProgress):
             self._in_step(event)
         elif isinstance(event, StepMetrics):
@@ -92,6 +92,9 @@ class Progress:
 
 def _run_plan_facts(run_dir: str) -> tuple[str, int]:
     """(the device line of a run's own plan, its predicted peak); ("", 0) if unreadable."""
+    from app.core.errors import UserError  # here: each command loads its own part of the engine (the window starts without them)
+    from app.core.runs import open_run  # here: each command loads its own part of the engine (the window starts without them)
+
     try:
         plan = open_run(run_dir).plan()
     except UserError:

@@ -9,18 +9,7 @@ from pathlib import Path
 from app.cli.flags import add_config_flags, config_values
 from app.cli.output import EXIT_USER_ERROR, info, num, print_table, short, yes
 from app.cli.progress import Progress, install_stop_handler, report_end, run_with_progress
-from app.core import host
 from app.core.config import TrainConfig
-from app.core.data.check import DataCheck, check_dataset
-from app.core.data.holdout import lines_text
-from app.core.demo import DEMO_QUESTION, demo_config, run_demo
-from app.core.eval.report import parse_parts
-from app.core.models.random_weights import random_demo_model
-from app.core.plan.context import STEP, best, longest_context, to_dicts
-from app.core.plan.memory import COMPONENTS, setup_for
-from app.core.plan.preview import preview_plan
-from app.core.runs import list_runs
-from app.core.train.trainer import resume_training, run_training
 from app.core.units import format_duration, gib
 
 TRAIN_HIDDEN = ("warmup_ratio", "max_grad_norm", "weight_decay", "lora_dropout", "lora_alpha")
@@ -76,6 +65,8 @@ def add_commands(sub) -> None:
 
 
 def cmd_train(args) -> int:
+    from app.core.train.trainer import run_training  # here: each command loads its own part of the engine (the window starts without them)
+
     config = TrainConfig(**config_values(args))
     return run_with_progress(lambda on_event, stop: run_training(config, on_event, stop))
 
@@ -83,6 +74,10 @@ def cmd_train(args) -> int:
 def print_max_context(preview, as_json: bool) -> int:
     """`plan --max-context`: each rung's longest sequence and the answer."""
     import json
+
+    from app.core import host  # here: each command loads its own part of the engine (the window starts without them)
+    from app.core.plan.context import STEP, best, longest_context, to_dicts  # here: each command loads its own part of the engine (the window starts without them)
+    from app.core.plan.memory import setup_for  # here: each command loads its own part of the engine (the window starts without them)
 
     facts, budget = preview.model.arch, preview.budget
     free = host.available_ram()
@@ -113,6 +108,8 @@ def print_max_context(preview, as_json: bool) -> int:
 
 def cmd_plan(args) -> int:
     import json
+
+    from app.core.plan.preview import preview_plan  # here: each command loads its own part of the engine (the window starts without them)
 
     preview = preview_plan(TrainConfig(**config_values(args)))
     if args.max_context:
@@ -176,6 +173,8 @@ def _settings_rows(plan) -> list[tuple]:
 
 def _memory_rows(plan, budget) -> list[tuple]:
     """The predicted peak by component, and what waits in host RAM."""
+    from app.core.plan.memory import COMPONENTS  # here: each command loads its own part of the engine (the window starts without them)
+
     rows = [("MEMORY", "PREDICTED", "WHAT")]
     for name, label, what in COMPONENTS:
         if name in ("runtime_overhead", "process_baseline", "gathered") and not plan.breakdown.get(name):
@@ -194,12 +193,16 @@ def _memory_rows(plan, budget) -> list[tuple]:
 
 
 def cmd_resume(args) -> int:
+    from app.core.train.trainer import resume_training  # here: each command loads its own part of the engine (the window starts without them)
+
     return run_with_progress(lambda on_event, stop: resume_training(
         args.run, on_event, stop, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
         gpus=args.gpus))
 
 
 def cmd_runs(args) -> int:
+    from app.core.runs import list_runs  # here: each command loads its own part of the engine (the window starts without them)
+
     rows = list_runs()
     if not rows:
         print("No runs yet. Start one with `tunesmith train --data FILE` or `tunesmith demo`.")
@@ -213,6 +216,8 @@ def cmd_runs(args) -> int:
 
 
 def cmd_check_data(args) -> int:
+    from app.core.data.check import DataCheck, check_dataset  # here: each command loads its own part of the engine (the window starts without them)
+
     check = DataCheck(args.file, args.model, args.seq_len, trust_remote_code=args.trust_remote_code)
     summary = check_dataset(check, "report", progress=info)
     report, problems = summary.report, summary.problems
@@ -227,6 +232,8 @@ def cmd_check_data(args) -> int:
         print(f"  truncated  {over} row{'s' * (over != 1)} longer than {args.seq_len} tokens")
     repeats = summary.duplicates
     if repeats:
+        from app.core.data.holdout import lines_text  # here: each command loads its own part of the engine (the window starts without them)
+
         print(f"  repeats    {len(repeats)} exact duplicate{'s' * (len(repeats) != 1)} ({lines_text(repeats)}): "
               "each copy trains again; held-out examples never have a twin in training")
     if problems:
@@ -240,11 +247,17 @@ def cmd_check_data(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from app.core.demo import DEMO_QUESTION, demo_config, run_demo  # here: each command loads its own part of the engine (the window starts without them)
+
+    from app.core.eval.report import parse_parts  # here: each command loads its own part of the engine (the window starts without them)
+
     config = demo_config()
     config.report = ",".join(parse_parts(args.report)) or "off"
     if args.max_steps:
         config.max_steps = args.max_steps
     if args.random_weights:
+        from app.core.models.random_weights import random_demo_model  # here: each command loads its own part of the engine (the window starts without them)
+
         config.model = str(random_demo_model(progress=print))
     progress = Progress()
     stop = install_stop_handler(progress)
