@@ -4,6 +4,8 @@ model and a demo run, and the main window for GUI tests."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -127,25 +129,25 @@ def demo_model_path(shared_cache, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def demo_run(demo_model_path, shared_cache, tmp_path_factory) -> Path:
-    """A finished demo run (the pirate-chef data, 2 epochs at lr 1e-3), trained once per session
-    in its own Tunesmith home; tests open it by its folder path."""
-    old = os.environ.get("TUNESMITH_HOME")
+def demo_cli(demo_model_path, shared_cache, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`tunesmith demo` (the pirate-chef data, 56 steps at lr 1e-3, then its before/after report),
+    run once per session in its own Tunesmith home: (that home, the finished process). The demo's
+    own test reads what it printed; `demo_run` is its run."""
     home = tmp_path_factory.mktemp("demo-run-home")
     (home / "cache").symlink_to(shared_cache, target_is_directory=True)
-    os.environ["TUNESMITH_HOME"] = str(home)
-    try:
-        from app.core.demo import demo_config
-        from app.core.train.trainer import run_training
+    env = dict(os.environ, TUNESMITH_HOME=str(home))
+    proc = subprocess.run([sys.executable, "-m", "app", "demo"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1500)
+    return home, proc
 
-        result = run_training(demo_config())
-        assert result.status == "finished", result.reason
-        return Path(result.run_dir)
-    finally:
-        if old is None:
-            os.environ.pop("TUNESMITH_HOME", None)
-        else:
-            os.environ["TUNESMITH_HOME"] = old
+
+@pytest.fixture(scope="session")
+def demo_run(demo_cli) -> Path:
+    """The finished demo run's folder; tests open it by its folder path."""
+    home, proc = demo_cli
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [run] = list((home / "data" / "runs").iterdir())
+    return run
 
 
 @pytest.fixture

@@ -73,8 +73,13 @@ def run_demo(on_event: Callable[[Event], None] | None = None, stop: threading.Ev
     result.seconds = time.monotonic() - started
     if result.run.status != "finished":
         return result
-    report = report_after_run(open_run(result.run.run_dir), config, lambda message, level: record(LogLine(message, level)),
-                              lambda: stop.is_set(), questions=(question,))
+    run = open_run(result.run.run_dir)
+
+    def say(message: str, level: str) -> None:  # into the run's train.log too, as a trained run's report is
+        run.log(message)
+        record(LogLine(message, level))
+
+    report = report_after_run(run, config, say, lambda: stop.is_set(), questions=(question,))
     answers = (report or {}).get("answers") or []
     if answers and not answers[0]["line"]:
         first = answers[0]

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 from app.core.resources import sample_dataset
-from conftest import REPO
 
 PIRATE_WORDS = ("arr", "matey", "ahoy", "hearty", "ye ", "galley", "landlubber", "shiver me timbers")
 
@@ -38,9 +34,8 @@ def test_demo_question_is_not_in_the_sample_data():
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # ~1.5 min alone on 2 cores; more on a busy machine
-def test_demo_trains_and_changes_the_models_voice(demo_model_path, tunesmith_home):
-    proc = subprocess.run([sys.executable, "-m", "app", "demo"], cwd=REPO, env=os.environ.copy(),
-                          capture_output=True, text=True, timeout=1200)
+def test_demo_trains_and_changes_the_models_voice(demo_cli):
+    home, proc = demo_cli  # `python -m app demo`, run once for the session (conftest.py)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Loading weights" not in proc.stderr and "it/s]" not in proc.stderr  # no library progress bars
     assert "unquantised (float32)" in proc.stderr  # the planner's fast base on a CPU
@@ -54,6 +49,6 @@ def test_demo_trains_and_changes_the_models_voice(demo_model_path, tunesmith_hom
     assert re.search(r"Held-out loss: base \d\.\d+, tuned \d\.\d+ \(-\d+%\) on 9 examples", proc.stderr), proc.stderr[-2000:]
     assert re.search(r"General questions: base \d+/50, tuned \d+/50 — ", proc.stderr)
     assert "(then judged in " in out and "Before/after report: " in out
-    runs = list((tunesmith_home / "data" / "runs").iterdir())
+    runs = list((home / "data" / "runs").iterdir())
     status = json.loads((runs[0] / "status.json").read_text())
     assert status["status"] == "finished" and status["step"] == status["total_steps"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from app.core.demo import DEMO_QUESTION
 from app.core.errors import DatasetError
 from app.core.eval.choices import wilson
 from app.core.eval.probes import MATCHES, Probe, SetScore, builtin_probes, load_probes
@@ -155,8 +156,10 @@ def test_the_demo_run_report_shows_held_out_loss_eight_answers_and_probe_scores(
     history = read_history(open_run(str(demo_run)))
     assert held["tuned_loss"] == pytest.approx(history.eval_losses[-1], rel=2e-3)  # the run's last eval, again
     assert held["improved"] and all(r["tuned"] < r["base"] and r["prompt"] for r in held["improved"])
-    assert len(report["answers"]) == 8
-    assert all(a["line"] and a["prompt"] and a["base"] and a["tuned"] and a["reference"] for a in report["answers"])
+    asked, *held_out = report["answers"]  # the demo asks its own question first
+    assert not asked["line"] and asked["prompt"] == DEMO_QUESTION and asked["base"] and asked["tuned"]
+    assert len(held_out) == 8
+    assert all(a["line"] and a["prompt"] and a["base"] and a["tuned"] and a["reference"] for a in held_out)
     assert sum(a["base"] != a["tuned"] for a in report["answers"]) >= 6
     general = report["probes"][0]
     assert general["total"] == 50 and len(general["items"]) == 50
