@@ -36,7 +36,8 @@ if importlib.util.find_spec("app") is None:  # the installed Tunesmith (an offli
 
 from app.core.config import Plan, TrainConfig  # noqa: E402
 from app.core.models.architecture import arch_facts  # noqa: E402
-from app.core.models.random_weights import shape_config as model_config, write_random_model  # noqa: E402,F401 - the benchmarks' name  # noqa: E402,F401
+from app.core.models.random_weights import shape_config as model_config  # noqa: E402,F401 - the benchmarks' name
+from app.core.models.random_weights import write_random_model  # noqa: E402,F401
 from app.core.plan.memory import MemorySetup, estimate_memory  # noqa: E402
 from app.core.units import GIB  # noqa: E402
 
