@@ -11,12 +11,10 @@ tokens per optimizer step. Each choice comes with a one-line reason; when nothin
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 from app.core import host
 from app.core.config import QUANTIZE_CHOICES, Plan, TrainConfig
-from app.core.data.batches import micro_batches_per_epoch
 from app.core.data.stats import LengthStats, count_over
 from app.core.errors import ConfigError, PlanError
 from app.core.models.architecture import ArchFacts
@@ -27,18 +25,18 @@ from app.core.plan.fit import DEFAULT_RANK, MICRO_BATCHES, TARGET_TOKENS_PER_STE
 from app.core.plan.kernel_choice import OPTIMIZER_LABELS, choose_attention, choose_loss
 from app.core.plan.memory import with_passes
 from app.core.plan.presets import Budget, at_plan_time, device_line
+from app.core.plan.processes import gpus_reason, nodes_reason
+from app.core.plan.schedule import Schedule, plan_schedule
 from app.core.plan.seq_len import SEQ_LEN_LEAST, PlannedData, SeqChoice, choose_seq_len, context_cap, planned_data
 from app.core.plan.sharding import SHARDED_OPTIMIZER, four_bit_fit, strategy_of
 from app.core.speeds import known_speed
 from app.core.units import format_duration, gib
 
-EVALS_A_RUN = 8
 STRATEGIES = ("auto", "ddp", "fsdp")
 ASSUMED_CAPABILITY = (8, 0)  # a preset's card of unknown kind: Ampere, as cards.precision_for assumes
 # An unquantised base is chosen by itself only when its plan keeps this share of the budget or less:
 # room for what the estimate does not see, since a 16-bit base is the larger one.
 UNQUANTISED_ROOM = 0.8
-SAVE_EVERY_LEAST = 5  # steps between checkpoints at least, unless the user says otherwise
 
 
 def device_settings(device: str, card: Card | None) -> tuple[tuple[str, str], tuple[str, str]]:
@@ -90,7 +88,7 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     fitted = _fit_step(config, data, facts, where, seq, loss, config.lora_dropout if lora_dropout is None
                        else lora_dropout)
     kernels = _kernels_step(config, facts, where, fitted.fit)
-    schedule = _schedule(config, data.stats, data.lengths, fitted.fit, kernels.batching, has_validation)
+    schedule = plan_schedule(config, data.stats, data.lengths, fitted.fit, kernels.batching, has_validation)
     reasons = {**where.reasons, "seq_len": seq.reason, "loss": loss_reason, **fitted.reasons, **kernels.reasons,
                **schedule.reasons}
     if not with_data:  # a plan for the model alone: the data decides the steps
@@ -124,7 +122,7 @@ def _budget_step(config: TrainConfig, budget: Budget | None) -> _Where:
     (dtype, dtype_reason), (optimizer, optimizer_reason) = device_settings(device, card)
     reasons = {"device": device_line(budget), "compute_dtype": dtype_reason, "optimizer": optimizer_reason}
     if config.gpus > 1 or config.nodes > 1:
-        reasons["gpus"] = _gpus_reason(config.gpus, device, budget) + _nodes_reason(config)
+        reasons["gpus"] = gpus_reason(config.gpus, device, budget) + nodes_reason(config)
     return _Where(budget, device, card, dtype, optimizer, reasons)
 
 
@@ -235,7 +233,7 @@ def _tiles_reasons(config: TrainConfig, device: str) -> dict[str, str]:
     return reasons
 
 
-def _assemble(config: TrainConfig, where: _Where, fitted: _Fitted, kernels: _Kernels, schedule: "_Schedule",
+def _assemble(config: TrainConfig, where: _Where, fitted: _Fitted, kernels: _Kernels, schedule: Schedule,
               loss: str, estimate, reasons: dict[str, str]) -> Plan:
     """The Plan of the steps' choices."""
     fit, budget, card = fitted.fit, where.budget, where.card
@@ -276,86 +274,6 @@ def _packed_rows_reason(config: TrainConfig, fit: Fit) -> str:
     why = ("set by you" if config.micro_batch else "the longest row planned" if micro == MICRO_BATCHES[0]
            or micro * seq >= TARGET_TOKENS_PER_STEP else "the longest row that fits")
     return f"packed row{'s' * (micro != 1)} of {seq:,} tokens ({micro * seq:,} tokens a pass): {why}"
-
-
-@dataclass(frozen=True)
-class _Schedule:
-    grad_accum: int
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-    eval_every: int
-    save_every: int
-    reasons: dict[str, str]  # why grad_accum and total_steps
-
-
-def _schedule(config: TrainConfig, stats: LengthStats, lengths: list[int], fit: Fit, batching: str,
-              has_validation: bool) -> _Schedule:
-    """Accumulation for about TARGET_TOKENS_PER_STEP tokens per optimizer step, and the steps of the
-    run: epochs (or --max-steps), warmup, evaluation and checkpoint intervals."""
-    micro, seq = fit.micro_batch, fit.seq_len
-    mean_len = max(1, min(seq, stats.total // max(1, stats.count)))
-    shape = Plan(seq_len=seq, micro_batch=micro, batching=batching)
-    micro_batches = micro_batches_per_epoch(lengths, shape, config.seed) if lengths else math.ceil(stats.count / micro)
-    per_micro = sum(min(n, seq) for n in lengths) / max(1, micro_batches) if lengths else micro * mean_len
-    reasons: dict[str, str] = {}
-    gpus = max(1, config.gpus) * max(1, config.nodes)  # every process of the run
-    if config.grad_accum:
-        accum, reasons["grad_accum"] = config.grad_accum, "set by you"
-    else:
-        accum = max(1, min(16, round(TARGET_TOKENS_PER_STEP / max(1.0, per_micro) / gpus)))
-        unit = (f"packed rows of ~{per_micro:.0f} tokens" if batching == "packed" else
-                f"batches of {micro} x ~{mean_len} tokens")
-        reasons["grad_accum"] = f"about {TARGET_TOKENS_PER_STEP} tokens per optimizer step ({accum} {unit}" + (
-            f" in each of {gpus} processes)" if gpus > 1 else ")")
-    steps_per_epoch = max(1, math.ceil(micro_batches / (accum * gpus)))
-    if config.max_steps:
-        total, reasons["total_steps"] = config.max_steps, "set by you (max steps)"
-    else:
-        total = max(1, math.ceil(config.epochs * steps_per_epoch))
-        reasons["total_steps"] = f"{config.epochs:g} epoch(s) of {steps_per_epoch} steps"
-    warmup = math.ceil(config.warmup_ratio * total) if config.warmup_ratio > 0 else 0
-    # at least 8 evals a run (and one at the end), each over the whole held-out set
-    eval_every = (config.eval_every or max(1, total // EVALS_A_RUN)) if has_validation else 0
-    # about ten checkpoints a run, between every 5 and every 200 steps: a 6-step run is not saved at
-    # every step (the end and a stop save anyway)
-    save_every = config.save_every or min(200, max(SAVE_EVERY_LEAST, total // 10))
-    return _Schedule(accum, steps_per_epoch, total, warmup, eval_every, save_every, reasons)
-
-
-def _gpus_reason(gpus: int, device: str, budget: Budget | None) -> str:
-    """Why and how `gpus` processes train; ConfigError when this machine cannot run them."""
-    import os
-
-    from app.core.portable import on_windows  # at call time: tests replace on_windows there
-
-    if on_windows():
-        raise ConfigError("several processes (--gpus, --nodes) need Linux: PyTorch for Windows has no NCCL, and "
-                          "Tunesmith's multi-process runs are not tried on Windows; train with --gpus 1, or run "
-                          "Tunesmith in WSL2 or on Linux for several GPUs")
-    if device != "cuda":
-        cores = os.cpu_count() or 1
-        if gpus > cores:
-            raise ConfigError(f"--gpus {gpus}: no GPU here, and this CPU has {cores} cores for {gpus} processes; "
-                              f"use --gpus {cores} or fewer")
-        return (f"{gpus} process{'es' * (gpus != 1)} on the CPU (gloo): the multi-GPU code path, to try it; "
-                "not faster than one process here")
-    if budget is not None and budget.card is None:  # this machine's cards, not a card named for planning
-        found = len(host.gpus().gpus)
-        if 0 < found < gpus:
-            raise ConfigError(f"--gpus {gpus}: this machine has {found} GPU{'s' * (found != 1)}; "
-                              f"use --gpus {found} or fewer")
-    return (f"DDP over {gpus} GPU{'s' * (gpus != 1)}: each card holds the whole model and adapter (the memory "
-            "plan is per card), each step's micro-batches are shared out")
-
-
-def _nodes_reason(config: TrainConfig) -> str:
-    """How the machines of a run on several share it ("" on one)."""
-    if config.nodes <= 1:
-        return ""
-    world = max(1, config.gpus) * config.nodes
-    return (f"; on {config.nodes} machines, {world} processes in all (this one: node {config.node_rank}"
-            f"{', which keeps the run' if config.node_rank == 0 else f', rank 0 at {config.master_addr}'})")
 
 
 def validate_config(config: TrainConfig) -> None:
