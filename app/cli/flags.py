@@ -9,12 +9,12 @@ import types
 import typing
 from dataclasses import MISSING, fields
 
-from app.core.config import QUANTIZE_CHOICES, TrainConfig, field_help
+from app.core.config import METHOD_CHOICES, QUANTIZE_CHOICES, TrainConfig, field_help
 
 # a field's flag when it is not --field-name; more than one: the first is documented, the rest
 # are the older names, still accepted
 FLAG_NAMES = {"micro_batch": ("--batch",), "val_split": ("--eval-split", "--val-split"),
-              "val_data": ("--eval-data", "--val-data")}
+              "val_data": ("--eval-data", "--val-data"), "start_from": ("--from",)}
 
 
 def config_help(name: str, cls: type = TrainConfig) -> str:
@@ -63,6 +63,8 @@ def _base_type(hint) -> tuple[type, bool]:
 def _choices(name: str) -> tuple[str, ...] | None:
     if name == "quantize":
         return QUANTIZE_CHOICES
+    if name == "method":
+        return METHOD_CHOICES
     if name == "early_stop":
         from app.core.train.overfit import EARLY_STOP_CHOICES  # here: each command loads its own part of the engine (the window starts without them)
 

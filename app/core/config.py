@@ -13,6 +13,8 @@ from typing import Any
 
 
 QUANTIZE_CHOICES = ("auto", "4bit", "none")  # TrainConfig.quantize: the planner's and the flag's
+METHOD_CHOICES = ("sft", "dpo", "orpo")  # TrainConfig.method
+PREFERENCE_METHODS = ("dpo", "orpo")  # the methods that train on preference pairs
 
 
 def _f(default: Any, help: str) -> Any:
@@ -43,6 +45,15 @@ class TrainConfig(JsonRoundTrip):
                                        "none). Default: 5 %, at least 8 and at most 200, none below 40 examples; "
                                        "a prompt and its repeats are held out together.")
     name: str = _f("", "Run name shown in the run list (default: model and data names).")
+    method: str = _f("sft", "What the run learns: sft (the answers in the data), dpo (to prefer each pair's chosen "
+                            "answer over its rejected one, measured against the model before training: Direct "
+                            "Preference Optimisation), or orpo (the chosen answers and the preference together, no "
+                            "reference: Odds Ratio Preference Optimisation). dpo and orpo train on preference pairs "
+                            "(prompt, chosen, rejected).")
+    beta: float = _f(0.1, "dpo/orpo: how strongly the preference counts (DPO: how far the tuned model may move from "
+                          "the reference; ORPO: the odds-ratio term's weight beside the answers' loss).")
+    start_from: str = _f("", "dpo/orpo: start from this finished run's adapter (an SFT run, usually); for dpo it is "
+                             "also the reference the preference is measured against.")
     preset: str = _f("auto", "Memory budget: 'auto' (this machine's free memory) or a VRAM preset "
                              "such as 8gb, 12gb, 16gb, 24gb, 48gb, 80gb, or one of yours.")
     rank: int | None = _f(None, "LoRA rank r: adapter capacity. Default 16.")

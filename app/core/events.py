@@ -70,6 +70,20 @@ class EvalMetrics:
 
 
 @dataclass(frozen=True)
+class PreferenceMetrics:
+    """A preference run's (dpo, orpo) measures of a step ("train") or of the held-out pairs ("eval"),
+    means over the pairs: the chosen and rejected answers' rewards, their margin, and the share of pairs
+    whose chosen answer the model prefers (a tie counts half)."""
+
+    step: int
+    split: str
+    chosen_reward: float
+    rejected_reward: float
+    margin: float
+    accuracy: float
+
+
+@dataclass(frozen=True)
 class CheckpointSaved:
     step: int
     path: str
@@ -105,9 +119,9 @@ class LogLine:
     level: str = "info"
 
 
-Event = (RunCreated | RunStarted | StepProgress | StepMetrics | EvalMetrics | CheckpointSaved | RunFinished | RunFailed | PlanAdjusted
-         | LogLine)
-_KINDS = {cls.__name__: cls for cls in (RunStarted, StepMetrics, EvalMetrics, CheckpointSaved,
+Event = (RunCreated | RunStarted | StepProgress | StepMetrics | EvalMetrics | PreferenceMetrics | CheckpointSaved
+         | RunFinished | RunFailed | PlanAdjusted | LogLine)
+_KINDS = {cls.__name__: cls for cls in (RunStarted, StepMetrics, EvalMetrics, PreferenceMetrics, CheckpointSaved,
                                          RunFinished, RunFailed, PlanAdjusted, LogLine)}
 
 

@@ -44,8 +44,10 @@ def fast_lengths(model_dir: str | Path, examples: list[Example]) -> list[int] | 
     try:
         for example in examples:
             if example.messages:
-                text = template.render(messages=example.messages, add_generation_prompt=False, **special)
-                lengths.append(len(tokenizer.encode(text, add_special_tokens=False).ids))
+                chats = [example.messages + side for side in (example.chosen, example.rejected)] \
+                    if example.is_pair else [example.messages]  # a pair: both sides, end to end
+                texts = [template.render(messages=chat, add_generation_prompt=False, **special) for chat in chats]
+                lengths.append(sum(len(tokenizer.encode(text, add_special_tokens=False).ids) for text in texts))
             else:
                 body = (example.prompt + example.completion if example.format == "prompt_completion"
                         else example.text)

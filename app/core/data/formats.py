@@ -4,6 +4,12 @@ Formats: OpenAI-style `messages`, ShareGPT `conversations`, Alpaca (`instruction
 `output`), `prompt`/`completion`, and plain `text`. Chat-like formats (the first three) become a
 list of {role, content} messages trained on the assistant turns; prompt/completion trains on the
 completion; text trains on everything.
+
+Preference pairs (`chosen` and `rejected`, for DPO and ORPO) come in the shapes peers use: a
+`prompt` and two answers as strings (an optional `system`), a `prompt` as a list of messages and
+two answers as lists of messages, or two whole conversations that share their start. Each becomes
+the shared conversation (`messages`) and the two continuations (`chosen`, `rejected`), each with
+at least one assistant turn; a pair whose two sides are the same is refused (it teaches nothing).
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ FORMAT_LABELS = {
     "alpaca": "Alpaca",
     "prompt_completion": "prompt/completion",
     "text": "plain text",
+    "preference": "preference pairs",
 }
+PREFERENCE_FORMAT = "preference"
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant"}
@@ -33,6 +41,12 @@ class Example:
     prompt: str = ""
     completion: str = ""
     text: str = ""
+    chosen: list[dict] = field(default_factory=list)  # a preference pair's two continuations of `messages`
+    rejected: list[dict] = field(default_factory=list)
+
+    @property
+    def is_pair(self) -> bool:
+        return bool(self.chosen)
 
 
 class RowError(Exception):
@@ -47,6 +61,8 @@ def detect_format(record: Any) -> str:
     """The format name of one row; raises RowError when it matches none."""
     if not isinstance(record, dict):
         raise RowError("", f"expected a JSON object, got {_type_name(record)}")
+    if "chosen" in record or "rejected" in record:
+        return PREFERENCE_FORMAT
     if "messages" in record:
         return "messages"
     if "conversations" in record:
@@ -64,6 +80,8 @@ def detect_format(record: Any) -> str:
 
 def normalise(record: dict, fmt: str, line: int) -> Example:
     """Turn a row of format `fmt` into an Example; raises RowError naming the bad field."""
+    if fmt == PREFERENCE_FORMAT:
+        return _pair(record, line)
     if fmt == "messages":
         return Example(line, fmt, messages=_chat(record["messages"], "messages", "role", "content", None))
     if fmt == "sharegpt":
@@ -115,6 +133,73 @@ def _chat(turns: Any, name: str, role_key: str, content_key: str, aliases: dict 
     if not any(m["role"] == "user" for m in messages):
         raise RowError(name, "no user turn; add the question the assistant answers")
     return messages
+
+
+def _pair(record: dict, line: int) -> Example:
+    """A preference row: the shared conversation and its chosen and rejected continuations."""
+    for side in ("chosen", "rejected"):
+        if side not in record or record[side] is None:
+            raise RowError(side, f"missing '{side}'; a preference row needs 'chosen' and 'rejected' answers")
+    prompt = record.get("prompt")
+    if prompt is None:
+        if not all(isinstance(record[side], list) for side in ("chosen", "rejected")):
+            raise RowError("prompt", "missing 'prompt'; give the question as 'prompt', or 'chosen' and 'rejected' "
+                                     "as whole conversations that start the same")
+        chosen = _turns(record["chosen"], "chosen")
+        rejected = _turns(record["rejected"], "rejected")
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        while shared and chosen[shared - 1]["role"] == "assistant":  # the answers start at an assistant turn
+            shared -= 1
+        messages, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    else:
+        messages = _prompt_turns(prompt, record)
+        chosen, rejected = _answer(record["chosen"], "chosen"), _answer(record["rejected"], "rejected")
+    if not any(m["role"] == "user" for m in messages):
+        raise RowError("prompt", "no user turn before the answers; the pair needs the question both answers reply to")
+    for side, turns in (("chosen", chosen), ("rejected", rejected)):
+        if not any(m["role"] == "assistant" for m in turns):
+            raise RowError(side, "no assistant turn after the shared conversation; each side needs the answer "
+                                 "it prefers or rejects")
+    if chosen == rejected:
+        raise RowError("rejected", "is the same as 'chosen'; a pair teaches nothing unless its answers differ")
+    return Example(line, PREFERENCE_FORMAT, messages=messages, chosen=chosen, rejected=rejected)
+
+
+def _turns(value: Any, name: str) -> list[dict]:
+    """A list of {role, content} turns (no rule about which roles: a side may be answers only)."""
+    if not isinstance(value, list):
+        raise RowError(name, f"expected a string or a list of turns, got {_type_name(value)}")
+    if not value:
+        raise RowError(name, "is empty; write the answer")
+    turns = []
+    for i, turn in enumerate(value):
+        where = f"{name}[{i}]"
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            raise RowError(where, "expected an object with 'role' and 'content'")
+        if turn["role"] not in ROLES:
+            raise RowError(f"{where}.role", f"unknown role {turn['role']!r}; use one of {', '.join(ROLES)}")
+        turns.append({"role": turn["role"], "content": _content(turn["content"], f"{where}.content")})
+    return turns
+
+
+def _prompt_turns(prompt: Any, record: dict) -> list[dict]:
+    system = _string(record, "system", allow_empty=True, optional=True)
+    turns = ([{"role": "system", "content": system}] if system.strip() else [])
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise RowError("prompt", "is empty; write the question both answers reply to")
+        return turns + [{"role": "user", "content": prompt}]
+    return turns + _turns(prompt, "prompt")
+
+
+def _answer(value: Any, name: str) -> list[dict]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise RowError(name, "is empty; write the answer")
+        return [{"role": "assistant", "content": value}]
+    return _turns(value, name)
 
 
 def _content(value: Any, where: str) -> str:

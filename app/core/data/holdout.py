@@ -46,6 +46,9 @@ def prompt_key(example: Example) -> str:
 
 def content_key(example: Example) -> str:
     """The whole example, exactly (an exact duplicate has the same)."""
+    if example.is_pair:
+        return "\x1d".join("\x1e".join(f"{m['role']}\x1f{m['content']}" for m in turns)
+                           for turns in (example.messages, example.chosen, example.rejected))
     if example.messages:
         return "\x1e".join(f"{m.get('role')}\x1f{m.get('content')}" for m in example.messages)
     return f"{example.prompt}\x1f{example.completion}\x1f{example.text}"

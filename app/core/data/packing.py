@@ -23,13 +23,32 @@ class Batch:
     """One micro-batch as tensors. `targets[t]` is the token position t must predict (or IGNORE).
 
     Packed: one row, `position_ids` restart per example and `segments` lists each example's
-    (start, end). Padded: `attention_mask` marks the real tokens and `segments` is empty."""
+    (start, end). Padded: `attention_mask` marks the real tokens and `segments` is empty. With
+    `pairs`, the sequences (segments, or rows) are preference pairs' sides: chosen, rejected, chosen, ..."""
 
     input_ids: object
     targets: object
     attention_mask: object | None = None
     position_ids: object | None = None
     segments: tuple[tuple[int, int], ...] = ()
+    pairs: bool = False
+    reference: object | None = None  # DPO: (pairs, 2) reference log-probs of each side (train/preference.py)
+
+    def sequence_of(self):
+        """For each position of `targets`, the index of its sequence (segment or row), as a flat tensor."""
+        import torch
+
+        if self.packed:
+            index = torch.zeros(self.targets.shape[-1], dtype=torch.long)
+            for number, (start, end) in enumerate(self.segments):
+                index[start:end] = number
+            return index
+        rows, width = self.targets.shape
+        return torch.arange(rows).repeat_interleave(width)
+
+    @property
+    def sequences(self) -> int:
+        return len(self.segments) if self.packed else int(self.targets.shape[0])
 
     @property
     def packed(self) -> bool:
@@ -97,21 +116,29 @@ def collate_packed(examples: list[Tokenized]) -> Batch:
     import torch
 
     ids, targets, positions, segments, start = [], [], [], [], 0
-    for example in examples:
-        n = len(example.input_ids)
-        ids += example.input_ids
-        targets += next_token_targets(example.labels)
+    for sequence in _sequences(examples):
+        n = len(sequence.input_ids)
+        ids += sequence.input_ids
+        targets += next_token_targets(sequence.labels)
         positions += range(n)
         segments.append((start, start + n))
         start += n
     row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
-    return Batch(row(ids), row(targets), position_ids=row(positions), segments=tuple(segments))
+    return Batch(row(ids), row(targets), position_ids=row(positions), segments=tuple(segments),
+                 pairs=bool(examples[0].split))
+
+
+def _sequences(examples: list[Tokenized]) -> list[Tokenized]:
+    """The sequences of a micro-batch: each example, or each pair's chosen and rejected side."""
+    return [example.side(i) for example in examples for i in range(len(example.sides()))]
 
 
 def collate_padded(examples: list[Tokenized], pad_id: int) -> Batch:
-    """Right-padded rows, as wide as the longest example, with an attention mask."""
+    """Right-padded rows, as wide as the longest example (a pair: two rows), with an attention mask."""
     import torch
 
+    pairs = bool(examples[0].split)
+    examples = _sequences(examples)
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -121,4 +148,4 @@ def collate_padded(examples: list[Tokenized], pad_id: int) -> Batch:
         ids[row, :n] = torch.tensor(example.input_ids)
         mask[row, :n] = 1
         targets[row, :n] = torch.tensor(next_token_targets(example.labels))
-    return Batch(ids, targets, attention_mask=mask)
+    return Batch(ids, targets, attention_mask=mask, pairs=pairs)

@@ -117,6 +117,9 @@ def write_report(folder: Path, report: dict, stem: str = "report") -> tuple[Path
 def prompt_of(row) -> tuple[object, str] | None:
     """(what to ask, the example's own answer) of a data row: the conversation up to its last
     assistant turn, or a prompt/completion's prompt; None for plain text (no prompt to answer)."""
+    if row.is_pair:  # a preference pair: the shared conversation, and the chosen answer
+        answer = next(m["content"] for m in row.chosen if m["role"] == "assistant")
+        return row.messages, str(answer)
     if row.messages:
         last = max((i for i, m in enumerate(row.messages) if m.get("role") == "assistant"), default=None)
         if not last:

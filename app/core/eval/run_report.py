@@ -18,7 +18,7 @@ from app.core.adapters import find_adapter
 from app.core.atomic import file_sha256, read_jsonl
 from app.core.chat import load_chat
 from app.core.data.holdout import split_tokenized
-from app.core.data.tokenize import tokenize_examples, truncate
+from app.core.data.tokenize import answers_of, tokenize_examples, truncate
 from app.core.data.validate import check_file
 from app.core.errors import UserError
 from app.core.eval.choices import load_choices
@@ -143,6 +143,7 @@ def _examples(tokenizer, file: str, where: str, seq_len: int | None = None, spli
             return HeldOut(where=why)
     if seq_len:
         examples = truncate(examples, seq_len)[0]
+    examples = answers_of(examples)
     return HeldOut(examples, {row.line: row for row in checked.examples}, where)
 
 

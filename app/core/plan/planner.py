@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from app.core import host
-from app.core.config import QUANTIZE_CHOICES, Plan, TrainConfig
+from app.core.config import METHOD_CHOICES, PREFERENCE_METHODS, QUANTIZE_CHOICES, Plan, TrainConfig
 from app.core.data.stats import LengthStats, count_over
 from app.core.errors import ConfigError, PlanError
 from app.core.models.architecture import ArchFacts
@@ -84,7 +84,7 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     cap = context_cap(facts, where.budget)
     data = planned_data(config, stats, lengths, cap, with_data)
     seq = choose_seq_len(config, data, cap, with_data)
-    loss, loss_reason = choose_loss(where.device, fused_loss_support(facts), config.loss_kernel)
+    loss, loss_reason = choose_loss(where.device, _fused_why_not(config, facts), config.loss_kernel)
     fitted = _fit_step(config, data, facts, where, seq, loss, config.lora_dropout if lora_dropout is None
                        else lora_dropout)
     kernels = _kernels_step(config, facts, where, fitted.fit)
@@ -276,9 +276,24 @@ def _packed_rows_reason(config: TrainConfig, fit: Fit) -> str:
     return f"packed row{'s' * (micro != 1)} of {seq:,} tokens ({micro * seq:,} tokens a pass): {why}"
 
 
+def _fused_why_not(config: TrainConfig, facts: ArchFacts | None) -> str:
+    """Why the run cannot use a fused loss, or "": the model's logits, or a preference method."""
+    if config.method in PREFERENCE_METHODS:
+        return (f"{config.method} needs each answer token's log-probability, and the fused losses give only their "
+                "sum")
+    return fused_loss_support(facts)
+
+
 def validate_config(config: TrainConfig) -> None:
     """Raise ConfigError for a setting no plan can honour."""
+    preference = config.method in PREFERENCE_METHODS
     checks = [
+        (config.method in METHOD_CHOICES, f"--method {config.method}: choose one of {', '.join(METHOD_CHOICES)}"),
+        (0 < config.beta <= 100, "--beta must be above 0 (0.1 is usual) and at most 100"),
+        (preference or not config.start_from, "--from starts a dpo or orpo run from a run's adapter: add --method "
+                                              "dpo or orpo"),
+        (not preference or config.gpus * config.nodes == 1,
+         f"--method {config.method} trains in one process for now: drop --gpus/--nodes"),
         (config.rank is None or config.rank >= 1, "--rank must be at least 1"),
         (config.seq_len is None or config.seq_len >= SEQ_LEN_LEAST, f"--seq-len must be at least {SEQ_LEN_LEAST}"),
         (config.micro_batch is None or config.micro_batch >= 1, "--batch must be at least 1"),

@@ -20,8 +20,8 @@ from typing import Callable
 from app.core.config import Plan
 from app.core.data.batches import EpochBatches
 from app.core.data.tokenize import truncate
-from app.core.events import (CheckpointSaved, EvalMetrics, Event, LogLine, PlanAdjusted, RunFailed, RunFinished,
-                             RunStarted, StepMetrics)
+from app.core.events import (CheckpointSaved, EvalMetrics, Event, LogLine, PlanAdjusted, PreferenceMetrics, RunFailed,
+                             RunFinished, RunStarted, StepMetrics)
 from app.core.runs import Run, checkpoint_state, read_history
 from app.core.speeds import remember_speed
 from app.core.train.failures import check_checkpoint_space, failure_reason
@@ -162,6 +162,7 @@ class _Loop:
             loop.before_s, loop.saved_step = state["elapsed_s"], state["step"]
             emit(LogLine(f"Resuming from {checkpoint.name}"))
         run.rewind_metrics(loop.step)
+        session.prepare_reference(run.dir, prepared, lambda message: emit(LogLine(message)))
         config = prepared.config
         if prepared.plan.eval_every and prepared.val and config.early_stop != "off":
             history = read_history(run)
@@ -215,6 +216,8 @@ class _Loop:
                               self.lr, self.grad_norm, self.step_tokens, self.session_tokens / spent, self.elapsed(),
                               spent / self.session_steps * (plan.total_steps - self.step),
                               tuple(self.session.memory)))
+        if self.session.preference is not None:
+            self.emit(PreferenceMetrics(self.step, "train", **self.session.preference.take()))
         self.peak_bytes = max(self.peak_bytes, *self.session.memory, 0)
         if self.judge is not None:
             self.judge.add_step(self.last_loss)
@@ -245,6 +248,8 @@ class _Loop:
             self._back_off(backoff, f"Out of GPU memory evaluating at step {self.step}")  # tensors freed
         self.evaluated = time.monotonic()
         self.emit(EvalMetrics(self.step, eval_loss))
+        if self.session.preference is not None:
+            self.emit(PreferenceMetrics(self.step, "eval", **self.session.eval_preference))
         self.run.write_status("running", eval_loss=eval_loss)
         if self.judge is not None:
             self._judge(eval_loss)

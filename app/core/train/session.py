@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from app.core.atomic import staged_dir, write_json, write_manifest
+from app.core.config import PREFERENCE_METHODS
 from app.core.data.packing import Batch, collate_packed, collate_padded
 from app.core.data.tokenize import Tokenized
 from app.core.errors import RunError
@@ -33,6 +34,7 @@ from app.core.train.memory_savers.tiled_mlp import tile_mlps
 from app.core.train.optimizer import make_optimizer
 from app.core.train.parallel import sharded
 from app.core.train.parallel.sharded import full_tensor, gathered_lora, gradient_scale, shard
+from app.core.train.preference import REFERENCE_FILE, PreferenceObjective, ReferenceLogps, compute_reference
 from app.core.train.prepare import Prepared
 from app.core.train.selftest import SelfTestResult, Shapes, run_selftest
 
@@ -74,6 +76,11 @@ class QLoraSession:
         lora = LoraConfig(r=plan.rank, lora_alpha=plan.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules="all-linear", task_type="CAUSAL_LM")
         self.model = get_peft_model(base, lora)
+        if prepared.start_adapter:  # --from: the run starts where that run's adapter ended
+            self.notes.append(start_from_adapter(self.model, prepared.start_adapter, self.device))
+        self.preference = PreferenceObjective(config.method, config.beta) \
+            if config.method in PREFERENCE_METHODS else None
+        self.eval_preference: dict = {}  # a preference run's measures of the last evaluate
         self.notes += self._save_memory(plan)
         for param in self.model.parameters():  # fp32 LoRA weights whatever the compute dtype (PEFT's too)
             if param.requires_grad:
@@ -114,6 +121,23 @@ class QLoraSession:
             return f"layers not tiled: {err}; they are checkpointed whole"
         return f"layers over tiles of {plan.layer_tile} tokens: {count}, all but attention"
 
+    def prepare_reference(self, run_dir: Path, prepared: Prepared, log) -> None:
+        """DPO's reference log-probs of every pair, from the run folder or computed now (before the
+        first step: the model as it starts is the reference)."""
+        if self.preference is None or self.preference.method != "dpo":
+            return
+        path = Path(run_dir) / REFERENCE_FILE
+        reference = ReferenceLogps.load(path) if path.is_file() else None
+        if reference is None or not reference.covers(prepared.train, prepared.val):
+            pairs = len(prepared.train) + len(prepared.val)
+            what = "its starting adapter (--from)" if prepared.start_adapter else "the base, adapter off"
+            log(f"Reference log-probabilities of {pairs:,} pairs ({what}), once, without gradients…")
+            reference = compute_reference(self.model, self.collate, self.plan.micro_batch,
+                                          {"train": prepared.train, "val": prepared.val}, self.device,
+                                          adapter_off=not prepared.start_adapter)
+            reference.save(path)
+        self.preference.reference = reference
+
     def enable_checkpointing(self) -> None:
         """Switch gradient checkpointing on mid-run (the OOM back-off); no reload needed."""
         checkpointing_on(self.model)
@@ -141,7 +165,10 @@ class QLoraSession:
         import torch
 
         tensors = [self.collate(batch) for batch in batches]
-        targets = max(1, sum(batch.trained_tokens for batch in tensors))  # the whole step's, on every rank
+        if self.preference is not None:  # dpo/orpo: the loss is per pair (one process: validate_config)
+            targets = self.preference.attach(batches, tensors)
+        else:
+            targets = max(1, sum(batch.trained_tokens for batch in tensors))  # the whole step's, on every rank
         loss_total, tokens = 0.0, 0
         mine = self.ranks.share(tensors) if self.ranks else tensors
         passes = [(batch, 1.0) for batch in mine]
@@ -178,17 +205,28 @@ class QLoraSession:
         return loss_total / targets, tokens, grad_norm
 
     def evaluate(self, examples: list[Tokenized]) -> float:
-        """Mean token loss over `examples`, without dropout or gradients."""
+        """Mean token loss over `examples` (a preference run: the mean loss of the held-out pairs, and
+        their measures in `eval_preference`), without dropout or gradients."""
         import torch
 
         self.model.eval()
         total, count = 0.0, 0
+        training_tally = self.preference.take_tally() if self.preference is not None else None
         with torch.no_grad():
             for start in range(0, len(examples), self.plan.micro_batch):
-                batch = self.collate(examples[start:start + self.plan.micro_batch])
-                total += float(self.loss_sum(batch))
-                count += batch.trained_tokens
+                chunk = examples[start:start + self.plan.micro_batch]
+                batch = self.collate(chunk)
+                if self.preference is not None:  # summed over the chunk's pairs
+                    self.preference.attach([chunk], [batch], "val")
+                    total += float(self.loss_sum(batch))
+                    count += len(chunk)
+                else:
+                    total += float(self.loss_sum(batch))
+                    count += batch.trained_tokens
         self.model.train()
+        if self.preference is not None:
+            self.eval_preference = self.preference.take()
+            self.preference.tally = training_tally
         return total / max(1, count)
 
     def current_lr(self) -> float:
@@ -196,6 +234,8 @@ class QLoraSession:
 
     def loss_sum(self, batch: Batch):
         """Summed cross-entropy of `batch`'s targets, computed the way the plan says."""
+        if self.preference is not None:
+            return self.preference.loss(self.model, batch, self.device)
         if self.root is not None:
             return self.root(batch)
         return loss_sum(self.model, batch, self.device, self.plan.loss)
@@ -289,6 +329,16 @@ class QLoraSession:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def start_from_adapter(model, adapter: str, device) -> str:
+    """Load a finished run's LoRA weights into `model`'s (same rank and layers: prepare.py checks)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(adapter) / "adapter_model.safetensors"), device=str(device))
+    set_peft_model_state_dict(model, weights)
+    return f"started from the adapter in {adapter}"
 
 
 def freeze_for_lora(model, grad_checkpointing: bool) -> None:

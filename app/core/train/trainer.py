@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from app.core.config import Plan, TrainConfig
+from app.core.data.tokenize import answers_of
 from app.core.errors import RunError
 from app.core.eval.report import HeldOut
 from app.core.eval.run_report import report_after_run
@@ -66,7 +67,8 @@ def _report(run: Run, prepared: Prepared, emit, stop) -> None:
         return
     config, why = prepared.config, prepared.data_info.get("held_out", "")
     where = why if config.val_data else f"held out of {Path(config.data).name}: {why}"
-    held = HeldOut(prepared.val, prepared.val_rows, where) if prepared.val else HeldOut(where=why)
+    val = answers_of(prepared.val)
+    held = HeldOut(val, prepared.val_rows, where) if val else HeldOut(where=why)
     stopped_before = stop.is_set()
     report_after_run(run, config, lambda message, level: emit(LogLine(message, level)),
                      lambda: getattr(stop, "now", False) or (stop.is_set() and not stopped_before), held=held)
