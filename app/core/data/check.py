@@ -20,7 +20,7 @@ from app.core.data.fast_lengths import fast_lengths
 from app.core.data.holdout import exact_duplicates
 from app.core.data.read import Problem
 from app.core.data.stats import LengthStats, count_over, length_stats
-from app.core.data.tokenize import IGNORE, TemplateError, TokenizedSet, ensure_chat_template, tokenize_example, tokenize_examples
+from app.core.data.tokenize import IGNORE, TemplateError, TokenizedSet, ensure_chat_template, tokenize_examples, tokenize_one
 from app.core.data.validate import DataReport, check_file
 from app.core.errors import DatasetError
 from app.core.models import demo_model
@@ -39,6 +39,7 @@ class DatasetSummary:
     tokenizer_problems: list[Problem] = field(default_factory=list)  # rows the chat template rejects
     preview: list[tuple[str, bool]] = field(default_factory=list)  # (token text, trained on)
     preview_line: int | None = None
+    preview_split: int = 0  # a preference pair's preview: the index of its rejected side's first token
     tokenizer_of: str = ""  # the model whose tokenizer measured the lengths
     over_seq_len: int = 0  # rows longer than the seq_len asked about
     tokenized: TokenizedSet | None = None  # ids and labels, when the caller asked for them
@@ -128,7 +129,7 @@ def _measure(summary: DatasetSummary, check: DataCheck, preview: bool, progress,
     if fast is None:
         _tokenize_into(summary, tokenizer, doing)
     if preview:
-        summary.preview, summary.preview_line = _preview(tokenizer, report)
+        summary.preview, summary.preview_line, summary.preview_split = _preview(tokenizer, report)
 
 
 def _tokenize_into(summary: DatasetSummary, tokenizer, doing) -> None:
@@ -176,11 +177,15 @@ def _load_tokenizer(info, trust_remote_code: bool):
     return tokenizer
 
 
-def _preview(tokenizer, report: DataReport) -> tuple[list[tuple[str, bool]], int | None]:
+def _preview(tokenizer, report: DataReport) -> tuple[list[tuple[str, bool]], int | None, int]:
+    """The first example that renders, token by token with what it learns marked, its line, and
+    (a preference pair) where its rejected side starts."""
     for example in report.examples[:PREVIEW_ROWS]:
         try:
-            ids, labels = tokenize_example(tokenizer, example)
+            tokenized = tokenize_one(tokenizer, example)
         except TemplateError:
             continue
-        return [(tokenizer.decode([token]), label != IGNORE) for token, label in zip(ids, labels)], example.line
-    return [], None
+        tokens = [(tokenizer.decode([token]), label != IGNORE)
+                  for token, label in zip(tokenized.input_ids, tokenized.labels)]
+        return tokens, example.line, tokenized.split
+    return [], None, 0
