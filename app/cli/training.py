@@ -226,10 +226,13 @@ def cmd_check_data(args) -> int:
     print(f"  rows       {report.rows} ({report.rows - summary.bad_lines} usable, {summary.bad_lines} with problems)")
     if summary.lengths:
         s = summary.stats
+        pairs = " (a pair: both answers with their prompt)" if report.format == "preference" else ""
         print(f"  tokens     min {s.min}, median {s.median}, p95 {s.p95}, max {s.max} "
-              f"(tokenizer of {summary.tokenizer_of})")
+              f"(tokenizer of {summary.tokenizer_of}){pairs}")
         over = summary.over_seq_len
-        print(f"  truncated  {over} row{'s' * (over != 1)} longer than {args.seq_len} tokens")
+        lines = summary.lines_over(args.seq_len)
+        where = f": lines {', '.join(map(str, lines[:10]))}{', ...' if len(lines) > 10 else ''}" if lines else ""
+        print(f"  truncated  {over} row{'s' * (over != 1)} longer than {args.seq_len} tokens{where}")
     repeats = summary.duplicates
     if repeats:
         from app.core.data.holdout import lines_text  # here: each command loads its own part of the engine (the window starts without them)

@@ -59,7 +59,8 @@ class TrainConfig(JsonRoundTrip):
     rank: int | None = _f(None, "LoRA rank r: adapter capacity. Default 16.")
     lora_alpha: int | None = _f(None, "LoRA scaling alpha. Default 2 x rank.")
     lora_dropout: float = _f(0.05, "Dropout on the LoRA input during training.")
-    seq_len: int | None = _f(None, "Longest example in tokens; longer ones are truncated (and counted).")
+    seq_len: int | None = _f(None, "Longest example in tokens; longer ones are truncated (and counted). A preference "
+                                   "pair counts both its answers with their prompt (they train in one pass).")
     epochs: float = _f(1.0, "Passes over the training data.")
     max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs).")
     micro_batch: int | None = _f(None, "Examples per forward pass (packed: rows of this many x seq_len tokens).")

@@ -17,6 +17,7 @@ EXPECTED_FORMATS = {
     "alpaca.parquet": "alpaca",
     "prompt_completion.jsonl": "prompt_completion",
     "text.jsonl": "text",
+    "preference.json": "preference",  # a .json array: the tiny test tokenizer learns from the .jsonl files only
 }
 
 

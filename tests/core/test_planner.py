@@ -260,3 +260,15 @@ def test_the_flag_seq_len_is_read_once_by_the_planner_on_its_way_to_the_batches(
     assert prepared.plan.seq_len == 48 and prepared.plan.reasons["seq_len"].startswith("set by you")
     first = batches.for_step(0)  # the loop's first step: rows of the plan's length at most
     assert first and max(batches.lengths) <= 48 and all(len(e.input_ids) <= 48 for e in prepared.train)
+
+
+def test_a_preference_plan_has_full_logits_and_counts_two_padded_rows_a_pair():
+    lengths = chat_lengths(500, 1000)
+    fixed = dict(seq_len=1024, micro_batch=2, rank=16, grad_checkpointing=True, quantize="4bit")
+    sft, _ = plan_for(lengths, **fixed)
+    dpo, _ = plan_for(lengths, method="dpo", **fixed)
+    assert sft.loss != "plain" and dpo.loss == "plain" and "log-probability" in dpo.reasons["loss"]
+    assert dpo.batching == "packed" and dpo.predicted_peak_bytes == peak_of(sft, loss="plain")  # a packed pair: one row's share
+    padded, _ = plan_for(lengths, method="dpo", packing=False, **fixed)
+    assert padded.batching == "grouped"
+    assert padded.predicted_peak_bytes == peak_of(padded, micro_batch=4)  # micro-batch 2 pairs: 4 padded rows

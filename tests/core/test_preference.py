@@ -89,6 +89,12 @@ def test_the_method_must_fit_the_data(tmp_path, tiny_model, chat_data):
     assert as_dpo.returncode == 2 and "--method dpo trains on preference pairs" in as_dpo.stderr
     two = cli("train", "--model", str(tiny_model), "--data", str(pairs), "--method", "orpo", "--gpus", "2")
     assert two.returncode == 2 and "one process" in two.stderr
+    checked = cli("check-data", str(pairs), "--seq-len", "80")  # the demo's tokenizer: ~92 tokens, 59 with "terse"
+    assert checked.returncode == 0 and "format     preference pairs" in checked.stdout
+    truncated = next(line for line in checked.stdout.splitlines() if "longer than 80 tokens" in line)
+    count, lines = truncated.split()[1], truncated.split("tokens: lines ")[1].split(", ")
+    # each pair named by its line: all but the terse one (its own short system prompt replaces the default)
+    assert int(count) == len(lines) and [int(n) for n in lines] == [n for n in range(1, 13) if n % 4], truncated
 
 
 def test_a_pair_learns_only_its_answers_and_each_side_is_its_own_sequence(tiny_tokenizer):
@@ -336,3 +342,18 @@ def test_orpo_trains_and_dpo_starts_from_an_sft_run(tmp_path, tiny_model, chat_d
     refused = cli("train", "--model", str(tiny_model), "--data", str(data), "--method", "dpo", "--from", orpo.run_id,
                   "--rank", "4")
     assert refused.returncode == 2 and "rank 16" in refused.stderr and "drop --rank" in refused.stderr
+
+
+def test_the_long_context_rungs_train_a_dpo_run_to_the_same_adapter(tmp_path, tiny_model):
+    """Checkpointing, MLP and layer tiles and offloaded checkpoints change memory, not the result,
+    for pairs as for SFT examples."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", [dict(row, prompt=f"{row['prompt']} ({i})")
+                                                  for i in range(5) for row in PAIRS])
+    plain, _ = train(preference_config(tiny_model, data, max_steps=3, val_split=0))
+    tiled, _ = train(preference_config(tiny_model, data, max_steps=3, val_split=0, mlp_tile=16, layer_tile=16,
+                                       offload_checkpoints=True))
+    assert plain.status == tiled.status == "finished", (plain.reason, tiled.reason)
+    assert "layers over tiles of 16 tokens" in (Path(tiled.run_dir) / "train.log").read_text()
+    ours, theirs = adapter_weights(tiled.run_dir), adapter_weights(plain.run_dir)
+    assert any(float(v.abs().max()) > 0 for k, v in theirs.items() if "lora_B" in k)  # it trained
+    assert all(float((ours[k] - theirs[k]).abs().max()) < 1e-5 for k in ours)

@@ -53,6 +53,12 @@ class DatasetSummary:
         """(line, line of its first copy) of every example repeated exactly (each trains twice)."""
         return exact_duplicates(self.report.examples)
 
+    def lines_over(self, seq_len: int) -> list[int]:
+        """The lines of the rows longer than `seq_len` tokens (training cuts them to fit)."""
+        if len(self.lengths) != len(self.report.examples):  # a row the template rejected: no line for each length
+            return []
+        return [example.line for example, n in zip(self.report.examples, self.lengths) if n > seq_len]
+
     @property
     def usable_rows(self) -> int:
         return len(self.report.examples) - len({p.line for p in self.tokenizer_problems})

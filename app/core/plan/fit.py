@@ -60,11 +60,12 @@ class FitRequest:
     quantize: str = "4bit"
     shards: int = 1
     offload_params: bool = False
+    rows_per_example: int = 1  # padded preference pairs: each side a row of its own (2)
 
     def estimate(self, seq: int, rank: int, saving: Saving, micro: int) -> MemoryEstimate:
         """The estimator's peak of these settings with this request's model, kernels and budget."""
         return estimate_memory(self.facts, MemorySetup(
-            rank=rank, seq_len=seq, micro_batch=micro, compute_dtype=self.dtype, optimizer=self.optimizer,
+            rank=rank, seq_len=seq, micro_batch=micro * self.rows_per_example, compute_dtype=self.dtype, optimizer=self.optimizer,
             device=self.budget.device, lora_dropout=self.dropout, loss=self.loss, attention=self.attention,
             quantize=self.quantize, shards=self.shards, offload_params=self.offload_params,
             process_baseline=self.budget.baseline_bytes, **asdict(saving)))

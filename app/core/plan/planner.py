@@ -145,7 +145,8 @@ def _fit_step(config: TrainConfig, data: PlannedData, facts: ArchFacts | None, w
         fitted = _unchecked_fit(config, seq, where.optimizer)
     else:
         request = FitRequest(config, data.stats, facts, where.budget, seq, where.dtype, where.optimizer, dropout > 0,
-                             loss, _rows_attention(config, facts, where.device, where.card))
+                             loss, _rows_attention(config, facts, where.device, where.card),
+                             rows_per_example=_rows_per_example(config, facts))
         fitted = _checked_fit(request)
     over = count_over(data.lengths, fitted.fit.seq_len)
     if over:
@@ -388,6 +389,13 @@ def _rows_attention(config: TrainConfig, facts: ArchFacts | None, device: str, c
                                 bool(facts and facts.attention_softcap))[0]
     except ConfigError:
         return ""
+
+
+def _rows_per_example(config: TrainConfig, facts: ArchFacts | None) -> int:
+    """Padded rows an example takes: a preference pair padded is two (a pair packed is one row's share,
+    its length the pair's: the sequence length of a preference run counts both sides)."""
+    packed = not (config.packing is False or packing_support(facts, 1))
+    return 2 if config.method in PREFERENCE_METHODS and not packed else 1
 
 
 def _choose_batching(config: TrainConfig, facts: ArchFacts | None, seq_len: int) -> tuple[str, str]:
