@@ -171,7 +171,8 @@ def assert_close(ours: dict, theirs: dict, tolerance: float = 1e-4) -> None:
     assert max(float(v.abs().max()) for v in theirs.values()) > 100 * tolerance  # gradients that say something
 
 
-def test_dpo_loss_and_gradients_equal_trl(trl_dpo):
+@pytest.mark.parametrize("answers_only", [True, False], ids=["lm_head-on-answers", "full-logits"])
+def test_dpo_loss_and_gradients_equal_trl(trl_dpo, answers_only):
     from app.core.data.packing import collate_padded
     from app.core.train.preference import PreferenceObjective, compute_reference
 
@@ -185,8 +186,9 @@ def test_dpo_loss_and_gradients_equal_trl(trl_dpo):
 
     pairs = our_pairs(examples)
     collate = lambda batch: collate_padded(batch, tokenizer.pad_token_id)  # noqa: E731
-    reference = compute_reference(model, collate, 2, {"train": pairs}, "cpu", adapter_off=True)
-    objective = PreferenceObjective("dpo", 0.1, reference)
+    reference = compute_reference(model, collate, 2, {"train": pairs}, "cpu", adapter_off=True,
+                                  answers_only=answers_only)
+    objective = PreferenceObjective("dpo", 0.1, reference, answers_only=answers_only)
     batch = collate(pairs)
     pairs_in_step = objective.attach([pairs], [batch])
     ours = objective.loss(model, batch, "cpu") / pairs_in_step
@@ -210,8 +212,9 @@ def test_packed_pairs_give_the_padded_loss(trl_dpo):
                                (collate_packed, attention_for("", True, "cpu"))):
         model.base_model.model.set_attn_implementation(attention)
         model.zero_grad()
-        reference = compute_reference(model, collate, 4, {"train": pairs}, "cpu", adapter_off=True)
-        objective = PreferenceObjective("dpo", 0.1, reference)
+        reference = compute_reference(model, collate, 4, {"train": pairs}, "cpu", adapter_off=True,
+                                      answers_only=True)
+        objective = PreferenceObjective("dpo", 0.1, reference, answers_only=True)
         batch = collate(pairs)
         pairs_in_step = objective.attach([pairs], [batch])
         loss = objective.loss(model, batch, "cpu") / pairs_in_step
@@ -249,7 +252,7 @@ def test_orpo_loss_and_gradients_equal_trl(trl_dpo):
     their_grads = lora_grads(model)
     model.zero_grad()
 
-    objective = PreferenceObjective("orpo", beta)
+    objective = PreferenceObjective("orpo", beta, answers_only=True)
     batch = collate_padded(pairs, tokenizer.pad_token_id)
     pairs_in_step = objective.attach([pairs], [batch])
     ours = objective.loss(model, batch, "cpu") / pairs_in_step
@@ -308,6 +311,11 @@ def test_a_dpo_run_stops_and_resumes_to_the_same_adapter(tmp_path, tiny_model):
     assert resumed.status == "finished" and resumed.step == 6
     ours, theirs = adapter_weights(resumed.run_dir), adapter_weights(whole.run_dir)
     assert all(float((ours[k] - theirs[k]).abs().max()) < 1e-5 for k in ours)
+
+    from app.core.export.exporter import export_run  # a preference run's adapter exports as an SFT run's does
+
+    merged = export_run(resumed.run_id, "merged", tmp_path / "merged")
+    assert "model.safetensors" in merged.files and "config.json" in merged.files
 
 
 def test_orpo_trains_and_dpo_starts_from_an_sft_run(tmp_path, tiny_model, chat_data):

@@ -49,26 +49,35 @@ def model_inputs(batch: Batch, device) -> dict:
     return inputs
 
 
-def token_logps(model, batch: Batch, device):
-    """(log-probability of each position's target, 0 where there is none; the targets), flat."""
+def answer_logps(model, batch: Batch, device, answers_only: bool = False):
+    """(the log-probability of each answer token, the index of its sequence), in order. With
+    `answers_only` (a model whose logits are its lm_head's, models/support.py) the lm_head runs on the
+    answer tokens' hidden states only: no logits for the prompts' positions."""
     import torch.nn.functional as F
 
-    logits = model(**model_inputs(batch, device)).logits.float()
     targets = batch.targets.to(device).reshape(-1)
-    return -F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets, ignore_index=IGNORE,
-                            reduction="none"), targets
+    keep = targets != IGNORE
+    index = batch.sequence_of().to(device)[keep]
+    inputs = model_inputs(batch, device)
+    if answers_only:
+        causal_lm = model.get_base_model()
+        hidden = causal_lm.get_decoder()(**inputs).last_hidden_state
+        logits = causal_lm.get_output_embeddings()(hidden.reshape(-1, hidden.size(-1))[keep]).float()
+    else:
+        logits = model(**inputs).logits.float()
+        logits = logits.reshape(-1, logits.size(-1))[keep]
+    return -F.cross_entropy(logits, targets[keep], reduction="none"), index
 
 
-def sequence_logps(model, batch: Batch, device):
+def sequence_logps(model, batch: Batch, device, answers_only: bool = False):
     """(summed answer log-probability, answer tokens) of each sequence of `batch`, in its order:
     chosen, rejected, chosen, ... for pairs."""
     import torch
 
-    values, targets = token_logps(model, batch, device)
-    index = batch.sequence_of().to(device)
+    values, index = answer_logps(model, batch, device, answers_only)
     sums = torch.zeros(batch.sequences, device=device, dtype=values.dtype).index_add(0, index, values)
     counts = torch.zeros(batch.sequences, device=device, dtype=values.dtype).index_add(
-        0, index, (targets != IGNORE).to(values.dtype))
+        0, index, torch.ones_like(values))
     return sums, counts
 
 
@@ -127,6 +136,7 @@ class PreferenceObjective:
     method: str
     beta: float
     reference: "ReferenceLogps | None" = None  # dpo only
+    answers_only: bool = False  # the lm_head on the answer tokens only (answer_logps)
     tally: PreferenceTally = field(default_factory=PreferenceTally)
     _chosen_tokens: int = 1  # of the step (ORPO's NLL is their mean)
     _pairs: int = 1
@@ -143,7 +153,7 @@ class PreferenceObjective:
 
     def loss(self, model, batch: Batch, device):
         """The summed loss of `batch`'s pairs (ORPO's NLL part scaled so that the step's mean is right)."""
-        sums, counts = sequence_logps(model, batch, device)
+        sums, counts = sequence_logps(model, batch, device, self.answers_only)
         chosen, rejected = sums[0::2], sums[1::2]
         if self.method == "dpo":
             ref = batch.reference.to(device)
@@ -207,7 +217,7 @@ class ReferenceLogps:
 
 
 def compute_reference(model, collate, micro_batch: int, sets: dict[str, list[Tokenized]], device,
-                      adapter_off: bool) -> ReferenceLogps:
+                      adapter_off: bool, answers_only: bool = False) -> ReferenceLogps:
     """The reference's per-token answer log-probs of every pair in `sets` ("train", "val"), without
     gradients: the model with its adapter switched off, or (adapter_off False, --from) as it is."""
     import contextlib
@@ -222,13 +232,10 @@ def compute_reference(model, collate, micro_batch: int, sets: dict[str, list[Tok
         for where, pairs in sets.items():
             for start in range(0, len(pairs), micro_batch):
                 chunk = pairs[start:start + micro_batch]
-                batch = collate(chunk)
-                logps, targets = token_logps(model, batch, device)
-                logps, index = logps.float().cpu(), batch.sequence_of()
-                keep = targets.cpu() != IGNORE
+                logps, index = answer_logps(model, collate(chunk), device, answers_only)
+                logps, index = logps.float().cpu(), index.cpu()
                 for number, pair in enumerate(chunk):
-                    values[(where, pair.line)] = tuple(logps[keep & (index == 2 * number + i)].clone()
-                                                       for i in (0, 1))
+                    values[(where, pair.line)] = tuple(logps[index == 2 * number + i].clone() for i in (0, 1))
     if was_training:
         model.train()
     return ReferenceLogps(values)

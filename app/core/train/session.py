@@ -25,6 +25,7 @@ from app.core.data.tokenize import Tokenized
 from app.core.errors import RunError
 from app.core.host import process_peak_ram, process_ram
 from app.core.models.load import load_base_model
+from app.core.models.support import fused_loss_support
 from app.core.train.kernels import apply_liger_kernels, attention_for
 from app.core.train.loss import loss_sum
 from app.core.train.memory_savers.offload import offload_checkpoints
@@ -78,7 +79,8 @@ class QLoraSession:
         self.model = get_peft_model(base, lora)
         if prepared.start_adapter:  # --from: the run starts where that run's adapter ended
             self.notes.append(start_from_adapter(self.model, prepared.start_adapter, self.device))
-        self.preference = PreferenceObjective(config.method, config.beta) \
+        self.preference = PreferenceObjective(config.method, config.beta,
+                                              answers_only=not fused_loss_support(prepared.model.arch)) \
             if config.method in PREFERENCE_METHODS else None
         self.eval_preference: dict = {}  # a preference run's measures of the last evaluate
         self.notes += self._save_memory(plan)
@@ -134,7 +136,8 @@ class QLoraSession:
             log(f"Reference log-probabilities of {pairs:,} pairs ({what}), once, without gradients…")
             reference = compute_reference(self.model, self.collate, self.plan.micro_batch,
                                           {"train": prepared.train, "val": prepared.val}, self.device,
-                                          adapter_off=not prepared.start_adapter)
+                                          adapter_off=not prepared.start_adapter,
+                                          answers_only=self.preference.answers_only)
             reference.save(path)
         self.preference.reference = reference
 
