@@ -19,7 +19,7 @@ it never replaces earlier runs: each run is kept with its date, commit and the e
 prediction at that time). tests/core/test_estimator_grid.py recomputes each held-out row's
 prediction with the current estimator and fails when one under-predicts or overshoots.
 
-Usage: python benchmarks/estimator_grid.py [--grid fit|held-out|held-out-2|all] [--out DIR]
+Usage: python benchmarks/estimator_grid.py [--grid fit|held-out|held-out-2|held-out-preference|all] [--out DIR]
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class Spec:
     attention: str = ""  # "" = what a CPU plan picks (SDPA per example when packed, SDPA when padded)
     examples_per_row: int = 4
     lora_dropout: float = 0.05
+    method: str = "sft"  # dpo | orpo: preference pairs (memory_calibration.measure)
 
 
 SMOL, QWEN25 = "HuggingFaceTB/SmolLM2-135M-Instruct", "Qwen/Qwen2.5-0.5B-Instruct"
@@ -117,7 +118,18 @@ HELD_OUT_2 = [
     Spec(MISTRAL, 2, 512, 2, 16, True, "plain", "grouped", "4bit"),
     Spec(GEMMA, 2, 1024, 1, 16, False, "plain", "grouped", "4bit"),
 ]
-GRIDS = {"fit": FIT, "held-out": HELD_OUT, "held-out-2": HELD_OUT_2}
+# Added with preference tuning (issue 39): pairs in one packed row (the sides attending each to
+# itself) or padded (two rows a pair), full logits (a preference run's loss needs each token's
+# log-probability), DPO's reference pass before the step; shapes and families of the grids above.
+PREFERENCE = [
+    Spec(LLAMA, 4, 512, 1, 16, False, "plain", "packed", "4bit", method="dpo"),
+    Spec(LLAMA, 4, 512, 1, 16, False, "plain", "grouped", "none", method="dpo"),
+    Spec(QWEN3, 2, 1024, 1, 16, True, "plain", "packed", "4bit", method="orpo"),
+    Spec(MISTRAL, 2, 512, 1, 16, True, "plain", "grouped", "4bit", method="dpo"),
+    Spec(PHI, 2, 1024, 1, 16, False, "plain", "packed", "none", method="orpo", lora_dropout=0.0),
+    Spec(GEMMA, 2, 512, 1, 16, False, "plain", "grouped", "4bit", method="dpo"),
+]
+GRIDS = {"fit": FIT, "held-out": HELD_OUT, "held-out-2": HELD_OUT_2, "held-out-preference": PREFERENCE}
 
 
 def main() -> int:
@@ -151,7 +163,7 @@ def main() -> int:
                                    device=device, dtype=dtype, warm_steps=1, loss=spec.loss, layers=spec.layers,
                                    folder=folder, batching=spec.batching, attention=spec.attention,
                                    quantize=spec.quantize, examples_per_row=spec.examples_per_row,
-                                   lora_dropout=spec.lora_dropout)
+                                   lora_dropout=spec.lora_dropout, method=spec.method)
                 ratio = measured["peak_predicted"] / measured["peak_allocated"]
                 row = {"grid": name, "spec": asdict(spec), "attention_ran": measured["attention"],
                        "measured_bytes": measured["peak_allocated"], "step_bytes": measured["step_bytes"],
@@ -173,7 +185,7 @@ def main() -> int:
 def _label(spec: Spec) -> str:
     rows = (f"packed {spec.examples_per_row} ex/row" if spec.batching == "packed" else "padded")
     extra = (f", {spec.attention.replace('tunesmith_', '')}" if spec.attention else "") + \
-        (", no dropout" if not spec.lora_dropout else "")
+        (", no dropout" if not spec.lora_dropout else "") + (f", {spec.method}" if spec.method != "sft" else "")
     return (f"{spec.model.split('/')[-1]} x{spec.layers}L {spec.seq_len}x{spec.micro_batch} r{spec.rank} "
             f"ckpt {'on' if spec.checkpointing else 'off'} {spec.loss} {rows} {spec.quantize}{extra}")
 

@@ -27,6 +27,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -95,8 +96,10 @@ def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_b
             device: str, dtype: str, warm_steps: int, loss: str = "plain", layers: int | None = None,
             folder: Path | None = None, batching: str = "grouped", attention: str = "",
             quantize: str = "4bit", examples_per_row: int = 1, lora_dropout: float = 0.05,
-            mlp_tile: int = 0, offload_checkpoints: bool = False, layer_tile: int = 0) -> dict:
-    """Build, load, train a few steps and measure one configuration. `folder`: the random model
+            mlp_tile: int = 0, offload_checkpoints: bool = False, layer_tile: int = 0, method: str = "sft") -> dict:
+    """Build, load, train a few steps and measure one configuration. `method` "dpo"/"orpo": the
+    examples are preference pairs (a packed row of whole pairs; padded, `micro_batch` pairs of two
+    rows each, one side nearly `seq_len` long), DPO's reference computed before the first step. `folder`: the random model
     already written by `write_random_model` for the same `model_id` and `layers`. `batching`
     "packed": each micro-batch is one row of `micro_batch x seq_len` tokens made of
     `examples_per_row` examples of different lengths, attended by `attention` (default: what a
@@ -121,9 +124,12 @@ def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_b
         if folder is None:
             folder = Path(tmp)
             write_random_model(config, folder, dtype)
-        session = QLoraSession(_prepared(folder, config, plan, lora_dropout))
+        session = QLoraSession(_prepared(folder, config, plan, lora_dropout, method))
         batch = (_packed_row(facts.vocab, seq_len * micro_batch, examples_per_row) if packed
                  else _batch(facts.vocab, seq_len, micro_batch))
+        if method != "sft":
+            batch = _as_pairs(batch, seq_len, packed)
+            _reference(session, batch)
         for _ in range(warm_steps):
             started = time.perf_counter()
             session.train_step([batch])
@@ -137,7 +143,8 @@ def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_b
         lora_params = session.trainable_parameters
         ran = session.plan  # the self-test may have replaced the optimizer or attention
         session.release()
-    estimate = predict(facts, rank=rank, seq_len=seq_len, micro_batch=micro_batch, checkpointing=checkpointing,
+    rows = 2 if method != "sft" and not packed else 1  # the planner's rows_per_example
+    estimate = predict(facts, rank=rank, seq_len=seq_len, micro_batch=micro_batch * rows, checkpointing=checkpointing,
                        dtype=dtype, optimizer=ran.optimizer, device=device, loss=loss, attention=ran.attention,
                        quantize=quantize, lora_dropout=lora_dropout, mlp_tile=mlp_tile,
                        offload_checkpoints=offload_checkpoints, layer_tile=layer_tile)
@@ -148,7 +155,7 @@ def measure(model_id: str, seq_len: int, rank: int, checkpointing: bool, micro_b
     gc.collect()
     return {
         "model": model_id, "layers": facts.layers, "params": facts.total_params, "seq_len": seq_len,
-        "rank": rank, "loss": loss, "batching": batching, "attention": ran.attention, "quantize": quantize,
+        "rank": rank, "method": method, "loss": loss, "batching": batching, "attention": ran.attention, "quantize": quantize,
         "examples_per_row": examples_per_row if packed else 1, "lora_dropout": lora_dropout,
         "checkpointing": checkpointing, "mlp_tile": mlp_tile, "offload_checkpoints": offload_checkpoints,
         "layer_tile": layer_tile,
@@ -176,14 +183,39 @@ def predict(facts, *, rank: int, seq_len: int, micro_batch: int, checkpointing: 
                                               attention=attention, quantize=quantize, lora_dropout=lora_dropout > 0))
 
 
-def _prepared(folder: Path, config: dict, plan: Plan, lora_dropout: float = 0.05):
+def _as_pairs(examples: list, seq_len: int, packed: bool) -> list:
+    """The examples as preference pairs: packed, each example split in two sides (the row stays
+    the same tokens); padded, each row a pair whose chosen side is all but 8 of its tokens."""
+    from app.core.data.tokenize import Tokenized
+
+    pairs = []
+    for example in examples:
+        n = len(example.input_ids)
+        split = n // 2 if packed else n - 8
+        ids = example.input_ids if packed else example.input_ids[:split] + example.input_ids[:8]
+        pairs.append(Tokenized(example.line, ids, list(ids), split=split))
+    return pairs
+
+
+def _reference(session, pairs: list) -> None:
+    """DPO's reference log-probs of `pairs` (the adapter off, no gradients), as a run computes them."""
+    from app.core.train.preference import compute_reference
+
+    if session.preference.method == "dpo":
+        numbered = [replace(pair, line=index) for index, pair in enumerate(pairs)]
+        pairs[:] = numbered
+        session.preference.reference = compute_reference(session.model, session.collate, len(pairs),
+                                                         {"train": pairs}, session.device, adapter_off=True)
+
+
+def _prepared(folder: Path, config: dict, plan: Plan, lora_dropout: float = 0.05, method: str = "sft"):
     from app.core.models.facts import ModelFacts, arch_or_none
     from app.core.train.prepare import Prepared
 
     info = ModelFacts(folder.name, "folder", str(folder), folder, folder / "config.json", config,
                       arch_or_none(config), list(folder.glob("*.safetensors")))
-    return Prepared(TrainConfig(model=str(folder), data="(random tokens)", lora_dropout=lora_dropout), info,
-                    SimpleNamespace(pad_token_id=0), [], [], None, plan, {})
+    return Prepared(TrainConfig(model=str(folder), data="(random tokens)", lora_dropout=lora_dropout, method=method),
+                    info, SimpleNamespace(pad_token_id=0), [], [], None, plan, {})
 
 
 def _batch(vocab: int, seq_len: int, micro_batch: int):

@@ -26,7 +26,8 @@ def predicted_now(spec: dict) -> int:
     """The current estimator's peak (without the CUDA context) for a grid row's configuration."""
     config = dict(find_in_catalog(spec["model"]).config(), num_hidden_layers=spec["layers"])
     config.pop("layer_types", None)
-    setup = MemorySetup(rank=spec["rank"], seq_len=spec["seq_len"], micro_batch=spec["micro_batch"],
+    rows = 2 if spec.get("method", "sft") != "sft" and spec["batching"] != "packed" else 1  # padded pairs: 2 rows
+    setup = MemorySetup(rank=spec["rank"], seq_len=spec["seq_len"], micro_batch=spec["micro_batch"] * rows,
                         grad_checkpointing=spec["checkpointing"], compute_dtype="float32", optimizer="adamw_torch",
                         device="cpu", lora_dropout=spec["lora_dropout"] > 0, loss=spec["loss"],
                         attention=spec["attention_ran"], quantize=spec["quantize"])
@@ -35,11 +36,19 @@ def predicted_now(spec: dict) -> int:
 
 
 def grid_rows(prefix: str = "") -> list[dict]:
-    """The newest run's rows whose grid name starts with `prefix` (every row for "")."""
+    """The rows whose grid name starts with `prefix` (every row for ""), each grid's from the newest
+    run that measured it (a run may measure one grid only)."""
     runs = json.loads(RESULTS.read_text())["runs"]
-    rows = [r for r in runs[-1]["rows"] if r["grid"].startswith(prefix)]
+    newest = {row["grid"]: run for run in runs for row in run["rows"]}  # the later run wins
+    rows = [r for grid, run in newest.items() if grid.startswith(prefix) for r in run["rows"] if r["grid"] == grid]
     return [dict(r["spec"], grid=r["grid"], attention_ran=r["attention_ran"], measured=r["measured_bytes"])
             for r in rows]
+
+
+def test_the_committed_grid_has_preference_rows_of_both_methods_and_batchings():
+    rows = grid_rows("held-out-preference")
+    assert {r["method"] for r in rows} == {"dpo", "orpo"} and {r["batching"] for r in rows} == {"packed", "grouped"}
+    assert len({r["model"] for r in rows}) >= 4
 
 
 def test_the_committed_grid_covers_five_families_both_bases_and_both_losses():
@@ -55,7 +64,8 @@ def test_the_committed_grid_covers_five_families_both_bases_and_both_losses():
 
 def _label(row: dict) -> str:
     return (f"{row['grid']}-{row['model'].split('/')[-1]}-{row['seq_len']}x{row['micro_batch']}-r{row['rank']}-"
-            f"{row['loss']}-{row['batching']}-{row['quantize']}-ckpt{int(row['checkpointing'])}")
+            f"{row['loss']}-{row['batching']}-{row['quantize']}-ckpt{int(row['checkpointing'])}"
+            + (f"-{row['method']}" if row.get("method", "sft") != "sft" else ""))
 
 
 @pytest.mark.parametrize("row", grid_rows(), ids=_label)
