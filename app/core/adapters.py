@@ -1,20 +1,23 @@
 """Where a trained adapter is and what it was trained on: `find_adapter` turns what the user
 names (a run, a run's checkpoint, a PEFT adapter folder) into an AdapterSource, which chat, the
-evals and export all load from; `adapter_tokenizer` is the tokenizer it was trained with."""
+evals and export all load from; `adapter_tokenizer` is the tokenizer it was trained with;
+`startable_runs` and `start_point` are the runs a dpo/orpo run may start from (--from) and what
+starting from one means."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from app.core.config import TrainConfig
 from app.core.data.tokenize import ensure_chat_template
 from app.core.errors import ModelError, RunError
 from app.core.models.files import refuse_own_code
 from app.core.models.load import load_tokenizer
 from app.core.models.resolve import is_missing_hub_model
 from app.core.models.template_guard import check_template
-from app.core.runs import list_runs, open_run
+from app.core.runs import Run, RunSummary, list_runs, open_run
 
 
 @dataclass
@@ -119,3 +122,38 @@ def _base_of(adapter_dir: Path) -> str:
         raise RunError(f"{adapter_dir / 'adapter_config.json'}: no base_model_name_or_path; cannot tell which "
                        "model the adapter belongs to")
     return base
+
+
+def startable_runs(model: str) -> list[RunSummary]:
+    """The runs a dpo/orpo run of `model` may start from: finished, of the same model, with an adapter."""
+    return [row for row in list_runs() if row.model == model and _startable(open_run(row.id)) == ""]
+
+
+def _startable(source: Run) -> str:
+    """Why a run cannot be started from, or ""."""
+    status = source.raw_status().get("status")
+    if status != "finished" or not (source.adapter_dir / "adapter_model.safetensors").is_file():
+        return (f"that run has not finished ({status or 'no status'}); start from a finished run, or finish it "
+                "first (tunesmith resume)")
+    return ""
+
+
+def start_point(config: TrainConfig) -> tuple[TrainConfig, str]:
+    """--from: the config with the finished run's LoRA rank and alpha (its weights must fit the layers)
+    and its adapter folder; (config, "") without --from. RunError when it cannot be started from."""
+    if not config.start_from:
+        return config, ""
+    source = open_run(config.start_from)
+    why_not = _startable(source)
+    if why_not:
+        raise RunError(f"--from {source.id}: {why_not}")
+    plan, theirs = source.plan(), source.config()
+    if theirs.model != config.model:
+        raise RunError(f"--from {source.id}: it trained {theirs.model}, this run {config.model}; start from a run "
+                       "of the same model")
+    for name in ("rank", "lora_alpha"):
+        asked = getattr(config, name)
+        if asked is not None and asked != getattr(plan, name):
+            raise RunError(f"--from {source.id}: its adapter has {name.replace('_', ' ')} {getattr(plan, name)}, "
+                           f"you asked for {asked}; drop --{name.replace('_', '-')}")
+    return replace(config, rank=plan.rank, lora_alpha=plan.lora_alpha), str(source.adapter_dir)

@@ -31,7 +31,7 @@ from app.core.run_lock import RunLock, in_use
 
 KEEP_CHECKPOINTS = 2
 LABEL_MAX = 80
-PROGRESS_EVENTS = ("StepMetrics", "EvalMetrics", "CheckpointSaved")
+PROGRESS_EVENTS = ("StepMetrics", "EvalMetrics", "PreferenceMetrics", "CheckpointSaved")
 
 
 class Run:
@@ -206,6 +206,8 @@ class RunSummary:
     peak_bytes: int = 0  # measured peak memory (the measure the plan predicts), 0 before a step
     predicted_bytes: int = 0  # the plan's predicted peak
     label: str = ""  # the name the user gave it (Runs tab ▸ Rename), "" for none
+    method: str = "sft"  # what it learned (TrainConfig.method)
+    start_from: str = ""  # the run whose adapter it started from (dpo/orpo --from)
 
 
 @dataclass
@@ -313,7 +315,8 @@ def list_runs() -> list[RunSummary]:
                                status.get("step", 0), status.get("total_steps", 0), status.get("last_loss"),
                                status.get("eval_loss"), config.model, config.data,
                                status.get("created", 0.0), status.get("updated", 0.0), status.get("elapsed_s"),
-                               int(status.get("peak_bytes") or 0), _predicted(run), run.label()))
+                               int(status.get("peak_bytes") or 0), _predicted(run), run.label(), config.method,
+                               config.start_from))
     return sorted(rows, key=lambda r: r.created, reverse=True)
 
 

@@ -11,15 +11,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from app.core.adapters import start_point
 from app.core.atomic import file_sha256
 from app.core.config import PREFERENCE_METHODS, Plan, TrainConfig
 from app.core.data.check import DataCheck, check_dataset
+from app.core.data.formats import PREFERENCE_FORMAT
 from app.core.data.holdout import lines_text, overlap, split_tokenized
 from app.core.data.stats import LengthStats, length_stats
 from app.core.data.tokenize import Tokenized, ensure_chat_template, truncate
 from app.core.data.validate import DataReport
-from app.core.data.formats import PREFERENCE_FORMAT
-from app.core.errors import DatasetError, RunError
+from app.core.errors import DatasetError
 from app.core.eval.probes import load_probes
 from app.core.eval.report import parse_parts
 from app.core.host import reset_peak_ram
@@ -28,7 +29,6 @@ from app.core.models.load import load_tokenizer
 from app.core.models.resolve import resolve_model
 from app.core.plan.planner import plan_run, validate_config
 from app.core.plan.presets import training_budget
-from app.core.runs import open_run
 
 
 @dataclass
@@ -105,27 +105,6 @@ def method_fits_data(method: str, report: DataReport) -> None:
     if method not in PREFERENCE_METHODS and pairs:
         raise DatasetError("this file holds preference pairs (chosen and rejected answers): train them with "
                            "--method dpo or --method orpo", file=report.file)
-
-
-def start_point(config: TrainConfig) -> tuple[TrainConfig, str]:
-    """--from: the finished run's adapter folder, and the config with its LoRA rank and alpha (the
-    weights must fit the layers); RunError when it cannot be started from."""
-    if not config.start_from:
-        return config, ""
-    source = open_run(config.start_from)
-    status, plan, theirs = source.raw_status().get("status"), source.plan(), source.config()
-    if status != "finished" or not (source.adapter_dir / "adapter_model.safetensors").is_file():
-        raise RunError(f"--from {source.id}: that run has not finished ({status or 'no status'}); start from a "
-                       "finished run, or finish it first (tunesmith resume)")
-    if theirs.model != config.model:
-        raise RunError(f"--from {source.id}: it trained {theirs.model}, this run {config.model}; start from a run "
-                       "of the same model")
-    for name in ("rank", "lora_alpha"):
-        asked = getattr(config, name)
-        if asked is not None and asked != getattr(plan, name):
-            raise RunError(f"--from {source.id}: its adapter has {name.replace('_', ' ')} {getattr(plan, name)}, "
-                           f"you asked for {asked}; drop --{name.replace('_', '-')}")
-    return replace(config, rank=plan.rank, lora_alpha=plan.lora_alpha), str(source.adapter_dir)
 
 
 @dataclass(frozen=True)
