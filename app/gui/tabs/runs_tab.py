@@ -1,7 +1,8 @@
 """The Runs tab: every run in the run store as a sortable list; select one to draw its curves and
 see its plan and its before/after report (Report: made when a run ends, or here with Make report),
-select several to compare their loss; resume an interrupted run, open its folder, or delete it
-after a confirmation. The list is read again whenever the tab is shown and when a run ends."""
+select several to compare their loss (and the preference runs' reward margin and accuracy);
+resume an interrupted run, open its folder, or delete it after a confirmation. The list is read
+again whenever the tab is shown and when a run ends."""
 
 from __future__ import annotations
 
@@ -15,14 +16,18 @@ from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QHBoxLayout, QHeade
                                QLineEdit, QMessageBox, QSplitter, QStackedWidget, QTabWidget, QTreeWidget,
                                QTreeWidgetItem, QVBoxLayout, QWidget)
 
+from app.core.config import PREFERENCE_METHODS
 from app.core.runs import display_names, short_id as short_id_of
 from app.core.units import format_duration, gib, peak_text
 from app.gui.widgets.controls import button, label
 from app.gui.widgets.plots import ComparePlot, LearningRatePlot, LossPlot
+from app.gui.widgets.preference_plots import (PreferenceCompare, PreferenceHistory, PreferencePlots,
+                                              read_run_preference)
 from app.gui.widgets.report_view import ReportView
 from app.gui.workers import Threads
 
-COLUMNS = ("Run", "Status", "Model", "Dataset", "Steps", "Loss", "Eval loss", "Peak memory", "Duration", "Started")
+COLUMNS = ("Run", "Status", "Model", "Dataset", "Method", "Steps", "Loss", "Eval loss", "Peak memory", "Duration",
+           "Started")
 RESUMABLE = ("stopped", "failed", "interrupted")
 STATUS_COLORS = {"finished": "#2e9e5b", "running": "#2f7ed8", "stopped": "#c08a1e", "interrupted": "#c08a1e",
                  "failed": "#d9534f"}
@@ -50,7 +55,7 @@ class RunsTab(QWidget):
         self.threads = threads or Threads()
         self.rows = []
         self.training = False  # the Train tab is running a run: no resume from here meanwhile
-        self._histories: dict[tuple[str, float], object] = {}
+        self._histories: dict[tuple[str, float], tuple] = {}  # (RunHistory, PreferenceHistory) by run and change
 
         self.table = _run_table()
         self.refresh_button = button("refresh", "Refresh", "Read the run list again (F5)", self.refresh)
@@ -74,7 +79,9 @@ class RunsTab(QWidget):
         self.details.setAlignment(Qt.AlignTop | Qt.AlignLeft)
         self.loss = LossPlot()
         self.lr = LearningRatePlot()
+        self.preference = PreferencePlots()  # a preference run's margin and accuracy
         self.compare = ComparePlot()
+        self.compare_preference = PreferenceCompare()
         self.report = ReportView(self.threads)
         self.report.made.connect(self.refresh)
         self.views = QTabWidget()  # one run: its curves, its report
@@ -89,9 +96,9 @@ class RunsTab(QWidget):
 
     def _build_layout(self) -> None:
         single = QSplitter(Qt.Vertical)
-        single.addWidget(self.loss)
-        single.addWidget(self.lr)
-        single.setSizes([400, 160])
+        for plot in (self.loss, self.preference, self.lr):
+            single.addWidget(plot)
+        single.setSizes([380, 240, 160])
         self.views.addTab(single, "Curves")
         self.views.addTab(self.report, "Report")
         self.views.setTabToolTip(1, "Did training help? Base and tuned side by side: held-out loss, answers, general "
@@ -105,7 +112,11 @@ class RunsTab(QWidget):
         axis_row.addWidget(self.compare_axis)
         axis_row.addStretch(1)
         compare_box.addLayout(axis_row)
-        compare_box.addWidget(self.compare, 1)
+        compared = QSplitter(Qt.Vertical)
+        compared.addWidget(self.compare)
+        compared.addWidget(self.compare_preference)
+        compared.setSizes([420, 240])
+        compare_box.addWidget(compared, 1)
         self.curves.addWidget(compare)
         buttons = QHBoxLayout()
         for widget in (self.refresh_button, self.resume_button, self.rename_button, self.open_button,
@@ -136,7 +147,7 @@ class RunsTab(QWidget):
         self.table.setSortingEnabled(False)
         self.table.clear()
         for row in self.rows:
-            cells = [_cell(row, column, self.names) for column in COLUMNS]
+            cells = [_cell(row, column, self.names, row.method) for column in COLUMNS]
             item = RunItem([text for text, _ in cells])
             for i, (_, key) in enumerate(cells):
                 item.setData(i, Qt.UserRole, key)
@@ -188,8 +199,9 @@ class RunsTab(QWidget):
         rows = self._selected_rows()
         self._update_buttons()
         if len(rows) >= 2:
-            self.compare.show_runs([(self.names.get(r.id, r.id), self._history(r)) for r in rows],
-                                   by=self.compare_axis.currentData())
+            runs = [(self.names.get(r.id, r.id), *self._history(r)) for r in rows]
+            self.compare.show_runs([(name, history) for name, history, _ in runs], by=self.compare_axis.currentData())
+            self.compare_preference.show_runs(runs, by=self.compare_axis.currentData())
             self.curves.setCurrentIndex(1)
             self.details.setText(f"Comparing {len(rows)} runs. Select one run to see its plan.")
             return
@@ -199,26 +211,30 @@ class RunsTab(QWidget):
 
             self.loss.show_history(RunHistory())
             self.lr.show_history(RunHistory())
+            self.preference.hide()
             self.report.show_run(None)
             self.details.setText("Select a run to draw its curves; select two or more to compare their loss."
                                  if self.rows else "")
             return
-        history = self._history(rows[0])
+        history, preference = self._history(rows[0])
         self.loss.show_history(history)
         self.lr.show_history(history)
+        self.preference.show_history(preference)
         self.report.show_run(rows[0], busy=self.training and rows[0].status == "running")
         self.details.setText(self._describe(rows[0], history))
 
-    def _history(self, row):
-        """The run's curves, read once per change of the run (metrics.jsonl can hold 10k+ steps)."""
+    def _history(self, row) -> tuple:
+        """The run's curves (RunHistory) and its preference measures (PreferenceHistory), read once
+        per change of the run (metrics.jsonl can hold 10k+ steps)."""
         from app.core.runs import RunHistory, open_run, read_history  # here: the window opens before the engine's modules load
 
         key = (row.id, row.updated)
         if key not in self._histories:
             try:
-                self._histories[key] = read_history(open_run(row.id))
+                run = open_run(row.id)
+                self._histories[key] = (read_history(run), read_run_preference(run))
             except Exception:  # noqa: BLE001 - a damaged run folder draws nothing, the list says why
-                self._histories[key] = RunHistory()
+                self._histories[key] = (RunHistory(), PreferenceHistory())
         return self._histories[key]
 
     def _describe(self, row, history) -> str:
@@ -232,7 +248,8 @@ class RunsTab(QWidget):
             plan, config = run.plan(), run.config()
         except RunError as err:
             return "<br>".join(lines + [html.escape(str(err))])
-        lines.append(f"Model {html.escape(row.model)} · data {html.escape(os.path.basename(row.data))}")
+        lines.append(f"Model {html.escape(row.model)} · data {html.escape(os.path.basename(row.data))} · "
+                     f"{_method_text(config, self.names)}")
         lines.append(f"LoRA rank {plan.rank} · {plan.seq_len} tokens · micro-batch {plan.micro_batch} × "
                      f"{plan.grad_accum} · lr {config.lr:g} · checkpointing {'on' if plan.grad_checkpointing else 'off'}"
                      f" · {plan.device}")
@@ -300,7 +317,15 @@ class RunsTab(QWidget):
             QMessageBox.warning(self, "Some runs were not deleted", "\n".join(problems))
 
 
-def _cell(row, column: str, names: dict[str, str]) -> tuple[str, object]:
+def _method_text(config, names: dict[str, str]) -> str:
+    """"SFT", or a preference run's method with its beta and the run it started from (HTML)."""
+    if config.method not in PREFERENCE_METHODS:
+        return html.escape(config.method.upper())
+    start = names.get(config.start_from, config.start_from) if config.start_from else "the base model"
+    return f"{config.method.upper()} (beta {config.beta:g}) from {html.escape(start)}"
+
+
+def _cell(row, column: str, names: dict[str, str], method: str = "") -> tuple[str, object]:
     """The text a column shows for a run, and the key it sorts by."""
     if column == "Run":
         name = names.get(row.id, row.id)
@@ -311,6 +336,8 @@ def _cell(row, column: str, names: dict[str, str]) -> tuple[str, object]:
         return os.path.basename(row.model.rstrip("/\\")) or row.model, row.model
     if column == "Dataset":
         return os.path.basename(row.data), os.path.basename(row.data)
+    if column == "Method":
+        return method.upper() or "–", method
     if column == "Steps":
         return f"{row.step}/{row.total_steps}", row.step
     if column == "Loss":

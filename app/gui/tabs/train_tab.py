@@ -1,6 +1,6 @@
-"""The Train tab, top to bottom on the left: model, dataset, memory budget, the plan, the buttons
-and a status line; on the right the live graphs. Every slow thing (checking the file, planning,
-training) runs on a worker thread; this tab only reacts to their signals."""
+"""The Train tab, top to bottom on the left: model, dataset, method, memory budget, the plan, the
+buttons and a status line; on the right the live graphs. Every slow thing (checking the file,
+planning, training) runs on a worker thread; this tab only reacts to their signals."""
 
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ from PySide6.QtWidgets import (QCheckBox, QGroupBox, QHBoxLayout, QMenu, QScroll
                                QVBoxLayout, QWidget)
 
 from app.core.config import TrainConfig, field_help
-from app.core.units import format_duration, memory_text, step_progress_text
+from app.core.units import step_progress_text
 from app.gui.tabs.train_dialogs import ask_resume_consent, error_box
+from app.gui.tabs.train_status import Notice, end_text, step_text
 from app.gui.widgets.controls import button, label
 from app.gui.widgets.dataset_view import DatasetReport, DropZone
 from app.gui.widgets.live_graphs import LiveGraphs
+from app.gui.widgets.method_box import MethodBox
 from app.gui.widgets.pickers import BudgetPicker, ModelPicker
-from app.gui.widgets.plan_view import PlanView
+from app.gui.widgets.plan_view import PlanView, preview_of, run_plan
 from app.gui.words import plain
 from app.gui.workers import TaskWorker, Threads, TrainingWorker
 
@@ -51,6 +53,7 @@ class TrainTab(QWidget):
         self.skip_bad = QCheckBox("Skip bad rows")
         self.skip_bad.setToolTip(field_help(TrainConfig, "skip_bad"))
         self.skip_bad.hide()
+        self.method = MethodBox()
         self.plan_view = PlanView()
         self.train_button = button("train", "Train", "Start training with this plan (Ctrl+Enter)")
         self.train_button.setDefault(True)
@@ -62,12 +65,7 @@ class TrainTab(QWidget):
         self.stop_button.setMenu(stop_menu)
         self.resume_button = button("resume", "Resume", "Continue the stopped run from its last checkpoint")
         self.status = label("Choose a dataset to train on.", selectable=True)
-        # What the run changed in its plan (a kernel that failed the self-test, an OOM back-off):
-        # kept in view for the whole run, where the status line moves on at the next step.
-        self.notice = label("", "Changes the run made to its plan; train.log in the run folder has the details", True)
-        self.notice.setObjectName("planNotice")
-        self.notice.setStyleSheet("color: #d97706;")  # amber: readable on the light and dark themes
-        self.notice.hide()
+        self.notice = Notice()  # what the run changed in its plan, kept in view for the whole run
         self._replan_timer = QTimer(self, singleShot=True, interval=REPLAN_DELAY_MS, timeout=self.replan)
         self._build_layout()
         self._connect()
@@ -83,7 +81,7 @@ class TrainTab(QWidget):
         QVBoxLayout(plan_group).addWidget(self.plan_view)
         setup = QWidget()
         left = QVBoxLayout(setup)
-        for widget in (self.model_picker, data_group, self.budget, plan_group):
+        for widget in (self.model_picker, data_group, self.method, self.budget, plan_group):
             left.addWidget(widget)
         left.addStretch(1)
         scroll = QScrollArea()
@@ -111,6 +109,8 @@ class TrainTab(QWidget):
         self.drop.file_chosen.connect(self.load_dataset)
         self.budget.changed.connect(self.schedule_replan)
         self.skip_bad.toggled.connect(self._update_buttons)
+        self.method.changed.connect(self.schedule_replan)
+        self.method.changed.connect(self._update_buttons)
         self.plan_view.changed.connect(self.schedule_replan)
         self.train_button.clicked.connect(self.start_training)
         self.resume_button.clicked.connect(self.resume_training)
@@ -132,6 +132,7 @@ class TrainTab(QWidget):
 
     def _model_chosen(self, name: str) -> None:
         self._remember("last_model", name)
+        self.method.set_model(self.model_picker.name())  # the runs of this model to start from
         if self.data_path:
             self.load_dataset(self.data_path)  # token lengths depend on the tokenizer
         else:
@@ -167,6 +168,7 @@ class TrainTab(QWidget):
         self.summary = summary
         self.report.show_summary(summary)
         self.skip_bad.setVisible(bool(summary.problems) and summary.usable_rows > 0)
+        self.method.data_checked(summary.report)  # pairs: DPO, unless the user chose a method
         self._update_buttons()
         self.schedule_replan()
 
@@ -175,13 +177,15 @@ class TrainTab(QWidget):
             return
         self.summary = None
         self.report.show_error(message)
+        self.method.data_checked(None)
         self._update_buttons()
 
     def config(self) -> TrainConfig:
         """The run the window describes now."""
         preset, card = self.budget.choice()
         return TrainConfig(model=self.model_picker.name(), data=self.data_path, preset=preset, gpu=card,
-                           gpus=self.budget.gpus(), skip_bad=self.skip_bad.isChecked(), **self.plan_view.fixed())
+                           gpus=self.budget.gpus(), skip_bad=self.skip_bad.isChecked(), **self.method.values(),
+                           **self.plan_view.fixed())
 
     def schedule_replan(self) -> None:
         if not self.running:  # while a run trains, the panel shows that run's plan
@@ -190,8 +194,6 @@ class TrainTab(QWidget):
     def replan(self) -> None:
         """Make the plan on a worker thread (token lengths, estimator)."""
         from dataclasses import replace
-
-        from app.core.plan.preview import preview_plan  # here: the window opens before the engine's modules load
 
         if self.preset_box.currentData():
             self._remember("last_preset", self.preset_box.currentData())
@@ -212,7 +214,7 @@ class TrainTab(QWidget):
         config = replace(config, skip_bad=True)  # show the plan for the good rows
         self._plan_request += 1
         request = self._plan_request
-        worker = TaskWorker(lambda: preview_plan(config, lengths, rows), request)
+        worker = TaskWorker(lambda: preview_of(config, lengths, rows), request)
         worker.done.connect(self._planned)
         worker.failed.connect(self._plan_failed)
         self.threads.start(worker, worker.done, worker.failed)
@@ -244,7 +246,7 @@ class TrainTab(QWidget):
 
     def _update_buttons(self) -> None:
         data_ok = self.summary is not None and self.summary.usable_rows > 0 and (
-            not self.summary.problems or self.skip_bad.isChecked())
+            not self.summary.problems or self.skip_bad.isChecked()) and not self.method.problem()
         self.train_button.setEnabled(not self.running and self.engine_ready and data_ok
                                      and self.plan_view.plan is not None)
         self.stop_button.setEnabled(self.running and not self.worker.stop_requested.now)
@@ -255,6 +257,8 @@ class TrainTab(QWidget):
             return
         if self.summary is not None and self.summary.problems and not data_ok:
             self.status.setText("Fix the rows listed above, or tick “Skip bad rows” to train on the others.")
+        elif self.summary is not None and self.method.problem():  # the engine would refuse the run
+            self.status.setText(self.method.problem())
         elif data_ok and not self.engine_ready:
             self.status.setText("Loading the training engine…")
         elif data_ok and self.plan_view.plan is not None:
@@ -267,25 +271,18 @@ class TrainTab(QWidget):
             return
         config = self.config()
         self.graphs.clear()
-        self.notice.clear()
-        self.notice.hide()
+        self.notice.reset()
         self._start_worker(lambda on_event, stop: run_training(config, on_event, stop), "Starting…")
 
     def resume_training(self) -> None:
-        from app.core.train.trainer import resume_training  # here: the window opens before the engine's modules load
-
-        if self.last_run is None or not self.resume_button.isEnabled():
-            return
-        run_id = self.last_run.run_id
-        consent = ask_resume_consent(self, run_id)
-        if consent is None:
-            return
-        self._start_worker(lambda on_event, stop: resume_training(run_id, on_event, stop, **consent), "Resuming…")
+        """Resume the run this tab stopped (or that failed)."""
+        if self.last_run is not None and self.resume_button.isEnabled():
+            self.resume_run(self.last_run.run_id)
 
     def resume_run(self, run_id: str) -> None:
-        """Resume a past run (asked from the Runs tab), drawing its curve so far first."""
+        """Resume a run (this tab's, or a past one asked from the Runs tab), drawing its curves so far first."""
         from app.core.errors import UserError  # here: the window opens before the engine's modules load
-        from app.core.runs import open_run, read_history  # here: the window opens before the engine's modules load
+        from app.core.runs import open_run  # here: the window opens before the engine's modules load
         from app.core.train.trainer import resume_training  # here: the window opens before the engine's modules load
 
         if self.running:
@@ -294,7 +291,7 @@ class TrainTab(QWidget):
             self.status.setText("The training engine is still loading; resume again in a moment.")
             return
         try:
-            self.graphs.show_history(read_history(open_run(run_id)))
+            self.graphs.show_run(open_run(run_id))
             consent = ask_resume_consent(self, run_id)
         except UserError as err:
             self.show_error(str(err), None)
@@ -342,29 +339,27 @@ class TrainTab(QWidget):
         elif isinstance(event, ev.StepMetrics):
             self.graphs.loss.add_step(event.step, event.loss)
             self.graphs.lr.add_step(event.step, event.lr)
-            self.status.setText(f"step {event.step}/{event.total_steps} · epoch {event.epoch:.2f} · loss "
-                                f"{event.loss:.4f} · {event.tokens_per_s:,.0f} tokens/s · "
-                                f"ETA {format_duration(event.eta_s)}{memory_text(event.memory, ' · ')}")
+            self.status.setText(step_text(event))
         elif isinstance(event, ev.StepProgress):  # a long step: where it is, every second or so
             if not self.worker or not self.worker.stop_requested.is_set():  # "Stopping…" stays in view
                 self.status.setText(step_progress_text(event))
         elif isinstance(event, ev.EvalMetrics):
             self.graphs.loss.add_eval(event.step, event.eval_loss)
+        elif isinstance(event, ev.PreferenceMetrics):
+            self.graphs.add_preference(event)
         elif isinstance(event, ev.RunStarted):
             self.graphs.rewind(event.start_step)
             self.status.setText(f"Run {event.run_id}: {event.total_steps} steps on {event.device} · step "
                                 f"{event.start_step + 1} under way (its progress shows here once it runs long)")
             self.run_dir = event.run_dir
             self._show_run_plan()
-            self.graphs.show_predicted_peak(_run_plan(event.run_dir))
+            self.graphs.show_predicted_peak(run_plan(event.run_dir))
         elif isinstance(event, ev.PlanAdjusted) or (isinstance(event, ev.LogLine) and event.level == "warning"):
             if isinstance(event, ev.PlanAdjusted) and self.run_dir:
                 self.run_changes[event.change] = event.message
                 self._show_run_plan()
             self.status.setText(plain(event.message))  # a change to the plan, a damaged checkpoint skipped: kept
-            lines = [line for line in self.notice.text().split("\n") if line] + [f"⚠ {plain(event.message)}"]
-            self.notice.setText("\n".join(lines[-4:]))
-            self.notice.show()
+            self.notice.add(event.message)
         elif isinstance(event, ev.LogLine):
             self.status.setText(plain(event.message))
         elif isinstance(event, ev.RunFailed):
@@ -372,7 +367,7 @@ class TrainTab(QWidget):
 
     def _show_run_plan(self) -> None:
         """The plan panel shows the run's own plan (plan.json) and what the run changed in it."""
-        plan = _run_plan(self.run_dir)
+        plan = run_plan(self.run_dir)
         if plan is not None:
             self.plan_view.show_run_plan(plan, Path(self.run_dir).name, self.run_changes)
 
@@ -380,21 +375,9 @@ class TrainTab(QWidget):
         self.worker = None
         self.plan_view.set_locked(False)
         self.last_run = result
-        from app.core.eval.run_report import report_summary  # here: the window opens before the engine's modules load
-
-        judged = result.status == "finished" or result.status == "stopped" and not result.reason  # not "stopped now"
-        judged = report_summary(result.run_dir) if judged else ""
-        judged = f" Before/after: {judged} (Runs ▸ Report)." if judged else ""
-        if result.status == "finished":
-            self.status.setText(f"Finished {result.step} steps, final loss {result.final_loss:.4f}. "
-                                f"Adapter: {result.adapter_dir}.{judged}")
-        elif result.status == "stopped" and result.reason:  # stopped now: the reason says from where it resumes
-            self.status.setText(f"{plain(result.reason)[:1].upper()}{plain(result.reason)[1:]}.")
-        elif result.status == "stopped":
-            self.status.setText(f"Stopped at step {result.step}/{result.total_steps}; Resume continues from "
-                                f"the checkpoint.{judged}")
-        else:
-            self.status.setText(f"Failed: {plain(result.reason)}")
+        self.method.set_model(self.model_picker.name())  # a finished run to start from
+        self.status.setText(end_text(result))
+        if result.status not in ("finished", "stopped"):
             self.show_error(result.reason, Path(result.run_dir) / "train.log")
         self._update_buttons()
         self.running_changed.emit(False)
@@ -412,15 +395,4 @@ class TrainTab(QWidget):
     def show_error(self, message: str, log: Path | None) -> None:
         """A dialog with the one-line reason, and a button that opens the run's log (non-blocking)."""
         self.error_dialog = error_box(self, plain(message), log)
-
-
-def _run_plan(run_dir: str):
-    """The plan a run uses (a resumed run keeps its own, whatever the plan panel shows now)."""
-    from app.core.errors import UserError  # here: the window opens before the engine's modules load
-    from app.core.runs import open_run  # here: the window opens before the engine's modules load
-
-    try:
-        return open_run(run_dir).plan()
-    except UserError:
-        return None
 

@@ -1,6 +1,6 @@
 """The dataset drop zone and the report shown once a file is checked: format, rows, a histogram
 of token lengths, every problem (click one to see its line) and one example with the tokens the
-model learns from highlighted."""
+model learns from highlighted (a preference pair: its chosen and its rejected side, one block each)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ from app.gui.icons import icon
 from app.gui.words import plain
 
 FILE_FILTER = "Datasets (*.jsonl *.json *.parquet);;All files (*)"
+LEARNED = "background:#f6d365;color:#222"  # a learned token, readable on the light and dark themes
+CHOSEN_COLOR, REJECTED_COLOR = "#2e9e5b", "#c0392b"
+PREVIEW_HEIGHT, PAIR_PREVIEW_HEIGHT = 150, 300
 
 
 class DropZone(QFrame):
@@ -120,7 +123,7 @@ class DatasetReport(QWidget):
         self.problems.currentItemChanged.connect(self._show_problem_line)
         self.preview = QTextEdit()
         self.preview.setReadOnly(True)
-        self.preview.setMaximumHeight(150)
+        self.preview.setMaximumHeight(PREVIEW_HEIGHT)
         self.preview.hide()
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -163,7 +166,7 @@ class DatasetReport(QWidget):
             item.setData(Qt.UserRole, problem.line)
             self.problems.addItem(item)
         self.problems.setVisible(bool(report.problems))
-        self._show_preview(summary.preview, summary.preview_line)
+        self._show_preview(summary.preview, summary.preview_line, summary.preview_split)
 
     def _draw_histogram(self, lengths: list[int]) -> None:
         self.histogram.clear()
@@ -175,15 +178,21 @@ class DatasetReport(QWidget):
                                                brush=(70, 130, 200, 170), pen=None))
         self.histogram.show()
 
-    def _show_preview(self, pieces: list[tuple[str, bool]], line: int | None) -> None:
+    def _show_preview(self, pieces: list[tuple[str, bool]], line: int | None, split: int = 0) -> None:
+        """The example token by token; `split`: where a preference pair's rejected side starts (0: not a pair)."""
         if not pieces:
             self.preview.hide()
             return
-        body = "".join(f"<span style='background:#f6d365;color:#222'>{_escape(text)}</span>" if trained
-                       else f"<span style='color:#888'>{_escape(text)}</span>" for text, trained in pieces)
-        self.preview.setHtml(f"<small>Line {line} as the model sees it; <span style='background:#f6d365;"
-                             f"color:#222'>highlighted</span> tokens are learned:</small><br>"
-                             f"<span style='font-family:monospace'>{body}</span>")
+        learned = f"<span style='{LEARNED}'>highlighted</span> tokens are learned"
+        if split:
+            self.preview.setHtml(f"<small>Line {line} as the model sees it, both sides of the pair; {learned} "
+                                 f"from:</small>{_side('✓ Chosen', CHOSEN_COLOR, pieces[:split])}"
+                                 f"{_side('✗ Rejected', REJECTED_COLOR, pieces[split:])}")
+        else:
+            self.preview.setHtml(f"<small>Line {line} as the model sees it; {learned}:</small><br>"
+                                 f"<span style='font-family:monospace'>{_tokens(pieces)}</span>")
+        self.preview.setMinimumHeight(PAIR_PREVIEW_HEIGHT if split else 0)  # a pair: room for both sides
+        self.preview.setMaximumHeight(PAIR_PREVIEW_HEIGHT if split else PREVIEW_HEIGHT)
         self.preview.show()
 
     def _show_problem_line(self, item) -> None:
@@ -193,6 +202,19 @@ class DatasetReport(QWidget):
             self.preview.setHtml(f"<small>Line {line}:</small><br><span style='font-family:monospace'>"
                                  f"{html.escape(text[:2000])}</span>")
             self.preview.show()
+
+
+def _tokens(pieces: list[tuple[str, bool]]) -> str:
+    return "".join(f"<span style='{LEARNED}'>{_escape(text)}</span>" if trained
+                   else f"<span style='color:#888'>{_escape(text)}</span>" for text, trained in pieces)
+
+
+def _side(title: str, color: str, pieces: list[tuple[str, bool]]) -> str:
+    """One side of a preference pair: its title, then its tokens in a framed block."""
+    return (f"<p style='margin:6px 0 2px 0'><b style='color:{color}'>{html.escape(title)}</b></p>"
+            f"<table width='100%' border='1' cellspacing='0' cellpadding='4' style='border-collapse:collapse;"
+            f"border-color:{color};border-style:solid'><tr><td>"
+            f"<span style='font-family:monospace'>{_tokens(pieces)}</span></td></tr></table>")
 
 
 def _escape(text: str) -> str:

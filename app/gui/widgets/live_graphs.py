@@ -1,6 +1,7 @@
-"""The Train tab's live graphs: loss, learning rate and memory stacked, redrawn on one timer,
-with memory sampled once a second (on a GPU, this program's memory apart from other programs';
-see `MemoryPlot`).
+"""The Train tab's live graphs: loss, a preference run's margin and accuracy (preference_plots.py,
+shown only for dpo and orpo runs), learning rate and memory stacked, redrawn on one timer, with
+memory sampled once a second (on a GPU, this program's memory apart from other programs'; see
+`MemoryPlot`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from app.core.units import GIB
 from app.gpu.machine import process_peak_ram_bytes, process_ram_bytes
 from app.gpu.nvml import GpuPoller
 from app.gui.widgets.plots import REDRAW_MS, LearningRatePlot, LossPlot, curve, set_up
+from app.gui.widgets.preference_plots import PreferencePlots, read_run_preference
 
 MEMORY_SAMPLE_MS = 1000
+# the graphs' shares of the height once a preference run's appear: loss, preference, lr, memory
+PREFERENCE_SHARES = (0.36, 0.26, 0.14, 0.24)
 
 OURS_COLOR = (200, 80, 160)
 ALLOCATED_COLOR = (40, 110, 220)
@@ -175,8 +179,9 @@ class MemoryPlot(pg.PlotWidget):
 
 
 class LiveGraphs(QSplitter):
-    """The three graphs stacked, redrawn on one timer, with memory sampled once a second (on the
-    GUI thread; NVML answers in microseconds) from the first GPU or, without one, this process's RAM."""
+    """The graphs stacked, redrawn on one timer, with memory sampled once a second (on the GUI
+    thread; NVML answers in microseconds) from the first GPU or, without one, this process's RAM.
+    The preference graphs appear with a run's first `PreferenceMetrics` (`add_preference`)."""
 
     def __init__(self):
         from app.gpu.nvml import detect_gpus  # at call time: tests replace detect_gpus there
@@ -185,9 +190,10 @@ class LiveGraphs(QSplitter):
         self._poller = None
         report = detect_gpus()
         self.loss, self.lr, self.memory = LossPlot(), LearningRatePlot(), MemoryPlot(gpu=report.available)
-        for plot in (self.loss, self.lr, self.memory):
+        self.preference = PreferencePlots()
+        for plot in (self.loss, self.preference, self.lr, self.memory):
             self.addWidget(plot)
-        self.setSizes([400, 150, 250])
+        self.setSizes([400, 300, 150, 250])
         self.source_text = self._choose_memory_source(report)
         self.cards = len(report.gpus)  # this machine's NVIDIA cards, for the GPU count
         self._started = time.monotonic()
@@ -212,14 +218,36 @@ class LiveGraphs(QSplitter):
     def clear(self) -> None:
         self.loss.clear_points()
         self.lr.clear_points()
+        self.preference.clear_points()
 
     def rewind(self, step: int) -> None:
         self.loss.rewind(step)
         self.lr.rewind(step)
+        self.preference.rewind(step)
 
-    def show_history(self, history) -> None:
+    def add_preference(self, event) -> None:
+        """A preference run's `PreferenceMetrics`: its graphs appear with the first."""
+        hidden = self.preference.isHidden()
+        self.preference.add(event)
+        if hidden:
+            self._make_room()
+
+    def show_run(self, run) -> None:
+        """A past run's curves so far (an `app.core.runs.Run`, about to be resumed)."""
+        from app.core.runs import read_history  # here: the window opens before the engine's modules load
+
+        history = read_history(run)
         self.loss.show_history(history)
         self.lr.show_history(history)
+        self.preference.show_history(read_run_preference(run))
+        if not self.preference.isHidden():
+            self._make_room()
+
+    def _make_room(self) -> None:
+        """Give the preference graphs their share of the height (a splitter gives a widget that
+        appears only what the others can spare)."""
+        total = sum(self.sizes())
+        self.setSizes([int(total * share) for share in PREFERENCE_SHARES])
 
     def show_predicted_peak(self, plan) -> None:
         """The plan's predicted peak as a line, when the graph shows the device the plan is for: on
@@ -230,7 +258,7 @@ class LiveGraphs(QSplitter):
         self.memory.set_predicted(plan.predicted_peak_bytes / GIB if shows else None)
 
     def refresh(self) -> None:
-        for plot in (self.loss, self.lr, self.memory):
+        for plot in (self.loss, self.preference, self.lr, self.memory):
             plot.refresh()
 
     def sample_memory(self) -> None:

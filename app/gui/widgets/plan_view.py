@@ -1,5 +1,6 @@
 """The plan panel: each setting the planner chooses, editable (blank = the planner decides), with
-the planned value and its reason beside it, and the predicted peak as a bar against the budget."""
+the planned value and its reason beside it, and the predicted peak as a bar against the budget;
+`run_plan` reads the plan a run folder trains with, for the panel to show during a run."""
 
 from __future__ import annotations
 
@@ -235,3 +236,24 @@ class PlanView(QWidget):
 
 def _first_upper(text: str) -> str:
     return text[:1].upper() + text[1:]
+
+
+def run_plan(run_dir: str):
+    """The plan a run uses (a resumed run keeps its own, whatever the plan panel shows now); None
+    when its plan.json cannot be read."""
+    from app.core.errors import UserError  # here: the window opens before the engine's modules load
+    from app.core.runs import open_run  # here: the window opens before the engine's modules load
+
+    try:
+        return open_run(run_dir).plan()
+    except UserError:
+        return None
+
+
+def preview_of(config, lengths, rows):
+    """The plan preview of `config` (TrainConfig), as a run of it would start: from its --from run's
+    adapter, whose rank and alpha it keeps (RunError, shown in the panel, when it cannot start there)."""
+    from app.core.adapters import start_point  # here: the window opens before the engine's modules load
+    from app.core.plan.preview import preview_plan  # here: the window opens before the engine's modules load
+
+    return preview_plan(start_point(config)[0], lengths, rows)

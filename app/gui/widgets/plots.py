@@ -1,5 +1,6 @@
 """The graphs: training loss (raw, smoothed, eval points), learning rate, several runs' loss
-compared, and the colours and set-up they share (live_graphs.py stacks them with memory).
+compared, and the colours and set-up they share (live_graphs.py stacks them with memory;
+preference_plots.py draws a preference run's margin and accuracy with the same two classes).
 
 Each graph keeps its points in Python lists, appended as events arrive, and redraws on a timer
 (`refresh`, ~5 times a second) with one `setData` per curve; downsampling and clip-to-view keep
@@ -8,6 +9,7 @@ Each graph keeps its points in Python lists, appended as events arrive, and redr
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyqtgraph as pg
@@ -46,15 +48,17 @@ def curve(plot: pg.PlotWidget, color, width: float = 1.5, style=Qt.SolidLine, na
 
 
 class LossPlot(pg.PlotWidget):
-    """Training loss per step (faint), its moving average (bold) and eval loss (dots)."""
+    """Training loss per step (faint), its moving average (bold) and eval loss (dots); with other
+    words, any measure a run logs per step and at each eval (a preference run's reward margin)."""
 
-    def __init__(self):
+    def __init__(self, title: str = "Loss", name: str = "loss", eval_name: str = "eval loss",
+                 min_height: int = 180):
         super().__init__()
-        set_up(self, "Loss", "step", 180)
+        set_up(self, title, "step", min_height)
         self.addLegend(offset=(-10, 10))
-        self.raw = curve(self, (120, 160, 220, 110), 1, name="loss")
+        self.raw = curve(self, (120, 160, 220, 110), 1, name=name)
         self.smooth = curve(self, (40, 110, 220), 2.2, name="smoothed")
-        self.eval = self.plot(pen=None, symbol="o", symbolSize=7, symbolBrush=(230, 120, 30), name="eval loss")
+        self.eval = self.plot(pen=None, symbol="o", symbolSize=7, symbolBrush=(230, 120, 30), name=eval_name)
         self.clear_points()
 
     def clear_points(self) -> None:
@@ -94,11 +98,15 @@ class LossPlot(pg.PlotWidget):
 
     def show_history(self, history) -> None:
         """Draw a past run (a `RunHistory`) in place of the current points."""
+        self.show_points(history.steps, history.losses, history.eval_steps, history.eval_losses)
+
+    def show_points(self, steps, values, eval_steps, eval_values) -> None:
+        """Draw these points (a past run's) in place of the current ones."""
         self.clear_points()
-        for step, loss in zip(history.steps, history.losses):
-            self.add_step(step, loss)
-        for step, loss in zip(history.eval_steps, history.eval_losses):
-            self.add_eval(step, loss)
+        for step, value in zip(steps, values):
+            self.add_step(step, value)
+        for step, value in zip(eval_steps, eval_values):
+            self.add_eval(step, value)
         self.refresh()
 
     @property
@@ -139,38 +147,59 @@ class LearningRatePlot(pg.PlotWidget):
         self.refresh()
 
 
+@dataclass
+class Curve:
+    """One run's measure in a `ComparePlot`: per step, at each eval, and the real tokens trained up
+    to each step (for the "by tokens" axis)."""
+
+    name: str
+    color: int  # the run's place among those compared: the same colour in every graph
+    steps: list[int]
+    values: list[float]
+    eval_steps: list[int] = field(default_factory=list)
+    eval_values: list[float] = field(default_factory=list)
+    tokens: dict[int, int] = field(default_factory=dict)  # step -> tokens trained through it
+
+
 class ComparePlot(pg.PlotWidget):
-    """The smoothed loss of several runs over one another, one colour each, eval loss as dots."""
+    """The smoothed loss (or another measure) of several runs over one another, one colour each,
+    eval points as dots."""
 
     COLORS = ((40, 110, 220), (230, 120, 30), (46, 158, 91), (200, 60, 160), (150, 110, 60),
               (0, 160, 170), (180, 50, 50), (120, 120, 120))
 
-    def __init__(self):
+    def __init__(self, title: str = "Loss (smoothed), compared", min_height: int = 180):
         super().__init__()
-        set_up(self, "Loss (smoothed), compared", "step", 180)
+        set_up(self, title, "step", min_height)
         self.legend = self.addLegend(offset=(-10, 10))
         self.names: list[str] = []
 
     def show_runs(self, runs, by: str = "step") -> None:
         """`runs`: (name, RunHistory) pairs; `by` "step" or "tokens" (real tokens trained so far:
         fair between runs whose steps hold 192 tokens and 4,096)."""
+        self.draw([Curve(name, i, history.steps, history.losses, history.eval_steps, history.eval_losses,
+                         dict(zip(history.steps, history.tokens_through))) for i, (name, history) in enumerate(runs)],
+                  by)
+
+    def draw(self, curves: list[Curve], by: str = "step") -> None:
+        """Each curve smoothed, its eval points as dots, over steps or tokens trained."""
         self.clear()
         self.legend.clear()
         self.names = []
         self.by = by
         self.setLabel("bottom", "tokens trained" if by == "tokens" else "step")
-        for i, (name, history) in enumerate(runs):
-            color = self.COLORS[i % len(self.COLORS)]
-            tokens = dict(zip(history.steps, history.tokens_through))
-            xs = history.tokens_through if by == "tokens" else history.steps
-            curve(self, color, 2, name=name).setData(np.asarray(xs, dtype=float),
-                                                        np.asarray(smoothed(history.losses), dtype=float))
-            evals = [(tokens[s] if by == "tokens" else s, loss) for s, loss in zip(history.eval_steps, history.eval_losses)
-                     if by != "tokens" or s in tokens]
+        for line in curves:
+            color = self.COLORS[line.color % len(self.COLORS)]
+            points = [(line.tokens[s] if by == "tokens" else s, v) for s, v in zip(line.steps, line.values)
+                      if by != "tokens" or s in line.tokens]
+            curve(self, color, 2, name=line.name).setData(np.asarray([x for x, _ in points], dtype=float),
+                                                          np.asarray(smoothed([y for _, y in points]), dtype=float))
+            evals = [(line.tokens[s] if by == "tokens" else s, v) for s, v in zip(line.eval_steps, line.eval_values)
+                     if by != "tokens" or s in line.tokens]
             if evals:
                 self.plot(np.asarray([x for x, _ in evals], dtype=float), np.asarray([y for _, y in evals], dtype=float),
                           pen=None, symbol="o", symbolSize=6, symbolBrush=color)
-            self.names.append(name)
+            self.names.append(line.name)
 
 
 def smoothed(values) -> list[float]:
