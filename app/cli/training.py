@@ -207,10 +207,10 @@ def cmd_runs(args) -> int:
     if not rows:
         print("No runs yet. Start one with `tunesmith train --data FILE` or `tunesmith demo`.")
         return 0
-    table = [("RUN", "STATUS", "STEPS", "LOSS", "EVAL", "MODEL", "DATA")]
+    table = [("RUN", "STATUS", "STEPS", "LOSS", "EVAL", "METHOD", "MODEL", "DATA")]
     for r in rows:
         table.append((r.id, r.status, f"{r.step}/{r.total_steps}", num(r.last_loss), num(r.eval_loss),
-                      short(r.model), short(os.path.basename(r.data))))
+                      r.method.upper(), short(r.model), short(os.path.basename(r.data))))
     print_table(table)
     return 0
 

@@ -347,6 +347,9 @@ def test_orpo_trains_and_dpo_starts_from_an_sft_run(tmp_path, tiny_model, chat_d
     assert ours.keys() == theirs.keys()
     assert any(not torch.allclose(ours[k][0], theirs[k][0]) for k in ours)
 
+    listed = cli("runs").stdout
+    for run, method in ((orpo, "ORPO"), (sft, "SFT"), (dpo, "DPO")):
+        assert any(line.startswith(run.run_id) and f" {method} " in line for line in listed.splitlines()), listed
     refused = cli("train", "--model", str(tiny_model), "--data", str(data), "--method", "dpo", "--from", orpo.run_id,
                   "--rank", "4")
     assert refused.returncode == 2 and "rank 16" in refused.stderr and "drop --rank" in refused.stderr
