@@ -1,6 +1,13 @@
 """The overfitting alarm and early stop, on real runs of a tiny model that is made to learn its
-examples by heart: answers of random words it can only memorise, a high learning rate, many steps.
-The kept adapter is measured again from its files."""
+examples by heart: answers of random words it can only memorise, few examples (32 trained on, 8 held
+out) and 15 passes over them. The kept adapter is measured again from its files.
+
+The recipe's learning rate is what makes the memorising certain: at 1e-2 the training loss falls
+smoothly to ~0.2 and the held-out loss bottoms out (~2.3-2.9, steps 32-48) and then climbs 20-50 %
+by the end, on each of 13 seeds tried, with torch's AVX-512 kernels and with its AVX2 and
+unvectorised ones (ATEN_CPU_CAPABILITY). At 3e-2 (the old recipe) this random-weight model never
+memorised: the training loss hovered around 2, the eval loss plateaued at the words' entropy
+(~2.1), and whether the alarm fired hung on an early bump of noise, so on the CPU's numerics."""
 
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ from app.core.config import TrainConfig
 from app.core.train.overfit import EvalJudge
 
 
-def style_set(path, rows: int = 60):
+def style_set(path, rows: int = 40):
     """Answers of random cooking words: the format can be learnt, the words only memorised."""
     rng = random.Random(0)
     words = "salt pepper bread cheese garlic onion butter flour sugar oil lemon herb".split()
@@ -24,10 +31,11 @@ def style_set(path, rows: int = 60):
     return path
 
 
-def overtrained(model, data, early_stop: str, steps: int = 120) -> TrainConfig:
-    return TrainConfig(model=str(model), data=str(data), seq_len=64, micro_batch=4, grad_accum=1, lr=3e-2,
+def overtrained(model, data, early_stop: str, steps: int = 120, seed: int = 42) -> TrainConfig:
+    """8 steps a pass over the 32 training examples; no before/after report (test_report.py's)."""
+    return TrainConfig(model=str(model), data=str(data), seq_len=64, micro_batch=4, grad_accum=1, lr=1e-2,
                        max_steps=steps, lora_dropout=0.0, quantize="none", val_split=20, eval_every=4, rank=16,
-                       early_stop=early_stop, save_every=1000)
+                       early_stop=early_stop, save_every=1000, seed=seed, report="off")
 
 
 def eval_loss(model_dir, adapter_dir, examples) -> float:
@@ -94,12 +102,30 @@ def test_warn_raises_the_alarm_before_the_run_ends_and_trains_on(tiny_model, tmp
     assert any(isinstance(e, EvalMetrics) for e in events[alarm_at:])  # before the end
     run = open_run(result.run_dir)
     history = read_history(run)
-    best_step = min(zip(history.eval_losses, history.eval_steps))[1]
-    if best_step == result.step:  # a later eval beat the alarm's best: the last adapter is the best
-        assert result.reason == "" and not run.last_adapter_dir.exists()
-    else:
-        assert run.last_adapter_dir.is_dir() and f"the adapter is step {best_step}'s" in result.reason
+    best, best_step = min(zip(history.eval_losses, history.eval_steps))
+    train_end = sum(history.losses[-8:]) / 8  # the last pass over the training examples
+    assert history.eval_losses[-1] > 1.1 * best and train_end < history.eval_losses[-1] / 2, history  # memorised
+    assert run.last_adapter_dir.is_dir() and f"the adapter is step {best_step}'s" in result.reason
     assert not run.best_adapter_dir.exists()
+
+
+def test_no_alarm_when_the_eval_examples_are_the_learnt_ones(tiny_model, tmp_path):
+    """The same recipe memorises just as hard, but judged on its own training examples its eval loss
+    only falls: what raises the alarm is the held-out loss rising, not the high learning rate."""
+    from dataclasses import replace
+
+    from app.core.runs import open_run, read_history
+    from app.core.train.trainer import run_training
+
+    data = style_set(tmp_path / "style.jsonl")
+    config = replace(overtrained(tiny_model, data, "warn"), val_data=str(data), val_split=None)
+    events = []
+    result = run_training(config, events.append)
+    history = read_history(open_run(result.run_dir))
+    assert result.step == config.max_steps and len(history.eval_losses) == config.max_steps // 4
+    assert alarms(events) == [] and result.reason == ""
+    # never risen, and memorised: below the ~2.1 the random words allow a model that has not
+    assert history.eval_losses[-1] < min(history.eval_losses) * 1.02 and history.eval_losses[-1] < 1.5, history
 
 
 def test_off_says_nothing_and_keeps_the_last_adapter(tiny_model, tmp_path):
