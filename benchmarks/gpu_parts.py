@@ -369,7 +369,7 @@ def _demo_prepared(device: str, seq_len: int, packing: bool, steps: int):
 
     config = TrainConfig(model=_demo_folder(device), data=str(sample_dataset()), seq_len=seq_len, micro_batch=2,
                          grad_accum=1, max_steps=steps, lr=1e-3, packing=packing, save_every=100,
-                         lora_dropout=0.0)
+                         lora_dropout=0.0, report="off")  # the before/after report: 66 of a row's 70 s on a CPU
     prepared = prepare_training(config)
     if prepared.plan.device != device:  # --cpu on a CUDA machine
         prepared.plan = replace(prepared.plan, device=device, compute_dtype="float32", optimizer="adamw_torch")
