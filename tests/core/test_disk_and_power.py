@@ -1,5 +1,5 @@
 """A full disk ends a run cleanly with its last checkpoint intact and resumable; a checkpoint
-torn by a power loss is never trusted; kill -9 at random moments never costs the run."""
+torn by a power loss is never trusted; kill -9 at any moment never costs the run."""
 
 from __future__ import annotations
 
@@ -109,16 +109,31 @@ def test_a_torn_checkpoint_is_skipped_for_the_one_before(tiny_model, chat_data):
     assert damaged.startswith("Checkpoint step-0000004 is damaged (adapter_model.safetensors has ") and level == "warning"
 
 
-def test_kill_9_at_twenty_random_moments_then_resume_always_finishes(tiny_model, chat_data, tunesmith_home):
-    """Killed at random times, checkpoints included: every resume continues, and the run ends at
-    the planned step with every step logged exactly once."""
+# Where a kill -9 can land in a run's life, each aimed at by what the run folder shows while the
+# process trains (polled every few ms: a tiny model's step takes tens of ms) and each named afterwards
+# by what the kill left (`_left`), so that a kill that came too late counts for what it hit instead
+FIRST = "before the first checkpoint"  # the `train` process itself: the resume starts over from step 0
+STAGING = "while a checkpoint is written"  # its staging folder (.step-N.*.tmp) left half written
+SAVED = "just after a checkpoint"  # step-N complete and nothing logged past it (the prune, the next step)
+BETWEEN = "between checkpoints"  # steps logged past the newest checkpoint: redone, and logged once
+AIMED = (FIRST, SAVED, STAGING, BETWEEN)  # SAVED next: after FIRST the resume starts over, with none
+RANDOM_KILLS = 3  # and at seeded random moments up to 0.6 s after training resumed, whatever those hit
+MAX_KILLS = 14  # an aimed kill that lands elsewhere is tried again, up to this many kills in all
+
+
+def test_kill_9_at_every_kind_of_moment_then_resume_always_finishes(tiny_model, chat_data, tunesmith_home):
+    """Killed before the first checkpoint, while one is written, just after one, between two, and at
+    random moments: every resume continues, and the run ends at the planned step with every step
+    logged exactly once."""
     rng = random.Random(20261202)
     env = os.environ.copy()
     cmd = [sys.executable, "-m", "app", "train", "--model", str(tiny_model), "--data", str(chat_data),
            "--max-steps", "120", "--save-every", "2", "--batch", "2", "--seq-len", "64", "--lr", "1e-3"]
     runs_root = tunesmith_home / "data" / "runs"
-    run_id, kills = None, 0
-    while kills < 20:
+    plan = [*AIMED, *["random"] * RANDOM_KILLS]
+    run_id, kills = None, []
+    while plan and len(kills) < MAX_KILLS:
+        aim = plan[0]
         proc = subprocess.Popen(cmd if run_id is None else [sys.executable, "-m", "app", "resume", run_id],
                                 cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
@@ -126,28 +141,71 @@ def test_kill_9_at_twenty_random_moments_then_resume_always_finishes(tiny_model,
             found = [p for p in runs_root.glob("*") if (p / "status.json").exists()] if runs_root.exists() else []
             run_id = found[0].name if found else None
             time.sleep(0.05)
-        before = _logged_steps(runs_root / run_id)
-        while time.monotonic() < deadline and _logged_steps(runs_root / run_id) <= before and proc.poll() is None:
-            time.sleep(0.02)  # training has started again
-        time.sleep(rng.uniform(0.0, 0.6))
+        run_dir = runs_root / run_id
+        before = _logged_steps(run_dir)
+        while time.monotonic() < deadline and _logged_steps(run_dir) <= before and proc.poll() is None:
+            time.sleep(0.002)  # training has started again (leftovers of the last kill removed)
+        if aim == "random":
+            time.sleep(rng.uniform(0.0, 0.6))
+        else:
+            _wait_for(aim, run_dir, proc, deadline)
         if proc.poll() is not None:
             break  # it finished before this kill
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-        kills += 1
-        assert open_run(run_id).status()["status"] == "interrupted"
+        left = _left(run_dir)
+        kills.append(f"{aim}: {left}")
+        assert open_run(run_id).status()["status"] == "interrupted", kills
+        if aim == "random" or left == aim:
+            plan.pop(0)
+        elif aim == FIRST:  # too late, the first checkpoint was in place: only a new run has none
+            shutil.rmtree(run_dir)
+            run_id = None
     final = subprocess.run([sys.executable, "-m", "app", "resume", run_id], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=600)
     run = open_run(run_id)
     if run.status()["status"] != "finished":
         assert final.returncode == 0, final.stderr
-    assert kills == 20, f"the run finished after {kills} kills; make it longer"
+    assert not plan, f"not killed at {plan} (the kills, aimed: what they hit: {kills}); the run finished first " \
+                     f"or the aimed kills kept landing elsewhere"
     status = run.status()
     assert (status["status"], status["step"], status["total_steps"]) == ("finished", 120, 120)
     steps = [e["step"] for e in run.events() if e["event"] == "StepMetrics"]
     assert steps == list(range(1, 121))
     losses = [e["loss"] for e in run.events() if e["event"] == "StepMetrics"]
     assert all(isinstance(x, float) for x in losses)
+    print(f"{len(kills)} kills (aimed: hit): {kills}")
+
+
+def _wait_for(aim: str, run_dir: Path, proc: subprocess.Popen, deadline: float) -> None:
+    """Return (to kill at once) when the training process `proc` is at the moment `aim`, as its run
+    folder shows it: a step logged (FIRST: the first one, the first checkpoint not yet written), a
+    checkpoint's staging folder there (STAGING), a new complete checkpoint (SAVED), or one step
+    logged past a checkpoint (BETWEEN: with --save-every 2, an odd step)."""
+    checkpoints = run_dir / "checkpoints"
+    had = set(checkpoints.glob("step-*")) if checkpoints.is_dir() else set()
+    while time.monotonic() < deadline and proc.poll() is None:
+        if aim == FIRST:
+            return  # the first logged step was just seen: the kill lands in step 2 or its checkpoint
+        if aim == STAGING and checkpoints.is_dir() and any(checkpoints.glob(".step-*.tmp")):
+            return
+        if aim == SAVED and checkpoints.is_dir() and set(checkpoints.glob("step-*")) - had:
+            return
+        if aim == BETWEEN and _logged_steps(run_dir) % 2 == 1:
+            return
+        time.sleep(0.002)
+
+
+def _left(run_dir: Path) -> str:
+    """Which moment a kill hit, from what the killed process left (it can no longer change it)."""
+    run = open_run(run_dir.name)
+    complete = run.checkpoints()
+    if not complete:
+        return FIRST
+    if any(run.checkpoints_dir.glob(".step-*.tmp")):
+        return STAGING
+    newest = json.loads((complete[-1] / "state.json").read_text())["step"]
+    return SAVED if _logged_steps(run_dir) == newest else BETWEEN
 
 
 def _logged_steps(run_dir: Path) -> int:
