@@ -268,9 +268,38 @@ def test_chat_answers_one_prompt_from_the_command_line(tiny_run, capsys):
     assert code == 0 and captured.out.strip() and "5 tokens" in captured.err
 
 
+@pytest.fixture(scope="module")
+def _demo_references() -> dict:
+    return {}
+
+
+@pytest.fixture
+def demo_reference_once(_demo_references, monkeypatch) -> dict:
+    """Base + adapter as tested (merged_model.tested_reference: the demo's base with its adapter run
+    on the check prompts, most of a demo export's time on CPU) computed once per module for each
+    adapter and base, where this module's demo exports would compute the same thing again each time
+    (it depends on nothing an export chooses); each export still merges, writes its files and checks
+    the merged model against it. The dict: (adapter, base) -> the reference."""
+    from app.core.export import merged_model
+
+    real = merged_model.tested_reference
+
+    def once(source, info, tokenizer, progress=lambda message: None, trust_remote_code=False):
+        key = (str(source.adapter_dir), str(info.path), trust_remote_code)
+        if key not in _demo_references:
+            reference = real(source, info, tokenizer, progress, trust_remote_code)
+            if isinstance(reference, str):  # skipped (RAM): nothing to keep
+                return reference
+            _demo_references[key] = reference
+        return _demo_references[key]
+
+    monkeypatch.setattr(merged_model, "tested_reference", once)
+    return _demo_references
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # the first user of the session's demo run trains it
-def test_the_merged_demo_model_answers_in_the_sample_datas_voice(demo_run, tmp_path):
+def test_the_merged_demo_model_answers_in_the_sample_datas_voice(demo_run, demo_reference_once, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -293,7 +322,7 @@ def test_the_merged_demo_model_answers_in_the_sample_datas_voice(demo_run, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # the first user of the session's demo run trains it
-def test_the_demo_merged_by_default_is_the_model_that_was_tested(demo_run, tmp_path):
+def test_the_demo_merged_by_default_is_the_model_that_was_tested(demo_run, demo_reference_once, tmp_path):
     """The default merged export (automatic precision: f16 for SmolLM2, whose largest activation,
     28,241, is under half of f16's range) picks base + adapter's next token at >= 99.5 % of
     positions; bf16, which keeps 3 fewer bits of each weight, rounds away part of what the adapter
@@ -473,7 +502,8 @@ def _copy(tokenizer):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # the first user of the session's demo run trains it
-def test_the_demo_exports_4_bit_gguf_that_llama_cpp_runs_in_the_pirate_voice(demo_run, tmp_path):
+def test_the_demo_exports_4_bit_gguf_that_llama_cpp_runs_in_the_pirate_voice(demo_run, demo_reference_once,
+                                                                           tmp_path):
     """q4_0 everywhere, q4_k_m where llama.cpp's quantizer is installed; llama.cpp answers a new
     question (two turns, prompted through the Modelfile's TEMPLATE) in the tuned voice and stops
     on the Modelfile's stop token."""
