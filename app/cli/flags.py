@@ -15,6 +15,7 @@ from app.core.config import METHOD_CHOICES, QUANTIZE_CHOICES, TrainConfig, field
 # are the older names, still accepted
 FLAG_NAMES = {"micro_batch": ("--batch",), "val_split": ("--eval-split", "--val-split"),
               "val_data": ("--eval-data", "--val-data"), "start_from": ("--from",)}
+METAVARS = {"start_from": "RUN"}  # a value's name in --help where the field's name would mislead
 
 
 def config_help(name: str, cls: type = TrainConfig) -> str:
@@ -44,6 +45,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type = TrainConfig, o
             parser.add_argument(*flags, dest=name, action="store_true", help=text)
         else:
             options = {"required": True} if name in required else {"default": default}
+            if name in METAVARS:
+                options["metavar"] = METAVARS[name]
             parser.add_argument(*flags, dest=name, type=kind, choices=_choices(name), help=text, **options)
 
 
