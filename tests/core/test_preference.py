@@ -368,3 +368,15 @@ def test_the_long_context_rungs_train_a_dpo_run_to_the_same_adapter(tmp_path, ti
     ours, theirs = adapter_weights(tiled.run_dir), adapter_weights(plain.run_dir)
     assert any(float(v.abs().max()) > 0 for k, v in theirs.items() if "lora_B" in k)  # it trained
     assert all(float((ours[k] - theirs[k]).abs().max()) < 1e-5 for k in ours)
+
+
+def test_the_reference_pass_says_how_far_it_is(trl_dpo, monkeypatch):
+    from app.core.data.packing import collate_packed
+    from app.core.train import preference
+
+    trainer, examples, _ = trl_dpo
+    monkeypatch.setattr(preference, "REFERENCE_PROGRESS_S", 0.0)  # every chunk, instead of every 30 s
+    heard = []
+    preference.compute_reference(trainer.model, collate_packed, 1, {"train": our_pairs(examples)}, "cpu",
+                                 adapter_off=True, progress=lambda done, total: heard.append((done, total)))
+    assert heard == [(1, 4), (2, 4), (3, 4), (4, 4)]

@@ -216,15 +216,20 @@ class ReferenceLogps:
                                                                             for p in val)
 
 
+REFERENCE_PROGRESS_S = 30.0  # compute_reference says how far it is this often
+
+
 def compute_reference(model, collate, micro_batch: int, sets: dict[str, list[Tokenized]], device,
-                      adapter_off: bool, answers_only: bool = False) -> ReferenceLogps:
+                      adapter_off: bool, answers_only: bool = False, progress=None) -> ReferenceLogps:
     """The reference's per-token answer log-probs of every pair in `sets` ("train", "val"), without
-    gradients: the model with its adapter switched off, or (adapter_off False, --from) as it is."""
+    gradients: the model with its adapter switched off, or (adapter_off False, --from) as it is.
+    `progress(done, total)` hears how many pairs are done about every REFERENCE_PROGRESS_S."""
     import contextlib
+    import time
 
     import torch
 
-    values = {}
+    values, total, said = {}, sum(len(pairs) for pairs in sets.values()), time.monotonic()
     was_training = model.training
     model.eval()
     switch = model.disable_adapter() if adapter_off else contextlib.nullcontext()
@@ -236,6 +241,9 @@ def compute_reference(model, collate, micro_batch: int, sets: dict[str, list[Tok
                 logps, index = logps.float().cpu(), index.cpu()
                 for number, pair in enumerate(chunk):
                     values[(where, pair.line)] = tuple(logps[index == 2 * number + i].clone() for i in (0, 1))
+                if progress is not None and time.monotonic() - said >= REFERENCE_PROGRESS_S:
+                    progress(len(values), total)
+                    said = time.monotonic()
     if was_training:
         model.train()
     return ReferenceLogps(values)

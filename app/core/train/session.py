@@ -137,7 +137,8 @@ class QLoraSession:
             reference = compute_reference(self.model, self.collate, self.plan.micro_batch,
                                           {"train": prepared.train, "val": prepared.val}, self.device,
                                           adapter_off=not prepared.start_adapter,
-                                          answers_only=self.preference.answers_only)
+                                          answers_only=self.preference.answers_only,
+                                          progress=lambda done, total: log(f"Reference: {done:,} of {total:,} pairs"))
             reference.save(path)
         self.preference.reference = reference
 
