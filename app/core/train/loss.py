@@ -9,6 +9,18 @@ from app.core.train.memory_savers.fused_loss import linear_cross_entropy
 from app.core.train.memory_savers.packed_attention import packed_kwargs
 
 
+def model_inputs(batch: Batch, device) -> dict:
+    """The forward's keyword arguments for `batch` (packed rows get their segments' attention)."""
+    inputs = {"input_ids": batch.input_ids.to(device)}
+    if batch.attention_mask is not None:
+        inputs["attention_mask"] = batch.attention_mask.to(device)
+    if batch.position_ids is not None:
+        inputs["position_ids"] = batch.position_ids.to(device)
+    if batch.packed:
+        inputs |= packed_kwargs(batch.segments, device)
+    return inputs
+
+
 def loss_sum(model, batch: Batch, device, loss: str = "plain"):
     """Summed next-token cross-entropy of `batch` under `model` (a PEFT causal LM).
 
@@ -17,13 +29,7 @@ def loss_sum(model, batch: Batch, device, loss: str = "plain"):
     together (kernels.linear_cross_entropy)."""
     import torch.nn.functional as F
 
-    inputs = {"input_ids": batch.input_ids.to(device)}
-    if batch.attention_mask is not None:
-        inputs["attention_mask"] = batch.attention_mask.to(device)
-    if batch.position_ids is not None:
-        inputs["position_ids"] = batch.position_ids.to(device)
-    if batch.packed:
-        inputs |= packed_kwargs(batch.segments, device)
+    inputs = model_inputs(batch, device)
     targets = batch.targets.to(device)
     if loss == "plain":
         logits = model(**inputs).logits.float()

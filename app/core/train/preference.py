@@ -32,21 +32,9 @@ from pathlib import Path
 from app.core.atomic import write_bytes
 from app.core.data.packing import Batch
 from app.core.data.tokenize import IGNORE, Tokenized
-from app.core.train.memory_savers.packed_attention import packed_kwargs
+from app.core.train.loss import model_inputs
 
 REFERENCE_FILE = "reference_logps.pt"  # in the run folder: the reference's per-token log-probs of every pair
-
-
-def model_inputs(batch: Batch, device) -> dict:
-    """The forward's keyword arguments for `batch` (packed rows get their segments' attention)."""
-    inputs = {"input_ids": batch.input_ids.to(device)}
-    if batch.attention_mask is not None:
-        inputs["attention_mask"] = batch.attention_mask.to(device)
-    if batch.position_ids is not None:
-        inputs["position_ids"] = batch.position_ids.to(device)
-    if batch.packed:
-        inputs |= packed_kwargs(batch.segments, device)
-    return inputs
 
 
 def answer_logps(model, batch: Batch, device, answers_only: bool = False):
