@@ -184,7 +184,7 @@ def command_line(args, recipes: list[str]) -> str:
 def pirate_pairs() -> list[dict]:
     """From the demo's pirate-chef chats (resources/data/pirate_chef.jsonl, the first exchange of
     each): chosen = the answer's pirate greeting and its first plain sentence, rejected = that plain
-    sentence alone (tests/core/test_preference_demo.py makes its pairs the same way)."""
+    sentence alone (tests/core/test_preference_demo.py trains on the first of them)."""
     rows = []
     for line in (ROOT / "resources" / "data" / "pirate_chef.jsonl").read_text(encoding="utf-8").splitlines():
         if not line.strip():

@@ -6,7 +6,7 @@ chosen voice where the base never does."""
 from __future__ import annotations
 
 import json
-import re
+import sys
 import threading
 from pathlib import Path
 
@@ -14,23 +14,14 @@ import pytest
 
 from conftest import REPO
 
-PIRATE = re.compile(r"ahoy|hearty|landlubber|\barr\b|matey|\bye\b|\byer\b|crow|grub|sail|ship|captain|treasure|"
-                    r"\bsea\b|plank|booty|winds|deck|galley|buccaneer|parrot|anchor|scallywag|cannon|mast|bilge|"
-                    r"avast|yo ho", re.I)
+sys.path.insert(0, str(REPO / "benchmarks"))
+from preference import PIRATE, pirate_pairs as all_pirate_pairs  # noqa: E402 - the benchmark's pairs, the same way
 
 
 def pirate_pairs(path: Path, count: int) -> Path:
-    """From the demo's pirate-chef chats: chosen = the answer's pirate greeting and its first plain
-    sentence, rejected = that plain sentence alone."""
-    rows = []
-    for line in (REPO / "resources" / "data" / "pirate_chef.jsonl").read_text().splitlines():
-        turns = [m for m in json.loads(line)["messages"] if m["role"] != "system"]
-        question, answer = turns[0]["content"], turns[1]["content"]
-        sentences = re.split(r"(?<=[.!?])\s+", answer)
-        plain = [s for s in sentences if not PIRATE.search(s)]
-        if plain and PIRATE.search(sentences[0]):
-            rows.append({"prompt": question, "chosen": f"{sentences[0]} {plain[0]}", "rejected": plain[0]})
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows[:count]))
+    """The first `count` of the benchmark's pairs from the demo's pirate-chef chats: chosen = the
+    answer's pirate greeting and its first plain sentence, rejected = that plain sentence alone."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in all_pirate_pairs()[:count]))
     return path
 
 
