@@ -18,12 +18,13 @@ from app.core.config import METHOD_CHOICES, PREFERENCE_METHODS, QUANTIZE_CHOICES
 from app.core.data.stats import LengthStats, count_over
 from app.core.errors import ConfigError, PlanError
 from app.core.models.architecture import ArchFacts
-from app.core.models.support import fused_loss_support, packing_support
+from app.core.models.support import packing_support
 from app.core.plan.cards import Card, precision_for
 from app.core.plan.context import Saving
 from app.core.plan.fit import DEFAULT_RANK, MICRO_BATCHES, TARGET_TOKENS_PER_STEP, Fit, FitRequest, choose_fit
 from app.core.plan.kernel_choice import OPTIMIZER_LABELS, choose_attention, choose_loss
 from app.core.plan.memory import with_passes
+from app.core.plan.method import fused_why_not, rows_per_example
 from app.core.plan.presets import Budget, at_plan_time, device_line
 from app.core.plan.processes import gpus_reason, nodes_reason
 from app.core.plan.schedule import Schedule, plan_schedule
@@ -84,7 +85,7 @@ def plan_run(config: TrainConfig, stats: LengthStats, lengths: list[int], has_va
     cap = context_cap(facts, where.budget)
     data = planned_data(config, stats, lengths, cap, with_data)
     seq = choose_seq_len(config, data, cap, with_data)
-    loss, loss_reason = choose_loss(where.device, _fused_why_not(config, facts), config.loss_kernel)
+    loss, loss_reason = choose_loss(where.device, fused_why_not(config, facts), config.loss_kernel)
     fitted = _fit_step(config, data, facts, where, seq, loss, config.lora_dropout if lora_dropout is None
                        else lora_dropout)
     kernels = _kernels_step(config, facts, where, fitted.fit)
@@ -146,7 +147,7 @@ def _fit_step(config: TrainConfig, data: PlannedData, facts: ArchFacts | None, w
     else:
         request = FitRequest(config, data.stats, facts, where.budget, seq, where.dtype, where.optimizer, dropout > 0,
                              loss, _rows_attention(config, facts, where.device, where.card),
-                             rows_per_example=_rows_per_example(config, facts))
+                             rows_per_example=rows_per_example(config.method, _packs(config, facts)))
         fitted = _checked_fit(request)
     over = count_over(data.lengths, fitted.fit.seq_len)
     if over:
@@ -277,14 +278,6 @@ def _packed_rows_reason(config: TrainConfig, fit: Fit) -> str:
     return f"packed row{'s' * (micro != 1)} of {seq:,} tokens ({micro * seq:,} tokens a pass): {why}"
 
 
-def _fused_why_not(config: TrainConfig, facts: ArchFacts | None) -> str:
-    """Why the run cannot use a fused loss, or "": the model's logits, or a preference method."""
-    if config.method in PREFERENCE_METHODS:
-        return (f"{config.method} needs each answer token's log-probability, and the fused losses give only their "
-                "sum")
-    return fused_loss_support(facts)
-
-
 def validate_config(config: TrainConfig) -> None:
     """Raise ConfigError for a setting no plan can honour."""
     preference = config.method in PREFERENCE_METHODS
@@ -379,23 +372,20 @@ def _dtype_name(dtype: str) -> str:
     return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype)
 
 
+def _packs(config: TrainConfig, facts: ArchFacts | None) -> bool:
+    """Whether the rows will be packed (the batching is chosen after the fit, from the fit's length)."""
+    return not (config.packing is False or packing_support(facts, 1))
+
+
 def _rows_attention(config: TrainConfig, facts: ArchFacts | None, device: str, card: Card | None) -> str:
     """The attention the rows would use, for the estimate (packed paths and eager have costs of
     their own); "" when the choice is refused (refused again, with its reason, once the batching
     is chosen)."""
-    packed = not (config.packing is False or packing_support(facts, 1))
     try:
-        return choose_attention(packed, device, _capability(card, device), config.attention,
+        return choose_attention(_packs(config, facts), device, _capability(card, device), config.attention,
                                 bool(facts and facts.attention_softcap))[0]
     except ConfigError:
         return ""
-
-
-def _rows_per_example(config: TrainConfig, facts: ArchFacts | None) -> int:
-    """Padded rows an example takes: a preference pair padded is two (a pair packed is one row's share,
-    its length the pair's: the sequence length of a preference run counts both sides)."""
-    packed = not (config.packing is False or packing_support(facts, 1))
-    return 2 if config.method in PREFERENCE_METHODS and not packed else 1
 
 
 def _choose_batching(config: TrainConfig, facts: ArchFacts | None, seq_len: int) -> tuple[str, str]:
