@@ -160,6 +160,21 @@ def our_pairs(examples):
     return pairs
 
 
+def our_loss(model, pairs, collate, method: str, beta: float, answers_only: bool):
+    """Our mean loss of `pairs` as one micro-batch of one step (DPO's reference computed first, the
+    adapter off), its gradients left in `model`."""
+    from app.core.train.preference import PreferenceObjective, compute_reference
+
+    reference = compute_reference(model, collate, 2, {"train": pairs}, "cpu", adapter_off=True,
+                                  answers_only=answers_only) if method == "dpo" else None
+    objective = PreferenceObjective(method, beta, reference, answers_only=answers_only)
+    batch = collate(pairs)
+    pairs_in_step = objective.attach([pairs], [batch])
+    loss = objective.loss(model, batch, "cpu") / pairs_in_step
+    loss.backward()
+    return loss
+
+
 def lora_grads(model) -> dict:
     return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
@@ -174,7 +189,6 @@ def assert_close(ours: dict, theirs: dict, tolerance: float = 1e-4) -> None:
 @pytest.mark.parametrize("answers_only", [True, False], ids=["lm_head-on-answers", "full-logits"])
 def test_dpo_loss_and_gradients_equal_trl(trl_dpo, answers_only):
     from app.core.data.packing import collate_padded
-    from app.core.train.preference import PreferenceObjective, compute_reference
 
     trainer, examples, tokenizer = trl_dpo
     model = trainer.model
@@ -184,15 +198,8 @@ def test_dpo_loss_and_gradients_equal_trl(trl_dpo, answers_only):
     their_grads = lora_grads(model)
     model.zero_grad()
 
-    pairs = our_pairs(examples)
     collate = lambda batch: collate_padded(batch, tokenizer.pad_token_id)  # noqa: E731
-    reference = compute_reference(model, collate, 2, {"train": pairs}, "cpu", adapter_off=True,
-                                  answers_only=answers_only)
-    objective = PreferenceObjective("dpo", 0.1, reference, answers_only=answers_only)
-    batch = collate(pairs)
-    pairs_in_step = objective.attach([pairs], [batch])
-    ours = objective.loss(model, batch, "cpu") / pairs_in_step
-    ours.backward()
+    ours = our_loss(model, our_pairs(examples), collate, "dpo", 0.1, answers_only)  # its gradients in the model
     assert abs(float(ours) - float(theirs)) < 1e-4 and abs(float(theirs) - 0.6931) > 1e-3  # not a trivial ln 2
     assert_close(lora_grads(model), their_grads)
 
@@ -202,7 +209,6 @@ def test_packed_pairs_give_the_padded_loss(trl_dpo):
     give the same DPO loss and gradients: one forward for both sides loses nothing."""
     from app.core.data.packing import collate_packed, collate_padded
     from app.core.train.kernels import attention_for
-    from app.core.train.preference import PreferenceObjective, compute_reference
 
     trainer, examples, tokenizer = trl_dpo
     model, pairs = trainer.model, our_pairs(examples)
@@ -212,13 +218,7 @@ def test_packed_pairs_give_the_padded_loss(trl_dpo):
                                (collate_packed, attention_for("", True, "cpu"))):
         model.base_model.model.set_attn_implementation(attention)
         model.zero_grad()
-        reference = compute_reference(model, collate, 4, {"train": pairs}, "cpu", adapter_off=True,
-                                      answers_only=True)
-        objective = PreferenceObjective("dpo", 0.1, reference, answers_only=True)
-        batch = collate(pairs)
-        pairs_in_step = objective.attach([pairs], [batch])
-        loss = objective.loss(model, batch, "cpu") / pairs_in_step
-        loss.backward()
+        loss = our_loss(model, pairs, collate, "dpo", 0.1, answers_only=True)
         results.append((float(loss), lora_grads(model)))
     assert abs(results[0][0] - results[1][0]) < 1e-5
     assert_close(results[1][1], results[0][1], 1e-5)
@@ -233,7 +233,6 @@ def test_orpo_loss_and_gradients_equal_trl(trl_dpo):
 
     from app.core.data.packing import collate_padded
     from app.core.data.tokenize import IGNORE
-    from app.core.train.preference import PreferenceObjective
 
     trainer, examples, tokenizer = trl_dpo
     model, pairs, beta = trainer.model, our_pairs(examples), 0.25
@@ -252,11 +251,8 @@ def test_orpo_loss_and_gradients_equal_trl(trl_dpo):
     their_grads = lora_grads(model)
     model.zero_grad()
 
-    objective = PreferenceObjective("orpo", beta, answers_only=True)
-    batch = collate_padded(pairs, tokenizer.pad_token_id)
-    pairs_in_step = objective.attach([pairs], [batch])
-    ours = objective.loss(model, batch, "cpu") / pairs_in_step
-    ours.backward()
+    ours = our_loss(model, pairs, lambda batch: collate_padded(batch, tokenizer.pad_token_id), "orpo", beta,
+                    answers_only=True)
     assert abs(float(ours) - float(theirs)) < 1e-4
     assert_close(lora_grads(model), their_grads)
 
