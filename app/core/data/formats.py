@@ -109,30 +109,32 @@ def _chat(turns: Any, name: str, role_key: str, content_key: str, aliases: dict 
         raise RowError(name, "is empty; add at least a user and an assistant turn")
     messages = []
     for i, turn in enumerate(turns):
-        where = f"{name}[{i}]"
-        if not isinstance(turn, dict):
-            raise RowError(where, f"expected an object with '{role_key}' and '{content_key}', "
-                                  f"got {_type_name(turn)}")
-        if role_key not in turn:
-            raise RowError(where, f"missing '{role_key}'")
-        raw_role = turn[role_key]
-        allowed = aliases or {r: r for r in ROLES}
-        if not isinstance(raw_role, str) or raw_role not in allowed:
-            names = ", ".join(dict.fromkeys(aliases or ROLES))
-            raise RowError(f"{where}.{role_key}", f"unknown role {raw_role!r}; use one of {names}")
-        role = allowed[raw_role]
-        if role == "system" and i != 0:
-            raise RowError(f"{where}.{role_key}", "a system turn can only come first")
-        if content_key not in turn:
-            raise RowError(where, f"missing '{content_key}'")
-        content = _content(turn[content_key], f"{where}.{content_key}")
-        messages.append({"role": role, "content": content})
+        message = _turn(turn, f"{name}[{i}]", role_key, content_key, aliases)
+        if message["role"] == "system" and i != 0:
+            raise RowError(f"{name}[{i}].{role_key}", "a system turn can only come first")
+        messages.append(message)
     if not any(m["role"] == "assistant" for m in messages):
         raise RowError(name, 'no assistant turn; each example needs at least one '
                              '{"role": "assistant", ...} to learn from')
     if not any(m["role"] == "user" for m in messages):
         raise RowError(name, "no user turn; add the question the assistant answers")
     return messages
+
+
+def _turn(turn: Any, where: str, role_key: str, content_key: str, aliases: dict | None) -> dict:
+    """One turn as {role, content}, its role one of ROLES (or of `aliases`' names)."""
+    if not isinstance(turn, dict):
+        raise RowError(where, f"expected an object with '{role_key}' and '{content_key}', got {_type_name(turn)}")
+    if role_key not in turn:
+        raise RowError(where, f"missing '{role_key}'")
+    raw_role = turn[role_key]
+    allowed = aliases or {r: r for r in ROLES}
+    if not isinstance(raw_role, str) or raw_role not in allowed:
+        names = ", ".join(dict.fromkeys(aliases or ROLES))
+        raise RowError(f"{where}.{role_key}", f"unknown role {raw_role!r}; use one of {names}")
+    if content_key not in turn:
+        raise RowError(where, f"missing '{content_key}'")
+    return {"role": allowed[raw_role], "content": _content(turn[content_key], f"{where}.{content_key}")}
 
 
 def _pair(record: dict, line: int) -> Example:
@@ -173,15 +175,7 @@ def _turns(value: Any, name: str) -> list[dict]:
         raise RowError(name, f"expected a string or a list of turns, got {_type_name(value)}")
     if not value:
         raise RowError(name, "is empty; write the answer")
-    turns = []
-    for i, turn in enumerate(value):
-        where = f"{name}[{i}]"
-        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
-            raise RowError(where, "expected an object with 'role' and 'content'")
-        if turn["role"] not in ROLES:
-            raise RowError(f"{where}.role", f"unknown role {turn['role']!r}; use one of {', '.join(ROLES)}")
-        turns.append({"role": turn["role"], "content": _content(turn["content"], f"{where}.content")})
-    return turns
+    return [_turn(turn, f"{name}[{i}]", "role", "content", None) for i, turn in enumerate(value)]
 
 
 def _prompt_turns(prompt: Any, record: dict) -> list[dict]:
