@@ -211,6 +211,34 @@ class RunSummary:
 
 
 @dataclass
+class PreferenceHistory:
+    """A preference run's measures as its metrics.jsonl logged them: training steps and evals."""
+
+    steps: list[int] = field(default_factory=list)
+    margins: list[float] = field(default_factory=list)
+    accuracies: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    eval_margins: list[float] = field(default_factory=list)
+    eval_accuracies: list[float] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.steps or self.eval_steps)
+
+    def add(self, row: dict) -> None:
+        """One PreferenceMetrics row; a step that does not come after the one before starts again
+        from there (the steps of a resume that an older version left logged twice)."""
+        step, margin, accuracy = int(row["step"]), float(row["margin"]), float(row["accuracy"])
+        train = row.get("split") != "eval"
+        steps, margins, accuracies = ((self.steps, self.margins, self.accuracies) if train else
+                                      (self.eval_steps, self.eval_margins, self.eval_accuracies))
+        keep = sum(1 for s in steps if s < step)
+        del steps[keep:], margins[keep:], accuracies[keep:]
+        steps.append(step)
+        margins.append(margin)
+        accuracies.append(accuracy)
+
+
+@dataclass
 class RunHistory:
     """A run's curves as its metrics.jsonl logged them, to draw the run again."""
 
@@ -222,11 +250,12 @@ class RunHistory:
     elapsed_s: float = 0.0
     tokens: int = 0
     tokens_through: list[int] = field(default_factory=list)  # real tokens trained up to each of `steps`
+    preference: PreferenceHistory = field(default_factory=PreferenceHistory)  # dpo/orpo runs
 
 
 def read_history(run: Run) -> RunHistory:
-    """Loss, learning rate and eval loss per step; a resumed run's repeated steps were dropped
-    from the log when it resumed, so each step appears once."""
+    """Loss, learning rate and eval loss per step, and a preference run's measures; a resumed run's
+    repeated steps were dropped from the log when it resumed, so each step appears once."""
     history = RunHistory()
     for row in run.events():
         try:
@@ -242,6 +271,8 @@ def read_history(run: Run) -> RunHistory:
                 step, loss = int(row["step"]), float(row["eval_loss"])
                 history.eval_steps.append(step)
                 history.eval_losses.append(loss)
+            elif row.get("event") == "PreferenceMetrics":
+                history.preference.add(row)
         except (KeyError, TypeError, ValueError):
             continue  # a row from another version: draw what can be drawn
     return history

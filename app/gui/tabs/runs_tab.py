@@ -21,8 +21,7 @@ from app.core.runs import display_names, short_id as short_id_of
 from app.core.units import format_duration, gib, peak_text
 from app.gui.widgets.controls import button, label
 from app.gui.widgets.plots import ComparePlot, LearningRatePlot, LossPlot
-from app.gui.widgets.preference_plots import (PreferenceCompare, PreferenceHistory, PreferencePlots,
-                                              read_run_preference)
+from app.gui.widgets.preference_plots import PreferenceCompare, PreferencePlots
 from app.gui.widgets.report_view import ReportView
 from app.gui.workers import Threads
 
@@ -224,17 +223,17 @@ class RunsTab(QWidget):
         self.details.setText(self._describe(rows[0], history))
 
     def _history(self, row) -> tuple:
-        """The run's curves (RunHistory) and its preference measures (PreferenceHistory), read once
+        """The run's curves (RunHistory) and its preference measures (its `preference`), read once
         per change of the run (metrics.jsonl can hold 10k+ steps)."""
         from app.core.runs import RunHistory, open_run, read_history  # here: the window opens before the engine's modules load
 
         key = (row.id, row.updated)
         if key not in self._histories:
             try:
-                run = open_run(row.id)
-                self._histories[key] = (read_history(run), read_run_preference(run))
+                history = read_history(open_run(row.id))
             except Exception:  # noqa: BLE001 - a damaged run folder draws nothing, the list says why
-                self._histories[key] = (RunHistory(), PreferenceHistory())
+                history = RunHistory()
+            self._histories[key] = (history, history.preference)
         return self._histories[key]
 
     def _describe(self, row, history) -> str:

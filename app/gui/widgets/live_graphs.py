@@ -18,7 +18,7 @@ from app.core.units import GIB
 from app.gpu.machine import process_peak_ram_bytes, process_ram_bytes
 from app.gpu.nvml import GpuPoller
 from app.gui.widgets.plots import REDRAW_MS, LearningRatePlot, LossPlot, curve, set_up
-from app.gui.widgets.preference_plots import PreferencePlots, read_run_preference
+from app.gui.widgets.preference_plots import PreferencePlots
 
 MEMORY_SAMPLE_MS = 1000
 # the graphs' shares of the height once a preference run's appear: loss, preference, lr, memory
@@ -239,7 +239,7 @@ class LiveGraphs(QSplitter):
         history = read_history(run)
         self.loss.show_history(history)
         self.lr.show_history(history)
-        self.preference.show_history(read_run_preference(run))
+        self.preference.show_history(history.preference)
         if not self.preference.isHidden():
             self._make_room()
 

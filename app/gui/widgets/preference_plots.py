@@ -9,8 +9,6 @@ average, dots the held-out pairs). Both stay hidden for runs without preference 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QSplitter
 
@@ -19,52 +17,6 @@ from app.gui.widgets.plots import ComparePlot, Curve, LossPlot
 MARGIN_TITLE = "Reward margin (chosen − rejected)"
 ACCURACY_TITLE = "Preference accuracy"
 MIN_HEIGHT = 150
-
-
-@dataclass
-class PreferenceHistory:
-    """A run's preference measures as its metrics.jsonl logged them: training steps and evals."""
-
-    steps: list[int] = field(default_factory=list)
-    margins: list[float] = field(default_factory=list)
-    accuracies: list[float] = field(default_factory=list)
-    eval_steps: list[int] = field(default_factory=list)
-    eval_margins: list[float] = field(default_factory=list)
-    eval_accuracies: list[float] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.steps or self.eval_steps)
-
-
-def read_preference(rows: list[dict]) -> PreferenceHistory:
-    """The PreferenceMetrics rows of a run's metrics.jsonl (`Run.events()`). A step that does not
-    come after the one before starts again from there: the steps a resumed run repeated replace
-    the first try's (a resume drops the other progress rows it repeats, not these)."""
-    history = PreferenceHistory()
-    for row in rows:
-        if row.get("event") != "PreferenceMetrics":
-            continue
-        try:
-            step, margin, accuracy = int(row["step"]), float(row["margin"]), float(row["accuracy"])
-        except (KeyError, TypeError, ValueError):
-            continue  # a row from another version: draw what can be drawn
-        train = row.get("split") != "eval"
-        steps, margins, accuracies = ((history.steps, history.margins, history.accuracies) if train else
-                                      (history.eval_steps, history.eval_margins, history.eval_accuracies))
-        keep = sum(1 for s in steps if s < step)
-        del steps[keep:], margins[keep:], accuracies[keep:]
-        steps.append(step)
-        margins.append(margin)
-        accuracies.append(accuracy)
-    return history
-
-
-def read_run_preference(run) -> PreferenceHistory:
-    """`read_preference` of a run (an `app.core.runs.Run`); nothing for a damaged metrics.jsonl."""
-    try:
-        return read_preference(run.events())
-    except Exception:  # noqa: BLE001 - a damaged run folder draws nothing, the run list says why
-        return PreferenceHistory()
 
 
 class PreferencePlots(QSplitter):
@@ -104,8 +56,8 @@ class PreferencePlots(QSplitter):
         self.margin.refresh()
         self.accuracy.refresh()
 
-    def show_history(self, history: PreferenceHistory) -> None:
-        """Draw a past run's measures (shown only if it has any)."""
+    def show_history(self, history) -> None:
+        """Draw a past run's measures (an `app.core.runs.PreferenceHistory`; shown only if it has any)."""
         self.margin.show_points(history.steps, history.margins, history.eval_steps, history.eval_margins)
         self.accuracy.show_points(history.steps, history.accuracies, history.eval_steps, history.eval_accuracies)
         self.setVisible(bool(history))
